@@ -1,0 +1,166 @@
+"""Message framing for one direction of a Postgres v3 stream.
+
+How it works
+------------
+The v3 protocol has two framings:
+
+* *untyped* (startup phase, frontend only): ``int32 length`` (counting itself) followed by
+  the body. StartupMessage, SSLRequest, GSSENCRequest and CancelRequest look like this.
+* *typed* (everything else): one type byte, then ``int32 length`` (counting itself, not the
+  type byte), then the body.
+
+:class:`Framer` is fed whatever bytes arrived and hands back the *original bytes* of every
+message that is now complete, plus a list of ``(tag, body_start, body_end)`` offsets into
+those bytes. The connection manager forwards the bytes as they are and looks only at the
+frames it has to decide on; nothing is re-encoded on the passthrough path. Untyped messages
+are reported with ``tag == 0``.
+
+The hot path (a chunk holding only complete messages, nothing pending) makes no copy: the
+returned buffer *is* the chunk that was fed. A message split across reads is accumulated in
+a ``bytearray`` and parsed only when its declared length has arrived, so a large message
+costs linear, not quadratic, work.
+
+In untyped mode the framer yields at most one message per call and keeps the rest, because
+what follows a startup packet depends on the answer to it (after SSLRequest comes a TLS
+handshake, after StartupMessage the typed protocol). The caller switches with
+:meth:`Framer.switch_to_typed` and calls ``feed(b"")`` to collect what was held back.
+
+Lengths are checked before any body is buffered: a length below the minimum or above the
+configured maximum is a :class:`~shadow.errors.RemoteProtocolError` (SQLSTATE 08P01), so a
+peer cannot make us allocate memory by announcing a huge message.
+"""
+
+from __future__ import annotations
+
+from struct import Struct
+
+from .errors import RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "MAX_STARTUP_PACKET_SIZE",
+    "Frame",
+    "Framer",
+]
+
+#: Postgres itself refuses messages over 1 GB (PQ_LARGE_MESSAGE_LIMIT); so do we by default.
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+#: Postgres's MAX_STARTUP_PACKET_LENGTH.
+MAX_STARTUP_PACKET_SIZE = 10000
+
+_INT32 = Struct("!I")
+_unpack_int32 = _INT32.unpack_from
+
+#: ``(tag, body_start, body_end)``; ``tag`` is the type byte, or 0 for an untyped message.
+Frame = tuple[int, int, int]
+
+
+class Framer:
+    """Incremental splitter of one direction of a v3 stream. See the module docstring."""
+
+    __slots__ = ("max_message_size", "max_startup_size", "_typed", "_pending", "_need")
+
+    def __init__(
+        self,
+        *,
+        typed: bool = True,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_startup_size: int = MAX_STARTUP_PACKET_SIZE,
+    ) -> None:
+        self.max_message_size = max_message_size
+        self.max_startup_size = max_startup_size
+        self._typed = typed
+        self._pending = bytearray()
+        # bytes the pending buffer must hold before parsing is worth trying again
+        self._need = 0
+
+    @property
+    def typed(self) -> bool:
+        return self._typed
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received that do not yet form a complete message."""
+        return len(self._pending)
+
+    def switch_to_typed(self) -> None:
+        """Leave the startup phase; call ``feed(b"")`` next to get held-back messages."""
+        self._typed = True
+        self._need = 0
+
+    def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
+        """Add ``data``; return ``(buf, frames)`` for every message now complete.
+
+        ``buf`` holds the original bytes of those messages, back to back; each frame is
+        ``(tag, body_start, body_end)`` indexing ``buf``. Returns ``(b"", [])`` when no
+        message is complete yet. Raises :class:`RemoteProtocolError` on a nonsense length.
+        """
+        pending = self._pending
+        if pending:
+            pending += data
+            if len(pending) < self._need:
+                return b"", []
+            data = bytes(pending)
+            pending.clear()
+        elif not data:
+            return b"", []
+
+        frames: list[Frame] = []
+        n = len(data)
+        pos = 0
+        need = 0
+        if self._typed:
+            limit = self.max_message_size
+            append = frames.append
+            while n - pos >= 5:
+                (length,) = _unpack_int32(data, pos + 1)
+                if length < 4 or length > limit:
+                    raise _bad_length(data[pos], length, limit)
+                end = pos + 1 + length
+                if end > n:
+                    need = end - pos
+                    break
+                append((data[pos], pos + 5, end))
+                pos = end
+            else:
+                need = 5
+        else:
+            if n - pos >= 4:
+                (length,) = _unpack_int32(data, pos)
+                if length < 8 or length > self.max_startup_size:
+                    raise RemoteProtocolError(
+                        f"invalid length of startup packet: {length}"
+                        f" (must be between 8 and {self.max_startup_size})"
+                    )
+                end = pos + length
+                if end <= n:
+                    frames.append((0, pos + 4, end))
+                    pos = end
+                else:
+                    need = length
+            else:
+                need = 4
+
+        if pos == n:
+            return data, frames
+        self._pending += memoryview(data)[pos:]
+        self._need = need
+        return data[:pos], frames
+
+    def feed_eof(self) -> None:
+        """The peer closed its side. Raises if it stopped in the middle of a message."""
+        if self._pending:
+            raise RemoteProtocolError(
+                f"connection closed in the middle of a message"
+                f" ({len(self._pending)} bytes of an incomplete message received)"
+            )
+
+
+def _bad_length(tag: int, length: int, limit: int) -> RemoteProtocolError:
+    what = repr(chr(tag)) if 32 <= tag < 127 else f"0x{tag:02x}"
+    if length < 4:
+        return RemoteProtocolError(f"invalid message length {length} for message type {what}")
+    return RemoteProtocolError(
+        f"message of type {what} is {length} bytes long, over the maximum of {limit} bytes"
+        " (max_message_size)"
+    )
