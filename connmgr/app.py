@@ -1,0 +1,172 @@
+"""The running connection manager: listeners, the registry of clients, cancel keys, the
+metrics endpoint and signal handling, all owned by one nursery.
+
+:func:`serve` is the whole program behind ``connmgr serve``. Shutdown is graceful: SIGTERM
+(or :meth:`App.shutdown`) closes the listeners, lets every client finish its transaction,
+closes idle sessions with 57P01 and, after ``shutdown_timeout``, closes the rest. SIGINT
+(or a second SIGTERM) closes everything at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import ssl
+
+import trio
+
+from .backend import BackendServer, send_cancel
+from .client import ClientConnection
+from .client_auth import SecretStore
+from .config import Config, parse_hostport
+from .errors import AdminShutdown
+from .metrics import Metrics
+from .transport import FastSocketStream
+
+log = logging.getLogger("connmgr")
+
+
+class App:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        p = config.primary
+        self.server = BackendServer(p.name, p.host, p.port, p.connect_timeout, p.tls, p.tls_ca_file)
+        self.metrics = Metrics()
+        self.secrets = SecretStore(config, self.server)
+        self.clients: dict[int, ClientConnection] = {}
+        self.keys: dict[tuple[int, int], ClientConnection] = {}
+        self.accepting = True
+        self.listen_addresses: list[tuple[str, int]] = []
+        self.client_ssl_context = _client_ssl_context(config)
+        self._next_pid = 10_000 + secrets.randbelow(50_000)
+        self._shutdown = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------------ registry
+
+    @property
+    def active_clients(self) -> int:
+        return len(self.clients)
+
+    def register_key(self, conn: ClientConnection) -> tuple[int, int]:
+        """A virtual (pid, secret) for ``conn``'s BackendKeyData, unique while it lives."""
+        self._next_pid = self._next_pid + 1 if self._next_pid < 2**31 - 1 else 10_000
+        key = (self._next_pid, secrets.randbits(32))
+        self.keys[key] = conn
+        return key
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.clients.pop(conn.id, None)
+        if conn.key is not None:
+            self.keys.pop(conn.key, None)
+        self.metrics.connection_closed(conn.stats)
+
+    async def cancel(self, pid: int, secret: int | bytes) -> None:
+        """Route a client's CancelRequest to the backend session its key belongs to."""
+        conn = self.keys.get((pid, secret)) if isinstance(secret, int) else None
+        if conn is None or conn.backend is None:
+            log.info("cancel request for unknown key (pid %d) ignored", pid)
+            return
+        self.metrics.cancels += 1
+        b = conn.backend
+        await send_cancel(b.server, b.pid, b.secret)
+
+    # ------------------------------------------------------------------ serving
+
+    async def handle(self, stream: FastSocketStream) -> None:
+        conn = ClientConnection(self, stream, stream.peer())
+        self.clients[conn.id] = conn
+        self.metrics.clients_accepted += 1
+        await conn.run()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._shutdown.set()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run until shut down. ``task_status.started`` gets the bound listen addresses."""
+        cfg = self.config
+        listeners = []
+        for addr in cfg.server.listen:
+            host, port = parse_hostport(addr)
+            listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=4096))
+        self.listen_addresses = [ln.socket.getsockname()[:2] for ln in listeners]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for ln in listeners:
+                nursery.start_soon(self._accept_loop, ln, nursery)
+            if cfg.metrics.listen:
+                from .prometheus import serve_metrics
+
+                await nursery.start(serve_metrics, self)
+            nursery.start_soon(self._signals)
+            for host, port in self.listen_addresses:
+                log.info("listening on %s:%d, backend %s", host, port, self.server.address)
+            task_status.started(self.listen_addresses)
+            await self._shutdown.wait()
+            self.accepting = False
+            for ln in listeners:
+                await ln.aclose()
+            await self._drain()
+            nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        sock = listener.socket
+        while True:
+            try:
+                client, _addr = await sock.accept()
+            except (trio.ClosedResourceError, OSError) as e:
+                if not self.accepting:
+                    return
+                if isinstance(e, OSError) and e.errno in (24, 23, 105, 12):  # EMFILE ENFILE ENOBUFS ENOMEM
+                    log.error("accept failed: %s; pausing 100 ms", e)
+                    await trio.sleep(0.1)
+                    continue
+                if isinstance(e, trio.ClosedResourceError):
+                    return
+                continue
+            nursery.start_soon(self.handle, FastSocketStream.from_trio(client))
+
+    async def _drain(self) -> None:
+        timeout = self.config.server.shutdown_timeout
+        log.info("shutting down: waiting up to %gs for %d clients", timeout, len(self.clients))
+        with trio.move_on_after(timeout):
+            while self.clients:
+                for conn in list(self.clients.values()):
+                    if conn.state != "active" or conn.session.is_idle():
+                        conn.close_with(AdminShutdown("terminating connection due to administrator command"))
+                await trio.sleep(0.05)
+        for conn in list(self.clients.values()):
+            conn.close_with(AdminShutdown("terminating connection due to administrator command"))
+        with trio.move_on_after(2):
+            while self.clients:
+                await trio.sleep(0.01)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGINT or self._shutdown.is_set():
+                    log.info("fast shutdown")
+                    self.config = _no_wait(self.config)
+                self.shutdown()
+
+
+def _no_wait(config: Config) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, shutdown_timeout=0.0))
+
+
+def _client_ssl_context(config: Config) -> ssl.SSLContext | None:
+    if config.tls.mode == "disable":
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+    return ctx
+
+
+async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run a connection manager with ``config`` until SIGTERM/SIGINT."""
+    app = App(config)
+    await app.serve(task_status=task_status)

@@ -1,0 +1,88 @@
+"""``connmgr`` command line: ``serve`` runs the proxy, ``demo`` shows it working."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from . import config as config_mod
+from .errors import ConfigError
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    server: dict = {}
+    primary: dict = {}
+    if args.listen:
+        server["listen"] = args.listen
+    if args.max_clients is not None:
+        server["max_clients"] = args.max_clients
+    if args.primary:
+        host, port = config_mod.parse_hostport(args.primary, default_port=5432, what="--primary")
+        primary.update(host=host, port=port)
+    out: dict[str, dict] = {"server": server, "primary": primary}
+    if args.users_file:
+        out["auth"] = {"users_file": args.users_file}
+    if args.auth_type:
+        out.setdefault("auth", {})["type"] = args.auth_type
+    if args.metrics_listen:
+        out["metrics"] = {"listen": args.metrics_listen}
+    return {k: v for k, v in out.items() if v}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
+    try:
+        cfg = config_mod.load(args.config, **_serve_overrides(args))
+    except ConfigError as e:
+        print(f"connmgr: configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve, cfg)
+    except OSError as e:
+        print(f"connmgr: cannot listen: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(json_output=args.json, clients=args.clients, seconds=args.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the connection manager")
+    s.add_argument("-c", "--config", help="TOML configuration file")
+    s.add_argument("--listen", action="append", metavar="HOST:PORT", help="listen address (repeatable; default 127.0.0.1:6432)")
+    s.add_argument("--primary", metavar="HOST:PORT", help="the Postgres server behind connmgr (default 127.0.0.1:5432)")
+    s.add_argument("--users-file", help="userlist.txt with client secrets (enables scram-sha-256)")
+    s.add_argument("--auth-type", choices=config_mod.AUTH_TYPES, help="client authentication method")
+    s.add_argument("--max-clients", type=int, help="most client connections at once")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="create local clusters, run a workload through connmgr, report")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.add_argument("--clients", type=int, default=8, help="concurrent workload clients")
+    d.add_argument("--seconds", type=float, default=5.0, help="workload duration")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose if args.verbose else logging.INFO
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

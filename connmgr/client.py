@@ -1,0 +1,252 @@
+"""One client connection, from accept to close.
+
+``ClientConnection.run`` walks the phases in order, each bounded by a cancel scope:
+
+1. startup -- read the untyped startup packet; answer SSLRequest ('S' + TLS handshake
+   when ``[tls]`` is on, else 'N') and GSSENCRequest ('N'); route a CancelRequest to the
+   backend its virtual key belongs to and close; otherwise a StartupMessage.
+2. admission -- refuse with 57P01 while shutting down, 53300 over ``max_clients``;
+   database ``connmgr`` goes to the admin console.
+3. authentication -- :func:`~connmgr.client_auth.authenticate_client`.
+4. backend -- :func:`~connmgr.backend.open_backend` with the client's parameters and the
+   credentials from step 3; its ErrorResponse, if any, reaches the client unchanged.
+5. welcome -- AuthenticationOk, the backend's ParameterStatus messages, a *virtual*
+   BackendKeyData (connmgr's key, so cancels come to us) and ReadyForQuery.
+6. relay -- :class:`~connmgr.relay.Relay`, one pump per direction in one nursery.
+
+Whatever fails is reported to this client alone as an ErrorResponse with the SQLSTATE the
+error carries, and the connection is closed; nothing is shared with other clients except
+the counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from shadow import messages as m
+from shadow.errors import RemoteProtocolError
+from shadow.framing import Framer
+from shadow.session import SessionState
+
+from .backend import BackendSession, open_backend
+from .client_auth import authenticate_client
+from .errors import AdminShutdown, BackendUnavailable, ClientError, TooManyClients
+from .metrics import ConnStats
+from .relay import Relay
+from .wire import MessageReader, PeerClosed
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("connmgr.client")
+
+ADMIN_DATABASE = "connmgr"
+_ids = itertools.count(1)
+
+#: startup parameters connmgr does not pass to the backend
+_NOT_FORWARDED = frozenset({"replication"})
+
+
+class ClientConnection:
+    """State of one client connection; see the module docstring."""
+
+    def __init__(self, app: App, stream: trio.abc.Stream, peer: str) -> None:
+        self.app = app
+        self.id = next(_ids)
+        self.stream = stream
+        self.peer = peer
+        self.stats = ConnStats()
+        self.session = SessionState()
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.tls = False
+        self.connected_at = time.time()
+        self.state = "handshake"  # handshake | active | admin | closing
+        self.backend: BackendSession | None = None
+        self.relay: Relay | None = None
+        self.key: tuple[int, int] | None = None
+        self.cancel_scope = trio.CancelScope()
+        self._close_reason: ClientError | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        app = self.app
+        cfg = app.config.server
+        try:
+            with self.cancel_scope:
+                try:
+                    with trio.fail_after(cfg.handshake_timeout):
+                        reader = await self._startup()
+                        if reader is None:
+                            return
+                        if self.database == ADMIN_DATABASE:
+                            await self._run_admin(reader)
+                            return
+                        await self._connect(reader)
+                except trio.TooSlowError:
+                    raise ClientError(
+                        f"client did not complete the startup within {cfg.handshake_timeout:g}s"
+                        " (handshake_timeout)",
+                        sqlstate="08006",
+                    ) from None
+                self.state = "active"
+                self.reader_framer = reader.framer
+                self.relay = Relay(self, self.backend)
+                await self.relay.run(reader.take_buffered())
+        except ClientError as e:
+            await self._fail(e)
+        except RemoteProtocolError as e:
+            await self._fail(ClientError(e.message, sqlstate=e.sqlstate))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.state = "closing"
+            self._close_streams()
+            app.forget(self)
+
+    async def _fail(self, error: ClientError) -> None:
+        """Tell the client (best effort, briefly) and count it."""
+        self.app.metrics.client_errors[error.sqlstate] += 1
+        level = logging.INFO if error.sqlstate.startswith(("08", "57")) else logging.WARNING
+        log.log(level, "client %d %s user=%s db=%s: %s %s", self.id, self.peer, self.user, self.database, error.sqlstate, error.message)
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.send_all(error.to_message())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    def _close_streams(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        _close(self.stream)
+
+    def close_with(self, error: ClientError) -> None:
+        """Ask this connection to end with ``error`` (used by shutdown and admin KILL)."""
+        if self.relay is not None:
+            self.relay.stop(error)
+        else:
+            self.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ phases
+
+    async def _startup(self) -> MessageReader | None:
+        cfg = self.app.config
+        reader = MessageReader(
+            self.stream, Framer(typed=False, max_message_size=cfg.server.max_message_size), "client"
+        )
+        while True:
+            try:
+                tag, body = await reader.read()
+            except PeerClosed:
+                return None
+            req = m.decode_startup(body)
+            if isinstance(req, m.SSLRequest):
+                if reader.has_buffered:
+                    raise ClientError("received unencrypted data after SSL request", sqlstate="08P01")
+                if cfg.tls.mode == "disable" or self.tls:
+                    await self.stream.send_all(b"N")
+                    continue
+                await self.stream.send_all(b"S")
+                tls_stream = trio.SSLStream(self.stream, self.app.client_ssl_context, server_side=True)
+                try:
+                    await tls_stream.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError):
+                    return None
+                self.stream = tls_stream
+                self.tls = True
+                reader = MessageReader(tls_stream, reader.framer, "client")
+                continue
+            if isinstance(req, m.GSSENCRequest):
+                if reader.has_buffered:
+                    raise ClientError("received unencrypted data after GSSAPI encryption request", sqlstate="08P01")
+                await self.stream.send_all(b"N")
+                continue
+            if isinstance(req, m.CancelRequest):
+                await self.app.cancel(req.pid, req.secret)
+                return None
+            break
+        assert isinstance(req, m.StartupMessage)
+        self.session.frontend_message(0, body)
+        params = dict(req.parameters)
+        self.user = params.get("user", "")
+        self.database = params.get("database") or self.user
+        self.application_name = params.get("application_name", "")
+        self.startup_params = {k: v for k, v in params.items() if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
+        self.startup_params["database"] = self.database
+        self.unrecognized_options = tuple(k for k in params if k.startswith("_pq_."))
+        self.protocol_minor = req.protocol_version & 0xFFFF
+        reader.switch_to_typed()
+
+        if cfg.tls.mode == "require" and not self.tls:
+            raise ClientError(
+                f'connection for user "{self.user}" rejected: connmgr requires TLS', sqlstate="28000"
+            )
+        if not self.app.accepting:
+            raise AdminShutdown("the connection manager is shutting down")
+        if self.app.active_clients > cfg.server.max_clients:
+            self.app.metrics.clients_rejected["max_clients"] += 1
+            raise TooManyClients("sorry, too many clients already")
+        return reader
+
+    async def _connect(self, reader: MessageReader) -> None:
+        app = self.app
+        try:
+            creds = await authenticate_client(app.config, app.secrets, self.stream, reader, self.user)
+        except ClientError as e:
+            if e.sqlstate.startswith("28"):
+                app.metrics.auth_failures += 1
+            raise
+        try:
+            self.backend = await open_backend(
+                app.server, self.startup_params, creds, max_message_size=app.config.server.max_message_size
+            )
+        except BackendUnavailable:
+            app.metrics.backend_connect_errors += 1
+            raise
+        app.metrics.backend_connects += 1
+        await self._welcome(self.backend)
+
+    async def _welcome(self, backend: BackendSession) -> None:
+        self.key = self.app.register_key(self)
+        out = [m.authentication_ok()]
+        if self.protocol_minor > 0 or self.unrecognized_options:
+            out.append(m.NegotiateProtocolVersion(0, self.unrecognized_options).encode())
+        out.extend(backend.welcome)
+        out.append(m.backend_key_data(*self.key))
+        out.append(m.ready_for_query("I"))
+        # Bring the shadow to the state the client now sees.
+        s = self.session
+        s.backend_message(ord("R"), b"\0\0\0\0")
+        for raw in backend.welcome:
+            s.backend_message(raw[0], raw[5:])
+        s.backend_message(ord("K"), m.backend_key_data(*self.key)[5:])
+        s.backend_message(ord("Z"), b"I")
+        await self.stream.send_all(b"".join(out))
+
+    async def _run_admin(self, reader: MessageReader) -> None:
+        from .admin import AdminConsole
+
+        cfg = self.app.config
+        await authenticate_client(cfg, self.app.secrets, self.stream, reader, self.user)
+        admins = cfg.server.admin_users
+        if admins and self.user not in admins:
+            raise ClientError(f'user "{self.user}" is not allowed into the admin console', sqlstate="28000")
+        self.state = "admin"
+        await AdminConsole(self.app, self, reader).run()
+
+
+def _close(stream: trio.abc.Stream) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+    elif isinstance(stream, trio.SSLStream):
+        _close(stream.transport_stream)

@@ -1,0 +1,237 @@
+"""Configuration: frozen dataclasses, loaded from a TOML file and/or command-line flags.
+
+A TOML file has one table per dataclass below (``[server]``, ``[primary]``, ``[auth]``,
+``[tls]``, ``[metrics]``). Every key is checked: an unknown key, a value of the wrong type
+or out of range is refused at start with the key named, e.g.
+``config.toml: [server] max_clients: expected an integer >= 1, got "many"``.
+
+Defaults are what a single ``connmgr serve --listen A --primary B`` needs: trust toward
+clients, the client's own user name toward the backend, no TLS, no metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from .errors import ConfigError
+
+AUTH_TYPES = ("trust", "md5", "scram-sha-256")
+CLIENT_TLS_MODES = ("disable", "allow", "require")
+SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSection:
+    """``[server]``: connmgr's own listener and limits."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:6432",)
+    max_clients: int = 1000
+    #: seconds a client may take from connect to the end of authentication
+    handshake_timeout: float = 15.0
+    #: seconds a client may sit idle outside a transaction; 0 = never time out
+    client_idle_timeout: float = 0.0
+    #: seconds a client may sit idle inside a transaction; 0 = never time out
+    idle_in_transaction_timeout: float = 0.0
+    #: seconds SIGTERM waits for open transactions to finish before closing them
+    shutdown_timeout: float = 30.0
+    #: largest protocol message accepted from a client or a server (bytes)
+    max_message_size: int = 1 << 30
+    #: users allowed into the admin console (database "connmgr"); empty = any user that
+    #: authenticates (read-only SHOW commands only)
+    admin_users: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSection:
+    """``[primary]``: the Postgres server behind connmgr."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+    name: str = "primary"
+    connect_timeout: float = 5.0
+    #: log in to the backend as this user instead of the client's (empty = client's user)
+    user: str = ""
+    #: password for the backend login; empty = use the client's secret (users file,
+    #: auth query or SCRAM pass-through) or none (trust)
+    password: str = ""
+    tls: str = "disable"
+    tls_ca_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSection:
+    """``[auth]``: how connmgr authenticates clients."""
+
+    #: trust | md5 | scram-sha-256 ; empty = scram-sha-256 when a users file or an auth
+    #: query is configured, trust otherwise
+    type: str = ""
+    users_file: str = ""
+    #: look secrets up in the backend with this query, logged in as auth_user
+    auth_query: str = ""
+    auth_user: str = ""
+    auth_password: str = ""
+    auth_dbname: str = "postgres"
+    #: secret that makes the fake SCRAM salts for unknown users stable across restarts
+    mock_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSection:
+    """``[tls]``: TLS toward clients."""
+
+    mode: str = "disable"
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus endpoint (``host:port``; empty = off)."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    primary: BackendSection = field(default_factory=BackendSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    @property
+    def auth_type(self) -> str:
+        if self.auth.type:
+            return self.auth.type
+        if self.auth.users_file or self.auth.auth_query:
+            return "scram-sha-256"
+        return "trust"
+
+
+DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1"
+
+
+def parse_hostport(text: str, *, default_port: int | None = None, what: str = "address") -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) -> ``(host, port)``; ConfigError when malformed."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ConfigError(f"{what}: expected host:port, got {text!r}")
+        host, port_text = text, str(default_port)
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{what}: port must be a number, got {port_text!r}") from None
+    if not host or not 0 < port < 65536:
+        raise ConfigError(f"{what}: expected host:port with port 1-65535, got {text!r}")
+    return host, port
+
+
+def load(path: str | Path | None = None, **overrides: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from a TOML file (optional) and per-section overrides.
+
+    ``overrides`` maps a section name to ``{key: value}``; they win over the file. Raises
+    :class:`ConfigError` naming the file, section and key of anything wrong.
+    """
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in sections:
+            raise ConfigError(
+                f"{source}: unknown section [{name}] (known: {', '.join(sections)})"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        built[name] = _build(sections[name].default_factory, value, f"{source}: [{name}]")
+    config = Config(**built)
+    _check(config, source)
+    return config
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{where} unknown key {key!r} (known: {', '.join(fields)})")
+        kwargs[key] = _coerce(fields[key].type, value, f"{where} {key}")
+    return cls(**kwargs)
+
+
+def _coerce(annotation: Any, value: Any, where: str) -> Any:
+    kind = eval(annotation, {"tuple": tuple}) if isinstance(annotation, str) else annotation  # noqa: S307
+    if get_origin(kind) is tuple:
+        (item,) = get_args(kind)[:1]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}s, got {value!r}")
+        return tuple(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}: must be >= 0, got {value!r}")
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _check(config: Config, source: str) -> None:
+    s = config.server
+    if s.max_clients < 1:
+        raise ConfigError(f"{source}: [server] max_clients: must be >= 1, got {s.max_clients}")
+    if s.max_message_size < 1024:
+        raise ConfigError(f"{source}: [server] max_message_size: must be >= 1024, got {s.max_message_size}")
+    if not s.listen:
+        raise ConfigError(f"{source}: [server] listen: at least one address is required")
+    for addr in s.listen:
+        parse_hostport(addr, what=f"{source}: [server] listen")
+    p = config.primary
+    if not 0 < p.port < 65536:
+        raise ConfigError(f"{source}: [primary] port: must be 1-65535, got {p.port}")
+    if p.tls not in SERVER_TLS_MODES:
+        raise ConfigError(f"{source}: [primary] tls: must be one of {', '.join(SERVER_TLS_MODES)}, got {p.tls!r}")
+    a = config.auth
+    if a.type and a.type not in AUTH_TYPES:
+        raise ConfigError(f"{source}: [auth] type: must be one of {', '.join(AUTH_TYPES)}, got {a.type!r}")
+    if config.auth_type != "trust" and not (a.users_file or a.auth_query):
+        raise ConfigError(
+            f"{source}: [auth] type = {config.auth_type!r} needs users_file or auth_query"
+            " to check passwords against"
+        )
+    if a.auth_query and not a.auth_user:
+        raise ConfigError(f"{source}: [auth] auth_query needs auth_user")
+    if a.users_file and not Path(a.users_file).is_file():
+        raise ConfigError(f"{source}: [auth] users_file: no such file {a.users_file!r}")
+    t = config.tls
+    if t.mode not in CLIENT_TLS_MODES:
+        raise ConfigError(f"{source}: [tls] mode: must be one of {', '.join(CLIENT_TLS_MODES)}, got {t.mode!r}")
+    if t.mode != "disable" and not (t.cert_file and t.key_file):
+        raise ConfigError(f"{source}: [tls] mode = {t.mode!r} needs cert_file and key_file")
+    if config.metrics.listen:
+        parse_hostport(config.metrics.listen, what=f"{source}: [metrics] listen")

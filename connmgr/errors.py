@@ -1,0 +1,74 @@
+"""The few error types of the connection manager.
+
+Every error a client can be told about carries the SQLSTATE and severity Postgres would use,
+so the code that catches it only has to encode it (:meth:`ClientError.to_message`) and
+close. Messages never contain passwords or startup secrets.
+"""
+
+from __future__ import annotations
+
+from shadow import messages
+
+
+class ClientError(Exception):
+    """An error to report to one client as an ErrorResponse, then close its connection."""
+
+    sqlstate = "XX000"
+    severity = "FATAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sqlstate: str | None = None,
+        severity: str | None = None,
+        detail: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if sqlstate is not None:
+            self.sqlstate = sqlstate
+        if severity is not None:
+            self.severity = severity
+        self.detail = detail
+        self.hint = hint
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+    def to_message(self) -> bytes:
+        """The ErrorResponse bytes for this error."""
+        return messages.error_response(
+            self.sqlstate, self.message, severity=self.severity, detail=self.detail, hint=self.hint
+        )
+
+
+class BackendUnavailable(ClientError):
+    """The backend server cannot be reached or was lost (08006 connection_failure)."""
+
+    sqlstate = "08006"
+
+
+class BackendRejected(ClientError):
+    """The backend answered the startup with an ErrorResponse; ``raw`` is that message,
+    forwarded to the client byte for byte."""
+
+    def __init__(self, raw: bytes, message: str, sqlstate: str) -> None:
+        super().__init__(message, sqlstate=sqlstate)
+        self.raw = raw
+
+    def to_message(self) -> bytes:
+        return self.raw
+
+
+class TooManyClients(ClientError):
+    sqlstate = "53300"
+
+
+class AdminShutdown(ClientError):
+    sqlstate = "57P01"
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; the message names the key."""
