@@ -182,6 +182,8 @@ class ClientConnection:
         self.application_name = params.get("application_name", "")
         self.startup_params = {k: v for k, v in params.items() if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
         self.startup_params["database"] = self.database
+        if cfg.primary.user:
+            self.startup_params["user"] = cfg.primary.user
         self.unrecognized_options = tuple(k for k in params if k.startswith("_pq_."))
         self.protocol_minor = req.protocol_version & 0xFFFF
         reader.switch_to_typed()

@@ -1,0 +1,223 @@
+"""The admin console: database ``connmgr`` on connmgr's own listener, in the spirit of
+PgBouncer's ``pgbouncer`` database.
+
+``psql -h HOST -p PORT -U USER connmgr`` then ``SHOW HELP;``. Commands (case-insensitive,
+trailing semicolon optional): ``SHOW CLIENTS``, ``SHOW SERVERS``, ``SHOW STATS``,
+``SHOW CONFIG``, ``SHOW VERSION``, ``SHOW HELP``, and -- only for users listed in
+``[server] admin_users`` -- ``SHUTDOWN`` (graceful, like SIGTERM).
+
+Both the simple and the extended protocol work (psycopg uses the latter); results are text
+columns. Unknown commands get ERROR 42601 and the session continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING
+
+from shadow import messages as m
+from shadow.messages import FrontendTag
+
+from . import __version__
+from .errors import ClientError
+
+if TYPE_CHECKING:
+    from .app import App
+    from .client import ClientConnection
+    from .wire import MessageReader
+
+Result = tuple[list[str], list[list[object]], str]  # columns, rows, command tag
+
+_PARAMS = {
+    "server_version": "15.0 (connmgr)",
+    "server_encoding": "UTF8",
+    "client_encoding": "UTF8",
+    "DateStyle": "ISO, MDY",
+    "integer_datetimes": "on",
+    "standard_conforming_strings": "on",
+    "application_name": "",
+    "TimeZone": "UTC",
+}
+
+
+_NOOPS = {"BEGIN": "BEGIN", "START": "START TRANSACTION", "COMMIT": "COMMIT", "END": "COMMIT",
+          "ROLLBACK": "ROLLBACK", "ABORT": "ROLLBACK", "SET": "SET", "RESET": "RESET", "DISCARD": "DISCARD ALL"}
+
+
+class AdminError(Exception):
+    def __init__(self, message: str, sqlstate: str = "42601") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class AdminConsole:
+    def __init__(self, app: App, conn: ClientConnection, reader: MessageReader) -> None:
+        self.app = app
+        self.conn = conn
+        self.reader = reader
+        self.is_admin = conn.user in app.config.server.admin_users
+        self._statement = ""
+        self._result: Result | None = None
+        self._failed = False
+
+    async def run(self) -> None:
+        conn = self.conn
+        conn.key = self.app.register_key(conn)
+        out = [m.authentication_ok()]
+        out += [m.parameter_status(k, v) for k, v in _PARAMS.items()]
+        out += [m.backend_key_data(*conn.key), m.ready_for_query("I")]
+        await conn.stream.send_all(b"".join(out))
+        while True:
+            tag, body = await self.reader.read()
+            if tag == FrontendTag.TERMINATE:
+                return
+            reply = self.handle(tag, body)
+            if reply:
+                await conn.stream.send_all(reply)
+
+    def handle(self, tag: int, body: bytes) -> bytes:
+        """Answer one message; returns the bytes to send (may be empty)."""
+        if tag == FrontendTag.SYNC:
+            self._failed = False
+            return m.ready_for_query("I")
+        if self._failed and tag in (FrontendTag.PARSE, FrontendTag.BIND, FrontendTag.DESCRIBE, FrontendTag.EXECUTE, FrontendTag.CLOSE):
+            return b""
+        msg = m.decode_frontend(tag, body)
+        try:
+            if isinstance(msg, m.Query):
+                return self._simple(msg.sql)
+            if isinstance(msg, m.Parse):
+                self._statement = msg.query
+                return m.ParseComplete().encode()
+            if isinstance(msg, m.Bind):
+                self._result = self.execute(self._statement)
+                return m.BindComplete().encode()
+            if isinstance(msg, m.Describe):
+                if msg.kind == "S":
+                    return m.ParameterDescription(()).encode() + self._describe(self.execute(self._statement))
+                return self._describe(self._result)
+            if isinstance(msg, m.Execute):
+                return self._rows(self._result)
+            if isinstance(msg, m.Close):
+                return m.CloseComplete().encode()
+            if isinstance(msg, m.Flush):
+                return b""
+        except AdminError as e:
+            self._failed = True
+            return m.error_response(e.sqlstate, str(e), severity="ERROR")
+        raise ClientError(f"admin console does not support message type {chr(tag)!r}", sqlstate="0A000")
+
+    def _simple(self, sql: str) -> bytes:
+        if not sql.strip(" ;\n\t"):
+            return m.empty_query_response() + m.ready_for_query("I")
+        try:
+            result = self.execute(sql)
+        except AdminError as e:
+            return m.error_response(e.sqlstate, str(e), severity="ERROR") + m.ready_for_query("I")
+        return self._describe(result) + self._rows(result) + m.ready_for_query("I")
+
+    @staticmethod
+    def _describe(result: Result | None) -> bytes:
+        if result is None or not result[0]:
+            return m.NoData().encode()
+        return m.row_description(result[0])
+
+    @staticmethod
+    def _rows(result: Result | None) -> bytes:
+        if result is None:
+            return m.command_complete("SELECT 0")
+        _cols, rows, tag = result
+        out = [m.data_row([None if v is None else str(v) for v in row]) for row in rows]
+        out.append(m.command_complete(tag))
+        return b"".join(out)
+
+    # ------------------------------------------------------------------ commands
+
+    def execute(self, sql: str) -> Result:
+        words = sql.strip().rstrip(";").split()
+        if not words:
+            raise AdminError("empty command")
+        cmd = " ".join(w.upper() for w in words)
+        if words[0].upper() in _NOOPS:  # drivers wrap statements in these; nothing to do
+            return [], [], _NOOPS[words[0].upper()]
+        if cmd == "SHUTDOWN":
+            if not self.is_admin:
+                raise AdminError("SHUTDOWN is for users listed in [server] admin_users", "42501")
+            self.app.shutdown()
+            return [], [], "SHUTDOWN"
+        if words[0].upper() != "SHOW" or len(words) != 2:
+            raise AdminError(f"unknown command {sql.strip()!r}; try SHOW HELP")
+        what = words[1].upper()
+        handler = getattr(self, f"_show_{what.lower()}", None)
+        if handler is None:
+            raise AdminError(f"unknown SHOW subject {words[1]!r}; try SHOW HELP")
+        cols, rows = handler()
+        return cols, rows, "SHOW" if what != "STATS" else "SHOW"
+
+    def _show_help(self):
+        return ["command", "description"], [
+            ["SHOW CLIENTS", "one row per client connection"],
+            ["SHOW SERVERS", "one row per backend session"],
+            ["SHOW STATS", "totals: clients, bytes, messages, requests, latency"],
+            ["SHOW CONFIG", "the configuration in effect (secrets hidden)"],
+            ["SHOW VERSION", "connmgr version"],
+            ["SHUTDOWN", "graceful shutdown (admin_users only)"],
+        ]
+
+    def _show_version(self):
+        return ["version"], [[f"connmgr {__version__}"]]
+
+    def _show_clients(self):
+        now = time.time()
+        rows = []
+        for c in list(self.app.clients.values()):
+            rows.append([
+                c.id, c.user, c.database, c.peer, c.application_name, c.state,
+                c.session.tx_status.value if c.state == "active" else "",
+                len(c.session.pending), "yes" if c.tls else "no", f"{now - c.connected_at:.1f}",
+                c.stats.bytes_from_client, c.stats.bytes_to_client, c.stats.requests,
+                c.key[0] if c.key else None,
+            ])
+        return [
+            "id", "user", "database", "address", "application_name", "state", "tx", "pending",
+            "tls", "connected_s", "bytes_in", "bytes_out", "requests", "virtual_pid",
+        ], rows
+
+    def _show_servers(self):
+        rows = []
+        for c in list(self.app.clients.values()):
+            b = c.backend
+            if b is None:
+                continue
+            rows.append([c.id, b.server.name, b.server.address, b.pid, c.user, c.database, c.session.tx_status.value])
+        return ["client_id", "server", "address", "backend_pid", "user", "database", "tx"], rows
+
+    def _show_stats(self):
+        app = self.app
+        t = app.metrics.totals(c.stats for c in list(app.clients.values()))
+        mt = app.metrics
+        lat = t.latency
+        avg_us = (lat.total / lat.count * 1e6) if lat.count else 0
+        return [
+            "clients_active", "clients_accepted", "clients_rejected", "auth_failures", "backend_connects",
+            "backend_connect_errors", "cancels", "requests", "bytes_in", "bytes_out", "messages_in",
+            "messages_out", "avg_latency_us", "p99_latency_us_le", "uptime_s",
+        ], [[
+            app.active_clients, mt.clients_accepted, sum(mt.clients_rejected.values()), mt.auth_failures,
+            mt.backend_connects, mt.backend_connect_errors, mt.cancels, t.requests,
+            t.bytes_from_client, t.bytes_to_client, t.messages_from_client, t.messages_to_client,
+            f"{avg_us:.0f}", f"{lat.quantile(0.99) * 1e6:.0f}", f"{time.time() - mt.started:.0f}",
+        ]]
+
+    def _show_config(self):
+        rows = []
+        cfg = self.app.config
+        for section in dataclasses.fields(cfg):
+            values = getattr(cfg, section.name)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if "password" in f.name or f.name == "mock_key":
+                    value = "********" if value else ""
+                rows.append([section.name, f.name, str(value)])
+        return ["section", "key", "value"], rows

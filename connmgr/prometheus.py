@@ -1,0 +1,70 @@
+"""A minimal HTTP/1.0 endpoint serving ``GET /metrics`` in Prometheus text format.
+
+One request per connection, bounded in size and time; anything else gets 404 or 400.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from .config import parse_hostport
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("connmgr.metrics")
+
+_MAX_REQUEST = 8192
+
+
+def render(app: App) -> str:
+    live = [c.stats for c in list(app.clients.values())]
+    gauges = {
+        "clients_active": float(app.active_clients),
+        "backends_active": float(sum(1 for c in app.clients.values() if c.backend is not None)),
+        "accepting": 1.0 if app.accepting else 0.0,
+    }
+    return app.metrics.render_prometheus(live, gauges)
+
+
+async def _handle(app: App, stream: trio.SocketStream) -> None:
+    try:
+        with trio.move_on_after(5):
+            request = b""
+            while b"\r\n\r\n" not in request and b"\n\n" not in request:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                request += chunk
+                if len(request) > _MAX_REQUEST:
+                    await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+                    return
+            line = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+            if len(line) < 2 or line[0] != b"GET":
+                await stream.send_all(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+            elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
+                await stream.send_all(b"HTTP/1.0 404 Not Found\r\n\r\n")
+            else:
+                body = render(app).encode()
+                head = (
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                ).encode()
+                await stream.send_all(head + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def serve_metrics(app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the endpoint at ``[metrics] listen`` until cancelled."""
+    host, port = parse_hostport(app.config.metrics.listen)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    app.metrics_address = listeners[0].socket.getsockname()[:2]
+    log.info("metrics on http://%s:%d/metrics", *app.metrics_address)
+    task_status.started(app.metrics_address)
+    await trio.serve_listeners(lambda s: _handle(app, s), listeners)
