@@ -84,12 +84,13 @@ class App:
         """Begin a graceful shutdown (idempotent)."""
         self._shutdown.set()
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run until shut down. ``task_status.started`` gets the bound listen addresses."""
+    async def serve(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run until shut down. ``task_status.started`` gets the bound listen addresses.
+        ``handle_signals`` installs the SIGTERM/SIGINT handlers (main thread only)."""
         cfg = self.config
         listeners = []
         for addr in cfg.server.listen:
-            host, port = parse_hostport(addr)
+            host, port = parse_hostport(addr, allow_zero=True)
             listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=4096))
         self.listen_addresses = [ln.socket.getsockname()[:2] for ln in listeners]
         async with trio.open_nursery() as nursery:
@@ -100,7 +101,8 @@ class App:
                 from .prometheus import serve_metrics
 
                 await nursery.start(serve_metrics, self)
-            nursery.start_soon(self._signals)
+            if handle_signals:
+                nursery.start_soon(self._signals)
             for host, port in self.listen_addresses:
                 log.info("listening on %s:%d, backend %s", host, port, self.server.address)
             task_status.started(self.listen_addresses)

@@ -115,8 +115,11 @@ class Config:
 DEFAULT_AUTH_QUERY = "SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1"
 
 
-def parse_hostport(text: str, *, default_port: int | None = None, what: str = "address") -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6]:port"``) -> ``(host, port)``; ConfigError when malformed."""
+def parse_hostport(
+    text: str, *, default_port: int | None = None, what: str = "address", allow_zero: bool = False
+) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) -> ``(host, port)``; ConfigError when malformed.
+    ``allow_zero`` admits port 0 (listen on any free port)."""
     host, sep, port_text = text.rpartition(":")
     if not sep:
         if default_port is None:
@@ -127,7 +130,7 @@ def parse_hostport(text: str, *, default_port: int | None = None, what: str = "a
         port = int(port_text)
     except ValueError:
         raise ConfigError(f"{what}: port must be a number, got {port_text!r}") from None
-    if not host or not 0 < port < 65536:
+    if not host or not (0 if allow_zero else 1) <= port < 65536:
         raise ConfigError(f"{what}: expected host:port with port 1-65535, got {text!r}")
     return host, port
 
@@ -210,7 +213,7 @@ def _check(config: Config, source: str) -> None:
     if not s.listen:
         raise ConfigError(f"{source}: [server] listen: at least one address is required")
     for addr in s.listen:
-        parse_hostport(addr, what=f"{source}: [server] listen")
+        parse_hostport(addr, what=f"{source}: [server] listen", allow_zero=True)
     p = config.primary
     if not 0 < p.port < 65536:
         raise ConfigError(f"{source}: [primary] port: must be 1-65535, got {p.port}")
@@ -234,4 +237,4 @@ def _check(config: Config, source: str) -> None:
     if t.mode != "disable" and not (t.cert_file and t.key_file):
         raise ConfigError(f"{source}: [tls] mode = {t.mode!r} needs cert_file and key_file")
     if config.metrics.listen:
-        parse_hostport(config.metrics.listen, what=f"{source}: [metrics] listen")
+        parse_hostport(config.metrics.listen, what=f"{source}: [metrics] listen", allow_zero=True)

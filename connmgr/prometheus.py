@@ -62,7 +62,7 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
 
 async def serve_metrics(app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the endpoint at ``[metrics] listen`` until cancelled."""
-    host, port = parse_hostport(app.config.metrics.listen)
+    host, port = parse_hostport(app.config.metrics.listen, allow_zero=True)
     listeners = await trio.open_tcp_listeners(port, host=host)
     app.metrics_address = listeners[0].socket.getsockname()[:2]
     log.info("metrics on http://%s:%d/metrics", *app.metrics_address)

@@ -19,6 +19,7 @@ from connmgr.clusters import Cluster, ClusterError, find_bindir, stop_leftovers,
 #     pytest_plugins = ["connmgr_fixtures"]
 # tests/ has no __init__.py, so pytest puts tests/ itself on sys.path: the module is
 # "connmgr_fixtures" (it becomes "tests.connmgr_fixtures" only if tests/ turns into a package).
+pytest_plugins = ["connmgr_fixtures"]
 # -----------------------------------------------------------------------------------------
 
 
