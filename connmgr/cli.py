@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose if args.verbose else logging.INFO
+    # serve logs its lifecycle at INFO; the demo keeps its own output clean unless -v
+    default = logging.WARNING if args.command == "demo" else logging.INFO
+    level = default - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     return args.func(args)
 
