@@ -72,7 +72,7 @@ def _workload_client(conninfo: str, index: int, stop: threading.Event, tally: Cl
                 if n % 50 == 0:
                     with conn.transaction():
                         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                        total = conn.execute("SELECT sum(balance) FROM accounts").fetchone()[0]
+                        total = conn.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
                         if total != ACCOUNTS * INITIAL_BALANCE:
                             tally.errors.append(f"read saw total {total}")
                     tally.reads += 1
@@ -171,7 +171,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
 
         # Check the data directly on the server, not through connmgr.
         with cluster.connect() as direct:
-            total = direct.execute("SELECT sum(balance) FROM accounts").fetchone()[0]
+            total = direct.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
             ledger_rows = direct.execute("SELECT count(*) FROM ledger").fetchone()[0]
             dup_keys = direct.execute("SELECT count(*) - count(DISTINCT id) FROM ledger").fetchone()[0]
         acknowledged = sum(t.ledger_inserts for t in tallies)
