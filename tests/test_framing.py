@@ -1,0 +1,182 @@
+"""Framer: splitting one direction of a v3 stream into messages, byte-exact."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shadow.errors import RemoteProtocolError
+from shadow.framing import MAX_STARTUP_PACKET_SIZE, Framer
+
+
+def typed(tag: bytes, body: bytes) -> bytes:
+    return tag + struct.pack("!I", len(body) + 4) + body
+
+
+def untyped(body: bytes) -> bytes:
+    return struct.pack("!I", len(body) + 4) + body
+
+
+STARTUP = untyped(struct.pack("!I", 196608) + b"user\0u\0\0")
+SSL_REQUEST = untyped(struct.pack("!I", 80877103))
+STREAM = typed(b"Q", b"select 1\0") + typed(b"S", b"") + typed(b"X", b"")
+
+
+def run(framer: Framer, chunks: list[bytes]) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """Feed ``chunks``; return (concatenated passthrough bytes, [(tag, body), ...])."""
+    out = bytearray()
+    messages = []
+    for chunk in chunks:
+        buf, frames = framer.feed(chunk)
+        out += buf
+        messages += [(tag, bytes(buf[start:end])) for tag, start, end in frames]
+    return bytes(out), messages
+
+
+def byte_at_a_time(data: bytes) -> list[bytes]:
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+# --------------------------------------------------------------------------- typed framing
+
+
+def test_whole_buffer_is_returned_without_copy() -> None:
+    framer = Framer()
+    buf, frames = framer.feed(STREAM)
+    assert buf is STREAM
+    assert [(t, STREAM[s:e]) for t, s, e in frames] == [
+        (ord("Q"), b"select 1\0"),
+        (ord("S"), b""),
+        (ord("X"), b""),
+    ]
+    assert framer.pending_bytes == 0
+
+
+def test_byte_at_a_time_gives_the_same_messages() -> None:
+    whole = run(Framer(), [STREAM])
+    assert run(Framer(), byte_at_a_time(STREAM)) == whole
+    assert whole[0] == STREAM
+
+
+def test_partial_message_is_held_back() -> None:
+    framer = Framer()
+    first = typed(b"Q", b"select 1\0")
+    buf, frames = framer.feed(first + b"S\0\0")
+    assert buf == first and len(frames) == 1
+    assert framer.pending_bytes == 3
+    buf, frames = framer.feed(b"\0\x04")
+    assert buf == b"S\0\0\0\x04" and frames == [(ord("S"), 5, 5)]
+    assert framer.pending_bytes == 0
+
+
+def test_empty_feed_returns_nothing() -> None:
+    assert Framer().feed(b"") == (b"", [])
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Q\0\0\0\x00",  # 0: shorter than the length word itself
+        b"Q\0\0\0\x03",
+        b"Q\xff\xff\xff\xfb",  # -5 as int32
+        b"Q\x7f\xff\xff\xff",  # 2 GB
+    ],
+    ids=["zero", "three", "negative", "huge"],
+)
+def test_bad_length_is_rejected_from_the_header_alone(header: bytes) -> None:
+    framer = Framer(max_message_size=1 << 20)
+    with pytest.raises(RemoteProtocolError) as info:
+        framer.feed(header)  # no body sent: nothing is buffered first
+    assert info.value.sqlstate == "08P01"
+    assert "'Q'" in info.value.message
+
+
+def test_over_max_message_size_is_rejected_before_the_body_arrives() -> None:
+    framer = Framer(max_message_size=100)
+    framer.feed(typed(b"d", b"x" * 96))  # exactly at the limit: fine
+    with pytest.raises(RemoteProtocolError, match="over the maximum of 100 bytes"):
+        framer.feed(b"d" + struct.pack("!I", 101))
+
+
+def test_bad_length_split_across_reads_is_still_rejected() -> None:
+    framer = Framer(max_message_size=100)
+    for b in b"Q\0\0":
+        assert framer.feed(bytes([b])) == (b"", [])
+    with pytest.raises(RemoteProtocolError):
+        framer.feed(b"\x10\x00")
+
+
+def test_feed_eof_mid_message_raises() -> None:
+    framer = Framer()
+    framer.feed(b"Q\0\0\0\x10sel")
+    with pytest.raises(RemoteProtocolError, match="middle of a message") as info:
+        framer.feed_eof()
+    assert info.value.sqlstate == "08P01"
+
+
+def test_feed_eof_between_messages_is_clean() -> None:
+    framer = Framer()
+    framer.feed(STREAM)
+    framer.feed_eof()
+
+
+# ------------------------------------------------------------------------- untyped framing
+
+
+def test_startup_phase_yields_one_message_per_call() -> None:
+    framer = Framer(typed=False)
+    data = SSL_REQUEST + STARTUP + STREAM
+    buf, frames = framer.feed(data)
+    assert buf == SSL_REQUEST and frames == [(0, 4, 8)]
+    buf, frames = framer.feed(b"")  # still untyped: the StartupMessage
+    assert buf == STARTUP and frames == [(0, 4, len(STARTUP))]
+    assert framer.pending_bytes == len(STREAM)
+    framer.switch_to_typed()
+    assert framer.typed
+    buf, frames = framer.feed(b"")
+    assert buf == STREAM and [t for t, _, _ in frames] == [ord("Q"), ord("S"), ord("X")]
+
+
+def test_startup_byte_at_a_time() -> None:
+    framer = Framer(typed=False)
+    out, messages = run(framer, byte_at_a_time(STARTUP))
+    assert out == STARTUP
+    assert messages == [(0, STARTUP[4:])]
+
+
+@pytest.mark.parametrize("length", [0, 4, 7, MAX_STARTUP_PACKET_SIZE + 1, 0xFFFFFFFF])
+def test_bad_startup_length_is_rejected(length: int) -> None:
+    framer = Framer(typed=False)
+    with pytest.raises(RemoteProtocolError, match="invalid length of startup packet") as info:
+        framer.feed(struct.pack("!I", length))
+    assert info.value.sqlstate == "08P01"
+
+
+def test_startup_packet_at_the_limit_is_accepted() -> None:
+    body = struct.pack("!I", 196608) + b"user\0" + b"u" * (MAX_STARTUP_PACKET_SIZE - 15) + b"\0\0"
+    packet = untyped(body)
+    assert len(packet) == MAX_STARTUP_PACKET_SIZE
+    assert Framer(typed=False).feed(packet)[1] == [(0, 4, MAX_STARTUP_PACKET_SIZE)]
+
+
+# ---------------------------------------------------------------------- chunking invariance
+
+raw_messages = st.lists(
+    st.tuples(st.sampled_from(b"QPBDESdcXZCTN12"), st.binary(max_size=40)), max_size=20
+)
+
+
+@given(raw_messages, st.data())
+def test_any_chunking_gives_the_same_frames_and_bytes(
+    messages: list[tuple[int, bytes]], data: st.DataObject
+) -> None:
+    stream = b"".join(typed(bytes([t]), body) for t, body in messages)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    expected = (stream, list(messages))
+    assert run(Framer(), [stream]) == expected
+    assert run(Framer(), byte_at_a_time(stream)) == expected
+    assert run(Framer(), chunks) == expected
