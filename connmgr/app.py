@@ -42,6 +42,7 @@ class App:
         self._next_pid = 10_000 + secrets.randbelow(50_000)
         self._shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._drain_scope: trio.CancelScope | None = None
 
     # ------------------------------------------------------------------ registry
 
@@ -133,7 +134,7 @@ class App:
     async def _drain(self) -> None:
         timeout = self.config.server.shutdown_timeout
         log.info("shutting down: waiting up to %gs for %d clients", timeout, len(self.clients))
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(timeout) as self._drain_scope:
             while self.clients:
                 for conn in list(self.clients.values()):
                     if conn.state != "active" or conn.session.is_idle():
@@ -149,9 +150,15 @@ class App:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 if signum == signal.SIGINT or self._shutdown.is_set():
-                    log.info("fast shutdown")
-                    self.config = _no_wait(self.config)
+                    self.fast_shutdown()
                 self.shutdown()
+
+    def fast_shutdown(self) -> None:
+        """Close every client now, including during a graceful drain already under way."""
+        log.info("fast shutdown")
+        self.config = _no_wait(self.config)
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
 
 
 def _no_wait(config: Config) -> Config:

@@ -74,6 +74,7 @@ class ClientConnection:
         self.key: tuple[int, int] | None = None
         self.cancel_scope = trio.CancelScope()
         self._close_reason: ClientError | None = None
+        self._tls_handshaking = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -88,19 +89,28 @@ class ClientConnection:
                         if reader is None:
                             return
                         if self.database == ADMIN_DATABASE:
-                            await self._run_admin(reader)
-                            return
-                        await self._connect(reader)
+                            await self._admin_login(reader)
+                        else:
+                            await self._connect(reader)
                 except trio.TooSlowError:
                     raise ClientError(
                         f"client did not complete the startup within {cfg.handshake_timeout:g}s"
                         " (handshake_timeout)",
                         sqlstate="08006",
                     ) from None
+                if self.state == "admin":
+                    from .admin import AdminConsole
+
+                    await AdminConsole(self.app, self, reader).run()
+                    return
                 self.state = "active"
                 self.reader_framer = reader.framer
                 self.relay = Relay(self, self.backend)
                 await self.relay.run(reader.take_buffered())
+            if self._close_reason is not None:  # close_with() cancelled us
+                await self._fail(self._close_reason)
+        except PeerClosed:
+            log.debug("client %d %s closed during the handshake", self.id, self.peer)
         except ClientError as e:
             await self._fail(e)
         except RemoteProtocolError as e:
@@ -117,6 +127,8 @@ class ClientConnection:
         self.app.metrics.client_errors[error.sqlstate] += 1
         level = logging.INFO if error.sqlstate.startswith(("08", "57")) else logging.WARNING
         log.log(level, "client %d %s user=%s db=%s: %s %s", self.id, self.peer, self.user, self.database, error.sqlstate, error.message)
+        if self._tls_handshaking:
+            return  # the client expects TLS records; plaintext would only confuse it
         with trio.move_on_after(1) as scope:
             scope.shield = True
             try:
@@ -134,6 +146,7 @@ class ClientConnection:
         if self.relay is not None:
             self.relay.stop(error)
         else:
+            self._close_reason = error
             self.cancel_scope.cancel()
 
     # ------------------------------------------------------------------ phases
@@ -157,10 +170,12 @@ class ClientConnection:
                     continue
                 await self.stream.send_all(b"S")
                 tls_stream = trio.SSLStream(self.stream, self.app.client_ssl_context, server_side=True)
+                self._tls_handshaking = True
                 try:
                     await tls_stream.do_handshake()
                 except (trio.BrokenResourceError, ssl.SSLError):
                     return None
+                self._tls_handshaking = False
                 self.stream = tls_stream
                 self.tls = True
                 reader = MessageReader(tls_stream, reader.framer, "client")
@@ -234,16 +249,13 @@ class ClientConnection:
         s.backend_message(ord("Z"), b"I")
         await self.stream.send_all(b"".join(out))
 
-    async def _run_admin(self, reader: MessageReader) -> None:
-        from .admin import AdminConsole
-
+    async def _admin_login(self, reader: MessageReader) -> None:
         cfg = self.app.config
         await authenticate_client(cfg, self.app.secrets, self.stream, reader, self.user)
         admins = cfg.server.admin_users
         if admins and self.user not in admins:
             raise ClientError(f'user "{self.user}" is not allowed into the admin console', sqlstate="28000")
         self.state = "admin"
-        await AdminConsole(self.app, self, reader).run()
 
 
 def _close(stream: trio.abc.Stream) -> None:

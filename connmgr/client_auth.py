@@ -141,7 +141,13 @@ async def authenticate_client(
     if chosen == "md5":
         salt = os.urandom(4)
         await stream.send_all(m.AuthenticationMD5Password(salt).encode())
-        response = m.parse_password(await _read_password(reader))
+        data = await _read_password(reader)
+        if not data.endswith(b"\0") or b"\0" in data[:-1]:
+            raise ClientError("invalid password packet size", sqlstate="08P01")
+        try:
+            response = data[:-1].decode()
+        except UnicodeDecodeError:  # cannot match any md5 response: a wrong password
+            raise _password_failed(user) from None
         if secret is None or not secret.check_md5(salt, response):
             raise _password_failed(user)
         return _credentials(config, secret, None)

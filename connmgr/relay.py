@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("connmgr.relay")
 
 _Q, _S, _F, _X, _D, _Z, _E, _d = (ord(c) for c in "QSFXDZEd")
-_RECV = 256 * 1024
+_RECV = 64 * 1024
 
 
 class Relay:

@@ -22,7 +22,7 @@ import trio
 __all__ = ["FastSocketStream", "open_tcp", "set_nodelay"]
 
 _YIELD_EVERY = 16
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = 64 * 1024
 
 
 def set_nodelay(sock: _stdsocket.socket) -> None:
