@@ -35,12 +35,15 @@ def set_nodelay(sock: _stdsocket.socket) -> None:
 class FastSocketStream(trio.abc.HalfCloseableStream):
     """A stream over a connected non-blocking socket. See the module docstring."""
 
-    __slots__ = ("_sock", "_calls", "_closed")
+    __slots__ = ("_sock", "_calls", "_closed", "_drained")
 
     def __init__(self, sock: _stdsocket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
         self._calls = 0
+        # the last recv returned less than asked: the kernel buffer was empty then, so the
+        # next recv would almost surely say EAGAIN -- wait for readiness first instead
+        self._drained = False
         self._closed = False
         set_nodelay(self._sock)
 
@@ -55,6 +58,9 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream is closed")
         n = max_bytes or _RECV_SIZE
         sock = self._sock
+        if self._drained:
+            self._calls = 0
+            await trio.lowlevel.wait_readable(sock)
         while True:
             try:
                 data = sock.recv(n)
@@ -66,7 +72,9 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                 if self._closed:
                     raise trio.ClosedResourceError("stream is closed") from None
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
-            await self._maybe_yield()
+            self._drained = len(data) < n
+            if not self._drained:
+                await self._maybe_yield()
             return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
