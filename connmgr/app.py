@@ -36,6 +36,8 @@ class App:
         self.secrets = SecretStore(config, self.server)
         self.clients: dict[int, ClientConnection] = {}
         self.keys: dict[tuple[int, int], ClientConnection] = {}
+        #: (server address, real backend pid) -> virtual pid, for NotificationResponse
+        self.virtual_pids: dict[tuple[str, int], int] = {}
         self.accepting = True
         self.listen_addresses: list[tuple[str, int]] = []
         self.client_ssl_context = _client_ssl_context(config)
@@ -55,12 +57,16 @@ class App:
         self._next_pid = self._next_pid + 1 if self._next_pid < 2**31 - 1 else 10_000
         key = (self._next_pid, secrets.randbits(32))
         self.keys[key] = conn
+        if conn.backend is not None:
+            self.virtual_pids[(conn.backend.server.address, conn.backend.pid)] = key[0]
         return key
 
     def forget(self, conn: ClientConnection) -> None:
         self.clients.pop(conn.id, None)
         if conn.key is not None:
             self.keys.pop(conn.key, None)
+        if conn.backend is not None:
+            self.virtual_pids.pop((conn.backend.server.address, conn.backend.pid), None)
         self.metrics.connection_closed(conn.stats)
 
     async def cancel(self, pid: int, secret: int | bytes) -> None:

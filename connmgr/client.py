@@ -202,6 +202,11 @@ class ClientConnection:
         self.unrecognized_options = tuple(k for k in params if k.startswith("_pq_."))
         self.protocol_minor = req.protocol_version & 0xFFFF
         reader.switch_to_typed()
+        if self.protocol_minor > 0 or self.unrecognized_options:
+            # Like Postgres: answer at once, before authentication. connmgr speaks 3.0 to
+            # every backend (a session must be able to move to any server), so 3.0 it is.
+            # (Postgres puts the full version code 3.0 = 0x00030000 in the "newest minor" field.)
+            await self.stream.send_all(m.NegotiateProtocolVersion(3 << 16, self.unrecognized_options).encode())
 
         if cfg.tls.mode == "require" and not self.tls:
             raise ClientError(
@@ -235,8 +240,6 @@ class ClientConnection:
     async def _welcome(self, backend: BackendSession) -> None:
         self.key = self.app.register_key(self)
         out = [m.authentication_ok()]
-        if self.protocol_minor > 0 or self.unrecognized_options:
-            out.append(m.NegotiateProtocolVersion(0, self.unrecognized_options).encode())
         out.extend(backend.welcome)
         out.append(m.backend_key_data(*self.key))
         out.append(m.ready_for_query("I"))

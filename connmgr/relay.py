@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from struct import Struct
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connmgr.relay")
 
-_Q, _S, _F, _X, _D, _Z, _E, _d = (ord(c) for c in "QSFXDZEd")
+_Q, _S, _F, _X, _D, _Z, _E, _d, _A = (ord(c) for c in "QSFXDZEdA")
+_PID = Struct("!i")
 _RECV = 64 * 1024
 
 
@@ -195,11 +197,13 @@ class Relay:
             data = b""
             if not frames:
                 continue
-            ready = False
+            ready = notified = False
             for tag, start, end in frames:
                 if tag == _D:
                     continue
-                if tag == _Z:
+                if tag == _A:
+                    notified = True
+                elif tag == _Z:
                     ready = True
                     if starts:
                         latency.observe(clock() - starts.popleft())
@@ -210,11 +214,29 @@ class Relay:
                     except RemoteProtocolError as e:
                         self._untrack("server", e)
             last_tag = frames[-1][0]
+            if notified:
+                buf = self._virtualise_notification_pids(buf, frames)
             stats.messages_to_client += len(frames)
             stats.bytes_to_client += len(buf)
             await send(buf)
             if ready and timed and self._idle_scope is not None:
                 self._idle_scope.deadline = self._idle_deadline()
+
+
+    def _virtualise_notification_pids(self, buf: bytes, frames: list) -> bytes:
+        """NotificationResponse carries the sender's backend pid; clients of connmgr know
+        sessions by their virtual pids (BackendKeyData), which also survive a move to
+        another server. Rewrite the pid of every notification sent by a session of this
+        connmgr, so ``notify.pid == conn.info.backend_pid`` means what it means direct."""
+        virtual = self.conn.app.virtual_pids
+        out = bytearray(buf)
+        for tag, start, _end in frames:
+            if tag == _A and _end - start >= 4:
+                (pid,) = _PID.unpack_from(buf, start)
+                vpid = virtual.get((self.backend.server.address, pid))
+                if vpid is not None:
+                    _PID.pack_into(out, start, vpid)
+        return bytes(out)
 
 
 def _client_framer(conn: ClientConnection) -> Framer:
