@@ -67,6 +67,14 @@ class ConnStats:
     requests: int = 0
     latency: Histogram = field(default_factory=Histogram)
 
+    def add(self, other: ConnStats) -> None:
+        self.bytes_from_client += other.bytes_from_client
+        self.bytes_to_client += other.bytes_to_client
+        self.messages_from_client += other.messages_from_client
+        self.messages_to_client += other.messages_to_client
+        self.requests += other.requests
+        self.latency.merge(other.latency)
+
 
 @dataclass
 class Metrics:
@@ -81,23 +89,12 @@ class Metrics:
     closed: ConnStats = field(default_factory=ConnStats)
 
     def connection_closed(self, stats: ConnStats) -> None:
-        c = self.closed
-        c.bytes_from_client += stats.bytes_from_client
-        c.bytes_to_client += stats.bytes_to_client
-        c.messages_from_client += stats.messages_from_client
-        c.messages_to_client += stats.messages_to_client
-        c.requests += stats.requests
-        c.latency.merge(stats.latency)
+        self.closed.add(stats)
 
     def totals(self, live: Iterable[ConnStats]) -> ConnStats:
         t = ConnStats()
         for s in (self.closed, *live):
-            t.bytes_from_client += s.bytes_from_client
-            t.bytes_to_client += s.bytes_to_client
-            t.messages_from_client += s.messages_from_client
-            t.messages_to_client += s.messages_to_client
-            t.requests += s.requests
-            t.latency.merge(s.latency)
+            t.add(s)
         return t
 
     def render_prometheus(self, live: list[ConnStats], gauges: dict[str, float]) -> str:
