@@ -10,9 +10,9 @@ delimits them -- back into a record:
 * :func:`decode_startup` for the untyped startup packets (StartupMessage, SSLRequest,
   GSSENCRequest, CancelRequest);
 * :func:`decode_frontend` and :func:`decode_backend` for typed messages. There are two
-  because seven type bytes mean different things in each direction (``D`` is Describe from
-  the client but DataRow from the server; likewise ``C``, ``E``, ``S``, ``H``; ``d`` and
-  ``c`` mean the same in both).
+  because type bytes collide: ``D`` is Describe from the client but DataRow from the
+  server, and ``C``, ``E``, ``S``, ``H`` likewise differ by direction (``d`` and ``c``,
+  CopyData and CopyDone, are the same message both ways).
 
 A type byte neither decoder knows becomes :class:`Unknown`, whose ``encode()`` gives back
 the original bytes: unknown messages pass through, they are never an error here.
@@ -23,7 +23,7 @@ negative length, trailing bytes, invalid UTF-8 or an illegal enumerated value ra
 :class:`~shadow.errors.RemoteProtocolError` (SQLSTATE 08P01) whose text names the message
 and the fault, never the data (bodies carry passwords and SQL literals). Encoding is
 checked too: a value that cannot be put on the wire (a NUL inside a string, a count that
-does not fit its int16) raises :class:`~shadow.errors.LocalProtocolError`.
+does not fit its 16 bits) raises :class:`~shadow.errors.LocalProtocolError`.
 
 Integer conventions follow the server: element counts are unsigned 16-bit (a Bind may
 carry 65535 parameters), object ids are unsigned 32-bit, value lengths are signed 32-bit

@@ -49,9 +49,9 @@ is dropped on arrival. The Sync's ReadyForQuery then completes the Sync. A FATAL
 error closes the session.
 
 COPY. CopyInResponse puts the session in COPY_IN with the Query/Execute that started it at
-the head; what the client sends after that request is the server's copy input. CopyData
-messages are queued as one marker per run (never one entry per message); CopyDone,
-CopyFail and Terminate as markers of their own. The server ignores Sync and Flush during
+the head; what the client sends after that request is the server's copy input. CopyDone,
+CopyFail and Terminate are queued as markers; CopyData is not queued at all, since it
+never decides where the copy input ends. The server ignores Sync and Flush during
 copy-in (libpq pipelines a Sync behind an Execute that turns out to be a COPY and sends
 another after CopyDone), so when the COPY ends the session removes the copy input from the
 FIFO: through the CopyDone on success; on error through the first CopyDone, CopyFail or
@@ -75,7 +75,8 @@ Bodies. Frontend bodies are decoded only as far as names and SQL; a malformed on
 without them (the server answers it with an ErrorResponse, so the FIFO stays in step).
 Backend bodies are inspected only for ReadyForQuery, ErrorResponse, ParameterStatus,
 BackendKeyData and Authentication, and the first bytes of CommandComplete; DataRow and
-CopyData are never decoded.
+CopyData are never decoded. Client CopyData and server DataRow change no state, so a caller
+may skip showing them (it then loses only the check that a DataRow was legal where it came).
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class PendingRequest:
     ``kind`` is the frontend type byte as a one-letter string: ``'Q'`` Query, ``'P'``
     Parse, ``'B'`` Bind, ``'D'`` Describe, ``'E'`` Execute, ``'C'`` Close, ``'S'`` Sync,
     ``'F'`` FunctionCall. Behind the head there may also be markers that get no reply of
-    their own: ``'d'`` (a run of CopyData), ``'c'`` CopyDone, ``'f'`` CopyFail, ``'X'``
-    Terminate. The head (``pending[0]``) is never a marker.
+    their own: ``'c'`` CopyDone, ``'f'`` CopyFail, ``'X'`` Terminate. The head
+    (``pending[0]``) is never a marker.
 
     ``statement`` / ``portal`` name what the request acts on (Parse: statement; Bind: both;
     Execute: portal; Describe and Close: exactly one of them, by their kind). ``sql`` is the
@@ -292,8 +293,7 @@ def _first_state(req: PendingRequest) -> str:
     raise AssertionError(f"marker {kind!r} at the head of the FIFO")  # pragma: no cover
 
 
-_MARKERS = frozenset("dcfX")
-_COPY_DATA_RUN = PendingRequest("d")
+_MARKERS = frozenset("cfX")
 _COPY_DONE = PendingRequest("c")
 _COPY_FAIL = PendingRequest("f")
 _TERMINATE = PendingRequest("X")
@@ -513,7 +513,7 @@ class SessionState:
         try:
             while pending:
                 kind = pending[0].kind
-                if kind == "d" or kind == "S":
+                if kind == "S":  # ignored by the server during copy-in
                     pending.popleft()
                     continue
                 if success and kind != "c":
@@ -632,12 +632,6 @@ class SessionState:
 
     def _f_function_call(self, tag: int, body: bytes) -> None:
         self._append(_FUNCTION)
-
-    def _f_copy_data(self, tag: int, body: bytes) -> None:
-        pending = self.pending
-        if pending and pending[-1] is _COPY_DATA_RUN:
-            return  # a run of CopyData is one marker
-        self._append(_COPY_DATA_RUN)
 
     def _f_copy_done(self, tag: int, body: bytes) -> None:
         self._append(_COPY_DONE)
@@ -787,7 +781,7 @@ _REQUESTS: dict[int, Handler] = {
     _S: _S_._f_sync,
     _F: _S_._f_function_call,
     _H: _S_._f_ignore,
-    _d: _S_._f_copy_data,
+    _d: _S_._f_ignore,  # decides nothing (see _consume_copy_input): callers may skip it
     _c: _S_._f_copy_done,
     _f: _S_._f_copy_fail,
     _X: _S_._f_terminate,  # -> CLOSED once everything before it is answered
