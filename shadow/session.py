@@ -591,41 +591,59 @@ class SessionState:
             sql = None
         self._append(PendingRequest("Q", sql=sql))
 
+    # Parse, Bind, Describe, Close and Execute are on the hot path of every extended-protocol
+    # request: the session needs only their names (and Parse's text), so they are cut at
+    # their NUL terminators instead of being fully decoded. A body that does not cut
+    # cleanly is still queued, without details: the server judges it (see _f_query).
+
     def _f_parse(self, tag: int, body: bytes) -> None:
+        body = bytes(body)
+        i = body.find(0)
+        j = body.find(0, i + 1) if i >= 0 else -1
         try:
-            msg: Parse = decode_frontend(tag, body)
-        except RemoteProtocolError:
+            if j < 0:
+                raise ValueError
+            self._append(PendingRequest("P", statement=_text(body, 0, i), sql=_text(body, i + 1, j)))
+        except ValueError:
             self._append(PendingRequest("P"))
-        else:
-            self._append(PendingRequest("P", statement=msg.name, sql=msg.query))
 
     def _f_bind(self, tag: int, body: bytes) -> None:
+        body = bytes(body)
+        i = body.find(0)
+        j = body.find(0, i + 1) if i >= 0 else -1
         try:
-            msg: Bind = decode_frontend(tag, body)
-        except RemoteProtocolError:
+            if j < 0:
+                raise ValueError
+            self._append(PendingRequest("B", statement=_text(body, i + 1, j), portal=_text(body, 0, i)))
+        except ValueError:
             self._append(PendingRequest("B"))
-        else:
-            self._append(PendingRequest("B", statement=msg.statement, portal=msg.portal))
 
     def _f_describe_or_close(self, tag: int, body: bytes) -> None:
         kind = "D" if tag == _D else "C"
+        body = bytes(body)
         try:
-            msg: Describe | Close = decode_frontend(tag, body)
-        except RemoteProtocolError:
-            self._append(PendingRequest(kind))
-        else:
-            if msg.kind == "S":
-                self._append(PendingRequest(kind, statement=msg.name))
+            if len(body) < 2 or body[-1] != 0 or body.find(0, 1) != len(body) - 1:
+                raise ValueError
+            name = _text(body, 1, len(body) - 1)
+            which = body[0]
+            if which == _S:
+                self._append(PendingRequest(kind, statement=name))
+            elif which == _P:
+                self._append(PendingRequest(kind, portal=name))
             else:
-                self._append(PendingRequest(kind, portal=msg.name))
+                raise ValueError
+        except ValueError:
+            self._append(PendingRequest(kind))
 
     def _f_execute(self, tag: int, body: bytes) -> None:
+        body = bytes(body)
+        i = body.find(0)
         try:
-            msg: Execute = decode_frontend(tag, body)
-        except RemoteProtocolError:
+            if i < 0 or len(body) != i + 5:
+                raise ValueError
+            self._append(PendingRequest("E", portal=_text(body, 0, i)))
+        except ValueError:
             self._append(PendingRequest("E"))
-        else:
-            self._append(PendingRequest("E", portal=msg.portal))
 
     def _f_sync(self, tag: int, body: bytes) -> None:
         self._append(_SYNC)
@@ -751,6 +769,12 @@ class SessionState:
 
     def _b_copy_both_server_done(self, tag: int, body: bytes) -> None:
         self._set_phase(Phase.COPY_IN)  # only the client's copy stream is left
+
+
+def _text(body: bytes, start: int, end: int) -> str:
+    """``body[start:end]`` as text; the empty name (the common case) without decoding.
+    Raises ValueError (UnicodeDecodeError) for invalid UTF-8."""
+    return "" if start == end else body[start:end].decode()
 
 
 def _deallocated_names(sql: str) -> list[str]:
