@@ -129,7 +129,7 @@ class Framer:
                 (length,) = _unpack_int32(data, pos)
                 if length < 8 or length > self.max_startup_size:
                     raise RemoteProtocolError(
-                        f"invalid length of startup packet: {length}"
+                        f"invalid length of startup packet: {_signed(length)}"
                         f" (must be between 8 and {self.max_startup_size})"
                     )
                 end = pos + length
@@ -156,8 +156,13 @@ class Framer:
             )
 
 
+def _signed(n: int) -> int:
+    return n - (1 << 32) if n >= 1 << 31 else n
+
+
 def _bad_length(tag: int, length: int, limit: int) -> RemoteProtocolError:
     what = repr(chr(tag)) if 32 <= tag < 127 else f"0x{tag:02x}"
+    length = _signed(length)  # the wire field is a signed int32
     if length < 4:
         return RemoteProtocolError(f"invalid message length {length} for message type {what}")
     return RemoteProtocolError(
