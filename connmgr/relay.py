@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import time
-from struct import Struct
 from collections import deque
+from struct import Struct
 from typing import TYPE_CHECKING
 
 import trio

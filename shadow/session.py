@@ -91,13 +91,8 @@ from .errors import RemoteProtocolError
 from .messages import (
     AuthenticationOk,
     BackendKeyData,
-    Bind,
     CancelRequest,
-    Close,
-    Describe,
-    Execute,
     GSSENCRequest,
-    Parse,
     SSLRequest,
     StartupMessage,
     decode_backend,
