@@ -20,6 +20,7 @@ from .backend import BackendServer, send_cancel
 from .client import ClientConnection
 from .client_auth import SecretStore
 from .config import Config, parse_hostport
+from .engine import RelayEngine
 from .errors import AdminShutdown
 from .metrics import Metrics
 from .transport import FastSocketStream
@@ -41,6 +42,7 @@ class App:
         self.accepting = True
         self.listen_addresses: list[tuple[str, int]] = []
         self.client_ssl_context = _client_ssl_context(config)
+        self.engine: RelayEngine | None = RelayEngine() if config.server.relay == "engine" else None
         self._next_pid = 10_000 + secrets.randbelow(50_000)
         self._shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -91,10 +93,30 @@ class App:
         """Begin a graceful shutdown (idempotent)."""
         self._shutdown.set()
 
+    def _raise_fd_limit(self) -> None:
+        """Each client costs two descriptors (client and backend socket): raise the soft
+        limit to the hard one and say so if max_clients still cannot fit."""
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft != hard:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+        except (ImportError, ValueError, OSError):
+            return
+        needed = 2 * self.config.server.max_clients + 64
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            log.warning(
+                "open-file limit %d is below the %d that max_clients=%d needs; clients beyond"
+                " the limit will be refused (raise ulimit -n)", soft, needed, self.config.server.max_clients,
+            )
+
     async def serve(self, *, handle_signals: bool = True, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until shut down. ``task_status.started`` gets the bound listen addresses.
         ``handle_signals`` installs the SIGTERM/SIGINT handlers (main thread only)."""
         cfg = self.config
+        self._raise_fd_limit()
         listeners = []
         for addr in cfg.server.listen:
             host, port = parse_hostport(addr, allow_zero=True)
@@ -102,6 +124,8 @@ class App:
         self.listen_addresses = [ln.socket.getsockname()[:2] for ln in listeners]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.engine is not None:
+                await nursery.start(self.engine.run)
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:

@@ -104,8 +104,7 @@ class ClientConnection:
                     await AdminConsole(self.app, self, reader).run()
                     return
                 self.state = "active"
-                self.reader_framer = reader.framer
-                self.relay = Relay(self, self.backend)
+                self.relay = Relay(self, self.backend, reader.framer)
                 await self.relay.run(reader.take_buffered())
             if self._close_reason is not None:  # close_with() cancelled us
                 await self._fail(self._close_reason)

@@ -20,6 +20,7 @@ from typing import Any, get_args, get_origin
 from .errors import ConfigError
 
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
+RELAY_MODES = ("engine", "tasks")
 CLIENT_TLS_MODES = ("disable", "allow", "require")
 SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 
@@ -40,6 +41,9 @@ class ServerSection:
     shutdown_timeout: float = 30.0
     #: largest protocol message accepted from a client or a server (bytes)
     max_message_size: int = 1 << 30
+    #: how sessions are relayed: "engine" (one task pumps every plain-TCP session over
+    #: one epoll set; fastest) or "tasks" (two trio tasks per session; TLS always uses these)
+    relay: str = "engine"
     #: users allowed into the admin console (database "connmgr"); empty = any user that
     #: authenticates (read-only SHOW commands only)
     admin_users: tuple[str, ...] = ()
@@ -210,6 +214,8 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [server] max_clients: must be >= 1, got {s.max_clients}")
     if s.max_message_size < 1024:
         raise ConfigError(f"{source}: [server] max_message_size: must be >= 1024, got {s.max_message_size}")
+    if s.relay not in RELAY_MODES:
+        raise ConfigError(f"{source}: [server] relay: must be one of {', '.join(RELAY_MODES)}, got {s.relay!r}")
     if not s.listen:
         raise ConfigError(f"{source}: [server] listen: at least one address is required")
     for addr in s.listen:

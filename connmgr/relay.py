@@ -1,23 +1,27 @@
-"""The relay: two pumps that forward a client's session to its backend and back.
+"""The relay: a client's session forwarded to its backend and back.
 
 How it works
 ------------
-Each pump reads a chunk, lets the :class:`~shadow.framing.Framer` cut it at message
-boundaries, shows each message's type and body to the session shadow (skipping the bulk
-types, DataRow and CopyData, whose bodies no decision needs), and forwards the *original
-bytes* of every complete message in one ``send_all``. Nothing is re-encoded; a partial
-message waits in the framer until it is complete, so anything connmgr itself injects into
-a stream lands on a message boundary.
+Each direction reads a chunk, lets the :class:`~shadow.framing.Framer` cut it at message
+boundaries, hands the complete messages to a *processor* (:class:`Upstream` for client to
+server, :class:`Downstream` for server to client) and forwards the *original bytes* in one
+send. The processor shows each message's type and body to the session shadow (skipping the
+bulk types, DataRow and CopyData, whose bodies no decision needs), counts, times requests
+and -- for the one message that names a backend pid, NotificationResponse -- rewrites the
+pid to the session's virtual one. A partial message waits in the framer until it is
+complete, so anything connmgr injects into a stream lands on a message boundary.
 
-Per chunk the cost is one ``recv``, one ``send`` and a short Python loop over the frames;
-counters are plain attributes of the connection (:class:`~connmgr.metrics.ConnStats`).
-Request latency is measured from the forwarding of a Query/Sync/FunctionCall to the
-ReadyForQuery that answers it, using a FIFO of start times.
+Two carriers move the bytes, with the same processors:
 
-The two pumps live in one nursery. The first to finish -- client EOF or Terminate, backend
-EOF, a protocol violation, an idle timeout, :meth:`Relay.stop` -- records why and cancels
-the other; :meth:`Relay.run` then raises the recorded :class:`~connmgr.errors.ClientError`
-(if any) so the caller reports it to this client alone.
+* the **relay engine** (:mod:`connmgr.engine`) for plain TCP on both sides: one task
+  multiplexes every such session over one epoll set and pumps whatever is ready without a
+  task switch per message -- the hot path;
+* **trio pumps**, one task per direction, when either side speaks TLS.
+
+:class:`Relay` owns the session while it runs: it starts the carrier, watches the idle
+timeouts, and returns when either side ends -- client EOF or Terminate, backend EOF, a
+protocol violation, :meth:`Relay.stop` -- raising the recorded
+:class:`~connmgr.errors.ClientError` (if any) so the caller reports it to this client alone.
 
 The shadow must never be stricter than Postgres: if it rejects a message the server would
 accept (or a reply it cannot pair), the session is marked *untracked*, logged once, and the
@@ -40,6 +44,7 @@ from shadow.framing import Framer
 from shadow.session import TxStatus
 
 from .errors import BackendUnavailable, ClientError
+from .transport import FastSocketStream
 
 if TYPE_CHECKING:
     from .backend import BackendSession
@@ -49,39 +54,199 @@ log = logging.getLogger("connmgr.relay")
 
 _Q, _S, _F, _X, _D, _Z, _E, _d, _A = (ord(c) for c in "QSFXDZEdA")
 _PID = Struct("!i")
-_RECV = 64 * 1024
+RECV_SIZE = 64 * 1024
+
+
+class Upstream:
+    """Client to server: what each batch of complete messages means to the session."""
+
+    __slots__ = ("relay", "shadow", "stats", "starts", "terminated")
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.shadow = relay.conn.session.frontend_message
+        self.stats = relay.conn.stats
+        self.starts = relay.starts
+        self.terminated = False
+
+    def process(self, buf: bytes, frames: list) -> bytes:
+        """Account for ``frames`` of ``buf``; returns the bytes to forward."""
+        relay = self.relay
+        now = time.perf_counter()
+        relay.last_activity = now
+        starts = self.starts
+        for tag, start, end in frames:
+            if tag == _d:
+                continue
+            if tag == _Q or tag == _S or tag == _F:
+                starts.append(now)
+            elif tag == _X:
+                self.terminated = True
+            if relay.tracking:
+                try:
+                    self.shadow(tag, buf[start:end])
+                except RemoteProtocolError as e:
+                    relay.untrack("client", e)
+        stats = self.stats
+        stats.messages_from_client += len(frames)
+        stats.bytes_from_client += len(buf)
+        return buf
+
+
+class Downstream:
+    """Server to client: the same for the server's messages."""
+
+    __slots__ = ("relay", "shadow", "stats", "starts", "latency", "last_tag")
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.shadow = relay.conn.session.backend_message
+        self.stats = relay.conn.stats
+        self.starts = relay.starts
+        self.latency = self.stats.latency
+        self.last_tag = 0
+
+    def process(self, buf: bytes, frames: list) -> bytes:
+        relay = self.relay
+        notified = False
+        for tag, start, end in frames:
+            if tag == _D:
+                continue
+            if tag == _A:
+                notified = True
+            elif tag == _Z:
+                starts = self.starts
+                if starts:
+                    now = time.perf_counter()
+                    self.latency.observe(now - starts.popleft())
+                    self.stats.requests += 1
+                    relay.last_activity = now
+            if relay.tracking:
+                try:
+                    self.shadow(tag, buf[start:end])
+                except RemoteProtocolError as e:
+                    relay.untrack("server", e)
+        self.last_tag = frames[-1][0]
+        if notified:
+            buf = relay.virtualise_notification_pids(buf, frames)
+        stats = self.stats
+        stats.messages_to_client += len(frames)
+        stats.bytes_to_client += len(buf)
+        return buf
+
+    def eof_error(self) -> ClientError | None:
+        """Why the server's EOF ends the session: None if it said so itself (FATAL)."""
+        return None if self.last_tag == _E else lost(self.relay.backend)
 
 
 class Relay:
-    """Both directions of one client session. See the module docstring."""
+    """One client session while it is relayed. See the module docstring."""
 
-    def __init__(self, conn: ClientConnection, backend: BackendSession) -> None:
+    def __init__(self, conn: ClientConnection, backend: BackendSession, client_framer: Framer) -> None:
         self.conn = conn
         self.backend = backend
+        self.client_framer = client_framer
         self.tracking = True
+        self.starts: deque[float] = deque()
+        self.last_activity = time.perf_counter()
+        self.upstream = Upstream(self)
+        self.downstream = Downstream(self)
         self._error: ClientError | None = None
-        self._nursery: trio.Nursery | None = None
-        self._starts: deque[float] = deque()
-        self._idle_scope: trio.CancelScope | None = None
+        self._done = trio.Event()
+        self._link = None
+        self._pumps: trio.CancelScope | None = None
         cfg = conn.app.config.server
         self._idle = cfg.client_idle_timeout
         self._idle_in_tx = cfg.idle_in_transaction_timeout
 
+    # ------------------------------------------------------------------ control
+
     def stop(self, error: ClientError | None) -> None:
-        """End the relay; ``run`` raises ``error`` afterwards (None: close quietly)."""
-        if self._error is None:
-            self._error = error
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        """End the relay; ``run`` raises ``error`` afterwards (None: close quietly).
+        The first reason recorded wins."""
+        if self._done.is_set():
+            return
+        self._error = error
+        self._done.set()
+        if self._link is not None:
+            self._link.detach()
+        if self._pumps is not None:
+            self._pumps.cancel()
+
+    def untrack(self, direction: str, exc: RemoteProtocolError) -> None:
+        self.tracking = False
+        log.warning(
+            "client %d: session shadow lost track (%s): %s; relaying untracked",
+            self.conn.id, direction, exc.message,
+        )
+
+    def virtualise_notification_pids(self, buf: bytes, frames: list) -> bytes:
+        """NotificationResponse carries the sender's backend pid; clients of connmgr know
+        sessions by their virtual pids (BackendKeyData), which also survive a move to
+        another server. Rewrite the pid of every notification sent by a session of this
+        connmgr, so ``notify.pid == conn.info.backend_pid`` means what it means direct."""
+        virtual = self.conn.app.virtual_pids
+        address = self.backend.server.address
+        out = bytearray(buf)
+        for tag, start, end in frames:
+            if tag == _A and end - start >= 4:
+                (pid,) = _PID.unpack_from(buf, start)
+                vpid = virtual.get((address, pid))
+                if vpid is not None:
+                    _PID.pack_into(out, start, vpid)
+        return bytes(out)
+
+    # ------------------------------------------------------------------ running
 
     async def run(self, initial: bytes) -> None:
         """Relay until either side ends. Raises the ClientError that ended it, if any."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._guard, self._client_to_backend, initial)
-            nursery.start_soon(self._guard, self._backend_to_client)
+        client, server = self.conn.stream, self.backend.stream
+        engine = self.conn.app.engine
+        try:
+            if engine is not None and type(client) is FastSocketStream and type(server) is FastSocketStream:
+                self._link = engine.attach(self, client.raw_socket, server.raw_socket, initial)
+                await self._watch()
+            else:
+                await self._run_pumps(initial)
+        finally:
+            if self._link is not None:
+                self._link.detach()
         if self._error is not None:
             raise self._error
+
+    async def _watch(self) -> None:
+        """Wait for the end; enforce the idle timeouts meanwhile (if configured)."""
+        if not (self._idle or self._idle_in_tx):
+            await self._done.wait()
+            return
+        while not self._done.is_set():
+            timeout = self._idle_timeout()
+            if timeout is None:  # a request is running: look again soon
+                wait = max(0.05, min(t for t in (self._idle, self._idle_in_tx) if t) / 4)
+            else:
+                wait = self.last_activity + timeout - time.perf_counter()
+                if wait <= 0:
+                    self.stop(_idle_error(self.conn.session.tx_status))
+                    return
+            with trio.move_on_after(wait):
+                await self._done.wait()
+
+    def _idle_timeout(self) -> float | None:
+        s = self.conn.session
+        if s.pending:
+            return None
+        timeout = self._idle if s.tx_status is TxStatus.IDLE else self._idle_in_tx
+        return timeout or None
+
+    # ------------------------------------------------------------------ trio pumps (TLS)
+
+    async def _run_pumps(self, initial: bytes) -> None:
+        async with trio.open_nursery() as nursery:
+            self._pumps = nursery.cancel_scope
+            nursery.start_soon(self._guard, self._client_to_backend, initial)
+            nursery.start_soon(self._guard, self._backend_to_client)
+            await self._watch()
+            nursery.cancel_scope.cancel()
 
     async def _guard(self, pump, *args) -> None:
         try:
@@ -95,155 +260,54 @@ class Relay:
         else:
             self.stop(None)
 
-    def _untrack(self, direction: str, exc: RemoteProtocolError) -> None:
-        self.tracking = False
-        log.warning(
-            "client %d: session shadow lost track (%s): %s; relaying untracked",
-            self.conn.id, direction, exc.message,
-        )
-
-    # ------------------------------------------------------------------ client -> backend
-
-    def _idle_deadline(self) -> float:
-        s = self.conn.session
-        if s.pending:
-            return float("inf")
-        timeout = self._idle if s.tx_status is TxStatus.IDLE else self._idle_in_tx
-        return trio.current_time() + timeout if timeout else float("inf")
-
     async def _client_to_backend(self, initial: bytes) -> None:
-        conn = self.conn
-        stats = conn.stats
-        framer = conn_framer = _client_framer(conn)
+        framer = self.client_framer
+        recv = self.conn.stream.receive_some
         send = self.backend.stream.send_all
-        recv = conn.stream.receive_some
-        starts = self._starts
-        shadow = conn.session.frontend_message
-        timed = bool(self._idle or self._idle_in_tx)
-        clock = time.perf_counter
-
-        if initial:  # messages the client pipelined behind its authentication
-            framer = Framer(max_message_size=conn_framer.max_message_size)
-        data = initial
-        while True:
+        process = self.upstream.process
+        if initial:  # complete messages the client pipelined behind its authentication
+            buf, frames = Framer(max_message_size=framer.max_message_size).feed(initial)
+            await _send_backend(send, process(buf, frames), self.backend)
+        while not self.upstream.terminated:
+            data = await recv(RECV_SIZE)
             if not data:
-                if timed:
-                    with trio.CancelScope(deadline=self._idle_deadline()) as scope:
-                        self._idle_scope = scope
-                        data = await recv(_RECV)
-                    self._idle_scope = None
-                    if scope.cancelled_caught:
-                        raise _idle_error(conn.session.tx_status)
-                else:
-                    data = await recv(_RECV)
-                if not data:
-                    conn_framer.feed_eof()
-                    return
-            buf, frames = framer.feed(data)
-            framer = conn_framer
-            data = b""
-            if not frames:
-                continue
-            terminate = False
-            now = clock()
-            for tag, start, end in frames:
-                if tag == _d:
-                    continue
-                if tag == _Q or tag == _S or tag == _F:
-                    starts.append(now)
-                elif tag == _X:
-                    terminate = True
-                if self.tracking:
-                    try:
-                        shadow(tag, buf[start:end])
-                    except RemoteProtocolError as e:
-                        self._untrack("client", e)
-            stats.messages_from_client += len(frames)
-            stats.bytes_from_client += len(buf)
-            try:
-                await send(buf)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _lost(self.backend) from None
-            if terminate:
+                framer.feed_eof()
                 return
-
-    # ------------------------------------------------------------------ backend -> client
+            buf, frames = framer.feed(data)
+            if frames:
+                await _send_backend(send, process(buf, frames), self.backend)
 
     async def _backend_to_client(self) -> None:
-        conn = self.conn
-        stats = conn.stats
-        latency = stats.latency
         framer = self.backend.framer
         recv = self.backend.stream.receive_some
-        send = conn.stream.send_all
-        starts = self._starts
-        shadow = conn.session.backend_message
-        timed = bool(self._idle or self._idle_in_tx)
-        clock = time.perf_counter
-        last_tag = 0
-
+        send = self.conn.stream.send_all
+        process = self.downstream.process
         data = self.backend.leftover
         while True:
             if not data:
                 try:
-                    data = await recv(_RECV)
+                    data = await recv(RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:
-                    if last_tag == _E:
-                        return  # the server said why (e.g. FATAL on terminate)
-                    raise _lost(self.backend)
+                    error = self.downstream.eof_error()
+                    if error is not None:
+                        raise error
+                    return
             buf, frames = framer.feed(data)
             data = b""
-            if not frames:
-                continue
-            ready = notified = False
-            for tag, start, end in frames:
-                if tag == _D:
-                    continue
-                if tag == _A:
-                    notified = True
-                elif tag == _Z:
-                    ready = True
-                    if starts:
-                        latency.observe(clock() - starts.popleft())
-                        stats.requests += 1
-                if self.tracking:
-                    try:
-                        shadow(tag, buf[start:end])
-                    except RemoteProtocolError as e:
-                        self._untrack("server", e)
-            last_tag = frames[-1][0]
-            if notified:
-                buf = self._virtualise_notification_pids(buf, frames)
-            stats.messages_to_client += len(frames)
-            stats.bytes_to_client += len(buf)
-            await send(buf)
-            if ready and timed and self._idle_scope is not None:
-                self._idle_scope.deadline = self._idle_deadline()
+            if frames:
+                await send(process(buf, frames))
 
 
-    def _virtualise_notification_pids(self, buf: bytes, frames: list) -> bytes:
-        """NotificationResponse carries the sender's backend pid; clients of connmgr know
-        sessions by their virtual pids (BackendKeyData), which also survive a move to
-        another server. Rewrite the pid of every notification sent by a session of this
-        connmgr, so ``notify.pid == conn.info.backend_pid`` means what it means direct."""
-        virtual = self.conn.app.virtual_pids
-        out = bytearray(buf)
-        for tag, start, _end in frames:
-            if tag == _A and _end - start >= 4:
-                (pid,) = _PID.unpack_from(buf, start)
-                vpid = virtual.get((self.backend.server.address, pid))
-                if vpid is not None:
-                    _PID.pack_into(out, start, vpid)
-        return bytes(out)
+async def _send_backend(send, buf: bytes, backend: BackendSession) -> None:
+    try:
+        await send(buf)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise lost(backend) from None
 
 
-def _client_framer(conn: ClientConnection) -> Framer:
-    return conn.reader_framer
-
-
-def _lost(backend: BackendSession) -> BackendUnavailable:
+def lost(backend: BackendSession) -> BackendUnavailable:
     return BackendUnavailable(
         f'lost connection to server "{backend.server.name}" at {backend.server.address}',
         detail="The server closed the connection unexpectedly.",

@@ -3,6 +3,13 @@
 import subprocess
 
 import psycopg
+import pytest
+
+
+@pytest.fixture(params=["engine", "tasks"])
+def proxy(request, start_connmgr):
+    """Both relay carriers: the epoll engine and the per-direction trio tasks."""
+    return start_connmgr(server={"relay": request.param})
 
 
 def psql(cm, sql_args, user="postgres", password="postgres", dbname="app"):
@@ -33,3 +40,22 @@ def test_wrong_password_is_28P01(proxy):
     assert 'password authentication failed for user "scram_user"' in r.stderr
     assert proxy.app.metrics.auth_failures == 1
     assert proxy.app.metrics.client_errors["28P01"] == 1
+
+
+def test_copy_both_ways_and_notices(proxy, tmp_path):
+    """COPY in and out, a notice and an error mid-session, on either carrier."""
+    src = tmp_path / "in.csv"
+    src.write_text("".join(f"{i},row {i}\n" for i in range(1, 2001)))
+    out = tmp_path / "out.csv"
+    r = psql(proxy, [
+        "-c", "drop table if exists qs_copy; create table qs_copy (a int, b text)",
+        "-c", f"\\copy qs_copy from '{src}' csv",
+        "-c", "do $$ begin raise notice 'hello %', 42; end $$",
+        "-c", f"\\copy (select * from qs_copy order by a) to '{out}' csv",
+        "-c", "select count(*), sum(a) from qs_copy",
+        "-c", "drop table qs_copy",
+    ])
+    assert r.returncode == 0, r.stderr
+    assert "NOTICE:  hello 42" in r.stderr
+    assert "2000|2001000" in r.stdout
+    assert out.read_text() == src.read_text()
