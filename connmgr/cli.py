@@ -19,6 +19,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, dict]:
         server["listen"] = args.listen
     if args.max_clients is not None:
         server["max_clients"] = args.max_clients
+    if args.relay:
+        server["relay"] = args.relay
     if args.primary:
         host, port = config_mod.parse_hostport(args.primary, default_port=5432, what="--primary")
         primary.update(host=host, port=port)
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--users-file", help="userlist.txt with client secrets (enables scram-sha-256)")
     s.add_argument("--auth-type", choices=config_mod.AUTH_TYPES, help="client authentication method")
     s.add_argument("--max-clients", type=int, help="most client connections at once")
+    s.add_argument("--relay", choices=config_mod.RELAY_MODES, help="relay carrier (default engine)")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics here")
     s.set_defaults(func=cmd_serve)
 

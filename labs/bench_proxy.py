@@ -84,7 +84,7 @@ from connmgr.clusters import Cluster, ClusterError, free_port, temp_base_dir  # 
 HOST = "127.0.0.1"
 DB = "postgres"
 USER = "postgres"
-ALL_TARGETS = ("direct", "connmgr", "pgbouncer", "relay")
+ALL_TARGETS = ("direct", "connmgr", "connmgr-tasks", "pgbouncer", "relay")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 
@@ -283,10 +283,14 @@ def connmgr_argv(port: int, pg_port: int, extra: list[str], wrapper: list[str] |
     ]
 
 
-def make_connmgr(base: Path, pg_port: int, extra: list[str]) -> ProcessTarget:
+def make_connmgr(base: Path, pg_port: int, extra: list[str], name: str = "connmgr") -> ProcessTarget:
+    """connmgr as a subprocess; ``connmgr-tasks`` is the same with ``--relay tasks`` (two trio
+    tasks per session instead of the epoll relay engine)."""
     port = free_port(HOST)
+    if name == "connmgr-tasks":
+        extra = [*extra, "--relay", "tasks"]
     target = ProcessTarget(
-        "connmgr", port, argv=connmgr_argv(port, pg_port, extra), log_path=base / "connmgr.log"
+        name, port, argv=connmgr_argv(port, pg_port, extra), log_path=base / f"{name}.log"
     )
     if not (REPO / "connmgr" / "cli.py").exists():
         target.skip_reason = "connmgr/cli.py does not exist yet (the proxy is being written)"
@@ -649,6 +653,9 @@ class Bench:
             "direct": lambda: Target("direct", pg_port),
             "connmgr": lambda: make_connmgr(
                 self.base, pg_port, shlex.split(self.args.connmgr_args)
+            ),
+            "connmgr-tasks": lambda: make_connmgr(
+                self.base, pg_port, shlex.split(self.args.connmgr_args), "connmgr-tasks"
             ),
             "pgbouncer": lambda: make_pgbouncer(self.base, pg_port, self.args.pgbouncer_mode),
             "relay": lambda: make_relay(self.base, pg_port),
