@@ -27,6 +27,10 @@ def render(app: App) -> str:
         "backends_active": float(sum(1 for c in app.clients.values() if c.backend is not None)),
         "accepting": 1.0 if app.accepting else 0.0,
     }
+    if app.engine is not None:
+        gauges["relay_engine_sessions"] = float(app.engine.sessions)
+        gauges["relay_engine_batches"] = float(app.engine.batches)
+        gauges["relay_engine_events"] = float(app.engine.events)
     return app.metrics.render_prometheus(live, gauges)
 
 

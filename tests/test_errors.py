@@ -884,6 +884,8 @@ def test_metrics_endpoint(start_connmgr):
         assert conn.execute("select repeat('x', 10000)").fetchone()[0] == "x" * 10000
         during = scrape(cm)
         assert during["connmgr_clients_active"] == 1
+        assert during["connmgr_relay_engine_sessions"] == 1
+        assert during["connmgr_relay_engine_events"] >= 2  # the query and its answer
     up = 'connmgr_bytes_total{direction="client_to_server"}'
     down = 'connmgr_bytes_total{direction="server_to_client"}'
     assert during[up] > before[up]
