@@ -839,7 +839,9 @@ def test_psql_sigint_cancels_the_statement(proxy):
     assert "ERROR:  canceling statement due to user request" in r.stderr, r.stderr
     assert r.returncode == 124  # timeout(1): the command timed out (psql then exited 1)
     assert elapsed < 10
-    assert proxy.app.metrics.cancels == 1
+    # timeout(1) signals psql and then its whole process group, so psql may see SIGINT
+    # twice and send two (valid) cancel requests
+    assert proxy.app.metrics.cancels in (1, 2)
 
 
 # ----------------------------------------------------------- 9. 500 concurrent clients
