@@ -34,3 +34,15 @@ def test_the_check_sees_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import trio\nfrom socket import socket\nfrom . import sibling\n")
     assert imported_modules(probe) & FORBIDDEN == {"trio", "socket"}
+
+
+def test_ruff_is_clean():
+    """The lint rules in pyproject.toml hold for the whole tree (ruff is a test extra)."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.fail("ruff is not installed: pip install -e '.[test]'")
+    r = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
