@@ -91,9 +91,12 @@ def _workload_client(conninfo: str, index: int, stop: threading.Event, tally: Cl
                 else:
                     a, b = rng.sample(range(1, ACCOUNTS + 1), 2)
                     amount = rng.randint(1, 20)
+                    # lock the two accounts in id order, so concurrent transfers cannot deadlock
+                    first, second = (a, b) if a < b else (b, a)
+                    delta = {a: -amount, b: amount}
                     with conn.transaction():
-                        conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, a))
-                        conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, b))
+                        conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (delta[first], first))
+                        conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (delta[second], second))
                         conn.execute("INSERT INTO ledger (client, amount, note) VALUES (%s, %s, 'transfer')", (index, amount))
                     tally.transfers += 1
                     tally.ledger_inserts += 1

@@ -1,0 +1,28 @@
+"""`connmgr demo --json`, the README's main job, run as a user would run it."""
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_json_reports_a_clean_run():
+    r = subprocess.run(
+        [sys.executable, "-m", "connmgr", "demo", "--json", "--seconds", "2", "--clients", "4"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads(r.stdout)
+    checks = summary["checks"]
+    assert summary["ok"] is True
+    assert checks == {
+        "total_conserved": True,
+        "acknowledged_commits_present": True,
+        "lost_commits": 0,
+        "duplicated_commits": 0,
+        "client_errors": 0,
+    }
+    w = summary["workload"]
+    assert w["transactions"] > 0 and w["transfers"] > 0 and w["autocommit_inserts"] > 0
+    assert summary["data"]["ledger_rows"] == summary["data"]["acknowledged_ledger_inserts"] > 0
+    assert summary["data"]["sum_of_balances"] == 100 * 1000
+    assert summary["connmgr"]["requests"] > w["transactions"]
