@@ -592,26 +592,20 @@ class SessionState:
     # cleanly is still queued, without details: the server judges it (see _f_query).
 
     def _f_parse(self, tag: int, body: bytes) -> None:
-        body = bytes(body)
-        i = body.find(0)
-        j = body.find(0, i + 1) if i >= 0 else -1
         try:
-            if j < 0:
-                raise ValueError
-            self._append(PendingRequest("P", statement=_text(body, 0, i), sql=_text(body, i + 1, j)))
+            name, sql = _two_strings(body)
         except ValueError:
             self._append(PendingRequest("P"))
+        else:
+            self._append(PendingRequest("P", statement=name, sql=sql))
 
     def _f_bind(self, tag: int, body: bytes) -> None:
-        body = bytes(body)
-        i = body.find(0)
-        j = body.find(0, i + 1) if i >= 0 else -1
         try:
-            if j < 0:
-                raise ValueError
-            self._append(PendingRequest("B", statement=_text(body, i + 1, j), portal=_text(body, 0, i)))
+            portal, statement = _two_strings(body)
         except ValueError:
             self._append(PendingRequest("B"))
+        else:
+            self._append(PendingRequest("B", statement=statement, portal=portal))
 
     def _f_describe_or_close(self, tag: int, body: bytes) -> None:
         kind = "D" if tag == _D else "C"
@@ -764,6 +758,17 @@ class SessionState:
 
     def _b_copy_both_server_done(self, tag: int, body: bytes) -> None:
         self._set_phase(Phase.COPY_IN)  # only the client's copy stream is left
+
+
+def _two_strings(body: bytes | bytearray | memoryview) -> tuple[str, str]:
+    """The two NUL-terminated strings a Parse or Bind body starts with; ValueError if it
+    does not start with two, or they are not UTF-8."""
+    body = bytes(body)
+    i = body.find(0)
+    j = body.find(0, i + 1) if i >= 0 else -1
+    if j < 0:
+        raise ValueError("missing NUL terminator")
+    return _text(body, 0, i), _text(body, i + 1, j)
 
 
 def _text(body: bytes, start: int, end: int) -> str:

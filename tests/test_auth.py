@@ -664,7 +664,9 @@ def test_scram_server_for_known_users(secret):
     s = UserSecret.from_secret(
         "u", "pw" if secret == "pw" else ScramVerifier.from_password("pw").to_text()
     )
-    _exchange(ScramClient(password="pw"), scram_server_for("u", s))
+    server = scram_server_for("u", s)
+    _exchange(ScramClient(password="pw"), server)
+    assert server.done and server.client_key is not None
 
 
 @pytest.mark.parametrize("secret", [None, UserSecret.from_secret("u", md5_hash("u", "pw"))])

@@ -255,6 +255,7 @@ def test_free_port_is_bindable():
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+        assert s.getsockname() == ("127.0.0.1", port)
 
 
 def test_create_refuses_existing_name(scratch, pg_base_dir):

@@ -119,8 +119,10 @@ def test_feed_eof_mid_message_raises() -> None:
 
 def test_feed_eof_between_messages_is_clean() -> None:
     framer = Framer()
-    framer.feed(STREAM)
-    framer.feed_eof()
+    buf, frames = framer.feed(STREAM)
+    assert bytes(buf) == STREAM and frames
+    framer.feed_eof()  # raises if anything were left over
+    assert framer.pending_bytes == 0
 
 
 # ------------------------------------------------------------------------- untyped framing
