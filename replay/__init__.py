@@ -1,0 +1,55 @@
+"""The WAL side of connmgr: redo monitor, replication stream, poster queue, import queue,
+purge and (later) replay.
+
+Theory of operation (normal operation of the pair, seed 004 Fig. 2, 6, 8)
+-------------------------------------------------------------------------
+Two connection managers run as a pair: the *primary* in front of the primary database, the
+*secondary* in front of the secondary database.
+
+* **Redo monitor.** The primary connmgr follows the primary's WAL insert position
+  (``pg_current_wal_insert_lsn()``) on a connection of its own and publishes it in a single
+  variable. Every message the relay forwards is tagged with the value published at that
+  moment: an attribute read, no round trip on the client's path. The tag is a *lower bound*
+  of the true position when the message passed (the value was read before), and monotonic.
+  That is the right direction for the range ``[tag of the first message, tag of the
+  acknowledgement]``: any WAL a transaction writes lies after its first message passed, so
+  its records are >= the first tag. The upper end is only a hint (a stale tag can be below
+  the commit record), which is one reason ranges are not used for the decision.
+
+* **Mirror stream** (``connmgr/mirror_protocol.py``, ``connmgr/mirror.py``). The primary
+  connmgr sends the secondary every client message and every backend response, per
+  session, in order, as versioned records (seed 003): each record has a version number one
+  above the previous, the session id, the LSN tag and the byte offset of its first byte
+  within its direction of the client's TCP stream. The secondary acknowledges versions;
+  a gap makes it ask for the delta; heartbeats carry the latest version so a silent loss
+  at the end is noticed too. One-phase mode forwards to the client at once; two-phase
+  holds a client's COMMIT acknowledgement until the secondary acknowledged the mirrored
+  acknowledgement.
+
+* **Replication system** (``replay/pgoutput.py``, ``replay/reader.py``,
+  ``connmgr/pair.py``). Postgres's own logical replication (publication FOR ALL TABLES,
+  subscription on the secondary, synchronous_standby_names naming the subscription)
+  *applies* the changes: it is the mature, type-complete applier, and in synchronous mode
+  a commit is not acknowledged by the primary before the subscriber has it. Our own
+  stream reader decodes a second, connmgr-owned slot with pgoutput (``messages 'true'``)
+  into the *poster queue*: one :class:`~replay.pgoutput.PosterRecord` per committed
+  transaction with its xid, change LSNs, commit LSN and the logical messages it carried.
+  DDL, which logical decoding does not carry, is captured by connmgr and replayed on the
+  secondary at its place in the stream; sequences are brought to at least the primary's
+  values (logical replication in Postgres 15 does not carry them).
+
+* **Import queue and exact purge** (``replay/import_queue.py``). The secondary connmgr
+  groups each session's mirrored messages into transactions (delimited by ReadyForQuery)
+  with their LSN range. Concurrent sessions' ranges overlap (seed 004's own example has
+  O1 = 10 and O2 = 17 inside P1's range 5-18 while other sessions write in parallel), so a
+  range match is ambiguous. The match is made exact by a *marker*: for every transaction
+  that may have written, the primary connmgr adds, in the same network write as the
+  client's COMMIT (or the autocommit statement), a statement that emits a transactional
+  logical decoding message naming ``<session id>:<transaction number>`` -- only if the
+  transaction has an xid (``txid_current_if_assigned() IS NOT NULL``), so read-only
+  transactions stay read-only and write no WAL. The marker is part of the transaction's
+  own WAL: when its commit is decoded, the poster record names the transaction it belongs
+  to, even if the primary died before a single reply left it. Its replies are swallowed by
+  connmgr (the request FIFO marks them *skip*). Read-only and rolled-back transactions
+  leave the queue at their acknowledgement; the queue holds only what is in flight.
+"""
