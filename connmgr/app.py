@@ -16,13 +16,16 @@ import ssl
 
 import trio
 
-from .backend import BackendServer, send_cancel
+from replay.redo_monitor import RedoMonitor
+
+from .backend import BackendServer, Credentials, open_backend, send_cancel
 from .client import ClientConnection
 from .client_auth import SecretStore
 from .config import Config, parse_hostport
 from .engine import RelayEngine
 from .errors import AdminShutdown
 from .metrics import Metrics
+from .mirror import MirrorLink, serve_mirror
 from .transport import FastSocketStream
 
 log = logging.getLogger("connmgr")
@@ -42,7 +45,22 @@ class App:
         self.accepting = True
         self.listen_addresses: list[tuple[str, int]] = []
         self.client_ssl_context = _client_ssl_context(config)
-        self.engine: RelayEngine | None = RelayEngine() if config.server.relay == "engine" else None
+        self.mirror: MirrorLink | None = None
+        self.redo: RedoMonitor | None = None
+        if config.mirror.peer:
+            host, port = parse_hostport(config.mirror.peer, what="[mirror] peer")
+            self.redo = RedoMonitor(interval=config.redo.interval)
+            redo = self.redo
+            self.mirror = MirrorLink(
+                host, port, max_buffer_bytes=config.mirror.max_buffer_bytes,
+                heartbeat_interval=config.mirror.heartbeat_interval, lsn=lambda: redo.lsn,
+            )
+        #: secondary role: every mirrored record is handed to these callbacks, in order
+        self.mirror_consumers: list = []
+        self.mirror_listen_address: tuple[str, int] | None = None
+        self.engine: RelayEngine | None = None
+        if config.server.relay == "engine":
+            self.engine = RelayEngine(self.mirror.flush_nowait if self.mirror is not None else None)
         self._next_pid = 10_000 + secrets.randbelow(50_000)
         self._shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -89,6 +107,15 @@ class App:
         self.metrics.clients_accepted += 1
         await conn.run()
 
+    async def _open_redo_session(self):
+        r = self.config.redo
+        params = {"user": r.user, "database": r.dbname, "application_name": "connmgr redo monitor"}
+        return await open_backend(self.server, params, Credentials(password=r.password or None), max_message_size=1 << 20)
+
+    def _mirrored(self, records: list) -> None:
+        for consumer in self.mirror_consumers:
+            consumer(records)
+
     def shutdown(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
         self._shutdown.set()
@@ -126,6 +153,13 @@ class App:
             self._nursery = nursery
             if self.engine is not None:
                 await nursery.start(self.engine.run)
+            if self.redo is not None:
+                await nursery.start(self.redo.run, self._open_redo_session)
+            if self.mirror is not None:
+                await nursery.start(self.mirror.run)
+            if cfg.mirror.listen:
+                host, port = parse_hostport(cfg.mirror.listen, allow_zero=True)
+                self.mirror_listen_address = await nursery.start(serve_mirror, host, port, self._mirrored)
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:

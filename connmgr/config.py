@@ -100,12 +100,38 @@ class MetricsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class MirrorSection:
+    """``[mirror]``: the stream of every session's messages to the secondary connmgr."""
+
+    #: primary: host:port of the secondary's mirror listener ("" = not mirroring)
+    peer: str = ""
+    #: secondary: host:port to accept the primary's mirror stream on ("" = off)
+    listen: str = ""
+    #: unacknowledged records kept for deltas; beyond, the oldest go and the secondary resyncs
+    max_buffer_bytes: int = 64 << 20
+    heartbeat_interval: float = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class RedoSection:
+    """``[redo]``: the redo monitor's own session on the primary (needed when mirroring)."""
+
+    user: str = "postgres"
+    password: str = ""
+    dbname: str = "postgres"
+    #: seconds between two samples of pg_current_wal_insert_lsn()
+    interval: float = 0.005
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     primary: BackendSection = field(default_factory=BackendSection)
     auth: AuthSection = field(default_factory=AuthSection)
     tls: TlsSection = field(default_factory=TlsSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    mirror: MirrorSection = field(default_factory=MirrorSection)
+    redo: RedoSection = field(default_factory=RedoSection)
 
     @property
     def auth_type(self) -> str:
@@ -242,5 +268,12 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [tls] mode: must be one of {', '.join(CLIENT_TLS_MODES)}, got {t.mode!r}")
     if t.mode != "disable" and not (t.cert_file and t.key_file):
         raise ConfigError(f"{source}: [tls] mode = {t.mode!r} needs cert_file and key_file")
+    for key in ("peer", "listen"):
+        if getattr(config.mirror, key):
+            parse_hostport(getattr(config.mirror, key), what=f"{source}: [mirror] {key}", allow_zero=key == "listen")
+    if config.mirror.heartbeat_interval <= 0:
+        raise ConfigError(f"{source}: [mirror] heartbeat_interval: must be > 0")
+    if config.redo.interval <= 0:
+        raise ConfigError(f"{source}: [redo] interval: must be > 0")
     if config.metrics.listen:
         parse_hostport(config.metrics.listen, what=f"{source}: [metrics] listen", allow_zero=True)

@@ -193,7 +193,9 @@ class Link:
 class RelayEngine:
     """See the module docstring. One per application; :meth:`run` is its task."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_batch=None) -> None:
+        #: called after every batch (the mirror link flushes its outbox there)
+        self.after_batch = after_batch
         self._epoll = select.epoll()
         self._links: dict[int, Link] = {}
         self.batches = 0
@@ -269,5 +271,7 @@ class RelayEngine:
                         except Exception:  # a bug must cost only this session
                             log.exception("client %d: relay engine failed", link.relay.conn.id)
                             link._end(ClientError("internal error in the relay engine", sqlstate="XX000"))
+                    if self.after_batch is not None:
+                        self.after_batch()
         finally:
             epoll.close()

@@ -60,7 +60,7 @@ RECV_SIZE = 64 * 1024
 class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
-    __slots__ = ("relay", "shadow", "stats", "starts", "terminated")
+    __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -68,6 +68,10 @@ class Upstream:
         self.stats = relay.conn.stats
         self.starts = relay.starts
         self.terminated = False
+        self.mirror = relay.conn.app.mirror
+        self.sid = relay.conn.id
+        #: offset of the next byte in the client-to-server TCP stream (set by Relay.run)
+        self.offset = 0
 
     def process(self, buf: bytes, frames: list) -> bytes:
         """Account for ``frames`` of ``buf``; returns the bytes to forward."""
@@ -90,13 +94,16 @@ class Upstream:
         stats = self.stats
         stats.messages_from_client += len(frames)
         stats.bytes_from_client += len(buf)
+        if self.mirror is not None:
+            self.mirror.session_data(self.sid, "c", self.offset, buf)
+            self.offset += len(buf)
         return buf
 
 
 class Downstream:
     """Server to client: the same for the server's messages."""
 
-    __slots__ = ("relay", "shadow", "stats", "starts", "latency", "last_tag")
+    __slots__ = ("relay", "shadow", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -105,6 +112,10 @@ class Downstream:
         self.starts = relay.starts
         self.latency = self.stats.latency
         self.last_tag = 0
+        self.mirror = relay.conn.app.mirror
+        self.sid = relay.conn.id
+        #: offset of the next byte in the server-to-client TCP stream (set by Relay.run)
+        self.offset = 0
 
     def process(self, buf: bytes, frames: list) -> bytes:
         relay = self.relay
@@ -132,6 +143,9 @@ class Downstream:
         stats = self.stats
         stats.messages_to_client += len(frames)
         stats.bytes_to_client += len(buf)
+        if self.mirror is not None:
+            self.mirror.session_data(self.sid, "b", self.offset, buf)
+            self.offset += len(buf)
         return buf
 
     def eof_error(self) -> ClientError | None:
@@ -202,6 +216,14 @@ class Relay:
         """Relay until either side ends. Raises the ClientError that ended it, if any."""
         client, server = self.conn.stream, self.backend.stream
         engine = self.conn.app.engine
+        mirror = self.conn.app.mirror
+        if type(client) is FastSocketStream:
+            # where the relayed bytes start in each direction of the client's TCP stream
+            self.upstream.offset = client.received - len(initial) - self.client_framer.pending_bytes
+            self.downstream.offset = client.sent
+        if mirror is not None:
+            c = self.conn
+            mirror.session_opened(c.id, {**c.startup_params, "virtual_pid": str(c.key[0]) if c.key else "", "peer": c.peer})
         try:
             if engine is not None and type(client) is FastSocketStream and type(server) is FastSocketStream:
                 self._link = engine.attach(self, client.raw_socket, server.raw_socket, initial)
@@ -211,6 +233,8 @@ class Relay:
         finally:
             if self._link is not None:
                 self._link.detach()
+            if mirror is not None:
+                mirror.session_closed(self.conn.id)
         if self._error is not None:
             raise self._error
 
@@ -276,6 +300,8 @@ class Relay:
             buf, frames = framer.feed(data)
             if frames:
                 await _send_backend(send, process(buf, frames), self.backend)
+                if self.upstream.mirror is not None:
+                    self.upstream.mirror.flush_nowait()
 
     async def _backend_to_client(self) -> None:
         framer = self.backend.framer
@@ -298,6 +324,8 @@ class Relay:
             data = b""
             if frames:
                 await send(process(buf, frames))
+                if self.downstream.mirror is not None:
+                    self.downstream.mirror.flush_nowait()
 
 
 async def _send_backend(send, buf: bytes, backend: BackendSession) -> None:

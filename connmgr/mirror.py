@@ -1,0 +1,237 @@
+"""The mirror link: the primary connmgr's connection to the secondary, and the
+secondary's listener (trio side of :mod:`connmgr.mirror_protocol`).
+
+Primary side (:class:`MirrorLink`)
+    The relay's processors call :meth:`MirrorLink.session_data` with each batch of complete
+    messages they forward; the record is encoded at once into an outbox (and kept in the
+    sender's delta buffer). :meth:`MirrorLink.flush_nowait` -- called by the relay engine
+    after every batch and by the trio pumps after every send -- writes the outbox with one
+    non-blocking ``send``; whatever the socket cannot take waits for the link task. So
+    mirroring adds no task switch per message. The link task connects (and reconnects with
+    back-off), says Hello, resends the delta the secondary asks for, handles Acks,
+    DeltaRequests and heartbeats. While the link is down, records accumulate in the
+    sender's bounded buffer; past its limit the oldest are dropped and the secondary will
+    be told to Resync (the policy in :mod:`connmgr.mirror_protocol`).
+
+Secondary side (:func:`serve_mirror`)
+    Accepts one primary at a time, answers Hello, delivers records in order through a
+    :class:`~connmgr.mirror_protocol.MirrorReceiver` to a consumer callback, acknowledges
+    what it has after each delivery batch and asks for deltas on gaps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import trio
+
+from .mirror_protocol import (
+    Ack,
+    DeltaRequest,
+    Hello,
+    HelloAck,
+    MirrorDecoder,
+    MirrorProtocolError,
+    MirrorReceiver,
+    MirrorSender,
+    encode,
+)
+
+log = logging.getLogger("connmgr.mirror")
+
+
+class MirrorLink:
+    """The primary's end of the mirror stream. See the module docstring."""
+
+    def __init__(self, host: str, port: int, *, node: str = "primary", max_buffer_bytes: int = 64 << 20,
+                 heartbeat_interval: float = 0.1, lsn: Callable[[], int] = lambda: 0) -> None:
+        self.host, self.port = host, port
+        self.node = node
+        self.sender = MirrorSender(int.from_bytes(os.urandom(8), "big"), max_buffer_bytes=max_buffer_bytes)
+        self.heartbeat_interval = heartbeat_interval
+        self.lsn = lsn
+        self._outbox: list[bytes] = []
+        self._sock: socket.socket | None = None
+        self._wake = trio.Event()
+        self.connected = False
+        self.connects = 0
+        self.bytes_sent = 0
+        self.delta_requests = 0
+
+    # ------------------------------------------------------------------ hot path
+
+    def session_opened(self, session_id: int, params: dict[str, str]) -> None:
+        self._out(self.sender.session_opened(session_id, params))
+
+    def session_data(self, session_id: int, direction: str, offset: int, payload: bytes) -> None:
+        self._out(self.sender.data(session_id, direction, self.lsn(), offset, payload))
+
+    def session_closed(self, session_id: int) -> None:
+        self._out(self.sender.session_closed(session_id))
+        self.flush_nowait()
+
+    def _out(self, wire: bytes) -> None:
+        if self.connected:
+            self._outbox.append(wire)
+
+    def flush_nowait(self) -> None:
+        """Send what the socket takes now; the link task sends the rest."""
+        box = self._outbox
+        if not box or self._sock is None:
+            return
+        data = b"".join(box) if len(box) > 1 else box[0]
+        box.clear()
+        try:
+            n = self._sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._drop()
+            return
+        self.bytes_sent += n
+        if n < len(data):
+            box.append(data[n:])
+            self._wake.set()
+
+    def _drop(self) -> None:
+        """The link broke: forget the outbox (the sender's buffer still has it all)."""
+        self.connected = False
+        self._outbox.clear()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._wake.set()
+
+    # ------------------------------------------------------------------ link task
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the link up until cancelled. Started at once: the link connects in the
+        background (watch :attr:`connected`); sessions are mirrored into the buffer
+        meanwhile and resent when it is up."""
+        task_status.started()
+        backoff = 0.05
+        while True:
+            try:
+                await self._session()
+            except (OSError, trio.BrokenResourceError, MirrorProtocolError, ConnectionError) as e:
+                log.log(logging.INFO if self.connects else logging.WARNING,
+                        "mirror link to %s:%d: %s; reconnecting in %.2fs", self.host, self.port, e, backoff)
+                if self.connected_once:
+                    backoff = 0.05
+            finally:
+                self._drop()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    @property
+    def connected_once(self) -> bool:
+        return self.connects > 0
+
+    async def _session(self) -> None:
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        sock = stream.socket
+        decoder = MirrorDecoder()
+        await stream.send_all(self.sender.hello(self.node))
+        ack = None
+        while ack is None:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("secondary closed the mirror link during hello")
+            for rec in decoder.feed(data):
+                if isinstance(rec, HelloAck):
+                    ack = rec
+        await stream.send_all(self.sender.on_hello_ack(ack))
+        raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        raw.setblocking(False)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = raw
+        self.connected = True
+        self.connects += 1
+        log.info("mirror link up to %s:%d (resumed at version %d)", self.host, self.port, ack.next_version)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader, raw, decoder)
+            nursery.start_soon(self._heartbeats)
+            while self.connected:
+                if self._outbox:
+                    await trio.lowlevel.wait_writable(raw)
+                    self.flush_nowait()
+                else:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+            nursery.cancel_scope.cancel()
+        raise ConnectionError("mirror link lost")
+
+    async def _reader(self, raw: socket.socket, decoder: MirrorDecoder) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                data = raw.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._drop()
+                return
+            for rec in decoder.feed(data):
+                if isinstance(rec, Ack):
+                    self.sender.on_ack(rec.version)
+                elif isinstance(rec, DeltaRequest):
+                    self.delta_requests += 1
+                    self._outbox.append(self.sender.delta(rec.from_version))
+                    self.flush_nowait()
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            self._outbox.append(self.sender.heartbeat(self.lsn(), int(time.time() * 1e6)))
+            self.flush_nowait()
+
+
+async def serve_mirror(
+    host: str,
+    port: int,
+    deliver: Callable[[list], None],
+    *,
+    receiver: MirrorReceiver | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The secondary's listener: deliver every versioned record, in order, exactly once,
+    to ``deliver(records)``. ``task_status.started`` gets the bound (host, port)."""
+    receiver = receiver or MirrorReceiver()
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[:2])
+    limiter = trio.Semaphore(1)  # one primary at a time
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with limiter:
+            decoder = MirrorDecoder()
+            try:
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    replies: list = []
+                    delivered: list = []
+                    for rec in decoder.feed(data):
+                        if isinstance(rec, Hello):
+                            replies.append(receiver.on_hello(rec))
+                            continue
+                        out, back = receiver.on_record(rec)
+                        delivered.extend(out)
+                        replies.extend(back)
+                    if delivered:
+                        deliver(delivered)
+                        replies.append(Ack(receiver.acked))
+                    if replies:
+                        await stream.send_all(b"".join(encode(r) for r in replies))
+            except (trio.BrokenResourceError, MirrorProtocolError) as e:
+                log.warning("mirror link from primary: %s", e)
+            finally:
+                await stream.aclose()
+
+    await trio.serve_listeners(handle, listeners)

@@ -1,0 +1,117 @@
+"""The redo monitor: follows the primary's WAL insert position and publishes it.
+
+One task keeps one session of its own on the primary and asks
+``pg_current_wal_insert_lsn()`` every ``interval`` seconds; the value lands in
+:attr:`RedoMonitor.lsn`, a plain int the relay reads when it tags a message -- no round trip
+and no lock on the client's path.
+
+Freshness and correctness: a tag read at time *t* was measured at most
+``interval + one round trip`` before *t*, so it is a *lower bound* of the position at *t*,
+and it never goes backwards (a lower value, e.g. from a reconnect to a lagging server, is
+ignored). A lower bound is what the start of a transaction's range needs: every WAL record
+the transaction writes is inserted after its first message passed connmgr, hence after
+the tag. The end of the range (the tag on the acknowledgement) may be below the commit
+record by up to one interval, so it is a hint, never the purge decision (see
+:mod:`replay.import_queue` and the markers in :mod:`replay`).
+
+If the primary stops answering, :attr:`RedoMonitor.healthy` turns False after
+``stale_after`` seconds and :attr:`RedoMonitor.errors` counts the failures; tags keep the
+last value (still a valid lower bound).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from shadow import messages as m
+from shadow.messages import BackendTag
+
+from .lsn import parse_lsn
+
+if TYPE_CHECKING:
+    from connmgr.backend import BackendSession
+
+log = logging.getLogger("connmgr.redo")
+
+_QUERY = m.query("SELECT pg_catalog.pg_current_wal_insert_lsn()")
+
+
+class RedoMonitor:
+    def __init__(self, *, interval: float = 0.005, stale_after: float = 1.0) -> None:
+        self.interval = interval
+        self.stale_after = stale_after
+        #: the published position (0 until the first answer)
+        self.lsn = 0
+        self.updated_at = 0.0
+        self.samples = 0
+        self.errors = 0
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() - self.updated_at < self.stale_after
+
+    def publish(self, lsn: int) -> None:
+        """Record a sample; never moves backwards."""
+        if lsn > self.lsn:
+            self.lsn = lsn
+        self.updated_at = time.monotonic()
+        self.samples += 1
+
+    async def run(
+        self,
+        connect: Callable[[], Awaitable[BackendSession]],
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Poll until cancelled; ``connect()`` opens a session on the primary. Reconnects
+        after failures (1 s back-off). ``task_status.started()`` after the first sample."""
+        started = False
+        while True:
+            session = None
+            try:
+                session = await connect()
+                while True:
+                    self.publish(await _sample(session))
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await trio.sleep(self.interval)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError, RuntimeError) as e:
+                self.errors += 1
+                log.warning("redo monitor: %s; retrying in 1 s", e)
+            except Exception as e:  # a backend refusal (ClientError) and the like
+                self.errors += 1
+                log.warning("redo monitor: %s; retrying in 1 s", e)
+            finally:
+                if session is not None:
+                    session.close()
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(1.0)
+
+
+async def _sample(session: BackendSession) -> int:
+    await session.stream.send_all(_QUERY)
+    value = None
+    framer = session.framer
+    while True:
+        data = await session.stream.receive_some(4096)
+        if not data:
+            raise ConnectionError("primary closed the redo monitor's session")
+        buf, frames = framer.feed(data)
+        for tag, start, end in frames:
+            if tag == BackendTag.DATA_ROW:
+                (raw,) = m.decode_backend(tag, buf[start:end]).values
+                value = parse_lsn(raw.decode())
+            elif tag == BackendTag.ERROR_RESPONSE:
+                raise RuntimeError(m.decode_backend(tag, buf[start:end]).message)
+            elif tag == BackendTag.READY_FOR_QUERY:
+                if value is None:
+                    raise RuntimeError("pg_current_wal_insert_lsn() returned no row")
+                return value
