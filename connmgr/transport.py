@@ -51,10 +51,12 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         set_nodelay(self._sock)
 
     async def _maybe_yield(self) -> None:
+        # Fairness only. Shielded: the bytes are already received (or sent), so a cancel
+        # delivered here would lose them; cancellation arrives at the next wait instead.
         self._calls += 1
         if self._calls >= _YIELD_EVERY:
             self._calls = 0
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:

@@ -73,8 +73,10 @@ def test_a_failure_in_one_session_costs_no_other(proxy, monkeypatch):
         def explode(buf, frames):
             raise RuntimeError("boom")
 
+        # the client has its ReadyForQuery a moment before connmgr's thread attaches the link
+        assert wait_for(lambda: conn.relay is not None and conn.relay._link is not None)
         link = conn.relay._link
-        assert link is not None and link.attached
+        assert link.attached
         monkeypatch.setattr(link.up, "process", explode)
         with pytest.raises(psycopg.errors.InternalError_) as info:
             victim.execute("select 1")
