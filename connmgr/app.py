@@ -60,7 +60,7 @@ class App:
         self.mirror_listen_address: tuple[str, int] | None = None
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
-            self.engine = RelayEngine(self.mirror.flush_nowait if self.mirror is not None else None)
+            self.engine = RelayEngine(self.mirror.flush_soon if self.mirror is not None else None)
         self._next_pid = 10_000 + secrets.randbelow(50_000)
         self._shutdown = trio.Event()
         self._nursery: trio.Nursery | None = None

@@ -32,6 +32,7 @@ import trio
 from .mirror_protocol import (
     Ack,
     DeltaRequest,
+    Heartbeat,
     Hello,
     HelloAck,
     MirrorDecoder,
@@ -42,6 +43,8 @@ from .mirror_protocol import (
 )
 
 log = logging.getLogger("connmgr.mirror")
+
+_FLUSH_BYTES = 64 * 1024
 
 
 class MirrorLink:
@@ -55,6 +58,10 @@ class MirrorLink:
         self.heartbeat_interval = heartbeat_interval
         self.lsn = lsn
         self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._last_flush = 0.0
+        #: longest a mirrored record waits for a coalesced send (one-phase mode)
+        self.flush_delay = 0.002
         self._sock: socket.socket | None = None
         self._wake = trio.Event()
         self.connected = False
@@ -77,10 +84,20 @@ class MirrorLink:
     def _out(self, wire: bytes) -> None:
         if self.connected:
             self._outbox.append(wire)
+            self._outbox_bytes += len(wire)
+
+    def flush_soon(self) -> None:
+        """Called after every relay batch: send now if enough has gathered (or enough time
+        passed), otherwise leave it to the link task's timer (``flush_delay``). Coalescing
+        saves a ``send`` per batch; the records wait at most ``flush_delay``."""
+        if self._outbox_bytes >= _FLUSH_BYTES or time.monotonic() - self._last_flush >= self.flush_delay:
+            self.flush_nowait()
 
     def flush_nowait(self) -> None:
         """Send what the socket takes now; the link task sends the rest."""
         box = self._outbox
+        self._outbox_bytes = 0
+        self._last_flush = time.monotonic()
         if not box or self._sock is None:
             return
         data = b"".join(box) if len(box) > 1 else box[0]
@@ -101,9 +118,14 @@ class MirrorLink:
         """The link broke: forget the outbox (the sender's buffer still has it all)."""
         self.connected = False
         self._outbox.clear()
+        self._outbox_bytes = 0
         if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+            sock, self._sock = self._sock, None
+            try:  # wake the link task's waits on it before the descriptor goes
+                trio.lowlevel.notify_closing(sock)
+            except RuntimeError:
+                pass  # not inside trio (shutdown): nobody is waiting
+            sock.close()
         self._wake.set()
 
     # ------------------------------------------------------------------ link task
@@ -117,11 +139,14 @@ class MirrorLink:
         while True:
             try:
                 await self._session()
-            except (OSError, trio.BrokenResourceError, MirrorProtocolError, ConnectionError) as e:
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, MirrorProtocolError,
+                    ConnectionError) as e:
                 log.log(logging.INFO if self.connects else logging.WARNING,
                         "mirror link to %s:%d: %s; reconnecting in %.2fs", self.host, self.port, e, backoff)
                 if self.connected_once:
                     backoff = 0.05
+            except Exception:  # a bug in the link must not take the sessions down with it
+                log.exception("mirror link failed; reconnecting")
             finally:
                 self._drop()
             await trio.sleep(backoff)
@@ -153,17 +178,31 @@ class MirrorLink:
         self.connects += 1
         log.info("mirror link up to %s:%d (resumed at version %d)", self.host, self.port, ack.next_version)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reader, raw, decoder)
-            nursery.start_soon(self._heartbeats)
+            nursery.start_soon(self._quietly, self._reader, raw, decoder)
+            nursery.start_soon(self._quietly, self._heartbeats)
             while self.connected:
                 if self._outbox:
-                    await trio.lowlevel.wait_writable(raw)
+                    # whatever the relay left for coalescing goes out within flush_delay
+                    await trio.sleep(self.flush_delay)
+                    try:
+                        await trio.lowlevel.wait_writable(raw)
+                    except (trio.ClosedResourceError, OSError):
+                        break
                     self.flush_nowait()
                 else:
                     self._wake = trio.Event()
-                    await self._wake.wait()
+                    with trio.move_on_after(self.flush_delay):
+                        await self._wake.wait()
             nursery.cancel_scope.cancel()
         raise ConnectionError("mirror link lost")
+
+    async def _quietly(self, fn, *args) -> None:
+        """Run a child of the link session; a closed or broken link just ends it."""
+        try:
+            await fn(*args)
+        except (trio.ClosedResourceError, OSError, MirrorProtocolError) as e:
+            log.info("mirror link: %s", e)
+            self._drop()
 
     async def _reader(self, raw: socket.socket, decoder: MirrorDecoder) -> None:
         while True:
@@ -198,10 +237,13 @@ async def serve_mirror(
     deliver: Callable[[list], None],
     *,
     receiver: MirrorReceiver | None = None,
+    ack_interval: float = 0.01,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The secondary's listener: deliver every versioned record, in order, exactly once,
-    to ``deliver(records)``. ``task_status.started`` gets the bound (host, port)."""
+    to ``deliver(records)``. Acks are coalesced: at most one per ``ack_interval``, and
+    one at every heartbeat (so the primary's buffer drains even when traffic stops).
+    ``task_status.started`` gets the bound (host, port)."""
     receiver = receiver or MirrorReceiver()
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[:2])
@@ -210,6 +252,7 @@ async def serve_mirror(
     async def handle(stream: trio.SocketStream) -> None:
         async with limiter:
             decoder = MirrorDecoder()
+            last_ack = 0.0
             try:
                 while True:
                     data = await stream.receive_some(65536)
@@ -217,16 +260,21 @@ async def serve_mirror(
                         return
                     replies: list = []
                     delivered: list = []
+                    heartbeat = False
                     for rec in decoder.feed(data):
                         if isinstance(rec, Hello):
                             replies.append(receiver.on_hello(rec))
                             continue
+                        heartbeat = heartbeat or isinstance(rec, Heartbeat)
                         out, back = receiver.on_record(rec)
                         delivered.extend(out)
                         replies.extend(back)
                     if delivered:
                         deliver(delivered)
+                    now = trio.current_time()
+                    if (delivered and now - last_ack >= ack_interval) or heartbeat:
                         replies.append(Ack(receiver.acked))
+                        last_ack = now
                     if replies:
                         await stream.send_all(b"".join(encode(r) for r in replies))
             except (trio.BrokenResourceError, MirrorProtocolError) as e:

@@ -44,6 +44,8 @@ __all__ = [
 _HEAD = Struct("!BI")
 _U64 = Struct("!Q")
 _DATA = Struct("!QIBQQ")  # version, session, direction, lsn, offset
+_DATA_HEAD = Struct("!BIQIBQQ")  # frame head + Data fields, packed in one go
+_DIRECTION = {"c": 0x63, "b": 0x62}
 _MARK = Struct("!QII")  # version, session, seq
 _SESS = Struct("!QI")  # version, session
 _BEAT = Struct("!QQQ")  # latest version, lsn, time_us
@@ -270,8 +272,10 @@ class MirrorSender:
         return self._keep(v, encode(SessionOpened(v, session_id, tuple(params.items()))))
 
     def data(self, session_id: int, direction: str, lsn: int, offset: int, payload: bytes) -> bytes:
+        """Encode a Data record (the hot path: straight to bytes, no record object)."""
         v = self._next()
-        return self._keep(v, encode(Data(v, session_id, direction, lsn, offset, payload)))
+        wire = _DATA_HEAD.pack(0x4D, _DATA.size + len(payload), v, session_id, _DIRECTION[direction], lsn, offset) + payload
+        return self._keep(v, wire)
 
     def marker(self, session_id: int, seq: int) -> bytes:
         v = self._next()

@@ -301,7 +301,7 @@ class Relay:
             if frames:
                 await _send_backend(send, process(buf, frames), self.backend)
                 if self.upstream.mirror is not None:
-                    self.upstream.mirror.flush_nowait()
+                    self.upstream.mirror.flush_soon()
 
     async def _backend_to_client(self) -> None:
         framer = self.backend.framer
@@ -325,7 +325,7 @@ class Relay:
             if frames:
                 await send(process(buf, frames))
                 if self.downstream.mirror is not None:
-                    self.downstream.mirror.flush_nowait()
+                    self.downstream.mirror.flush_soon()
 
 
 async def _send_backend(send, buf: bytes, backend: BackendSession) -> None:

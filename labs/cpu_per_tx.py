@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from connmgr.clusters import Cluster, free_port, temp_base_dir  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
+_secondaries: list[subprocess.Popen] = []
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -35,8 +36,25 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return user / TICK, (user + system) / TICK
 
 
-def start(kind: str, pg_port: int) -> tuple[subprocess.Popen, int]:
+def start(kind: str, pg_port: int, base: Path) -> tuple[subprocess.Popen, int]:
+    """Start one proxy. ``connmgr-mirror`` is connmgr mirroring every session to a second
+    connmgr (started here too, as the secondary) with the redo monitor tagging LSNs."""
     port = free_port()
+    if kind == "connmgr-mirror":
+        mport = free_port()
+        (base / "secondary.toml").write_text(f'[mirror]\nlisten = "127.0.0.1:{mport}"\n')
+        secondary = subprocess.Popen(
+            [sys.executable, "-m", "connmgr", "serve", "--config", str(base / "secondary.toml"),
+             "--listen", f"127.0.0.1:{free_port()}", "--primary", f"127.0.0.1:{pg_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+        )
+        _secondaries.append(secondary)
+        (base / "primary.toml").write_text(f'[mirror]\npeer = "127.0.0.1:{mport}"\n[redo]\nuser = "postgres"\n')
+        cmd = [sys.executable, "-m", "connmgr", "serve", "--config", str(base / "primary.toml"),
+               "--listen", f"127.0.0.1:{port}", "--primary", f"127.0.0.1:{pg_port}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        time.sleep(2.5)
+        return proc, port
     if kind == "relay":
         cmd = [sys.executable, str(REPO / "labs" / "naive_relay.py"), "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{pg_port}"]
     else:
@@ -52,7 +70,7 @@ def start(kind: str, pg_port: int) -> tuple[subprocess.Popen, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="connmgr,connmgr-tasks,relay")
+    ap.add_argument("--targets", default="connmgr,connmgr-tasks,relay", help="any of connmgr, connmgr-tasks, connmgr-mirror, relay")
     ap.add_argument("--modes", default="simple,extended")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
@@ -64,7 +82,7 @@ def main() -> None:
         cluster.start()
         subprocess.run(["pgbench", "-i", "-s", "2", "-q", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
         for kind in args.targets.split(","):
-            procs[kind] = start(kind, cluster.port)
+            procs[kind] = start(kind, cluster.port, base)
         for _ in range(args.rounds):
             for mode in args.modes.split(","):
                 for kind, (proc, port) in procs.items():
@@ -82,7 +100,7 @@ def main() -> None:
                     count = int(n.group(1))
                     print(f"{mode:9s} {kind:14s} tps {float(tps.group(1)):8.0f}  cpu/tx {1e6 * (c1 - c0) / count:6.1f} us  (user {1e6 * (u1 - u0) / count:5.1f})", flush=True)
     finally:
-        for proc, _ in procs.values():
+        for proc in [p for p, _ in procs.values()] + _secondaries:
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(10)
