@@ -110,6 +110,9 @@ class MirrorSection:
     #: unacknowledged records kept for deltas; beyond, the oldest go and the secondary resyncs
     max_buffer_bytes: int = 64 << 20
     heartbeat_interval: float = 0.1
+    #: embed purge markers (a transactional logical message naming the session and
+    #: transaction) in committing transactions, for exact purge on the secondary
+    markers: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +228,10 @@ def _coerce(annotation: Any, value: Any, where: str) -> Any:
         if value < 0:
             raise ConfigError(f"{where}: must be >= 0, got {value!r}")
         return float(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")

@@ -77,6 +77,9 @@ class MirrorLink:
     def session_data(self, session_id: int, direction: str, offset: int, payload: bytes) -> None:
         self._out(self.sender.data(session_id, direction, self.lsn(), offset, payload))
 
+    def session_marker(self, session_id: int, seq: int) -> None:
+        self._out(self.sender.marker(session_id, seq))
+
     def session_closed(self, session_id: int) -> None:
         self._out(self.sender.session_closed(session_id))
         self.flush_nowait()

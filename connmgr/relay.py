@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connmgr.relay")
 
-_Q, _S, _F, _X, _D, _Z, _E, _d, _A = (ord(c) for c in "QSFXDZEdA")
+_Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I = (ord(c) for c in "QSFXDZEdANI")
 _PID = Struct("!i")
 RECV_SIZE = 64 * 1024
 
@@ -60,11 +60,14 @@ RECV_SIZE = 64 * 1024
 class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
-    __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid")
+    __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.session = relay.conn.session
         self.shadow = relay.conn.session.frontend_message
+        #: embed purge markers in committing transactions (see replay/__init__.py)
+        self.markers = relay.conn.app.mirror is not None and relay.conn.app.config.mirror.markers
         self.stats = relay.conn.stats
         self.starts = relay.starts
         self.terminated = False
@@ -79,10 +82,13 @@ class Upstream:
         now = time.perf_counter()
         relay.last_activity = now
         starts = self.starts
+        inject_at = -1
         for tag, start, end in frames:
             if tag == _d:
                 continue
             if tag == _Q or tag == _S or tag == _F:
+                if tag == _Q and self.markers and inject_at < 0 and self._commits(buf, start, end):
+                    inject_at = start - 5
                 starts.append(now)
             elif tag == _X:
                 self.terminated = True
@@ -97,7 +103,36 @@ class Upstream:
         if self.mirror is not None:
             self.mirror.session_data(self.sid, "c", self.offset, buf)
             self.offset += len(buf)
+        if inject_at >= 0:
+            seq = relay.transactions + 1
+            relay.swallow += 1
+            if self.mirror is not None:
+                self.mirror.session_marker(self.sid, seq)
+            return buf[:inject_at] + _marker_query(self.sid, seq) + buf[inject_at:]
         return buf
+
+    def _commits(self, buf: bytes, start: int, end: int) -> bool:
+        """A Query that COMMITs a transaction block with nothing else in flight: where the
+        purge marker goes (just before it, in the same network write)."""
+        s = self.session
+        if s.pending or s.tx_status is not TxStatus.IN_TRANSACTION or end - start > 32:
+            return False
+        text = bytes(buf[start:end - 1]).decode("ascii", "replace").strip().rstrip(";").strip().lower()
+        return " ".join(text.split()) in _COMMIT_WORDS
+
+
+_COMMIT_WORDS = frozenset({"commit", "end", "commit work", "commit transaction", "end work", "end transaction"})
+
+
+def _marker_query(session_id: int, seq: int) -> bytes:
+    """The purge marker: a transactional logical decoding message naming this transaction,
+    emitted only if the transaction has an xid (so a read-only one stays read-only)."""
+    from shadow import messages
+
+    return messages.query(
+        "SELECT CASE WHEN pg_catalog.txid_current_if_assigned() IS NOT NULL THEN"
+        f" pg_catalog.pg_logical_emit_message(true, 'connmgr', '{session_id}:{seq}') END"
+    )
 
 
 class Downstream:
@@ -119,6 +154,10 @@ class Downstream:
 
     def process(self, buf: bytes, frames: list) -> bytes:
         relay = self.relay
+        if relay.swallow:
+            buf, frames = self._strip_injected(buf, frames)
+            if not frames:
+                return b""
         notified = False
         for tag, start, end in frames:
             if tag == _D:
@@ -126,6 +165,8 @@ class Downstream:
             if tag == _A:
                 notified = True
             elif tag == _Z:
+                if buf[start] == _I:
+                    relay.transactions += 1
                 starts = self.starts
                 if starts:
                     now = time.perf_counter()
@@ -148,6 +189,30 @@ class Downstream:
             self.offset += len(buf)
         return buf
 
+    def _strip_injected(self, buf: bytes, frames: list) -> tuple[bytes, list]:
+        """Drop the replies to connmgr's own injected query (up to and including its
+        ReadyForQuery); asynchronous messages in between still reach the client."""
+        relay = self.relay
+        kept = []
+        for tag, start, end in frames:
+            if relay.swallow and tag not in (_A, _N, _S):
+                if tag == _Z:
+                    relay.swallow -= 1
+                    relay.injected_done += 1
+                elif tag == _E:
+                    relay.injected_errors += 1
+                continue
+            kept.append((tag, start, end))
+        if len(kept) == len(frames):
+            return buf, frames
+        out = bytearray()
+        new_frames = []
+        for tag, start, end in kept:
+            base = len(out) + 5
+            out += buf[start - 5:end]
+            new_frames.append((tag, base, base + end - start))
+        return bytes(out), new_frames
+
     def eof_error(self) -> ClientError | None:
         """Why the server's EOF ends the session: None if it said so itself (FATAL)."""
         return None if self.last_tag == _E else lost(self.relay.backend)
@@ -163,6 +228,12 @@ class Relay:
         self.tracking = True
         self.starts: deque[float] = deque()
         self.last_activity = time.perf_counter()
+        #: replies of injected queries still to swallow (one ReadyForQuery cycle each)
+        self.swallow = 0
+        self.injected_done = 0
+        self.injected_errors = 0
+        #: transactions the client has seen end (ReadyForQuery 'I'): numbers the markers
+        self.transactions = 0
         self.upstream = Upstream(self)
         self.downstream = Downstream(self)
         self._error: ClientError | None = None

@@ -7,6 +7,8 @@ look at its ``App`` (metrics, registry).
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,36 @@ def start_connmgr(pg, tmp_path):
 def proxy(start_connmgr):
     """A connmgr with SCRAM toward clients (users file) in front of ``pg``."""
     return start_connmgr()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def pair(start_connmgr):
+    """(primary connmgr, secondary connmgr, records the secondary received)."""
+    secondary = start_connmgr(mirror={"listen": "127.0.0.1:0"})
+    received: list = []
+    lock = threading.Lock()
+
+    def consume(records):
+        with lock:
+            received.extend(records)
+
+    secondary.app.mirror_consumers.append(consume)
+    host, port = secondary.app.mirror_listen_address
+    primary = start_connmgr(
+        mirror={"peer": f"{host}:{port}", "heartbeat_interval": 0.05},
+        redo={"user": "postgres", "password": "postgres", "interval": 0.002},
+    )
+    assert wait_for(lambda: primary.app.mirror.connected), "mirror link never came up"
+    return primary, secondary, received
+
+

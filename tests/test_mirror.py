@@ -9,40 +9,10 @@ import time
 from collections import defaultdict
 
 import psycopg
-import pytest
+from connmgr_fixtures import wait_for  # noqa: E402
 
 from connmgr.mirror_protocol import Data, Resync, SessionClosed, SessionOpened
 from shadow.framing import Framer
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-@pytest.fixture
-def pair(start_connmgr):
-    """(primary connmgr, secondary connmgr, records the secondary received)."""
-    secondary = start_connmgr(mirror={"listen": "127.0.0.1:0"})
-    received: list = []
-    lock = threading.Lock()
-
-    def consume(records):
-        with lock:
-            received.extend(records)
-
-    secondary.app.mirror_consumers.append(consume)
-    host, port = secondary.app.mirror_listen_address
-    primary = start_connmgr(
-        mirror={"peer": f"{host}:{port}", "heartbeat_interval": 0.05},
-        redo={"user": "postgres", "password": "postgres", "interval": 0.002},
-    )
-    assert wait_for(lambda: primary.app.mirror.connected), "mirror link never came up"
-    return primary, secondary, received
 
 
 def settled(primary) -> bool:
