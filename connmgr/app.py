@@ -24,6 +24,7 @@ from .client_auth import SecretStore
 from .config import Config, parse_hostport
 from .engine import RelayEngine
 from .errors import AdminShutdown
+from .import_process import ImportProcess
 from .metrics import Metrics
 from .mirror import MirrorLink, serve_mirror
 from .transport import FastSocketStream
@@ -57,6 +58,10 @@ class App:
             )
         #: secondary role: every mirrored record is handed to these callbacks, in order
         self.mirror_consumers: list = []
+        self.imports: ImportProcess | None = None
+        if config.mirror.listen:
+            self.imports = ImportProcess()
+            self.mirror_consumers.append(self.imports.on_records)
         self.mirror_listen_address: tuple[str, int] | None = None
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
@@ -112,6 +117,16 @@ class App:
         params = {"user": r.user, "database": r.dbname, "application_name": "connmgr redo monitor"}
         return await open_backend(self.server, params, Credentials(password=r.password or None), max_message_size=1 << 20)
 
+    async def _open_poster_stream(self):
+        from replay.reader import open_replication_stream
+
+        p = self.config.poster
+        server = BackendServer("primary (poster)", p.host, p.port, self.config.primary.connect_timeout)
+        return await open_replication_stream(
+            server, Credentials(password=p.password or None), user=p.user, database=p.dbname,
+            slot=p.slot, publication=p.publication, temporary=p.temporary,
+        )
+
     def _mirrored(self, records: list) -> None:
         for consumer in self.mirror_consumers:
             consumer(records)
@@ -160,6 +175,8 @@ class App:
             if cfg.mirror.listen:
                 host, port = parse_hostport(cfg.mirror.listen, allow_zero=True)
                 self.mirror_listen_address = await nursery.start(serve_mirror, host, port, self._mirrored)
+                if cfg.poster.host:
+                    await nursery.start(self.imports.follow_poster, self._open_poster_stream)
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:

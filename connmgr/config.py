@@ -127,6 +127,22 @@ class RedoSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PosterSection:
+    """``[poster]``: secondary role -- where the poster queue is read from: a logical slot
+    (pgoutput) of connmgr's own on the *primary* database."""
+
+    host: str = ""  # "" = no poster queue
+    port: int = 5432
+    user: str = "postgres"
+    password: str = ""
+    dbname: str = "postgres"
+    slot: str = "connmgr_poster"
+    publication: str = "connmgr"
+    #: a temporary slot disappears with the connection (tests); a permanent one resumes
+    temporary: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     primary: BackendSection = field(default_factory=BackendSection)
@@ -135,6 +151,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     mirror: MirrorSection = field(default_factory=MirrorSection)
     redo: RedoSection = field(default_factory=RedoSection)
+    poster: PosterSection = field(default_factory=PosterSection)
 
     @property
     def auth_type(self) -> str:

@@ -1,0 +1,117 @@
+"""The secondary connmgr's import process (seed 004 Fig. 2): mirrored records in, import
+queue maintained, commits from the poster queue purged.
+
+:class:`ImportProcess` is the consumer of the mirror listener: each delivered record is
+turned into calls on the :class:`~replay.import_queue.ImportQueue` -- a Data record's
+payload (whole protocol messages) is cut into one
+:class:`~replay.import_queue.MirroredMessage` per message, each with its own byte offset
+and the record's LSN tag. :meth:`ImportProcess.follow_poster` reads the connmgr-owned
+logical slot on the primary (:mod:`replay.reader`) and purges every committed transaction
+whose marker it carries, confirming each record once applied.
+
+A :class:`~connmgr.mirror_protocol.Resync` (the primary dropped history) closes every
+session's queue: their pasts are unknown, so none of them is replayable until it is seen
+whole again (a later issue re-admits sessions at their next idle point).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable
+from replay.reader import ReplicationError
+from shadow.framing import Framer
+
+from .errors import ClientError
+from .mirror_protocol import Data, Marker, Resync, SessionClosed, SessionOpened
+
+log = logging.getLogger("connmgr.import")
+
+
+class ImportProcess:
+    def __init__(self, queue: ImportQueue | None = None) -> None:
+        self.queue = queue or ImportQueue()
+        self.records = 0
+        self.purged = 0
+        self.not_replayable: set[int] = set()
+        self.on_purge: list[Callable[[list], None]] = []
+        self.poster_connected = False
+        self.poster_errors = 0
+
+    # ------------------------------------------------------------------ mirror side
+
+    def on_records(self, records: list) -> None:
+        """Mirror consumer: apply delivered records in order."""
+        q = self.queue
+        for r in records:
+            self.records += 1
+            try:
+                if isinstance(r, Data):
+                    self._data(r)
+                elif isinstance(r, Marker):
+                    q.on_marker_sent(r.session_id, r.seq)
+                elif isinstance(r, SessionOpened):
+                    q.on_session_opened(r.session_id)
+                elif isinstance(r, SessionClosed):
+                    q.on_session_closed(r.session_id)
+                elif isinstance(r, Resync):
+                    self._resync()
+            except SessionNotReplayable as e:
+                self.not_replayable.add(e.session_id)
+                log.warning("session %d is not replayable: %s", e.session_id, e)
+
+    def _data(self, r: Data) -> None:
+        buf, frames = Framer().feed(r.payload)
+        offset = r.offset
+        q = self.queue
+        for tag, start, end in frames:
+            raw = buf[start - 5:end]
+            msg = MirroredMessage(r.session_id, r.version, r.direction, r.lsn, offset, tag, raw)
+            offset += len(raw)
+            if r.direction == "c":
+                q.on_client_message(msg)
+            else:
+                self._purged(q.on_backend_message(msg))
+
+    def _resync(self) -> None:
+        for sid in list(self.queue.depths()):
+            self.not_replayable.add(sid)
+            self.queue.on_session_closed(sid)
+
+    # ------------------------------------------------------------------ poster side
+
+    def on_poster_record(self, rec) -> None:
+        self._purged(self.queue.on_poster_record(rec))
+
+    def _purged(self, txs: list) -> None:
+        if txs:
+            self.purged += len(txs)
+            for cb in self.on_purge:
+                cb(txs)
+
+    async def follow_poster(self, open_stream, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Purge from the poster queue until cancelled. ``open_stream()`` returns an
+        opened :class:`~replay.reader.ReplicationStream`. A lost stream is reopened (1 s
+        back-off); meanwhile committed transactions wait in the queue, nothing is lost
+        (the slot keeps the WAL until confirmed). Started at once."""
+        task_status.started()
+        while True:
+            try:
+                stream = await open_stream()
+                self.poster_connected = True
+                try:
+                    async for rec in stream:
+                        if hasattr(rec, "xid"):
+                            self.on_poster_record(rec)
+                        stream.confirm(rec.confirm_lsn)
+                finally:
+                    self.poster_connected = False
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+            except (ReplicationError, OSError, ClientError) as e:
+                self.poster_errors += 1
+                log.warning("poster queue: %s; reopening in 1 s", e)
+            await trio.sleep(1.0)
