@@ -27,6 +27,36 @@ def render(app: App) -> str:
         "backends_active": float(sum(1 for c in app.clients.values() if c.backend is not None)),
         "accepting": 1.0 if app.accepting else 0.0,
     }
+    if app.mirror is not None:  # primary role
+        snd = app.mirror.sender
+        gauges.update({
+            "mirror_connected": 1.0 if app.mirror.connected else 0.0,
+            "mirror_latest_version": float(snd.latest_version),
+            "mirror_acked_version": float(snd.acked_version),
+            "mirror_lag_versions": float(snd.latest_version - snd.acked_version),
+            "mirror_lag_bytes": float(snd.buffered_bytes),
+            "mirror_connects": float(app.mirror.connects),
+            "mirror_delta_requests": float(app.mirror.delta_requests),
+            "mirror_buffer_overflows": float(snd.overflows),
+        })
+    if app.redo is not None:
+        gauges["redo_lsn"] = float(app.redo.lsn)
+        gauges["redo_healthy"] = 1.0 if app.redo.healthy else 0.0
+    if app.imports is not None:  # secondary role
+        imp, q = app.imports, app.imports.queue
+        st = q.stats
+        gauges.update({
+            "mirror_records_received": float(imp.records),
+            "import_queue_sessions": float(q.sessions),
+            "import_queue_transactions": float(q.transactions),
+            "import_queue_messages": float(q.messages),
+            "import_queue_bytes": float(q.bytes),
+            "import_purged": float(st.purged),
+            "import_unmatched_commits": float(st.unmatched_commits),
+            "import_not_replayable_sessions": float(len(imp.not_replayable)),
+            "poster_connected": 1.0 if imp.poster_connected else 0.0,
+            "poster_errors": float(imp.poster_errors),
+        })
     if app.engine is not None:
         gauges["relay_engine_sessions"] = float(app.engine.sessions)
         gauges["relay_engine_batches"] = float(app.engine.batches)

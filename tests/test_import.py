@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
+from connmgr.prometheus import render
 from replay.import_queue import Outcome
 
 
@@ -108,3 +109,23 @@ def test_concurrent_sessions_purge_their_own_and_pgbench_leaves_queues_empty(pai
     assert stats.stale_markers <= stats.dropped_at_close  # records arriving after their session closed
     assert imports.not_replayable == set()
     assert stats.unmatched_commits <= 20  # only pgbench -i, which ran direct, commits without markers
+
+
+def test_pair_metrics(pair_with_poster):
+    """Prometheus figures of the pair: mirror lag, redo LSN, poster, purges."""
+    primary, secondary, db = pair_with_poster
+
+    with psycopg.connect(primary.conninfo(password="postgres", dbname=db)) as conn:
+        conn.execute("INSERT INTO seed_t (v) VALUES ('m')")
+        conn.commit()
+    assert wait_for(lambda: secondary.app.imports.queue.stats.purged >= 1)
+    assert wait_for(lambda: primary.app.mirror.sender.acked_version == primary.app.mirror.sender.latest_version)
+
+    def parse(text):
+        return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+    p, s = parse(primary.run_sync(render, primary.app)), parse(secondary.run_sync(render, secondary.app))
+    assert p["connmgr_mirror_connected"] == 1 and p["connmgr_mirror_lag_versions"] == 0
+    assert p["connmgr_redo_lsn"] > 0 and p["connmgr_redo_healthy"] == 1
+    assert s["connmgr_import_purged"] >= 1 and s["connmgr_poster_connected"] == 1
+    assert s["connmgr_mirror_records_received"] == p["connmgr_mirror_latest_version"]
