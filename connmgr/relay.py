@@ -41,7 +41,7 @@ import trio
 
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
-from shadow.session import TxStatus
+from shadow.session import PendingRequest, TxStatus
 
 from .errors import BackendUnavailable, ClientError
 from .transport import FastSocketStream
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connmgr.relay")
 
-_Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I = (ord(c) for c in "QSFXDZEdANI")
+_Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I, _P, _B = (ord(c) for c in "QSFXDZEdANIPB")
 _PID = Struct("!i")
 RECV_SIZE = 64 * 1024
 
@@ -90,6 +90,8 @@ class Upstream:
                 if tag == _Q and self.markers and inject_at < 0 and self._commits(buf, start, end):
                     inject_at = start - 5
                 starts.append(now)
+            elif (tag == _P or tag == _B) and self.markers and inject_at < 0 and self._extended_commits(tag, buf, start, end):
+                inject_at = start - 5
             elif tag == _X:
                 self.terminated = True
             if relay.tracking:
@@ -119,6 +121,29 @@ class Upstream:
             return False
         text = bytes(buf[start:end - 1]).decode("ascii", "replace").strip().rstrip(";").strip().lower()
         return " ".join(text.split()) in _COMMIT_WORDS
+
+
+    def _extended_commits(self, tag: int, buf: bytes, start: int, end: int) -> bool:
+        """The extended-protocol form: a Parse of COMMIT/END, or a Bind of a prepared
+        statement whose text is one (pgbench -M prepared, JDBC)."""
+        s = self.session
+        if s.pending or s.tx_status is not TxStatus.IN_TRANSACTION or end - start > 96:
+            return False
+        body = bytes(buf[start:end])
+        try:
+            first = body.index(0)
+            second = body.index(0, first + 1)
+        except ValueError:
+            return False
+        if tag == _P:
+            text = body[first + 1:second]
+        else:
+            sql = s.request_sql(PendingRequest("B", statement=body[first + 1:second].decode("utf-8", "replace")))
+            if sql is None:
+                return False
+            text = sql.encode("utf-8", "replace")
+        words = " ".join(text.decode("ascii", "replace").strip().rstrip(";").strip().lower().split())
+        return words in _COMMIT_WORDS
 
 
 _COMMIT_WORDS = frozenset({"commit", "end", "commit work", "commit transaction", "end work", "end transaction"})
