@@ -1,13 +1,17 @@
 """``connmgr demo``: the whole thing on one machine, with nothing to set up.
 
-It creates a Postgres cluster in a temporary directory (running it as an unprivileged
-user when started as root), starts a connection manager in front of it with SCRAM
-authentication, drives a mixed bank workload through it with psycopg -- transfers in
-explicit transactions over the extended protocol, autocommit ledger inserts over the simple
-protocol, long read transactions, COPY -- then checks the data directly on the server and
-prints a summary (or JSON with ``--json``). Everything it created is removed at the end.
+It creates a primary and a secondary Postgres in a temporary directory (as an unprivileged
+user when started as root) joined by synchronous logical replication, starts the pair of
+connection managers -- the primary one in front of the primary database, mirroring every
+session to the secondary one, which keeps the import queue and purges it by the markers
+it reads from the primary's WAL -- drives a mixed bank workload through the primary
+connmgr with psycopg (transfers in explicit transactions, autocommit ledger inserts over
+the simple protocol, long read transactions, COPY), then checks the data directly on the
+servers (balances conserved, every acknowledged insert present once, replica identical,
+import queue empty) and prints a summary (or JSON with ``--json``). Everything it created
+is removed at the end.
 
-Later capabilities (the pair, failover) extend this same script.
+Failover (issue 4) extends this same script.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import psycopg
 
 from . import __version__
 from . import config as config_mod
-from .clusters import Cluster, ClusterError, temp_base_dir
+from .clusters import ClusterError, temp_base_dir
 from .embedded import EmbeddedConnmgr
+from .pair import ClusterPair
 
 ACCOUNTS = 100
 INITIAL_BALANCE = 1000
@@ -110,6 +115,15 @@ def _workload_client(conninfo: str, index: int, stop: threading.Event, tally: Cl
             tally.latencies.append(time.perf_counter() - t0)
 
 
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -123,34 +137,52 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
     quiet = json_output
     t_start = time.perf_counter()
     base = temp_base_dir("connmgr-demo-")
-    cluster: Cluster | None = None
+    pair: ClusterPair | None = None
     cm: EmbeddedConnmgr | None = None
+    secondary_cm: EmbeddedConnmgr | None = None
     summary: dict = {"connmgr_version": __version__}
     try:
         _say(f"connmgr demo: working in {base}", quiet=quiet)
         t0 = time.perf_counter()
-        cluster = Cluster.create(base, "primary", password=PASSWORD)
-        cluster.start()
+        pair = ClusterPair.create(base, databases=("app",), password=PASSWORD)
+        cluster = pair.primary
         version = cluster.psql("SHOW server_version")
-        _say(f"  created and started PostgreSQL {version} on port {cluster.port} ({time.perf_counter() - t0:.1f}s)", quiet=quiet)
+        _say(f"  created PostgreSQL {version} primary (port {pair.primary.port}) and secondary (port {pair.secondary.port}),"
+             f" synchronous logical replication ({time.perf_counter() - t0:.1f}s)", quiet=quiet)
 
         with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=base, delete=False) as users:
             users.write(f'"postgres" "{PASSWORD}"\n')
-        cfg = config_mod.load(
-            None,
-            server={"listen": ["127.0.0.1:0"], "shutdown_timeout": 5.0},
+        common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": 5.0}, "auth": {"users_file": users.name}}
+        secondary_cm = EmbeddedConnmgr(config_mod.load(
+            None, **common,
+            primary={"host": pair.secondary.host, "port": pair.secondary.port, "name": "secondary"},
+            mirror={"listen": "127.0.0.1:0"},
+            poster={"host": cluster.host, "port": cluster.port, "password": PASSWORD, "dbname": "app",
+                    "slot": "connmgr_demo_poster", "temporary": True},
+        )).start()
+        if not _wait(lambda: secondary_cm.app.imports.poster_connected, 15):
+            raise OSError("the secondary connmgr could not open its poster slot on the primary")
+        mhost, mport = secondary_cm.app.mirror_listen_address
+        cm = EmbeddedConnmgr(config_mod.load(
+            None, **common,
             primary={"host": cluster.host, "port": cluster.port},
-            auth={"users_file": users.name},
-        )
-        cm = EmbeddedConnmgr(cfg).start()
-        _say(f"  connmgr listening on {cm.host}:{cm.port} (SCRAM-SHA-256 toward clients) -> {cluster.host}:{cluster.port}", quiet=quiet)
-        proxied = cm.conninfo(password=PASSWORD)
+            mirror={"peer": f"{mhost}:{mport}"},
+            redo={"password": PASSWORD},
+        )).start()
+        if not _wait(lambda: cm.app.mirror.connected, 15):
+            raise OSError("the mirror link between the connection managers did not come up")
+        _say(f"  primary connmgr {cm.host}:{cm.port} (SCRAM) mirrors every session to the secondary connmgr"
+             f" {secondary_cm.host}:{secondary_cm.port}, which purges by markers read from the primary's WAL", quiet=quiet)
+        proxied = cm.conninfo(password=PASSWORD, dbname="app")
 
+        # DDL does not travel with logical replication; until connmgr replays captured DDL
+        # (issue 3), the schema is created on both databases.
+        pair.sync_schema("app", "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
+                         " CREATE TABLE ledger (id bigserial PRIMARY KEY, client int, amount int, note text,"
+                         " at timestamptz DEFAULT now())")
         with psycopg.connect(proxied, autocommit=True) as conn:
-            conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
-            conn.execute("CREATE TABLE ledger (id bigserial PRIMARY KEY, client int, amount int, note text, at timestamptz DEFAULT now())")
             conn.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
-        _say(f"  schema created through connmgr: {ACCOUNTS} accounts of {INITIAL_BALANCE}", quiet=quiet)
+        _say(f"  schema on both databases; {ACCOUNTS} accounts of {INITIAL_BALANCE} inserted through connmgr", quiet=quiet)
 
         tallies = [ClientTally() for _ in range(clients)]
         stop = threading.Event()
@@ -171,8 +203,16 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
             t.join(30)
         work_seconds = time.perf_counter() - t_work
 
-        # Check the data directly on the server, not through connmgr.
-        with cluster.connect() as direct:
+        # Check the data directly on the servers, not through connmgr.
+        imports = secondary_cm.app.imports
+        sender = cm.app.mirror.sender
+        settled = _wait(lambda: sender.acked_version == sender.latest_version and imports.queue.transactions == 0, 15)
+        pair.wait_caught_up(15)
+        replica_identical = all(
+            pair.table_digest(pair.primary, "app", t) == pair.table_digest(pair.secondary, "app", t)
+            for t in ("accounts", "ledger")
+        )
+        with cluster.connect(dbname="app") as direct:
             total = direct.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
             ledger_rows = direct.execute("SELECT count(*) FROM ledger").fetchone()[0]
             dup_keys = direct.execute("SELECT count(*) - count(DISTINCT id) FROM ledger").fetchone()[0]
@@ -187,6 +227,8 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
             "lost_commits": max(0, acknowledged - ledger_rows),
             "duplicated_commits": max(0, ledger_rows - acknowledged) + dup_keys,
             "client_errors": len(errors),
+            "replica_identical": replica_identical,
+            "import_queue_empty": settled,
         }
         transactions = sum(t.transactions for t in tallies)
         summary.update(
@@ -213,6 +255,14 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
                 "bytes_out": totals.bytes_to_client,
                 "request_latency_ms_p99_le": round(totals.latency.quantile(0.99) * 1e3, 3),
             },
+            pair={
+                "mirror_versions": sender.latest_version,
+                "mirror_reconnects": cm.app.mirror.connects - 1,
+                "markers_purged": imports.queue.stats.purged,
+                "read_only_or_unmarked_purged": imports.queue.stats.read_only_purges,
+                "rolled_back_purged": imports.queue.stats.rollback_purges,
+                "unmatched_commits": imports.queue.stats.unmatched_commits,
+            },
             data={"sum_of_balances": total, "ledger_rows": ledger_rows, "acknowledged_ledger_inserts": acknowledged},
             checks=checks,
             errors=errors[:10],
@@ -220,19 +270,22 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
     except (ClusterError, OSError, psycopg.Error) as e:
         summary["failed"] = f"{type(e).__name__}: {e}"
     finally:
-        if cm is not None:
-            try:
-                cm.stop()
-            except Exception as e:  # noqa: BLE001 - reported, cleanup continues
-                summary.setdefault("failed", f"connmgr stop: {e}")
-        if cluster is not None:
-            cluster.destroy()
+        for proxy in (cm, secondary_cm):
+            if proxy is not None:
+                try:
+                    proxy.stop()
+                except Exception as e:  # noqa: BLE001 - reported, cleanup continues
+                    summary.setdefault("failed", f"connmgr stop: {e}")
+        if pair is not None:
+            pair.destroy()
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
         summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
-    ok = "failed" not in summary and summary["checks"]["total_conserved"] and summary["checks"]["lost_commits"] == 0 and summary["checks"]["duplicated_commits"] == 0 and summary["checks"]["client_errors"] == 0
+    k = summary.get("checks", {})
+    ok = "failed" not in summary and k["total_conserved"] and k["lost_commits"] == 0 and k["duplicated_commits"] == 0 \
+        and k["client_errors"] == 0 and k["replica_identical"] and k["import_queue_empty"]
     summary["ok"] = bool(ok)
     if json_output:
         print(json.dumps(summary, indent=2))
@@ -245,7 +298,7 @@ def _print_summary(s: dict) -> None:
     if "failed" in s:
         print(f"\nconnmgr demo FAILED: {s['failed']}")
         return
-    w, c, d, k = s["workload"], s["connmgr"], s["data"], s["checks"]
+    w, c, d, k, p = s["workload"], s["connmgr"], s["data"], s["checks"], s["pair"]
     mark = {True: "ok", False: "FAILED"}
     print(f"""
 connmgr {s['connmgr_version']} demo -- PostgreSQL {s['postgres_version']}, {s['clients']} clients, {s['seconds']}s
@@ -263,6 +316,13 @@ connmgr {s['connmgr_version']} demo -- PostgreSQL {s['postgres_version']}, {s['c
     messages in/out     {c['messages_in']:>10} / {c['messages_out']}
     bytes in/out        {c['bytes_in']:>10} / {c['bytes_out']}
 
+  the pair
+    mirror versions     {p['mirror_versions']:>10}   records mirrored to the secondary connmgr (reconnects {p['mirror_reconnects']})
+    purged by marker    {p['markers_purged']:>10}   committed transactions matched exactly in the primary's WAL
+    purged at ack       {p['read_only_or_unmarked_purged']:>10}   read-only (and, for now, autocommit) / {p['rolled_back_purged']} rolled back
+    import queue empty  {str(k['import_queue_empty']):>10}   once the clients left
+    replica identical   {str(k['replica_identical']):>10}   accounts and ledger digests, primary = secondary
+
   checks (read directly from the server)
     sum of balances     {d['sum_of_balances']:>10}   {mark[k['total_conserved']]}
     ledger rows         {d['ledger_rows']:>10}   = acknowledged inserts {d['acknowledged_ledger_inserts']}: {mark[k['acknowledged_commits_present']]}
@@ -270,7 +330,7 @@ connmgr {s['connmgr_version']} demo -- PostgreSQL {s['postgres_version']}, {s['c
     duplicated commits  {k['duplicated_commits']:>10}
     client errors       {k['client_errors']:>10}
 
-  result: {'ok' if s['ok'] else 'FAILED'} in {s['total_seconds']}s (failover arrives with the pair; see README)""")
+  result: {'ok' if s['ok'] else 'FAILED'} in {s['total_seconds']}s (failover comes next; see README)""")
     for e in s.get("errors", []):
         print(f"    error: {e}")
 

@@ -20,9 +20,14 @@ def test_demo_json_reports_a_clean_run():
         "lost_commits": 0,
         "duplicated_commits": 0,
         "client_errors": 0,
+        "replica_identical": True,
+        "import_queue_empty": True,
     }
     w = summary["workload"]
     assert w["transactions"] > 0 and w["transfers"] > 0 and w["autocommit_inserts"] > 0
     assert summary["data"]["ledger_rows"] == summary["data"]["acknowledged_ledger_inserts"] > 0
     assert summary["data"]["sum_of_balances"] == 100 * 1000
     assert summary["connmgr"]["requests"] > w["transactions"]
+    pair = summary["pair"]
+    assert pair["markers_purged"] >= w["transfers"]  # every explicit transaction matched by its marker
+    assert pair["mirror_versions"] > summary["connmgr"]["requests"]
