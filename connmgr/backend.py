@@ -26,7 +26,7 @@ from shadow.messages import BackendTag
 from .auth.md5 import md5_response
 from .auth.scram import AuthError, ScramClient
 from .errors import BackendRejected, BackendUnavailable, ClientError
-from .transport import FastSocketStream
+from .transport import FastSocketStream, close_now
 from .wire import MessageReader, PeerClosed
 
 __all__ = ["BackendServer", "BackendSession", "Credentials", "open_backend", "send_cancel"]
@@ -72,11 +72,28 @@ class BackendSession:
     leftover: bytes = b""
 
     def close(self) -> None:
-        close = getattr(self.stream, "close", None)
-        if close is not None:
-            close()
-        else:  # SSLStream: close the transport underneath without a checkpoint
-            self.stream.transport_stream.close()
+        close_now(self.stream)
+
+    async def query_rows(self, request: bytes) -> list[tuple[bytes | None, ...]]:
+        """Send ``request`` (a Query, or Parse/Bind/Execute/Sync) on this otherwise idle
+        session and return the DataRow values up to ReadyForQuery. Raises
+        :class:`~connmgr.errors.ClientError` with the server's SQLSTATE if it failed, and
+        :class:`~connmgr.wire.PeerClosed` if the server went away."""
+        await self.stream.send_all(request)
+        reader = MessageReader(self.stream, self.framer, f'server "{self.server.name}"')
+        rows: list[tuple[bytes | None, ...]] = []
+        error = None
+        while True:
+            tag, body = await reader.read()
+            if tag == BackendTag.DATA_ROW:
+                rows.append(m.decode_backend(tag, body).values)
+            elif tag == BackendTag.ERROR_RESPONSE:
+                error = m.decode_backend(tag, body)
+            elif tag == BackendTag.READY_FOR_QUERY:
+                break
+        if error is not None:
+            raise ClientError(error.message or "query failed", sqlstate=error.sqlstate or "XX000")
+        return rows
 
 
 def _unavailable(server: BackendServer, why: str) -> BackendUnavailable:

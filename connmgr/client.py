@@ -39,6 +39,7 @@ from .client_auth import authenticate_client
 from .errors import AdminShutdown, BackendUnavailable, ClientError, TooManyClients
 from .metrics import ConnStats
 from .relay import Relay
+from .transport import close_now
 from .wire import MessageReader, PeerClosed
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ class ClientConnection:
     def _close_streams(self) -> None:
         if self.backend is not None:
             self.backend.close()
-        _close(self.stream)
+        close_now(self.stream)
 
     def close_with(self, error: ClientError) -> None:
         """Ask this connection to end with ``error`` (used by shutdown and admin KILL)."""
@@ -258,11 +259,3 @@ class ClientConnection:
         if admins and self.user not in admins:
             raise ClientError(f'user "{self.user}" is not allowed into the admin console', sqlstate="28000")
         self.state = "admin"
-
-
-def _close(stream: trio.abc.Stream) -> None:
-    close = getattr(stream, "close", None)
-    if close is not None:
-        close()
-    elif isinstance(stream, trio.SSLStream):
-        _close(stream.transport_stream)

@@ -81,27 +81,16 @@ class SecretStore:
 
 
 async def _run_one_param_query(session, sql: str, arg: str) -> list[tuple[bytes | None, ...]]:
-    out = (
+    request = (
         m.Parse("", sql, ()).encode()
         + m.Bind("", "", (), (arg.encode(),), ()).encode()
         + m.Execute("", 0).encode()
         + m.sync()
     )
-    await session.stream.send_all(out)
-    reader = MessageReader(session.stream, session.framer, "auth query server")
-    rows: list[tuple[bytes | None, ...]] = []
-    error: m.ErrorResponse | None = None
-    while True:
-        tag, body = await reader.read()
-        if tag == ord("D"):
-            rows.append(m.decode_backend(tag, body).values)
-        elif tag == ord("E"):
-            error = m.decode_backend(tag, body)
-        elif tag == ord("Z"):
-            break
-    if error is not None:
-        raise ClientError(f"auth_query failed: {error.message}", sqlstate="28000")
-    return rows
+    try:
+        return await session.query_rows(request)
+    except ClientError as e:
+        raise ClientError(f"auth_query failed: {e.message}", sqlstate="28000") from None
 
 
 def _password_failed(user: str) -> ClientError:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from shadow import messages
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
 from shadow.session import PendingRequest, TxStatus
@@ -119,8 +120,7 @@ class Upstream:
         s = self.session
         if s.pending or s.tx_status is not TxStatus.IN_TRANSACTION or end - start > 32:
             return False
-        text = bytes(buf[start:end - 1]).decode("ascii", "replace").strip().rstrip(";").strip().lower()
-        return " ".join(text.split()) in _COMMIT_WORDS
+        return _is_commit(buf[start:end - 1])
 
 
     def _extended_commits(self, tag: int, buf: bytes, start: int, end: int) -> bool:
@@ -136,24 +136,23 @@ class Upstream:
         except ValueError:
             return False
         if tag == _P:
-            text = body[first + 1:second]
-        else:
-            sql = s.request_sql(PendingRequest("B", statement=body[first + 1:second].decode("utf-8", "replace")))
-            if sql is None:
-                return False
-            text = sql.encode("utf-8", "replace")
-        words = " ".join(text.decode("ascii", "replace").strip().rstrip(";").strip().lower().split())
-        return words in _COMMIT_WORDS
+            return _is_commit(body[first + 1:second])
+        sql = s.request_sql(PendingRequest("B", statement=body[first + 1:second].decode("utf-8", "replace")))
+        return sql is not None and _is_commit(sql.encode("utf-8", "replace"))
 
 
 _COMMIT_WORDS = frozenset({"commit", "end", "commit work", "commit transaction", "end work", "end transaction"})
 
 
+def _is_commit(text: bytes) -> bool:
+    """``COMMIT``, ``END`` and their WORK/TRANSACTION forms, any case, spacing, one ``;``."""
+    words = text.decode("ascii", "replace").strip().rstrip(";").strip().lower().split()
+    return " ".join(words) in _COMMIT_WORDS
+
+
 def _marker_query(session_id: int, seq: int) -> bytes:
     """The purge marker: a transactional logical decoding message naming this transaction,
     emitted only if the transaction has an xid (so a read-only one stays read-only)."""
-    from shadow import messages
-
     return messages.query(
         "SELECT CASE WHEN pg_catalog.txid_current_if_assigned() IS NOT NULL THEN"
         f" pg_catalog.pg_logical_emit_message(true, 'connmgr', '{session_id}:{seq}') END"

@@ -19,7 +19,7 @@ import socket as _stdsocket
 
 import trio
 
-__all__ = ["FastSocketStream", "open_tcp", "set_nodelay"]
+__all__ = ["FastSocketStream", "close_now", "open_tcp", "set_nodelay"]
 
 _YIELD_EVERY = 16
 _RECV_SIZE = 64 * 1024
@@ -148,6 +148,16 @@ class FastSocketStream(trio.abc.HalfCloseableStream):
         except (OSError, ValueError):
             return "?"
         return f"{host}:{port}"
+
+
+def close_now(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` at once, without a checkpoint (usable in ``finally`` under
+    cancellation); for a TLS stream, the transport underneath."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+    elif isinstance(stream, trio.SSLStream):
+        close_now(stream.transport_stream)
 
 
 async def open_tcp(host: str, port: int) -> FastSocketStream:

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from shadow import messages as m
-from shadow.messages import BackendTag
 
 from .lsn import parse_lsn
 
@@ -97,21 +96,7 @@ class RedoMonitor:
 
 
 async def _sample(session: BackendSession) -> int:
-    await session.stream.send_all(_QUERY)
-    value = None
-    framer = session.framer
-    while True:
-        data = await session.stream.receive_some(4096)
-        if not data:
-            raise ConnectionError("primary closed the redo monitor's session")
-        buf, frames = framer.feed(data)
-        for tag, start, end in frames:
-            if tag == BackendTag.DATA_ROW:
-                (raw,) = m.decode_backend(tag, buf[start:end]).values
-                value = parse_lsn(raw.decode())
-            elif tag == BackendTag.ERROR_RESPONSE:
-                raise RuntimeError(m.decode_backend(tag, buf[start:end]).message)
-            elif tag == BackendTag.READY_FOR_QUERY:
-                if value is None:
-                    raise RuntimeError("pg_current_wal_insert_lsn() returned no row")
-                return value
+    rows = await session.query_rows(_QUERY)
+    if len(rows) != 1 or rows[0][0] is None:
+        raise RuntimeError("pg_current_wal_insert_lsn() returned no value")
+    return parse_lsn(rows[0][0].decode())
