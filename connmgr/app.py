@@ -13,21 +13,25 @@ import logging
 import secrets
 import signal
 import ssl
+import time
 
 import trio
 
+from replay import markers
 from replay.redo_monitor import RedoMonitor
+from shadow import messages
 
 from .backend import BackendServer, Credentials, open_backend, send_cancel
 from .client import ClientConnection
 from .client_auth import SecretStore
 from .config import Config, parse_hostport
 from .engine import RelayEngine
-from .errors import AdminShutdown
+from .errors import AdminShutdown, ClientError
 from .import_process import ImportProcess
 from .metrics import Metrics
 from .mirror import MirrorLink, serve_mirror
 from .transport import FastSocketStream
+from .wire import PeerClosed
 
 log = logging.getLogger("connmgr")
 
@@ -48,6 +52,10 @@ class App:
         self.client_ssl_context = _client_ssl_context(config)
         self.mirror: MirrorLink | None = None
         self.redo: RedoMonitor | None = None
+        #: this connmgr instance's number: names its sessions' marker rows (replay/markers.py)
+        self.origin = time.time_ns() // 1000
+        #: database -> (markers usable, when checked); see markers_enabled
+        self._marker_dbs: dict[str, tuple[bool, float]] = {}
         if config.mirror.peer:
             host, port = parse_hostport(config.mirror.peer, what="[mirror] peer")
             self.redo = RedoMonitor(interval=config.redo.interval)
@@ -55,6 +63,7 @@ class App:
             self.mirror = MirrorLink(
                 host, port, max_buffer_bytes=config.mirror.max_buffer_bytes,
                 heartbeat_interval=config.mirror.heartbeat_interval, lsn=lambda: redo.lsn,
+                two_phase=config.mirror.mode == "two-phase", two_phase_timeout=config.mirror.two_phase_timeout,
             )
         #: secondary role: every mirrored record is handed to these callbacks, in order
         self.mirror_consumers: list = []
@@ -111,6 +120,40 @@ class App:
         self.clients[conn.id] = conn
         self.metrics.clients_accepted += 1
         await conn.run()
+
+    async def markers_enabled(self, database: str) -> bool:
+        """Whether sessions on ``database`` get purge markers and DDL capture: mirroring
+        is on, ``[mirror] markers`` too, and the database has ``connmgr.mark`` (checked
+        once per database with the [redo] credentials; a negative answer is checked again
+        after a minute). Without it, a marker would fail inside the client's transaction,
+        so it is never injected; the gap is logged and counted."""
+        if self.mirror is None or not self.config.mirror.markers:
+            return False
+        known = self._marker_dbs.get(database)
+        now = time.monotonic()
+        if known is not None and (known[0] or now - known[1] < 60):
+            return known[0]
+        ok = False
+        r = self.config.redo
+        params = {"user": r.user, "database": database, "application_name": "connmgr marker check"}
+        try:
+            with trio.fail_after(self.config.primary.connect_timeout):
+                session = await open_backend(self.server, params, Credentials(password=r.password or None),
+                                             max_message_size=1 << 20)  # fmt: skip
+                try:
+                    rows = await session.query_rows(messages.query(markers.CHECK_SQL))
+                finally:
+                    session.close()
+            ok = rows == [(b"t",)]
+            if not ok:
+                log.warning("database %r has no connmgr marker function: its transactions are not"
+                            " marked (interrupted commits cannot be resolved exactly) and DDL is not"
+                            " captured; run `connmgr prepare-db` on both databases", database)  # fmt: skip
+        except (ClientError, OSError, trio.TooSlowError, PeerClosed) as e:
+            log.warning("cannot check database %r for the connmgr marker function: %s", database, e)
+        self._marker_dbs[database] = (ok, now)
+        self.metrics.marker_databases = {db: v for db, (v, _t) in self._marker_dbs.items()}
+        return ok
 
     async def _open_redo_session(self):
         r = self.config.redo

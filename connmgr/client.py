@@ -104,8 +104,9 @@ class ClientConnection:
 
                     await AdminConsole(self.app, self, reader).run()
                     return
+                markers_on = await app.markers_enabled(self.database) if app.mirror is not None else False
                 self.state = "active"
-                self.relay = Relay(self, self.backend, reader.framer)
+                self.relay = Relay(self, self.backend, reader.framer, markers_on)
                 await self.relay.run(reader.take_buffered())
             if self._close_reason is not None:  # close_with() cancelled us
                 await self._fail(self._close_reason)

@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
 RELAY_MODES = ("engine", "tasks")
+MIRROR_MODES = ("one-phase", "two-phase")
 CLIENT_TLS_MODES = ("disable", "allow", "require")
 SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 
@@ -110,9 +111,17 @@ class MirrorSection:
     #: unacknowledged records kept for deltas; beyond, the oldest go and the secondary resyncs
     max_buffer_bytes: int = 64 << 20
     heartbeat_interval: float = 0.1
-    #: embed purge markers (a transactional logical message naming the session and
-    #: transaction) in committing transactions, for exact purge on the secondary
+    #: embed purge markers (a row of connmgr.markers naming the session and transaction,
+    #: see replay/markers.py) in writing transactions, and capture DDL for the secondary
     markers: bool = True
+    #: "one-phase": acknowledgements go to the client at once, the mirror follows;
+    #: "two-phase": a writing transaction's commit acknowledgement is held until the
+    #: secondary connmgr has acknowledged the mirrored reply
+    mode: str = "one-phase"
+    #: two-phase: how long a held acknowledgement waits for the secondary; past it the
+    #: primary degrades to one-phase (metric connmgr_mirror_two_phase_active 0, a WARNING)
+    #: and returns to two-phase once the secondary has caught up again
+    two_phase_timeout: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +304,12 @@ def _check(config: Config, source: str) -> None:
     for key in ("peer", "listen"):
         if getattr(config.mirror, key):
             parse_hostport(getattr(config.mirror, key), what=f"{source}: [mirror] {key}", allow_zero=key == "listen")
+    if config.mirror.mode not in MIRROR_MODES:
+        raise ConfigError(
+            f"{source}: [mirror] mode: must be one of {', '.join(MIRROR_MODES)}, got {config.mirror.mode!r}"
+        )
+    if config.mirror.two_phase_timeout <= 0:
+        raise ConfigError(f"{source}: [mirror] two_phase_timeout: must be > 0")
     if config.mirror.heartbeat_interval <= 0:
         raise ConfigError(f"{source}: [mirror] heartbeat_interval: must be > 0")
     if config.redo.interval <= 0:

@@ -21,6 +21,11 @@ Flow control: when a ``send`` cannot take everything, the rest is kept on the di
 its source stops being read (its EPOLLIN interest is dropped) until the destination drains
 (EPOLLOUT). So a slow reader holds back exactly one chunk, never an unbounded queue.
 
+Two-phase: when the downstream processor marks a batch as holding a commit's
+acknowledgement (``Relay.hold_version``), the batch is parked like an unsent rest, but
+without waiting for writability, until the mirror link releases it (the secondary
+acknowledged that version, or two-phase degraded); meanwhile the backend is not read.
+
 Fairness: one ``recv`` per ready socket per batch, and a trio checkpoint between batches,
 so a bulk transfer cannot starve other sessions or other tasks.
 
@@ -57,7 +62,7 @@ _BATCHES_PER_WAKEUP = 4
 class _Direction:
     """One direction of one session: where from, where to, and what is still unsent."""
 
-    __slots__ = ("src", "dst", "src_fd", "dst_fd", "framer", "process", "pending", "upstream")
+    __slots__ = ("src", "dst", "src_fd", "dst_fd", "framer", "process", "pending", "upstream", "held")
 
     def __init__(self, src: socket.socket, dst: socket.socket, framer: Framer, process, upstream: bool) -> None:
         self.src = src
@@ -68,6 +73,8 @@ class _Direction:
         self.process = process
         self.pending: memoryview | None = None
         self.upstream = upstream
+        #: two-phase: ``pending`` holds a commit's acknowledgement until the mirror releases it
+        self.held = False
 
 
 class Link:
@@ -130,6 +137,15 @@ class Link:
             return self._end(e)
         except RemoteProtocolError as e:
             return self._end(ClientError(e.message, sqlstate=e.sqlstate))
+        relay = self.relay
+        if relay.hold_version and not d.upstream:
+            version, relay.hold_version = relay.hold_version, 0
+            d.pending = memoryview(buf)
+            d.held = True
+            self._interest()
+            self.engine.holds += 1
+            relay.conn.app.mirror.hold(version, lambda: self._release(d))
+            return
         self._send(d, buf)
         if d.upstream and self.relay.upstream.terminated and self.attached:
             self._end(None)
@@ -144,6 +160,16 @@ class Link:
         if n < len(buf):
             d.pending = memoryview(buf)[n:]
             self._interest()
+
+    def _release(self, d: _Direction) -> None:
+        """The mirror acknowledged (or two-phase degraded): send the held reply."""
+        if not d.held:
+            return
+        d.held = False
+        if self.attached and d.pending is not None:
+            self._flush(d)
+            if self.attached:
+                self._interest()
 
     def _flush(self, d: _Direction) -> None:
         view = d.pending
@@ -162,7 +188,7 @@ class Link:
         direction has nothing pending; wait for writability where something is."""
         up, down = self.up, self.down
         want = {
-            self.client_fd: (_IN if up.pending is None else 0) | (_OUT if down.pending is not None else 0),
+            self.client_fd: (_IN if up.pending is None else 0) | (_OUT if down.pending is not None and not down.held else 0),
             self.backend_fd: (_IN if down.pending is None else 0) | (_OUT if up.pending is not None else 0),
         }
         for fd, flags in want.items():
@@ -200,6 +226,7 @@ class RelayEngine:
         self._links: dict[int, Link] = {}
         self.batches = 0
         self.events = 0
+        self.holds = 0
 
     @property
     def sessions(self) -> int:

@@ -86,6 +86,8 @@ class Metrics:
     backend_connect_errors: int = 0
     cancels: int = 0
     auth_failures: int = 0
+    #: database -> whether its sessions are marked (App.markers_enabled)
+    marker_databases: dict = field(default_factory=dict)
     closed: ConnStats = field(default_factory=ConnStats)
 
     def connection_closed(self, stats: ConnStats) -> None:

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -51,7 +52,8 @@ class MirrorLink:
     """The primary's end of the mirror stream. See the module docstring."""
 
     def __init__(self, host: str, port: int, *, node: str = "primary", max_buffer_bytes: int = 64 << 20,
-                 heartbeat_interval: float = 0.1, lsn: Callable[[], int] = lambda: 0) -> None:
+                 heartbeat_interval: float = 0.1, lsn: Callable[[], int] = lambda: 0,
+                 two_phase: bool = False, two_phase_timeout: float = 0.5) -> None:
         self.host, self.port = host, port
         self.node = node
         self.sender = MirrorSender(int.from_bytes(os.urandom(8), "big"), max_buffer_bytes=max_buffer_bytes)
@@ -68,14 +70,25 @@ class MirrorLink:
         self.connects = 0
         self.bytes_sent = 0
         self.delta_requests = 0
+        #: two-phase configured, and active now (False while degraded to one-phase)
+        self.two_phase_configured = two_phase
+        self.two_phase = two_phase
+        self.two_phase_timeout = two_phase_timeout
+        #: held acknowledgements, oldest first: (version, since, release callback)
+        self._holds: deque[tuple[int, float, Callable[[], None]]] = deque()
+        self.holds_total = 0
+        self.degradations = 0
+        self._last_ack = 0.0
 
     # ------------------------------------------------------------------ hot path
 
     def session_opened(self, session_id: int, params: dict[str, str]) -> None:
         self._out(self.sender.session_opened(session_id, params))
 
-    def session_data(self, session_id: int, direction: str, offset: int, payload: bytes) -> None:
+    def session_data(self, session_id: int, direction: str, offset: int, payload: bytes) -> int:
+        """Mirror one batch; returns its version."""
         self._out(self.sender.data(session_id, direction, self.lsn(), offset, payload))
+        return self.sender.latest_version
 
     def session_marker(self, session_id: int, seq: int) -> None:
         self._out(self.sender.marker(session_id, seq))
@@ -83,6 +96,69 @@ class MirrorLink:
     def session_closed(self, session_id: int) -> None:
         self._out(self.sender.session_closed(session_id))
         self.flush_nowait()
+
+    # ------------------------------------------------------------------ two-phase
+
+    def hold(self, version: int, release: Callable[[], None]) -> None:
+        """Two-phase: call ``release()`` once the secondary has acknowledged ``version``
+        (the batch holding a commit's acknowledgement), or when two-phase degrades. The
+        record goes out at once with an AckRequest, so the secondary answers at once."""
+        if not self.two_phase or version <= self.sender.acked_version:
+            release()
+            return
+        self._holds.append((version, time.monotonic(), release))
+        self.holds_total += 1
+        if self.connected:
+            self._outbox.append(self.sender.ack_request(version))
+            self.flush_nowait()
+
+    @property
+    def holds(self) -> int:
+        return len(self._holds)
+
+    def _acked(self, version: int) -> None:
+        self.sender.on_ack(version)
+        self._last_ack = time.monotonic()
+        holds = self._holds
+        while holds and holds[0][0] <= version:
+            holds.popleft()[2]()
+
+    def _release_all(self) -> None:
+        holds, self._holds = self._holds, deque()
+        for _v, _t, release in holds:
+            release()
+
+    def check_two_phase(self, now: float | None = None) -> None:
+        """The written policy for a slow or absent secondary: a held acknowledgement older
+        than ``two_phase_timeout`` degrades the link to one-phase (every held one is
+        released, a WARNING, ``degradations`` counts); it returns to two-phase when the
+        link is up, acknowledged within the last second and less than 256 versions behind."""
+        if not self.two_phase_configured:
+            return
+        now = time.monotonic() if now is None else now
+        if self.two_phase:
+            if self._holds and now - self._holds[0][1] > self.two_phase_timeout:
+                self.two_phase = False
+                self.degradations += 1
+                log.warning(
+                    "mirror: the secondary at %s:%d acknowledged nothing for %.2fs (%s): two-phase"
+                    " DEGRADED to one-phase; %d held commit acknowledgements released",
+                    self.host, self.port, now - self._holds[0][1],
+                    "link up" if self.connected else "link down", len(self._holds),
+                )  # fmt: skip
+                self._release_all()
+        elif (self.connected and now - self._last_ack < 1.0
+              and self.sender.latest_version - self.sender.acked_version < 256):  # fmt: skip
+            self.two_phase = True
+            log.warning("mirror: the secondary at %s:%d caught up: two-phase restored", self.host, self.port)
+
+    async def _watch_two_phase(self) -> None:
+        interval = min(0.05, self.two_phase_timeout / 4)
+        while True:
+            await trio.sleep(interval)
+            self.check_two_phase()
+
+    # ------------------------------------------------------------------ outbox
 
     def _out(self, wire: bytes) -> None:
         if self.connected:
@@ -138,6 +214,12 @@ class MirrorLink:
         background (watch :attr:`connected`); sessions are mirrored into the buffer
         meanwhile and resent when it is up."""
         task_status.started()
+        async with trio.open_nursery() as nursery:
+            if self.two_phase_configured:
+                nursery.start_soon(self._watch_two_phase)
+            await self._keep_connected()
+
+    async def _keep_connected(self) -> None:
         backoff = 0.05
         while True:
             try:
@@ -172,7 +254,11 @@ class MirrorLink:
             for rec in decoder.feed(data):
                 if isinstance(rec, HelloAck):
                     ack = rec
-        await stream.send_all(self.sender.on_hello_ack(ack))
+        resend = self.sender.on_hello_ack(ack)
+        if self._holds:  # ask again for what the held acknowledgements wait for
+            resend += self.sender.ack_request(self._holds[-1][0])
+        await stream.send_all(resend)
+        self._acked(self.sender.acked_version)
         raw = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         raw.setblocking(False)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -221,7 +307,7 @@ class MirrorLink:
                 return
             for rec in decoder.feed(data):
                 if isinstance(rec, Ack):
-                    self.sender.on_ack(rec.version)
+                    self._acked(rec.version)
                 elif isinstance(rec, DeltaRequest):
                     self.delta_requests += 1
                     self._outbox.append(self.sender.delta(rec.from_version))
@@ -275,7 +361,10 @@ async def serve_mirror(
                     if delivered:
                         deliver(delivered)
                     now = trio.current_time()
-                    if (delivered and now - last_ack >= ack_interval) or heartbeat:
+                    urgent = receiver.ack_wanted and receiver.acked >= receiver.ack_wanted
+                    if urgent:
+                        receiver.ack_wanted = 0
+                    if (delivered and now - last_ack >= ack_interval) or heartbeat or urgent:
                         replies.append(Ack(receiver.acked))
                         last_ack = now
                     if replies:

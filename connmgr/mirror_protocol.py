@@ -9,7 +9,8 @@ that direction of the client's TCP stream), :class:`Marker` (a purge marker was 
 in transaction ``seq`` of a session) and :class:`SessionClosed`. Unversioned control
 records travel beside them: :class:`Hello`/:class:`HelloAck` when the link (re)connects,
 :class:`Heartbeat` (carrying the latest version, so a loss at the very end is noticed),
-:class:`Ack` (the secondary has every version up to N) and :class:`DeltaRequest`.
+:class:`Ack` (the secondary has every version up to N), :class:`AckRequest` (two-phase:
+acknowledge version N as soon as you have it) and :class:`DeltaRequest`.
 
 :class:`MirrorSender` keeps every unacknowledged record in a buffer bounded in bytes, so a
 gap or a reconnect is repaired by resending the *delta* from the buffer. When the buffer
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from struct import Struct
 
 __all__ = [
-    "Ack", "Data", "DeltaRequest", "Heartbeat", "Hello", "HelloAck", "Marker",
+    "Ack", "AckRequest", "Data", "DeltaRequest", "Heartbeat", "Hello", "HelloAck", "Marker",
     "MirrorDecoder", "MirrorProtocolError", "MirrorReceiver", "MirrorSender", "Resync",
     "SessionClosed", "SessionOpened", "encode",
 ]
@@ -114,6 +115,14 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class AckRequest:
+    """Two-phase: the primary holds a commit's acknowledgement until ``version`` is
+    acknowledged; the secondary acks as soon as it has it (no coalescing delay)."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeltaRequest:
     from_version: int
 
@@ -126,7 +135,7 @@ class Resync:
 
 
 Versioned = SessionOpened | Data | Marker | SessionClosed
-Record = Versioned | Heartbeat | Hello | HelloAck | Ack | DeltaRequest | Resync
+Record = Versioned | Heartbeat | Hello | HelloAck | Ack | AckRequest | DeltaRequest | Resync
 
 
 def _frame(kind: bytes, body: bytes) -> bytes:
@@ -166,6 +175,8 @@ def encode(rec: Record) -> bytes:
             return _frame(b"A", _U64.pack(rec.version))
         case DeltaRequest():
             return _frame(b"R", _U64.pack(rec.from_version))
+        case AckRequest():
+            return _frame(b"Q", _U64.pack(rec.version))
         case Resync():
             return _frame(b"Y", _U64.pack(rec.next_version))
     raise TypeError(f"not a mirror record: {rec!r}")
@@ -200,6 +211,8 @@ def _decode(kind: int, body: bytes) -> Record:
             return Ack(*_exact(_U64, body))
         if kind == 0x52:  # R
             return DeltaRequest(*_exact(_U64, body))
+        if kind == 0x51:  # Q
+            return AckRequest(*_exact(_U64, body))
         if kind == 0x59:  # Y
             return Resync(*_exact(_U64, body))
     except (ValueError, UnicodeDecodeError) as e:  # struct.error is a ValueError
@@ -288,6 +301,9 @@ class MirrorSender:
     def heartbeat(self, lsn: int, time_us: int) -> bytes:
         return encode(Heartbeat(self.latest_version, lsn, time_us))
 
+    def ack_request(self, version: int) -> bytes:
+        return encode(AckRequest(version))
+
     def hello(self, node: str) -> bytes:
         return encode(Hello(self.epoch, node))
 
@@ -330,6 +346,8 @@ class MirrorReceiver:
         self.duplicates = 0
         self.gaps = 0
         self.resyncs = 0
+        #: highest version the primary asked to be acknowledged at once (AckRequest)
+        self.ack_wanted = 0
 
     def on_hello(self, hello: Hello) -> HelloAck:
         if hello.epoch != self.epoch:  # a new primary incarnation: its versions start at 1
@@ -352,6 +370,9 @@ class MirrorReceiver:
         if isinstance(rec, Heartbeat):
             if rec.latest_version >= self.expected:
                 return [], self._ask(self.expected)
+            return [], []
+        if isinstance(rec, AckRequest):
+            self.ack_wanted = max(self.ack_wanted, rec.version)
             return [], []
         if isinstance(rec, Resync):
             self.resyncs += 1

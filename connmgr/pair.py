@@ -66,6 +66,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from replay import markers
+
 from .clusters import Cluster, ClusterError
 
 __all__ = ["ClusterPair", "PairError"]
@@ -74,7 +76,7 @@ __all__ = ["ClusterPair", "PairError"]
 #: failed apply worker after ``wal_retrieve_retry_interval`` (default 5 s); a shorter one
 #: shortens the time the primary's commits hang after the secondary comes back.
 PAIR_SETTINGS: dict[str, str | int] = {
-    "wal_retrieve_retry_interval": "1s",
+    "wal_retrieve_retry_interval": "200ms",
 }
 
 _NAMEDATALEN = 63
@@ -164,6 +166,8 @@ class ClusterPair:
                     if db != "postgres":
                         cluster.create_database(db)
                     cluster.psql("GRANT ALL ON SCHEMA public TO PUBLIC", dbname=db)
+                    # purge markers: on both sides before the subscription (replay/markers.py)
+                    cluster.psql(markers.SCHEMA_SQL, dbname=db)
             for db in databases:
                 pair._execute(primary, db, sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(
                     sql.Identifier(publication)))  # fmt: skip

@@ -39,10 +39,19 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from replay import markers
 from shadow import messages
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
 from shadow.session import PendingRequest, TxStatus
+from shadow.sqltext import (
+    DdlKind,
+    ddl_kind,
+    is_commit,
+    is_transaction_control,
+    may_write,
+    statement_count,
+)
 
 from .errors import BackendUnavailable, ClientError
 from .transport import FastSocketStream
@@ -53,26 +62,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connmgr.relay")
 
-_Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I, _P, _B = (ord(c) for c in "QSFXDZEdANIPB")
+_Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I, _P, _B, _T, _CC = (ord(c) for c in "QSFXDZEdANIPBTC")
 _PID = Struct("!i")
+_ROWS = Struct("!h")
 RECV_SIZE = 64 * 1024
+
+
+#: what connmgr injected into the client's stream and how its replies are told apart
+#: (one injection is outstanding at a time: injecting needs nothing in flight)
+_NONE = 0
+_CYCLE = 1  #: a whole Query of ours before the client's: swallow its replies up to its Z
+_NAMED = 2  #: statements of ours inside the client's Query: swallow results named ours
+_EXT_TAIL = 3  #: Parse/Bind/Execute/Close of ours before the client's Sync: swallow their
+#: replies once the client's own requests are answered
+
+_MARKER_COLUMN = markers.MARKER_COLUMN.encode() + b"\0"
+_DDL_COLUMN = markers.DDL_COLUMN.encode() + b"\0"
+_EXT_REPLIES = frozenset(map(ord, "12DC3"))
+_MARKER_STATEMENT = "connmgr.marker"
 
 
 class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
-    __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session")
+    __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session",
+                 "origin")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.session = relay.conn.session
         self.shadow = relay.conn.session.frontend_message
-        #: embed purge markers in committing transactions (see replay/__init__.py)
-        self.markers = relay.conn.app.mirror is not None and relay.conn.app.config.mirror.markers
+        app = relay.conn.app
+        #: embed purge markers and capture DDL (see replay/markers.py); decided per session
+        #: by the client (the database must have the marker function)
+        self.markers = relay.markers
+        self.origin = app.origin
         self.stats = relay.conn.stats
         self.starts = relay.starts
         self.terminated = False
-        self.mirror = relay.conn.app.mirror
+        self.mirror = app.mirror
         self.sid = relay.conn.id
         #: offset of the next byte in the client-to-server TCP stream (set by Relay.run)
         self.offset = 0
@@ -83,16 +111,20 @@ class Upstream:
         now = time.perf_counter()
         relay.last_activity = now
         starts = self.starts
-        inject_at = -1
+        plan = None
         for tag, start, end in frames:
             if tag == _d:
                 continue
             if tag == _Q or tag == _S or tag == _F:
-                if tag == _Q and self.markers and inject_at < 0 and self._commits(buf, start, end):
-                    inject_at = start - 5
+                if self.markers and plan is None and not relay.inject_mode and relay.tracking:
+                    if tag == _Q:
+                        plan = self._plan_query(buf, start, end)
+                    elif tag == _S:
+                        plan = self._plan_sync(start)
                 starts.append(now)
-            elif (tag == _P or tag == _B) and self.markers and inject_at < 0 and self._extended_commits(tag, buf, start, end):
-                inject_at = start - 5
+            elif (tag == _P or tag == _B) and self.markers and plan is None and not relay.inject_mode \
+                    and relay.tracking and self._extended_commits(tag, buf, start, end):  # fmt: skip
+                plan = (start - 5, start - 5, self._marker_query(), _CYCLE)
             elif tag == _X:
                 self.terminated = True
             if relay.tracking:
@@ -106,22 +138,103 @@ class Upstream:
         if self.mirror is not None:
             self.mirror.session_data(self.sid, "c", self.offset, buf)
             self.offset += len(buf)
-        if inject_at >= 0:
-            seq = relay.transactions + 1
-            relay.swallow += 1
-            if self.mirror is not None:
-                self.mirror.session_marker(self.sid, seq)
-            return buf[:inject_at] + _marker_query(self.sid, seq) + buf[inject_at:]
+        if plan is not None:
+            cut, resume, insert, mode = plan
+            relay.inject_mode = mode
+            relay.injected += 1
+            return buf[:cut] + insert + buf[resume:]
         return buf
 
-    def _commits(self, buf: bytes, start: int, end: int) -> bool:
-        """A Query that COMMITs a transaction block with nothing else in flight: where the
-        purge marker goes (just before it, in the same network write)."""
-        s = self.session
-        if s.pending or s.tx_status is not TxStatus.IN_TRANSACTION or end - start > 32:
-            return False
-        return _is_commit(buf[start:end - 1])
+    # ----------------------------------------------------------------- what to inject
 
+    def _marker_sql(self) -> str:
+        relay = self.relay
+        relay.marker_seq = relay.transactions + 1
+        return markers.mark_sql(self.origin, self.sid, relay.marker_seq)
+
+    def _marker_query(self) -> bytes:
+        return messages.query(self._marker_sql())
+
+    def _plan_query(self, buf: bytes, start: int, end: int):
+        """A simple Query with nothing in flight: in a block, a COMMIT gets a marker Query
+        before it and a DDL statement a capture Query; in autocommit, a single writing or
+        DDL statement is rewritten to carry them in its own implicit transaction."""
+        s = self.session
+        if s.pending:
+            return None
+        tx = s.tx_status
+        if tx is TxStatus.IN_TRANSACTION:
+            sql = bytes(buf[start:end - 1])
+            if is_commit(sql):
+                return (start - 5, start - 5, self._marker_query(), _CYCLE)
+            kind = ddl_kind(sql)
+            if kind == DdlKind.NONE:
+                return None
+            if kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
+                self.relay.ddl_captured += 1
+                return (start - 5, start - 5, messages.query(markers.ddl_capture_sql(_text(sql))), _CYCLE)
+            self._not_captured(sql, kind)
+            return None
+        if tx is not TxStatus.IDLE:
+            return None
+        sql = bytes(buf[start:end - 1])
+        kind = ddl_kind(sql)
+        if kind == DdlKind.NONE:
+            if not may_write(sql) or statement_count(sql) != 1:
+                return None
+            text = _text(sql) + "\n;" + self._marker_sql()
+        elif kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
+            self.relay.ddl_captured += 1
+            # the capture goes after the statement (so error positions stay the client's);
+            # it is in the same implicit transaction either way
+            text = _text(sql) + "\n;" + markers.ddl_capture_sql(_text(sql)) + ";" + self._marker_sql()
+        else:
+            self._not_captured(sql, kind)
+            return None
+        return (start - 5, end, messages.query(text), _NAMED)
+
+    def _not_captured(self, sql: bytes, kind: int) -> None:
+        if kind == DdlKind.NOT_REPLICATED:
+            return
+        self.relay.ddl_not_captured += 1
+        why = ("Postgres runs it outside transaction blocks" if kind == DdlKind.OUTSIDE_BLOCK
+               else "it shares its Query with other statements")  # fmt: skip
+        log.warning("client %d: DDL not replicated to the secondary (%s): %.80s",
+                    self.sid, why, _text(sql))  # fmt: skip
+
+    def _plan_sync(self, start: int):
+        """An extended-protocol Sync that ends an implicit transaction (the segment began
+        with nothing in flight, outside a block, and holds no transaction control): if
+        it wrote, a marker Parse/Bind/Execute/Close goes before the Sync."""
+        s = self.session
+        if s.tx_status is not TxStatus.IDLE or not s.pending:
+            return None
+        writes = False
+        parsed: dict[str | None, str | None] = {}  # statements parsed in this segment
+        for req in s.pending:
+            kind = req.kind
+            if kind == "P" or kind == "B":
+                if kind == "P":
+                    sql = parsed[req.statement] = req.sql
+                else:  # its statement may be parsed in this very segment, not yet answered
+                    sql = parsed[req.statement] if req.statement in parsed else s.request_sql(req)
+                if sql is None:
+                    return None
+                raw = sql.encode("utf-8", "replace")
+                if is_transaction_control(raw):
+                    return None
+                writes = writes or may_write(raw)
+            elif kind != "D" and kind != "E" and kind != "C":
+                return None  # an earlier Sync or Query is still in flight
+        if not writes:
+            return None
+        marker = (
+            messages.Parse(_MARKER_STATEMENT, self._marker_sql()).encode()
+            + messages.Bind("", _MARKER_STATEMENT).encode()
+            + messages.Execute("").encode()
+            + messages.Close("S", _MARKER_STATEMENT).encode()
+        )
+        return (start - 5, start - 5, marker, _EXT_TAIL)
 
     def _extended_commits(self, tag: int, buf: bytes, start: int, end: int) -> bool:
         """The extended-protocol form: a Parse of COMMIT/END, or a Bind of a prepared
@@ -136,36 +249,23 @@ class Upstream:
         except ValueError:
             return False
         if tag == _P:
-            return _is_commit(body[first + 1:second])
+            return is_commit(body[first + 1:second])
         sql = s.request_sql(PendingRequest("B", statement=body[first + 1:second].decode("utf-8", "replace")))
-        return sql is not None and _is_commit(sql.encode("utf-8", "replace"))
+        return sql is not None and is_commit(sql.encode("utf-8", "replace"))
 
 
-_COMMIT_WORDS = frozenset({"commit", "end", "commit work", "commit transaction", "end work", "end transaction"})
-
-
-def _is_commit(text: bytes) -> bool:
-    """``COMMIT``, ``END`` and their WORK/TRANSACTION forms, any case, spacing, one ``;``."""
-    words = text.decode("ascii", "replace").strip().rstrip(";").strip().lower().split()
-    return " ".join(words) in _COMMIT_WORDS
-
-
-def _marker_query(session_id: int, seq: int) -> bytes:
-    """The purge marker: a transactional logical decoding message naming this transaction,
-    emitted only if the transaction has an xid (so a read-only one stays read-only)."""
-    return messages.query(
-        "SELECT CASE WHEN pg_catalog.txid_current_if_assigned() IS NOT NULL THEN"
-        f" pg_catalog.pg_logical_emit_message(true, 'connmgr', '{session_id}:{seq}') END"
-    )
+def _text(sql: bytes) -> str:
+    return sql.decode("utf-8", "replace")
 
 
 class Downstream:
     """Server to client: the same for the server's messages."""
 
-    __slots__ = ("relay", "shadow", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid")
+    __slots__ = ("relay", "shadow", "session", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.session = relay.conn.session
         self.shadow = relay.conn.session.backend_message
         self.stats = relay.conn.stats
         self.starts = relay.starts
@@ -178,11 +278,14 @@ class Downstream:
 
     def process(self, buf: bytes, frames: list) -> bytes:
         relay = self.relay
-        if relay.swallow:
+        track = relay.tracking
+        if relay.inject_mode:
             buf, frames = self._strip_injected(buf, frames)
+            track = False  # _strip_injected fed the shadow
             if not frames:
                 return b""
         notified = False
+        hold = False
         for tag, start, end in frames:
             if tag == _D:
                 continue
@@ -191,42 +294,88 @@ class Downstream:
             elif tag == _Z:
                 if buf[start] == _I:
                     relay.transactions += 1
+                    if relay.marked:
+                        relay.marked = False
+                        hold = True
                 starts = self.starts
                 if starts:
                     now = time.perf_counter()
                     self.latency.observe(now - starts.popleft())
                     self.stats.requests += 1
                     relay.last_activity = now
-            if relay.tracking:
+            if track:
                 try:
                     self.shadow(tag, buf[start:end])
                 except RemoteProtocolError as e:
                     relay.untrack("server", e)
+                    track = False
         self.last_tag = frames[-1][0]
         if notified:
             buf = relay.virtualise_notification_pids(buf, frames)
         stats = self.stats
         stats.messages_to_client += len(frames)
         stats.bytes_to_client += len(buf)
-        if self.mirror is not None:
-            self.mirror.session_data(self.sid, "b", self.offset, buf)
+        mirror = self.mirror
+        if mirror is not None:
+            version = mirror.session_data(self.sid, "b", self.offset, buf)
             self.offset += len(buf)
+            if hold and mirror.two_phase:
+                relay.hold_version = version
         return buf
 
     def _strip_injected(self, buf: bytes, frames: list) -> tuple[bytes, list]:
-        """Drop the replies to connmgr's own injected query (up to and including its
-        ReadyForQuery); asynchronous messages in between still reach the client."""
+        """Drop the replies to what connmgr injected (see the ``_CYCLE``, ``_NAMED`` and
+        ``_EXT_TAIL`` modes), feeding the shadow the rest in order. Asynchronous messages
+        and errors always reach the client: an error in a marker aborted the client's
+        transaction, and the client must know."""
         relay = self.relay
+        mode = relay.inject_mode
+        pending = self.session.pending
         kept = []
         for tag, start, end in frames:
-            if relay.swallow and tag not in (_A, _N, _S):
-                if tag == _Z:
-                    relay.swallow -= 1
-                    relay.injected_done += 1
-                elif tag == _E:
-                    relay.injected_errors += 1
+            drop = False
+            if not relay.inject_mode:
+                pass
+            elif tag == _Z:
+                relay.inject_mode = _NONE
+                relay.swallowing = False
+                relay.injected_done += 1
+                drop = mode == _CYCLE
+            elif tag == _E:
+                relay.injected_errors += 1
+                relay.swallowing = False
+            elif tag == _A or tag == _N or tag == _S:
+                pass
+            elif mode == _CYCLE:
+                drop = True
+                if tag == _T:
+                    relay.swallowing = buf[start + 2:start + 2 + len(_MARKER_COLUMN)] == _MARKER_COLUMN
+                elif tag == _D and relay.swallowing:
+                    self._confirm(buf, start)
+            elif mode == _NAMED:
+                if tag == _T:
+                    head = buf[start + 2:start + 2 + len(_MARKER_COLUMN)]
+                    if head == _MARKER_COLUMN or head[:len(_DDL_COLUMN)] == _DDL_COLUMN:
+                        drop = relay.swallowing = True
+                        relay.swallow_marker = head == _MARKER_COLUMN
+                elif relay.swallowing:
+                    drop = True
+                    if tag == _D and relay.swallow_marker:
+                        self._confirm(buf, start)
+                    elif tag == _CC:
+                        relay.swallowing = False
+            elif tag in _EXT_REPLIES and pending and pending[0].kind == "S":
+                drop = True
+                if tag == _D:
+                    self._confirm(buf, start)
+            if drop:
                 continue
             kept.append((tag, start, end))
+            if relay.tracking:
+                try:
+                    self.shadow(tag, buf[start:end])
+                except RemoteProtocolError as e:
+                    relay.untrack("server", e)
         if len(kept) == len(frames):
             return buf, frames
         out = bytearray()
@@ -237,6 +386,16 @@ class Downstream:
             new_frames.append((tag, base, base + end - start))
         return bytes(out), new_frames
 
+    def _confirm(self, buf: bytes, start: int) -> None:
+        """The marker's DataRow: a non-NULL value means it wrote its row, i.e. the
+        transaction writes and will carry the marker if it commits."""
+        relay = self.relay
+        if _ROWS.unpack_from(buf, start)[0] >= 1 and _PID.unpack_from(buf, start + 2)[0] >= 0:
+            relay.marked = True
+            relay.markers_written += 1
+            if self.mirror is not None:
+                self.mirror.session_marker(self.sid, relay.marker_seq)
+
     def eof_error(self) -> ClientError | None:
         """Why the server's EOF ends the session: None if it said so itself (FATAL)."""
         return None if self.last_tag == _E else lost(self.relay.backend)
@@ -245,17 +404,33 @@ class Downstream:
 class Relay:
     """One client session while it is relayed. See the module docstring."""
 
-    def __init__(self, conn: ClientConnection, backend: BackendSession, client_framer: Framer) -> None:
+    def __init__(self, conn: ClientConnection, backend: BackendSession, client_framer: Framer,
+                 markers_on: bool = False) -> None:
         self.conn = conn
         self.backend = backend
         self.client_framer = client_framer
         self.tracking = True
         self.starts: deque[float] = deque()
         self.last_activity = time.perf_counter()
-        #: replies of injected queries still to swallow (one ReadyForQuery cycle each)
-        self.swallow = 0
+        #: embed purge markers and capture DDL (decided by the client: mirroring is on and
+        #: the database has the marker function)
+        self.markers = markers_on
+        #: what is injected and not yet answered (_NONE, _CYCLE, _NAMED, _EXT_TAIL)
+        self.inject_mode = _NONE
+        self.swallowing = False
+        self.swallow_marker = False
+        #: transaction number the outstanding marker names; a marker wrote its row in the
+        #: current transaction (its ack is held in two-phase mode)
+        self.marker_seq = 0
+        self.marked = False
+        #: mirror version of the reply batch holding a commit's ack (two-phase), or 0
+        self.hold_version = 0
+        self.injected = 0
         self.injected_done = 0
         self.injected_errors = 0
+        self.markers_written = 0
+        self.ddl_captured = 0
+        self.ddl_not_captured = 0
         #: transactions the client has seen end (ReadyForQuery 'I'): numbers the markers
         self.transactions = 0
         self.upstream = Upstream(self)
@@ -418,7 +593,13 @@ class Relay:
             buf, frames = framer.feed(data)
             data = b""
             if frames:
-                await send(process(buf, frames))
+                out = process(buf, frames)
+                if self.hold_version:
+                    version, self.hold_version = self.hold_version, 0
+                    released = trio.Event()
+                    self.downstream.mirror.hold(version, released.set)
+                    await released.wait()
+                await send(out)
                 if self.downstream.mirror is not None:
                     self.downstream.mirror.flush_soon()
 

@@ -100,6 +100,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from shadow.sqltext import leading_words
+
+from .markers import MARKER_PREFIX
+
 __all__ = [
     "MARKER_PREFIX",
     "MirroredMessage",
@@ -117,8 +121,6 @@ __all__ = [
     "SessionDesync",
 ]
 
-#: Prefix of the transactional logical decoding message the primary embeds as a marker.
-MARKER_PREFIX = "connmgr"
 
 SERIALIZATION_FAILURE = "40001"
 
@@ -240,8 +242,10 @@ class ImportQueueStats:
     #: records kept because their transaction had not started; and those evicted unused
     early_records: int = 0
     early_evicted: int = 0
-    #: markers whose content was not "<session>:<seq>"
+    #: markers whose content was not "[<origin>:]<session>:<seq>"
     bad_markers: int = 0
+    #: markers of another origin (a different primary connmgr instance)
+    foreign_markers: int = 0
     #: marker notices for a transaction that had already left (or an unknown session)
     late_marker_notices: int = 0
     #: a record said committed and the ack said otherwise
@@ -345,33 +349,6 @@ _COPY_MESSAGES = frozenset((_d, _c, _f))
 _IN_COPY = frozenset((_d, _c, _f, _S, _H))
 _END_TAGS = {b"COMMIT": "COMMIT", b"ROLLBACK": "ROLLBACK", b"PREPARE TRANSACTION": "PREPARE"}
 _SQL_PEEK = 256
-_SPACE = frozenset(b" \t\r\n\f\v")
-
-
-def _leading_words(sql: bytes, limit: int = 2) -> list[bytes]:
-    """The first ``limit`` words of ``sql``, upper-cased, skipping blanks and comments
-    (a linear scan; a regex with nested repetition could backtrack badly)."""
-    words: list[bytes] = []
-    i, n = 0, len(sql)
-    while i < n and len(words) < limit:
-        c = sql[i]
-        if c in _SPACE:
-            i += 1
-        elif sql.startswith(b"--", i):
-            j = sql.find(b"\n", i)
-            i = n if j < 0 else j + 1
-        elif sql.startswith(b"/*", i):
-            j = sql.find(b"*/", i + 2)
-            i = n if j < 0 else j + 2
-        elif 65 <= c <= 90 or 97 <= c <= 122:
-            j = i
-            while j < n and (65 <= sql[j] <= 90 or 97 <= sql[j] <= 122):
-                j += 1
-            words.append(sql[i:j].upper())
-            i = j
-        else:
-            break
-    return words
 
 
 def _sql_of(msg: MirroredMessage) -> bytes | None:
@@ -389,7 +366,7 @@ def _sql_of(msg: MirroredMessage) -> bytes | None:
 
 def _classify(sql: bytes) -> tuple[bool, bool]:
     """(opens a block, asks to commit) for one statement's leading words."""
-    words = _leading_words(sql)
+    words = leading_words(sql)
     if not words:
         return False, False
     first = words[0]
@@ -484,7 +461,11 @@ class ImportQueue:
         max_early_records: int = 4096,
         max_closed_remembered: int = 4096,
         range_check: bool = False,
+        origin: int | None = None,
     ) -> None:
+        #: the primary connmgr instance whose markers count (None: any); others are
+        #: counted as ``foreign_markers``
+        self.origin = origin
         self.max_sessions = max_sessions
         self.max_messages_per_session = max_messages_per_session
         self.max_bytes_per_session = max_bytes_per_session
@@ -931,10 +912,16 @@ class ImportQueue:
         for prefix, content in rec.messages:
             if prefix != MARKER_PREFIX:
                 continue
-            key = _parse_marker(content)
-            if key is None:
+            parsed = _parse_marker(content)
+            if parsed is None:
                 self.stats.bad_markers += 1
-            elif key not in seen:
+                continue
+            origin, sid, seq = parsed
+            if origin is not None and self.origin is not None and origin != self.origin:
+                self.stats.foreign_markers += 1  # another primary connmgr's sessions
+                continue
+            key = (sid, seq)
+            if key not in seen:
                 seen.add(key)
                 yield key
 
@@ -981,11 +968,14 @@ class ImportQueue:
                 self.stats.range_misses += 1
 
 
-def _parse_marker(content: bytes | str) -> tuple[int, int] | None:
-    """``b"<session_id>:<seq>"`` -> (session_id, seq), or None if malformed."""
+def _parse_marker(content: bytes | str) -> tuple[int | None, int, int] | None:
+    """``b"<origin>:<session_id>:<seq>"`` (a marker row) or ``b"<session_id>:<seq>"``
+    -> (origin or None, session_id, seq); None if malformed."""
     if isinstance(content, str):
         content = content.encode("ascii", "replace")
-    sid, sep, seq = bytes(content).partition(b":")
-    if not sep or not sid.isdigit() or not seq.isdigit():
+    parts = bytes(content).split(b":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts):
         return None
-    return int(sid), int(seq)
+    if len(parts) == 2:
+        return None, int(parts[0]), int(parts[1])
+    return int(parts[0]), int(parts[1]), int(parts[2])

@@ -69,6 +69,8 @@ from typing import ClassVar, Literal
 from shadow.errors import RemoteProtocolError
 from shadow.messages import CopyData, Reader
 
+from .markers import MARKER_PREFIX, MARKER_TABLE, marker_content
+
 __all__ = [
     "PG_EPOCH_UNIX_SECONDS",
     "PgoutputError",
@@ -878,12 +880,27 @@ class TransactionAssembler:
             rel = self.relations.get(oid)
             if rel is None:
                 raise PgoutputError(f"{what} for relation {oid}, which no Relation message described")
-            tx.relations[rel.qualified_name] = None
+            name = rel.qualified_name
+            tx.relations[name] = None
+            if name == MARKER_TABLE and (tag == 0x49 or tag == 0x55):
+                self._marker_row(tx, rel, data, xid is not None)
         tx.n_changes += 1
         if len(tx.change_lsns) < self.max_change_lsns:
             tx.change_lsns.append(wal_start)
         else:
             tx.truncated = True
+
+    def _marker_row(self, tx: _Builder, rel: Relation, data: bytes, in_stream: bool) -> None:
+        """A purge marker is a row of ``connmgr.markers`` (see :mod:`replay.markers`):
+        report it as the message ``("connmgr", b"origin:session:seq")``."""
+        msg = decode_pgoutput(data, in_stream=in_stream)
+        names = [c.name for c in rel.columns]
+        try:
+            row = dict(zip(names, msg.new, strict=True))  # type: ignore[union-attr]
+            values = [int(row[k]) for k in ("origin", "session", "seq")]  # type: ignore[arg-type]
+        except (KeyError, ValueError, TypeError):
+            raise PgoutputError(f"malformed row of {MARKER_TABLE}: columns {names}") from None
+        self._add_message(tx, MARKER_PREFIX, marker_content(*values))
 
     def _add_message(self, tx: _Builder, prefix: str, content: bytes) -> None:
         if len(tx.messages) >= self.max_messages or tx.message_bytes + len(content) > self.max_message_bytes:

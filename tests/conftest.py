@@ -13,6 +13,7 @@ from typing import NamedTuple
 import pytest
 
 from connmgr.clusters import Cluster, ClusterError, find_bindir, stop_leftovers, temp_base_dir
+from replay import markers
 
 # ---- connmgr fixtures (lead) ------------------------------------------------------------
 # Register tests/connmgr_fixtures.py here, e.g.
@@ -112,6 +113,7 @@ def pg(pg_bindir, pg_base_dir):
         cluster.create_role(u.trust.name)
         cluster.create_database(APP_DB, owner=u.superuser.name)
         cluster.psql("GRANT ALL ON SCHEMA public TO PUBLIC", dbname=APP_DB)
+        cluster.psql(markers.SCHEMA_SQL, dbname=APP_DB)
         yield cluster
     finally:
         cluster.destroy()

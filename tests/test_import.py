@@ -13,6 +13,7 @@ import pytest
 from connmgr_fixtures import wait_for
 
 from connmgr.prometheus import render
+from replay import markers
 from replay.import_queue import Outcome
 
 
@@ -22,6 +23,7 @@ def importdb(pg):
     name = f"imp_{uuid.uuid4().hex[:8]}"
     pg.create_database(name)
     with pg.connect(dbname=name) as c:
+        c.execute(markers.SCHEMA_SQL)
         c.execute("CREATE TABLE seed_t (id serial PRIMARY KEY, v text)")
         c.execute("CREATE PUBLICATION connmgr FOR ALL TABLES")
     yield name

@@ -1,0 +1,147 @@
+"""The SQL of the purge markers and of DDL capture (sans-IO: texts in, texts out).
+
+Why a table, not a logical message
+----------------------------------
+A marker must answer one question at failover, when the primary is gone: *did transaction
+n of session s commit?* The only witness left is the secondary database, so the marker
+has to be data the secondary applies, in the transaction's own WAL: a row. A logical
+decoding message (``pg_logical_emit_message``) is seen by connmgr's poster reader but not
+applied by the subscriber, and the reader may lag the subscriber, so "the reader never saw
+it" would not prove "it did not commit there". With a row, both readers agree by
+construction: the subscriber applies ``connmgr.markers`` like any table, and the poster
+reader decodes the same change.
+
+One row per session (``origin``, ``session``) holds the sequence number of that session's
+latest committed writing transaction; each marker upserts it (a HOT update of a small row,
+so the table stays as large as the number of sessions). Transactions of one session commit
+in order, so "``seq`` on the secondary >= n" is exactly "transaction n committed there".
+``origin`` is the primary connmgr's instance number, so session numbers of an earlier run
+never answer for this one.
+
+``connmgr.mark(origin, session, seq)`` is ``SECURITY DEFINER`` (clients need no rights on
+the table) and writes only if the transaction already has an xid
+(``txid_current_if_assigned()``): a reader stays read-only and returns NULL. The marker
+column is named ``connmgr.marker`` so the relay can recognise and swallow its replies.
+
+DDL capture
+-----------
+Logical decoding carries no DDL. connmgr captures a DDL statement sent through it by
+emitting, in the same transaction and just before it, a transactional logical message
+(prefix ``connmgr.ddl``) holding the statement and the session's ``current_user`` and
+``search_path`` at that moment (evaluated by the server, in the session). The poster
+reader sees the message inside the transaction's record, at the transaction's commit
+point in the stream, and the secondary connmgr replays the statement there; a transaction
+that aborts never emits it.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+__all__ = [
+    "MARKER_PREFIX",
+    "MARKER_TABLE",
+    "marker_content",
+    "MARKER_COLUMN",
+    "DDL_COLUMN",
+    "DDL_PREFIX",
+    "SCHEMA_SQL",
+    "CHECK_SQL",
+    "mark_sql",
+    "ddl_capture_sql",
+    "DdlStatement",
+    "parse_ddl_message",
+]
+
+MARKER_SCHEMA = "connmgr"
+#: what the poster reader reports a marker row as: the message ("connmgr", b"o:s:q")
+MARKER_PREFIX = "connmgr"
+MARKER_TABLE = "connmgr.markers"
+#: the column name of an injected marker's result: what the relay swallows
+MARKER_COLUMN = "connmgr.marker"
+DDL_COLUMN = "connmgr.ddl"
+#: prefix of the transactional logical message that carries a captured DDL statement
+DDL_PREFIX = "connmgr.ddl"
+
+#: creates (idempotently) what markers need in one database; run it as a superuser on the
+#: primary *and* the secondary, before the subscription is created (the subscriber must
+#: know the table before the first marker row arrives, or its apply worker stops)
+SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS connmgr;
+CREATE TABLE IF NOT EXISTS connmgr.markers (
+    origin bigint NOT NULL,
+    session bigint NOT NULL,
+    seq bigint NOT NULL,
+    PRIMARY KEY (origin, session)
+) WITH (fillfactor = 50);
+CREATE OR REPLACE FUNCTION connmgr.mark(o bigint, s bigint, q bigint) RETURNS boolean
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $connmgr$
+    INSERT INTO connmgr.markers AS m (origin, session, seq)
+    SELECT o, s, q WHERE pg_catalog.txid_current_if_assigned() IS NOT NULL
+    ON CONFLICT (origin, session) DO UPDATE SET seq = excluded.seq
+    RETURNING true
+$connmgr$;
+REVOKE ALL ON connmgr.markers FROM PUBLIC;
+REVOKE ALL ON FUNCTION connmgr.mark(bigint, bigint, bigint) FROM PUBLIC;
+GRANT USAGE ON SCHEMA connmgr TO PUBLIC;
+GRANT EXECUTE ON FUNCTION connmgr.mark(bigint, bigint, bigint) TO PUBLIC;
+"""
+
+#: one row, true if this database has the marker function
+CHECK_SQL = "SELECT pg_catalog.to_regprocedure('connmgr.mark(bigint,bigint,bigint)') IS NOT NULL"
+
+
+def mark_sql(origin: int, session_id: int, seq: int) -> str:
+    """The marker statement for transaction ``seq`` of a session."""
+    return f'SELECT connmgr.mark({origin}, {session_id}, {seq}) AS "{MARKER_COLUMN}"'
+
+
+def ddl_capture_sql(statement: str) -> str:
+    """The statement that records ``statement`` for replay on the secondary, in the
+    current transaction, with the session's role and search_path as they are now."""
+    tag = "$connmgr_" + secrets.token_hex(4) + "$"
+    while tag in statement:  # pragma: no cover - 2**-32
+        tag = "$connmgr_" + secrets.token_hex(4) + "$"
+    return (
+        "SELECT pg_catalog.pg_logical_emit_message(true, '" + DDL_PREFIX + "',"
+        " pg_catalog.json_build_object('role', current_user,"
+        " 'search_path', pg_catalog.current_setting('search_path'),"
+        f" 'sql', {tag}{statement}{tag})::text) AS \"{DDL_COLUMN}\""
+    )
+
+
+class DdlStatement:
+    """A captured DDL statement as the poster reader found it."""
+
+    __slots__ = ("role", "search_path", "sql")
+
+    def __init__(self, role: str, search_path: str, sql: str) -> None:
+        self.role = role
+        self.search_path = search_path
+        self.sql = sql
+
+    def __repr__(self) -> str:
+        return f"DdlStatement(role={self.role!r}, search_path={self.search_path!r}, sql={self.sql[:60]!r})"
+
+
+def parse_ddl_message(content: bytes) -> DdlStatement:
+    """Decode a ``connmgr.ddl`` message; raises ValueError naming what is wrong."""
+    try:
+        doc = json.loads(bytes(content).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"connmgr.ddl message is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("connmgr.ddl message is not a JSON object")
+    fields = []
+    for key in ("role", "search_path", "sql"):
+        value = doc.get(key)
+        if not isinstance(value, str):
+            raise ValueError(f"connmgr.ddl message has no string {key!r}")
+        fields.append(value)
+    return DdlStatement(*fields)
+
+
+def marker_content(origin: int, session_id: int, seq: int) -> bytes:
+    """How the poster reader reports a marker row: ``b"origin:session:seq"``."""
+    return b"%d:%d:%d" % (origin, session_id, seq)

@@ -1,0 +1,199 @@
+"""What a statement is, from its first words (sans-IO, no SQL parser).
+
+connmgr decides a few things per statement on the hot path -- does this COMMIT, may this
+write, is this DDL, may a marker statement share its implicit transaction -- and a full
+parse (sqlglot) costs far more than the statement's round trip. The first two or three
+words decide all of them, so :func:`leading_words` scans past blanks and comments and no
+further. Anything it cannot classify (a leading parenthesis, a dollar-quoted prefix) is
+"other": the caller then does the conservative thing (no marker, no capture).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "leading_words",
+    "is_commit",
+    "may_write",
+    "is_transaction_control",
+    "ddl_kind",
+    "DdlKind",
+]
+
+_SPACE = frozenset(b" \t\r\n\f\v")
+
+
+def leading_words(sql: bytes, limit: int = 2) -> list[bytes]:
+    """The first ``limit`` words of ``sql``, upper-cased, skipping blanks and comments
+    (a linear scan; a regex with nested repetition could backtrack badly)."""
+    words: list[bytes] = []
+    i, n = 0, len(sql)
+    while i < n and len(words) < limit:
+        c = sql[i]
+        if c in _SPACE:
+            i += 1
+        elif sql.startswith(b"--", i):
+            j = sql.find(b"\n", i)
+            i = n if j < 0 else j + 1
+        elif sql.startswith(b"/*", i):
+            j = sql.find(b"*/", i + 2)
+            i = n if j < 0 else j + 2
+        elif 65 <= c <= 90 or 97 <= c <= 122:
+            j = i
+            while j < n and (65 <= sql[j] <= 90 or 97 <= sql[j] <= 122 or sql[j] == 95):
+                j += 1
+            words.append(sql[i:j].upper())
+            i = j
+        else:
+            break
+    return words
+
+
+_COMMIT_TEXTS = frozenset({
+    b"COMMIT", b"END", b"COMMIT WORK", b"COMMIT TRANSACTION", b"END WORK", b"END TRANSACTION",
+})  # fmt: skip
+
+
+def is_commit(sql: bytes) -> bool:
+    """``COMMIT``, ``END`` and their WORK/TRANSACTION forms, any case and spacing, one
+    ``;``; not ``COMMIT PREPARED``, ``COMMIT AND CHAIN`` or anything with a comment."""
+    if len(sql) > 64:
+        return False
+    return b" ".join(sql.strip().rstrip(b";").upper().split()) in _COMMIT_TEXTS
+
+
+#: statements that change rows and may share an implicit transaction with another
+_WRITES = frozenset({b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"WITH", b"COPY"})
+
+
+def may_write(sql: bytes) -> bool:
+    """True for DML that may run in a transaction block with other statements: INSERT,
+    UPDATE, DELETE, MERGE, WITH (a data-modifying CTE) and COPY. SELECT is left out on
+    purpose: it is the hot read path, and a SELECT that writes through a function in
+    autocommit mode is documented as unmarked."""
+    words = leading_words(sql, 1)
+    return bool(words) and words[0] in _WRITES
+
+
+_CONTROL = frozenset({
+    b"BEGIN", b"START", b"COMMIT", b"END", b"ROLLBACK", b"ABORT", b"SAVEPOINT",
+    b"RELEASE", b"PREPARE",
+})  # fmt: skip
+
+
+def is_transaction_control(sql: bytes) -> bool:
+    """BEGIN/START, COMMIT/END, ROLLBACK/ABORT, SAVEPOINT, RELEASE, PREPARE TRANSACTION."""
+    words = leading_words(sql, 1)
+    return bool(words) and words[0] in _CONTROL
+
+
+class DdlKind:
+    """Results of :func:`ddl_kind`."""
+
+    NONE = 0  #: not DDL
+    TRANSACTIONAL = 1  #: DDL that may run in a transaction block: captured and replicated
+    OUTSIDE_BLOCK = 2  #: DDL Postgres refuses in a block (CONCURRENTLY, DATABASE, ...)
+    NOT_REPLICATED = 3  #: cluster-wide or session-local: not for the secondary's stream
+
+
+_DDL_FIRST = frozenset({
+    b"CREATE", b"ALTER", b"DROP", b"COMMENT", b"GRANT", b"REVOKE", b"SECURITY", b"IMPORT",
+})  # fmt: skip
+_OUTSIDE_BLOCK_WORDS = frozenset({b"CONCURRENTLY", b"DATABASE", b"TABLESPACE", b"SYSTEM", b"SUBSCRIPTION"})
+#: objects that are not replicated with a database's data (global, or this session's only)
+_NOT_REPLICATED_OBJECTS = frozenset({b"ROLE", b"USER", b"GROUP", b"TEMP", b"TEMPORARY", b"PUBLICATION"})
+
+
+def ddl_kind(sql: bytes) -> int:
+    """Classify a statement for DDL capture (see :class:`DdlKind`). Looks at four words:
+    ``CREATE UNIQUE INDEX CONCURRENTLY`` is the deepest form that matters."""
+    words = leading_words(sql, 4)
+    if not words or words[0] not in _DDL_FIRST:
+        return DdlKind.NONE
+    rest = set(words[1:])
+    if rest & _OUTSIDE_BLOCK_WORDS:
+        return DdlKind.OUTSIDE_BLOCK
+    if len(words) > 1 and words[1] in _NOT_REPLICATED_OBJECTS:
+        return DdlKind.NOT_REPLICATED
+    if words[0] == b"CREATE" and any(w.startswith(b"TEMP") for w in words[1:3]):
+        return DdlKind.NOT_REPLICATED
+    return DdlKind.TRANSACTIONAL
+
+
+def _dollar_tag(sql: bytes, i: int) -> bytes | None:
+    """The dollar-quote opener at ``sql[i]`` (``$$`` or ``$tag$``), or None (``$1``)."""
+    j = i + 1
+    n = len(sql)
+    if j < n and 48 <= sql[j] <= 57:
+        return None
+    while j < n and (sql[j] == 95 or 48 <= sql[j] <= 57 or 65 <= sql[j] <= 90 or 97 <= sql[j] <= 122 or sql[j] >= 128):
+        j += 1
+    if j < n and sql[j] == 36:
+        return sql[i:j + 1]
+    return None
+
+
+def statement_count(sql: bytes, limit: int = 2) -> int:
+    """How many non-empty statements ``sql`` holds, counting up to ``limit``: the
+    ``;`` that separate them are found outside quotes ('', E'' with backslashes, "",
+    dollar quotes) and comments (``--``, nested ``/* */``), as Postgres's lexer does.
+    An unterminated quote or comment counts what came before it plus one."""
+    count = 0
+    content = False
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c == 59:  # ';'
+            if content:
+                count += 1
+                if count >= limit:
+                    return count
+            content = False
+            i += 1
+            continue
+        if c in _SPACE:
+            i += 1
+            continue
+        if c == 45 and sql.startswith(b"--", i):
+            j = sql.find(b"\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if c == 47 and sql.startswith(b"/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if sql.startswith(b"/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith(b"*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            continue
+        content = True
+        if c == 39:  # '...'
+            escapes = i > 0 and sql[i - 1] in b"eE" and (i < 2 or not _is_word_byte(sql[i - 2]))
+            i += 1
+            while i < n:
+                if escapes and sql[i] == 92:
+                    i += 2
+                elif sql[i] == 39:
+                    if i + 1 < n and sql[i + 1] == 39:
+                        i += 2
+                    else:
+                        break
+                else:
+                    i += 1
+            i += 1
+        elif c == 34:  # "..."
+            j = sql.find(b'"', i + 1)
+            while j >= 0 and sql.startswith(b'""', j):
+                j = sql.find(b'"', j + 2)
+            i = n if j < 0 else j + 1
+        elif c == 36 and (tag := _dollar_tag(sql, i)) is not None and (i == 0 or not _is_word_byte(sql[i - 1])):
+            j = sql.find(tag, i + len(tag))
+            i = n if j < 0 else j + len(tag)
+        else:
+            i += 1
+    return count + (1 if content else 0)
+
+
+def _is_word_byte(b: int) -> bool:
+    return b == 95 or 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122 or b >= 128
