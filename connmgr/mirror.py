@@ -117,8 +117,9 @@ class MirrorLink:
         return len(self._holds)
 
     def _acked(self, version: int) -> None:
+        if version >= self.sender.acked_version:
+            self._last_ack = time.monotonic()
         self.sender.on_ack(version)
-        self._last_ack = time.monotonic()
         holds = self._holds
         while holds and holds[0][0] <= version:
             holds.popleft()[2]()

@@ -263,6 +263,7 @@ class MirrorSender:
         #: versions below this were dropped unacknowledged (buffer overflow)
         self.lost_below = 1
         self.overflows = 0
+        self.resyncs_sent = 0
         self._buffer: deque[tuple[int, bytes]] = deque()
         self.buffered_bytes = 0
 
@@ -330,6 +331,12 @@ class MirrorSender:
         if ack.epoch != self.epoch:
             # The secondary knew an earlier incarnation of us: everything it needs is new.
             return self.delta(1)
+        if ack.next_version <= self.acked_version:
+            # It acknowledged more than it has now (a restarted secondary): what it lost
+            # is no longer buffered, so it must resync from what is.
+            first = self._buffer[0][0] if self._buffer else self.latest_version + 1
+            self.resyncs_sent += 1
+            return encode(Resync(first)) + b"".join(w for _v, w in self._buffer)
         self.on_ack(min(ack.next_version - 1, self.latest_version))
         return self.delta(ack.next_version)
 

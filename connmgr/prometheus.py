@@ -38,6 +38,11 @@ def render(app: App) -> str:
             "mirror_connects": float(app.mirror.connects),
             "mirror_delta_requests": float(app.mirror.delta_requests),
             "mirror_buffer_overflows": float(snd.overflows),
+            "mirror_two_phase_configured": 1.0 if app.mirror.two_phase_configured else 0.0,
+            "mirror_two_phase_active": 1.0 if app.mirror.two_phase else 0.0,
+            "mirror_two_phase_degradations": float(app.mirror.degradations),
+            "mirror_two_phase_holds": float(app.mirror.holds),
+            "mirror_two_phase_holds_total": float(app.mirror.holds_total),
         })
     if app.redo is not None:
         gauges["redo_lsn"] = float(app.redo.lsn)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from connmgr.mirror_protocol import (
     Ack,
+    AckRequest,
     Data,
     DeltaRequest,
     Heartbeat,
@@ -124,6 +125,29 @@ def test_overflow_drops_history_and_says_resync():
     assert isinstance(got[0], Resync)
     assert [x.version for x in got[1:]] == list(range(got[0].next_version, 21))
     assert r.resyncs == 1
+
+
+def test_restarted_secondary_is_resynced_from_what_is_buffered():
+    s, r, got = MirrorSender(epoch=3), MirrorReceiver(), []
+    r.on_hello(Hello(3, "a"))
+    for i in range(3):
+        pump(s.data(1, "b", i, i, bytes([i])), r, got)
+    s.on_ack(r.acked)  # versions 1-3 acknowledged, gone from the buffer
+    s.data(1, "b", 4, 4, b"4")
+    s.data(1, "b", 5, 5, b"5")
+    fresh, got2 = MirrorReceiver(), []  # the secondary restarted: it knows nothing
+    resend = s.on_hello_ack(fresh.on_hello(Hello(3, "a")))
+    pump(resend, fresh, got2)
+    # it cannot get 1-3 back, so it is told to resync (sessions not replayable), then 4, 5
+    assert got2[0] == Resync(4) and [x.version for x in got2[1:]] == [4, 5]
+    assert fresh.acked == 5 and s.resyncs_sent == 1
+
+
+def test_ack_request_round_trip():
+    r = MirrorReceiver()
+    r.on_hello(Hello(1, "a"))
+    assert r.on_record(AckRequest(7)) == ([], []) and r.ack_wanted == 7
+    assert MirrorDecoder().feed(encode(AckRequest(7))) == [AckRequest(7)]
 
 
 def test_new_primary_incarnation_restarts_versions():
