@@ -25,6 +25,7 @@ from .backend import BackendServer, Credentials, open_backend, send_cancel
 from .client import ClientConnection
 from .client_auth import SecretStore
 from .config import Config, parse_hostport
+from .ddl_apply import DdlApplier
 from .engine import RelayEngine
 from .errors import AdminShutdown, ClientError
 from .import_process import ImportProcess
@@ -69,7 +70,8 @@ class App:
         self.mirror_consumers: list = []
         self.imports: ImportProcess | None = None
         if config.mirror.listen:
-            self.imports = ImportProcess()
+            ddl = DdlApplier(self._open_ddl_session) if config.poster.host and config.poster.replay_ddl else None
+            self.imports = ImportProcess(ddl=ddl, database=config.poster.dbname)
             self.mirror_consumers.append(self.imports.on_records)
         self.mirror_listen_address: tuple[str, int] | None = None
         self.engine: RelayEngine | None = None
@@ -154,6 +156,12 @@ class App:
         self._marker_dbs[database] = (ok, now)
         self.metrics.marker_databases = {db: v for db, (v, _t) in self._marker_dbs.items()}
         return ok
+
+    async def _open_ddl_session(self, database: str):
+        p = self.config.poster
+        params = {"user": p.ddl_user or p.user, "database": database, "application_name": "connmgr ddl replay"}
+        password = (p.ddl_password if p.ddl_user else p.password) or None
+        return await open_backend(self.server, params, Credentials(password=password), max_message_size=1 << 20)
 
     async def _open_redo_session(self):
         r = self.config.redo

@@ -149,6 +149,16 @@ class PosterSection:
     publication: str = "connmgr"
     #: a temporary slot disappears with the connection (tests); a permanent one resumes
     temporary: bool = False
+    #: replay DDL captured on the primary (replay/markers.py) on this connmgr's own
+    #: database, as ``ddl_user`` (default: ``user``; must be able to SET ROLE to the DDL's
+    #: authors and refresh subscriptions -- a superuser)
+    replay_ddl: bool = True
+    ddl_user: str = ""
+    ddl_password: str = ""
+    #: seconds between two sequence catch-up rounds (connmgr/sequence_sync.py; 0 = off),
+    #: and how many increments ahead of the primary the secondary's sequences are kept
+    sequence_interval: float = 1.0
+    sequence_lead: int = 1000
 
 
 @dataclass(frozen=True, slots=True)

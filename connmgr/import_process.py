@@ -22,9 +22,11 @@ from collections.abc import Callable
 import trio
 
 from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable
+from replay.markers import DDL_PREFIX, parse_ddl_message
 from replay.reader import ReplicationError
 from shadow.framing import Framer
 
+from .ddl_apply import DdlApplier
 from .errors import ClientError
 from .mirror_protocol import Data, Marker, Resync, SessionClosed, SessionOpened
 
@@ -32,8 +34,14 @@ log = logging.getLogger("connmgr.import")
 
 
 class ImportProcess:
-    def __init__(self, queue: ImportQueue | None = None) -> None:
+    def __init__(self, queue: ImportQueue | None = None, *, ddl: DdlApplier | None = None,
+                 database: str = "postgres") -> None:
         self.queue = queue or ImportQueue()
+        #: replays captured DDL (connmgr/ddl_apply.py) on the secondary, if configured
+        self.ddl = ddl
+        #: the database the poster slot decodes (where its DDL is replayed)
+        self.database = database
+        self.bad_ddl_messages = 0
         self.records = 0
         self.purged = 0
         self.not_replayable: set[int] = set()
@@ -92,6 +100,20 @@ class ImportProcess:
             for cb in self.on_purge:
                 cb(txs)
 
+    async def _replay_ddl(self, rec) -> None:
+        """Replay the DDL a committed transaction carried, in order, before the record is
+        confirmed (a lost connection raises: the record comes again)."""
+        for prefix, content in rec.messages:
+            if prefix != DDL_PREFIX:
+                continue
+            try:
+                stmt = parse_ddl_message(content)
+            except ValueError as e:
+                self.bad_ddl_messages += 1
+                log.error("transaction %d carries a malformed DDL message: %s", rec.xid, e)
+                continue
+            await self.ddl.apply(self.database, stmt)
+
     async def follow_poster(self, open_stream, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Purge from the poster queue until cancelled. ``open_stream()`` returns an
         opened :class:`~replay.reader.ReplicationStream`. A lost stream is reopened (1 s
@@ -105,13 +127,15 @@ class ImportProcess:
                 try:
                     async for rec in stream:
                         if hasattr(rec, "xid"):
+                            if self.ddl is not None and rec.messages:
+                                await self._replay_ddl(rec)
                             self.on_poster_record(rec)
                         stream.confirm(rec.confirm_lsn)
                 finally:
                     self.poster_connected = False
                     with trio.CancelScope(shield=True):
                         await stream.aclose()
-            except (ReplicationError, OSError, ClientError) as e:
+            except (ReplicationError, OSError, ClientError) as e:  # PeerClosed is a ClientError
                 self.poster_errors += 1
                 log.warning("poster queue: %s; reopening in 1 s", e)
             await trio.sleep(1.0)
