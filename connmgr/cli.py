@@ -1,4 +1,5 @@
-"""``connmgr`` command line: ``serve`` runs the proxy, ``demo`` shows it working."""
+"""``connmgr`` command line: ``serve`` runs the proxy, ``demo`` shows it working,
+``prepare-db`` installs what purge markers need in a database."""
 
 from __future__ import annotations
 
@@ -56,6 +57,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(json_output=args.json, clients=args.clients, seconds=args.seconds)
 
 
+def cmd_prepare_db(args: argparse.Namespace) -> int:
+    from replay import markers
+
+    if args.print:
+        print(markers.SCHEMA_SQL.strip())
+        return 0
+    import psycopg
+
+    for dsn in args.conninfo:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(markers.SCHEMA_SQL)
+                ok = conn.execute(markers.CHECK_SQL).fetchone()[0]
+                where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
+        except psycopg.Error as e:
+            print(f"connmgr prepare-db: {dsn!r}: {e}".rstrip(), file=sys.stderr)
+            return 1
+        print(f"{where}: connmgr.markers and connmgr.mark() {'ready' if ok else 'MISSING'}")
+        if not ok:
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -77,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--clients", type=int, default=8, help="concurrent workload clients")
     d.add_argument("--seconds", type=float, default=5.0, help="workload duration")
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser(
+        "prepare-db",
+        help="install the marker table and function in databases (both sides of a pair)",
+        description="Run as a superuser on every database of the primary AND the secondary,"
+        " before the subscription is created: the subscriber must know connmgr.markers"
+        " before the first marker row arrives.",
+    )
+    m.add_argument("conninfo", nargs="*", help="libpq connection strings, one per database")
+    m.add_argument("--print", action="store_true", help="print the SQL instead of running it")
+    m.set_defaults(func=cmd_prepare_db)
     return p
 
 

@@ -6,6 +6,7 @@ DDL statement a logical message carrying it; the client sees nothing of either."
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import psycopg
 import pytest
@@ -191,3 +192,30 @@ def test_the_client_sees_exactly_what_it_would_see_direct(pair, pg, tmp_path):
     assert "ROLLBACK" in via[0] and "division by zero" in via[1]
     conn = primary.app
     assert conn.metrics.client_errors == {} or set(conn.metrics.client_errors) <= {"22012"}
+
+
+def test_prepare_db_installs_what_markers_need(pg):
+    name = "prep_markers"
+    pg.create_database(name)
+    try:
+        dsn = pg.conninfo(name)
+        r = subprocess.run([sys.executable, "-m", "connmgr", "prepare-db", dsn], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip().endswith(f"/{name}: connmgr.markers and connmgr.mark() ready"), r
+        with pg.connect(dbname=name, autocommit=True) as c:
+            assert c.execute(markers.CHECK_SQL).fetchone() == (True,)
+            c.execute("CREATE TABLE t (v int)")
+            c.execute("BEGIN")
+            assert c.execute("SELECT connmgr.mark(1, 2, 3)").fetchone() == (None,)  # no xid yet: nothing
+            c.execute("INSERT INTO t VALUES (1)")
+            assert c.execute("SELECT connmgr.mark(1, 2, 3)").fetchone() == (True,)
+            c.execute("COMMIT")
+            assert c.execute("SELECT origin, session, seq FROM connmgr.markers").fetchall() == [(1, 2, 3)]
+        again = subprocess.run([sys.executable, "-m", "connmgr", "prepare-db", dsn], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0  # idempotent
+        bad = subprocess.run([sys.executable, "-m", "connmgr", "prepare-db", dsn.replace(name, "no_such_db")],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert bad.returncode == 1 and "no_such_db" in bad.stderr
+    finally:
+        with pg.connect() as c:
+            c.autocommit = True
+            c.execute(f"DROP DATABASE {name} WITH (FORCE)")
