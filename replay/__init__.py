@@ -23,8 +23,11 @@ Two connection managers run as a pair: the *primary* in front of the primary dat
   within its direction of the client's TCP stream. The secondary acknowledges versions;
   a gap makes it ask for the delta; heartbeats carry the latest version so a silent loss
   at the end is noticed too. One-phase mode forwards to the client at once; two-phase
-  holds a client's COMMIT acknowledgement until the secondary acknowledged the mirrored
-  acknowledgement.
+  holds a writing transaction's commit acknowledgement until the secondary acknowledged
+  the mirrored acknowledgement (an AckRequest makes that ack immediate). The written
+  policy for a slow or gone secondary: a hold older than ``two_phase_timeout`` degrades
+  the link to one-phase (WARNING, ``connmgr_mirror_two_phase_active 0``), and two-phase
+  returns once the secondary has caught up.
 
 * **Replication system** (``replay/pgoutput.py``, ``replay/reader.py``,
   ``connmgr/pair.py``). Postgres's own logical replication (publication FOR ALL TABLES,
@@ -34,22 +37,30 @@ Two connection managers run as a pair: the *primary* in front of the primary dat
   stream reader decodes a second, connmgr-owned slot with pgoutput (``messages 'true'``)
   into the *poster queue*: one :class:`~replay.pgoutput.PosterRecord` per committed
   transaction with its xid, change LSNs, commit LSN and the logical messages it carried.
-  DDL, which logical decoding does not carry, is captured by connmgr and replayed on the
-  secondary at its place in the stream; sequences are brought to at least the primary's
-  values (logical replication in Postgres 15 does not carry them).
+  DDL, which logical decoding does not carry, is captured by connmgr as a transactional
+  logical message in the statement's own transaction (``replay/markers.py``) and replayed
+  on the secondary from the poster record, i.e. at the transaction's commit point
+  (``connmgr/ddl_apply.py``); sequences are kept ahead of the primary's with a lead
+  (``connmgr/sequence_sync.py``; logical replication in Postgres 15 does not carry them).
 
 * **Import queue and exact purge** (``replay/import_queue.py``). The secondary connmgr
   groups each session's mirrored messages into transactions (delimited by ReadyForQuery)
   with their LSN range. Concurrent sessions' ranges overlap (seed 004's own example has
   O1 = 10 and O2 = 17 inside P1's range 5-18 while other sessions write in parallel), so a
-  range match is ambiguous. The match is made exact by a *marker*: for every transaction
-  that may have written, the primary connmgr adds, in the same network write as the
-  client's COMMIT (or the autocommit statement), a statement that emits a transactional
-  logical decoding message naming ``<session id>:<transaction number>`` -- only if the
-  transaction has an xid (``txid_current_if_assigned() IS NOT NULL``), so read-only
-  transactions stay read-only and write no WAL. The marker is part of the transaction's
-  own WAL: when its commit is decoded, the poster record names the transaction it belongs
-  to, even if the primary died before a single reply left it. Its replies are swallowed by
-  connmgr (the request FIFO marks them *skip*). Read-only and rolled-back transactions
-  leave the queue at their acknowledgement; the queue holds only what is in flight.
+  range match is ambiguous. The match is made exact by a *marker*: in every transaction
+  that may have written, the primary connmgr runs ``connmgr.mark(origin, session, n)``
+  -- before an explicit COMMIT in the same network write, appended to an autocommit
+  statement inside its own implicit transaction, or as Parse/Bind/Execute before the Sync
+  of an extended-protocol implicit transaction. The function upserts the session's row of
+  ``connmgr.markers`` only if the transaction has an xid, so read-only transactions stay
+  read-only. The marker is part of the transaction's own WAL *and data*: the poster record
+  names the transaction it belongs to even if the primary died before any reply left it,
+  and -- the reason it is a row and not a logical message -- the subscriber applies it, so
+  at failover the secondary database itself answers "did transaction n of this session
+  commit?" (its row says seq >= n). The marker's replies are swallowed by connmgr; the
+  mirror hears of it (a Marker record) only when it wrote. Read-only and rolled-back
+  transactions leave the queue at their acknowledgement; the queue holds only what is in
+  flight. Not marked (documented gaps): a COMMIT or Sync with other requests still in
+  flight before it, multi-statement Queries, a SELECT that writes through a function in
+  autocommit mode.
 """

@@ -26,7 +26,9 @@ column is named ``connmgr.marker`` so the relay can recognise and swallow its re
 DDL capture
 -----------
 Logical decoding carries no DDL. connmgr captures a DDL statement sent through it by
-emitting, in the same transaction and just before it, a transactional logical message
+emitting, in the same transaction (just before it in a block; right after it, in the same
+implicit transaction, in autocommit, so error positions stay the client's), a transactional
+logical message
 (prefix ``connmgr.ddl``) holding the statement and the session's ``current_user`` and
 ``search_path`` at that moment (evaluated by the server, in the session). The poster
 reader sees the message inside the transaction's record, at the transaction's commit
