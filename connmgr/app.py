@@ -31,6 +31,7 @@ from .errors import AdminShutdown, ClientError
 from .import_process import ImportProcess
 from .metrics import Metrics
 from .mirror import MirrorLink, serve_mirror
+from .sequence_sync import SequenceSync
 from .transport import FastSocketStream
 from .wire import PeerClosed
 
@@ -72,6 +73,12 @@ class App:
         if config.mirror.listen:
             ddl = DdlApplier(self._open_ddl_session) if config.poster.host and config.poster.replay_ddl else None
             self.imports = ImportProcess(ddl=ddl, database=config.poster.dbname)
+        #: secondary role: keeps this database's sequences ahead of the primary's
+        self.sequences: SequenceSync | None = None
+        if config.mirror.listen and config.poster.host and config.poster.sequence_interval > 0:
+            self.sequences = SequenceSync(self._open_poster_sql_session, self._open_local_admin_session,
+                                          interval=config.poster.sequence_interval,
+                                          lead=config.poster.sequence_lead)  # fmt: skip
             self.mirror_consumers.append(self.imports.on_records)
         self.mirror_listen_address: tuple[str, int] | None = None
         self.engine: RelayEngine | None = None
@@ -157,11 +164,23 @@ class App:
         self.metrics.marker_databases = {db: v for db, (v, _t) in self._marker_dbs.items()}
         return ok
 
-    async def _open_ddl_session(self, database: str):
+    async def _open_ddl_session(self, database: str, purpose: str = "connmgr ddl replay"):
+        """A session of connmgr's own on *this* connmgr's database (the secondary), as
+        [poster] ddl_user (default: the poster user)."""
         p = self.config.poster
-        params = {"user": p.ddl_user or p.user, "database": database, "application_name": "connmgr ddl replay"}
+        params = {"user": p.ddl_user or p.user, "database": database, "application_name": purpose}
         password = (p.ddl_password if p.ddl_user else p.password) or None
         return await open_backend(self.server, params, Credentials(password=password), max_message_size=1 << 20)
+
+    async def _open_local_admin_session(self):
+        return await self._open_ddl_session(self.config.poster.dbname, "connmgr sequence sync")
+
+    async def _open_poster_sql_session(self):
+        """A plain SQL session on the primary database with the [poster] credentials."""
+        p = self.config.poster
+        server = BackendServer("primary (sequences)", p.host, p.port, self.config.primary.connect_timeout)
+        params = {"user": p.user, "database": p.dbname, "application_name": "connmgr sequence sync"}
+        return await open_backend(server, params, Credentials(password=p.password or None), max_message_size=1 << 20)
 
     async def _open_redo_session(self):
         r = self.config.redo
@@ -228,6 +247,8 @@ class App:
                 self.mirror_listen_address = await nursery.start(serve_mirror, host, port, self._mirrored)
                 if cfg.poster.host:
                     await nursery.start(self.imports.follow_poster, self._open_poster_stream)
+                    if self.sequences is not None:
+                        await nursery.start(self.sequences.run)
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:

@@ -88,6 +88,11 @@ class Metrics:
     auth_failures: int = 0
     #: database -> whether its sessions are marked (App.markers_enabled)
     marker_databases: dict = field(default_factory=dict)
+    #: purge markers that wrote their row (writing transactions marked)
+    markers_written: int = 0
+    #: DDL statements captured for the secondary, and DDL that could not be
+    ddl_captured: int = 0
+    ddl_not_captured: int = 0
     closed: ConnStats = field(default_factory=ConnStats)
 
     def connection_closed(self, stats: ConnStats) -> None:
@@ -126,6 +131,16 @@ class Metrics:
         metric("backend_connects_total", "counter", "backend sessions opened", [("", self.backend_connects)])
         metric("backend_connect_errors_total", "counter", "backend sessions that failed to open", [("", self.backend_connect_errors)])
         metric("auth_failures_total", "counter", "client authentication failures", [("", self.auth_failures)])
+        metric("markers_written_total", "counter", "writing transactions marked for exact purge",
+               [("", self.markers_written)])  # fmt: skip
+        metric("ddl_captured_total", "counter", "DDL statements captured for replay on the secondary",
+               [("", self.ddl_captured)])  # fmt: skip
+        metric("ddl_not_captured_total", "counter",
+               "DDL statements not replicated (outside-block forms, multi-statement Queries)",
+               [("", self.ddl_not_captured)])  # fmt: skip
+        if self.marker_databases:
+            metric("markers_enabled", "gauge", "1 if the database has the marker function",
+                   [(f'{{database="{_label(db)}"}}', 1 if ok else 0) for db, ok in sorted(self.marker_databases.items())])  # fmt: skip
         metric("cancels_total", "counter", "cancel requests routed", [("", self.cancels)])
         metric(
             "bytes_total", "counter", "bytes relayed",
@@ -146,3 +161,8 @@ class Metrics:
         out.append(f"connmgr_request_latency_seconds_sum {h.total:.6f}")
         out.append(f"connmgr_request_latency_seconds_count {h.count}")
         return "\n".join(out) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

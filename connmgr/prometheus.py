@@ -47,6 +47,24 @@ def render(app: App) -> str:
     if app.redo is not None:
         gauges["redo_lsn"] = float(app.redo.lsn)
         gauges["redo_healthy"] = 1.0 if app.redo.healthy else 0.0
+    if app.sequences is not None:
+        sq = app.sequences
+        gauges.update({
+            "sequence_sync_rounds": float(sq.rounds),
+            "sequence_sync_advanced": float(sq.advanced),
+            "sequence_sync_errors": float(sq.errors),
+            "sequence_sync_missing": float(sq.missing),
+            "sequence_sync_unreadable": float(sq.unreadable),
+            "sequence_sync_connected": 1.0 if sq.connected else 0.0,
+            "sequence_sync_last_unixtime": float(sq.last_sync),
+        })
+    if app.imports is not None and app.imports.ddl is not None:
+        d = app.imports.ddl
+        gauges.update({
+            "ddl_replayed": float(d.applied),
+            "ddl_replay_errors": float(d.errors),
+            "ddl_subscription_refreshes": float(d.refreshes),
+        })
     if app.imports is not None:  # secondary role
         imp, q = app.imports, app.imports.queue
         st = q.stats

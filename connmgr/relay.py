@@ -172,6 +172,8 @@ class Upstream:
                 return None
             if kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
                 self.relay.ddl_captured += 1
+            self.relay.conn.app.metrics.ddl_captured += 1
+                self.relay.conn.app.metrics.ddl_captured += 1
                 return (start - 5, start - 5, messages.query(markers.ddl_capture_sql(_text(sql))), _CYCLE)
             self._not_captured(sql, kind)
             return None
@@ -185,6 +187,7 @@ class Upstream:
             text = _text(sql) + "\n;" + self._marker_sql()
         elif kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
             self.relay.ddl_captured += 1
+            self.relay.conn.app.metrics.ddl_captured += 1
             # the capture goes after the statement (so error positions stay the client's);
             # it is in the same implicit transaction either way
             text = _text(sql) + "\n;" + markers.ddl_capture_sql(_text(sql)) + ";" + self._marker_sql()
@@ -197,6 +200,7 @@ class Upstream:
         if kind == DdlKind.NOT_REPLICATED:
             return
         self.relay.ddl_not_captured += 1
+        self.relay.conn.app.metrics.ddl_not_captured += 1
         why = ("Postgres runs it outside transaction blocks" if kind == DdlKind.OUTSIDE_BLOCK
                else "it shares its Query with other statements")  # fmt: skip
         log.warning("client %d: DDL not replicated to the secondary (%s): %.80s",
@@ -393,6 +397,7 @@ class Downstream:
         if _ROWS.unpack_from(buf, start)[0] >= 1 and _PID.unpack_from(buf, start + 2)[0] >= 0:
             relay.marked = True
             relay.markers_written += 1
+            relay.conn.app.metrics.markers_written += 1
             if self.mirror is not None:
                 self.mirror.session_marker(self.sid, relay.marker_seq)
 

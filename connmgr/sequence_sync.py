@@ -31,9 +31,9 @@ What a round looks at
     lead before the first draw. ``pg_sequences`` also shows NULL for a sequence the user
     may not read: such sequences are counted in :attr:`SequenceSync.unreadable` and logged,
     not mistaken for unused ones. The user needs SELECT on every sequence of the primary
-    (e.g. ``pg_read_all_data``) and SELECT and UPDATE on the secondary's
-    (``pg_write_all_data`` too). One instance covers one database. Cycling sequences are
-    not kept apart: once the primary wraps, "ahead" has no meaning.
+    (e.g. ``pg_read_all_data``) and SELECT and UPDATE on the secondary's (e.g.
+    ``pg_read_all_data`` and ``pg_write_all_data``). One instance covers one database.
+    Cycling sequences are not kept apart: once the primary wraps, "ahead" has no meaning.
 
 All setvals of a round go in one Query message (one round trip). ``setval`` is not
 transactional, so if one of them fails, those before it stay done.
