@@ -172,7 +172,6 @@ class Upstream:
                 return None
             if kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
                 self.relay.ddl_captured += 1
-            self.relay.conn.app.metrics.ddl_captured += 1
                 self.relay.conn.app.metrics.ddl_captured += 1
                 return (start - 5, start - 5, messages.query(markers.ddl_capture_sql(_text(sql))), _CYCLE)
             self._not_captured(sql, kind)
