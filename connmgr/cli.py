@@ -54,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(json_output=args.json, clients=args.clients, seconds=args.seconds)
+    return run_demo(json_output=args.json, clients=args.clients, seconds=args.seconds, mode=args.mode)
 
 
 def cmd_prepare_db(args: argparse.Namespace) -> int:
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
     d.add_argument("--clients", type=int, default=8, help="concurrent workload clients")
     d.add_argument("--seconds", type=float, default=5.0, help="workload duration")
+    d.add_argument("--mode", choices=config_mod.MIRROR_MODES, default="two-phase",
+                   help="mirror mode of the pair (default two-phase)")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser(

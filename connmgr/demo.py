@@ -131,7 +131,7 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.0) -> int:
+def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.0, mode: str = "two-phase") -> int:
     """Run the demo; prints progress on stderr and the summary on stdout. Returns the exit
     status: 0 when every check passed."""
     quiet = json_output
@@ -166,7 +166,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
         cm = EmbeddedConnmgr(config_mod.load(
             None, **common,
             primary={"host": cluster.host, "port": cluster.port},
-            mirror={"peer": f"{mhost}:{mport}"},
+            mirror={"peer": f"{mhost}:{mport}", "mode": mode},
             redo={"password": PASSWORD},
         )).start()
         if not _wait(lambda: cm.app.mirror.connected, 15):
@@ -175,14 +175,19 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
              f" {secondary_cm.host}:{secondary_cm.port}, which purges by markers read from the primary's WAL", quiet=quiet)
         proxied = cm.conninfo(password=PASSWORD, dbname="app")
 
-        # DDL does not travel with logical replication; until connmgr replays captured DDL
-        # (issue 3), the schema is created on both databases.
-        pair.sync_schema("app", "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
-                         " CREATE TABLE ledger (id bigserial PRIMARY KEY, client int, amount int, note text,"
-                         " at timestamptz DEFAULT now())")
+        # The schema goes through connmgr like everything else: logical replication does
+        # not carry DDL, so connmgr captures it and the secondary replays it in order.
         with psycopg.connect(proxied, autocommit=True) as conn:
+            conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
+            conn.execute("CREATE TABLE ledger (id bigserial PRIMARY KEY, client int, amount int, note text,"
+                         " at timestamptz DEFAULT now())")  # fmt: skip
             conn.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
-        _say(f"  schema on both databases; {ACCOUNTS} accounts of {INITIAL_BALANCE} inserted through connmgr", quiet=quiet)
+        ddl = secondary_cm.app.imports.ddl
+        if not _wait(lambda: ddl.applied >= 2 and pair.secondary.psql(
+                "SELECT count(*) FROM accounts", "app") == str(ACCOUNTS), 15):  # fmt: skip
+            raise OSError("the schema created through connmgr did not reach the secondary")
+        _say(f"  schema created through connmgr and replayed on the secondary; {ACCOUNTS} accounts of"
+             f" {INITIAL_BALANCE} inserted", quiet=quiet)  # fmt: skip
 
         tallies = [ClientTally() for _ in range(clients)]
         stop = threading.Event()
@@ -212,6 +217,10 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
             pair.table_digest(pair.primary, "app", t) == pair.table_digest(pair.secondary, "app", t)
             for t in ("accounts", "ledger")
         )
+        seq_primary = pair.sequence_values(pair.primary, "app")
+        sequences_ahead = _wait(lambda: all(
+            (v or 0) <= (pair.sequence_values(pair.secondary, "app").get(k) or 0) for k, v in seq_primary.items()
+        ), 5)  # fmt: skip
         with cluster.connect(dbname="app") as direct:
             total = direct.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
             ledger_rows = direct.execute("SELECT count(*) FROM ledger").fetchone()[0]
@@ -228,7 +237,9 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
             "duplicated_commits": max(0, ledger_rows - acknowledged) + dup_keys,
             "client_errors": len(errors),
             "replica_identical": replica_identical,
+            "sequences_ahead": sequences_ahead,
             "import_queue_empty": settled,
+            "unmatched_commits": imports.queue.stats.unmatched_commits,
         }
         transactions = sum(t.transactions for t in tallies)
         summary.update(
@@ -262,6 +273,11 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
                 "read_only_or_unmarked_purged": imports.queue.stats.read_only_purges,
                 "rolled_back_purged": imports.queue.stats.rollback_purges,
                 "unmatched_commits": imports.queue.stats.unmatched_commits,
+                "markers_written": cm.app.metrics.markers_written,
+                "ddl_replayed": ddl.applied,
+                "mode": cm.app.config.mirror.mode,
+                "two_phase_holds": cm.app.mirror.holds_total,
+                "two_phase_degradations": cm.app.mirror.degradations,
             },
             data={"sum_of_balances": total, "ledger_rows": ledger_rows, "acknowledged_ledger_inserts": acknowledged},
             checks=checks,
@@ -285,7 +301,8 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
 
     k = summary.get("checks", {})
     ok = "failed" not in summary and k["total_conserved"] and k["lost_commits"] == 0 and k["duplicated_commits"] == 0 \
-        and k["client_errors"] == 0 and k["replica_identical"] and k["import_queue_empty"]
+        and k["client_errors"] == 0 and k["replica_identical"] and k["import_queue_empty"] \
+        and k["sequences_ahead"] and k["unmatched_commits"] == 0
     summary["ok"] = bool(ok)
     if json_output:
         print(json.dumps(summary, indent=2))
@@ -318,10 +335,14 @@ connmgr {s['connmgr_version']} demo -- PostgreSQL {s['postgres_version']}, {s['c
 
   the pair
     mirror versions     {p['mirror_versions']:>10}   records mirrored to the secondary connmgr (reconnects {p['mirror_reconnects']})
-    purged by marker    {p['markers_purged']:>10}   committed transactions matched exactly in the primary's WAL
-    purged at ack       {p['read_only_or_unmarked_purged']:>10}   read-only (and, for now, autocommit) / {p['rolled_back_purged']} rolled back
+    mirror mode         {p['mode']:>10}   ({p['two_phase_holds']} commit acks held for the secondary, {p['two_phase_degradations']} degradations)
+    purged by marker    {p['markers_purged']:>10}   writing transactions matched exactly by their marker row
+    purged at ack       {p['read_only_or_unmarked_purged']:>10}   read-only / {p['rolled_back_purged']} rolled back
+    unmatched commits   {p['unmatched_commits']:>10}   commits decoded without a marker (0: every write was marked)
+    DDL replayed        {p['ddl_replayed']:>10}   statements captured on the primary, replayed on the secondary
     import queue empty  {str(k['import_queue_empty']):>10}   once the clients left
     replica identical   {str(k['replica_identical']):>10}   accounts and ledger digests, primary = secondary
+    sequences ahead     {str(k['sequences_ahead']):>10}   every secondary sequence >= the primary's
 
   checks (read directly from the server)
     sum of balances     {d['sum_of_balances']:>10}   {mark[k['total_conserved']]}

@@ -371,7 +371,7 @@ async def serve_mirror(
                     if replies:
                         await stream.send_all(b"".join(encode(r) for r in replies))
             except (trio.BrokenResourceError, MirrorProtocolError) as e:
-                log.warning("mirror link from primary: %s", e)
+                log.info("mirror link from primary: %s", e)  # the primary logs its own side loudly
             finally:
                 await stream.aclose()
 

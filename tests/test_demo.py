@@ -21,7 +21,9 @@ def test_demo_json_reports_a_clean_run():
         "duplicated_commits": 0,
         "client_errors": 0,
         "replica_identical": True,
+        "sequences_ahead": True,
         "import_queue_empty": True,
+        "unmatched_commits": 0,
     }
     w = summary["workload"]
     assert w["transactions"] > 0 and w["transfers"] > 0 and w["autocommit_inserts"] > 0
@@ -29,5 +31,9 @@ def test_demo_json_reports_a_clean_run():
     assert summary["data"]["sum_of_balances"] == 100 * 1000
     assert summary["connmgr"]["requests"] > w["transactions"]
     pair = summary["pair"]
-    assert pair["markers_purged"] >= w["transfers"]  # every explicit transaction matched by its marker
+    # every writing transaction, explicit or autocommit, matched by its marker
+    assert pair["markers_purged"] >= w["transfers"] + w["autocommit_inserts"]
+    assert pair["ddl_replayed"] == 2  # the schema went through connmgr
+    assert pair["mode"] == "two-phase" and pair["two_phase_holds"] >= pair["markers_purged"]
+    assert pair["two_phase_degradations"] == 0
     assert pair["mirror_versions"] > summary["connmgr"]["requests"]
