@@ -17,12 +17,14 @@ whole again (a later issue re-admits sessions at their next idle point).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import trio
 
 from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable
 from replay.markers import DDL_PREFIX, parse_ddl_message
+from replay.pgoutput import unix_from_pg_timestamp
 from replay.reader import ReplicationError
 from shadow.framing import Framer
 
@@ -48,6 +50,12 @@ class ImportProcess:
         self.on_purge: list[Callable[[list], None]] = []
         self.poster_connected = False
         self.poster_errors = 0
+        #: replication lag as the poster reader sees it: the end of the last record it
+        #: processed, the server's WAL end, and how long after its commit that record
+        #: was processed (seconds; a commit's way through WAL, decoding and the network)
+        self.poster_lsn = 0
+        self.poster_wal_end = 0
+        self.poster_delay = 0.0
 
     # ------------------------------------------------------------------ mirror side
 
@@ -91,6 +99,11 @@ class ImportProcess:
 
     # ------------------------------------------------------------------ poster side
 
+    @property
+    def replication_lag_bytes(self) -> int:
+        """WAL the server has sent beyond the last record processed (0 when caught up)."""
+        return max(0, self.poster_wal_end - self.poster_lsn) if self.poster_lsn else 0
+
     def on_poster_record(self, rec) -> None:
         self._purged(self.queue.on_poster_record(rec))
 
@@ -127,10 +140,13 @@ class ImportProcess:
                 try:
                     async for rec in stream:
                         if hasattr(rec, "xid"):
+                            self.poster_delay = max(0.0, time.time() - unix_from_pg_timestamp(rec.commit_time_us))
                             if self.ddl is not None and rec.messages:
                                 await self._replay_ddl(rec)
                             self.on_poster_record(rec)
                         stream.confirm(rec.confirm_lsn)
+                        self.poster_lsn = rec.confirm_lsn
+                        self.poster_wal_end = stream.latest_wal_end
                 finally:
                     self.poster_connected = False
                     with trio.CancelScope(shield=True):

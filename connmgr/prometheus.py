@@ -70,6 +70,9 @@ def render(app: App) -> str:
         st = q.stats
         gauges.update({
             "mirror_records_received": float(imp.records),
+            "replication_poster_lsn": float(imp.poster_lsn),
+            "replication_lag_bytes": float(imp.replication_lag_bytes),
+            "replication_lag_seconds": imp.poster_delay,
             "import_queue_sessions": float(q.sessions),
             "import_queue_transactions": float(q.transactions),
             "import_queue_messages": float(q.messages),

@@ -146,4 +146,10 @@ def test_pair_metrics(pair_with_poster):
     assert p["connmgr_mirror_connected"] == 1
     assert p["connmgr_redo_lsn"] > 0 and p["connmgr_redo_healthy"] == 1
     assert s["connmgr_import_purged"] >= 1 and s["connmgr_poster_connected"] == 1
+    # replication lag as the poster reader sees it: the commit reached it within seconds,
+    # and once idle nothing is left between what it processed and the server's WAL end
+    assert 0 < s["connmgr_replication_lag_seconds"] < 5
+    assert s["connmgr_replication_poster_lsn"] > 0
+    assert wait_for(lambda: parse(secondary.run_sync(render, secondary.app))["connmgr_replication_lag_bytes"] == 0)
+    assert p["connmgr_markers_written_total"] >= 1
     assert s["connmgr_mirror_records_received"] >= 1
