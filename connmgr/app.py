@@ -195,6 +195,7 @@ class App:
         return await open_replication_stream(
             server, Credentials(password=p.password or None), user=p.user, database=p.dbname,
             slot=p.slot, publication=p.publication, temporary=p.temporary,
+            eager_status=False,  # the poster slot is not a synchronous standby
         )
 
     def _mirrored(self, records: list) -> None:

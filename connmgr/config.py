@@ -146,7 +146,10 @@ class PosterSection:
     password: str = ""
     dbname: str = "postgres"
     slot: str = "connmgr_poster"
-    publication: str = "connmgr"
+    #: "connmgr_poster" (created by ``connmgr prepare-db``) publishes only the marker rows:
+    #: all the poster needs. A FOR ALL TABLES publication works too (costlier to decode;
+    #: it also counts commits made without connmgr as unmatched_commits).
+    publication: str = "connmgr_poster"
     #: a temporary slot disappears with the connection (tests); a permanent one resumes
     temporary: bool = False
     #: replay DDL captured on the primary (replay/markers.py) on this connmgr's own

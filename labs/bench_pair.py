@@ -434,7 +434,7 @@ class PairTarget(Target):
             "mirror": {"listen": f"{HOST}:{mport}"},
             "poster": {"host": pair.primary.host, "port": pair.primary.port, "user": USER,
                        "password": PASSWORD, "dbname": DB, "slot": POSTER_SLOT,
-                       "publication": pair.publication, "temporary": True},
+                       "temporary": True},
         })  # fmt: skip
         mirror: dict[str, object] = {"peer": f"{HOST}:{mport}"}
         if self.mode is not None:

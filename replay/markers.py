@@ -46,6 +46,7 @@ __all__ = [
     "MARKER_TABLE",
     "marker_content",
     "MARKER_COLUMN",
+    "POSTER_PUBLICATION",
     "DDL_COLUMN",
     "DDL_PREFIX",
     "SCHEMA_SQL",
@@ -88,7 +89,18 @@ REVOKE ALL ON connmgr.markers FROM PUBLIC;
 REVOKE ALL ON FUNCTION connmgr.mark(bigint, bigint, bigint) FROM PUBLIC;
 GRANT USAGE ON SCHEMA connmgr TO PUBLIC;
 GRANT EXECUTE ON FUNCTION connmgr.mark(bigint, bigint, bigint) TO PUBLIC;
+DO $connmgr$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = 'connmgr_poster') THEN
+        CREATE PUBLICATION connmgr_poster FOR TABLE connmgr.markers;
+    END IF;
+END $connmgr$;
 """
+
+#: the publication the poster slot decodes: only the marker rows (and, with ``messages``,
+#: the DDL messages). The poster needs nothing else, and pgoutput skips transactions with
+#: nothing published, so the reader sees the writing transactions connmgr marked and
+#: decodes a fraction of the WAL traffic a FOR ALL TABLES publication would send it.
+POSTER_PUBLICATION = "connmgr_poster"
 
 #: one row, true if this database has the marker function
 CHECK_SQL = "SELECT pg_catalog.to_regprocedure('connmgr.mark(bigint,bigint,bigint)') IS NOT NULL"

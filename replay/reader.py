@@ -29,9 +29,10 @@ its position is confirmed too -- everything before it has been received and proc
 whenever it commits, also after a reconnect.)
 
 Status updates go out when the walsender asks for one (at once), when the confirmed
-position has moved and the caller is waiting for the next record (so a synchronous
-primary, waiting for our flush report before it acknowledges a commit, is not kept
-waiting), and every ``status_interval`` seconds. The stream does its work inside
+position has moved and the caller is waiting for the next record (``eager_status``, the
+default: so a synchronous primary, waiting for our flush report before it acknowledges a
+commit, is not kept waiting; connmgr's poster slot is never a synchronous standby and
+turns it off, saving a send per record), and every ``status_interval`` seconds. The stream does its work inside
 ``__anext__``: keep iterating, and keep the work per record short (hand it to a queue), or
 the walsender's ``wal_sender_timeout`` (60 s by default) ends the connection. Cancelling a
 wait for the next record (``move_on_after``) is safe over plain TCP: only the wait for data
@@ -214,6 +215,7 @@ async def open_replication_stream(
     temporary: bool = False,
     start_lsn: int = 0,
     status_interval: float = 1.0,
+    eager_status: bool = True,
     streaming: bool = False,
     assembler: TransactionAssembler | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -293,7 +295,7 @@ async def open_replication_stream(
                 )
         stream = ReplicationStream(
             session, wire, slot=slot, assembler=assembler or TransactionAssembler(),
-            status_interval=status_interval,
+            status_interval=status_interval, eager_status=eager_status,
         )  # fmt: skip
         return stream
     except _Closed:
@@ -367,8 +369,12 @@ class ReplicationStream:
         slot: str,
         assembler: TransactionAssembler,
         status_interval: float,
+        eager_status: bool = True,
     ) -> None:
         self.slot = slot
+        #: report a moved confirmed position before waiting for the next record (a slot
+        #: that is a synchronous standby needs it; otherwise it costs a send per record)
+        self.eager_status = eager_status
         self.server = session.server
         self.assembler = assembler
         self.status_interval = status_interval
@@ -434,7 +440,7 @@ class ReplicationStream:
                     await self._handle(*self._wire.pop())
                 if self._ready:
                     break
-                if self._flush > self._sent_flush or self._status_due():
+                if (self.eager_status and self._flush > self._sent_flush) or self._status_due():
                     await self.send_status()
                 if not await self._receive():
                     await self.send_status()  # status_interval passed in silence
