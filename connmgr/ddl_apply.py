@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 
 from replay.markers import DdlStatement
 from shadow import messages
-from shadow.sqltext import leading_words
+from shadow.sqltext import leading_words, quote_ident, quote_literal
 
 from .backend import BackendSession
 from .errors import ClientError
@@ -39,14 +39,6 @@ _SUBSCRIPTIONS = (
     "SELECT subname FROM pg_catalog.pg_subscription"
     " WHERE subdbid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database())"
 )
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def replay_sql(stmt: DdlStatement) -> str:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from shadow import messages as m
+from shadow.sqltext import quote_ident, quote_literal
 
 from .errors import BackendRejected, BackendUnavailable, ClientError
 from .wire import PeerClosed
@@ -71,21 +72,6 @@ _READ = m.query(
 )
 
 Row = tuple[bytes | None, ...]
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as an SQL identifier: always in double quotes, inner ones doubled."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(text: str) -> str:
-    """``text`` as an SQL string literal, as Postgres's ``quote_literal`` writes it: single
-    quotes doubled, and an ``E''`` literal with doubled backslashes if it has any (so it
-    reads the same whatever ``standard_conforming_strings`` is)."""
-    quoted = "'" + text.replace("'", "''") + "'"
-    if "\\" in text:
-        return "E" + quoted.replace("\\", "\\\\")
-    return quoted
 
 
 @dataclass(frozen=True, slots=True)

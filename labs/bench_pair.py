@@ -141,28 +141,8 @@ def pgbench_env() -> dict[str, str]:
 
 
 def run_pgbench(pgbench: str, port: int, args: list[str], timeout: float) -> tuple[int, str, str]:
-    """pgbench against ``HOST:port``/``DB`` in its own process group; killed on timeout or
-    interrupt. Returns (exit code, stdout, stderr); -1 on timeout."""
-    cmd = [pgbench, "-h", HOST, "-p", str(port), "-U", USER, *args, DB]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=pgbench_env(),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc, signal.SIGINT)
-        out, err = proc.communicate()
-        return -1, out, err + f"\npgbench timed out after {timeout:g}s"
-    finally:
-        if proc.poll() is None:  # interrupted: leave nothing behind
-            kill_group(proc, signal.SIGINT)
-    return proc.returncode, out, err
+    """pgbench against ``HOST:port``/``DB`` (bench_proxy's runner, with our password)."""
+    return bp.run_pgbench(pgbench, port, args, timeout, env=pgbench_env(), db=DB)
 
 
 def toml_value(v: object) -> str:

@@ -420,16 +420,18 @@ def pgbench_env() -> dict[str, str]:
     return env
 
 
-def run_pgbench(pgbench: str, port: int, args: list[str], timeout: float) -> tuple[int, str, str]:
-    """Run pgbench in its own process group; kill the group on timeout or interrupt."""
-    cmd = [pgbench, "-h", HOST, "-p", str(port), "-U", USER, *args, DB]
+def run_pgbench(pgbench: str, port: int, args: list[str], timeout: float,
+                env: dict[str, str] | None = None, db: str = DB) -> tuple[int, str, str]:  # fmt: skip
+    """Run pgbench in its own process group; kill the group on timeout or interrupt.
+    Returns (exit code, stdout, stderr); -1 on timeout."""
+    cmd = [pgbench, "-h", HOST, "-p", str(port), "-U", USER, *args, db]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         errors="replace",
-        env=pgbench_env(),
+        env=env if env is not None else pgbench_env(),
         start_new_session=True,
     )
     try:

@@ -11,6 +11,8 @@ further. Anything it cannot classify (a leading parenthesis, a dollar-quoted pre
 from __future__ import annotations
 
 __all__ = [
+    "quote_ident",
+    "quote_literal",
     "leading_words",
     "is_commit",
     "may_write",
@@ -20,6 +22,21 @@ __all__ = [
 ]
 
 _SPACE = frozenset(b" \t\r\n\f\v")
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as an SQL identifier: always in double quotes, inner ones doubled."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    """``text`` as an SQL string literal, as Postgres's ``quote_literal`` writes it: single
+    quotes doubled, and an ``E''`` literal with doubled backslashes if it has any (so it
+    reads the same whatever ``standard_conforming_strings`` is)."""
+    quoted = "'" + text.replace("'", "''") + "'"
+    if "\\" in text:
+        return "E" + quoted.replace("\\", "\\\\")
+    return quoted
 
 
 def leading_words(sql: bytes, limit: int = 2) -> list[bytes]:

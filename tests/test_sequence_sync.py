@@ -17,7 +17,8 @@ import trio
 
 from connmgr.backend import BackendServer, Credentials, open_backend
 from connmgr.pair import ClusterPair
-from connmgr.sequence_sync import SequenceSync, plan, quote_ident, quote_literal
+from connmgr.sequence_sync import SequenceSync, plan
+from shadow.sqltext import quote_ident, quote_literal
 
 DB = "app"
 
