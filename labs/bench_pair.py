@@ -533,20 +533,9 @@ def workloads(clients: int, jobs: int) -> list[Workload]:
 
 
 @dataclass
-class Run:
-    """One measured pgbench run (field names as bench_proxy.Run, so its summary works)."""
+class Run(bp.Run):
+    """One measured pgbench run: bench_proxy's, plus notes and replication lag."""
 
-    round: int
-    workload: str
-    target: str
-    ok: bool = False
-    tps: float | None = None
-    latency_ms: float | None = None
-    connect_ms: float | None = None
-    transactions: int | None = None
-    failed_transactions: int | None = None
-    error: str | None = None
-    wall_s: float | None = None
     notes: list[str] = field(default_factory=list)
     lag: dict | None = None
     lag_samples: list[LagSample] = field(default_factory=list)
