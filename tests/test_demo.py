@@ -23,7 +23,7 @@ def test_demo_json_reports_a_clean_run():
         "replica_identical": True,
         "sequences_ahead": True,
         "import_queue_empty": True,
-        "unmatched_commits": 0,
+        "every_write_marked": True,
     }
     w = summary["workload"]
     assert w["transactions"] > 0 and w["transfers"] > 0 and w["autocommit_inserts"] > 0
