@@ -63,4 +63,34 @@ Two connection managers run as a pair: the *primary* in front of the primary dat
   flight. Not marked (documented gaps): a COMMIT or Sync with other requests still in
   flight before it, multi-statement Queries, a SELECT that writes through a function in
   autocommit mode.
+
+Failover (issue 4): the plan these pieces are shaped for
+--------------------------------------------------------
+When the primary *database* dies and the connection managers live, the client sockets are
+still held by the primary connmgr, so it runs the move; the secondary connmgr holds the
+knowledge (import queue) and the secondary database holds the truth (applied rows and
+marker rows). In order:
+
+1. **Detect** (monitor: broken backend connections, a health check of the primary, the
+   mirror heartbeats): freeze every session -- client bytes are read and kept, nothing is
+   forwarded.
+2. **Point of failure.** The subscriber has applied whatever it received before the
+   primary died (its apply is streaming); wait until its origin progress is stable and
+   disable the subscription, so a restarted old primary cannot feed it again.
+3. **Per session**, ask the secondary connmgr (over the mirror link, after the primary's
+   mirror buffer is fully acknowledged) for the session's held transactions and pipelined
+   requests; open a backend on the secondary database with the session's start-up
+   parameters and rebuild its state (``replay/session_state.py``: SETs, SQL prepared
+   statements, LISTEN, advisory locks; protocol prepared statements from the shadow). A
+   session with something that cannot move (temp objects, WITH HOLD cursors, ...) gets a
+   clear 40001/57P01-class error instead, counted by reason.
+4. **Interrupted commits** (a commit request sent, its acknowledgement not received):
+   ``SELECT seq FROM connmgr.markers WHERE origin = $o AND session = $s`` on the secondary.
+   ``seq >= n``: it committed -- send the client the acknowledgement it was waiting for,
+   replay nothing. Otherwise it did not (its marker row would be there: the marker is in
+   the transaction itself) -- replay it. Exactly one of the two, always.
+5. **Replay** the open transactions' requests on the new backend, compare each reply with
+   the one already sent to the client (rows, tags, errors), swallow them, then switch the
+   session to live relaying. A difference rolls the transaction back and gives the client
+   40001 with the reason.
 """

@@ -22,7 +22,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 SHADOW_FILES = sorted((ROOT / "shadow").glob("*.py")) + [
-    ROOT / "replay" / name for name in ("lsn.py", "pgoutput.py", "import_queue.py")
+    ROOT / "replay" / name for name in ("lsn.py", "pgoutput.py", "import_queue.py", "markers.py", "session_state.py")
     if (ROOT / "replay" / name).exists()
 ]
 
