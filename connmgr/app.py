@@ -73,13 +73,13 @@ class App:
         if config.mirror.listen:
             ddl = DdlApplier(self._open_ddl_session) if config.poster.host and config.poster.replay_ddl else None
             self.imports = ImportProcess(ddl=ddl, database=config.poster.dbname)
+            self.mirror_consumers.append(self.imports.on_records)
         #: secondary role: keeps this database's sequences ahead of the primary's
         self.sequences: SequenceSync | None = None
         if config.mirror.listen and config.poster.host and config.poster.sequence_interval > 0:
             self.sequences = SequenceSync(self._open_poster_sql_session, self._open_local_admin_session,
                                           interval=config.poster.sequence_interval,
                                           lead=config.poster.sequence_lead)  # fmt: skip
-            self.mirror_consumers.append(self.imports.on_records)
         self.mirror_listen_address: tuple[str, int] | None = None
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":

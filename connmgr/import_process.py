@@ -26,6 +26,7 @@ from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayab
 from replay.markers import DDL_PREFIX, parse_ddl_message
 from replay.pgoutput import unix_from_pg_timestamp
 from replay.reader import ReplicationError
+from replay.session_state import SessionRecorder
 from shadow.framing import Framer
 
 from .ddl_apply import DdlApplier
@@ -34,16 +35,24 @@ from .mirror_protocol import Data, Marker, Resync, SessionClosed, SessionOpened
 
 log = logging.getLogger("connmgr.import")
 
+_Q, _P = ord("Q"), ord("P")
+
 
 class ImportProcess:
     def __init__(self, queue: ImportQueue | None = None, *, ddl: DdlApplier | None = None,
                  database: str = "postgres") -> None:
         self.queue = queue or ImportQueue()
+        #: per session: what it carries beyond its open transaction (settings, SQL
+        #: prepared statements, LISTEN, advisory locks) and whether it can move at all;
+        #: followed here, off the client's path, from the mirrored SQL and the verdicts
+        self.session_state: dict[int, SessionRecorder] = {}
+        self.queue.on_transaction_end = self._transaction_ended
         #: replays captured DDL (connmgr/ddl_apply.py) on the secondary, if configured
         self.ddl = ddl
         #: the database the poster slot decodes (where its DDL is replayed)
         self.database = database
         self.bad_ddl_messages = 0
+        self.import_errors = 0
         self.records = 0
         self.purged = 0
         self.not_replayable: set[int] = set()
@@ -71,13 +80,23 @@ class ImportProcess:
                     q.on_marker_sent(r.session_id, r.seq)
                 elif isinstance(r, SessionOpened):
                     q.on_session_opened(r.session_id)
+                    self.session_state[r.session_id] = SessionRecorder()
                 elif isinstance(r, SessionClosed):
                     q.on_session_closed(r.session_id)
+                    self.session_state.pop(r.session_id, None)
                 elif isinstance(r, Resync):
                     self._resync()
             except SessionNotReplayable as e:
                 self.not_replayable.add(e.session_id)
                 log.warning("session %d is not replayable: %s", e.session_id, e)
+            except Exception:  # a bug here must cost one session, not the mirror listener
+                sid = getattr(r, "session_id", None)
+                log.exception("import of mirror record %r failed", type(r).__name__)
+                if sid is not None:
+                    self.not_replayable.add(sid)
+                    self.queue.on_session_closed(sid)
+                    self.session_state.pop(sid, None)
+                self.import_errors += 1
 
     def _data(self, r: Data) -> None:
         buf, frames = Framer().feed(r.payload)
@@ -89,8 +108,28 @@ class ImportProcess:
             offset += len(raw)
             if r.direction == "c":
                 q.on_client_message(msg)
+                if tag == _Q or tag == _P:
+                    self._sql(r.session_id, tag, raw)
             else:
                 self._purged(q.on_backend_message(msg))
+
+    def _sql(self, sid: int, tag: int, raw: bytes) -> None:
+        rec = self.session_state.get(sid)
+        if rec is None:
+            return
+        start = 5 if tag == _Q else raw.find(0, 5) + 1
+        end = raw.find(0, start)
+        if start > 0 and end > start:
+            rec.on_sql(bytes(raw[start:end]))
+
+    def _transaction_ended(self, sid: int, committed: bool) -> None:
+        rec = self.session_state.get(sid)
+        if rec is not None:
+            rec.end_transaction(committed)
+
+    @property
+    def sessions_not_movable(self) -> int:
+        return sum(1 for rec in self.session_state.values() if not rec.movable)
 
     def _resync(self) -> None:
         for sid in list(self.queue.depths()):

@@ -70,6 +70,7 @@ def render(app: App) -> str:
         st = q.stats
         gauges.update({
             "mirror_records_received": float(imp.records),
+            "import_sessions_not_movable": float(imp.sessions_not_movable),
             "replication_poster_lsn": float(imp.poster_lsn),
             "replication_lag_bytes": float(imp.replication_lag_bytes),
             "replication_lag_seconds": imp.poster_delay,

@@ -96,7 +96,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -474,6 +474,10 @@ class ImportQueue:
         self.max_closed_remembered = max_closed_remembered
         self.range_check = range_check
         self.stats = ImportQueueStats()
+        #: called with (session id, committed) at every ReadyForQuery 'I' that ends a
+        #: transaction (committed: its verdict is not a rollback); e.g. to follow the
+        #: session's settings (replay/session_state.py)
+        self.on_transaction_end: Callable[[int, bool], None] | None = None
         self._sessions: dict[int, _Session] = {}
         self._not_replayable: set[int] = set()
         self._closed: dict[int, None] = {}  # recently closed sessions, oldest first
@@ -873,6 +877,8 @@ class ImportQueue:
             txn.outcome = next_outcome(txn.outcome, Event.STILL_OPEN)
         elif status == 0x49:  # 'I'
             verdict = unit.end_tag or ("ROLLBACK" if unit.error else "COMMIT")
+            if self.on_transaction_end is not None:
+                self.on_transaction_end(s.id, verdict != "ROLLBACK")
             if verdict == "COMMIT":
                 event = Event.ACK_COMMIT if txn.marked else Event.ACK_READ_ONLY
             elif verdict == "ROLLBACK":
