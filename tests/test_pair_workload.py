@@ -84,8 +84,9 @@ def test_mixed_workload_leaves_identical_databases(live_pair):
                 for n in range(60):
                     a, b = (i * 7 + n) % 50 + 1, (i * 13 + n * 3) % 50 + 1
                     with c.transaction():  # a transfer: extended protocol, explicit block
-                        c.execute("UPDATE acct SET balance = balance - %s WHERE id = %s", (n, a))
-                        c.execute("UPDATE acct SET balance = balance + %s WHERE id = %s", (n, b))
+                        # rows locked in id order, so concurrent transfers cannot deadlock
+                        for acct, delta in sorted([(a, -n), (b, n)]):
+                            c.execute("UPDATE acct SET balance = balance + %s WHERE id = %s", (delta, acct))
                         c.execute("INSERT INTO ledger (acct, amount, note) VALUES (%s, %s, 'transfer')", (a, n))
                     c.commit()
                     c.autocommit = True  # an autocommit write and a sequence draw
