@@ -21,7 +21,7 @@ from replay import markers
 from replay.redo_monitor import RedoMonitor
 from shadow import messages
 
-from .backend import BackendServer, Credentials, open_backend, send_cancel
+from .backend import BackendServer, BackendSession, Credentials, open_backend, send_cancel
 from .client import ClientConnection
 from .client_auth import SecretStore
 from .config import Config, parse_hostport
@@ -143,12 +143,9 @@ class App:
         if known is not None and (known[0] or now - known[1] < 60):
             return known[0]
         ok = False
-        r = self.config.redo
-        params = {"user": r.user, "database": database, "application_name": "connmgr marker check"}
         try:
             with trio.fail_after(self.config.primary.connect_timeout):
-                session = await open_backend(self.server, params, Credentials(password=r.password or None),
-                                             max_message_size=1 << 20)  # fmt: skip
+                session = await self._open_redo_session(database, "connmgr marker check")
                 try:
                     rows = await session.query_rows(messages.query(markers.CHECK_SQL))
                 finally:
@@ -164,36 +161,43 @@ class App:
         self.metrics.marker_databases = {db: v for db, (v, _t) in self._marker_dbs.items()}
         return ok
 
+    async def _own_session(self, server: BackendServer, user: str, password: str, database: str,
+                           purpose: str) -> BackendSession:  # fmt: skip
+        """A session of connmgr's own (not a client's), named ``purpose`` in pg_stat_activity."""
+        params = {"user": user, "database": database, "application_name": purpose}
+        return await open_backend(server, params, Credentials(password=password or None), max_message_size=1 << 20)
+
+    async def _open_redo_session(self, database: str | None = None, purpose: str = "connmgr redo monitor"):
+        """On the primary (this connmgr's database) with the [redo] credentials."""
+        r = self.config.redo
+        return await self._own_session(self.server, r.user, r.password, database or r.dbname, purpose)
+
     async def _open_ddl_session(self, database: str, purpose: str = "connmgr ddl replay"):
-        """A session of connmgr's own on *this* connmgr's database (the secondary), as
-        [poster] ddl_user (default: the poster user)."""
+        """On *this* connmgr's database (the secondary) as [poster] ddl_user (default: the
+        poster user)."""
         p = self.config.poster
-        params = {"user": p.ddl_user or p.user, "database": database, "application_name": purpose}
-        password = (p.ddl_password if p.ddl_user else p.password) or None
-        return await open_backend(self.server, params, Credentials(password=password), max_message_size=1 << 20)
+        password = p.ddl_password if p.ddl_user else p.password
+        return await self._own_session(self.server, p.ddl_user or p.user, password, database, purpose)
 
     async def _open_local_admin_session(self):
         return await self._open_ddl_session(self.config.poster.dbname, "connmgr sequence sync")
 
+    def _poster_server(self, what: str) -> BackendServer:
+        p = self.config.poster
+        return BackendServer(f"primary ({what})", p.host, p.port, self.config.primary.connect_timeout)
+
     async def _open_poster_sql_session(self):
         """A plain SQL session on the primary database with the [poster] credentials."""
         p = self.config.poster
-        server = BackendServer("primary (sequences)", p.host, p.port, self.config.primary.connect_timeout)
-        params = {"user": p.user, "database": p.dbname, "application_name": "connmgr sequence sync"}
-        return await open_backend(server, params, Credentials(password=p.password or None), max_message_size=1 << 20)
-
-    async def _open_redo_session(self):
-        r = self.config.redo
-        params = {"user": r.user, "database": r.dbname, "application_name": "connmgr redo monitor"}
-        return await open_backend(self.server, params, Credentials(password=r.password or None), max_message_size=1 << 20)
+        return await self._own_session(self._poster_server("sequences"), p.user, p.password, p.dbname,
+                                       "connmgr sequence sync")  # fmt: skip
 
     async def _open_poster_stream(self):
         from replay.reader import open_replication_stream
 
         p = self.config.poster
-        server = BackendServer("primary (poster)", p.host, p.port, self.config.primary.connect_timeout)
         return await open_replication_stream(
-            server, Credentials(password=p.password or None), user=p.user, database=p.dbname,
+            self._poster_server("poster"), Credentials(password=p.password or None), user=p.user, database=p.dbname,
             slot=p.slot, publication=p.publication, temporary=p.temporary,
             eager_status=False,  # the poster slot is not a synchronous standby
         )

@@ -143,7 +143,6 @@ class Link:
             d.pending = memoryview(buf)
             d.held = True
             self._interest()
-            self.engine.holds += 1
             relay.conn.app.mirror.hold(version, lambda: self._release(d))
             return
         self._send(d, buf)
@@ -226,7 +225,6 @@ class RelayEngine:
         self._links: dict[int, Link] = {}
         self.batches = 0
         self.events = 0
-        self.holds = 0
 
     @property
     def sessions(self) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import trio
 
-from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable
+from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable, sql_text
 from replay.markers import DDL_PREFIX, parse_ddl_message
 from replay.pgoutput import unix_from_pg_timestamp
 from replay.reader import ReplicationError
@@ -117,10 +117,9 @@ class ImportProcess:
         rec = self.session_state.get(sid)
         if rec is None:
             return
-        start = 5 if tag == _Q else raw.find(0, 5) + 1
-        end = raw.find(0, start)
-        if start > 0 and end > start:
-            rec.on_sql(bytes(raw[start:end]))
+        sql = sql_text(tag, raw)
+        if sql:
+            rec.on_sql(bytes(sql))
 
     def _transaction_ended(self, sid: int, committed: bool) -> None:
         rec = self.session_state.get(sid)

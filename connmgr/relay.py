@@ -47,6 +47,7 @@ from shadow.session import PendingRequest, TxStatus
 from shadow.sqltext import (
     DdlKind,
     ddl_kind,
+    first_word,
     is_commit,
     is_transaction_control,
     may_write,
@@ -167,7 +168,7 @@ class Upstream:
             sql = bytes(buf[start:end - 1])
             if is_commit(sql):
                 return (start - 5, start - 5, self._marker_query(), _CYCLE)
-            kind = ddl_kind(sql)
+            kind = ddl_kind(sql)  # one scan: it stops at the first word unless DDL
             if kind == DdlKind.NONE:
                 return None
             if kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
@@ -179,9 +180,10 @@ class Upstream:
         if tx is not TxStatus.IDLE:
             return None
         sql = bytes(buf[start:end - 1])
-        kind = ddl_kind(sql)
+        first = first_word(sql)
+        kind = ddl_kind(sql, first)
         if kind == DdlKind.NONE:
-            if not may_write(sql) or statement_count(sql) != 1:
+            if not may_write(sql, first) or statement_count(sql) != 1:
                 return None
             text = _text(sql) + "\n;" + self._marker_sql()
         elif kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
@@ -223,10 +225,10 @@ class Upstream:
                     sql = parsed[req.statement] if req.statement in parsed else s.request_sql(req)
                 if sql is None:
                     return None
-                raw = sql.encode("utf-8", "replace")
-                if is_transaction_control(raw):
+                first = first_word(sql.encode("utf-8", "replace"))
+                if is_transaction_control(b"", first):
                     return None
-                writes = writes or may_write(raw)
+                writes = writes or may_write(b"", first)
             elif kind != "D" and kind != "E" and kind != "C":
                 return None  # an earlier Sync or Query is still in flight
         if not writes:

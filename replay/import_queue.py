@@ -119,6 +119,7 @@ __all__ = [
     "SessionNotReplayable",
     "QueueOverflow",
     "SessionDesync",
+    "sql_text",
 ]
 
 
@@ -351,17 +352,26 @@ _END_TAGS = {b"COMMIT": "COMMIT", b"ROLLBACK": "ROLLBACK", b"PREPARE TRANSACTION
 _SQL_PEEK = 256
 
 
-def _sql_of(msg: MirroredMessage) -> bytes | None:
-    """The start of the SQL of a Query or Parse (at most ``_SQL_PEEK`` bytes)."""
-    raw = msg.raw
-    if msg.tag == _Q:
+def sql_text(tag: int, raw: bytes, limit: int | None = None) -> bytes | None:
+    """The SQL of a whole Query or Parse message ``raw`` (type byte, length, body), at
+    most ``limit`` bytes of it; None if the message is not one or is malformed."""
+    if tag == _Q:
         start = 5
-    else:  # Parse: statement name, then the query
+    elif tag == _P:  # statement name, then the query
         start = raw.find(0, 5) + 1
         if start == 0:
             return None
-    end = raw.find(0, start, start + _SQL_PEEK)
-    return raw[start : end if end >= 0 else start + _SQL_PEEK]
+    else:
+        return None
+    end = raw.find(0, start) if limit is None else raw.find(0, start, start + limit)
+    if end < 0:
+        return None if limit is None else raw[start : start + limit]
+    return raw[start:end]
+
+
+def _sql_of(msg: MirroredMessage) -> bytes | None:
+    """The start of the SQL of a Query or Parse (at most ``_SQL_PEEK`` bytes)."""
+    return sql_text(msg.tag, msg.raw, _SQL_PEEK)
 
 
 def _classify(sql: bytes) -> tuple[bool, bool]:

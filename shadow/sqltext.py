@@ -14,6 +14,7 @@ __all__ = [
     "quote_ident",
     "quote_literal",
     "leading_words",
+    "first_word",
     "is_commit",
     "may_write",
     "is_transaction_control",
@@ -82,13 +83,19 @@ def is_commit(sql: bytes) -> bool:
 _WRITES = frozenset({b"INSERT", b"UPDATE", b"DELETE", b"MERGE", b"WITH", b"COPY"})
 
 
-def may_write(sql: bytes) -> bool:
+def first_word(sql: bytes) -> bytes:
+    """The first word of ``sql``, upper-cased (b"" if none). The classifiers below take
+    it as ``first=`` so a caller asking several questions scans the text once."""
+    words = leading_words(sql, 1)
+    return words[0] if words else b""
+
+
+def may_write(sql: bytes, first: bytes | None = None) -> bool:
     """True for DML that may run in a transaction block with other statements: INSERT,
     UPDATE, DELETE, MERGE, WITH (a data-modifying CTE) and COPY. SELECT is left out on
     purpose: it is the hot read path, and a SELECT that writes through a function in
     autocommit mode is documented as unmarked."""
-    words = leading_words(sql, 1)
-    return bool(words) and words[0] in _WRITES
+    return (first_word(sql) if first is None else first) in _WRITES
 
 
 _CONTROL = frozenset({
@@ -97,10 +104,9 @@ _CONTROL = frozenset({
 })  # fmt: skip
 
 
-def is_transaction_control(sql: bytes) -> bool:
+def is_transaction_control(sql: bytes, first: bytes | None = None) -> bool:
     """BEGIN/START, COMMIT/END, ROLLBACK/ABORT, SAVEPOINT, RELEASE, PREPARE TRANSACTION."""
-    words = leading_words(sql, 1)
-    return bool(words) and words[0] in _CONTROL
+    return (first_word(sql) if first is None else first) in _CONTROL
 
 
 class DdlKind:
@@ -120,12 +126,13 @@ _OUTSIDE_BLOCK_WORDS = frozenset({b"CONCURRENTLY", b"DATABASE", b"TABLESPACE", b
 _NOT_REPLICATED_OBJECTS = frozenset({b"ROLE", b"USER", b"GROUP", b"TEMP", b"TEMPORARY", b"PUBLICATION"})
 
 
-def ddl_kind(sql: bytes) -> int:
-    """Classify a statement for DDL capture (see :class:`DdlKind`). Looks at four words:
-    ``CREATE UNIQUE INDEX CONCURRENTLY`` is the deepest form that matters."""
-    words = leading_words(sql, 4)
-    if not words or words[0] not in _DDL_FIRST:
+def ddl_kind(sql: bytes, first: bytes | None = None) -> int:
+    """Classify a statement for DDL capture (see :class:`DdlKind`). Looks at four words
+    (``CREATE UNIQUE INDEX CONCURRENTLY`` is the deepest form that matters), but only
+    once the first says DDL."""
+    if (first_word(sql) if first is None else first) not in _DDL_FIRST:
         return DdlKind.NONE
+    words = leading_words(sql, 4)
     rest = set(words[1:])
     if rest & _OUTSIDE_BLOCK_WORDS:
         return DdlKind.OUTSIDE_BLOCK
