@@ -28,6 +28,7 @@ from .config import Config, parse_hostport
 from .ddl_apply import DdlApplier
 from .engine import RelayEngine
 from .errors import AdminShutdown, ClientError
+from .failover import Failover
 from .import_process import ImportProcess
 from .metrics import Metrics
 from .mirror import MirrorLink, serve_mirror
@@ -81,6 +82,8 @@ class App:
                                           interval=config.poster.sequence_interval,
                                           lead=config.poster.sequence_lead)  # fmt: skip
         self.mirror_listen_address: tuple[str, int] | None = None
+        #: primary role: moves live sessions to the secondary database when the primary dies
+        self.failover: Failover | None = Failover(self) if config.failover.secondary else None
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
             self.engine = RelayEngine(self.mirror.flush_soon if self.mirror is not None else None)
@@ -137,6 +140,8 @@ class App:
         after a minute). Without it, a marker would fail inside the client's transaction,
         so it is never injected; the gap is logged and counted."""
         if self.mirror is None or not self.config.mirror.markers:
+            return False
+        if self.failover is not None and self.failover.failed_over:
             return False
         known = self._marker_dbs.get(database)
         now = time.monotonic()
@@ -202,6 +207,11 @@ class App:
             eager_status=False,  # the poster slot is not a synchronous standby
         )
 
+    def failed_over(self, server: BackendServer) -> None:
+        """The secondary is the primary now: new sessions go there, unmirrored and
+        unmarked (there is no pair any more until the old primary is re-seeded)."""
+        self.server = server
+
     def _mirrored(self, records: list) -> None:
         for consumer in self.mirror_consumers:
             consumer(records)
@@ -247,6 +257,8 @@ class App:
                 await nursery.start(self.redo.run, self._open_redo_session)
             if self.mirror is not None:
                 await nursery.start(self.mirror.run)
+            if self.failover is not None:
+                await nursery.start(self.failover.run)
             if cfg.mirror.listen:
                 host, port = parse_hostport(cfg.mirror.listen, allow_zero=True)
                 self.mirror_listen_address = await nursery.start(serve_mirror, host, port, self._mirrored)

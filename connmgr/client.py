@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from replay.journal import Journal
+from replay.session_state import SessionRecorder
 from shadow import messages as m
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
@@ -36,7 +38,7 @@ from shadow.session import SessionState
 
 from .backend import BackendSession, open_backend
 from .client_auth import authenticate_client
-from .errors import AdminShutdown, BackendUnavailable, ClientError, TooManyClients
+from .errors import AdminShutdown, BackendLost, BackendUnavailable, ClientError, TooManyClients
 from .metrics import ConnStats
 from .relay import Relay
 from .transport import close_now
@@ -73,6 +75,15 @@ class ClientConnection:
         self.backend: BackendSession | None = None
         self.relay: Relay | None = None
         self.key: tuple[int, int] | None = None
+        #: what connmgr proves to a backend for this client (kept for a move)
+        self.creds = None
+        #: failover: the open transaction's bytes (replay/journal.py) and the session state
+        #: beyond it (replay/session_state.py); None without [failover]
+        self.journal: Journal | None = None
+        self.recorder: SessionRecorder | None = None
+        if app.failover is not None:
+            self.journal = Journal(app.config.failover.max_replay_bytes)
+            self.recorder = SessionRecorder()
         self.cancel_scope = trio.CancelScope()
         self._close_reason: ClientError | None = None
         self._tls_handshaking = False
@@ -106,8 +117,7 @@ class ClientConnection:
                     return
                 markers_on = await app.markers_enabled(self.database) if app.mirror is not None else False
                 self.state = "active"
-                self.relay = Relay(self, self.backend, reader.framer, markers_on)
-                await self.relay.run(reader.take_buffered())
+                await self._relay(reader, markers_on)
             if self._close_reason is not None:  # close_with() cancelled us
                 await self._fail(self._close_reason)
         except PeerClosed:
@@ -122,6 +132,37 @@ class ClientConnection:
             self.state = "closing"
             self._close_streams()
             app.forget(self)
+
+    async def _relay(self, reader: MessageReader, markers_on: bool) -> None:
+        """Relay until the session ends; with failover, a lost backend moves the session
+        to the secondary (connmgr/session_move.py) and relaying goes on there."""
+        initial = reader.take_buffered()
+        transactions = 0
+        pending_abort = None
+        while True:
+            mirrored = self.app.failover is None or not self.app.failover.failed_over
+            self.relay = Relay(self, self.backend, reader.framer, markers_on and mirrored, mirrored=mirrored)
+            self.relay.transactions = transactions
+            self.relay.pending_abort = pending_abort
+            try:
+                await self.relay.run(initial)
+                return
+            except BackendLost as lost:
+                if self.app.failover is None:
+                    raise
+                from .session_move import move_session
+
+                old = self.backend
+                self.backend = None
+                old.close()
+                self.app.virtual_pids.pop((old.server.address, old.pid), None)
+                self.backend = await move_session(self, self.relay, lost)
+                if self.key is not None:
+                    self.app.virtual_pids[(self.backend.server.address, self.backend.pid)] = self.key[0]
+                transactions = self.relay.transactions
+                pending_abort = self.relay.pending_abort
+                initial = b""
+                markers_on = False
 
     async def _fail(self, error: ClientError) -> None:
         """Tell the client (best effort, briefly) and count it."""
@@ -223,7 +264,7 @@ class ClientConnection:
     async def _connect(self, reader: MessageReader) -> None:
         app = self.app
         try:
-            creds = await authenticate_client(app.config, app.secrets, self.stream, reader, self.user)
+            creds = self.creds = await authenticate_client(app.config, app.secrets, self.stream, reader, self.user)
         except ClientError as e:
             if e.sqlstate.startswith("28"):
                 app.metrics.auth_failures += 1

@@ -22,6 +22,7 @@ from .errors import ConfigError
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
 RELAY_MODES = ("engine", "tasks")
 MIRROR_MODES = ("one-phase", "two-phase")
+FAILBACK_MODES = ("stay",)
 CLIENT_TLS_MODES = ("disable", "allow", "require")
 SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 
@@ -165,6 +166,33 @@ class PosterSection:
 
 
 @dataclass(frozen=True, slots=True)
+class FailoverSection:
+    """``[failover]``: primary role -- moving live sessions to the secondary database
+    when the primary database dies (connmgr/failover.py)."""
+
+    #: host:port of the secondary database ("" = no failover: a lost backend ends the
+    #: session with 08006, as without a pair)
+    secondary: str = ""
+    #: connmgr's own session on the secondary: reads the marker rows and disables the
+    #: subscriptions at the point of failure (a superuser, or the subscriptions' owner)
+    user: str = "postgres"
+    password: str = ""
+    dbname: str = "postgres"
+    #: a primary that does not accept a connection within this many seconds is dead
+    detect_timeout: float = 0.3
+    #: seconds between health checks of the primary while nothing else says anything
+    health_interval: float = 0.1
+    #: how long a client waits for its session to move before it gets an error (08006)
+    max_wait: float = 30.0
+    #: largest open transaction (requests + replies, bytes) kept for replay; a larger one
+    #: is rolled back at a move with a retryable 40001
+    max_replay_bytes: int = 8 << 20
+    #: after the move: "stay" -- the secondary is the primary from now on; the repaired
+    #: old primary is re-seeded as the new secondary (the only policy so far)
+    failback: str = "stay"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     primary: BackendSection = field(default_factory=BackendSection)
@@ -174,6 +202,7 @@ class Config:
     mirror: MirrorSection = field(default_factory=MirrorSection)
     redo: RedoSection = field(default_factory=RedoSection)
     poster: PosterSection = field(default_factory=PosterSection)
+    failover: FailoverSection = field(default_factory=FailoverSection)
 
     @property
     def auth_type(self) -> str:
@@ -329,3 +358,17 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [redo] interval: must be > 0")
     if config.metrics.listen:
         parse_hostport(config.metrics.listen, what=f"{source}: [metrics] listen", allow_zero=True)
+    f = config.failover
+    if f.secondary:
+        parse_hostport(f.secondary, what=f"{source}: [failover] secondary")
+        if not config.mirror.peer:
+            raise ConfigError(f"{source}: [failover] secondary needs [mirror] peer (the pair: markers decide"
+                              " which interrupted commits committed)")  # fmt: skip
+    for key in ("detect_timeout", "health_interval", "max_wait"):
+        if getattr(f, key) <= 0:
+            raise ConfigError(f"{source}: [failover] {key}: must be > 0")
+    if f.max_replay_bytes < 0:
+        raise ConfigError(f"{source}: [failover] max_replay_bytes: must be >= 0")
+    if f.failback not in FAILBACK_MODES:
+        raise ConfigError(f"{source}: [failover] failback: must be one of {', '.join(FAILBACK_MODES)},"
+                          f" got {f.failback!r}")  # fmt: skip

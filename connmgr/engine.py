@@ -102,6 +102,9 @@ class Link:
 
     def _end(self, error: ClientError | None) -> None:
         self.detach()
+        if self.down.pending is not None:  # the client's, processed but not yet sent
+            self.relay.unsent = bytes(self.down.pending)
+            self.down.pending = None
         self.relay.stop(error)
 
     # ------------------------------------------------------------------ pumping
@@ -138,6 +141,10 @@ class Link:
         except RemoteProtocolError as e:
             return self._end(ClientError(e.message, sqlstate=e.sqlstate))
         relay = self.relay
+        if relay.lost is not None and not d.upstream:
+            if buf:
+                self._send(d, buf)
+            return self._end(relay.lost)
         if relay.hold_version and not d.upstream:
             version, relay.hold_version = relay.hold_version, 0
             d.pending = memoryview(buf)
@@ -212,7 +219,7 @@ class Link:
     def _dst_failed(self, d: _Direction, e: OSError) -> ClientError | None:
         from .relay import lost
 
-        return lost(self.relay.backend) if d.upstream else None
+        return lost(self.relay.backend, self.relay.conn.journal is not None) if d.upstream else None
 
 
 class RelayEngine:

@@ -72,3 +72,19 @@ class AdminShutdown(ClientError):
 
 class ConfigError(Exception):
     """The configuration is wrong; the message names the key."""
+
+
+class BackendLost(ClientError):
+    """The session's backend went away (EOF, a failed send, or a FATAL 57P01/57P02/57P03
+    that connmgr held back from the client) while failover is configured: the session may
+    move to the secondary. ``raw`` is the server's FATAL ErrorResponse, if it sent one;
+    if the session does not move, the client gets that (or this error's own message)."""
+
+    sqlstate = "08006"
+
+    def __init__(self, message: str, *, raw: bytes | None = None, detail: str | None = None) -> None:
+        super().__init__(message, detail=detail)
+        self.raw = raw
+
+    def to_message(self) -> bytes:
+        return self.raw if self.raw is not None else super().to_message()

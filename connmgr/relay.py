@@ -54,7 +54,7 @@ from shadow.sqltext import (
     statement_count,
 )
 
-from .errors import BackendUnavailable, ClientError
+from .errors import BackendLost, BackendUnavailable, ClientError
 from .transport import FastSocketStream
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ _EXT_TAIL = 3  #: Parse/Bind/Execute/Close of ours before the client's Sync: swa
 
 _MARKER_COLUMN = markers.MARKER_COLUMN.encode() + b"\0"
 _DDL_COLUMN = markers.DDL_COLUMN.encode() + b"\0"
+_FLUSH_NOTICE = b"\0M" + markers.FLUSH_NOTICE.encode() + b"\0"
 _EXT_REPLIES = frozenset(map(ord, "12DC3"))
 _MARKER_STATEMENT = "connmgr.marker"
 
@@ -87,7 +88,7 @@ class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
     __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session",
-                 "origin")  # fmt: skip
+                 "origin", "journal", "recorder")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -101,7 +102,9 @@ class Upstream:
         self.stats = relay.conn.stats
         self.starts = relay.starts
         self.terminated = False
-        self.mirror = app.mirror
+        self.mirror = relay.mirror
+        self.journal = relay.conn.journal
+        self.recorder = relay.conn.recorder
         self.sid = relay.conn.id
         #: offset of the next byte in the client-to-server TCP stream (set by Relay.run)
         self.offset = 0
@@ -113,10 +116,17 @@ class Upstream:
         relay.last_activity = now
         starts = self.starts
         plan = None
+        syncs = None
         for tag, start, end in frames:
             if tag == _d:
                 continue
             if tag == _Q or tag == _S or tag == _F:
+                if syncs is None:
+                    syncs = [end]
+                else:
+                    syncs.append(end)
+                if tag == _Q and self.recorder is not None:
+                    self.recorder.on_sql(buf[start:end - 1])
                 if self.markers and plan is None and not relay.inject_mode and relay.tracking:
                     if tag == _Q:
                         plan = self._plan_query(buf, start, end)
@@ -128,6 +138,11 @@ class Upstream:
                 plan = (start - 5, start - 5, self._marker_query(), _CYCLE)
             elif tag == _X:
                 self.terminated = True
+            if tag == _P and self.recorder is not None:
+                i = buf.find(0, start, end)
+                j = buf.find(0, i + 1, end)
+                if 0 <= i < j:
+                    self.recorder.on_sql(buf[i + 1:j])
             if relay.tracking:
                 try:
                     self.shadow(tag, buf[start:end])
@@ -139,6 +154,8 @@ class Upstream:
         if self.mirror is not None:
             self.mirror.session_data(self.sid, "c", self.offset, buf)
             self.offset += len(buf)
+        if self.journal is not None:
+            self.journal.client(buf, syncs)
         if plan is not None:
             cut, resume, insert, mode = plan
             relay.inject_mode = mode
@@ -266,7 +283,8 @@ def _text(sql: bytes) -> str:
 class Downstream:
     """Server to client: the same for the server's messages."""
 
-    __slots__ = ("relay", "shadow", "session", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid")
+    __slots__ = ("relay", "shadow", "session", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid",
+                 "journal", "recorder")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -276,7 +294,9 @@ class Downstream:
         self.starts = relay.starts
         self.latency = self.stats.latency
         self.last_tag = 0
-        self.mirror = relay.conn.app.mirror
+        self.mirror = relay.mirror
+        self.journal = relay.conn.journal
+        self.recorder = relay.conn.recorder
         self.sid = relay.conn.id
         #: offset of the next byte in the server-to-client TCP stream (set by Relay.run)
         self.offset = 0
@@ -284,6 +304,8 @@ class Downstream:
     def process(self, buf: bytes, frames: list) -> bytes:
         relay = self.relay
         track = relay.tracking
+        if relay.pending_abort is not None:
+            buf, frames = self._deliver_abort(buf, frames)
         if relay.inject_mode:
             buf, frames = self._strip_injected(buf, frames)
             track = False  # _strip_injected fed the shadow
@@ -291,14 +313,36 @@ class Downstream:
                 return b""
         notified = False
         hold = False
-        for tag, start, end in frames:
+        readies = None
+        for i, (tag, start, end) in enumerate(frames):
             if tag == _D:
                 continue
             if tag == _A:
                 notified = True
+            elif tag == _E and self.journal is not None:
+                if _server_gone(buf, start, end):
+                    # The server is going away (shutdown, crash, postmaster exit): hold the
+                    # FATAL back -- the session may move instead (see connmgr/failover.py).
+                    relay.lost = BackendLost(f'server "{relay.backend.server.name}" terminated the session',
+                                             raw=bytes(buf[start - 5:end]))  # fmt: skip
+                    buf = buf[:start - 5]
+                    frames = frames[:i]
+                    if not frames:
+                        return b""
+                    break
+                relay.rolled_back = True
+            elif tag == _CC and self.recorder is not None and buf.startswith(b"ROLLBACK", start):
+                relay.rolled_back = True
             elif tag == _Z:
+                if readies is None:
+                    readies = [(end, buf[start])]
+                else:
+                    readies.append((end, buf[start]))
                 if buf[start] == _I:
                     relay.transactions += 1
+                    if self.recorder is not None:
+                        self.recorder.end_transaction(not relay.rolled_back)
+                    relay.rolled_back = False
                     if relay.marked:
                         relay.marked = False
                         hold = True
@@ -320,6 +364,8 @@ class Downstream:
         stats = self.stats
         stats.messages_to_client += len(frames)
         stats.bytes_to_client += len(buf)
+        if self.journal is not None:
+            self.journal.server(buf, readies)
         mirror = self.mirror
         if mirror is not None:
             version = mirror.session_data(self.sid, "b", self.offset, buf)
@@ -327,6 +373,33 @@ class Downstream:
             if hold and mirror.two_phase:
                 relay.hold_version = version
         return buf
+
+    def _deliver_abort(self, buf: bytes, frames: list) -> tuple[bytes, list]:
+        """The session moved while idle in a transaction that could not move: the backend
+        was put in a failed block, and the client learns it here, on its next request --
+        the first ErrorResponse (25P02) becomes connmgr's 40001, as does the ROLLBACK that
+        answers a COMMIT. A ROLLBACK the client asked for needs no error."""
+        relay = self.relay
+        for i, (tag, start, end) in enumerate(frames):
+            replace = False
+            if tag == _E:
+                replace = True
+            elif tag == _CC and buf.startswith(b"ROLLBACK", start):
+                req = self.session.current_request
+                sql = self.session.request_sql(req) if req is not None else None
+                replace = sql is not None and is_commit(sql.encode("utf-8", "replace"))
+            elif tag == _Z:
+                relay.pending_abort = None
+                return buf, frames
+            if replace:
+                body = relay.pending_abort
+                relay.pending_abort = None
+                error = b"E" + _PID.pack(len(body) + 4) + body
+                out = bytes(buf[:start - 5]) + error + bytes(buf[end:])
+                shift = len(error) - (end - start + 5)
+                rest = [(t, s + shift, e + shift) for t, s, e in frames[i + 1:]]
+                return out, [*frames[:i], (_E, start, start + len(body)), *rest]
+        return buf, frames
 
     def _strip_injected(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """Drop the replies to what connmgr injected (see the ``_CYCLE``, ``_NAMED`` and
@@ -349,7 +422,9 @@ class Downstream:
             elif tag == _E:
                 relay.injected_errors += 1
                 relay.swallowing = False
-            elif tag == _A or tag == _N or tag == _S:
+            elif tag == _N:
+                drop = buf.find(_FLUSH_NOTICE, start, end) >= 0
+            elif tag == _A or tag == _S:
                 pass
             elif mode == _CYCLE:
                 drop = True
@@ -403,16 +478,33 @@ class Downstream:
                 self.mirror.session_marker(self.sid, relay.marker_seq)
 
     def eof_error(self) -> ClientError | None:
-        """Why the server's EOF ends the session: None if it said so itself (FATAL)."""
-        return None if self.last_tag == _E else lost(self.relay.backend)
+        """Why the server's EOF ends the session: None if it said so itself (FATAL);
+        with failover configured, a :class:`BackendLost` (the session may move)."""
+        relay = self.relay
+        if relay.lost is not None:
+            return relay.lost
+        if self.journal is not None:
+            return BackendLost(lost(relay.backend).message, detail="The server closed the connection unexpectedly.")
+        return None if self.last_tag == _E else lost(relay.backend)
 
 
 class Relay:
     """One client session while it is relayed. See the module docstring."""
 
     def __init__(self, conn: ClientConnection, backend: BackendSession, client_framer: Framer,
-                 markers_on: bool = False) -> None:
+                 markers_on: bool = False, mirrored: bool = True) -> None:
         self.conn = conn
+        #: the mirror link this session's traffic is copied to (None: not mirrored)
+        self.mirror = conn.app.mirror if mirrored else None
+        #: set when the server went away (held-back FATAL); the carrier ends the relay with it
+        self.lost: BackendLost | None = None
+        #: an ErrorResponse body (40001) the client still has to get, after a move that
+        #: rolled back the transaction it sat idle in (see Downstream._deliver_abort)
+        self.pending_abort: bytes | None = None
+        #: the current transaction saw an error or a ROLLBACK (for the session recorder)
+        self.rolled_back = False
+        #: bytes for the client the carrier had not sent when the relay ended
+        self.unsent = b""
         self.backend = backend
         self.client_framer = client_framer
         self.tracking = True
@@ -492,7 +584,7 @@ class Relay:
         """Relay until either side ends. Raises the ClientError that ended it, if any."""
         client, server = self.conn.stream, self.backend.stream
         engine = self.conn.app.engine
-        mirror = self.conn.app.mirror
+        mirror = self.mirror
         if type(client) is FastSocketStream:
             # where the relayed bytes start in each direction of the client's TCP stream
             self.upstream.offset = client.received - len(initial) - self.client_framer.pending_bytes
@@ -567,7 +659,7 @@ class Relay:
         process = self.upstream.process
         if initial:  # complete messages the client pipelined behind its authentication
             buf, frames = Framer(max_message_size=framer.max_message_size).feed(initial)
-            await _send_backend(send, process(buf, frames), self.backend)
+            await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
         while not self.upstream.terminated:
             data = await recv(RECV_SIZE)
             if not data:
@@ -575,7 +667,7 @@ class Relay:
                 return
             buf, frames = framer.feed(data)
             if frames:
-                await _send_backend(send, process(buf, frames), self.backend)
+                await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
                 if self.upstream.mirror is not None:
                     self.upstream.mirror.flush_soon()
 
@@ -600,6 +692,10 @@ class Relay:
             data = b""
             if frames:
                 out = process(buf, frames)
+                if self.lost is not None:
+                    if out:
+                        await send(out)
+                    raise self.lost
                 if self.hold_version:
                     version, self.hold_version = self.hold_version, 0
                     released = trio.Event()
@@ -610,18 +706,30 @@ class Relay:
                     self.downstream.mirror.flush_soon()
 
 
-async def _send_backend(send, buf: bytes, backend: BackendSession) -> None:
+async def _send_backend(send, buf: bytes, backend: BackendSession, failover: bool) -> None:
     try:
         await send(buf)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        raise lost(backend) from None
+        raise lost(backend, failover) from None
 
 
-def lost(backend: BackendSession) -> BackendUnavailable:
-    return BackendUnavailable(
-        f'lost connection to server "{backend.server.name}" at {backend.server.address}',
-        detail="The server closed the connection unexpectedly.",
-    )
+def lost(backend: BackendSession, failover: bool = False) -> BackendUnavailable | BackendLost:
+    """The error for a backend connection that broke (a BackendLost if the session may
+    move to the secondary)."""
+    what = f'lost connection to server "{backend.server.name}" at {backend.server.address}'
+    detail = "The server closed the connection unexpectedly."
+    return BackendLost(what, detail=detail) if failover else BackendUnavailable(what, detail=detail)
+
+
+_GONE_CODES = (b"\0C57P01\0", b"\0C57P02\0", b"\0C57P03\0")
+
+
+def _server_gone(buf: bytes, start: int, end: int) -> bool:
+    """A FATAL ErrorResponse saying the server is going away (admin shutdown, crash of
+    another backend, postmaster exit): not the session's own fault."""
+    if buf.find(b"\0VFATAL\0", start, end) < 0 and buf.find(b"\0VPANIC\0", start, end) < 0:
+        return False
+    return any(buf.find(code, start, end) >= 0 for code in _GONE_CODES)
 
 
 def _idle_error(tx: TxStatus) -> ClientError:

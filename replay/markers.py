@@ -23,6 +23,15 @@ the table) and writes only if the transaction already has an xid
 (``txid_current_if_assigned()``): a reader stays read-only and returns NULL. The marker
 column is named ``connmgr.marker`` so the relay can recognise and swallow its replies.
 
+**The flush.** A marker that wrote raises ``NOTICE 'connmgr.flush'`` (its own
+``client_min_messages`` makes sure the notice is sent). Postgres flushes its output after
+every notice, so everything the client's statements produced before the marker -- their
+rows and command tags -- is in connmgr's hands *before the transaction's commit record is
+written*. That is what makes interrupted commits exactly resolvable at failover: if the
+primary dies during the commit, the only replies connmgr can be missing are the commit's
+own (``CommandComplete COMMIT`` and ``ReadyForQuery``), which it can produce itself when
+the secondary says the transaction committed. The relay swallows the notice.
+
 DDL capture
 -----------
 Logical decoding carries no DDL. connmgr captures a DDL statement sent through it by
@@ -79,11 +88,17 @@ CREATE TABLE IF NOT EXISTS connmgr.markers (
     PRIMARY KEY (origin, session)
 ) WITH (fillfactor = 50);
 CREATE OR REPLACE FUNCTION connmgr.mark(o bigint, s bigint, q bigint) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $connmgr$
-    INSERT INTO connmgr.markers AS m (origin, session, seq)
-    SELECT o, s, q WHERE pg_catalog.txid_current_if_assigned() IS NOT NULL
-    ON CONFLICT (origin, session) DO UPDATE SET seq = excluded.seq
-    RETURNING true
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET client_min_messages = notice
+AS $connmgr$
+BEGIN
+    IF pg_catalog.txid_current_if_assigned() IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO connmgr.markers AS m (origin, session, seq) VALUES (o, s, q)
+    ON CONFLICT (origin, session) DO UPDATE SET seq = excluded.seq;
+    RAISE NOTICE 'connmgr.flush';
+    RETURN true;
+END
 $connmgr$;
 REVOKE ALL ON connmgr.markers FROM PUBLIC;
 REVOKE ALL ON FUNCTION connmgr.mark(bigint, bigint, bigint) FROM PUBLIC;
@@ -103,7 +118,13 @@ END $connmgr$;
 POSTER_PUBLICATION = "connmgr_poster"
 
 #: one row, true if this database has the marker function
-CHECK_SQL = "SELECT pg_catalog.to_regprocedure('connmgr.mark(bigint,bigint,bigint)') IS NOT NULL"
+CHECK_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid ="
+    " pg_catalog.to_regprocedure('connmgr.mark(bigint,bigint,bigint)') AND prosrc LIKE '%connmgr.flush%')"
+)
+
+#: the message of the notice a writing marker raises; the relay swallows it
+FLUSH_NOTICE = "connmgr.flush"
 
 
 def mark_sql(origin: int, session_id: int, seq: int) -> str:

@@ -147,6 +147,14 @@ class Framer:
         self._need = need
         return data[:pos], frames
 
+    def take_pending(self) -> bytes:
+        """Remove and return the bytes of an incomplete message held back (b"" if none),
+        e.g. to put complete messages ahead of it and feed both again, in order."""
+        pending = bytes(self._pending)
+        self._pending = bytearray()
+        self._need = 0
+        return pending
+
     def feed_eof(self) -> None:
         """The peer closed its side. Raises if it stopped in the middle of a message."""
         if self._pending:

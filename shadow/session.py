@@ -141,6 +141,8 @@ class PendingRequest:
     statement: str | None = None
     portal: str | None = None
     sql: str | None = field(default=None, repr=False)
+    #: a named Parse's body as sent (to re-create the statement elsewhere)
+    body: bytes | None = field(default=None, repr=False)
 
 
 # Type bytes, as plain ints for cheap comparison.
@@ -329,6 +331,7 @@ class SessionState:
         "backend_pid",
         "backend_secret",
         "prepared_statements",
+        "parse_messages",
         "portals",
         "pending",
         "_expect",
@@ -347,6 +350,8 @@ class SessionState:
         self.backend_pid: int | None = None
         self.backend_secret: int | bytes | None = None
         self.prepared_statements: dict[str, str] = {}
+        #: named statement -> the body of the Parse that created it (for a session move)
+        self.parse_messages: dict[str, bytes] = {}
         self.portals: dict[str, str | None] = {}
         self.pending: deque[PendingRequest] = deque()
         # reply state of pending[0] (meaningful only while pending is non-empty)
@@ -535,13 +540,16 @@ class SessionState:
         if first.startswith(b"DEALLOCATE"):
             if first == b"DEALLOCATE ALL\0":
                 self.prepared_statements.clear()
+                self.parse_messages.clear()
             elif first == b"DEALLOCATE\0" and self.pending:
                 sql = self.request_sql(self.pending[0])
                 if sql:
                     for name in _deallocated_names(sql):
                         self.prepared_statements.pop(name, None)
+                        self.parse_messages.pop(name, None)
         elif first == b"DISCARD ALL\0":
             self.prepared_statements.clear()
+            self.parse_messages.clear()
             self.portals.clear()
             self._unnamed_sql = None
 
@@ -551,6 +559,8 @@ class SessionState:
         if kind == "P":
             if head.statement:
                 self.prepared_statements[head.statement] = head.sql or ""
+                if head.body is not None:
+                    self.parse_messages[head.statement] = head.body
             else:
                 self._unnamed_sql = head.sql
         elif kind == "B":
@@ -559,6 +569,7 @@ class SessionState:
             if head.statement is not None:
                 if head.statement:
                     self.prepared_statements.pop(head.statement, None)
+                    self.parse_messages.pop(head.statement, None)
                 else:
                     self._unnamed_sql = None
             else:
@@ -597,7 +608,7 @@ class SessionState:
         except ValueError:
             self._append(PendingRequest("P"))
         else:
-            self._append(PendingRequest("P", statement=name, sql=sql))
+            self._append(PendingRequest("P", statement=name, sql=sql, body=bytes(body) if name else None))
 
     def _f_bind(self, tag: int, body: bytes) -> None:
         try:

@@ -1,0 +1,235 @@
+"""Failover: the decision to leave the primary database, and the point of failure.
+
+The primary connmgr holds every client's socket, so it runs the move (seed 004 Fig. 3, 7,
+9). This module is the part shared by all sessions; the per-session part is
+:mod:`connmgr.session_move`.
+
+1. **Detect.** Three signals start a decision: a session's backend connection broke or
+   sent a FATAL 57P01/57P02/57P03 (held back from the client, :mod:`connmgr.relay`), the redo
+   monitor's samples went stale for ``detect_timeout``, or an explicit switchover. The
+   decision is one probe: a fresh connection to the primary, bounded by
+   ``detect_timeout``. If it is answered, the primary is alive and nothing moves (a session
+   whose backend was terminated gets the server's own error, as without a pair).
+2. **Point of failure** (seed 004 [0087]). Every enabled subscription on the secondary is
+   disabled and connmgr waits for its apply worker to exit. Whatever the worker had
+   applied is then final, and a restarted old primary can never feed it again. It is safe
+   at any moment: a transaction the worker had received but not applied was never
+   acknowledged to its client (the subscription is a synchronous standby), so it is
+   replayed instead.
+3. **The truth about interrupted commits**: the marker rows of this connmgr's sessions,
+   read once per database after step 2 (:meth:`Failover.committed_seq`). "Session s has
+   seq >= n" means its transaction n committed (``replay/markers.py``).
+4. From then on new sessions go to the secondary, and every session whose backend is lost
+   moves there (:mod:`connmgr.session_move`). The fail-back policy is "stay": the
+   secondary remains the primary; the old primary has to be re-seeded as a secondary.
+
+Everything that happens is written to :attr:`Failover.timeline` (seconds since the
+suspicion, and what), logged, and exported as metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import trio
+
+from shadow import messages
+from shadow.sqltext import quote_ident
+
+from .backend import BackendServer, BackendSession, Credentials, open_backend
+from .config import parse_hostport
+from .errors import ClientError
+from .wire import PeerClosed
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("connmgr.failover")
+
+#: how long the apply workers of disabled subscriptions may take to exit
+_WORKER_EXIT_TIMEOUT = 10.0
+
+
+class FailoverError(Exception):
+    """The secondary could not be made ready (the message says why)."""
+
+
+class Failover:
+    """See the module docstring. One per primary connmgr with ``[failover] secondary``."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        cfg = app.config.failover
+        self.config = cfg
+        host, port = parse_hostport(cfg.secondary, what="[failover] secondary")
+        self.server = BackendServer("secondary", host, port, app.config.primary.connect_timeout)
+        #: the sessions are (being) moved to the secondary; it is the primary now
+        self.failed_over = False
+        #: the decision could not be completed (the secondary is unusable too)
+        self.failed: str | None = None
+        self.timeline: list[tuple[float, str]] = []
+        self.suspected_at: float | None = None
+        self.failed_over_at: float | None = None
+        self._deciding: trio.Event | None = None
+        self._committed: dict[str, dict[int, int]] = {}
+        self._committed_ready: dict[str, trio.Event] = {}
+        # counters (exported by connmgr/prometheus.py)
+        self.decisions = 0
+        self.false_alarms = 0
+        self.sessions_moved = 0
+        self.sessions_failed: Counter[str] = Counter()
+        self.commits_acknowledged = 0  #: interrupted commits found committed: acknowledged, not replayed
+        self.transactions_replayed = 0
+        self.replies_compared = 0
+        self.transactions_rolled_back: Counter[str] = Counter()  #: 40001 given, by reason
+        self.stalls: list[float] = []  #: seconds each moved session waited (backend lost -> live)
+
+    # ------------------------------------------------------------------ timeline
+
+    def note(self, what: str) -> None:
+        now = time.monotonic()
+        if self.suspected_at is None:
+            self.suspected_at = now
+        self.timeline.append((now - self.suspected_at, what))
+        log.warning("failover: +%.3fs %s", now - self.suspected_at, what)
+
+    # ------------------------------------------------------------------ detection
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Health check: a stale redo monitor (no sample for ``detect_timeout``) starts a
+        decision. Sessions report lost backends themselves (:meth:`decide`)."""
+        task_status.started()
+        redo = self.app.redo
+        cfg = self.config
+        while not self.failed_over:
+            await trio.sleep(cfg.health_interval)
+            if redo is None or redo.samples == 0 or self._deciding is not None:
+                continue
+            if time.monotonic() - redo.updated_at > cfg.detect_timeout:
+                await self.decide("the redo monitor has had no answer for"
+                                  f" {time.monotonic() - redo.updated_at:.3f}s")  # fmt: skip
+
+    async def decide(self, why: str, *, planned: bool = False) -> bool:
+        """Decide whether the primary is gone (``planned``: a switchover, no probe) and if
+        so make the secondary ready. True once failed over. Concurrent callers share one
+        decision."""
+        if self.failed_over:
+            return True
+        if self._deciding is not None:
+            await self._deciding.wait()
+            return self.failed_over
+        self._deciding = trio.Event()
+        self.decisions += 1
+        self.suspected_at = None
+        try:
+            self.note(f"primary suspected: {why}")
+            if not planned:
+                alive = await self._primary_answers()
+                if alive:
+                    self.false_alarms += 1
+                    self.note("primary answers: no failover")
+                    self.suspected_at = None
+                    return False
+                self.note("primary does not answer: failing over to the secondary")
+            else:
+                self.note("switchover requested")
+            try:
+                await self._point_of_failure()
+            except (FailoverError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+                self.failed = str(e)
+                self.note(f"FAILED: the secondary cannot take over: {e}")
+                return False
+            self.failed_over = True
+            self.failed_over_at = time.monotonic()
+            self.app.failed_over(self.server)
+            self.note("secondary is the primary now; sessions move")
+            return True
+        finally:
+            event, self._deciding = self._deciding, None
+            event.set()
+
+    async def _primary_answers(self) -> bool:
+        """A fresh session on the primary within ``detect_timeout``."""
+        with trio.move_on_after(self.config.detect_timeout):
+            try:
+                session = await self.app._open_redo_session(None, "connmgr failover probe")
+            except (ClientError, OSError, PeerClosed, trio.BrokenResourceError) as e:
+                self.note(f"probe: {e}")
+                return False
+            session.close()
+            return True
+        self.note(f"probe: no answer within {self.config.detect_timeout:g}s")
+        return False
+
+    # ------------------------------------------------------------------ the secondary
+
+    async def _admin(self, database: str, purpose: str) -> BackendSession:
+        c = self.config
+        params = {"user": c.user, "database": database, "application_name": purpose}
+        return await open_backend(self.server, params, Credentials(password=c.password or None),
+                                  max_message_size=1 << 24)  # fmt: skip
+
+    async def _point_of_failure(self) -> None:
+        """Disable every enabled subscription of the secondary and wait for its apply
+        worker to exit: what it applied is final."""
+        with trio.fail_after(self.config.max_wait):
+            admin = await self._admin(self.config.dbname, "connmgr failover")
+            try:
+                rows = await admin.query_rows(messages.query(
+                    "SELECT s.oid, s.subname, d.datname FROM pg_catalog.pg_subscription s"
+                    " JOIN pg_catalog.pg_database d ON d.oid = s.subdbid WHERE s.subenabled ORDER BY 1"
+                ))  # fmt: skip
+            finally:
+                admin.close()
+            for oid, name, database in rows:
+                sub, db = name.decode(), database.decode()
+                session = await self._admin(db, "connmgr failover")
+                try:
+                    await session.query_rows(messages.query(f"ALTER SUBSCRIPTION {quote_ident(sub)} DISABLE"))
+                    self.note(f"subscription {sub} ({db}) disabled")
+                    deadline = time.monotonic() + _WORKER_EXIT_TIMEOUT
+                    while True:
+                        left = await session.query_rows(messages.query(
+                            "SELECT count(*) FROM pg_catalog.pg_stat_subscription"
+                            f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
+                        ))  # fmt: skip
+                        if left == [(b"0",)]:
+                            break
+                        if time.monotonic() > deadline:
+                            raise FailoverError(f"the apply worker of subscription {sub} did not stop"
+                                                f" within {_WORKER_EXIT_TIMEOUT:g}s")  # fmt: skip
+                        await trio.sleep(0.01)
+                finally:
+                    session.close()
+            self.note(f"point of failure reached ({len(rows)} subscription(s) stopped)")
+
+    async def committed_seq(self, database: str, session_id: int) -> int:
+        """The number of the last transaction of ``session_id`` that committed on the
+        secondary (its marker row), 0 if none. Read once per database after the point of
+        failure."""
+        ready = self._committed_ready.get(database)
+        if ready is None:
+            ready = self._committed_ready[database] = trio.Event()
+            try:
+                admin = await self._admin(database, "connmgr failover markers")
+                try:
+                    rows = await admin.query_rows(messages.query(
+                        f"SELECT session, seq FROM connmgr.markers WHERE origin = {int(self.app.origin)}"
+                    ))  # fmt: skip
+                finally:
+                    admin.close()
+                self._committed[database] = {int(s): int(q) for s, q in rows}
+                self.note(f"marker rows of {database}: {len(rows)} session(s)")
+            except BaseException:
+                del self._committed_ready[database]
+                ready.set()
+                raise
+            ready.set()
+        else:
+            await ready.wait()
+            if database not in self._committed:
+                return await self.committed_seq(database, session_id)
+        return self._committed[database].get(session_id, 0)

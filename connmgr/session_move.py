@@ -1,0 +1,268 @@
+"""Moving one live session to the secondary database (seed 004 [0052]-[0057], [0082]-[0089]).
+
+Called by the client's own task when its backend is lost and failover is configured
+(:class:`~connmgr.errors.BackendLost`). The client's socket never closes; it waits while
+this runs, bounded by ``[failover] max_wait``.
+
+1. **Deliver** what connmgr had already processed for the client but not yet sent.
+2. **Decide** (:meth:`connmgr.failover.Failover.decide`, shared by every session): is the
+   primary gone? If not, the session ends with the server's own error, as without a pair.
+3. **Open** a backend on the secondary with the client's start-up parameters and
+   credentials, and **restore** the session: protocol-level prepared statements (the exact
+   Parse messages the client sent) and the SQL-level state the
+   :class:`~replay.session_state.SessionRecorder` followed (SET/RESET, PREPARE, LISTEN,
+   advisory locks). What cannot move ends the session with a clear error (57P01 class
+   08006), counted by reason.
+4. **Interrupted commit** (seed 004 [0055]): the open transaction is number n = the
+   transactions the client has seen end + 1. If the secondary's marker row for this session
+   says ``seq >= n``, it committed: the client gets the replies it was waiting for
+   (:func:`replay.resume.commit_completion`) and it is not replayed. Otherwise it did not
+   commit there, and it is replayed. Never both, never neither.
+5. **Replay** (seed 004 [0088]): the journal's requests go to the new backend; every reply
+   is compared with what the client already received (:class:`replay.resume.ReplayMatcher`)
+   and swallowed; the first reply beyond that is live and goes to the client (seed 004
+   [0089]). A difference, a transaction too large to have been kept, or a replay that
+   does not finish within ``max_wait`` rolls the transaction back: the client gets
+   SQLSTATE 40001 on the request it is waiting for (or its next one), and the session
+   continues on the new server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from replay.resume import (
+    ReplayMatcher,
+    commit_completion,
+    failed_replies,
+    move_error_body,
+    sync_groups,
+)
+from shadow import messages
+from shadow.session import Phase, TxStatus
+
+from .backend import BackendSession, open_backend
+from .errors import BackendLost, BackendUnavailable, ClientError
+from .wire import MessageReader, PeerClosed
+
+if TYPE_CHECKING:
+    from .client import ClientConnection
+    from .relay import Relay
+
+log = logging.getLogger("connmgr.move")
+
+_Z = ord("Z")
+_E = ord("E")
+#: puts a fresh backend into a failed transaction block, like the client's
+_ABORTED_BLOCK = messages.query(
+    "BEGIN; DO $connmgr$ BEGIN RAISE EXCEPTION 'connmgr: transaction rolled back at failover'"
+    " USING ERRCODE = '40001'; END $connmgr$"
+)
+
+
+class NotMovable(ClientError):
+    """The session cannot continue on the secondary; ``kind`` names the reason class
+    (the metric's label)."""
+
+    sqlstate = "08006"
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message, hint="Reconnect: new sessions go to the secondary.")
+        self.kind = kind
+
+
+class _Rollback(Exception):
+    """The open transaction cannot move faithfully: roll it back with 40001."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) -> BackendSession:
+    """Move ``conn`` to the secondary; returns the new backend, whose ``leftover`` holds
+    the replies the client gets next. Raises the ClientError to report if it cannot."""
+    app = conn.app
+    failover = app.failover
+    cfg = failover.config
+    started = time.monotonic()
+    if relay.unsent:
+        await conn.stream.send_all(relay.unsent)
+        relay.unsent = b""
+    with trio.move_on_after(cfg.max_wait) as waited:
+        moving = await failover.decide(f"client {conn.id}: {lost.message}")
+    if waited.cancelled_caught or not moving:
+        if waited.cancelled_caught:
+            failover.sessions_failed["max_wait"] += 1
+        raise lost
+    try:
+        with trio.fail_after(cfg.max_wait) as _:
+            backend = await _move(conn, relay, failover)
+    except trio.TooSlowError:
+        failover.sessions_failed["max_wait"] += 1
+        raise NotMovable(f"the session could not be moved to the secondary within {cfg.max_wait:g}s"
+                         " ([failover] max_wait)", "max_wait") from None  # fmt: skip
+    except NotMovable as e:
+        failover.sessions_failed[e.kind] += 1
+        raise
+    except (BackendUnavailable, PeerClosed, OSError, trio.BrokenResourceError) as e:
+        failover.sessions_failed["secondary unavailable"] += 1
+        raise NotMovable(f"the session could not be moved to the secondary: {e}", "secondary unavailable") from None
+    failover.sessions_moved += 1
+    failover.stalls.append(time.monotonic() - started)
+    return backend
+
+
+async def _move(conn: ClientConnection, relay: Relay, failover) -> BackendSession:
+    journal = conn.journal
+    shadow = conn.session
+    if shadow.phase not in (Phase.READY, Phase.COPY_IN):
+        raise NotMovable(f"session not movable: it is in phase {shadow.phase.value}", "phase")
+    reasons = conn.recorder.not_movable if conn.recorder is not None else []
+    if reasons:
+        raise NotMovable("session not movable: " + "; ".join(reasons), "session state")
+    groups = sync_groups(shadow.pending)
+    n = relay.transactions + 1
+    committed = False
+    if groups:
+        if relay.markers:
+            committed = await failover.committed_seq(conn.database, conn.id) >= n
+        elif not journal.overflow and _may_have_committed(groups):
+            raise NotMovable("session not movable: a commit was in flight and the database has no connmgr"
+                             " markers to tell whether it committed (run connmgr prepare-db)", "no markers")  # fmt: skip
+    backend = await _open(conn, failover)
+    requests = bytes(journal.requests)
+    expected = bytes(journal.replies)
+    leftover = b""
+    try:
+        if journal.overflow:
+            raise _Rollback("too large", f"the transaction was larger than [failover] max_replay_bytes"
+                                         f" ({failover.config.max_replay_bytes} bytes)")  # fmt: skip
+        if committed:
+            done = commit_completion(groups[0], expected, shadow.request_sql)
+            if done is None:
+                raise NotMovable("session not movable: its transaction committed but connmgr cannot know the"
+                                 " reply it was waiting for", "reply unknown")  # fmt: skip
+            failover.commits_acknowledged += 1
+            failover.note(f"client {conn.id}: transaction {n} had committed: acknowledged, not replayed")
+            leftover = done
+            requests = requests[journal.sync_ends[0]:]
+            expected = b""
+        if requests:
+            leftover += await _replay(backend, requests, expected, failover)
+            failover.transactions_replayed += 1
+    except _Rollback as rb:
+        backend.close()
+        failover.transactions_rolled_back[rb.kind] += 1
+        failover.note(f"client {conn.id}: transaction rolled back (40001): {rb.reason}")
+        backend = await _open(conn, failover)
+        leftover = await _rolled_back(conn, relay, backend, rb.reason, journal, groups)
+    # complete messages first, then any partial one the framer held: the relay frames them again
+    backend.leftover = leftover + backend.leftover + backend.framer.take_pending()
+    return backend
+
+
+def _may_have_committed(groups) -> bool:
+    """Pending requests that could hold a commit (anything but a lone read is assumed to)."""
+    return any(req.kind not in ("D",) for g in groups for req in g)
+
+
+async def _open(conn: ClientConnection, failover) -> BackendSession:
+    app = conn.app
+    backend = await open_backend(failover.server, conn.startup_params, conn.creds,
+                                 max_message_size=app.config.server.max_message_size)  # fmt: skip
+    await _restore(conn, backend)
+    return backend
+
+
+async def _restore(conn: ClientConnection, backend: BackendSession) -> None:
+    """Rebuild the session's state on ``backend`` before anything is replayed."""
+    out = bytearray()
+    readies = 0
+    parses = conn.session.parse_messages
+    if parses:
+        for body in parses.values():
+            out += b"P" + (len(body) + 4).to_bytes(4, "big") + body
+        out += messages.Sync().encode()
+        readies += 1
+    if conn.recorder is not None:
+        for sql in conn.recorder.restore_sql():
+            out += messages.query(sql)
+            readies += 1
+    if not readies:
+        return
+    await backend.stream.send_all(bytes(out))
+    reader = MessageReader(backend.stream, backend.framer, 'server "secondary"')
+    error = None
+    while readies:
+        tag, body = await reader.read()
+        if tag == _E and error is None:
+            error = messages.decode_backend(tag, body)
+        elif tag == _Z:
+            readies -= 1
+    backend.leftover = reader.take_buffered()
+    if error is not None:
+        raise NotMovable(f"session state could not be restored: {error.message}", "restore failed")
+
+
+async def _replay(backend: BackendSession, requests: bytes, expected: bytes, failover) -> bytes:
+    """Send ``requests``; swallow the replies that match ``expected``; return what
+    follows them (live). Raises _Rollback on a difference."""
+    matcher = ReplayMatcher(expected)
+    await backend.stream.send_all(requests)
+    framer = backend.framer
+    data = backend.leftover
+    backend.leftover = b""
+    while not matcher.matched:
+        if not data:
+            data = await backend.stream.receive_some(64 * 1024)
+            if not data:
+                raise BackendUnavailable("the secondary closed the connection during the replay")
+        buf, frames = framer.feed(data)
+        data = b""
+        if not frames:
+            continue
+        live = matcher.feed(buf)
+        if matcher.difference is not None:
+            failover.replies_compared += matcher.compared
+            raise _Rollback("result differs", f"replaying it on the secondary gave a different result: {matcher.difference}")
+        if matcher.matched:
+            failover.replies_compared += matcher.compared
+            return live
+    return b""
+
+
+async def _rolled_back(conn: ClientConnection, relay: Relay, backend: BackendSession, reason: str, journal,
+                       groups) -> bytes:  # fmt: skip
+    """Give the client 40001 for its transaction on a fresh ``backend``; returns the
+    replies it gets next. The backend is brought to the state the client will believe
+    in: a failed transaction block if it was in one, idle otherwise."""
+    in_block = conn.session.tx_status is not TxStatus.IDLE
+    if journal.overflow and len(groups) > 1:
+        raise NotMovable("session not movable: requests pipelined behind a transaction too large to keep",
+                         "too large")  # fmt: skip
+    if in_block:
+        await _run_swallowed(backend, _ABORTED_BLOCK)
+    if not groups:  # idle in its block: the next request gets the error
+        relay.pending_abort = move_error_body(reason)
+        return b""
+    replies = failed_replies(reason, b"E" if in_block else b"I")
+    rest = bytes(journal.requests[journal.sync_ends[0]:]) if journal.sync_ends and not journal.overflow else b""
+    if rest:
+        await backend.stream.send_all(rest)
+    return replies
+
+
+async def _run_swallowed(backend: BackendSession, request: bytes) -> None:
+    await backend.stream.send_all(request)
+    reader = MessageReader(backend.stream, backend.framer, 'server "secondary"')
+    while True:
+        tag, _body = await reader.read()
+        if tag == _Z:
+            break
+    backend.leftover = reader.take_buffered()
