@@ -139,11 +139,13 @@ class ClientConnection:
         initial = reader.take_buffered()
         transactions = 0
         pending_abort = None
+        inject_mode = 0
         while True:
             mirrored = self.app.failover is None or not self.app.failover.failed_over
             self.relay = Relay(self, self.backend, reader.framer, markers_on and mirrored, mirrored=mirrored)
             self.relay.transactions = transactions
             self.relay.pending_abort = pending_abort
+            self.relay.inject_mode = inject_mode
             try:
                 await self.relay.run(initial)
                 return
@@ -161,6 +163,7 @@ class ClientConnection:
                     self.app.virtual_pids[(self.backend.server.address, self.backend.pid)] = self.key[0]
                 transactions = self.relay.transactions
                 pending_abort = self.relay.pending_abort
+                inject_mode = self.relay.carry_inject
                 initial = b""
                 markers_on = False
 

@@ -51,6 +51,8 @@ log = logging.getLogger("connmgr.failover")
 
 #: how long the apply workers of disabled subscriptions may take to exit
 _WORKER_EXIT_TIMEOUT = 10.0
+#: how long open transactions wait for the sessions with a commit in flight to move
+_COMMIT_SETTLE_TIMEOUT = 5.0
 
 
 class FailoverError(Exception):
@@ -74,6 +76,13 @@ class Failover:
         self.suspected_at: float | None = None
         self.failed_over_at: float | None = None
         self._deciding: trio.Event | None = None
+        #: sessions whose commit was in flight at the decision: they move first
+        self._committers: set[int] = set()
+        self._commits_settled = trio.Event()
+        #: the other sessions: each replays what its client has been answered, then waits
+        #: for all of them before sending what was still in flight
+        self._replaying: set[int] = set()
+        self._prefixes_done = trio.Event()
         self._committed: dict[str, dict[int, int]] = {}
         self._committed_ready: dict[str, trio.Event] = {}
         # counters (exported by connmgr/prometheus.py)
@@ -142,6 +151,7 @@ class Failover:
                 self.failed = str(e)
                 self.note(f"FAILED: the secondary cannot take over: {e}")
                 return False
+            self._gather_committers()
             self.failed_over = True
             self.failed_over_at = time.monotonic()
             self.app.failed_over(self.server)
@@ -150,6 +160,71 @@ class Failover:
         finally:
             event, self._deciding = self._deciding, None
             event.set()
+
+    # ------------------------------------------------------------------ move order
+
+    def _gather_committers(self) -> None:
+        """Sessions with a marked commit in flight (the marker for their open transaction
+        was sent and requests are pending). Postgres releases a transaction's locks and
+        shows its rows when it commits *locally*, before the synchronous standby
+        confirms: another open transaction may have read rows of a commit the secondary
+        never received. Those commits are replayed first, and every other session's
+        replay waits for them, so it reads what it read on the primary."""
+        for conn in self.app.clients.values():
+            relay = conn.relay
+            if relay is None:
+                continue
+            if conn.session.pending and relay.marker_seq == relay.transactions + 1:
+                self._committers.add(conn.id)
+            else:
+                self._replaying.add(conn.id)
+        self.note(f"{len(self._committers)} session(s) with a commit in flight move first,"
+                  f" {len(self._replaying)} other(s) then")  # fmt: skip
+        if not self._committers:
+            self._commits_settled.set()
+        if not self._replaying:
+            self._prefixes_done.set()
+
+    def is_committer(self, conn_id: int) -> bool:
+        return conn_id in self._committers
+
+    def commit_settled(self, conn_id: int) -> None:
+        """A session with a commit in flight has moved (or failed to)."""
+        self._committers.discard(conn_id)
+        if not self._committers and not self._commits_settled.is_set():
+            self.note("every commit in flight is resolved; open transactions replay")
+            self._commits_settled.set()
+
+    async def commits_settled(self) -> None:
+        """Wait (bounded) until every session with a commit in flight has moved."""
+        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)) as scope:
+            await self._commits_settled.wait()
+        if scope.cancelled_caught:
+            self.note(f"sessions {sorted(self._committers)} did not resolve their commits within"
+                      f" {_COMMIT_SETTLE_TIMEOUT:g}s; replaying without them")  # fmt: skip
+            self._committers.clear()
+            self._commits_settled.set()
+
+    def prefix_replayed(self, conn_id: int) -> None:
+        """A session has replayed what its client was answered (or gave up)."""
+        self._replaying.discard(conn_id)
+        if not self._replaying and not self._prefixes_done.is_set():
+            self.note("every open transaction is back where its client saw it; requests in flight go on")
+            self._prefixes_done.set()
+
+    async def prefixes_replayed(self, conn_id: int) -> None:
+        """Report this session's prefix done and wait (bounded) for everyone else's. On the
+        primary the answered parts of all open transactions held their locks together; a
+        request still in flight may have been waiting for one of them, so it goes only
+        when all are back."""
+        self.prefix_replayed(conn_id)
+        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)) as scope:
+            await self._prefixes_done.wait()
+        if scope.cancelled_caught:
+            self.note(f"sessions {sorted(self._replaying)} did not finish replaying within"
+                      f" {_COMMIT_SETTLE_TIMEOUT:g}s; going on without them")  # fmt: skip
+            self._replaying.clear()
+            self._prefixes_done.set()
 
     async def _primary_answers(self) -> bool:
         """A fresh session on the primary within ``detect_timeout``."""

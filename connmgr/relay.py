@@ -82,6 +82,8 @@ _DDL_COLUMN = markers.DDL_COLUMN.encode() + b"\0"
 _FLUSH_NOTICE = b"\0M" + markers.FLUSH_NOTICE.encode() + b"\0"
 _EXT_REPLIES = frozenset(map(ord, "12DC3"))
 _MARKER_STATEMENT = "connmgr.marker"
+#: most bytes of an autocommit write's results held until its commit is known
+_STASH_LIMIT = 1 << 20
 
 
 class Upstream:
@@ -307,6 +309,10 @@ class Downstream:
         if relay.pending_abort is not None:
             buf, frames = self._deliver_abort(buf, frames)
         if relay.inject_mode:
+            if relay.inject_mode != _CYCLE and self.journal is not None:
+                buf, frames = self._hold_until_commit(buf, frames)
+                if not frames:
+                    return b""
             buf, frames = self._strip_injected(buf, frames)
             track = False  # _strip_injected fed the shadow
             if not frames:
@@ -374,6 +380,32 @@ class Downstream:
                 relay.hold_version = version
         return buf
 
+    def _hold_until_commit(self, buf: bytes, frames: list) -> tuple[bytes, list]:
+        """An autocommit write carrying a marker: its results arrive before its commit (the
+        marker's flush) and are held, unprocessed, until the ReadyForQuery that follows the
+        commit. So a client never holds results of a write whose commit is undecided, and
+        if the primary dies in between, the move either completes them (it committed) or
+        replays the write as new (it did not) -- never a comparison that could differ
+        (a serial key from RETURNING, say). Results beyond ``_STASH_LIMIT`` are not held."""
+        relay = self.relay
+        ends = any(tag == _Z for tag, _s, _e in frames)
+        if relay.stash is None:
+            if ends:
+                relay.stash = bytearray()
+            return buf, frames
+        if not ends and len(relay.stash) + len(buf) <= _STASH_LIMIT:
+            relay.stash += buf
+            return b"", []
+        if not relay.stash:
+            if not ends:
+                relay.stash = None  # too large: relayed as it comes
+            return buf, frames
+        shift = len(relay.stash)
+        buf = bytes(relay.stash) + buf
+        frames = [*relay.stash_frames(), *((t, s + shift, e + shift) for t, s, e in frames)]
+        relay.stash = bytearray() if ends else None
+        return buf, frames
+
     def _deliver_abort(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """The session moved while idle in a transaction that could not move: the backend
         was put in a failed block, and the client learns it here, on its next request --
@@ -412,6 +444,10 @@ class Downstream:
         kept = []
         for tag, start, end in frames:
             drop = False
+            if tag == _E and self.journal is not None and _server_gone(buf, start, end):
+                relay.lost = BackendLost(f'server "{relay.backend.server.name}" terminated the session',
+                                         raw=bytes(buf[start - 5:end]))  # fmt: skip
+                break  # the main loop never sees it: the shadow stays as the client knows it
             if not relay.inject_mode:
                 pass
             elif tag == _Z:
@@ -503,6 +539,12 @@ class Relay:
         self.pending_abort: bytes | None = None
         #: the current transaction saw an error or a ROLLBACK (for the session recorder)
         self.rolled_back = False
+        #: server bytes held until an autocommit write's commit is known (see
+        #: Downstream._hold_until_commit); None while a too-large result is relayed as it comes
+        self.stash: bytearray | None = bytearray()
+        #: injection state a move hands to the next relay (the held bytes it delivers
+        #: still carry the marker's replies to swallow)
+        self.carry_inject = _NONE
         #: bytes for the client the carrier had not sent when the relay ended
         self.unsent = b""
         self.backend = backend
@@ -561,6 +603,17 @@ class Relay:
             "client %d: session shadow lost track (%s): %s; relaying untracked",
             self.conn.id, direction, exc.message,
         )
+
+    def stash_frames(self) -> list:
+        """The frames of the held bytes (whole messages)."""
+        out = []
+        data = self.stash
+        i, n = 0, len(data)
+        while i < n:
+            length = int.from_bytes(data[i + 1:i + 5], "big")
+            out.append((data[i], i + 5, i + 1 + length))
+            i += 1 + length
+        return out
 
     def virtualise_notification_pids(self, buf: bytes, frames: list) -> bytes:
         """NotificationResponse carries the sender's backend pid; clients of connmgr know

@@ -40,6 +40,7 @@ from replay.resume import (
     commit_completion,
     failed_replies,
     move_error_body,
+    split_messages,
     sync_groups,
 )
 from shadow import messages
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("connmgr.move")
 
 _Z = ord("Z")
+_READY_IDLE = b"Z\0\0\0\x05I"
+_SYNC_POINTS = frozenset(b"QSF")
 _E = ord("E")
 #: puts a fresh backend into a failed transaction block, like the client's
 _ABORTED_BLOCK = messages.query(
@@ -100,9 +103,12 @@ async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) 
         if waited.cancelled_caught:
             failover.sessions_failed["max_wait"] += 1
         raise lost
+    committer = failover.is_committer(conn.id)
     try:
-        with trio.fail_after(cfg.max_wait) as _:
-            backend = await _move(conn, relay, failover)
+        if not committer:
+            await failover.commits_settled()
+        with trio.fail_after(cfg.max_wait):
+            backend = await _move(conn, relay, failover, committer)
     except trio.TooSlowError:
         failover.sessions_failed["max_wait"] += 1
         raise NotMovable(f"the session could not be moved to the secondary within {cfg.max_wait:g}s"
@@ -113,12 +119,24 @@ async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) 
     except (BackendUnavailable, PeerClosed, OSError, trio.BrokenResourceError) as e:
         failover.sessions_failed["secondary unavailable"] += 1
         raise NotMovable(f"the session could not be moved to the secondary: {e}", "secondary unavailable") from None
+    finally:
+        if committer:
+            failover.commit_settled(conn.id)
+        else:
+            failover.prefix_replayed(conn.id)
     failover.sessions_moved += 1
     failover.stalls.append(time.monotonic() - started)
     return backend
 
 
-async def _move(conn: ClientConnection, relay: Relay, failover) -> BackendSession:
+def _prefix_barrier(failover, conn_id: int):
+    async def between() -> None:
+        await failover.prefixes_replayed(conn_id)
+
+    return between
+
+
+async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool) -> BackendSession:
     journal = conn.journal
     shadow = conn.session
     if shadow.phase not in (Phase.READY, Phase.COPY_IN):
@@ -143,8 +161,12 @@ async def _move(conn: ClientConnection, relay: Relay, failover) -> BackendSessio
         if journal.overflow:
             raise _Rollback("too large", f"the transaction was larger than [failover] max_replay_bytes"
                                          f" ({failover.config.max_replay_bytes} bytes)")  # fmt: skip
-        if committed:
+        if committed and relay.stash:  # an autocommit write's results, held until its commit
+            done = bytes(relay.stash) + _READY_IDLE
+            relay.carry_inject = relay.inject_mode
+        elif committed:
             done = commit_completion(groups[0], expected, shadow.request_sql)
+        if committed:
             if done is None:
                 raise NotMovable("session not movable: its transaction committed but connmgr cannot know the"
                                  " reply it was waiting for", "reply unknown")  # fmt: skip
@@ -154,7 +176,13 @@ async def _move(conn: ClientConnection, relay: Relay, failover) -> BackendSessio
             requests = requests[journal.sync_ends[0]:]
             expected = b""
         if requests:
-            leftover += await _replay(backend, requests, expected, failover)
+            if committed or committer:
+                prefix, rest, between = requests, b"", None
+            else:
+                cut = journal.answered
+                prefix, rest = requests[:cut], requests[cut:]
+                between = _prefix_barrier(failover, conn.id)
+            leftover += await _replay(backend, prefix, rest, expected, failover, between)
             failover.transactions_replayed += 1
     except _Rollback as rb:
         backend.close()
@@ -210,30 +238,46 @@ async def _restore(conn: ClientConnection, backend: BackendSession) -> None:
         raise NotMovable(f"session state could not be restored: {error.message}", "restore failed")
 
 
-async def _replay(backend: BackendSession, requests: bytes, expected: bytes, failover) -> bytes:
-    """Send ``requests``; swallow the replies that match ``expected``; return what
-    follows them (live). Raises _Rollback on a difference."""
+async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected: bytes, failover,
+                  between=None) -> bytes:  # fmt: skip
+    """Replay ``prefix`` (requests whose replies the client has in full), then -- after
+    ``await between()``, if given -- ``rest`` (requests still in flight); swallow the
+    replies that match ``expected``; return what follows them (live). Raises _Rollback on
+    a difference."""
     matcher = ReplayMatcher(expected)
-    await backend.stream.send_all(requests)
     framer = backend.framer
     data = backend.leftover
     backend.leftover = b""
-    while not matcher.matched:
-        if not data:
-            data = await backend.stream.receive_some(64 * 1024)
-            if not data:
-                raise BackendUnavailable("the secondary closed the connection during the replay")
-        buf, frames = framer.feed(data)
-        data = b""
-        if not frames:
+    readies = sum(1 for tag, _b in split_messages(prefix) if tag in _SYNC_POINTS)
+    stages = [(prefix, readies), (rest, None)]
+    for i, (requests, readies) in enumerate(stages):
+        if i == 1 and between is not None:
+            await between()
+        if not requests:
             continue
-        live = matcher.feed(buf)
-        if matcher.difference is not None:
-            failover.replies_compared += matcher.compared
-            raise _Rollback("result differs", f"replaying it on the secondary gave a different result: {matcher.difference}")
-        if matcher.matched:
-            failover.replies_compared += matcher.compared
-            return live
+        await backend.stream.send_all(requests)
+        while not matcher.matched if readies is None else readies > 0:
+            if not data:
+                data = await backend.stream.receive_some(64 * 1024)
+                if not data:
+                    raise BackendUnavailable("the secondary closed the connection during the replay")
+            buf, frames = framer.feed(data)
+            data = b""
+            if not frames:
+                continue
+            if readies is not None:
+                readies -= sum(1 for tag, _s, _e in frames if tag == _Z)
+            live = matcher.feed(buf)
+            if matcher.difference is not None:
+                failover.replies_compared += matcher.compared
+                raise _Rollback("result differs",
+                                f"replaying it on the secondary gave a different result: {matcher.difference}")
+            if matcher.matched and readies is None:
+                failover.replies_compared += matcher.compared
+                return live
+    if not matcher.matched:
+        raise _Rollback("result differs", "replaying it on the secondary gave fewer replies than the client received")
+    failover.replies_compared += matcher.compared
     return b""
 
 

@@ -30,7 +30,7 @@ class Journal:
     """See the module docstring."""
 
     __slots__ = ("requests", "replies", "limit", "overflow", "_base", "_total", "_syncs", "syncs_seen",
-                 "syncs_answered")  # fmt: skip
+                 "syncs_answered", "_answered_end")  # fmt: skip
 
     def __init__(self, limit: int = 8 << 20) -> None:
         #: the client's messages since the last transaction end, as sent
@@ -45,6 +45,7 @@ class Journal:
         #: sync points the client has sent / the server has answered, ever
         self.syncs_seen = 0
         self.syncs_answered = 0
+        self._answered_end = 0  # stream position after the last answered sync point
 
     def client(self, buf: bytes | bytearray | memoryview, sync_ends: list[int] | None) -> None:
         """The client sent ``buf``; ``sync_ends`` are the offsets in ``buf`` just after each
@@ -72,6 +73,7 @@ class Journal:
         for end, status in readies:
             sync_end = self._syncs.popleft() if self._syncs else self._total
             self.syncs_answered += 1
+            self._answered_end = sync_end
             if status == 73:  # 'I': the transaction is over
                 cut = end
                 self._cut_requests(sync_end)
@@ -99,6 +101,12 @@ class Journal:
         """Offsets in :attr:`requests` just after each unanswered sync point."""
         base = self._base
         return [p - base for p in self._syncs]
+
+    @property
+    def answered(self) -> int:
+        """Bytes at the start of :attr:`requests` whose replies the client has in full
+        (every sync point in them answered)."""
+        return max(0, self._answered_end - self._base)
 
     @property
     def empty(self) -> bool:

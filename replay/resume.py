@@ -104,7 +104,28 @@ def _describe(tag: int, body: bytes) -> str:
         return f"{name} {text!r}"
     if tag == ord("E"):
         return f"{name} {error_message(body)!r}"
+    if tag == ord("D"):
+        return f"{name} {_row_text(body)}"
     return name
+
+
+def _row_text(body: bytes, limit: int = 80) -> str:
+    """A DataRow's values as text (for the 40001 detail): (v1, v2, ...)."""
+    try:
+        (count,) = _I16.unpack_from(body, 0)
+        values, i = [], 2
+        for _ in range(count):
+            n = int.from_bytes(body[i:i + 4], "big", signed=True)
+            i += 4
+            if n < 0:
+                values.append("NULL")
+            else:
+                values.append(body[i:i + n].decode("utf-8", "replace"))
+                i += n
+        text = "(" + ", ".join(values) + ")"
+    except (ValueError, IndexError):
+        return "(unreadable)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class ReplayMatcher:

@@ -1,0 +1,203 @@
+"""Failover end to end: the primary database is killed with SIGKILL while clients are
+connected through the primary connmgr, idle, inside transactions and mid-commit; their
+sessions move to the secondary and carry on. Assertions are on data on the survivor,
+on what each client received, and on the move's counters."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from connmgr_fixtures import wait_for
+
+from connmgr import config as config_mod
+from connmgr.embedded import EmbeddedConnmgr
+from connmgr.pair import ClusterPair
+
+DB = "app"
+PASSWORD = "postgres"
+
+
+class LivePair:
+    def __init__(self, pair: ClusterPair, primary: EmbeddedConnmgr, secondary: EmbeddedConnmgr) -> None:
+        self.pair = pair
+        self.primary = primary
+        self.secondary = secondary
+
+    @property
+    def failover(self):
+        return self.primary.app.failover
+
+    def connect(self, **kw) -> psycopg.Connection:
+        return psycopg.connect(self.primary.conninfo("postgres", DB, PASSWORD), **kw)
+
+    def on_secondary(self, sql: str):
+        with self.pair.secondary.connect(DB) as c:
+            return c.execute(sql).fetchall()
+
+
+@pytest.fixture
+def live_pair(pg_bindir, pg_base_dir, tmp_path, request):
+    """A fresh pair per test (each test kills its primary)."""
+    pair = ClusterPair.create(pg_base_dir / f"failover-{request.node.name[:40]}", databases=(DB,),
+                              password=PASSWORD, bindir=pg_bindir)  # fmt: skip
+    started: list[EmbeddedConnmgr] = []
+    try:
+        users = tmp_path / "users.txt"
+        users.write_text(f'"postgres" "{PASSWORD}"\n')
+        common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": 5.0}, "auth": {"users_file": str(users)}}
+        p, s = pair.primary, pair.secondary
+        secondary = EmbeddedConnmgr(config_mod.load(
+            None, **common,
+            primary={"host": s.host, "port": s.port, "name": "secondary"},
+            mirror={"listen": "127.0.0.1:0"},
+            poster={"host": p.host, "port": p.port, "password": PASSWORD, "dbname": DB,
+                    "slot": "failover_poster", "temporary": True, "sequence_interval": 0.1},
+        )).start()  # fmt: skip
+        started.append(secondary)
+        assert wait_for(lambda: secondary.app.imports.poster_connected, 15)
+        host, port = secondary.app.mirror_listen_address
+        primary = EmbeddedConnmgr(config_mod.load(
+            None, **common,
+            primary={"host": p.host, "port": p.port},
+            mirror={"peer": f"{host}:{port}", "heartbeat_interval": 0.05},
+            redo={"password": PASSWORD},
+            failover={"secondary": f"{s.host}:{s.port}", "password": PASSWORD, "max_wait": 20.0},
+        )).start()  # fmt: skip
+        started.append(primary)
+        assert wait_for(lambda: primary.app.mirror.connected, 15)
+        pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
+                             "CREATE TABLE transfers (id text PRIMARY KEY, src int, dst int, amount int);"
+                             "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip
+        with pair.primary.connect(DB) as c:
+            c.execute("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 20) g")
+        pair.wait_caught_up()
+        yield LivePair(pair, primary, secondary)
+    finally:
+        for cm in reversed(started):
+            cm.stop()
+        pair.destroy()
+
+
+def test_idle_and_open_transactions_move_and_continue(live_pair):
+    lp = live_pair
+    idle = lp.connect(autocommit=True)
+    in_block = lp.connect()
+    prepared = lp.connect()
+    vpid = idle.info.backend_pid
+    in_block.execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+    in_block.execute("UPDATE accounts SET balance = balance + 10 WHERE id = 2")
+    assert in_block.execute("SELECT balance FROM accounts WHERE id = 1").fetchone() == (990,)
+    # a protocol-level prepared statement made before the failure, used after it
+    prepared.execute("SELECT balance FROM accounts WHERE id = %s", (3,), prepare=True)
+    prepared.commit()
+
+    lp.pair.primary.kill()
+    assert wait_for(lambda: lp.failover.failed_over, 10), lp.failover.timeline
+
+    # the open transaction carries on where it was: its two updates are there once
+    assert in_block.execute("SELECT balance FROM accounts WHERE id IN (1, 2) ORDER BY id").fetchall() == [(990,), (1010,)]
+    in_block.execute("UPDATE accounts SET balance = balance - 5 WHERE id = 3")
+    in_block.execute("UPDATE accounts SET balance = balance + 5 WHERE id = 4")
+    in_block.commit()
+    assert idle.execute("SELECT count(*), sum(balance) FROM accounts").fetchone() == (20, 20000)
+    assert idle.info.backend_pid == vpid  # the client's key did not change
+    assert prepared.execute("SELECT balance FROM accounts WHERE id = %s", (3,), prepare=True).fetchone() == (995,)
+    prepared.commit()
+    # the survivor holds exactly what was committed
+    assert lp.on_secondary("SELECT id, balance FROM accounts WHERE id <= 4 ORDER BY id") == [
+        (1, 990), (2, 1010), (3, 995), (4, 1005)]
+    fo = lp.failover
+    assert fo.sessions_moved >= 3
+    assert fo.transactions_replayed >= 1
+    assert not fo.transactions_rolled_back and not fo.sessions_failed
+    for c in (idle, in_block, prepared):
+        c.close()
+
+
+def test_replay_that_differs_is_rolled_back_with_40001(live_pair):
+    lp = live_pair
+    c = lp.connect()
+    c.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 5")
+    c.execute("SELECT clock_timestamp()").fetchone()  # cannot be replayed faithfully
+    lp.pair.primary.kill()
+    assert wait_for(lambda: lp.failover.failed_over, 10)
+    with pytest.raises(psycopg.errors.SerializationFailure) as err:
+        c.execute("SELECT 1")
+    assert "could not be moved" in str(err.value)
+    c.rollback()
+    # the session is intact and usable; the transaction's update is not on the survivor
+    assert c.execute("SELECT balance FROM accounts WHERE id = 5").fetchone() == (1000,)
+    assert lp.failover.transactions_rolled_back["result differs"] == 1
+    c.close()
+
+
+def test_bank_workload_survives_a_kill(live_pair):
+    """N clients transfer money in explicit transactions (simple and extended protocol)
+    and insert into a ledger in autocommit; the primary is killed mid-run. Every
+    acknowledged transfer is on the survivor exactly once, money is conserved, and no
+    client saw an error."""
+    lp = live_pair
+    stop = threading.Event()
+    acked: list[str] = []
+    ledger: list[str] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        import random
+
+        rnd = random.Random(i)
+        try:
+            with lp.connect() as c:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    src, dst = rnd.sample(range(1, 21), 2)
+                    tid = f"{i}-{n}"
+                    if n % 3 == 0:
+                        c.autocommit = True
+                        c.execute("INSERT INTO ledger (note) VALUES (%s)", (tid,))
+                        c.autocommit = False
+                        with lock:
+                            ledger.append(tid)
+                        continue
+                    a, b = sorted((src, dst))
+                    c.execute("SELECT balance FROM accounts WHERE id IN (%s, %s) ORDER BY id FOR UPDATE", (a, b),
+                              prepare=(i % 2 == 0))  # fmt: skip
+                    c.execute("UPDATE accounts SET balance = balance - 7 WHERE id = %s", (src,))
+                    c.execute("UPDATE accounts SET balance = balance + 7 WHERE id = %s", (dst,))
+                    c.execute("INSERT INTO transfers VALUES (%s, %s, %s, 7)", (tid, src, dst))
+                    c.commit()
+                    with lock:
+                        acked.append(tid)
+        except Exception as e:  # noqa: BLE001 - every client error is the finding
+            with lock:
+                errors.append(f"client {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    lp.pair.primary.kill()
+    assert wait_for(lambda: lp.failover.failed_over, 10), lp.failover.timeline
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    transfers = {r[0] for r in lp.on_secondary("SELECT id FROM transfers")}
+    assert set(acked) <= transfers
+    notes = [r[0] for r in lp.on_secondary("SELECT note FROM ledger")]
+    assert set(ledger) <= set(notes) and len(notes) == len(set(notes))
+    assert lp.on_secondary("SELECT sum(balance) FROM accounts") == [(20000,)]
+    # every account's balance is explained by the transfers on the survivor: nothing twice
+    balances = dict(lp.on_secondary("SELECT id, balance FROM accounts"))
+    expect = {i: 1000 for i in range(1, 21)}
+    for src, dst, amount in lp.on_secondary("SELECT src, dst, amount FROM transfers"):
+        expect[src] -= amount
+        expect[dst] += amount
+    assert balances == expect
+    assert len(acked) > 20 and lp.failover.sessions_moved == 4
