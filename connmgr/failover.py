@@ -78,6 +78,8 @@ class Failover:
         self._deciding: trio.Event | None = None
         #: sessions whose commit was in flight at the decision: they move first
         self._committers: set[int] = set()
+        #: committer -> (the committer before it, set when this one has moved)
+        self._turns: dict[int, tuple[int | None, trio.Event]] = {}
         self._commits_settled = trio.Event()
         #: the other sessions: each replays what its client has been answered, then waits
         #: for all of them before sending what was still in flight
@@ -170,14 +172,22 @@ class Failover:
         confirms: another open transaction may have read rows of a commit the secondary
         never received. Those commits are replayed first, and every other session's
         replay waits for them, so it reads what it read on the primary."""
+        committers = []
         for conn in self.app.clients.values():
             relay = conn.relay
             if relay is None:
                 continue
             if conn.session.pending and relay.marker_seq == relay.transactions + 1:
-                self._committers.add(conn.id)
+                committers.append((relay.marker_at, conn.id))
             else:
                 self._replaying.add(conn.id)
+        # One after the other, in the order their commits were sent: a commit in flight
+        # may have read rows of an earlier one that committed locally.
+        previous = None
+        for _at, conn_id in sorted(committers):
+            self._committers.add(conn_id)
+            self._turns[conn_id] = (previous, trio.Event())
+            previous = conn_id
         self.note(f"{len(self._committers)} session(s) with a commit in flight move first,"
                   f" {len(self._replaying)} other(s) then")  # fmt: skip
         if not self._committers:
@@ -188,8 +198,19 @@ class Failover:
     def is_committer(self, conn_id: int) -> bool:
         return conn_id in self._committers
 
+    async def committer_turn(self, conn_id: int) -> None:
+        """Wait (bounded) until the committer before this one has moved."""
+        previous, _ = self._turns.get(conn_id, (None, None))
+        if previous is None:
+            return
+        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)):
+            await self._turns[previous][1].wait()
+
     def commit_settled(self, conn_id: int) -> None:
         """A session with a commit in flight has moved (or failed to)."""
+        turn = self._turns.get(conn_id)
+        if turn is not None:
+            turn[1].set()
         self._committers.discard(conn_id)
         if not self._committers and not self._commits_settled.is_set():
             self.note("every commit in flight is resolved; open transactions replay")

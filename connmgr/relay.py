@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("connmgr.relay")
 
 _Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I, _P, _B, _T, _CC = (ord(c) for c in "QSFXDZEdANIPBTC")
+_c, _f = ord("c"), ord("f")
 _PID = Struct("!i")
 _ROWS = Struct("!h")
 RECV_SIZE = 64 * 1024
@@ -84,6 +85,8 @@ _EXT_REPLIES = frozenset(map(ord, "12DC3"))
 _MARKER_STATEMENT = "connmgr.marker"
 #: most bytes of an autocommit write's results held until its commit is known
 _STASH_LIMIT = 1 << 20
+#: replies after which the client must act before the server goes on (COPY)
+_CLIENT_TURN = frozenset(b"GHW")
 
 
 class Upstream:
@@ -140,6 +143,10 @@ class Upstream:
                 plan = (start - 5, start - 5, self._marker_query(), _CYCLE)
             elif tag == _X:
                 self.terminated = True
+            elif tag == _c or tag == _f:  # CopyDone/CopyFail: the COPY's sync point ends here
+                if syncs is None:
+                    syncs = []
+                syncs.append(-end)
             if tag == _P and self.recorder is not None:
                 i = buf.find(0, start, end)
                 j = buf.find(0, i + 1, end)
@@ -170,6 +177,7 @@ class Upstream:
     def _marker_sql(self) -> str:
         relay = self.relay
         relay.marker_seq = relay.transactions + 1
+        relay.marker_at = time.perf_counter()
         return markers.mark_sql(self.origin, self.sid, relay.marker_seq)
 
     def _marker_query(self) -> bytes:
@@ -388,7 +396,15 @@ class Downstream:
         replays the write as new (it did not) -- never a comparison that could differ
         (a serial key from RETURNING, say). Results beyond ``_STASH_LIMIT`` are not held."""
         relay = self.relay
-        ends = any(tag == _Z for tag, _s, _e in frames)
+        ends = False
+        for tag, _s, _e in frames:
+            if tag == _Z:
+                ends = True
+            elif tag in _CLIENT_TURN:  # the client must act before the commit: stop holding
+                relay.stash, held = None, relay.stash
+                if held:
+                    return self._unstash(held, buf, frames)
+                return buf, frames
         if relay.stash is None:
             if ends:
                 relay.stash = bytearray()
@@ -400,11 +416,14 @@ class Downstream:
             if not ends:
                 relay.stash = None  # too large: relayed as it comes
             return buf, frames
-        shift = len(relay.stash)
-        buf = bytes(relay.stash) + buf
-        frames = [*relay.stash_frames(), *((t, s + shift, e + shift) for t, s, e in frames)]
+        held = relay.stash
         relay.stash = bytearray() if ends else None
-        return buf, frames
+        return self._unstash(held, buf, frames)
+
+    def _unstash(self, held: bytearray, buf: bytes, frames: list) -> tuple[bytes, list]:
+        shift = len(held)
+        frames = [*_frames_of(held), *((t, s + shift, e + shift) for t, s, e in frames)]
+        return bytes(held) + buf, frames
 
     def _deliver_abort(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """The session moved while idle in a transaction that could not move: the backend
@@ -562,6 +581,8 @@ class Relay:
         #: transaction number the outstanding marker names; a marker wrote its row in the
         #: current transaction (its ack is held in two-phase mode)
         self.marker_seq = 0
+        #: when that marker was sent (a failover replays commits in flight in this order)
+        self.marker_at = 0.0
         self.marked = False
         #: mirror version of the reply batch holding a commit's ack (two-phase), or 0
         self.hold_version = 0
@@ -603,17 +624,6 @@ class Relay:
             "client %d: session shadow lost track (%s): %s; relaying untracked",
             self.conn.id, direction, exc.message,
         )
-
-    def stash_frames(self) -> list:
-        """The frames of the held bytes (whole messages)."""
-        out = []
-        data = self.stash
-        i, n = 0, len(data)
-        while i < n:
-            length = int.from_bytes(data[i + 1:i + 5], "big")
-            out.append((data[i], i + 5, i + 1 + length))
-            i += 1 + length
-        return out
 
     def virtualise_notification_pids(self, buf: bytes, frames: list) -> bytes:
         """NotificationResponse carries the sender's backend pid; clients of connmgr know
@@ -772,6 +782,17 @@ def lost(backend: BackendSession, failover: bool = False) -> BackendUnavailable 
     what = f'lost connection to server "{backend.server.name}" at {backend.server.address}'
     detail = "The server closed the connection unexpectedly."
     return BackendLost(what, detail=detail) if failover else BackendUnavailable(what, detail=detail)
+
+
+def _frames_of(data: bytes | bytearray) -> list:
+    """Frames (tag, body start, body end) of whole messages ``data``."""
+    out = []
+    i, n = 0, len(data)
+    while i < n:
+        length = int.from_bytes(data[i + 1:i + 5], "big")
+        out.append((data[i], i + 5, i + 1 + length))
+        i += 1 + length
+    return out
 
 
 _GONE_CODES = (b"\0C57P01\0", b"\0C57P02\0", b"\0C57P03\0")

@@ -105,7 +105,9 @@ async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) 
         raise lost
     committer = failover.is_committer(conn.id)
     try:
-        if not committer:
+        if committer:
+            await failover.committer_turn(conn.id)
+        else:
             await failover.commits_settled()
         with trio.fail_after(cfg.max_wait):
             backend = await _move(conn, relay, failover, committer)
@@ -177,7 +179,7 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
             expected = b""
         if requests:
             if committed or committer:
-                prefix, rest, between = requests, b"", None
+                prefix, rest, between = b"", requests, None
             else:
                 cut = journal.answered
                 prefix, rest = requests[:cut], requests[cut:]
@@ -250,6 +252,7 @@ async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected:
     backend.leftover = b""
     readies = sum(1 for tag, _b in split_messages(prefix) if tag in _SYNC_POINTS)
     stages = [(prefix, readies), (rest, None)]
+    live = bytearray()  # replies beyond the matched ones: the client's
     for i, (requests, readies) in enumerate(stages):
         if i == 1 and between is not None:
             await between()
@@ -267,18 +270,17 @@ async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected:
                 continue
             if readies is not None:
                 readies -= sum(1 for tag, _s, _e in frames if tag == _Z)
-            live = matcher.feed(buf)
+            live += matcher.feed(buf)
             if matcher.difference is not None:
                 failover.replies_compared += matcher.compared
                 raise _Rollback("result differs",
                                 f"replaying it on the secondary gave a different result: {matcher.difference}")
             if matcher.matched and readies is None:
-                failover.replies_compared += matcher.compared
-                return live
+                break
     if not matcher.matched:
         raise _Rollback("result differs", "replaying it on the secondary gave fewer replies than the client received")
     failover.replies_compared += matcher.compared
-    return b""
+    return bytes(live)
 
 
 async def _rolled_back(conn: ClientConnection, relay: Relay, backend: BackendSession, reason: str, journal,

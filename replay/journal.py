@@ -49,11 +49,16 @@ class Journal:
 
     def client(self, buf: bytes | bytearray | memoryview, sync_ends: list[int] | None) -> None:
         """The client sent ``buf``; ``sync_ends`` are the offsets in ``buf`` just after each
-        Query, Sync or FunctionCall in it (None: there are none)."""
+        Query, Sync or FunctionCall in it (None: there are none); a negative one is the end
+        of a CopyDone or CopyFail, which extends the COPY's Query to there."""
         total = self._total
         if sync_ends:
-            self._syncs.extend(total + end for end in sync_ends)
-            self.syncs_seen += len(sync_ends)
+            for end in sync_ends:
+                if end >= 0:
+                    self._syncs.append(total + end)
+                    self.syncs_seen += 1
+                elif self._syncs:  # CopyDone/CopyFail: the running COPY's request ends here
+                    self._syncs[-1] = total - end
         self._total = total + len(buf)
         if not self.overflow:
             self.requests += buf

@@ -144,6 +144,7 @@ def test_bank_workload_survives_a_kill(live_pair):
     acked: list[str] = []
     ledger: list[str] = []
     errors: list[str] = []
+    retried: list[str] = []  # 40001: connmgr found the replay truly differed
     lock = threading.Lock()
 
     def client(i: int) -> None:
@@ -165,14 +166,23 @@ def test_bank_workload_survives_a_kill(live_pair):
                             ledger.append(tid)
                         continue
                     a, b = sorted((src, dst))
-                    c.execute("SELECT balance FROM accounts WHERE id IN (%s, %s) ORDER BY id FOR UPDATE", (a, b),
-                              prepare=(i % 2 == 0))  # fmt: skip
-                    c.execute("UPDATE accounts SET balance = balance - 7 WHERE id = %s", (src,))
-                    c.execute("UPDATE accounts SET balance = balance + 7 WHERE id = %s", (dst,))
-                    c.execute("INSERT INTO transfers VALUES (%s, %s, %s, 7)", (tid, src, dst))
-                    c.commit()
+                    try:
+                        c.execute("SELECT balance FROM accounts WHERE id IN (%s, %s) ORDER BY id FOR UPDATE", (a, b),
+                                  prepare=(i % 2 == 0))  # fmt: skip
+                        c.execute("UPDATE accounts SET balance = balance - 7 WHERE id = %s", (src,))
+                        c.execute("UPDATE accounts SET balance = balance + 7 WHERE id = %s", (dst,))
+                        c.execute("INSERT INTO transfers VALUES (%s, %s, %s, 7)", (tid, src, dst))
+                        c.commit()
+                    except psycopg.errors.SerializationFailure:
+                        c.rollback()
+                        with lock:
+                            retried.append(tid)
+                        continue
                     with lock:
                         acked.append(tid)
+        except psycopg.errors.SerializationFailure as e:
+            with lock:
+                errors.append(f"client {i}: 40001 outside COMMIT: {e}")
         except Exception as e:  # noqa: BLE001 - every client error is the finding
             with lock:
                 errors.append(f"client {i}: {type(e).__name__}: {e}")
@@ -188,7 +198,9 @@ def test_bank_workload_survives_a_kill(live_pair):
     for t in threads:
         t.join(30)
     assert not errors, errors
+    assert len(retried) <= sum(lp.failover.transactions_rolled_back.values())
     transfers = {r[0] for r in lp.on_secondary("SELECT id FROM transfers")}
+    assert not transfers & set(retried)
     assert set(acked) <= transfers
     notes = [r[0] for r in lp.on_secondary("SELECT note FROM ledger")]
     assert set(ledger) <= set(notes) and len(notes) == len(set(notes))

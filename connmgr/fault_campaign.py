@@ -1,0 +1,291 @@
+"""The failover fault campaign: a bank workload through the pair, the primary database
+killed with SIGKILL at a random moment, and the proof on the survivor (issue 4).
+
+One *trial* (:func:`run_trial`) creates a fresh pair of clusters and connection managers
+(the primary one with ``[failover]``), starts the workload, kills the primary postmaster
+after a random delay, lets the clients run on for a while, stops them and checks, directly
+on the secondary database:
+
+* the total of the balances is conserved;
+* every transfer a client saw committed is there exactly once (by its id), and every
+  account's balance is exactly what the transfers on the survivor explain -- nothing
+  applied twice, nothing half;
+* every acknowledged ledger row (autocommit inserts and COPY) is there exactly once (by
+  its note; the table has no unique constraint, so a duplicate would show);
+* every client error is counted by SQLSTATE. The target is none; 40001 is allowed only
+  where connmgr reports that a replayed result truly differed.
+
+The workload mixes what a kill can interrupt: transfers in explicit transactions over the
+simple protocol, the extended protocol and prepared statements (locking their two rows in
+id order first), autocommit ledger inserts, COPY into the ledger, and long read
+transactions (sum of balances twice, with a pause between). Kill moments are random, so
+over many trials they fall between statements, during statements, right after a COMMIT
+was sent and during COPY.
+
+``tests/test_fault_campaign.py`` runs the short form (5 trials) in CI;
+``labs/fault_campaign.py`` runs the long form (100+) and prints the table.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from . import config as config_mod
+from .embedded import EmbeddedConnmgr
+from .pair import ClusterPair
+
+__all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE"]
+
+ACCOUNTS = 20
+INITIAL_BALANCE = 1000
+DB = "app"
+PASSWORD = "campaign-pw"
+SCHEMA = (
+    "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
+    "CREATE TABLE transfers (id text PRIMARY KEY, src int NOT NULL, dst int NOT NULL, amount int NOT NULL);"
+    "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL)"
+)
+
+
+@dataclass
+class TrialResult:
+    seed: int
+    kill_after: float = 0.0
+    transfers_acked: int = 0
+    ledger_acked: int = 0
+    reads: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  #: SQLSTATE (or exception type) -> count
+    error_texts: list[str] = field(default_factory=list)
+    lost: int = 0
+    duplicated: int = 0
+    conserved: bool = False
+    explained: bool = False
+    moved: int = 0
+    commits_acknowledged: int = 0
+    replayed: int = 0
+    rolled_back: Counter[str] = field(default_factory=Counter)
+    sessions_failed: Counter[str] = field(default_factory=Counter)
+    detect_seconds: float | None = None  #: kill -> suspicion
+    failed_over_seconds: float | None = None  #: kill -> secondary ready
+    stalls: list[float] = field(default_factory=list)  #: per moved session: backend lost -> live
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    failed: str = ""
+
+    @property
+    def ok(self) -> bool:
+        unexplained_errors = sum(n for k, n in self.errors.items() if k != "40001")
+        return (not self.failed and self.conserved and self.explained and self.lost == 0 and self.duplicated == 0
+                and unexplained_errors == 0 and self.errors.get("40001", 0) <= sum(self.rolled_back.values())
+                and self.moved > 0)  # fmt: skip
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.transfers: list[str] = []
+        self.ledger: list[str] = []
+        self.reads = 0
+        self.errors: Counter[str] = Counter()
+        self.texts: list[str] = []
+
+    def error(self, client: int, e: Exception) -> None:
+        code = getattr(e, "sqlstate", None) or type(e).__name__
+        with self.lock:
+            self.errors[code] += 1
+            if len(self.texts) < 20:
+                self.texts.append(f"client {client}: {code}: {str(e).strip()[:300]}")
+
+
+def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> None:
+    rng = random.Random(index * 7919 + int(time.time()))
+    protocol = index % 3  # 0 simple, 1 extended, 2 extended + prepared statements
+    factory = psycopg.ClientCursor if protocol == 0 else psycopg.Cursor
+    prepare = True if protocol == 2 else None
+    try:
+        conn = psycopg.connect(conninfo, cursor_factory=factory, application_name=f"campaign-{index}")
+    except psycopg.Error as e:
+        tally.error(index, e)
+        return
+    with conn:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            tag = f"{index}.{n}"
+            try:
+                pick = rng.random()
+                if pick < 0.55:
+                    src, dst = rng.sample(range(1, ACCOUNTS + 1), 2)
+                    amount = rng.randint(1, 9)
+                    with conn.transaction():
+                        conn.execute("SELECT id, balance FROM accounts WHERE id IN (%s, %s) ORDER BY id FOR UPDATE",
+                                     (src, dst), prepare=prepare).fetchall()  # fmt: skip
+                        conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, src),
+                                     prepare=prepare)  # fmt: skip
+                        conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, dst),
+                                     prepare=prepare)  # fmt: skip
+                        conn.execute("INSERT INTO transfers VALUES (%s, %s, %s, %s)", (tag, src, dst, amount),
+                                     prepare=prepare)  # fmt: skip
+                    with tally.lock:
+                        tally.transfers.append(tag)
+                elif pick < 0.80:
+                    conn.autocommit = True
+                    try:
+                        conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tag,), prepare=prepare)
+                    finally:
+                        conn.autocommit = False
+                    with tally.lock:
+                        tally.ledger.append(tag)
+                elif pick < 0.90:
+                    conn.autocommit = True
+                    try:
+                        with conn.cursor().copy("COPY ledger (note) FROM STDIN") as copy:
+                            for i in range(5):
+                                copy.write_row((f"{tag}.{i}",))
+                    finally:
+                        conn.autocommit = False
+                    with tally.lock:
+                        tally.ledger.extend(f"{tag}.{i}" for i in range(5))
+                else:
+                    with conn.transaction():
+                        first = conn.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
+                        time.sleep(0.02)
+                        second = conn.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
+                    if first != second or first != ACCOUNTS * INITIAL_BALANCE:
+                        tally.error(index, AssertionError(f"a read saw totals {first}, {second}"))
+                    with tally.lock:
+                        tally.reads += 1
+            except psycopg.Error as e:
+                tally.error(index, e)
+                if conn.closed or conn.broken:
+                    return
+                try:
+                    conn.rollback()
+                except psycopg.Error:
+                    return
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple[float, float] = (0.5, 1.5),
+              after: float = 1.0, bindir: Path | None = None, log=None) -> TrialResult:  # fmt: skip
+    """One trial in ``base_dir`` (created and removed); see the module docstring.
+    ``log(text)`` gets progress lines."""
+    say = log or (lambda _text: None)
+    rng = random.Random(seed)
+    result = TrialResult(seed=seed, kill_after=round(rng.uniform(*kill_window), 3))
+    pair = ClusterPair.create(base_dir, databases=(DB,), password=PASSWORD, bindir=bindir)
+    started: list[EmbeddedConnmgr] = []
+    try:
+        users = base_dir / "users.txt"
+        users.write_text(f'"postgres" "{PASSWORD}"\n')
+        common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": 2.0}, "auth": {"users_file": str(users)}}
+        p, s = pair.primary, pair.secondary
+        secondary = EmbeddedConnmgr(config_mod.load(
+            None, **common,
+            primary={"host": s.host, "port": s.port, "name": "secondary"},
+            mirror={"listen": "127.0.0.1:0"},
+            poster={"host": p.host, "port": p.port, "password": PASSWORD, "dbname": DB,
+                    "slot": "campaign_poster", "temporary": True, "sequence_interval": 0.2},
+        )).start()  # fmt: skip
+        started.append(secondary)
+        if not _wait(lambda: secondary.app.imports.poster_connected, 15):
+            raise OSError("the secondary connmgr could not open its poster slot")
+        host, port = secondary.app.mirror_listen_address
+        primary = EmbeddedConnmgr(config_mod.load(
+            None, **common,
+            primary={"host": p.host, "port": p.port},
+            mirror={"peer": f"{host}:{port}", "heartbeat_interval": 0.05},
+            redo={"password": PASSWORD},
+            failover={"secondary": f"{s.host}:{s.port}", "password": PASSWORD, "max_wait": 20.0},
+        )).start()  # fmt: skip
+        started.append(primary)
+        if not _wait(lambda: primary.app.mirror.connected, 15):
+            raise OSError("the mirror link did not come up")
+        pair.sync_schema(DB, SCHEMA)
+        with pair.primary.connect(DB) as c:
+            c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
+        pair.wait_caught_up()
+        pair.sync_sequences(DB)
+
+        tally = _Tally()
+        stop = threading.Event()
+        conninfo = primary.conninfo("postgres", DB, PASSWORD)
+        threads = [threading.Thread(target=_client, args=(conninfo, i, stop, tally), daemon=True)
+                   for i in range(clients)]  # fmt: skip
+        for t in threads:
+            t.start()
+        time.sleep(result.kill_after)
+        killed_at = time.monotonic()
+        pair.primary.kill()
+        say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
+        fo = primary.app.failover
+        _wait(lambda: fo.failed_over or fo.failed is not None, 15)
+        time.sleep(after)
+        stop.set()
+        for t in threads:
+            t.join(30)
+
+        result.transfers_acked = len(tally.transfers)
+        result.ledger_acked = len(tally.ledger)
+        result.reads = tally.reads
+        result.errors = tally.errors
+        result.error_texts = tally.texts
+        result.moved = fo.sessions_moved
+        result.commits_acknowledged = fo.commits_acknowledged
+        result.replayed = fo.transactions_replayed
+        result.rolled_back = Counter(fo.transactions_rolled_back)
+        result.sessions_failed = Counter(fo.sessions_failed)
+        result.stalls = list(fo.stalls)
+        result.timeline = list(fo.timeline)
+        if fo.suspected_at is not None:
+            result.detect_seconds = fo.suspected_at - killed_at
+        if fo.failed_over_at is not None:
+            result.failed_over_seconds = fo.failed_over_at - killed_at
+        _check(pair, tally, result)
+    except Exception as e:  # noqa: BLE001 - a trial that cannot run is a failed trial, with the reason
+        result.failed = f"{type(e).__name__}: {e}"
+    finally:
+        for cm in reversed(started):
+            try:
+                cm.stop()
+            except Exception:  # noqa: BLE001 - cleanup goes on
+                pass
+        pair.destroy()
+    return result
+
+
+def _check(pair: ClusterPair, tally: _Tally, r: TrialResult) -> None:
+    with pair.secondary.connect(DB) as c:
+        transfers = c.execute("SELECT id, src, dst, amount FROM transfers").fetchall()
+        notes = Counter(row[0] for row in c.execute("SELECT note FROM ledger"))
+        balances = dict(c.execute("SELECT id, balance FROM accounts").fetchall())
+    ids = {t[0] for t in transfers}
+    r.lost = sum(1 for t in tally.transfers if t not in ids) + sum(1 for n in tally.ledger if notes[n] == 0)
+    r.duplicated = sum(n - 1 for n in notes.values() if n > 1)
+    r.conserved = sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE
+    expect = dict.fromkeys(range(1, ACCOUNTS + 1), INITIAL_BALANCE)
+    for _id, src, dst, amount in transfers:
+        expect[src] -= amount
+        expect[dst] += amount
+    r.explained = balances == expect
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
