@@ -104,8 +104,10 @@ class Metrics:
             t.add(s)
         return t
 
-    def render_prometheus(self, live: list[ConnStats], gauges: dict[str, float]) -> str:
-        """The text exposition format (version 0.0.4)."""
+    def render_prometheus(self, live: list[ConnStats], gauges: dict[str, float],
+                          labeled: dict[str, tuple[str, str, dict[str, float]]] | None = None) -> str:  # fmt: skip
+        """The text exposition format (version 0.0.4). ``labeled``: counter name ->
+        (label name, help, {label value: count})."""
         t = self.totals(live)
         out: list[str] = []
 
@@ -119,6 +121,10 @@ class Metrics:
         metric("start_time_seconds", "gauge", "Unix time connmgr started", [("", self.started)])
         for name, value in gauges.items():
             metric(name, "gauge", name.replace("_", " "), [("", value)])
+        for name, (label, help_, values) in (labeled or {}).items():
+            metric(name, "counter", help_,
+                   [(f'{{{label}="{_label(k)}"}}', float(n)) for k, n in sorted(values.items())]
+                   or [(f'{{{label}="none"}}', 0.0)])  # fmt: skip
         metric("clients_accepted_total", "counter", "client connections accepted", [("", self.clients_accepted)])
         metric(
             "clients_rejected_total", "counter", "client connections refused, by reason",

@@ -84,11 +84,29 @@ def render(app: App) -> str:
             "poster_connected": 1.0 if imp.poster_connected else 0.0,
             "poster_errors": float(imp.poster_errors),
         })
+    labeled = {}
+    if app.failover is not None:  # primary role with [failover]
+        fo = app.failover
+        gauges.update({
+            "failover_failed_over": 1.0 if fo.failed_over else 0.0,
+            "failover_decisions": float(fo.decisions),
+            "failover_false_alarms": float(fo.false_alarms),
+            "failover_sessions_moved": float(fo.sessions_moved),
+            "failover_commits_acknowledged": float(fo.commits_acknowledged),
+            "failover_transactions_replayed": float(fo.transactions_replayed),
+            "failover_replies_compared": float(fo.replies_compared),
+            "failover_stall_seconds_max": max(fo.stalls, default=0.0),
+        })
+        labeled["failover_sessions_not_moved_total"] = (
+            "reason", "sessions that could not move to the secondary, by reason", dict(fo.sessions_failed))
+        labeled["failover_transactions_rolled_back_total"] = (
+            "reason", "open transactions rolled back with 40001 at a move, by reason",
+            dict(fo.transactions_rolled_back))
     if app.engine is not None:
         gauges["relay_engine_sessions"] = float(app.engine.sessions)
         gauges["relay_engine_batches"] = float(app.engine.batches)
         gauges["relay_engine_events"] = float(app.engine.events)
-    return app.metrics.render_prometheus(live, gauges)
+    return app.metrics.render_prometheus(live, gauges, labeled)
 
 
 async def _handle(app: App, stream: trio.SocketStream) -> None:
