@@ -214,9 +214,11 @@ async def _restore(conn: ClientConnection, backend: BackendSession) -> None:
     """Rebuild the session's state on ``backend`` before anything is replayed."""
     out = bytearray()
     readies = 0
-    parses = conn.session.parse_messages
+    # statements the open transaction parsed itself come back with its replay
+    again = _parsed_names(conn.journal.requests) if conn.journal is not None and not conn.journal.overflow else set()
+    parses = [body for name, body in conn.session.parse_messages.items() if name not in again]
     if parses:
-        for body in parses.values():
+        for body in parses:
             out += b"P" + (len(body) + 4).to_bytes(4, "big") + body
         out += messages.Sync().encode()
         readies += 1
@@ -238,6 +240,17 @@ async def _restore(conn: ClientConnection, backend: BackendSession) -> None:
     backend.leftover = reader.take_buffered()
     if error is not None:
         raise NotMovable(f"session state could not be restored: {error.message}", "restore failed")
+
+
+def _parsed_names(requests: bytes | bytearray) -> set[str]:
+    """Names of the statements the Parse messages in ``requests`` create."""
+    names = set()
+    for tag, body in split_messages(requests):
+        if tag == 80:  # 'P'
+            end = body.find(0)
+            if end > 0:
+                names.add(body[:end].decode("utf-8", "replace"))
+    return names
 
 
 async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected: bytes, failover,
