@@ -11,7 +11,12 @@ servers (balances conserved, every acknowledged insert present once, replica ide
 import queue empty) and prints a summary (or JSON with ``--json``). Everything it created
 is removed at the end.
 
-Failover (issue 4) extends this same script.
+Then the failover: a fresh pair runs the bank workload of the fault campaign
+(``connmgr/fault_campaign.py``: transfers over the simple, extended and prepared protocols,
+autocommit inserts, COPY, long reads), the primary postmaster is killed with SIGKILL
+mid-workload, and the demo prints the timeline of the move and the proof read on the
+survivor: money conserved, every acknowledged commit present once, client errors, stall
+of every moved session. ``--json`` carries all of it.
 """
 
 from __future__ import annotations
@@ -300,8 +305,12 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
         shutil.rmtree(base, ignore_errors=True)
         summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
+    if "failed" not in summary:
+        summary["failover"] = _failover_part(quiet=quiet)
+        summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     k = summary.get("checks", {})
-    ok = "failed" not in summary and k["total_conserved"] and k["lost_commits"] == 0 and k["duplicated_commits"] == 0 \
+    f = summary.get("failover", {})
+    ok = f.get("ok", False) and "failed" not in summary and k["total_conserved"] and k["lost_commits"] == 0 and k["duplicated_commits"] == 0 \
         and k["client_errors"] == 0 and k["replica_identical"] and k["import_queue_empty"] \
         and k["sequences_ahead"] and k["every_write_marked"]
     summary["ok"] = bool(ok)
@@ -310,6 +319,46 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
     else:
         _print_summary(summary)
     return 0 if ok else 1
+
+
+def _failover_part(*, quiet: bool) -> dict:
+    """One fault-campaign trial: kill -9 the primary mid-workload; the figures."""
+    from .fault_campaign import percentile, run_trial
+
+    _say("\nfailover: a fresh pair, 6 clients (bank workload), the primary postmaster killed with SIGKILL"
+         " mid-workload", quiet=quiet)  # fmt: skip
+    base = temp_base_dir("connmgr-demo-failover-")
+    try:
+        r = run_trial(base / "trial", seed=int(time.time()) % 1000, log=lambda text: _say(text, quiet=quiet))
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+    if not quiet:
+        for at, what in r.timeline:
+            _say(f"    +{at * 1e3:7.1f} ms  {what}", quiet=quiet)
+    return {
+        "ok": r.ok,
+        "failed": r.failed,
+        "killed_after_seconds": r.kill_after,
+        "detect_ms": round(r.detect_seconds * 1e3, 1) if r.detect_seconds is not None else None,
+        "secondary_ready_ms": round(r.failed_over_seconds * 1e3, 1) if r.failed_over_seconds is not None else None,
+        "sessions_moved": r.moved,
+        "sessions_not_moved": dict(r.sessions_failed),
+        "commits_acknowledged_by_marker": r.commits_acknowledged,
+        "transactions_replayed": r.replayed,
+        "rolled_back_40001": dict(r.rolled_back),
+        "client_errors": dict(r.errors),
+        "transfers_acknowledged": r.transfers_acked,
+        "ledger_rows_acknowledged": r.ledger_acked,
+        "lost_commits": r.lost,
+        "duplicated_commits": r.duplicated,
+        "total_conserved": r.conserved,
+        "balances_explained_by_transfers": r.explained,
+        "stall_ms": {"p50": round(percentile(r.stalls, 0.5) * 1e3, 1), "p99": round(percentile(r.stalls, 0.99) * 1e3, 1),
+                     "max": round(percentile(r.stalls, 1.0) * 1e3, 1)},  # fmt: skip
+        "timeline": [[round(at * 1e3, 1), what] for at, what in r.timeline],
+    }
 
 
 def _print_summary(s: dict) -> None:
@@ -352,7 +401,22 @@ connmgr {s['connmgr_version']} demo -- PostgreSQL {s['postgres_version']}, {s['c
     duplicated commits  {k['duplicated_commits']:>10}
     client errors       {k['client_errors']:>10}
 
-  result: {'ok' if s['ok'] else 'FAILED'} in {s['total_seconds']}s (failover comes next; see README)""")
+""")
+    f = s.get("failover")
+    if f:
+        errors = ", ".join(f"{k} x{n}" for k, n in f["client_errors"].items()) or "none"
+        print(f"""  failover (primary killed with SIGKILL {f['killed_after_seconds']}s into the workload)
+    detected            {f['detect_ms']:>10} ms after the kill; secondary ready {f['secondary_ready_ms']} ms
+    sessions moved      {f['sessions_moved']:>10}   not moved: {f['sessions_not_moved'] or 'none'}
+    commits resolved    {f['commits_acknowledged_by_marker']:>10}   interrupted commits found committed: acknowledged, not replayed
+    replayed            {f['transactions_replayed']:>10}   open transactions replayed and compared
+    rolled back (40001) {sum(f['rolled_back_40001'].values()):>10}   replays that truly differed {f['rolled_back_40001'] or ''}
+    client errors       {errors:>10}
+    lost / duplicated   {f['lost_commits']:>5} / {f['duplicated_commits']:<4}   of {f['transfers_acknowledged']} transfers and {f['ledger_rows_acknowledged']} ledger rows acknowledged
+    money conserved     {str(f['total_conserved'] and f['balances_explained_by_transfers']):>10}   every balance explained by the transfers on the survivor
+    stall               p50 {f['stall_ms']['p50']} ms, p99 {f['stall_ms']['p99']} ms, max {f['stall_ms']['max']} ms{'   FAILED: ' + f['failed'] if f['failed'] else ''}
+""")
+    print(f"  result: {'ok' if s['ok'] else 'FAILED'} in {s['total_seconds']}s")
     for e in s.get("errors", []):
         print(f"    error: {e}")
 

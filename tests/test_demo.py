@@ -37,3 +37,13 @@ def test_demo_json_reports_a_clean_run():
     assert pair["mode"] == "two-phase" and pair["two_phase_holds"] >= pair["markers_purged"]
     assert pair["two_phase_degradations"] == 0
     assert pair["mirror_versions"] > summary["connmgr"]["requests"]
+    f = summary["failover"]
+    assert f["ok"] is True and not f["failed"]
+    assert f["sessions_moved"] >= 1 and not f["sessions_not_moved"]
+    assert f["lost_commits"] == 0 and f["duplicated_commits"] == 0
+    assert f["total_conserved"] and f["balances_explained_by_transfers"]
+    # 40001 only where a replay truly differed (connmgr counts each such rollback)
+    assert set(f["client_errors"]) <= {"40001"}
+    assert f["client_errors"].get("40001", 0) <= sum(f["rolled_back_40001"].values())
+    assert f["detect_ms"] is not None and f["detect_ms"] < 300
+    assert any("point of failure reached" in what for _at, what in f["timeline"])
