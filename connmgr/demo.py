@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import psycopg
 
 from . import __version__
-from . import config as config_mod
 from .clusters import ClusterError, temp_base_dir
-from .embedded import EmbeddedConnmgr
+from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until
 from .pair import ClusterPair
 
 ACCOUNTS = 100
@@ -120,15 +119,6 @@ def _workload_client(conninfo: str, index: int, stop: threading.Event, tally: Cl
             tally.latencies.append(time.perf_counter() - t0)
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -143,8 +133,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
     t_start = time.perf_counter()
     base = temp_base_dir("connmgr-demo-")
     pair: ClusterPair | None = None
-    cm: EmbeddedConnmgr | None = None
-    secondary_cm: EmbeddedConnmgr | None = None
+    started: list[EmbeddedConnmgr] = []  # connection managers to stop at the end
     summary: dict = {"connmgr_version": __version__}
     try:
         _say(f"connmgr demo: working in {base}", quiet=quiet)
@@ -157,25 +146,8 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
 
         with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=base, delete=False) as users:
             users.write(f'"postgres" "{PASSWORD}"\n')
-        common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": 5.0}, "auth": {"users_file": users.name}}
-        secondary_cm = EmbeddedConnmgr(config_mod.load(
-            None, **common,
-            primary={"host": pair.secondary.host, "port": pair.secondary.port, "name": "secondary"},
-            mirror={"listen": "127.0.0.1:0"},
-            poster={"host": cluster.host, "port": cluster.port, "password": PASSWORD, "dbname": "app",
-                    "slot": "connmgr_demo_poster", "temporary": True},
-        )).start()
-        if not _wait(lambda: secondary_cm.app.imports.poster_connected, 15):
-            raise OSError("the secondary connmgr could not open its poster slot on the primary")
-        mhost, mport = secondary_cm.app.mirror_listen_address
-        cm = EmbeddedConnmgr(config_mod.load(
-            None, **common,
-            primary={"host": cluster.host, "port": cluster.port},
-            mirror={"peer": f"{mhost}:{mport}", "mode": mode},
-            redo={"password": PASSWORD},
-        )).start()
-        if not _wait(lambda: cm.app.mirror.connected, 15):
-            raise OSError("the mirror link between the connection managers did not come up")
+        cm, secondary_cm = start_connmgr_pair(pair, database="app", password=PASSWORD, users_file=users.name,
+                                              poster_slot="connmgr_demo_poster", mode=mode, started=started)  # fmt: skip
         _say(f"  primary connmgr {cm.host}:{cm.port} (SCRAM) mirrors every session to the secondary connmgr"
              f" {secondary_cm.host}:{secondary_cm.port}, which purges by markers read from the primary's WAL", quiet=quiet)
         proxied = cm.conninfo(password=PASSWORD, dbname="app")
@@ -188,7 +160,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
                          " at timestamptz DEFAULT now())")  # fmt: skip
             conn.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
         ddl = secondary_cm.app.imports.ddl
-        if not _wait(lambda: ddl.applied >= 2 and pair.secondary.psql(
+        if not wait_until(lambda: ddl.applied >= 2 and pair.secondary.psql(
                 "SELECT count(*) FROM accounts", "app") == str(ACCOUNTS), 15):  # fmt: skip
             raise OSError("the schema created through connmgr did not reach the secondary")
         _say(f"  schema created through connmgr and replayed on the secondary; {ACCOUNTS} accounts of"
@@ -216,14 +188,14 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
         # Check the data directly on the servers, not through connmgr.
         imports = secondary_cm.app.imports
         sender = cm.app.mirror.sender
-        settled = _wait(lambda: sender.acked_version == sender.latest_version and imports.queue.transactions == 0, 15)
+        settled = wait_until(lambda: sender.acked_version == sender.latest_version and imports.queue.transactions == 0, 15)
         pair.wait_caught_up(15)
         replica_identical = all(
             pair.table_digest(pair.primary, "app", t) == pair.table_digest(pair.secondary, "app", t)
             for t in ("accounts", "ledger")
         )
         seq_primary = pair.sequence_values(pair.primary, "app")
-        sequences_ahead = _wait(lambda: all(
+        sequences_ahead = wait_until(lambda: all(
             (v or 0) <= (pair.sequence_values(pair.secondary, "app").get(k) or 0) for k, v in seq_primary.items()
         ), 5)  # fmt: skip
         with cluster.connect(dbname="app") as direct:
@@ -292,7 +264,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
     except (ClusterError, OSError, psycopg.Error) as e:
         summary["failed"] = f"{type(e).__name__}: {e}"
     finally:
-        for proxy in (cm, secondary_cm):
+        for proxy in reversed(started):
             if proxy is not None:
                 try:
                     proxy.stop()

@@ -81,3 +81,57 @@ class EmbeddedConnmgr:
             raise RuntimeError(f"connmgr did not stop within {timeout}s")
         if self._error is not None:
             raise self._error
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll ``predicate`` every 20 ms for up to ``timeout`` seconds; its last answer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, poster_slot: str,
+                       mode: str = "one-phase", sequence_interval: float = 1.0, failover: bool = False,
+                       max_wait: float = 20.0, shutdown_timeout: float = 5.0,
+                       started: list | None = None) -> tuple[EmbeddedConnmgr, EmbeddedConnmgr]:  # fmt: skip
+    """The connection managers of a :class:`~connmgr.pair.ClusterPair`, as the demo, the
+    tests and the fault campaign run them: the secondary one (in front of the secondary
+    database, mirror listener, poster slot ``poster_slot`` on the primary) is started first,
+    then the primary one (mirroring to it; with ``failover``, moving sessions to the
+    secondary database). Returns (primary, secondary); each is appended to ``started`` as
+    soon as it runs, so the caller can stop them even if the other does not come up
+    (OSError)."""
+    from . import config as config_mod
+
+    started = [] if started is None else started
+    common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout},
+              "auth": {"users_file": users_file}}  # fmt: skip
+    p, s = pair.primary, pair.secondary
+    secondary = EmbeddedConnmgr(config_mod.load(
+        None, **common,
+        primary={"host": s.host, "port": s.port, "name": "secondary"},
+        mirror={"listen": "127.0.0.1:0"},
+        poster={"host": p.host, "port": p.port, "password": password, "dbname": database,
+                "slot": poster_slot, "temporary": True, "sequence_interval": sequence_interval},
+    )).start()  # fmt: skip
+    started.append(secondary)
+    if not wait_until(lambda: secondary.app.imports.poster_connected, 15):
+        raise OSError("the secondary connmgr could not open its poster slot on the primary")
+    host, port = secondary.app.mirror_listen_address
+    sections = {
+        "primary": {"host": p.host, "port": p.port},
+        "mirror": {"peer": f"{host}:{port}", "heartbeat_interval": 0.05, "mode": mode},
+        "redo": {"password": password},
+    }
+    if failover:
+        sections["failover"] = {"secondary": f"{s.host}:{s.port}", "password": password, "max_wait": max_wait}
+    primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
+    started.append(primary)
+    if not wait_until(lambda: primary.app.mirror.connected, 15):
+        raise OSError("the mirror link between the connection managers did not come up")
+    return primary, secondary

@@ -201,10 +201,8 @@ class Failover:
     async def committer_turn(self, conn_id: int) -> None:
         """Wait (bounded) until the committer before this one has moved."""
         previous, _ = self._turns.get(conn_id, (None, None))
-        if previous is None:
-            return
-        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)):
-            await self._turns[previous][1].wait()
+        if previous is not None:
+            await self._bounded_wait(self._turns[previous][1])
 
     def commit_settled(self, conn_id: int) -> None:
         """A session with a commit in flight has moved (or failed to)."""
@@ -218,9 +216,7 @@ class Failover:
 
     async def commits_settled(self) -> None:
         """Wait (bounded) until every session with a commit in flight has moved."""
-        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)) as scope:
-            await self._commits_settled.wait()
-        if scope.cancelled_caught:
+        if not await self._bounded_wait(self._commits_settled):
             self.note(f"sessions {sorted(self._committers)} did not resolve their commits within"
                       f" {_COMMIT_SETTLE_TIMEOUT:g}s; replaying without them")  # fmt: skip
             self._committers.clear()
@@ -239,13 +235,18 @@ class Failover:
         request still in flight may have been waiting for one of them, so it goes only
         when all are back."""
         self.prefix_replayed(conn_id)
-        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)) as scope:
-            await self._prefixes_done.wait()
-        if scope.cancelled_caught:
+        if not await self._bounded_wait(self._prefixes_done):
             self.note(f"sessions {sorted(self._replaying)} did not finish replaying within"
                       f" {_COMMIT_SETTLE_TIMEOUT:g}s; going on without them")  # fmt: skip
             self._replaying.clear()
             self._prefixes_done.set()
+
+    async def _bounded_wait(self, event: trio.Event) -> bool:
+        """Wait for ``event`` at most _COMMIT_SETTLE_TIMEOUT (and max_wait); False if it
+        did not come."""
+        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)):
+            await event.wait()
+        return event.is_set()
 
     async def _primary_answers(self) -> bool:
         """A fresh session on the primary within ``detect_timeout``."""

@@ -37,8 +37,7 @@ from pathlib import Path
 
 import psycopg
 
-from . import config as config_mod
-from .embedded import EmbeddedConnmgr
+from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until
 from .pair import ClusterPair
 
 __all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE"]
@@ -171,15 +170,6 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
                     return
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
 def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple[float, float] = (0.5, 1.5),
               after: float = 1.0, bindir: Path | None = None, log=None) -> TrialResult:  # fmt: skip
     """One trial in ``base_dir`` (created and removed); see the module docstring.
@@ -192,29 +182,9 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
     try:
         users = base_dir / "users.txt"
         users.write_text(f'"postgres" "{PASSWORD}"\n')
-        common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": 2.0}, "auth": {"users_file": str(users)}}
-        p, s = pair.primary, pair.secondary
-        secondary = EmbeddedConnmgr(config_mod.load(
-            None, **common,
-            primary={"host": s.host, "port": s.port, "name": "secondary"},
-            mirror={"listen": "127.0.0.1:0"},
-            poster={"host": p.host, "port": p.port, "password": PASSWORD, "dbname": DB,
-                    "slot": "campaign_poster", "temporary": True, "sequence_interval": 0.2},
-        )).start()  # fmt: skip
-        started.append(secondary)
-        if not _wait(lambda: secondary.app.imports.poster_connected, 15):
-            raise OSError("the secondary connmgr could not open its poster slot")
-        host, port = secondary.app.mirror_listen_address
-        primary = EmbeddedConnmgr(config_mod.load(
-            None, **common,
-            primary={"host": p.host, "port": p.port},
-            mirror={"peer": f"{host}:{port}", "heartbeat_interval": 0.05},
-            redo={"password": PASSWORD},
-            failover={"secondary": f"{s.host}:{s.port}", "password": PASSWORD, "max_wait": 20.0},
-        )).start()  # fmt: skip
-        started.append(primary)
-        if not _wait(lambda: primary.app.mirror.connected, 15):
-            raise OSError("the mirror link did not come up")
+        primary, _secondary = start_connmgr_pair(
+            pair, database=DB, password=PASSWORD, users_file=str(users), poster_slot="campaign_poster",
+            sequence_interval=0.2, failover=True, shutdown_timeout=2.0, started=started)  # fmt: skip
         pair.sync_schema(DB, SCHEMA)
         with pair.primary.connect(DB) as c:
             c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
@@ -233,7 +203,7 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         pair.primary.kill()
         say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
         fo = primary.app.failover
-        _wait(lambda: fo.failed_over or fo.failed is not None, 15)
+        wait_until(lambda: fo.failed_over or fo.failed is not None, 15)
         time.sleep(after)
         stop.set()
         for t in threads:

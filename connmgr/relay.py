@@ -138,20 +138,21 @@ class Upstream:
                     elif tag == _S:
                         plan = self._plan_sync(start)
                 starts.append(now)
-            elif (tag == _P or tag == _B) and self.markers and plan is None and not relay.inject_mode \
-                    and relay.tracking and self._extended_commits(tag, buf, start, end):  # fmt: skip
-                plan = (start - 5, start - 5, self._marker_query(), _CYCLE)
+            elif tag == _P or tag == _B:
+                if tag == _P and self.recorder is not None:
+                    i = buf.find(0, start, end)
+                    j = buf.find(0, i + 1, end)
+                    if 0 <= i < j:
+                        self.recorder.on_sql(buf[i + 1:j])
+                if self.markers and plan is None and not relay.inject_mode and relay.tracking \
+                        and self._extended_commits(tag, buf, start, end):  # fmt: skip
+                    plan = (start - 5, start - 5, self._marker_query(), _CYCLE)
             elif tag == _X:
                 self.terminated = True
             elif tag == _c or tag == _f:  # CopyDone/CopyFail: the COPY's sync point ends here
                 if syncs is None:
                     syncs = []
                 syncs.append(-end)
-            if tag == _P and self.recorder is not None:
-                i = buf.find(0, start, end)
-                j = buf.find(0, i + 1, end)
-                if 0 <= i < j:
-                    self.recorder.on_sql(buf[i + 1:j])
             if relay.tracking:
                 try:
                     self.shadow(tag, buf[start:end])
@@ -328,19 +329,16 @@ class Downstream:
         notified = False
         hold = False
         readies = None
-        for i, (tag, start, end) in enumerate(frames):
+        for frame in frames:
+            tag, start, end = frame
             if tag == _D:
                 continue
             if tag == _A:
                 notified = True
             elif tag == _E and self.journal is not None:
-                if _server_gone(buf, start, end):
-                    # The server is going away (shutdown, crash, postmaster exit): hold the
-                    # FATAL back -- the session may move instead (see connmgr/failover.py).
-                    relay.lost = BackendLost(f'server "{relay.backend.server.name}" terminated the session',
-                                             raw=bytes(buf[start - 5:end]))  # fmt: skip
+                if relay.held_back(buf, start, end):
                     buf = buf[:start - 5]
-                    frames = frames[:i]
+                    frames = frames[:frames.index(frame)]
                     if not frames:
                         return b""
                     break
@@ -463,9 +461,7 @@ class Downstream:
         kept = []
         for tag, start, end in frames:
             drop = False
-            if tag == _E and self.journal is not None and _server_gone(buf, start, end):
-                relay.lost = BackendLost(f'server "{relay.backend.server.name}" terminated the session',
-                                         raw=bytes(buf[start - 5:end]))  # fmt: skip
+            if tag == _E and self.journal is not None and relay.held_back(buf, start, end):
                 break  # the main loop never sees it: the shadow stays as the client knows it
             if not relay.inject_mode:
                 pass
@@ -617,6 +613,16 @@ class Relay:
             self._link.detach()
         if self._pumps is not None:
             self._pumps.cancel()
+
+    def held_back(self, buf: bytes, start: int, end: int) -> bool:
+        """An ErrorResponse saying the server is going away (shutdown, crash, postmaster
+        exit)? Then it is held back from the client -- the session may move instead (see
+        connmgr/failover.py) -- and recorded as :attr:`lost`."""
+        if not _server_gone(buf, start, end):
+            return False
+        self.lost = BackendLost(f'server "{self.backend.server.name}" terminated the session',
+                                raw=bytes(buf[start - 5:end]))  # fmt: skip
+        return True
 
     def untrack(self, direction: str, exc: RemoteProtocolError) -> None:
         self.tracking = False

@@ -152,7 +152,7 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
     if groups:
         if relay.markers:
             committed = await failover.committed_seq(conn.database, conn.id) >= n
-        elif not journal.overflow and _may_have_committed(groups):
+        elif not journal.overflow:  # whatever is in flight may hold a commit nobody can judge
             raise NotMovable("session not movable: a commit was in flight and the database has no connmgr"
                              " markers to tell whether it committed (run connmgr prepare-db)", "no markers")  # fmt: skip
     backend = await _open(conn, failover)
@@ -197,11 +197,6 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
     return backend
 
 
-def _may_have_committed(groups) -> bool:
-    """Pending requests that could hold a commit (anything but a lone read is assumed to)."""
-    return any(req.kind not in ("D",) for g in groups for req in g)
-
-
 async def _open(conn: ClientConnection, failover) -> BackendSession:
     app = conn.app
     backend = await open_backend(failover.server, conn.startup_params, conn.creds,
@@ -228,16 +223,7 @@ async def _restore(conn: ClientConnection, backend: BackendSession) -> None:
             readies += 1
     if not readies:
         return
-    await backend.stream.send_all(bytes(out))
-    reader = MessageReader(backend.stream, backend.framer, 'server "secondary"')
-    error = None
-    while readies:
-        tag, body = await reader.read()
-        if tag == _E and error is None:
-            error = messages.decode_backend(tag, body)
-        elif tag == _Z:
-            readies -= 1
-    backend.leftover = reader.take_buffered()
+    error = await _run_swallowed(backend, bytes(out), readies)
     if error is not None:
         raise NotMovable(f"session state could not be restored: {error.message}", "restore failed")
 
@@ -317,11 +303,17 @@ async def _rolled_back(conn: ClientConnection, relay: Relay, backend: BackendSes
     return replies
 
 
-async def _run_swallowed(backend: BackendSession, request: bytes) -> None:
+async def _run_swallowed(backend: BackendSession, request: bytes, readies: int = 1):
+    """Send ``request`` on the idle ``backend`` and read its replies up to the
+    ``readies``-th ReadyForQuery; returns the first ErrorResponse (decoded) or None."""
     await backend.stream.send_all(request)
     reader = MessageReader(backend.stream, backend.framer, 'server "secondary"')
-    while True:
-        tag, _body = await reader.read()
-        if tag == _Z:
-            break
+    error = None
+    while readies:
+        tag, body = await reader.read()
+        if tag == _E and error is None:
+            error = messages.decode_backend(tag, body)
+        elif tag == _Z:
+            readies -= 1
     backend.leftover = reader.take_buffered()
+    return error

@@ -29,8 +29,7 @@ __all__ = ["Journal"]
 class Journal:
     """See the module docstring."""
 
-    __slots__ = ("requests", "replies", "limit", "overflow", "_base", "_total", "_syncs", "syncs_seen",
-                 "syncs_answered", "_answered_end")  # fmt: skip
+    __slots__ = ("requests", "replies", "limit", "overflow", "_base", "_total", "_syncs", "_answered_end")
 
     def __init__(self, limit: int = 8 << 20) -> None:
         #: the client's messages since the last transaction end, as sent
@@ -42,9 +41,6 @@ class Journal:
         self._base = 0  # stream position of requests[0]
         self._total = 0  # stream position after the last client byte seen
         self._syncs: deque[int] = deque()  # stream positions just after each unanswered sync point
-        #: sync points the client has sent / the server has answered, ever
-        self.syncs_seen = 0
-        self.syncs_answered = 0
         self._answered_end = 0  # stream position after the last answered sync point
 
     def client(self, buf: bytes | bytearray | memoryview, sync_ends: list[int] | None) -> None:
@@ -56,7 +52,6 @@ class Journal:
             for end in sync_ends:
                 if end >= 0:
                     self._syncs.append(total + end)
-                    self.syncs_seen += 1
                 elif self._syncs:  # CopyDone/CopyFail: the running COPY's request ends here
                     self._syncs[-1] = total - end
         self._total = total + len(buf)
@@ -77,7 +72,6 @@ class Journal:
         cut = -1
         for end, status in readies:
             sync_end = self._syncs.popleft() if self._syncs else self._total
-            self.syncs_answered += 1
             self._answered_end = sync_end
             if status == 73:  # 'I': the transaction is over
                 cut = end
@@ -112,7 +106,3 @@ class Journal:
         """Bytes at the start of :attr:`requests` whose replies the client has in full
         (every sync point in them answered)."""
         return max(0, self._answered_end - self._base)
-
-    @property
-    def empty(self) -> bool:
-        return not self.requests and not self.replies and not self._syncs

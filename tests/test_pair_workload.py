@@ -11,8 +11,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
-from connmgr import config as config_mod
-from connmgr.embedded import EmbeddedConnmgr
+from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair
 from connmgr.pair import ClusterPair
 
 DB = "app"
@@ -27,26 +26,9 @@ def live_pair(pg_bindir, pg_base_dir, tmp_path_factory):
     try:
         users = tmp_path_factory.mktemp("users") / "users.txt"
         users.write_text(f'"postgres" "{PASSWORD}"\n')
-        common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": 5.0}, "auth": {"users_file": str(users)}}
-        p = pair.primary
-        secondary = EmbeddedConnmgr(config_mod.load(
-            None, **common,
-            primary={"host": pair.secondary.host, "port": pair.secondary.port, "name": "secondary"},
-            mirror={"listen": "127.0.0.1:0"},
-            poster={"host": p.host, "port": p.port, "password": PASSWORD, "dbname": DB,
-                    "slot": "workload_poster", "temporary": True, "sequence_interval": 0.1},
-        )).start()  # fmt: skip
-        started.append(secondary)
-        assert wait_for(lambda: secondary.app.imports.poster_connected, 15)
-        host, port = secondary.app.mirror_listen_address
-        primary = EmbeddedConnmgr(config_mod.load(
-            None, **common,
-            primary={"host": p.host, "port": p.port},
-            mirror={"peer": f"{host}:{port}", "heartbeat_interval": 0.05},
-            redo={"password": PASSWORD},
-        )).start()  # fmt: skip
-        started.append(primary)
-        assert wait_for(lambda: primary.app.mirror.connected, 15)
+        primary, secondary = start_connmgr_pair(
+            pair, database=DB, password=PASSWORD, users_file=str(users), poster_slot="workload_poster",
+            sequence_interval=0.1, started=started)  # fmt: skip
         yield pair, primary, secondary
     finally:
         for cm in reversed(started):
