@@ -272,6 +272,8 @@ class ClientConnection:
             if e.sqlstate.startswith("28"):
                 app.metrics.auth_failures += 1
             raise
+        if app.failover is not None and (app.failover.frozen is not None or app.failover.failed_over):
+            await app.failover.new_session_ready()
         try:
             self.backend = await open_backend(
                 app.server, self.startup_params, creds, max_message_size=app.config.server.max_message_size

@@ -29,6 +29,11 @@ acknowledged that version, or two-phase degraded); meanwhile the backend is not 
 Fairness: one ``recv`` per ready socket per batch, and a trio checkpoint between batches,
 so a bulk transfer cannot starve other sessions or other tasks.
 
+Failover freeze: while the primary is suspect (``Relay.freezing``), what a backend sends
+is read but not processed -- it goes to ``relay.frozen`` (up to ``_FROZEN_LIMIT``, then the
+backend is not read) -- until the decision: :meth:`Link.thaw` pumps it as usual; a failover
+ends the link with BackendLost (:meth:`Link.lose`) and the session moves.
+
 Isolation: an unexpected exception while pumping one session ends that session with
 XX000 and is logged; the engine and every other session go on.
 """
@@ -57,6 +62,8 @@ _OUT = select.EPOLLOUT
 _RECV = 64 * 1024
 _BATCH = 512
 _BATCHES_PER_WAKEUP = 4
+#: server bytes a link keeps unprocessed while the primary is suspect
+_FROZEN_LIMIT = 8 << 20
 
 
 class _Direction:
@@ -131,6 +138,8 @@ class Link:
                 return self._end(self._src_failed(d, e))
             if not data:
                 return self._end(self._eof(d))
+        if not d.upstream and self.relay.freezer is not None and self.relay.freezing():
+            return self._freeze(data)
         try:
             buf, frames = d.framer.feed(data)
             if not frames:
@@ -155,6 +164,30 @@ class Link:
         self._send(d, buf)
         if d.upstream and self.relay.upstream.terminated and self.attached:
             self._end(None)
+
+    def _freeze(self, data: bytes) -> None:
+        relay = self.relay
+        relay.frozen += data
+        relay.freezer.hold(relay, self)
+        if len(relay.frozen) >= _FROZEN_LIMIT and self._flags[self.backend_fd] & _IN:
+            self._flags[self.backend_fd] &= ~_IN
+            self.engine._modify(self.backend_fd, self._flags[self.backend_fd])
+
+    def thaw(self) -> None:
+        """The primary is alive after all: pump what was held, read the backend again."""
+        relay = self.relay
+        data, relay.frozen = bytes(relay.frozen), bytearray()
+        if not self.attached:
+            return
+        if data:
+            self._pump(self.down, data)
+        if self.attached:
+            self._interest()
+
+    def lose(self, error: ClientError) -> None:
+        """The primary is gone: end with ``error`` (a BackendLost) so the session moves."""
+        if self.attached:
+            self._end(error)
 
     def _send(self, d: _Direction, buf: bytes) -> None:
         try:

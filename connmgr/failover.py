@@ -10,6 +10,17 @@ The primary connmgr holds every client's socket, so it runs the move (seed 004 F
    decision is one probe: a fresh connection to the primary, bounded by
    ``detect_timeout``. If it is answered, the primary is alive and nothing moves (a session
    whose backend was terminated gets the server's own error, as without a pair).
+
+   **Freeze.** From the first signal until the decision, nothing more the primary sends
+   reaches a client (:meth:`Failover.freeze`). A dying Postgres does not die at once:
+   each backend notices the postmaster's death at its next wait. One that dies first
+   releases its locks, and a backend that was waiting for them goes on and answers its
+   client -- from a state in which the dead one's transaction never existed, which the
+   secondary (where that transaction is replayed) will not reproduce. So replies read
+   after the first signal are kept aside, unprocessed: if the primary is alive after all
+   they are delivered; if it is gone they are dropped and produced again by the replay,
+   unless the session's transaction committed on the secondary (they are then delivered
+   before its acknowledgement, see :mod:`connmgr.session_move`).
 2. **Point of failure** (seed 004 [0087]). Every enabled subscription on the secondary is
    disabled and connmgr waits for its apply worker to exit. Whatever the worker had
    applied is then final, and a restarted old primary can never feed it again. It is safe
@@ -37,6 +48,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from shadow import messages
+from shadow.session import Phase
 from shadow.sqltext import quote_ident
 
 from .backend import BackendServer, BackendSession, Credentials, open_backend
@@ -87,6 +99,10 @@ class Failover:
         self._prefixes_done = trio.Event()
         self._committed: dict[str, dict[int, int]] = {}
         self._committed_ready: dict[str, trio.Event] = {}
+        #: the server whose replies are held back from clients (see :meth:`freeze`)
+        self.frozen: BackendServer | None = None
+        self._frozen_links: dict = {}
+        self._unfrozen = trio.Event()
         # counters (exported by connmgr/prometheus.py)
         self.decisions = 0
         self.false_alarms = 0
@@ -97,6 +113,53 @@ class Failover:
         self.replies_compared = 0
         self.transactions_rolled_back: Counter[str] = Counter()  #: 40001 given, by reason
         self.stalls: list[float] = []  #: seconds each moved session waited (backend lost -> live)
+        self.freezes = 0
+        self.replies_held = 0  #: sessions whose backend sent replies during a freeze
+        self.replies_dropped = 0  #: of those, moved sessions whose held replies were dropped (replayed)
+
+    # ------------------------------------------------------------------ freeze
+
+    def freeze(self, server: BackendServer, why: str) -> None:
+        """A session lost its backend on ``server``: hold back everything that server
+        sends from now on (the carriers call :meth:`hold`) and start the decision. Cheap
+        and synchronous, so sessions pumped later in the same batch are already held."""
+        if self.frozen is not None or self.failed_over or server is not self.app.server:
+            return
+        self.frozen = server
+        self.freezes += 1
+        self._unfrozen = trio.Event()
+        nursery = self.app._nursery
+        if nursery is not None:
+            nursery.start_soon(self.decide, why)
+
+    def hold(self, relay, link=None) -> None:
+        """``relay`` holds replies of the frozen server (``relay.frozen``). An engine
+        ``link`` is told the outcome (:meth:`~connmgr.engine.Link.thaw`, or
+        ``Relay.lose``); the trio pumps wait for it (:meth:`frozen_outcome`)."""
+        if relay.conn.id not in self._frozen_links:
+            self._frozen_links[relay.conn.id] = link
+            self.replies_held += 1
+
+    async def frozen_outcome(self) -> bool:
+        """For the trio pumps: wait until the decision; True if the server is still
+        frozen (failed over: the session must move)."""
+        await self._unfrozen.wait()
+        return self.frozen is not None
+
+    def _unfreeze(self, failed_over: bool) -> None:
+        links, self._frozen_links = self._frozen_links, {}
+        if failed_over:
+            # every session still on the old primary moves now; its backend is useless
+            for conn in list(self.app.clients.values()):
+                relay = conn.relay
+                if relay is not None and relay.freezer is self and relay.backend.server is self.frozen:
+                    relay.lose("the primary is gone")
+        else:
+            self.frozen = None
+            for link in links.values():
+                if link is not None:
+                    link.thaw()
+        self._unfrozen.set()
 
     # ------------------------------------------------------------------ timeline
 
@@ -135,6 +198,10 @@ class Failover:
         self._deciding = trio.Event()
         self.decisions += 1
         self.suspected_at = None
+        if self.frozen is None:
+            self.frozen = self.app.server
+            self.freezes += 1
+            self._unfrozen = trio.Event()
         try:
             self.note(f"primary suspected: {why}")
             if not planned:
@@ -161,6 +228,7 @@ class Failover:
             return True
         finally:
             event, self._deciding = self._deciding, None
+            self._unfreeze(self.failed_over)
             event.set()
 
     # ------------------------------------------------------------------ move order
@@ -177,7 +245,9 @@ class Failover:
             relay = conn.relay
             if relay is None:
                 continue
-            if conn.session.pending and relay.marker_seq == relay.transactions + 1:
+            session = conn.session
+            # (a COPY still receiving data has not asked to commit yet)
+            if session.pending and relay.marker_seq == relay.transactions + 1 and session.phase is not Phase.COPY_IN:
                 committers.append((relay.marker_at, conn.id))
             else:
                 self._replaying.add(conn.id)
@@ -235,11 +305,29 @@ class Failover:
         request still in flight may have been waiting for one of them, so it goes only
         when all are back."""
         self.prefix_replayed(conn_id)
+        await self.replays_done()
+
+    async def replays_done(self) -> None:
+        """Wait (bounded) until every session has replayed what its client saw. A moved
+        session's client goes on only then: its new transactions could otherwise change
+        rows that a session still to be replayed had read on the primary (found by the
+        fault campaign: a committer's next transfer ran before a later committer's
+        replay, which then read another balance and had to be rolled back)."""
+        await self.commits_settled()
         if not await self._bounded_wait(self._prefixes_done):
             self.note(f"sessions {sorted(self._replaying)} did not finish replaying within"
                       f" {_COMMIT_SETTLE_TIMEOUT:g}s; going on without them")  # fmt: skip
             self._replaying.clear()
             self._prefixes_done.set()
+
+    async def new_session_ready(self) -> None:
+        """A new client session waits for a decision in progress (so it is not sent to a
+        dead primary) and, after a failover, for the replays (see :meth:`replays_done`)."""
+        if self._deciding is not None:
+            with trio.move_on_after(self.config.max_wait):
+                await self._deciding.wait()
+        if self.failed_over and not self._prefixes_done.is_set():
+            await self.replays_done()
 
     async def _bounded_wait(self, event: trio.Event) -> bool:
         """Wait for ``event`` at most _COMMIT_SETTLE_TIMEOUT (and max_wait); False if it

@@ -70,6 +70,8 @@ class TrialResult:
     commits_acknowledged: int = 0
     replayed: int = 0
     rolled_back: Counter[str] = field(default_factory=Counter)
+    held: int = 0  #: sessions whose replies were held during the freeze
+    held_dropped: int = 0  #: of those, moved sessions whose held replies were dropped (replayed)
     sessions_failed: Counter[str] = field(default_factory=Counter)
     detect_seconds: float | None = None  #: kill -> suspicion
     failed_over_seconds: float | None = None  #: kill -> secondary ready
@@ -218,6 +220,7 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         result.commits_acknowledged = fo.commits_acknowledged
         result.replayed = fo.transactions_replayed
         result.rolled_back = Counter(fo.transactions_rolled_back)
+        result.held, result.held_dropped = fo.replies_held, fo.replies_dropped
         result.sessions_failed = Counter(fo.sessions_failed)
         result.stalls = list(fo.stalls)
         result.timeline = list(fo.timeline)

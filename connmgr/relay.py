@@ -562,6 +562,10 @@ class Relay:
         self.carry_inject = _NONE
         #: bytes for the client the carrier had not sent when the relay ended
         self.unsent = b""
+        #: the failover that freezes this session's replies when the primary is suspect
+        #: (None without [failover]); the server bytes read meanwhile, unprocessed
+        self.freezer = conn.app.failover if conn.journal is not None else None
+        self.frozen = bytearray()
         self.backend = backend
         self.client_framer = client_framer
         self.tracking = True
@@ -607,6 +611,8 @@ class Relay:
         The first reason recorded wins."""
         if self._done.is_set():
             return
+        if isinstance(error, BackendLost) and self.freezer is not None:
+            self.freezer.freeze(self.backend.server, f"client {self.conn.id}: {error.message}")
         self._error = error
         self._done.set()
         if self._link is not None:
@@ -622,7 +628,24 @@ class Relay:
             return False
         self.lost = BackendLost(f'server "{self.backend.server.name}" terminated the session',
                                 raw=bytes(buf[start - 5:end]))  # fmt: skip
+        if self.freezer is not None:
+            self.freezer.freeze(self.backend.server, f"client {self.conn.id}: {self.lost.message}")
         return True
+
+    def freezing(self) -> bool:
+        """Are this session's server replies to be held (see Failover.freeze)?"""
+        freezer = self.freezer
+        return freezer is not None and freezer.frozen is not None and freezer.frozen is self.backend.server
+
+    def lose(self, why: str) -> None:
+        """The primary is gone (failover decided): end the relay with BackendLost so the
+        session moves now, whatever its backend is doing."""
+        if self._done.is_set():
+            return
+        if self._link is not None:
+            self._link.lose(BackendLost(f'server "{self.backend.server.name}" is gone: {why}'))
+        # The trio pumps (TLS) are not cancelled: that could cut a send to the client in
+        # the middle of a message. They move at their backend's next bytes or EOF.
 
     def untrack(self, direction: str, exc: RemoteProtocolError) -> None:
         self.tracking = False
@@ -757,6 +780,12 @@ class Relay:
                     if error is not None:
                         raise error
                     return
+            if self.freezing():
+                self.frozen += data
+                self.freezer.hold(self)
+                if await self.freezer.frozen_outcome():
+                    raise BackendLost(f'server "{self.backend.server.name}" is gone')
+                data, self.frozen = bytes(self.frozen), bytearray()
             buf, frames = framer.feed(data)
             data = b""
             if frames:

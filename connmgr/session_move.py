@@ -7,6 +7,10 @@ this runs, bounded by ``[failover] max_wait``.
 1. **Deliver** what connmgr had already processed for the client but not yet sent.
 2. **Decide** (:meth:`connmgr.failover.Failover.decide`, shared by every session): is the
    primary gone? If not, the session ends with the server's own error, as without a pair.
+   Replies the primary sent after the first sign of its death were held, unprocessed
+   (``relay.frozen``, see :meth:`Failover.freeze`). If the session's transaction
+   committed on the secondary they belong to it and are delivered now; otherwise they
+   are dropped, and the replay produces them again from the secondary.
 3. **Open** a backend on the secondary with the client's start-up parameters and
    credentials, and **restore** the session: protocol-level prepared statements (the exact
    Parse messages the client sent) and the SQL-level state the
@@ -59,6 +63,8 @@ log = logging.getLogger("connmgr.move")
 _Z = ord("Z")
 _READY_IDLE = b"Z\0\0\0\x05I"
 _SYNC_POINTS = frozenset(b"QSF")
+_COPY_END = frozenset(b"cf")
+_Q, _G = ord("Q"), ord("G")
 _E = ord("E")
 #: puts a fresh backend into a failed transaction block, like the client's
 _ABORTED_BLOCK = messages.query(
@@ -104,6 +110,8 @@ async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) 
             failover.sessions_failed["max_wait"] += 1
         raise lost
     committer = failover.is_committer(conn.id)
+    if relay.frozen:
+        await _settle_frozen(conn, relay, failover)
     try:
         if committer:
             await failover.committer_turn(conn.id)
@@ -126,9 +134,35 @@ async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) 
             failover.commit_settled(conn.id)
         else:
             failover.prefix_replayed(conn.id)
+    # the client goes on only when every session is back where its client saw it
+    await failover.replays_done()
     failover.sessions_moved += 1
     failover.stalls.append(time.monotonic() - started)
     return backend
+
+
+async def _settle_frozen(conn: ClientConnection, relay: Relay, failover) -> None:
+    """Deliver or drop the replies held since the primary became suspect."""
+    data, relay.frozen = bytes(relay.frozen), bytearray()
+    n = relay.transactions + 1
+    if not (conn.session.pending and relay.markers and relay.marker_seq == n
+            and await failover.committed_seq(conn.database, conn.id) >= n):  # fmt: skip
+        failover.replies_dropped += 1
+        return
+    buf, frames = relay.backend.framer.feed(data)
+    out = relay.downstream.process(buf, frames) if frames else b""
+    relay.hold_version = 0  # the mirror is not waited for any more
+    relay.lost = None
+    if out:
+        await conn.stream.send_all(out)
+
+
+def _commit_barrier(failover, conn_id: int):
+    async def between() -> None:
+        failover.commit_settled(conn_id)  # the next commit in flight may go
+        await failover.replays_done()
+
+    return between
 
 
 def _prefix_barrier(failover, conn_id: int):
@@ -178,8 +212,14 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
             requests = requests[journal.sync_ends[0]:]
             expected = b""
         if requests:
-            if committed or committer:
-                prefix, rest, between = b"", requests, None
+            # what the primary answered (for a commit in flight: through its commit) goes
+            # first; requests beyond wait until every session is there
+            if committed:
+                prefix, rest, between = b"", requests, _commit_barrier(failover, conn.id)
+            elif committer:
+                cut = journal.sync_ends[0] if journal.sync_ends else len(requests)
+                prefix, rest = requests[:cut], requests[cut:]
+                between = _commit_barrier(failover, conn.id)
             else:
                 cut = journal.answered
                 prefix, rest = requests[:cut], requests[cut:]
@@ -249,7 +289,14 @@ async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected:
     framer = backend.framer
     data = backend.leftover
     backend.leftover = b""
-    readies = sum(1 for tag, _b in split_messages(prefix) if tag in _SYNC_POINTS)
+    readies = 0
+    open_copy = False  # the prefix ends with a Query whose COPY FROM STDIN data is not in it
+    for tag, _b in split_messages(prefix):
+        if tag in _SYNC_POINTS:
+            readies += 1
+            open_copy = tag == _Q
+        elif tag in _COPY_END:
+            open_copy = False
     stages = [(prefix, readies), (rest, None)]
     live = bytearray()  # replies beyond the matched ones: the client's
     for i, (requests, readies) in enumerate(stages):
@@ -268,7 +315,11 @@ async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected:
             if not frames:
                 continue
             if readies is not None:
-                readies -= sum(1 for tag, _s, _e in frames if tag == _Z)
+                for tag, _s, _e in frames:
+                    if tag == _Z:
+                        readies -= 1
+                    elif tag == _G and open_copy and readies == 1:
+                        readies = 0  # the COPY waits for the client's data: the stage is over
             live += matcher.feed(buf)
             if matcher.difference is not None:
                 failover.replies_compared += matcher.compared

@@ -34,7 +34,7 @@ def main() -> int:
         results.append(r)
         state = "ok" if r.ok else "FAILED"
         print(f"trial {i + 1:4d}/{args.trials} seed {r.seed}: {state}  kill at {r.kill_after:.2f}s  moved {r.moved}"
-              f"  acked-by-marker {r.commits_acknowledged}  replayed {r.replayed}  errors {dict(r.errors)}"
+              f"  acked-by-marker {r.commits_acknowledged}  replayed {r.replayed}  held {r.held}/{r.held_dropped}  errors {dict(r.errors)}"
               f"{'  ' + r.failed if r.failed else ''}", file=sys.stderr, flush=True)  # fmt: skip
     errors: Counter[str] = Counter()
     for r in results:
@@ -55,6 +55,8 @@ def main() -> int:
         "sessions_moved": sum(r.moved for r in results),
         "commits_acknowledged_by_marker": sum(r.commits_acknowledged for r in results),
         "transactions_replayed": sum(r.replayed for r in results),
+        "sessions_held_in_freeze": sum(r.held for r in results),
+        "held_replies_dropped": sum(r.held_dropped for r in results),
         "detect_ms": {q: round(percentile(detect, v) * 1e3, 1) for q, v in (("p50", .5), ("p99", .99), ("max", 1))},
         "stall_ms": {q: round(percentile(stalls, v) * 1e3, 1) for q, v in (("p50", .5), ("p99", .99), ("max", 1))},
     }

@@ -194,3 +194,42 @@ def test_bank_workload_survives_a_kill(live_pair):
         expect[dst] += amount
     assert balances == expect
     assert len(acked) > 20 and lp.failover.sessions_moved == 4
+
+
+def test_terminated_backend_is_a_false_alarm_and_nothing_moves(live_pair):
+    """pg_terminate_backend of one session's backend: connmgr freezes the primary's
+    replies, probes, finds the primary alive, and lets everything through again. The
+    victim gets the server's own 57P01. The other session was waiting for the victim's
+    row lock, so its reply comes right when the victim dies -- usually during the freeze
+    -- and arrives intact; it stays on the primary."""
+    lp = live_pair
+    victim = lp.connect(application_name="victim")
+    victim.execute("UPDATE accounts SET balance = balance + 100 WHERE id = 7")
+    other = lp.connect()
+    box: dict = {}
+
+    def blocked_update() -> None:
+        box["row"] = other.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance").fetchone()
+
+    t = threading.Thread(target=blocked_update)
+    t.start()
+    with lp.pair.primary.connect(DB) as admin:
+        assert wait_for(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                              ).fetchone() == (1,), 5)  # fmt: skip
+        assert admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                             " WHERE application_name = 'victim'").fetchone() == (1,)  # fmt: skip
+    with pytest.raises(psycopg.errors.AdminShutdown) as err:
+        victim.execute("SELECT 1")
+    assert err.value.sqlstate == "57P01"
+    t.join(10)
+    assert box["row"] == (1001,)  # the victim's update rolled back
+    other.commit()
+    fo = lp.failover
+    assert (fo.freezes, fo.false_alarms, fo.failed_over, fo.sessions_moved) == (1, 1, False, 0), fo.timeline
+    assert fo.frozen is None and fo.replies_dropped == 0
+    with lp.pair.primary.connect(DB) as c:
+        assert c.execute("SELECT balance FROM accounts WHERE id = 7").fetchone() == (1001,)
+    assert other.execute("SELECT 2").fetchone() == (2,)
+    print("replies held during the freeze:", fo.replies_held)
+    other.close()
+    victim.close()

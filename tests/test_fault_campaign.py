@@ -23,4 +23,4 @@ def test_trial(seed, pg_bindir, pg_base_dir):
     assert not r.sessions_failed, detail
     assert r.moved >= 1 and r.transfers_acked > 10, detail
     assert r.detect_seconds is not None and r.detect_seconds < 0.3, detail
-    assert percentile(r.stalls, 1.0) < 5.0, detail
+    assert percentile(r.stalls, 1.0) < 2.0, detail  # a 5 s bounded wait here means an ordering bug
