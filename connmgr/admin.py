@@ -4,7 +4,9 @@ PgBouncer's ``pgbouncer`` database.
 ``psql -h HOST -p PORT -U USER connmgr`` then ``SHOW HELP;``. Commands (case-insensitive,
 trailing semicolon optional): ``SHOW CLIENTS``, ``SHOW SERVERS``, ``SHOW STATS``,
 ``SHOW CONFIG``, ``SHOW VERSION``, ``SHOW HELP``, and -- only for users listed in
-``[server] admin_users`` -- ``SHUTDOWN`` (graceful, like SIGTERM).
+``[server] admin_users`` -- ``SHUTDOWN`` (graceful, like SIGTERM) and ``SWITCHOVER`` (a
+planned move of every session to the secondary database, see connmgr/failover.py; it
+answers when done, with the timeline as rows, or with an error saying why not).
 
 Both the simple and the extended protocol work (psycopg uses the latter); results are text
 columns. Unknown commands get ERROR 42601 and the session continues.
@@ -72,11 +74,11 @@ class AdminConsole:
             tag, body = await self.reader.read()
             if tag == FrontendTag.TERMINATE:
                 return
-            reply = self.handle(tag, body)
+            reply = await self.handle(tag, body)
             if reply:
                 await conn.stream.send_all(reply)
 
-    def handle(self, tag: int, body: bytes) -> bytes:
+    async def handle(self, tag: int, body: bytes) -> bytes:
         """Answer one message; returns the bytes to send (may be empty)."""
         if tag == FrontendTag.SYNC:
             self._failed = False
@@ -86,16 +88,16 @@ class AdminConsole:
         msg = m.decode_frontend(tag, body)
         try:
             if isinstance(msg, m.Query):
-                return self._simple(msg.sql)
+                return await self._simple(msg.sql)
             if isinstance(msg, m.Parse):
                 self._statement = msg.query
                 return m.ParseComplete().encode()
             if isinstance(msg, m.Bind):
-                self._result = self.execute(self._statement)
+                self._result = await self.execute(self._statement)
                 return m.BindComplete().encode()
             if isinstance(msg, m.Describe):
                 if msg.kind == "S":
-                    return m.ParameterDescription(()).encode() + self._describe(self.execute(self._statement))
+                    return m.ParameterDescription(()).encode() + self._describe(await self.execute(self._statement, describe=True))
                 return self._describe(self._result)
             if isinstance(msg, m.Execute):
                 return self._rows(self._result)
@@ -108,11 +110,11 @@ class AdminConsole:
             return m.error_response(e.sqlstate, str(e), severity="ERROR")
         raise ClientError(f"admin console does not support message type {chr(tag)!r}", sqlstate="0A000")
 
-    def _simple(self, sql: str) -> bytes:
+    async def _simple(self, sql: str) -> bytes:
         if not sql.strip(" ;\n\t"):
             return m.empty_query_response() + m.ready_for_query("I")
         try:
-            result = self.execute(sql)
+            result = await self.execute(sql)
         except AdminError as e:
             return m.error_response(e.sqlstate, str(e), severity="ERROR") + m.ready_for_query("I")
         return self._describe(result) + self._rows(result) + m.ready_for_query("I")
@@ -134,7 +136,8 @@ class AdminConsole:
 
     # ------------------------------------------------------------------ commands
 
-    def execute(self, sql: str) -> Result:
+    async def execute(self, sql: str, describe: bool = False) -> Result:
+        """Run one command (``describe``: only say what it would return)."""
         words = sql.strip().rstrip(";").split()
         if not words:
             raise AdminError("empty command")
@@ -146,6 +149,8 @@ class AdminConsole:
                 raise AdminError("SHUTDOWN is for users listed in [server] admin_users", "42501")
             self.app.shutdown()
             return [], [], "SHUTDOWN"
+        if words[0].upper() == "SWITCHOVER" and len(words) <= 2:
+            return await self._switchover(words[1] if len(words) == 2 else None, describe)
         if words[0].upper() != "SHOW" or len(words) != 2:
             raise AdminError(f"unknown command {sql.strip()!r}; try SHOW HELP")
         what = words[1].upper()
@@ -163,7 +168,32 @@ class AdminConsole:
             ["SHOW CONFIG", "the configuration in effect (secrets hidden)"],
             ["SHOW VERSION", "connmgr version"],
             ["SHUTDOWN", "graceful shutdown (admin_users only)"],
+            ["SWITCHOVER [drain_seconds]", "move every session to the secondary database, planned (admin_users only)"],
         ]
+
+    async def _switchover(self, drain: str | None, describe: bool) -> Result:
+        from .failover import FailoverError
+
+        columns = ["ms", "event"]
+        if not self.is_admin:
+            raise AdminError("SWITCHOVER is for users listed in [server] admin_users", "42501")
+        failover = self.app.failover
+        if failover is None:
+            raise AdminError("SWITCHOVER needs [failover] secondary on the primary connmgr", "55000")
+        try:
+            timeout = failover.config.drain_timeout if drain is None else float(drain)
+        except ValueError:
+            raise AdminError(f"SWITCHOVER [drain_seconds]: not a number: {drain!r}") from None
+        if not timeout > 0:
+            raise AdminError("SWITCHOVER [drain_seconds]: must be > 0")
+        if describe:
+            return columns, [], "SWITCHOVER"
+        try:
+            await failover.switchover(timeout)
+        except FailoverError as e:
+            raise AdminError(f"switchover not done: {e}", "55000") from None
+        rows = [[f"{at * 1e3:.1f}", what] for at, what in failover.timeline]
+        return columns, rows, "SWITCHOVER"
 
     def _show_version(self):
         return ["version"], [[f"connmgr {__version__}"]]

@@ -1,5 +1,6 @@
 """``connmgr`` command line: ``serve`` runs the proxy, ``demo`` shows it working,
-``prepare-db`` installs what purge markers need in a database."""
+``prepare-db`` installs what purge markers need in a database, ``switchover`` moves every
+session of a running primary connmgr to the secondary database (planned)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,25 @@ def cmd_prepare_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_switchover(args: argparse.Namespace) -> int:
+    """SWITCHOVER on the admin console of the primary connmgr; prints its timeline."""
+    import psycopg
+
+    host, port = config_mod.parse_hostport(args.connmgr, default_port=6432, what="connmgr address")
+    sql = "SWITCHOVER" if args.drain is None else f"SWITCHOVER {args.drain:g}"
+    try:
+        with psycopg.connect(host=host, port=port, user=args.user, dbname="connmgr", autocommit=True,
+                             connect_timeout=10) as conn:  # fmt: skip
+            rows = conn.execute(sql).fetchall()
+    except psycopg.Error as e:
+        code = getattr(e, "sqlstate", None) or "connect"
+        print(f"connmgr switchover: {code}: {str(e).strip()}", file=sys.stderr)
+        return 1
+    for ms, event in rows:
+        print(f"{float(ms):9.1f} ms  {event}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -114,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("conninfo", nargs="*", help="libpq connection strings, one per database")
     m.add_argument("--print", action="store_true", help="print the SQL instead of running it")
     m.set_defaults(func=cmd_prepare_db)
+
+    w = sub.add_parser(
+        "switchover",
+        help="move every session of a primary connmgr to the secondary database (planned)",
+        description="Runs SWITCHOVER on the connmgr admin console (a user in [server] admin_users;"
+        " the password from PGPASSWORD or ~/.pgpass). Client input pauses at request boundaries,"
+        " requests in flight finish, and every session moves; open transactions are replayed.",
+    )
+    w.add_argument("connmgr", nargs="?", default="127.0.0.1:6432", help="HOST:PORT of the primary connmgr")
+    w.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
+    w.add_argument("--drain", type=float, help="seconds to wait for requests in flight ([failover] drain_timeout)")
+    w.set_defaults(func=cmd_switchover)
     return p
 
 

@@ -140,12 +140,14 @@ class ClientConnection:
         transactions = 0
         pending_abort = None
         inject_mode = 0
+        carry_input = b""
         while True:
             mirrored = self.app.failover is None or not self.app.failover.failed_over
             self.relay = Relay(self, self.backend, reader.framer, markers_on and mirrored, mirrored=mirrored)
             self.relay.transactions = transactions
             self.relay.pending_abort = pending_abort
             self.relay.inject_mode = inject_mode
+            self.relay.carry_input = carry_input
             try:
                 await self.relay.run(initial)
                 return
@@ -164,6 +166,7 @@ class ClientConnection:
                 transactions = self.relay.transactions
                 pending_abort = self.relay.pending_abort
                 inject_mode = self.relay.carry_inject
+                carry_input = self.relay.carry_input  # a switchover's paused request (trio pumps)
                 initial = b""
                 markers_on = False
 

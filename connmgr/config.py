@@ -187,6 +187,9 @@ class FailoverSection:
     #: largest open transaction (requests + replies, bytes) kept for replay; a larger one
     #: is rolled back at a move with a retryable 40001
     max_replay_bytes: int = 8 << 20
+    #: a switchover (admin SWITCHOVER) waits at most this long for every session to finish
+    #: its request in flight; if one does not, the switchover is abandoned
+    drain_timeout: float = 10.0
     #: after the move: "stay" -- the secondary is the primary from now on; the repaired
     #: old primary is re-seeded as the new secondary (the only policy so far)
     failback: str = "stay"
@@ -364,7 +367,7 @@ def _check(config: Config, source: str) -> None:
         if not config.mirror.peer:
             raise ConfigError(f"{source}: [failover] secondary needs [mirror] peer (the pair: markers decide"
                               " which interrupted commits committed)")  # fmt: skip
-    for key in ("detect_timeout", "health_interval", "max_wait"):
+    for key in ("detect_timeout", "health_interval", "max_wait", "drain_timeout"):
         if getattr(f, key) <= 0:
             raise ConfigError(f"{source}: [failover] {key}: must be > 0")
     if f.max_replay_bytes < 0:

@@ -109,7 +109,7 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     from . import config as config_mod
 
     started = [] if started is None else started
-    common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout},
+    common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout, "admin_users": ["postgres"]},
               "auth": {"users_file": users_file}}  # fmt: skip
     p, s = pair.primary, pair.secondary
     secondary = EmbeddedConnmgr(config_mod.load(

@@ -116,6 +116,11 @@ class Link:
 
     # ------------------------------------------------------------------ pumping
 
+    def refresh_interest(self) -> None:
+        """The relay's input pause changed (switchover): recompute what to wait for."""
+        if self.attached:
+            self._interest()
+
     def on_event(self, fd: int, events: int) -> None:
         if events & _OUT:
             d = self.down if fd == self.client_fd else self.up
@@ -130,6 +135,8 @@ class Link:
 
     def _pump(self, d: _Direction, data: bytes | None) -> None:
         if data is None:
+            if d.upstream and self.relay.pause_requested and self.relay.upstream.at_boundary():
+                return self._interest()  # a switchover: leave the next request in the socket
             try:
                 data = d.src.recv(_RECV)
             except BlockingIOError:
@@ -226,9 +233,11 @@ class Link:
         """Recompute what to wait for on both sockets: read a source only while its
         direction has nothing pending; wait for writability where something is."""
         up, down = self.up, self.down
+        read_client = up.pending is None and not (self.relay.pause_requested and self.relay.upstream.at_boundary())
         want = {
-            self.client_fd: (_IN if up.pending is None else 0) | (_OUT if down.pending is not None and not down.held else 0),
-            self.backend_fd: (_IN if down.pending is None else 0) | (_OUT if up.pending is not None else 0),
+            self.client_fd: (_IN if read_client else 0) | (_OUT if down.pending is not None and not down.held else 0),
+            self.backend_fd: (_IN if down.pending is None and len(self.relay.frozen) < _FROZEN_LIMIT else 0)
+            | (_OUT if up.pending is not None else 0),
         }
         for fd, flags in want.items():
             if self._flags[fd] != flags:

@@ -103,6 +103,9 @@ class Failover:
         self.frozen: BackendServer | None = None
         self._frozen_links: dict = {}
         self._unfrozen = trio.Event()
+        #: a switchover is pausing client input (new relays start paused)
+        self.switching = False
+        self._switched: trio.Event | None = None
         # counters (exported by connmgr/prometheus.py)
         self.decisions = 0
         self.false_alarms = 0
@@ -114,6 +117,8 @@ class Failover:
         self.transactions_rolled_back: Counter[str] = Counter()  #: 40001 given, by reason
         self.stalls: list[float] = []  #: seconds each moved session waited (backend lost -> live)
         self.freezes = 0
+        self.switchovers = 0
+        self.switchovers_abandoned = 0
         self.replies_held = 0  #: sessions whose backend sent replies during a freeze
         self.replies_dropped = 0  #: of those, moved sessions whose held replies were dropped (replayed)
 
@@ -153,7 +158,10 @@ class Failover:
             for conn in list(self.app.clients.values()):
                 relay = conn.relay
                 if relay is not None and relay.freezer is self and relay.backend.server is self.frozen:
-                    relay.lose("the primary is gone")
+                    if self.switching:
+                        relay.switch("planned switchover")
+                    else:
+                        relay.lose("the primary is gone")
         else:
             self.frozen = None
             for link in links.values():
@@ -197,13 +205,14 @@ class Failover:
             return self.failed_over
         self._deciding = trio.Event()
         self.decisions += 1
-        self.suspected_at = None
+        if not planned:
+            self.suspected_at = None  # the timeline starts here (a switchover's started earlier)
         if self.frozen is None:
             self.frozen = self.app.server
             self.freezes += 1
             self._unfrozen = trio.Event()
         try:
-            self.note(f"primary suspected: {why}")
+            self.note(f"primary suspected: {why}" if not planned else "planned: no probe, the secondary takes over")
             if not planned:
                 alive = await self._primary_answers()
                 if alive:
@@ -212,8 +221,6 @@ class Failover:
                     self.suspected_at = None
                     return False
                 self.note("primary does not answer: failing over to the secondary")
-            else:
-                self.note("switchover requested")
             try:
                 await self._point_of_failure()
             except (FailoverError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
@@ -230,6 +237,83 @@ class Failover:
             event, self._deciding = self._deciding, None
             self._unfreeze(self.failed_over)
             event.set()
+
+    # ------------------------------------------------------------------ switchover
+
+    async def switchover(self, drain_timeout: float) -> None:
+        """A planned move of every session to the secondary (``SWITCHOVER`` on the admin
+        console). Client input stops at each session's next request boundary; once no
+        session has a request in flight (within ``drain_timeout``, else the switchover is
+        abandoned and everything goes on as before), a synchronous fence commit on the
+        primary proves the secondary has applied every commit, and the sessions move as in
+        a failover -- open transactions are replayed there, with nothing in flight.
+        Raises FailoverError with the reason if it cannot be done."""
+        if self.failed_over:
+            raise FailoverError("connmgr has already failed over to the secondary")
+        if self.switching or self._deciding is not None:
+            raise FailoverError("a switchover or failover decision is already running")
+        self.timeline = []
+        self.suspected_at = None
+        self.switching = True
+        self._switched = trio.Event()
+        moved = False
+        try:
+            self.note("switchover requested: client input pauses at each session's next request boundary")
+            relays = await self._drain(drain_timeout)
+            self.note(f"{len(relays)} session(s) quiet, nothing in flight")
+            await self._fence()
+            self.note("fence committed: the secondary has applied every commit")
+            if not await self.decide("switchover", planned=True):
+                raise FailoverError(self.failed or "the secondary could not take over")
+            moved = True
+            self.switchovers += 1
+        except (FailoverError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+            self.switchovers_abandoned += 1
+            self.note(f"switchover abandoned ({e}): sessions go on on the primary")
+            raise FailoverError(str(e)) from None
+        finally:
+            self.switching = False
+            if not moved:
+                for relay in self._primary_relays():
+                    relay.resume_input()
+            self._switched.set()
+            self._switched = None
+
+    def _primary_relays(self) -> list:
+        return [c.relay for c in list(self.app.clients.values())
+                if c.relay is not None and c.relay.freezer is self and c.relay.backend.server is self.app.server]  # fmt: skip
+
+    async def _drain(self, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        while True:
+            relays = self._primary_relays()
+            busy = []
+            for relay in relays:
+                if not relay.pause_requested:
+                    relay.pause_input()
+                elif relay._link is not None:
+                    relay._link.refresh_interest()  # a COPY that started needs its data
+                if not relay.input_quiet():
+                    busy.append(relay.conn.id)
+            if not busy:
+                return relays
+            if time.monotonic() > deadline:
+                raise FailoverError(f"session(s) {busy[:10]} still had requests in flight after {timeout:g}s")
+            await trio.sleep(0.002)
+
+    async def _fence(self) -> None:
+        """Commit a transactional logical message on the primary with synchronous_commit
+        on: it returns once the secondary (a synchronous standby) has flushed it, and so
+        applied every commit before it."""
+        with trio.fail_after(self.config.max_wait):
+            session = await self.app._open_redo_session(None, "connmgr switchover fence")
+            try:
+                await session.query_rows(messages.query(
+                    "BEGIN; SET LOCAL synchronous_commit = on;"
+                    " SELECT pg_catalog.pg_logical_emit_message(true, 'connmgr', 'switchover'); COMMIT"
+                ))  # fmt: skip
+            finally:
+                session.close()
 
     # ------------------------------------------------------------------ move order
 
@@ -323,9 +407,10 @@ class Failover:
     async def new_session_ready(self) -> None:
         """A new client session waits for a decision in progress (so it is not sent to a
         dead primary) and, after a failover, for the replays (see :meth:`replays_done`)."""
-        if self._deciding is not None:
-            with trio.move_on_after(self.config.max_wait):
-                await self._deciding.wait()
+        for event in (self._switched, self._deciding):
+            if event is not None:
+                with trio.move_on_after(self.config.max_wait):
+                    await event.wait()
         if self.failed_over and not self._prefixes_done.is_set():
             await self.replays_done()
 
@@ -374,6 +459,13 @@ class Failover:
                 session = await self._admin(db, "connmgr failover")
                 try:
                     await session.query_rows(messages.query(f"ALTER SUBSCRIPTION {quote_ident(sub)} DISABLE"))
+                    # The worker would leave at its next look at the catalog (up to a second
+                    # with a live primary). Ending it now is equivalent: a transaction it
+                    # had not applied was not acknowledged to any client, so it is replayed.
+                    await session.query_rows(messages.query(
+                        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_subscription"
+                        f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
+                    ))  # fmt: skip
                     self.note(f"subscription {sub} ({db}) disabled")
                     deadline = time.monotonic() + _WORKER_EXIT_TIMEOUT
                     while True:

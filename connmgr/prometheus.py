@@ -96,6 +96,8 @@ def render(app: App) -> str:
             "failover_transactions_replayed": float(fo.transactions_replayed),
             "failover_replies_compared": float(fo.replies_compared),
             "failover_freezes": float(fo.freezes),
+            "failover_switchovers": float(fo.switchovers),
+            "failover_switchovers_abandoned": float(fo.switchovers_abandoned),
             "failover_sessions_held": float(fo.replies_held),
             "failover_held_replies_dropped": float(fo.replies_dropped),
             "failover_stall_seconds_max": max(fo.stalls, default=0.0),

@@ -43,7 +43,7 @@ from replay import markers
 from shadow import messages
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
-from shadow.session import PendingRequest, TxStatus
+from shadow.session import PendingRequest, Phase, TxStatus
 from shadow.sqltext import (
     DdlKind,
     ddl_kind,
@@ -65,6 +65,8 @@ log = logging.getLogger("connmgr.relay")
 
 _Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I, _P, _B, _T, _CC = (ord(c) for c in "QSFXDZEdANIPBTC")
 _c, _f = ord("c"), ord("f")
+#: client messages that end a request (see Upstream.at_boundary); 0: nothing sent yet
+_BOUNDARY = frozenset((0, ord("Q"), ord("S"), ord("F"), _c, _f))
 _PID = Struct("!i")
 _ROWS = Struct("!h")
 RECV_SIZE = 64 * 1024
@@ -93,7 +95,7 @@ class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
     __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session",
-                 "origin", "journal", "recorder")  # fmt: skip
+                 "origin", "journal", "recorder", "last_tag")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -113,6 +115,15 @@ class Upstream:
         self.sid = relay.conn.id
         #: offset of the next byte in the client-to-server TCP stream (set by Relay.run)
         self.offset = 0
+        #: type of the last message relayed (0: none yet)
+        self.last_tag = 0
+
+    def at_boundary(self) -> bool:
+        """Has the client finished its last request (a Query, Sync, FunctionCall,
+        CopyDone or CopyFail was the last message, nothing partial is buffered, and no
+        COPY waits for its data)? A switchover stops reading the client only there."""
+        return (self.last_tag in _BOUNDARY and self.relay.client_framer.pending_bytes == 0
+                and self.session.phase is not Phase.COPY_IN)  # fmt: skip
 
     def process(self, buf: bytes, frames: list) -> bytes:
         """Account for ``frames`` of ``buf``; returns the bytes to forward."""
@@ -158,6 +169,7 @@ class Upstream:
                     self.shadow(tag, buf[start:end])
                 except RemoteProtocolError as e:
                     relay.untrack("client", e)
+        self.last_tag = frames[-1][0]
         stats = self.stats
         stats.messages_from_client += len(frames)
         stats.bytes_from_client += len(buf)
@@ -566,6 +578,13 @@ class Relay:
         #: (None without [failover]); the server bytes read meanwhile, unprocessed
         self.freezer = conn.app.failover if conn.journal is not None else None
         self.frozen = bytearray()
+        #: a switchover asked to stop taking client input at the next request boundary
+        #: (Upstream.at_boundary); client bytes the trio pumps read meanwhile wait in
+        #: ``carry_input`` (the engine simply stops reading the socket)
+        self.pause_requested = self.freezer is not None and self.freezer.switching
+        self.carry_input = b""
+        self._resume = trio.Event()
+        self._pump_waiting = False
         self.backend = backend
         self.client_framer = client_framer
         self.tracking = True
@@ -637,6 +656,34 @@ class Relay:
         freezer = self.freezer
         return freezer is not None and freezer.frozen is not None and freezer.frozen is self.backend.server
 
+    def pause_input(self) -> None:
+        """Stop taking client requests at the next boundary (switchover)."""
+        self.pause_requested = True
+        if self._link is not None:
+            self._link.refresh_interest()
+
+    def resume_input(self) -> None:
+        """Take client input again (the switchover was abandoned)."""
+        self.pause_requested = False
+        self._resume.set()
+        self._resume = trio.Event()
+        if self._link is not None:
+            self._link.refresh_interest()
+
+    def input_quiet(self) -> bool:
+        """Paused at a boundary with nothing in flight: safe to move (switchover)."""
+        if not (self.pause_requested and self.upstream.at_boundary() and not self.conn.session.pending):
+            return False
+        return self._link is not None or self._pump_waiting or not self.carry_input
+
+    def switch(self, why: str) -> None:
+        """The switchover moves this quiet session now."""
+        error = BackendLost(f'server "{self.backend.server.name}" is being switched over: {why}')
+        if self._link is not None:
+            self._link.lose(error)
+        else:  # the pumps wait for input or for the paused client: both safe to cancel
+            self.stop(error)
+
     def lose(self, why: str) -> None:
         """The primary is gone (failover decided): end the relay with BackendLost so the
         session moves now, whatever its backend is doing."""
@@ -687,6 +734,9 @@ class Relay:
         try:
             if engine is not None and type(client) is FastSocketStream and type(server) is FastSocketStream:
                 self._link = engine.attach(self, client.raw_socket, server.raw_socket, initial)
+                if self.carry_input and self._link.attached:
+                    data, self.carry_input = self.carry_input, b""
+                    self._link._pump(self._link.up, data)
                 await self._watch()
             else:
                 await self._run_pumps(initial)
@@ -752,11 +802,22 @@ class Relay:
         if initial:  # complete messages the client pipelined behind its authentication
             buf, frames = Framer(max_message_size=framer.max_message_size).feed(initial)
             await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
+        if self.carry_input:  # read by the relay before a switchover moved the session
+            data, self.carry_input = self.carry_input, b""
+            buf, frames = framer.feed(data)
+            if frames:
+                await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
         while not self.upstream.terminated:
             data = await recv(RECV_SIZE)
             if not data:
                 framer.feed_eof()
                 return
+            if self.pause_requested and self.upstream.at_boundary():
+                self.carry_input = data  # a new request: it waits (and may go to the secondary)
+                self._pump_waiting = True
+                await self._resume.wait()
+                self._pump_waiting = False
+                data, self.carry_input = self.carry_input, b""
             buf, frames = framer.feed(data)
             if frames:
                 await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)

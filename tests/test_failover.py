@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
+from connmgr.cli import main
 from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair
 from connmgr.pair import ClusterPair
 
@@ -233,3 +234,100 @@ def test_terminated_backend_is_a_false_alarm_and_nothing_moves(live_pair):
     print("replies held during the freeze:", fo.replies_held)
     other.close()
     victim.close()
+
+
+def _admin(lp) -> psycopg.Connection:
+    return psycopg.connect(lp.primary.conninfo("postgres", "connmgr", PASSWORD), autocommit=True)
+
+
+def test_switchover_moves_every_session_with_nothing_lost(live_pair, monkeypatch, capsys):
+    """SWITCHOVER on the admin console: client input pauses at request boundaries, the
+    sessions drain, a fence commit proves the secondary has everything, and every session
+    moves -- an open transaction is replayed there and commits; a busy client just
+    pauses. The old primary stays up and keeps none of connmgr's client sessions."""
+    lp = live_pair
+    idle = lp.connect(autocommit=True)
+    vpid = idle.info.backend_pid
+    in_block = lp.connect()
+    in_block.execute("UPDATE accounts SET balance = balance - 10 WHERE id = 1")
+    in_block.execute("UPDATE accounts SET balance = balance + 10 WHERE id = 2")
+    stop = threading.Event()
+    acked: list[str] = []
+    errors: list[str] = []
+
+    def busy() -> None:
+        try:
+            with lp.connect(application_name="busy") as c:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    c.execute("UPDATE accounts SET balance = balance - 1 WHERE id = 3")
+                    c.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 4")
+                    c.execute("INSERT INTO transfers VALUES (%s, 3, 4, 1)", (f"busy-{n}",))
+                    c.commit()
+                    acked.append(f"busy-{n}")
+        except Exception as e:  # noqa: BLE001 - any client error is the finding
+            errors.append(f"{type(e).__name__}: {e}")
+
+    t = threading.Thread(target=busy)
+    t.start()
+    assert wait_for(lambda: len(acked) > 20, 10)
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    capsys.readouterr()
+    assert main(["switchover", f"{lp.primary.host}:{lp.primary.port}"]) == 0  # `connmgr switchover`
+    events = capsys.readouterr().out
+    assert "fence committed" in events and "sessions move" in events, events
+    fo = lp.failover
+    assert fo.failed_over and not fo.sessions_failed and not fo.transactions_rolled_back
+    assert wait_for(lambda: fo.sessions_moved >= 3, 10), fo.timeline
+    n_before = len(acked)
+    assert wait_for(lambda: len(acked) > n_before + 20, 10)  # the busy client goes on, on the secondary
+    stop.set()
+    t.join(20)
+    assert not errors, errors
+    # the open transaction continues where it was and commits on the secondary
+    assert in_block.execute("SELECT balance FROM accounts WHERE id IN (1, 2) ORDER BY id").fetchall() == [(990,), (1010,)]
+    in_block.commit()
+    assert lp.on_secondary("SELECT id, balance FROM accounts WHERE id <= 2 ORDER BY id") == [(1, 990), (2, 1010)]
+    transfers = {r[0] for r in lp.on_secondary("SELECT id FROM transfers")}
+    assert set(acked) <= transfers and len(transfers) == len(acked)
+    assert lp.on_secondary("SELECT balance FROM accounts WHERE id IN (3, 4) ORDER BY id") == [
+        (1000 - len(acked),), (1000 + len(acked),)]
+    assert idle.execute("SELECT 1").fetchone() == (1,) and idle.info.backend_pid == vpid
+    # the old primary is alive and has no client session of connmgr's any more
+    with lp.pair.primary.connect(DB) as c:
+        left = "SELECT application_name, state, query FROM pg_stat_activity WHERE datname = 'app'" \
+               " AND pid <> pg_backend_pid() AND backend_type = 'client backend'" \
+               " AND application_name NOT LIKE 'connmgr %'"  # the secondary connmgr's own jobs stay
+        assert wait_for(lambda: c.execute(left).fetchall() == [], 5), c.execute(left).fetchall()
+        # and nothing written there after the switchover
+        assert c.execute("SELECT count(*) FROM transfers").fetchone()[0] < len(acked)
+    for c in (idle, in_block):
+        c.close()
+
+
+def test_switchover_that_cannot_drain_is_abandoned(live_pair):
+    """A request that does not finish within the drain time: the switchover is abandoned
+    with 55000 and a reason, and every session goes on on the primary."""
+    lp = live_pair
+    slow = lp.connect(autocommit=True)
+    other = lp.connect(autocommit=True)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("r", slow.execute("SELECT pg_sleep(1.5), 7").fetchone()))
+    t.start()
+    time.sleep(0.2)
+    with _admin(lp) as admin:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+            admin.execute("SWITCHOVER 0.3")
+        assert "still had requests in flight" in str(err.value)
+        with pytest.raises(psycopg.errors.SyntaxError):
+            admin.execute("SWITCHOVER soon")
+    t.join(10)
+    assert box["r"] == ("", 7)
+    fo = lp.failover
+    assert not fo.failed_over and fo.sessions_moved == 0 and not fo.switching
+    assert other.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 9 RETURNING balance").fetchone() == (1001,)
+    with lp.pair.primary.connect(DB) as c:
+        assert c.execute("SELECT balance FROM accounts WHERE id = 9").fetchone() == (1001,)
+    slow.close()
+    other.close()
