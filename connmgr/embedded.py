@@ -98,14 +98,15 @@ def wait_until(predicate, timeout: float) -> bool:
 def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, poster_slot: str,
                        mode: str = "one-phase", sequence_interval: float = 1.0, failover: bool = False,
                        max_wait: float = 20.0, shutdown_timeout: float = 5.0,
-                       started: list | None = None) -> tuple[EmbeddedConnmgr, EmbeddedConnmgr]:  # fmt: skip
+                       started: list | None = None, primary_extra: dict | None = None,
+                       ) -> tuple[EmbeddedConnmgr, EmbeddedConnmgr]:  # fmt: skip
     """The connection managers of a :class:`~connmgr.pair.ClusterPair`, as the demo, the
     tests and the fault campaign run them: the secondary one (in front of the secondary
     database, mirror listener, poster slot ``poster_slot`` on the primary) is started first,
     then the primary one (mirroring to it; with ``failover``, moving sessions to the
     secondary database). Returns (primary, secondary); each is appended to ``started`` as
     soon as it runs, so the caller can stop them even if the other does not come up
-    (OSError)."""
+    (OSError). ``primary_extra``: more config sections for the primary one (e.g. ``tls``)."""
     from . import config as config_mod
 
     started = [] if started is None else started
@@ -130,6 +131,7 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     }
     if failover:
         sections["failover"] = {"secondary": f"{s.host}:{s.port}", "password": password, "max_wait": max_wait}
+    sections.update(primary_extra or {})
     primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
     started.append(primary)
     if not wait_until(lambda: primary.app.mirror.connected, 15):

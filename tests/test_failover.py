@@ -5,6 +5,8 @@ on what each client received, and on the move's counters."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import threading
 import time
 
@@ -38,18 +40,17 @@ class LivePair:
             return c.execute(sql).fetchall()
 
 
-@pytest.fixture
-def live_pair(pg_bindir, pg_base_dir, tmp_path, request):
-    """A fresh pair per test (each test kills its primary)."""
-    pair = ClusterPair.create(pg_base_dir / f"failover-{request.node.name[:40]}", databases=(DB,),
-                              password=PASSWORD, bindir=pg_bindir)  # fmt: skip
+@contextlib.contextmanager
+def _live_pair(pg_bindir, base, tmp_path, **primary_extra):
+    """A fresh pair and its two connection managers (failover on)."""
+    pair = ClusterPair.create(base, databases=(DB,), password=PASSWORD, bindir=pg_bindir)
     started: list[EmbeddedConnmgr] = []
     try:
         users = tmp_path / "users.txt"
         users.write_text(f'"postgres" "{PASSWORD}"\n')
         primary, secondary = start_connmgr_pair(
             pair, database=DB, password=PASSWORD, users_file=str(users), poster_slot="failover_poster",
-            sequence_interval=0.1, failover=True, started=started)  # fmt: skip
+            sequence_interval=0.1, failover=True, started=started, primary_extra=primary_extra)  # fmt: skip
         pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
                              "CREATE TABLE transfers (id text PRIMARY KEY, src int, dst int, amount int);"
                              "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip
@@ -61,6 +62,13 @@ def live_pair(pg_bindir, pg_base_dir, tmp_path, request):
         for cm in reversed(started):
             cm.stop()
         pair.destroy()
+
+
+@pytest.fixture
+def live_pair(pg_bindir, pg_base_dir, tmp_path, request):
+    """A fresh pair per test (each test kills its primary)."""
+    with _live_pair(pg_bindir, pg_base_dir / f"failover-{request.node.name[:40]}", tmp_path) as lp:
+        yield lp
 
 
 def test_idle_and_open_transactions_move_and_continue(live_pair):
@@ -331,3 +339,43 @@ def test_switchover_that_cannot_drain_is_abandoned(live_pair):
         assert c.execute("SELECT balance FROM accounts WHERE id = 9").fetchone() == (1001,)
     slow.close()
     other.close()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "server.crt", d / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize("how", ["kill", "switchover"])
+def test_tls_sessions_move(how, pg_bindir, pg_base_dir, tmp_path, tls_files):
+    """Clients on TLS are relayed by the trio pumps, not the engine: their sessions move
+    too -- after a SIGKILL (at their backend's EOF) and in a switchover (paused input)."""
+    tls = {"tls": {"mode": "require", "cert_file": tls_files[0], "key_file": tls_files[1]}}
+    with _live_pair(pg_bindir, pg_base_dir / f"failover-tls-{how}", tmp_path, **tls) as lp:
+        idle = lp.connect(autocommit=True, sslmode="require")
+        assert idle.pgconn.ssl_in_use
+        in_block = lp.connect(sslmode="require")
+        in_block.execute("UPDATE accounts SET balance = balance - 3 WHERE id = 11")
+        in_block.execute("UPDATE accounts SET balance = balance + 3 WHERE id = 12")
+        if how == "kill":
+            lp.pair.primary.kill()
+            assert wait_for(lambda: lp.failover.failed_over, 10), lp.failover.timeline
+        else:
+            with _admin(lp) as admin:
+                admin.execute("SWITCHOVER 5")
+        assert in_block.execute("SELECT balance FROM accounts WHERE id IN (11, 12) ORDER BY id").fetchall() == [
+            (997,), (1003,)]
+        in_block.commit()
+        assert idle.execute("SELECT sum(balance), count(*) FROM accounts").fetchone() == (20000, 20)
+        assert lp.on_secondary("SELECT balance FROM accounts WHERE id IN (11, 12) ORDER BY id") == [(997,), (1003,)]
+        fo = lp.failover
+        assert fo.sessions_moved == 2 and not fo.sessions_failed and not fo.transactions_rolled_back
+        idle.close()
+        in_block.close()
