@@ -35,7 +35,9 @@ What it does
                        the secondary connmgr acknowledged it). Skipped with a note when this
                        connmgr's configuration does not know ``[mirror] mode`` yet;
    ``direct-logical``  (opt-in, not in the default set) pgbench straight to the pair's
-                       primary, no connmgr: what synchronous logical replication alone costs.
+                       primary, no connmgr: what synchronous logical replication alone costs;
+   ``pair-failover``   (opt-in) ``pair-2phase`` with ``[failover]`` configured (every
+                       session keeps its replay journal and session recorder).
 
    The two connmgrs run as subprocesses (``python -m connmgr serve -c FILE``), started
    before and stopped after *each* run, so that their idle work (the redo monitor polls the
@@ -110,8 +112,10 @@ STANDBY_NAME = "bench_standby"
 POSTER_SLOT = "connmgr_bench_poster"
 DEFAULT_TARGETS = ("direct", "direct-syncrep", "pgbouncer", "pair-1phase", "pair-2phase")
 #: ``direct-logical`` (opt-in): pgbench straight to the pair's primary, no connmgr -- the
-#: cost of synchronous logical replication alone.
-ALL_TARGETS = (*DEFAULT_TARGETS, "direct-logical")
+#: cost of synchronous logical replication alone. ``pair-failover`` (opt-in): ``pair-2phase``
+#: plus ``[failover]`` -- the per-message cost of the replay journal, the session recorder
+#: and the freeze check.
+ALL_TARGETS = (*DEFAULT_TARGETS, "direct-logical", "pair-failover")
 ALL_WORKLOADS = ("select", "tpcb")
 READY_TIMEOUT = 30.0
 LAG_INTERVAL = 0.1
@@ -396,6 +400,7 @@ class PairTarget(Target):
 
     pair: ClusterPair | None = None
     mode: str | None = None  # [mirror] mode; None: this connmgr has no such key
+    failover: bool = False  # with [failover] (secondary = the pair's secondary)
     base: Path = Path("/nonexistent")
     users_file: Path = Path("/nonexistent")
     procs: list[Proc] = field(default_factory=list)
@@ -425,6 +430,8 @@ class PairTarget(Target):
             "auth": {"users_file": str(self.users_file)},
             "mirror": mirror,
             "redo": {"user": USER, "password": PASSWORD},
+            **({"failover": {"secondary": f"{pair.secondary.host}:{pair.secondary.port}", "user": USER,
+                             "password": PASSWORD}} if self.failover else {}),
         })  # fmt: skip
         for path in (secondary, primary):
             try:
@@ -590,7 +597,7 @@ class Bench:
             direct = self._plain_cluster("direct")
         if "direct-syncrep" in wanted:
             self._setup_syncrep()
-        if wanted & {"pair-1phase", "pair-2phase", "direct-logical"}:
+        if wanted & {"pair-1phase", "pair-2phase", "direct-logical", "pair-failover"}:
             self._setup_pair()
         self.pgbench = self.pgbench or "pgbench"
         for cluster in [*self.clusters, *([self.pair.primary, self.pair.secondary] if self.pair else [])]:
@@ -718,6 +725,7 @@ class Bench:
         supported, why = mirror_mode_support()
         self.environment["mirror_mode_supported"] = supported
         wanted_mode = "one-phase" if name == "pair-1phase" else "two-phase"
+        failover = name == "pair-failover"
         if not supported and wanted_mode == "two-phase":
             raise TargetUnavailable(why)
         desc = (
@@ -727,9 +735,11 @@ class Bench:
         )
         desc += f'[mirror] mode = "{wanted_mode}"' if supported else (
             "no [mirror] mode key in this connmgr: its only (one-phase) behaviour")
+        if failover:
+            desc += "; [failover] secondary = the pair's secondary (replay journal, session recorder)"
         target = PairTarget(name, desc, 0, self.pair.primary, self.pair.subscription_names,
                             pair=self.pair, mode=wanted_mode if supported else None,
-                            base=self.base, users_file=self.users_file)  # fmt: skip
+                            base=self.base, users_file=self.users_file, failover=failover)  # fmt: skip
         # Catch a refused configuration (or a connmgr that cannot start) now, not per run.
         try:
             target.prepare("check")
