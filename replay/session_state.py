@@ -44,6 +44,8 @@ _INTERESTING = frozenset({
     b"SET", b"RESET", b"DISCARD", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE",
     b"DECLARE", b"CLOSE", b"CREATE", b"SELECT", b"ROLLBACK",
 })  # fmt: skip
+#: the first word when nothing but blanks comes before it
+_FIRST_WORD = re.compile(rb"[ \t\r\n\f\v]*([A-Za-z][A-Za-z_]*)")
 _ADVISORY = re.compile(
     rb"pg_(try_)?advisory_(unlock_all|unlock|lock)(_shared)?\s*\(([^()]*)\)", re.IGNORECASE
 )
@@ -104,13 +106,19 @@ class SessionRecorder:
         """A statement text the client sent (Query or Parse). Multi-statement Queries are
         looked at as a whole: only their first statement is interpreted, and if a later one
         might change session state the session is marked not movable."""
-        words = leading_words(sql, 3)
-        if not words or words[0] not in _INTERESTING:
+        m = _FIRST_WORD.match(sql)  # the hot path stays in C: most statements are not ours
+        if m is not None:
+            first = m.group(1).upper()
+        else:  # a comment first (or nothing): the careful scan
+            words = leading_words(sql, 1)
+            first = words[0] if words else b""
+        if first not in _INTERESTING:
             return
-        if words[0] == b"SELECT":  # the hot path: one C-speed search
+        if first == b"SELECT":  # one C-speed search
             if _ADVISORY_HINT.search(sql):
                 self._advisory(sql)
             return
+        words = leading_words(sql, 3)
         if statement_count(sql) > 1:
             self.blockers.add("session state changed inside a multi-statement Query")
             return
