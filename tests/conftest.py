@@ -7,6 +7,7 @@ server make their own with ``Cluster.create(pg_base_dir, "<unique name>")``.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import warnings
 from typing import NamedTuple
 
@@ -117,3 +118,16 @@ def pg(pg_bindir, pg_base_dir):
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate and key for connmgr's TLS toward clients."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "server.crt", d / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)

@@ -6,7 +6,6 @@ on what each client received, and on the move's counters."""
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import threading
 import time
 
@@ -341,16 +340,6 @@ def test_switchover_that_cannot_drain_is_abandoned(live_pair):
     other.close()
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
-    cert, key = d / "server.crt", d / "server.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-days", "2", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return str(cert), str(key)
 
 
 @pytest.mark.parametrize("how", ["kill", "switchover"])
