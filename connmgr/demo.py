@@ -26,7 +26,6 @@ import logging
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import psycopg
 
 from . import __version__
 from .clusters import ClusterError, temp_base_dir
-from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until
+from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until, write_users_file
 from .pair import ClusterPair
 
 ACCOUNTS = 100
@@ -145,9 +144,8 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
         _say(f"  created PostgreSQL {version} primary (port {pair.primary.port}) and secondary (port {pair.secondary.port}),"
              f" synchronous logical replication ({time.perf_counter() - t0:.1f}s)", quiet=quiet)
 
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=base, delete=False) as users:
-            users.write(f'"postgres" "{PASSWORD}"\n')
-        cm, secondary_cm = start_connmgr_pair(pair, database="app", password=PASSWORD, users_file=users.name,
+        users = write_users_file(base, PASSWORD)
+        cm, secondary_cm = start_connmgr_pair(pair, database="app", password=PASSWORD, users_file=users,
                                               poster_slot="connmgr_demo_poster", mode=mode, started=started)  # fmt: skip
         _say(f"  primary connmgr {cm.host}:{cm.port} (SCRAM) mirrors every session to the secondary connmgr"
              f" {secondary_cm.host}:{secondary_cm.port}, which purges by markers read from the primary's WAL", quiet=quiet)

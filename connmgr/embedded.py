@@ -95,6 +95,16 @@ def wait_until(predicate, timeout: float) -> bool:
     return True
 
 
+def write_users_file(directory, password: str, user: str = "postgres") -> str:
+    """A users file (userlist.txt format) with one user, for connmgr's SCRAM toward
+    clients; returns its path."""
+    from pathlib import Path
+
+    path = Path(directory) / "users.txt"
+    path.write_text(f'"{user}" "{password}"\n')
+    return str(path)
+
+
 def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, poster_slot: str,
                        mode: str = "one-phase", sequence_interval: float = 1.0, failover: bool = False,
                        max_wait: float = 20.0, shutdown_timeout: float = 5.0,

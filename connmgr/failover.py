@@ -289,10 +289,7 @@ class Failover:
             relays = self._primary_relays()
             busy = []
             for relay in relays:
-                if not relay.pause_requested:
-                    relay.pause_input()
-                elif relay._link is not None:
-                    relay._link.refresh_interest()  # a COPY that started needs its data
+                relay.pause_input()  # again each round: a COPY that started needs its data read
                 if not relay.input_quiet():
                     busy.append(relay.conn.id)
             if not busy:

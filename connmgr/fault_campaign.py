@@ -37,7 +37,7 @@ from pathlib import Path
 
 import psycopg
 
-from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until
+from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until, write_users_file
 from .pair import ClusterPair
 
 __all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE"]
@@ -182,10 +182,9 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
     pair = ClusterPair.create(base_dir, databases=(DB,), password=PASSWORD, bindir=bindir)
     started: list[EmbeddedConnmgr] = []
     try:
-        users = base_dir / "users.txt"
-        users.write_text(f'"postgres" "{PASSWORD}"\n')
         primary, _secondary = start_connmgr_pair(
-            pair, database=DB, password=PASSWORD, users_file=str(users), poster_slot="campaign_poster",
+            pair, database=DB, password=PASSWORD, poster_slot="campaign_poster",
+            users_file=write_users_file(base_dir, PASSWORD),
             sequence_interval=0.2, failover=True, shutdown_timeout=2.0, started=started)  # fmt: skip
         pair.sync_schema(DB, SCHEMA)
         with pair.primary.connect(DB) as c:

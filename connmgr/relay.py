@@ -802,16 +802,14 @@ class Relay:
         if initial:  # complete messages the client pipelined behind its authentication
             buf, frames = Framer(max_message_size=framer.max_message_size).feed(initial)
             await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
-        if self.carry_input:  # read by the relay before a switchover moved the session
-            data, self.carry_input = self.carry_input, b""
-            buf, frames = framer.feed(data)
-            if frames:
-                await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
         while not self.upstream.terminated:
-            data = await recv(RECV_SIZE)
-            if not data:
-                framer.feed_eof()
-                return
+            if self.carry_input:  # read by the relay before a switchover moved the session
+                data, self.carry_input = self.carry_input, b""
+            else:
+                data = await recv(RECV_SIZE)
+                if not data:
+                    framer.feed_eof()
+                    return
             if self.pause_requested and self.upstream.at_boundary():
                 self.carry_input = data  # a new request: it waits (and may go to the secondary)
                 self._pump_waiting = True

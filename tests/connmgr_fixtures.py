@@ -8,13 +8,12 @@ look at its ``App`` (metrics, registry).
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from connmgr import config as config_mod
-from connmgr.embedded import EmbeddedConnmgr
+from connmgr.embedded import EmbeddedConnmgr, wait_until
 
 USERS_TEXT = '"postgres" "postgres"\n"scram_user" "scram-pw"\n"md5_user" "md5-pw"\n'
 
@@ -64,12 +63,7 @@ def proxy(start_connmgr):
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until true or ``timeout``; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+    return wait_until(predicate, timeout)
 
 
 @pytest.fixture

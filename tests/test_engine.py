@@ -8,6 +8,7 @@ import time
 
 import psycopg
 import pytest
+from connmgr_fixtures import wait_for
 from rawpg import RawPg
 
 from shadow import messages as m
@@ -18,15 +19,6 @@ def rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def pending_links(cm) -> list:

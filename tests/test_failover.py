@@ -14,7 +14,7 @@ import pytest
 from connmgr_fixtures import wait_for
 
 from connmgr.cli import main
-from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair
+from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair, write_users_file
 from connmgr.pair import ClusterPair
 
 DB = "app"
@@ -45,10 +45,9 @@ def _live_pair(pg_bindir, base, tmp_path, **primary_extra):
     pair = ClusterPair.create(base, databases=(DB,), password=PASSWORD, bindir=pg_bindir)
     started: list[EmbeddedConnmgr] = []
     try:
-        users = tmp_path / "users.txt"
-        users.write_text(f'"postgres" "{PASSWORD}"\n')
         primary, secondary = start_connmgr_pair(
-            pair, database=DB, password=PASSWORD, users_file=str(users), poster_slot="failover_poster",
+            pair, database=DB, password=PASSWORD, poster_slot="failover_poster",
+            users_file=write_users_file(tmp_path, PASSWORD),
             sequence_interval=0.1, failover=True, started=started, primary_extra=primary_extra)  # fmt: skip
         pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
                              "CREATE TABLE transfers (id text PRIMARY KEY, src int, dst int, amount int);"

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
-from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair
+from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair, write_users_file
 from connmgr.pair import ClusterPair
 
 DB = "app"
@@ -24,10 +24,9 @@ def live_pair(pg_bindir, pg_base_dir, tmp_path_factory):
     pair = ClusterPair.create(pg_base_dir / "workload", databases=(DB,), password=PASSWORD, bindir=pg_bindir)
     started: list[EmbeddedConnmgr] = []
     try:
-        users = tmp_path_factory.mktemp("users") / "users.txt"
-        users.write_text(f'"postgres" "{PASSWORD}"\n')
         primary, secondary = start_connmgr_pair(
-            pair, database=DB, password=PASSWORD, users_file=str(users), poster_slot="workload_poster",
+            pair, database=DB, password=PASSWORD, poster_slot="workload_poster",
+            users_file=write_users_file(tmp_path_factory.mktemp("users"), PASSWORD),
             sequence_interval=0.1, started=started)  # fmt: skip
         yield pair, primary, secondary
     finally:
