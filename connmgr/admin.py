@@ -151,6 +151,8 @@ class AdminConsole:
             return [], [], "SHUTDOWN"
         if words[0].upper() == "SWITCHOVER" and len(words) <= 2:
             return await self._switchover(words[1] if len(words) == 2 else None, describe)
+        if words[0].upper() == "RESEED" and len(words) == 1:
+            return await self._reseed(describe)
         if words[0].upper() != "SHOW" or len(words) != 2:
             raise AdminError(f"unknown command {sql.strip()!r}; try SHOW HELP")
         what = words[1].upper()
@@ -169,6 +171,7 @@ class AdminConsole:
             ["SHOW VERSION", "connmgr version"],
             ["SHUTDOWN", "graceful shutdown (admin_users only)"],
             ["SWITCHOVER [drain_seconds]", "move every session to the secondary database, planned (admin_users only)"],
+            ["RESEED", "after a move: make the old primary the secondary of the new one (admin_users only)"],
         ]
 
     async def _switchover(self, drain: str | None, describe: bool) -> Result:
@@ -194,6 +197,25 @@ class AdminConsole:
             raise AdminError(f"switchover not done: {e}", "55000") from None
         rows = [[f"{at * 1e3:.1f}", what] for at, what in failover.timeline]
         return columns, rows, "SWITCHOVER"
+
+    async def _reseed(self, describe: bool) -> Result:
+        from .failover import FailoverError
+
+        columns = ["ms", "event"]
+        if not self.is_admin:
+            raise AdminError("RESEED is for users listed in [server] admin_users", "42501")
+        failover = self.app.failover
+        if failover is None:
+            raise AdminError("RESEED needs [failover] secondary on the primary connmgr", "55000")
+        if describe:
+            return columns, [], "RESEED"
+        start = len(failover.timeline)
+        try:
+            await failover.reseed()
+        except FailoverError as e:
+            raise AdminError(f"reseed not done: {e}", "55000") from None
+        rows = [[f"{at * 1e3:.1f}", what] for at, what in failover.timeline[start:]]
+        return columns, rows, "RESEED"
 
     def _show_version(self):
         return ["version"], [[f"connmgr {__version__}"]]

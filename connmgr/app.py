@@ -20,6 +20,7 @@ import trio
 from replay import markers
 from replay.redo_monitor import RedoMonitor
 from shadow import messages
+from shadow.sqltext import quote_literal
 
 from .backend import BackendServer, BackendSession, Credentials, open_backend, send_cancel
 from .client import ClientConnection
@@ -75,6 +76,13 @@ class App:
             ddl = DdlApplier(self._open_ddl_session) if config.poster.host and config.poster.replay_ddl else None
             self.imports = ImportProcess(ddl=ddl, database=config.poster.dbname)
             self.mirror_consumers.append(self.imports.on_records)
+            self.imports.on_topology = self._retarget
+        #: secondary role: where the poster queue is read (the primary database) and where
+        #: DDL and sequences are applied (the secondary one); a Topology record turns
+        #: them around after a failover
+        self.poster_address = (config.poster.host, config.poster.port)
+        self.replica_server = self.server
+        self.topology_changes = 0
         #: secondary role: keeps this database's sequences ahead of the primary's
         self.sequences: SequenceSync | None = None
         if config.mirror.listen and config.poster.host and config.poster.sequence_interval > 0:
@@ -182,14 +190,14 @@ class App:
         poster user)."""
         p = self.config.poster
         password = p.ddl_password if p.ddl_user else p.password
-        return await self._own_session(self.server, p.ddl_user or p.user, password, database, purpose)
+        return await self._own_session(self.replica_server, p.ddl_user or p.user, password, database, purpose)
 
     async def _open_local_admin_session(self):
         return await self._open_ddl_session(self.config.poster.dbname, "connmgr sequence sync")
 
     def _poster_server(self, what: str) -> BackendServer:
-        p = self.config.poster
-        return BackendServer(f"primary ({what})", p.host, p.port, self.config.primary.connect_timeout)
+        host, port = self.poster_address
+        return BackendServer(f"primary ({what})", host, port, self.config.primary.connect_timeout)
 
     async def _open_poster_sql_session(self):
         """A plain SQL session on the primary database with the [poster] credentials."""
@@ -209,8 +217,57 @@ class App:
 
     def failed_over(self, server: BackendServer) -> None:
         """The secondary is the primary now: new sessions go there, unmirrored and
-        unmarked (there is no pair any more until the old primary is re-seeded)."""
+        unmarked (there is no pair any more until the old primary is re-seeded), and the
+        redo monitor samples it."""
         self.server = server
+        if self.redo is not None:
+            self.redo.retarget()
+
+    def _retarget(self, topology) -> None:
+        """Secondary role: the pair turned around (mirror_protocol.Topology). The poster
+        queue is read from the new primary, DDL and sequences go to the new secondary.
+        A permanent poster slot left on the old primary is dropped (it would keep WAL
+        there for ever)."""
+        old = self.poster_address
+        host, port = parse_hostport(topology.primary, what="topology primary")
+        self.poster_address = (host, port)
+        s_host, s_port = parse_hostport(topology.secondary, what="topology secondary")
+        self.replica_server = BackendServer("secondary", s_host, s_port, self.config.primary.connect_timeout)
+        self.topology_changes += 1
+        log.warning("the pair turned around: the poster queue is read from %s:%d, sequences and DDL go to"
+                    " %s:%d", host, port, s_host, s_port)  # fmt: skip
+        if self.imports is not None:
+            self.imports.restart_poster()
+        if self.sequences is not None:
+            self.sequences.close()
+        if not self.config.poster.temporary and old != self.poster_address and self._nursery is not None:
+            self._nursery.start_soon(self._drop_old_poster_slot, old)
+
+    async def _drop_old_poster_slot(self, address: tuple[str, int]) -> None:
+        p = self.config.poster
+        server = BackendServer("old primary (poster slot)", *address, self.config.primary.connect_timeout)
+        slot = quote_literal(p.slot)
+        for _ in range(30):  # the old stream's walsender may take a moment to let go
+            try:
+                with trio.fail_after(10):
+                    session = await self._own_session(server, p.user, p.password, p.dbname, "connmgr poster cleanup")
+                    try:
+                        rows = await session.query_rows(messages.query(
+                            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots"
+                            f" WHERE slot_name = {slot} AND NOT active"
+                        ))  # fmt: skip
+                        left = await session.query_rows(messages.query(
+                            f"SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot}"))
+                    finally:
+                        session.close()
+                if not left:
+                    log.info("poster slot %s dropped on the old primary %s:%d (%d)", p.slot, *address, len(rows))
+                    return
+            except (ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+                log.warning("cannot drop poster slot %s on the old primary %s:%d: %s", p.slot, *address, e)
+                return
+            await trio.sleep(1.0)
+        log.warning("poster slot %s on the old primary %s:%d stays in use; drop it by hand", p.slot, *address)
 
     def _mirrored(self, records: list) -> None:
         for consumer in self.mirror_consumers:

@@ -81,23 +81,32 @@ def cmd_prepare_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_switchover(args: argparse.Namespace) -> int:
-    """SWITCHOVER on the admin console of the primary connmgr; prints its timeline."""
+def _admin_command(args: argparse.Namespace, name: str, sql: str) -> int:
+    """Run ``sql`` on the admin console of the primary connmgr; print its timeline."""
     import psycopg
 
     host, port = config_mod.parse_hostport(args.connmgr, default_port=6432, what="connmgr address")
-    sql = "SWITCHOVER" if args.drain is None else f"SWITCHOVER {args.drain:g}"
     try:
         with psycopg.connect(host=host, port=port, user=args.user, dbname="connmgr", autocommit=True,
                              connect_timeout=10) as conn:  # fmt: skip
             rows = conn.execute(sql).fetchall()
     except psycopg.Error as e:
         code = getattr(e, "sqlstate", None) or "connect"
-        print(f"connmgr switchover: {code}: {str(e).strip()}", file=sys.stderr)
+        print(f"connmgr {name}: {code}: {str(e).strip()}", file=sys.stderr)
         return 1
     for ms, event in rows:
         print(f"{float(ms):9.1f} ms  {event}")
     return 0
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    """SWITCHOVER on the admin console of the primary connmgr; prints its timeline."""
+    return _admin_command(args, "switchover", "SWITCHOVER" if args.drain is None else f"SWITCHOVER {args.drain:g}")
+
+
+def cmd_reseed(args: argparse.Namespace) -> int:
+    """RESEED on the admin console of the primary connmgr; prints its timeline."""
+    return _admin_command(args, "reseed", "RESEED")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
     w.add_argument("--drain", type=float, help="seconds to wait for requests in flight ([failover] drain_timeout)")
     w.set_defaults(func=cmd_switchover)
+
+    r = sub.add_parser(
+        "reseed",
+        help="after a move: make the old primary database the secondary of the new one",
+        description="Runs RESEED on the connmgr admin console (for [failover] failback = 'manual'; the"
+        " other policies do it on their own once the old primary answers). After a switchover nothing"
+        " is copied; after a crash the old primary's replicated tables are emptied and copied afresh.",
+    )
+    r.add_argument("connmgr", nargs="?", default="127.0.0.1:6432", help="HOST:PORT of the primary connmgr")
+    r.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
+    r.set_defaults(func=cmd_reseed)
     return p
 
 

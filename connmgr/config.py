@@ -22,7 +22,7 @@ from .errors import ConfigError
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
 RELAY_MODES = ("engine", "tasks")
 MIRROR_MODES = ("one-phase", "two-phase")
-FAILBACK_MODES = ("stay",)
+FAILBACK_MODES = ("stay", "return", "manual")
 CLIENT_TLS_MODES = ("disable", "allow", "require")
 SERVER_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 
@@ -190,9 +190,16 @@ class FailoverSection:
     #: a switchover (admin SWITCHOVER) waits at most this long for every session to finish
     #: its request in flight; if one does not, the switchover is abandoned
     drain_timeout: float = 10.0
-    #: after the move: "stay" -- the secondary is the primary from now on; the repaired
-    #: old primary is re-seeded as the new secondary (the only policy so far)
+    #: after a move (connmgr/reseed.py): "stay" -- the secondary stays the primary; once
+    #: the old primary answers again it is re-seeded as the new secondary (without a copy
+    #: after a switchover; after a crash its replicated tables are emptied and copied);
+    #: "return" -- the same, then a switchover back to [primary]; "manual" -- nothing
+    #: until an admin runs RESEED (connmgr reseed)
     failback: str = "stay"
+    #: seconds between two probes of the old primary after a move (stay and return)
+    reseed_interval: float = 1.0
+    #: how long a re-seed may take (the copy, then the wait for the synchronous standbys)
+    reseed_timeout: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +374,8 @@ def _check(config: Config, source: str) -> None:
         if not config.mirror.peer:
             raise ConfigError(f"{source}: [failover] secondary needs [mirror] peer (the pair: markers decide"
                               " which interrupted commits committed)")  # fmt: skip
-    for key in ("detect_timeout", "health_interval", "max_wait", "drain_timeout"):
+    for key in ("detect_timeout", "health_interval", "max_wait", "drain_timeout", "reseed_interval",
+                "reseed_timeout"):
         if getattr(f, key) <= 0:
             raise ConfigError(f"{source}: [failover] {key}: must be > 0")
     if f.max_replay_bytes < 0:

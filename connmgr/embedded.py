@@ -109,6 +109,7 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
                        mode: str = "one-phase", sequence_interval: float = 1.0, failover: bool = False,
                        max_wait: float = 20.0, shutdown_timeout: float = 5.0,
                        started: list | None = None, primary_extra: dict | None = None,
+                       failover_options: dict | None = None,
                        ) -> tuple[EmbeddedConnmgr, EmbeddedConnmgr]:  # fmt: skip
     """The connection managers of a :class:`~connmgr.pair.ClusterPair`, as the demo, the
     tests and the fault campaign run them: the secondary one (in front of the secondary
@@ -116,7 +117,8 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     then the primary one (mirroring to it; with ``failover``, moving sessions to the
     secondary database). Returns (primary, secondary); each is appended to ``started`` as
     soon as it runs, so the caller can stop them even if the other does not come up
-    (OSError). ``primary_extra``: more config sections for the primary one (e.g. ``tls``)."""
+    (OSError). ``primary_extra``: more config sections for the primary one (e.g. ``tls``);
+    ``failover_options``: more keys of its ``[failover]`` section (e.g. ``failback``)."""
     from . import config as config_mod
 
     started = [] if started is None else started
@@ -140,7 +142,8 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
         "redo": {"password": password},
     }
     if failover:
-        sections["failover"] = {"secondary": f"{s.host}:{s.port}", "password": password, "max_wait": max_wait}
+        sections["failover"] = {"secondary": f"{s.host}:{s.port}", "password": password, "max_wait": max_wait,
+                                **(failover_options or {})}  # fmt: skip
     sections.update(primary_extra or {})
     primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
     started.append(primary)

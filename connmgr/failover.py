@@ -51,9 +51,11 @@ from shadow import messages
 from shadow.session import Phase
 from shadow.sqltext import quote_ident
 
+from . import reseed as reseeding
 from .backend import BackendServer, BackendSession, Credentials, open_backend
 from .config import parse_hostport
 from .errors import ClientError
+from .sequence_sync import SequenceSync
 from .wire import PeerClosed
 
 if TYPE_CHECKING:
@@ -80,29 +82,21 @@ class Failover:
         self.config = cfg
         host, port = parse_hostport(cfg.secondary, what="[failover] secondary")
         self.server = BackendServer("secondary", host, port, app.config.primary.connect_timeout)
-        #: the sessions are (being) moved to the secondary; it is the primary now
-        self.failed_over = False
-        #: the decision could not be completed (the secondary is unusable too)
-        self.failed: str | None = None
+        #: the server the sessions are on when connmgr starts ([primary]); failback
+        #: "return" brings them back there
+        self.home = app.server
+        #: after a move: the old primary, until it is re-seeded as the secondary
+        self.previous: BackendServer | None = None
+        #: the new primary's subscriptions at the point of failure (they change sides)
+        self.subscriptions: list[reseeding.Subscription] = []
+        #: a planned switchover made the slots for a re-seed without copy
+        self.reverse_slots = False
+        #: the synchronous_standby_names the pair uses (moved to the new primary)
+        self.sync_names: str | None = None
+        self.reseeding = False
         self.timeline: list[tuple[float, str]] = []
         self.suspected_at: float | None = None
-        self.failed_over_at: float | None = None
-        self._deciding: trio.Event | None = None
-        #: sessions whose commit was in flight at the decision: they move first
-        self._committers: set[int] = set()
-        #: committer -> (the committer before it, set when this one has moved)
-        self._turns: dict[int, tuple[int | None, trio.Event]] = {}
-        self._commits_settled = trio.Event()
-        #: the other sessions: each replays what its client has been answered, then waits
-        #: for all of them before sending what was still in flight
-        self._replaying: set[int] = set()
-        self._prefixes_done = trio.Event()
-        self._committed: dict[str, dict[int, int]] = {}
-        self._committed_ready: dict[str, trio.Event] = {}
-        #: the server whose replies are held back from clients (see :meth:`freeze`)
-        self.frozen: BackendServer | None = None
-        self._frozen_links: dict = {}
-        self._unfrozen = trio.Event()
+        self._new_move()
         #: a switchover is pausing client input (new relays start paused)
         self.switching = False
         self._switched: trio.Event | None = None
@@ -121,6 +115,34 @@ class Failover:
         self.switchovers_abandoned = 0
         self.replies_held = 0  #: sessions whose backend sent replies during a freeze
         self.replies_dropped = 0  #: of those, moved sessions whose held replies were dropped (replayed)
+        self.reseeds = 0  #: the old primary made the secondary (the pair whole again)
+        self.reseed_failures = 0
+        self.reseed_copies = 0  #: of the re-seeds, those that copied the data afresh (after a crash)
+
+    def _new_move(self) -> None:
+        """The state of one move (from the decision to the re-seed that ends it)."""
+        #: the sessions are (being) moved to the secondary; it is the primary now
+        self.failed_over = False
+        #: the decision could not be completed (the secondary is unusable too)
+        self.failed: str | None = None
+        self.failed_over_at: float | None = None
+        self._deciding: trio.Event | None = None
+        #: sessions whose commit was in flight at the decision: they move first
+        self._committers: set[int] = set()
+        #: committer -> (the committer before it, set when this one has moved)
+        self._turns: dict[int, tuple[int | None, trio.Event]] = {}
+        self._commits_settled = trio.Event()
+        #: the other sessions: each replays what its client has been answered, then waits
+        #: for all of them before sending what was still in flight
+        self._replaying: set[int] = set()
+        self._prefixes_done = trio.Event()
+        self._committed: dict[str, dict[int, int]] = {}
+        self._committed_ready: dict[str, trio.Event] = {}
+        #: the server whose replies are held back from clients (see :meth:`freeze`)
+        self.frozen: BackendServer | None = None
+        self._frozen_links: dict = {}
+        self._unfrozen = trio.Event()
+        self._rearmed = trio.Event()
 
     # ------------------------------------------------------------------ freeze
 
@@ -182,8 +204,17 @@ class Failover:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Health check: a stale redo monitor (no sample for ``detect_timeout``) starts a
-        decision. Sessions report lost backends themselves (:meth:`decide`)."""
+        decision. Sessions report lost backends themselves (:meth:`decide`). After a move,
+        the fail-back policy (:meth:`_failback`) until the pair is whole again; then the
+        health check of the new primary."""
         task_status.started()
+        while True:
+            if self.failed_over:
+                await self._failback()
+            else:
+                await self._health_check()
+
+    async def _health_check(self) -> None:
         redo = self.app.redo
         cfg = self.config
         while not self.failed_over:
@@ -193,6 +224,120 @@ class Failover:
             if time.monotonic() - redo.updated_at > cfg.detect_timeout:
                 await self.decide("the redo monitor has had no answer for"
                                   f" {time.monotonic() - redo.updated_at:.3f}s")  # fmt: skip
+
+    # ------------------------------------------------------------------ fail-back
+
+    async def _failback(self) -> None:
+        """After a move. ``manual``: wait for RESEED. ``stay`` and ``return``: probe the old
+        primary every ``reseed_interval``; once it answers, re-seed it as the secondary
+        (:meth:`reseed`). ``return`` then switches over back to it as soon as it can."""
+        cfg = self.config
+        rearmed = self._rearmed
+        if cfg.failback == "manual":
+            await rearmed.wait()
+        else:
+            warned = False
+            while not rearmed.is_set():
+                await trio.sleep(cfg.reseed_interval)
+                if self.reseeding or rearmed.is_set() or self.previous is None:
+                    continue
+                if not await self._answers(self.previous):
+                    if not warned:
+                        self.note(f"the old primary {self.previous.address} does not answer; it is re-seeded as the"
+                                  f" secondary once it does (failback {cfg.failback!r})")  # fmt: skip
+                        warned = True
+                    continue
+                try:
+                    await self.reseed()
+                except FailoverError:
+                    await trio.sleep(max(cfg.reseed_interval, 5.0))  # noted; try again later
+        if cfg.failback == "return":
+            while self.app.server is not self.home and not self.failed_over:
+                try:
+                    await self.switchover(cfg.drain_timeout)
+                except FailoverError:
+                    await trio.sleep(max(cfg.reseed_interval, 5.0))  # noted; try again later
+
+    async def _answers(self, server: BackendServer) -> bool:
+        with trio.move_on_after(self.config.detect_timeout + server.connect_timeout):
+            try:
+                session = await self._admin(self.config.dbname, "connmgr failback probe", server)
+            except (ClientError, OSError, PeerClosed, trio.BrokenResourceError):
+                return False
+            session.close()
+            return True
+        return False
+
+    async def reseed(self) -> None:
+        """Make the old primary the secondary of the new one (:mod:`connmgr.reseed`): without
+        a copy after a planned switchover, with one after a crash. Then its sequences are
+        brought ahead, the failover is armed again in the other direction and the
+        secondary connmgr is told (mirror Topology). Raises FailoverError with the reason."""
+        old, new = self.previous, self.server
+        if not self.failed_over or old is None:
+            raise FailoverError("nothing to re-seed: connmgr has not moved to the secondary")
+        if self.reseeding:
+            raise FailoverError("a re-seed is already running")
+        cfg = self.config
+        copy = not self.reverse_slots
+        self.reseeding = True
+        try:
+            self.note(f"re-seeding the old primary {old.address} as the secondary of {new.address}"
+                      f" ({'copy of the data: it may hold commits never acknowledged' if copy else 'no copy'})")
+            with trio.fail_after(cfg.reseed_timeout + 30):
+                self.sync_names = await reseeding.reseed(
+                    lambda db, purpose: self._admin(db, purpose, old), lambda db, purpose: self._admin(db, purpose, new),
+                    self.subscriptions, copy=copy, sync_names=self.sync_names, timeout=cfg.reseed_timeout,
+                    connect=lambda db: reseeding.conninfo(new.host, new.port, cfg.user, cfg.password, db),
+                    note=self.note,
+                )  # fmt: skip
+                moved = 0
+                for database in dict.fromkeys(sub.database for sub in self.subscriptions):
+                    sequences = SequenceSync(lambda db=database: self._admin(db, "connmgr reseed sequences", new),
+                                             lambda db=database: self._admin(db, "connmgr reseed sequences", old))
+                    try:
+                        moved += await sequences.sync_once()
+                    finally:
+                        sequences.close()
+        except Exception as e:  # a server refusing or gone, a timeout -- or a bug: it costs the re-seed only
+            self.reseed_failures += 1
+            why = str(e) or type(e).__name__
+            if not isinstance(e, reseeding.ReseedError | ClientError | OSError | PeerClosed | trio.TooSlowError):
+                log.exception("re-seed failed")
+            self.note(f"re-seed failed: {why}")
+            raise FailoverError(f"re-seed failed: {why}") from None
+        finally:
+            self.reseeding = False
+        self.reseeds += 1
+        self.reseed_copies += copy
+        self.note(f"{moved} sequence(s) of the new secondary set ahead")
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """The pair is whole again, turned around: the old primary is the secondary."""
+        new_secondary = self.previous
+        primary = self.app.server
+        rearmed = self._rearmed
+        self.server, self.previous = new_secondary, None
+        self.reverse_slots = False
+        self._new_move()
+        if self.app.mirror is not None:
+            self.app.mirror.topology(_hostport(primary), _hostport(new_secondary))
+        self.note(f"the pair is whole again: {primary.address} is the primary, {new_secondary.address} its"
+                  " secondary; failover is armed")  # fmt: skip
+        rearmed.set()
+        if self.app._nursery is not None:
+            self.app._nursery.start_soon(self._mark_live_sessions)
+
+    async def _mark_live_sessions(self) -> None:
+        """Sessions that moved were not marked (there was no secondary): their commits
+        are marked from their next one on, so a later move resolves them too."""
+        for conn in list(self.app.clients.values()):
+            relay = conn.relay
+            if relay is None or relay.markers or relay.backend.server is not self.app.server:
+                continue
+            if await self.app.markers_enabled(conn.database) and conn.relay is relay:
+                relay.markers = relay.upstream.markers = True
 
     async def decide(self, why: str, *, planned: bool = False) -> bool:
         """Decide whether the primary is gone (``planned``: a switchover, no probe) and if
@@ -227,9 +372,12 @@ class Failover:
                 self.failed = str(e)
                 self.note(f"FAILED: the secondary cannot take over: {e}")
                 return False
+            if planned:
+                await self._prepare_reverse()
             self._gather_committers()
             self.failed_over = True
             self.failed_over_at = time.monotonic()
+            self.previous = self.app.server
             self.app.failed_over(self.server)
             self.note("secondary is the primary now; sessions move")
             return True
@@ -311,6 +459,20 @@ class Failover:
                 ))  # fmt: skip
             finally:
                 session.close()
+
+    async def _prepare_reverse(self) -> None:
+        """A planned switchover: the old primary holds exactly what the secondary holds
+        now. Slots made on the secondary now, before anything is replayed or written there,
+        let the old primary be re-seeded later without a copy (connmgr/reseed.py). If they
+        cannot be made, the re-seed copies; the move goes on either way."""
+        try:
+            with trio.fail_after(self.config.detect_timeout * 10):
+                made = await reseeding.prepare_slots(lambda db, purpose: self._admin(db, purpose), self.subscriptions)
+            self.reverse_slots = True
+            self.note(f"slot(s) {made} made on the secondary: the old primary can follow it without a copy")
+        except (reseeding.ReseedError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+            self.note(f"no slots for a re-seed without copy ({e or type(e).__name__}): the old primary will be"
+                      " copied afresh")  # fmt: skip
 
     # ------------------------------------------------------------------ move order
 
@@ -433,10 +595,12 @@ class Failover:
 
     # ------------------------------------------------------------------ the secondary
 
-    async def _admin(self, database: str, purpose: str) -> BackendSession:
+    async def _admin(self, database: str, purpose: str, server: BackendServer | None = None) -> BackendSession:
+        """connmgr's own session with the [failover] credentials, on the secondary (or
+        ``server``: both databases of the pair take the same superuser)."""
         c = self.config
         params = {"user": c.user, "database": database, "application_name": purpose}
-        return await open_backend(self.server, params, Credentials(password=c.password or None),
+        return await open_backend(server or self.server, params, Credentials(password=c.password or None),
                                   max_message_size=1 << 24)  # fmt: skip
 
     async def _point_of_failure(self) -> None:
@@ -446,12 +610,15 @@ class Failover:
             admin = await self._admin(self.config.dbname, "connmgr failover")
             try:
                 rows = await admin.query_rows(messages.query(
-                    "SELECT s.oid, s.subname, d.datname FROM pg_catalog.pg_subscription s"
+                    "SELECT s.oid, s.subname, d.datname, pg_catalog.array_to_string(s.subpublications, ',')"
+                    " FROM pg_catalog.pg_subscription s"
                     " JOIN pg_catalog.pg_database d ON d.oid = s.subdbid WHERE s.subenabled ORDER BY 1"
                 ))  # fmt: skip
             finally:
                 admin.close()
-            for oid, name, database in rows:
+            self.subscriptions = [reseeding.Subscription(n.decode(), d.decode(), tuple(p.decode().split(",")))
+                                  for _oid, n, d, p in rows]  # fmt: skip
+            for oid, name, database, _pubs in rows:
                 sub, db = name.decode(), database.decode()
                 session = await self._admin(db, "connmgr failover")
                 try:
@@ -507,3 +674,7 @@ class Failover:
             if database not in self._committed:
                 return await self.committed_seq(database, session_id)
         return self._committed[database].get(session_id, 0)
+
+
+def _hostport(server: BackendServer) -> str:
+    return f"[{server.host}]:{server.port}" if ":" in server.host else f"{server.host}:{server.port}"

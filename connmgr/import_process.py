@@ -31,7 +31,7 @@ from shadow.framing import Framer
 
 from .ddl_apply import DdlApplier
 from .errors import ClientError
-from .mirror_protocol import Data, Marker, Resync, SessionClosed, SessionOpened
+from .mirror_protocol import Data, Marker, Resync, SessionClosed, SessionOpened, Topology
 
 log = logging.getLogger("connmgr.import")
 
@@ -56,6 +56,9 @@ class ImportProcess:
         self.records = 0
         self.purged = 0
         self.not_replayable: set[int] = set()
+        #: called with a Topology record (the pair turned around; set by the App)
+        self.on_topology: Callable[[Topology], None] | None = None
+        self._poster_scope: trio.CancelScope | None = None
         self.on_purge: list[Callable[[list], None]] = []
         self.poster_connected = False
         self.poster_errors = 0
@@ -86,6 +89,8 @@ class ImportProcess:
                     self.session_state.pop(r.session_id, None)
                 elif isinstance(r, Resync):
                     self._resync()
+                elif isinstance(r, Topology) and self.on_topology is not None:
+                    self.on_topology(r)
             except SessionNotReplayable as e:
                 self.not_replayable.add(e.session_id)
                 log.warning("session %d is not replayable: %s", e.session_id, e)
@@ -165,31 +170,55 @@ class ImportProcess:
                 continue
             await self.ddl.apply(self.database, stmt)
 
+    def restart_poster(self) -> None:
+        """Drop the poster stream now and open it again at once (``open_stream`` names
+        another server after the pair turned around)."""
+        if self._poster_scope is not None:
+            self._poster_scope.cancel()
+
     async def follow_poster(self, open_stream, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Purge from the poster queue until cancelled. ``open_stream()`` returns an
         opened :class:`~replay.reader.ReplicationStream`. A lost stream is reopened (1 s
         back-off); meanwhile committed transactions wait in the queue, nothing is lost
-        (the slot keeps the WAL until confirmed). Started at once."""
+        (the slot keeps the WAL until confirmed). The first failure of an outage is a
+        WARNING, the recovery INFO; the failures between are counted (poster_errors).
+        Started at once."""
         task_status.started()
+        failed = 0
         while True:
+            restarted = False
             try:
-                stream = await open_stream()
-                self.poster_connected = True
-                try:
-                    async for rec in stream:
-                        if hasattr(rec, "xid"):
-                            self.poster_delay = max(0.0, time.time() - unix_from_pg_timestamp(rec.commit_time_us))
-                            if self.ddl is not None and rec.messages:
-                                await self._replay_ddl(rec)
-                            self.on_poster_record(rec)
-                        stream.confirm(rec.confirm_lsn)
-                        self.poster_lsn = rec.confirm_lsn
-                        self.poster_wal_end = stream.latest_wal_end
-                finally:
-                    self.poster_connected = False
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
+                with trio.CancelScope() as scope:
+                    self._poster_scope = scope
+                    stream = await open_stream()
+                    if failed:
+                        log.info("poster queue: connected again after %d failed attempt(s)", failed)
+                        failed = 0
+                    self.poster_connected = True
+                    try:
+                        async for rec in stream:
+                            if hasattr(rec, "xid"):
+                                self.poster_delay = max(0.0, time.time() - unix_from_pg_timestamp(rec.commit_time_us))
+                                if self.ddl is not None and rec.messages:
+                                    await self._replay_ddl(rec)
+                                self.on_poster_record(rec)
+                            stream.confirm(rec.confirm_lsn)
+                            self.poster_lsn = rec.confirm_lsn
+                            self.poster_wal_end = stream.latest_wal_end
+                    finally:
+                        self.poster_connected = False
+                        with trio.CancelScope(shield=True):
+                            await stream.aclose()
+                restarted = scope.cancelled_caught
             except (ReplicationError, OSError, ClientError) as e:  # PeerClosed is a ClientError
                 self.poster_errors += 1
-                log.warning("poster queue: %s; reopening in 1 s", e)
-            await trio.sleep(1.0)
+                if not failed:
+                    log.warning("poster queue: %s; reopening every 1 s", e)
+                failed += 1
+            finally:
+                self._poster_scope = None
+            if restarted:
+                continue
+            with trio.CancelScope() as self._poster_scope:  # restart_poster() ends the back-off too
+                await trio.sleep(1.0)
+            self._poster_scope = None

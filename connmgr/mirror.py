@@ -97,6 +97,11 @@ class MirrorLink:
         self._out(self.sender.session_closed(session_id))
         self.flush_nowait()
 
+    def topology(self, primary: str, secondary: str) -> None:
+        """The pair turned around (see mirror_protocol.Topology)."""
+        self._out(self.sender.topology(primary, secondary))
+        self.flush_nowait()
+
     # ------------------------------------------------------------------ two-phase
 
     def hold(self, version: int, release: Callable[[], None]) -> None:

@@ -6,8 +6,8 @@ The primary connmgr turns what its sessions do into *records* with consecutive v
 numbers: :class:`SessionOpened`, :class:`Data` (a batch of complete protocol messages of
 one session in one direction, with the LSN tag and the byte offset of its first byte in
 that direction of the client's TCP stream), :class:`Marker` (a purge marker was embedded
-in transaction ``seq`` of a session) and :class:`SessionClosed`. Unversioned control
-records travel beside them: :class:`Hello`/:class:`HelloAck` when the link (re)connects,
+in transaction ``seq`` of a session), :class:`SessionClosed` and :class:`Topology` (the
+pair turned around after a failover). Unversioned control records travel beside them: :class:`Hello`/:class:`HelloAck` when the link (re)connects,
 :class:`Heartbeat` (carrying the latest version, so a loss at the very end is noticed),
 :class:`Ack` (the secondary has every version up to N), :class:`AckRequest` (two-phase:
 acknowledge version N as soon as you have it) and :class:`DeltaRequest`.
@@ -39,7 +39,7 @@ from struct import Struct
 __all__ = [
     "Ack", "AckRequest", "Data", "DeltaRequest", "Heartbeat", "Hello", "HelloAck", "Marker",
     "MirrorDecoder", "MirrorProtocolError", "MirrorReceiver", "MirrorSender", "Resync",
-    "SessionClosed", "SessionOpened", "encode",
+    "SessionClosed", "SessionOpened", "Topology", "encode",
 ]
 
 _HEAD = Struct("!BI")
@@ -91,6 +91,19 @@ class SessionClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class Topology:
+    """The pair turned around (a failover, then a re-seed): ``primary`` is the database
+    the sessions are on now and ``secondary`` the one that follows it (``host:port``
+    each). The secondary connmgr reads its poster queue from the first and keeps the
+    second's sequences ahead and its DDL applied. In order with the session records:
+    every session mirrored after it is on the new primary."""
+
+    version: int
+    primary: str
+    secondary: str
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     latest_version: int
     lsn: int
@@ -134,7 +147,7 @@ class Resync:
     next_version: int
 
 
-Versioned = SessionOpened | Data | Marker | SessionClosed
+Versioned = SessionOpened | Data | Marker | SessionClosed | Topology
 Record = Versioned | Heartbeat | Hello | HelloAck | Ack | AckRequest | DeltaRequest | Resync
 
 
@@ -165,6 +178,8 @@ def encode(rec: Record) -> bytes:
             return _frame(b"K", _MARK.pack(rec.version, rec.session_id, rec.seq))
         case SessionClosed():
             return _frame(b"X", _SESS.pack(rec.version, rec.session_id))
+        case Topology():
+            return _frame(b"T", _U64.pack(rec.version) + _strings(((rec.primary, rec.secondary),)))
         case Heartbeat():
             return _frame(b"H", _BEAT.pack(rec.latest_version, rec.lsn, rec.time_us))
         case Hello():
@@ -200,6 +215,12 @@ def _decode(kind: int, body: bytes) -> Record:
             return Marker(*_exact(_MARK, body))
         if kind == 0x58:  # X
             return SessionClosed(*_exact(_SESS, body))
+        if kind == 0x54:  # T
+            (version,) = _U64.unpack_from(body)
+            parts = body[_U64.size:].split(b"\0")
+            if len(parts) != 3 or parts[2] != b"":
+                raise MirrorProtocolError("Topology record is not two NUL-terminated addresses")
+            return Topology(version, parts[0].decode(), parts[1].decode())
         if kind == 0x48:  # H
             return Heartbeat(*_exact(_BEAT, body))
         if kind == 0x49:  # I
@@ -299,6 +320,10 @@ class MirrorSender:
         v = self._next()
         return self._keep(v, encode(SessionClosed(v, session_id)))
 
+    def topology(self, primary: str, secondary: str) -> bytes:
+        v = self._next()
+        return self._keep(v, encode(Topology(v, primary, secondary)))
+
     def heartbeat(self, lsn: int, time_us: int) -> bytes:
         return encode(Heartbeat(self.latest_version, lsn, time_us))
 
@@ -387,7 +412,7 @@ class MirrorReceiver:
             self._held = {v: r for v, r in self._held.items() if v >= self.expected}
             self._asked_for = None
             return [rec], []
-        if not isinstance(rec, SessionOpened | Data | Marker | SessionClosed):
+        if not isinstance(rec, SessionOpened | Data | Marker | SessionClosed | Topology):
             raise MirrorProtocolError(f"unexpected {type(rec).__name__} on the secondary side")
         v = rec.version
         if v < self.expected or v in self._held:

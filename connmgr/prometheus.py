@@ -83,6 +83,7 @@ def render(app: App) -> str:
             "import_not_replayable_sessions": float(len(imp.not_replayable)),
             "poster_connected": 1.0 if imp.poster_connected else 0.0,
             "poster_errors": float(imp.poster_errors),
+            "topology_changes": float(app.topology_changes),
         })
     labeled = {}
     if app.failover is not None:  # primary role with [failover]
@@ -98,6 +99,10 @@ def render(app: App) -> str:
             "failover_freezes": float(fo.freezes),
             "failover_switchovers": float(fo.switchovers),
             "failover_switchovers_abandoned": float(fo.switchovers_abandoned),
+            "failover_reseeds": float(fo.reseeds),
+            "failover_reseed_copies": float(fo.reseed_copies),
+            "failover_reseed_failures": float(fo.reseed_failures),
+            "failover_old_primary_pending": 1.0 if fo.previous is not None else 0.0,
             "failover_sessions_held": float(fo.replies_held),
             "failover_held_replies_dropped": float(fo.replies_dropped),
             "failover_stall_seconds_max": max(fo.stalls, default=0.0),

@@ -49,6 +49,15 @@ class RedoMonitor:
         self.updated_at = 0.0
         self.samples = 0
         self.errors = 0
+        self._session_scope: trio.CancelScope | None = None
+
+    def retarget(self) -> None:
+        """The primary is another server now (a failover): positions start over in its
+        WAL, and the current session (on the old one) is dropped at once; ``connect`` opens
+        the next one on the new primary."""
+        self.lsn = 0
+        if self._session_scope is not None:
+            self._session_scope.cancel()
 
     @property
     def healthy(self) -> bool:
@@ -70,29 +79,41 @@ class RedoMonitor:
         """Poll until cancelled; ``connect()`` opens a session on the primary. Reconnects
         after failures (1 s back-off). ``task_status.started()`` after the first sample."""
         started = False
+        failed = 0  # failures in a row: the first is logged, the recovery too
         while True:
             session = None
+            retargeted = False
             try:
-                session = await connect()
-                while True:
-                    self.publish(await _sample(session))
-                    if not started:
-                        task_status.started()
-                        started = True
-                    await trio.sleep(self.interval)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError, RuntimeError) as e:
+                with trio.CancelScope() as scope:
+                    self._session_scope = scope
+                    session = await connect()
+                    if failed:
+                        log.info("redo monitor: sampling again after %d failed attempt(s)", failed)
+                        failed = 0
+                    while True:
+                        self.publish(await _sample(session))
+                        if not started:
+                            task_status.started()
+                            started = True
+                        await trio.sleep(self.interval)
+                retargeted = scope.cancelled_caught
+            except Exception as e:  # the server gone or refusing (ClientError), no value
                 self.errors += 1
-                log.warning("redo monitor: %s; retrying in 1 s", e)
-            except Exception as e:  # a backend refusal (ClientError) and the like
-                self.errors += 1
-                log.warning("redo monitor: %s; retrying in 1 s", e)
+                if not failed:
+                    log.warning("redo monitor: %s; retrying every 1 s", e)
+                failed += 1
             finally:
+                self._session_scope = None
                 if session is not None:
                     session.close()
+            if retargeted:
+                continue
             if not started:
                 task_status.started()
                 started = True
-            await trio.sleep(1.0)
+            with trio.CancelScope() as self._session_scope:  # retarget() ends the back-off too
+                await trio.sleep(1.0)
+            self._session_scope = None
 
 
 async def _sample(session: BackendSession) -> int:

@@ -7,13 +7,20 @@ look at its ``App`` (metrics, registry).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from connmgr import config as config_mod
-from connmgr.embedded import EmbeddedConnmgr, wait_until
+from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until, write_users_file
+from connmgr.pair import ClusterPair
+
+#: the database and superuser password of the failover pairs (live_pair_of)
+DB = "app"
+PASSWORD = "postgres"
 
 USERS_TEXT = '"postgres" "postgres"\n"scram_user" "scram-pw"\n"md5_user" "md5-pw"\n'
 
@@ -87,3 +94,45 @@ def pair(start_connmgr):
     return primary, secondary, received
 
 
+class LivePair:
+    def __init__(self, pair: ClusterPair, primary: EmbeddedConnmgr, secondary: EmbeddedConnmgr) -> None:
+        self.pair = pair
+        self.primary = primary
+        self.secondary = secondary
+
+    @property
+    def failover(self):
+        return self.primary.app.failover
+
+    def connect(self, **kw) -> psycopg.Connection:
+        return psycopg.connect(self.primary.conninfo("postgres", DB, PASSWORD), **kw)
+
+    def on_secondary(self, sql: str):
+        with self.pair.secondary.connect(DB) as c:
+            return c.execute(sql).fetchall()
+
+
+@contextlib.contextmanager
+def live_pair_of(pg_bindir, base, tmp_path, *, primary_extra: dict | None = None,
+                 failover_options: dict | None = None):
+    """A fresh pair and its two connection managers (failover on), with tables accounts
+    (20 rows of 1000), transfers and ledger."""
+    pair = ClusterPair.create(base, databases=(DB,), password=PASSWORD, bindir=pg_bindir)
+    started: list[EmbeddedConnmgr] = []
+    try:
+        primary, secondary = start_connmgr_pair(
+            pair, database=DB, password=PASSWORD, poster_slot="failover_poster",
+            users_file=write_users_file(tmp_path, PASSWORD),
+            sequence_interval=0.1, failover=True, started=started, primary_extra=primary_extra,
+            failover_options=failover_options)  # fmt: skip
+        pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
+                             "CREATE TABLE transfers (id text PRIMARY KEY, src int, dst int, amount int);"
+                             "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip
+        with pair.primary.connect(DB) as c:
+            c.execute("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 20) g")
+        pair.wait_caught_up()
+        yield LivePair(pair, primary, secondary)
+    finally:
+        for cm in reversed(started):
+            cm.stop()
+        pair.destroy()

@@ -5,67 +5,22 @@ on what each client received, and on the move's counters."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
 import psycopg
 import pytest
-from connmgr_fixtures import wait_for
+from connmgr_fixtures import DB, PASSWORD, live_pair_of, wait_for
 
 from connmgr.cli import main
-from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair, write_users_file
-from connmgr.pair import ClusterPair
-
-DB = "app"
-PASSWORD = "postgres"
-
-
-class LivePair:
-    def __init__(self, pair: ClusterPair, primary: EmbeddedConnmgr, secondary: EmbeddedConnmgr) -> None:
-        self.pair = pair
-        self.primary = primary
-        self.secondary = secondary
-
-    @property
-    def failover(self):
-        return self.primary.app.failover
-
-    def connect(self, **kw) -> psycopg.Connection:
-        return psycopg.connect(self.primary.conninfo("postgres", DB, PASSWORD), **kw)
-
-    def on_secondary(self, sql: str):
-        with self.pair.secondary.connect(DB) as c:
-            return c.execute(sql).fetchall()
-
-
-@contextlib.contextmanager
-def _live_pair(pg_bindir, base, tmp_path, **primary_extra):
-    """A fresh pair and its two connection managers (failover on)."""
-    pair = ClusterPair.create(base, databases=(DB,), password=PASSWORD, bindir=pg_bindir)
-    started: list[EmbeddedConnmgr] = []
-    try:
-        primary, secondary = start_connmgr_pair(
-            pair, database=DB, password=PASSWORD, poster_slot="failover_poster",
-            users_file=write_users_file(tmp_path, PASSWORD),
-            sequence_interval=0.1, failover=True, started=started, primary_extra=primary_extra)  # fmt: skip
-        pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
-                             "CREATE TABLE transfers (id text PRIMARY KEY, src int, dst int, amount int);"
-                             "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip
-        with pair.primary.connect(DB) as c:
-            c.execute("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 20) g")
-        pair.wait_caught_up()
-        yield LivePair(pair, primary, secondary)
-    finally:
-        for cm in reversed(started):
-            cm.stop()
-        pair.destroy()
 
 
 @pytest.fixture
 def live_pair(pg_bindir, pg_base_dir, tmp_path, request):
-    """A fresh pair per test (each test kills its primary)."""
-    with _live_pair(pg_bindir, pg_base_dir / f"failover-{request.node.name[:40]}", tmp_path) as lp:
+    """A fresh pair per test (each test kills its primary). No automatic fail-back: these
+    tests look at the old primary as the move left it (tests/test_failback.py turns it)."""
+    with live_pair_of(pg_bindir, pg_base_dir / f"failover-{request.node.name[:40]}", tmp_path,
+                      failover_options={"failback": "manual"}) as lp:  # fmt: skip
         yield lp
 
 
@@ -346,7 +301,8 @@ def test_tls_sessions_move(how, pg_bindir, pg_base_dir, tmp_path, tls_files):
     """Clients on TLS are relayed by the trio pumps, not the engine: their sessions move
     too -- after a SIGKILL (at their backend's EOF) and in a switchover (paused input)."""
     tls = {"tls": {"mode": "require", "cert_file": tls_files[0], "key_file": tls_files[1]}}
-    with _live_pair(pg_bindir, pg_base_dir / f"failover-tls-{how}", tmp_path, **tls) as lp:
+    with live_pair_of(pg_bindir, pg_base_dir / f"failover-tls-{how}", tmp_path, primary_extra=tls,
+                      failover_options={"failback": "manual"}) as lp:  # fmt: skip
         idle = lp.connect(autocommit=True, sslmode="require")
         assert idle.pgconn.ssl_in_use
         in_block = lp.connect(sslmode="require")

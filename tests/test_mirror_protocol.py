@@ -25,6 +25,7 @@ from connmgr.mirror_protocol import (
     Resync,
     SessionClosed,
     SessionOpened,
+    Topology,
     encode,
 )
 
@@ -34,6 +35,7 @@ RECORDS = [
     Data(3, 7, "b", 0x16B374D900, 0, b"Z\0\0\0\x05I"),
     Marker(4, 7, 12),
     SessionClosed(5, 7),
+    Topology(6, "10.0.0.2:5432", "[::1]:5433"),
     Heartbeat(5, 0x16B3750000, 1_700_000_000_000_000),
     Hello(0xDEADBEEF, "host-a"),
     HelloAck(0xDEADBEEF, 6),
@@ -62,6 +64,7 @@ def test_byte_at_a_time_equals_whole():
     (b"M\0\0\0\x1d" + b"\0" * 12 + b"x" + b"\0" * 16, "direction"),
     (b"S\0\0\0\x0e" + b"\0" * 12 + b"ab", "NUL-terminated pairs"),
     (b"M\xff\xff\xff\xff", "over"),
+    (b"T\0\0\0\x0b" + b"\0" * 8 + b"a\0b", "two NUL-terminated addresses"),
 ])
 def test_malformed_frames(wire, what):
     with pytest.raises(MirrorProtocolError, match=what):
