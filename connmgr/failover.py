@@ -31,8 +31,12 @@ The primary connmgr holds every client's socket, so it runs the move (seed 004 F
    read once per database after step 2 (:meth:`Failover.committed_seq`). "Session s has
    seq >= n" means its transaction n committed (``replay/markers.py``).
 4. From then on new sessions go to the secondary, and every session whose backend is lost
-   moves there (:mod:`connmgr.session_move`). The fail-back policy is "stay": the
-   secondary remains the primary; the old primary has to be re-seeded as a secondary.
+   moves there (:mod:`connmgr.session_move`).
+5. **Fail-back** (``[failover] failback``). Once the old primary answers again it is
+   re-seeded as the secondary of the new one (:mod:`connmgr.reseed`; without a copy after
+   a switchover, whose point of failure made the slots for it), and failover is armed
+   again the other way round; ``return`` then switches back over to ``[primary]``,
+   ``manual`` waits for the admin's RESEED.
 
 Everything that happens is written to :attr:`Failover.timeline` (seconds since the
 suspicion, and what), logged, and exported as metrics.
@@ -67,6 +71,8 @@ log = logging.getLogger("connmgr.failover")
 _WORKER_EXIT_TIMEOUT = 10.0
 #: how long open transactions wait for the sessions with a commit in flight to move
 _COMMIT_SETTLE_TIMEOUT = 5.0
+#: a switchover's drain looks for sessions stuck behind paused ones this often
+_STUCK_AFTER = 0.05
 
 
 class FailoverError(Exception):
@@ -143,6 +149,8 @@ class Failover:
         self._frozen_links: dict = {}
         self._unfrozen = trio.Event()
         self._rearmed = trio.Event()
+        #: sessions a switchover's drain ended while they waited for paused sessions' locks
+        self._stuck: set[int] = set()
 
     # ------------------------------------------------------------------ freeze
 
@@ -152,6 +160,8 @@ class Failover:
         and synchronous, so sessions pumped later in the same batch are already held."""
         if self.frozen is not None or self.failed_over or server is not self.app.server:
             return
+        if self.switching:  # a session stuck behind paused ones, ended by the drain: it waits
+            return  # for the switchover's decision (see decide)
         self.frozen = server
         self.freezes += 1
         self._unfrozen = trio.Event()
@@ -345,6 +355,11 @@ class Failover:
         decision."""
         if self.failed_over:
             return True
+        if self.switching and not planned and self._switched is not None:
+            # a session whose backend the drain ended (stuck behind paused sessions, see
+            # _drain): the switchover decides
+            await self._switched.wait()
+            return self.failed_over
         if self._deciding is not None:
             await self._deciding.wait()
             return self.failed_over
@@ -397,18 +412,21 @@ class Failover:
         a failover -- open transactions are replayed there, with nothing in flight.
         Raises FailoverError with the reason if it cannot be done."""
         if self.failed_over:
-            raise FailoverError("connmgr has already failed over to the secondary")
+            raise FailoverError("connmgr has moved to the secondary and the old primary is not re-seeded yet"
+                                " (RESEED, or wait for the fail-back policy)")  # fmt: skip
         if self.switching or self._deciding is not None:
             raise FailoverError("a switchover or failover decision is already running")
         self.timeline = []
         self.suspected_at = None
+        self._stuck.clear()
         self.switching = True
         self._switched = trio.Event()
         moved = False
         try:
             self.note("switchover requested: client input pauses at each session's next request boundary")
             relays = await self._drain(drain_timeout)
-            self.note(f"{len(relays)} session(s) quiet, nothing in flight")
+            stuck = f", {len(self._stuck)} of them ended while waiting for a lock" if self._stuck else ""
+            self.note(f"{len(relays)} session(s) quiet, nothing in flight{stuck}")
             await self._fence()
             self.note("fence committed: the secondary has applied every commit")
             if not await self.decide("switchover", planned=True):
@@ -433,18 +451,60 @@ class Failover:
 
     async def _drain(self, timeout: float) -> list:
         deadline = time.monotonic() + timeout
+        next_check = time.monotonic() + _STUCK_AFTER
         while True:
             relays = self._primary_relays()
             busy = []
             for relay in relays:
                 relay.pause_input()  # again each round: a COPY that started needs its data read
                 if not relay.input_quiet():
-                    busy.append(relay.conn.id)
+                    busy.append(relay)
             if not busy:
                 return relays
+            if time.monotonic() > next_check:
+                if await self._end_stuck(busy, relays):
+                    return relays
+                next_check = time.monotonic() + _STUCK_AFTER
             if time.monotonic() > deadline:
-                raise FailoverError(f"session(s) {busy[:10]} still had requests in flight after {timeout:g}s")
+                raise FailoverError(f"session(s) {[r.conn.id for r in busy][:10]} still had requests in flight"
+                                    f" after {timeout:g}s")  # fmt: skip
             await trio.sleep(0.002)
+
+    async def _end_stuck(self, busy: list, relays: list) -> bool:
+        """Are the busy sessions all waiting for locks that only paused sessions hold
+        (directly, or through each other)? They cannot finish before those move: end
+        their backends on the primary (``pg_terminate_backend`` waits until they are gone,
+        their transactions rolled back, nothing of theirs committed) and let them move
+        with their requests in flight, which are replayed on the secondary after the
+        paused sessions' transactions -- the order they had. True if so."""
+        busy_pids = {r.backend.pid: r for r in busy}
+        quiet_pids = {r.backend.pid for r in relays if r not in busy}
+        with trio.move_on_after(self.config.detect_timeout * 10):
+            session = await self.app._open_redo_session(None, "connmgr switchover drain")
+            try:
+                rows = await session.query_rows(messages.query(
+                    "SELECT pid, pg_catalog.array_to_string(pg_catalog.pg_blocking_pids(pid), ',')"
+                    " FROM pg_catalog.pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    f" AND pid IN ({', '.join(str(int(p)) for p in busy_pids)})"
+                ))  # fmt: skip
+                waiting = {int(pid): {int(b) for b in (blockers or b"").decode().split(",") if b} for pid, blockers in rows}
+                if set(waiting) != set(busy_pids):
+                    return False
+                if not all(blockers and blockers <= quiet_pids | set(waiting) for blockers in waiting.values()):
+                    return False
+                ended = await session.query_rows(messages.query(
+                    "SELECT pid, pg_catalog.pg_terminate_backend(pid, 5000) FROM pg_catalog.pg_stat_activity"
+                    f" WHERE pid IN ({', '.join(str(p) for p in waiting)})"
+                ))  # fmt: skip
+            finally:
+                session.close()
+            if any(ok != b"t" for _pid, ok in ended):
+                raise FailoverError(f"backends {sorted(waiting)} waiting for paused sessions' locks did not end")
+            self._stuck.update(busy_pids[p].conn.id for p in waiting)
+            self.note(f"session(s) {sorted(self._stuck)} waited for locks of paused sessions: their backends"
+                      " ended, their requests move with them, after the paused sessions")  # fmt: skip
+            return True
+        return False
 
     async def _fence(self) -> None:
         """Commit a transactional logical message on the primary with synchronous_commit
@@ -489,8 +549,10 @@ class Failover:
             if relay is None:
                 continue
             session = conn.session
-            # (a COPY still receiving data has not asked to commit yet)
-            if session.pending and relay.marker_seq == relay.transactions + 1 and session.phase is not Phase.COPY_IN:
+            # (a COPY still receiving data has not asked to commit yet; a session the
+            # switchover's drain ended while it waited for a lock did not commit)
+            if session.pending and relay.marker_seq == relay.transactions + 1 \
+                    and session.phase is not Phase.COPY_IN and conn.id not in self._stuck:  # fmt: skip
                 committers.append((relay.marker_at, conn.id))
             else:
                 self._replaying.add(conn.id)

@@ -22,7 +22,13 @@ transactions (sum of balances twice, with a pause between). Kill moments are ran
 over many trials they fall between statements, during statements, right after a COMMIT
 was sent and during COPY.
 
-``tests/test_fault_campaign.py`` runs the short form (5 trials) in CI;
+With ``failback=True`` the trial goes on after the move: the killed primary is restarted
+while the clients keep running, and connmgr (``[failover] failback = "return"``) re-seeds
+it with a copy, switches the sessions back over to it and re-seeds the other side without
+one. The same checks are then made on the original primary, and both databases must hold
+the same rows.
+
+``tests/test_fault_campaign.py`` runs the short form (5 trials, 2 with fail-back) in CI;
 ``labs/fault_campaign.py`` runs the long form (100+) and prints the table.
 """
 
@@ -78,13 +84,17 @@ class TrialResult:
     stalls: list[float] = field(default_factory=list)  #: per moved session: backend lost -> live
     timeline: list[tuple[float, str]] = field(default_factory=list)
     failed: str = ""
+    #: fail-back trials: restart of the old primary -> sessions home again, pair whole
+    failback_seconds: float | None = None
+    #: fail-back trials: the two databases hold the same rows at the end
+    replicas_equal: bool | None = None
 
     @property
     def ok(self) -> bool:
         unexplained_errors = sum(n for k, n in self.errors.items() if k != "40001")
         return (not self.failed and self.conserved and self.explained and self.lost == 0 and self.duplicated == 0
                 and unexplained_errors == 0 and self.errors.get("40001", 0) <= sum(self.rolled_back.values())
-                and self.moved > 0)  # fmt: skip
+                and self.moved > 0 and self.replicas_equal is not False)  # fmt: skip
 
 
 class _Tally:
@@ -173,7 +183,8 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
 
 
 def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple[float, float] = (0.5, 1.5),
-              after: float = 1.0, bindir: Path | None = None, log=None) -> TrialResult:  # fmt: skip
+              after: float = 1.0, bindir: Path | None = None, log=None, failback: bool = False,
+              ) -> TrialResult:  # fmt: skip
     """One trial in ``base_dir`` (created and removed); see the module docstring.
     ``log(text)`` gets progress lines."""
     say = log or (lambda _text: None)
@@ -185,7 +196,8 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         primary, _secondary = start_connmgr_pair(
             pair, database=DB, password=PASSWORD, poster_slot="campaign_poster",
             users_file=write_users_file(base_dir, PASSWORD),
-            sequence_interval=0.2, failover=True, shutdown_timeout=2.0, started=started)  # fmt: skip
+            sequence_interval=0.2, failover=True, shutdown_timeout=2.0, started=started,
+            failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2})  # fmt: skip
         pair.sync_schema(DB, SCHEMA)
         with pair.primary.connect(DB) as c:
             c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
@@ -205,7 +217,20 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
         fo = primary.app.failover
         wait_until(lambda: fo.failed_over or fo.failed is not None, 15)
+        if fo.suspected_at is not None:
+            result.detect_seconds = fo.suspected_at - killed_at
+        if fo.failed_over_at is not None:
+            result.failed_over_seconds = fo.failed_over_at - killed_at
         time.sleep(after)
+        if failback:
+            restarted = time.monotonic()
+            pair.primary.start()
+            if not wait_until(lambda: fo.reseeds == 2 and not fo.failed_over and fo.previous is None
+                              and primary.app.server is fo.home, 60):  # fmt: skip
+                raise RuntimeError(f"fail-back did not complete within 60 s: {fo.timeline[-5:]}")
+            result.failback_seconds = time.monotonic() - restarted
+            say(f"  old primary restarted, re-seeded, sessions home again in {result.failback_seconds:.2f}s")
+            time.sleep(after)
         stop.set()
         for t in threads:
             t.join(30)
@@ -223,11 +248,11 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         result.sessions_failed = Counter(fo.sessions_failed)
         result.stalls = list(fo.stalls)
         result.timeline = list(fo.timeline)
-        if fo.suspected_at is not None:
-            result.detect_seconds = fo.suspected_at - killed_at
-        if fo.failed_over_at is not None:
-            result.failed_over_seconds = fo.failed_over_at - killed_at
-        _check(pair, tally, result)
+        _check(pair.primary if failback else pair.secondary, tally, result)
+        if failback:
+            pair.wait_caught_up()
+            result.replicas_equal = all(_digest(pair.primary, t) == _digest(pair.secondary, t)
+                                        for t in ("accounts", "transfers", "ledger", "connmgr.markers"))  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a trial that cannot run is a failed trial, with the reason
         result.failed = f"{type(e).__name__}: {e}"
     finally:
@@ -240,8 +265,14 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
     return result
 
 
-def _check(pair: ClusterPair, tally: _Tally, r: TrialResult) -> None:
-    with pair.secondary.connect(DB) as c:
+def _digest(cluster, table: str) -> str:
+    with cluster.connect(DB) as c:
+        return c.execute(f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t").fetchone()[0]
+
+
+def _check(survivor, tally: _Tally, r: TrialResult) -> None:
+    """The proof, on the database the sessions are on at the end."""
+    with survivor.connect(DB) as c:
         transfers = c.execute("SELECT id, src, dst, amount FROM transfers").fetchall()
         notes = Counter(row[0] for row in c.execute("SELECT note FROM ledger"))
         balances = dict(c.execute("SELECT id, balance FROM accounts").fetchall())

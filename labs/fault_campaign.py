@@ -3,7 +3,11 @@ per trial, the primary postmaster killed with SIGKILL at a random moment), then 
 trials, client errors by SQLSTATE, lost and duplicated commits, detection time and the
 stall of every moved session (p50/p99/max).
 
-    python labs/fault_campaign.py --trials 100 [--clients 6] [--json]
+    python labs/fault_campaign.py --trials 100 [--clients 6] [--failback] [--json]
+
+``--failback``: every trial then restarts the killed primary under load and waits for
+connmgr to re-seed it, switch the sessions home and re-seed the other side; the proof is
+made on the original primary and both databases must be equal.
 """
 
 from __future__ import annotations
@@ -25,16 +29,18 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--failback", action="store_true", help="restart the old primary and go home (failback = return)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     base = temp_base_dir("connmgr-campaign-")
     results = []
     for i in range(args.trials):
-        r = run_trial(base / f"t{i}", seed=args.seed + i, clients=args.clients)
+        r = run_trial(base / f"t{i}", seed=args.seed + i, clients=args.clients, failback=args.failback)
         results.append(r)
         state = "ok" if r.ok else "FAILED"
         print(f"trial {i + 1:4d}/{args.trials} seed {r.seed}: {state}  kill at {r.kill_after:.2f}s  moved {r.moved}"
               f"  acked-by-marker {r.commits_acknowledged}  replayed {r.replayed}  held {r.held}/{r.held_dropped}  errors {dict(r.errors)}"
+              f"{f'  home again {r.failback_seconds:.2f}s' if r.failback_seconds is not None else ''}"
               f"{'  ' + r.failed if r.failed else ''}", file=sys.stderr, flush=True)  # fmt: skip
     errors: Counter[str] = Counter()
     for r in results:
@@ -60,6 +66,11 @@ def main() -> int:
         "detect_ms": {q: round(percentile(detect, v) * 1e3, 1) for q, v in (("p50", .5), ("p99", .99), ("max", 1))},
         "stall_ms": {q: round(percentile(stalls, v) * 1e3, 1) for q, v in (("p50", .5), ("p99", .99), ("max", 1))},
     }
+    if args.failback:
+        home = [r.failback_seconds for r in results if r.failback_seconds is not None]
+        summary["failed_back"] = len(home)
+        summary["replicas_unequal"] = sum(r.replicas_equal is False for r in results)
+        summary["restart_to_home_s"] = {q: round(percentile(home, v), 2) for q, v in (("p50", .5), ("max", 1))}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

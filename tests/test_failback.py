@@ -10,7 +10,10 @@ import psycopg
 import pytest
 from connmgr_fixtures import DB, PASSWORD, live_pair_of, wait_for
 
+from connmgr import config as config_mod
 from connmgr.cli import main
+from connmgr.errors import ConfigError
+from connmgr.reseed import conninfo
 
 SUB = "connmgr_sub_app"  # the pair's subscription: it keeps its name on either side
 
@@ -35,6 +38,24 @@ def subscriptions(cluster) -> list:
 
 def digest(cluster, table: str) -> str:
     return rows(cluster, f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t")[0][0]
+
+
+def test_conninfo_quotes_what_libpq_needs():
+    text = conninfo("db.example", 5433, "o'brien", "pa ss\\'word", "app")
+    assert text == "host='db.example' port='5433' user='o\\'brien' dbname='app' password='pa ss\\\\\\'word'"
+    assert "password" not in conninfo("h", 1, "u", "", "d")
+    parsed = psycopg.conninfo.conninfo_to_dict(text)  # libpq's own parser reads it back
+    assert (parsed["user"], parsed["password"]) == ("o'brien", "pa ss\\'word")
+
+
+@pytest.mark.parametrize("values, error", [
+    ({"failback": "later"}, "failback: must be one of stay, return, manual, got 'later'"),
+    ({"reseed_interval": 0}, "reseed_interval: must be > 0"),
+    ({"reseed_timeout": 0}, "reseed_timeout: must be > 0"),
+])
+def test_failback_config_errors(values, error):
+    with pytest.raises(ConfigError, match=error):
+        config_mod.load(None, failover=values)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The failover fault campaign, short form (the long form is labs/fault_campaign.py): a
 bank workload through the pair, the primary postmaster killed with SIGKILL at a random
-moment, and the proof on the survivor -- see connmgr/fault_campaign.py."""
+moment, and the proof on the survivor -- see connmgr/fault_campaign.py. The last trials
+also fail back: the old primary is restarted under load, re-seeded, and the sessions go
+home; the proof is then made there, and both databases must be equal."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import pytest
 from connmgr.fault_campaign import percentile, run_trial
 
 TRIALS = 5
+FAILBACK_TRIALS = 2  #: the last ones
 
 
 @pytest.mark.parametrize("seed", range(TRIALS))
 def test_trial(seed, pg_bindir, pg_base_dir):
-    r = run_trial(pg_base_dir / f"campaign-{seed}", seed=seed, bindir=pg_bindir)
+    failback = seed >= TRIALS - FAILBACK_TRIALS
+    r = run_trial(pg_base_dir / f"campaign-{seed}", seed=seed, bindir=pg_bindir, failback=failback)
     detail = f"{r}\nerrors: {r.error_texts}\ntimeline: {r.timeline}"
     assert not r.failed, detail
     assert r.conserved and r.explained, detail
@@ -24,3 +28,5 @@ def test_trial(seed, pg_bindir, pg_base_dir):
     assert r.moved >= 1 and r.transfers_acked > 10, detail
     assert r.detect_seconds is not None and r.detect_seconds < 0.3, detail
     assert percentile(r.stalls, 1.0) < 2.0, detail  # a 5 s bounded wait here means an ordering bug
+    if failback:
+        assert r.failback_seconds is not None and r.replicas_equal, detail
