@@ -174,15 +174,19 @@ class AdminConsole:
             ["RESEED", "after a move: make the old primary the secondary of the new one (admin_users only)"],
         ]
 
+    def _failover_for(self, command: str):
+        """The failover a command acts on, if this user may run it here."""
+        if not self.is_admin:
+            raise AdminError(f"{command} is for users listed in [server] admin_users", "42501")
+        if self.app.failover is None:
+            raise AdminError(f"{command} needs [failover] secondary on the primary connmgr", "55000")
+        return self.app.failover
+
     async def _switchover(self, drain: str | None, describe: bool) -> Result:
         from .failover import FailoverError
 
         columns = ["ms", "event"]
-        if not self.is_admin:
-            raise AdminError("SWITCHOVER is for users listed in [server] admin_users", "42501")
-        failover = self.app.failover
-        if failover is None:
-            raise AdminError("SWITCHOVER needs [failover] secondary on the primary connmgr", "55000")
+        failover = self._failover_for("SWITCHOVER")
         try:
             timeout = failover.config.drain_timeout if drain is None else float(drain)
         except ValueError:
@@ -202,11 +206,7 @@ class AdminConsole:
         from .failover import FailoverError
 
         columns = ["ms", "event"]
-        if not self.is_admin:
-            raise AdminError("RESEED is for users listed in [server] admin_users", "42501")
-        failover = self.app.failover
-        if failover is None:
-            raise AdminError("RESEED needs [failover] secondary on the primary connmgr", "55000")
+        failover = self._failover_for("RESEED")
         if describe:
             return columns, [], "RESEED"
         start = len(failover.timeline)

@@ -958,9 +958,10 @@ def test_admin_psycopg_extended_protocol(admin_cm):
         assert names[:3] == ["id", "user", "database"]
         rows = cur.fetchall()
         assert [(r[1], r[2]) for r in rows] == [("postgres", "connmgr")]
-        with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
-            conn.execute("SHUTDOWN")
-        assert e.value.sqlstate == "42501"
+        for command in ("SHUTDOWN", "SWITCHOVER", "RESEED"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as e:
+                conn.execute(command)
+            assert e.value.sqlstate == "42501" and f"{command} is for users listed in" in str(e.value)
         assert conn.execute("show version").fetchone()[0].startswith("connmgr ")
     assert cm.app.accepting
     with psycopg.connect(cm.conninfo(password="postgres")) as conn:
