@@ -72,7 +72,7 @@ def test_switchover_reseeds_without_copy_and_a_kill_moves_sessions_back(pair_of)
     around: every commit is on the old primary as it returns, the secondary connmgr
     reads its poster queue from the new primary. Then the new primary is killed with a
     transaction open: the session moves back to the old primary and commits there."""
-    with pair_of() as lp:
+    with pair_of(failback="stay") as lp:
         p, s = lp.pair.primary, lp.pair.secondary
         sync_before = setting(p, "synchronous_standby_names")
         assert SUB in sync_before
