@@ -88,6 +88,10 @@ class TrialResult:
     failback_seconds: float | None = None
     #: fail-back trials: the two databases hold the same rows at the end
     replicas_equal: bool | None = None
+    #: on a failed proof: acknowledged ids missing on the survivor (first 20), and the
+    #: accounts whose balance the transfers there do not explain (id -> (have, expected))
+    missing: list[str] = field(default_factory=list)
+    unexplained: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -279,12 +283,14 @@ def _check(survivor, tally: _Tally, r: TrialResult) -> None:
     ids = {t[0] for t in transfers}
     r.lost = sum(1 for t in tally.transfers if t not in ids) + sum(1 for n in tally.ledger if notes[n] == 0)
     r.duplicated = sum(n - 1 for n in notes.values() if n > 1)
+    r.missing = ([t for t in tally.transfers if t not in ids] + [n for n in tally.ledger if notes[n] == 0])[:20]
     r.conserved = sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE
     expect = dict.fromkeys(range(1, ACCOUNTS + 1), INITIAL_BALANCE)
     for _id, src, dst, amount in transfers:
         expect[src] -= amount
         expect[dst] += amount
     r.explained = balances == expect
+    r.unexplained = {a: (balances.get(a), expect[a]) for a in expect if balances.get(a) != expect[a]}
 
 
 def percentile(values: list[float], q: float) -> float:
