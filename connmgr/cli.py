@@ -109,6 +109,15 @@ def cmd_reseed(args: argparse.Namespace) -> int:
     return _admin_command(args, "reseed", "RESEED")
 
 
+def _admin_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentParser:
+    """A command run on the primary connmgr's admin console (connmgr address, admin user)."""
+    a = sub.add_parser(name, **text)
+    a.add_argument("connmgr", nargs="?", default="127.0.0.1:6432", help="HOST:PORT of the primary connmgr")
+    a.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
+    a.set_defaults(func=func)
+    return a
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -144,28 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--print", action="store_true", help="print the SQL instead of running it")
     m.set_defaults(func=cmd_prepare_db)
 
-    w = sub.add_parser(
-        "switchover",
+    w = _admin_subcommand(
+        sub, "switchover", cmd_switchover,
         help="move every session of a primary connmgr to the secondary database (planned)",
         description="Runs SWITCHOVER on the connmgr admin console (a user in [server] admin_users;"
         " the password from PGPASSWORD or ~/.pgpass). Client input pauses at request boundaries,"
         " requests in flight finish, and every session moves; open transactions are replayed.",
     )
-    w.add_argument("connmgr", nargs="?", default="127.0.0.1:6432", help="HOST:PORT of the primary connmgr")
-    w.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
     w.add_argument("--drain", type=float, help="seconds to wait for requests in flight ([failover] drain_timeout)")
-    w.set_defaults(func=cmd_switchover)
-
-    r = sub.add_parser(
-        "reseed",
+    _admin_subcommand(
+        sub, "reseed", cmd_reseed,
         help="after a move: make the old primary database the secondary of the new one",
         description="Runs RESEED on the connmgr admin console (for [failover] failback = 'manual'; the"
         " other policies do it on their own once the old primary answers). After a switchover nothing"
         " is copied; after a crash the old primary's replicated tables are emptied and copied afresh.",
     )
-    r.add_argument("connmgr", nargs="?", default="127.0.0.1:6432", help="HOST:PORT of the primary connmgr")
-    r.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
-    r.set_defaults(func=cmd_reseed)
     return p
 
 

@@ -177,10 +177,7 @@ async def _turn_around(open_old: Opener, open_new: Opener, sub: Subscription, co
     try:
         # the new primary's own subscription (disabled at the point of failure) goes;
         # its slot is on the old primary and is dropped there
-        if await _rows(new, f"SELECT 1 FROM pg_catalog.pg_subscription WHERE subname = {name}"):
-            await _rows(new, f"ALTER SUBSCRIPTION {quote_ident(sub.name)} DISABLE")
-            await _rows(new, f"ALTER SUBSCRIPTION {quote_ident(sub.name)} SET (slot_name = NONE)")
-            await _rows(new, f"DROP SUBSCRIPTION {quote_ident(sub.name)}")
+        await _drop_subscription(new, sub.name)
         await _ensure_publications(new, sub.publications)
         tables = await _rows(new, "SELECT DISTINCT schemaname, tablename FROM pg_catalog.pg_publication_tables"
                                   f" WHERE pubname = ANY({_names(sub.publications)}) ORDER BY 1, 2")  # fmt: skip
@@ -189,11 +186,7 @@ async def _turn_around(open_old: Opener, open_new: Opener, sub: Subscription, co
     old = await open_old(sub.database, "connmgr reseed")
     try:
         await _drop_slot(old, sub.name)
-        existing = await _rows(old, f"SELECT subenabled FROM pg_catalog.pg_subscription WHERE subname = {name}")
-        if existing:  # a re-seed that failed half-way: start this one over
-            await _rows(old, f"ALTER SUBSCRIPTION {quote_ident(sub.name)} DISABLE")
-            await _rows(old, f"ALTER SUBSCRIPTION {quote_ident(sub.name)} SET (slot_name = NONE)")
-            await _rows(old, f"DROP SUBSCRIPTION {quote_ident(sub.name)}")
+        await _drop_subscription(old, sub.name)  # left by a re-seed that failed half-way
         if copy and tables:
             qualified = [f"{quote_ident(s.decode())}.{quote_ident(t.decode())}" for s, t in tables]
             (exists,) = await _rows(old, "SELECT " + ", ".join(
@@ -220,6 +213,15 @@ async def _turn_around(open_old: Opener, open_new: Opener, sub: Subscription, co
              f" ({'copying' if copy else 'no copy: it starts at the point of failure'})")  # fmt: skip
     finally:
         old.close()
+
+
+async def _drop_subscription(session: BackendSession, name: str) -> None:
+    """Drop subscription ``name`` here if it exists, leaving its slot (on the other
+    server) alone: that one is dropped where it lives (:func:`_drop_slot`)."""
+    if await _rows(session, f"SELECT 1 FROM pg_catalog.pg_subscription WHERE subname = {quote_literal(name)}"):
+        for sql in ("DISABLE", "SET (slot_name = NONE)"):
+            await _rows(session, f"ALTER SUBSCRIPTION {quote_ident(name)} {sql}")
+        await _rows(session, f"DROP SUBSCRIPTION {quote_ident(name)}")
 
 
 async def _drop_slot(session: BackendSession, slot: str) -> None:
