@@ -279,6 +279,8 @@ class MirrorLink:
                 if self._outbox:
                     # whatever the relay left for coalescing goes out within flush_delay
                     await trio.sleep(self.flush_delay)
+                    if self._sock is not raw:  # dropped meanwhile (a failed send, the reader): closed
+                        break
                     try:
                         await trio.lowlevel.wait_writable(raw)
                     except (trio.ClosedResourceError, OSError):
