@@ -101,6 +101,8 @@ class Failover:
         self.sync_names: str | None = None
         self.reseeding = False
         self.timeline: list[tuple[float, str]] = []
+        #: every note of every move, kept across moves: (time.monotonic(), text)
+        self.journal: list[tuple[float, str]] = []
         self.suspected_at: float | None = None
         self._new_move()
         #: a switchover is pausing client input (new relays start paused)
@@ -208,6 +210,8 @@ class Failover:
         if self.suspected_at is None:
             self.suspected_at = now
         self.timeline.append((now - self.suspected_at, what))
+        self.journal.append((now, what))
+        del self.journal[:-500]
         log.warning("failover: +%.3fs %s", now - self.suspected_at, what)
 
     # ------------------------------------------------------------------ detection

@@ -90,8 +90,12 @@ class TrialResult:
     replicas_equal: bool | None = None
     #: on a failed proof: acknowledged ids missing on the survivor (first 20), and the
     #: accounts whose balance the transfers there do not explain (id -> (have, expected))
+    #: (each as "id@+seconds", acknowledged that long after the kill, with a transfer's
+    #: "(src->dst: amount)")
     missing: list[str] = field(default_factory=list)
     unexplained: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: every failover note of the trial, all moves: (seconds after the kill, text)
+    journal: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -107,6 +111,8 @@ class _Tally:
         self.transfers: list[str] = []
         self.ledger: list[str] = []
         self.reads = 0
+        self.acked_at: dict[str, float] = {}  #: id -> time.monotonic() of its acknowledgement
+        self.moves: dict[str, tuple[int, int, int]] = {}  #: transfer id -> (src, dst, amount)
         self.errors: Counter[str] = Counter()
         self.texts: list[str] = []
 
@@ -149,6 +155,8 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
                                      prepare=prepare)  # fmt: skip
                     with tally.lock:
                         tally.transfers.append(tag)
+                        tally.acked_at[tag] = time.monotonic()
+                        tally.moves[tag] = (src, dst, amount)
                 elif pick < 0.80:
                     conn.autocommit = True
                     try:
@@ -157,6 +165,7 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
                         conn.autocommit = False
                     with tally.lock:
                         tally.ledger.append(tag)
+                        tally.acked_at[tag] = time.monotonic()
                 elif pick < 0.90:
                     conn.autocommit = True
                     try:
@@ -167,6 +176,7 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
                         conn.autocommit = False
                     with tally.lock:
                         tally.ledger.extend(f"{tag}.{i}" for i in range(5))
+                        tally.acked_at.update((f"{tag}.{i}", time.monotonic()) for i in range(5))
                 else:
                     with conn.transaction():
                         first = conn.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
@@ -252,7 +262,8 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         result.sessions_failed = Counter(fo.sessions_failed)
         result.stalls = list(fo.stalls)
         result.timeline = list(fo.timeline)
-        _check(pair.primary if failback else pair.secondary, tally, result)
+        result.journal = [(round(t - killed_at, 4), what) for t, what in fo.journal]
+        _check(pair.primary if failback else pair.secondary, tally, result, killed_at)
         if failback:
             pair.wait_caught_up()
             result.replicas_equal = all(_digest(pair.primary, t) == _digest(pair.secondary, t)
@@ -274,7 +285,7 @@ def _digest(cluster, table: str) -> str:
         return c.execute(f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t").fetchone()[0]
 
 
-def _check(survivor, tally: _Tally, r: TrialResult) -> None:
+def _check(survivor, tally: _Tally, r: TrialResult, killed_at: float) -> None:
     """The proof, on the database the sessions are on at the end."""
     with survivor.connect(DB) as c:
         transfers = c.execute("SELECT id, src, dst, amount FROM transfers").fetchall()
@@ -283,7 +294,8 @@ def _check(survivor, tally: _Tally, r: TrialResult) -> None:
     ids = {t[0] for t in transfers}
     r.lost = sum(1 for t in tally.transfers if t not in ids) + sum(1 for n in tally.ledger if notes[n] == 0)
     r.duplicated = sum(n - 1 for n in notes.values() if n > 1)
-    r.missing = ([t for t in tally.transfers if t not in ids] + [n for n in tally.ledger if notes[n] == 0])[:20]
+    missing = [t for t in tally.transfers if t not in ids] + [n for n in tally.ledger if notes[n] == 0]
+    r.missing = [f"{m}@{tally.acked_at[m] - killed_at:+.3f}s" + _transfer(tally.moves.get(m)) for m in missing[:20]]
     r.conserved = sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE
     expect = dict.fromkeys(range(1, ACCOUNTS + 1), INITIAL_BALANCE)
     for _id, src, dst, amount in transfers:
@@ -291,6 +303,10 @@ def _check(survivor, tally: _Tally, r: TrialResult) -> None:
         expect[dst] += amount
     r.explained = balances == expect
     r.unexplained = {a: (balances.get(a), expect[a]) for a in expect if balances.get(a) != expect[a]}
+
+
+def _transfer(move: tuple[int, int, int] | None) -> str:
+    return "" if move is None else f" ({move[0]}->{move[1]}: {move[2]})"
 
 
 def percentile(values: list[float], q: float) -> float:

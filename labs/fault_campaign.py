@@ -42,6 +42,13 @@ def main() -> int:
               f"  acked-by-marker {r.commits_acknowledged}  replayed {r.replayed}  held {r.held}/{r.held_dropped}  errors {dict(r.errors)}"
               f"{f'  home again {r.failback_seconds:.2f}s' if r.failback_seconds is not None else ''}"
               f"{'  ' + r.failed if r.failed else ''}", file=sys.stderr, flush=True)  # fmt: skip
+        if not r.ok:
+            print(f"  lost {r.lost} {r.missing}  duplicated {r.duplicated}  conserved {r.conserved}"
+                  f"  unexplained balances {r.unexplained}  replicas equal {r.replicas_equal}", file=sys.stderr)
+            for t, what in r.journal:
+                print(f"  {t:+9.3f}s  {what}", file=sys.stderr)
+            for text in r.error_texts:
+                print(f"  {text}", file=sys.stderr, flush=True)
     errors: Counter[str] = Counter()
     for r in results:
         errors.update(r.errors)
