@@ -28,7 +28,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import psycopg
 
@@ -255,6 +255,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
                 "mode": cm.app.config.mirror.mode,
                 "two_phase_holds": cm.app.mirror.holds_total,
                 "two_phase_degradations": cm.app.mirror.degradations,
+                "import_queue": asdict(imports.queue.stats),
             },
             data={"sum_of_balances": total, "ledger_rows": ledger_rows, "acknowledged_ledger_inserts": acknowledged},
             checks=checks,

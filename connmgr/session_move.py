@@ -214,17 +214,21 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
         if requests:
             # what the primary answered (for a commit in flight: through its commit) goes
             # first; requests beyond wait until every session is there
+            commit = b""
             if committed:
                 prefix, rest, between = b"", requests, _commit_barrier(failover, conn.id)
             elif committer:
+                # what the client saw first, compared; its commit only then: a difference
+                # must roll back a transaction that never committed anywhere
                 cut = journal.sync_ends[0] if journal.sync_ends else len(requests)
-                prefix, rest = requests[:cut], requests[cut:]
+                answered = min(journal.answered, cut)
+                prefix, commit, rest = requests[:answered], requests[answered:cut], requests[cut:]
                 between = _commit_barrier(failover, conn.id)
             else:
                 cut = journal.answered
                 prefix, rest = requests[:cut], requests[cut:]
                 between = _prefix_barrier(failover, conn.id)
-            leftover += await _replay(backend, prefix, rest, expected, failover, between)
+            leftover += await _replay(backend, prefix, rest, expected, failover, between, commit)
             failover.transactions_replayed += 1
     except _Rollback as rb:
         backend.close()
@@ -280,30 +284,26 @@ def _parsed_names(requests: bytes | bytearray) -> set[str]:
 
 
 async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected: bytes, failover,
-                  between=None) -> bytes:  # fmt: skip
-    """Replay ``prefix`` (requests whose replies the client has in full), then -- after
-    ``await between()``, if given -- ``rest`` (requests still in flight); swallow the
-    replies that match ``expected``; return what follows them (live). Raises _Rollback on
-    a difference."""
+                  between=None, commit: bytes = b"") -> bytes:  # fmt: skip
+    """Replay ``prefix`` (requests whose replies the client has in full), then ``commit``
+    (a commit in flight: sent only once the prefix matched), then -- after ``await
+    between()``, if given -- ``rest`` (requests still in flight); swallow the replies
+    that match ``expected``; return what follows them (live). Raises _Rollback on a
+    difference."""
     matcher = ReplayMatcher(expected)
     framer = backend.framer
     data = backend.leftover
     backend.leftover = b""
-    readies = 0
-    open_copy = False  # the prefix ends with a Query whose COPY FROM STDIN data is not in it
-    for tag, _b in split_messages(prefix):
-        if tag in _SYNC_POINTS:
-            readies += 1
-            open_copy = tag == _Q
-        elif tag in _COPY_END:
-            open_copy = False
-    stages = [(prefix, readies), (rest, None)]
+    stages = [(prefix, *_sync_points(prefix)), (commit, *_sync_points(commit)), (rest, None, False)]
     live = bytearray()  # replies beyond the matched ones: the client's
-    for i, (requests, readies) in enumerate(stages):
-        if i == 1 and between is not None:
+    for i, (requests, readies, open_copy) in enumerate(stages):
+        if i == 2 and between is not None:
             await between()
         if not requests:
             continue
+        if i == 1 and not matcher.matched:
+            raise _Rollback("result differs", "replaying it on the secondary gave fewer replies than the client"
+                                              " received")  # fmt: skip
         await backend.stream.send_all(requests)
         while not matcher.matched if readies is None else readies > 0:
             if not data:
@@ -331,6 +331,20 @@ async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected:
         raise _Rollback("result differs", "replaying it on the secondary gave fewer replies than the client received")
     failover.replies_compared += matcher.compared
     return bytes(live)
+
+
+def _sync_points(requests: bytes) -> tuple[int, bool]:
+    """The ReadyForQuery count ``requests`` get, and whether they end with a Query whose
+    COPY FROM STDIN data is not in them (the stage ends at its CopyInResponse)."""
+    readies = 0
+    open_copy = False
+    for tag, _b in split_messages(requests):
+        if tag in _SYNC_POINTS:
+            readies += 1
+            open_copy = tag == _Q
+        elif tag in _COPY_END:
+            open_copy = False
+    return readies, open_copy
 
 
 async def _rolled_back(conn: ClientConnection, relay: Relay, backend: BackendSession, reason: str, journal,

@@ -77,6 +77,45 @@ def test_replay_that_differs_is_rolled_back_with_40001(live_pair):
     c.close()
 
 
+def test_commit_in_flight_whose_replay_differs_commits_nowhere(live_pair):
+    """A COMMIT the primary never got confirmed (the secondary's apply is stuck behind a
+    lock, so the synchronous commit waits) is replayed there; its transaction read
+    clock_timestamp(), so the replay differs. The client gets 40001, and the secondary must
+    not hold the update: the commit goes to the secondary only after the answered part of
+    the transaction matched."""
+    lp = live_pair
+    c = lp.connect()
+    c.execute("UPDATE accounts SET balance = balance + 7 WHERE id = 6")
+    c.execute("SELECT clock_timestamp()").fetchone()
+    locker = lp.pair.secondary.connect(DB, autocommit=False)
+    locker.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")  # the apply worker waits
+    outcome = []
+
+    def commit():
+        try:
+            c.commit()
+            outcome.append("committed")
+        except psycopg.Error as e:
+            outcome.append(e.sqlstate)
+
+    t = threading.Thread(target=commit)
+    t.start()
+    with lp.pair.primary.connect(DB) as watch:
+        assert wait_for(lambda: watch.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+                        .fetchone() == (1,), 10)  # fmt: skip
+    lp.pair.primary.kill()
+    assert wait_for(lambda: lp.failover.failed_over, 10), lp.failover.timeline
+    locker.rollback()  # the apply worker was ended at the point of failure; the replay may go on
+    t.join(20)
+    assert outcome == ["40001"]
+    assert lp.failover.transactions_rolled_back["result differs"] == 1
+    assert lp.on_secondary("SELECT balance FROM accounts WHERE id = 6") == [(1000,)]
+    c.rollback()
+    assert c.execute("SELECT balance FROM accounts WHERE id = 6").fetchone() == (1000,)
+    locker.close()
+    c.close()
+
+
 def test_bank_workload_survives_a_kill(live_pair):
     """N clients transfer money in explicit transactions (simple and extended protocol)
     and insert into a ledger in autocommit; the primary is killed mid-run. Every
