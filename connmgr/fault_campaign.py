@@ -70,6 +70,8 @@ class TrialResult:
     error_texts: list[str] = field(default_factory=list)
     lost: int = 0
     duplicated: int = 0
+    #: ids whose transaction the client was told was rolled back (40001) but which are there
+    rolled_back_present: list[str] = field(default_factory=list)
     conserved: bool = False
     explained: bool = False
     moved: int = 0
@@ -101,6 +103,7 @@ class TrialResult:
     def ok(self) -> bool:
         unexplained_errors = sum(n for k, n in self.errors.items() if k != "40001")
         return (not self.failed and self.conserved and self.explained and self.lost == 0 and self.duplicated == 0
+                and not self.rolled_back_present
                 and unexplained_errors == 0 and self.errors.get("40001", 0) <= sum(self.rolled_back.values())
                 and self.moved > 0 and self.replicas_equal is not False)  # fmt: skip
 
@@ -113,6 +116,7 @@ class _Tally:
         self.reads = 0
         self.acked_at: dict[str, float] = {}  #: id -> time.monotonic() of its acknowledgement
         self.moves: dict[str, tuple[int, int, int]] = {}  #: transfer id -> (src, dst, amount)
+        self.rolled_back: list[str] = []  #: ids whose transaction the client saw fail with 40001
         self.errors: Counter[str] = Counter()
         self.texts: list[str] = []
 
@@ -188,6 +192,12 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
                         tally.reads += 1
             except psycopg.Error as e:
                 tally.error(index, e)
+                if getattr(e, "sqlstate", None) == "40001":  # rolled back: nothing of it may be anywhere
+                    with tally.lock:
+                        if pick < 0.80:
+                            tally.rolled_back.append(tag)
+                        elif pick < 0.90:
+                            tally.rolled_back.extend(f"{tag}.{i}" for i in range(5))
                 if conn.closed or conn.broken:
                     return
                 try:
@@ -294,6 +304,7 @@ def _check(survivor, tally: _Tally, r: TrialResult, killed_at: float) -> None:
     ids = {t[0] for t in transfers}
     r.lost = sum(1 for t in tally.transfers if t not in ids) + sum(1 for n in tally.ledger if notes[n] == 0)
     r.duplicated = sum(n - 1 for n in notes.values() if n > 1)
+    r.rolled_back_present = [t for t in tally.rolled_back if t in ids or notes[t] > 0]
     missing = [t for t in tally.transfers if t not in ids] + [n for n in tally.ledger if notes[n] == 0]
     r.missing = [f"{m}@{tally.acked_at[m] - killed_at:+.3f}s" + _transfer(tally.moves.get(m)) for m in missing[:20]]
     r.conserved = sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE

@@ -43,7 +43,8 @@ def main() -> int:
               f"{f'  home again {r.failback_seconds:.2f}s' if r.failback_seconds is not None else ''}"
               f"{'  ' + r.failed if r.failed else ''}", file=sys.stderr, flush=True)  # fmt: skip
         if not r.ok:
-            print(f"  lost {r.lost} {r.missing}  duplicated {r.duplicated}  conserved {r.conserved}"
+            print(f"  lost {r.lost} {r.missing}  duplicated {r.duplicated}  40001 but present {r.rolled_back_present}"
+                  f"  conserved {r.conserved}"
                   f"  unexplained balances {r.unexplained}  replicas equal {r.replicas_equal}", file=sys.stderr)
             for t, what in r.journal:
                 print(f"  {t:+9.3f}s  {what}", file=sys.stderr)
@@ -62,6 +63,7 @@ def main() -> int:
         "sessions_not_moved": dict(sum((r.sessions_failed for r in results), Counter())),
         "lost": sum(r.lost for r in results),
         "duplicated": sum(r.duplicated for r in results),
+        "rolled_back_but_present": sum(len(r.rolled_back_present) for r in results),
         "not_conserved": sum(not r.conserved for r in results),
         "transfers_acked": sum(r.transfers_acked for r in results),
         "ledger_rows_acked": sum(r.ledger_acked for r in results),
