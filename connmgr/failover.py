@@ -53,7 +53,7 @@ import trio
 
 from shadow import messages
 from shadow.session import Phase
-from shadow.sqltext import quote_ident
+from shadow.sqltext import quote_ident, quote_literal
 
 from . import reseed as reseeding
 from .backend import BackendServer, BackendSession, Credentials, open_backend
@@ -100,6 +100,8 @@ class Failover:
         #: the synchronous_standby_names the pair uses (moved to the new primary)
         self.sync_names: str | None = None
         self.reseeding = False
+        #: sessions in move_session() now
+        self.moving = 0
         self.timeline: list[tuple[float, str]] = []
         #: every note of every move, kept across moves: (time.monotonic(), text)
         self.journal: list[tuple[float, str]] = []
@@ -296,6 +298,7 @@ class Failover:
         copy = not self.reverse_slots
         self.reseeding = True
         try:
+            await self._moves_finished()
             self.note(f"re-seeding the old primary {old.address} as the secondary of {new.address}"
                       f" ({'copy of the data: it may hold commits never acknowledged' if copy else 'no copy'})")
             with trio.fail_after(cfg.reseed_timeout + 30):
@@ -326,6 +329,17 @@ class Failover:
         self.reseed_copies += copy
         self.note(f"{moved} sequence(s) of the new secondary set ahead")
         self._rearm()
+
+    async def _moves_finished(self) -> None:
+        """The re-seed re-arms the failover and resets the move's state: every session
+        of this move must be on the new primary first (bounded by ``max_wait``)."""
+        with trio.move_on_after(self.config.max_wait):
+            await self._commits_settled.wait()
+            await self._prefixes_done.wait()
+            while self.moving:
+                await trio.sleep(0.01)
+        if self.moving or not self._prefixes_done.is_set():
+            raise reseeding.ReseedError(f"{self.moving} session(s) are still moving to the new primary")
 
     def _rearm(self) -> None:
         """The pair is whole again, turned around: the old primary is the secondary."""
@@ -512,15 +526,41 @@ class Failover:
 
     async def _fence(self) -> None:
         """Commit a transactional logical message on the primary with synchronous_commit
-        on: it returns once the secondary (a synchronous standby) has flushed it, and so
-        applied every commit before it."""
+        on (it returns once the secondary, a synchronous standby, has flushed it), then
+        check it: every subscription of the secondary has reported a flush position at or
+        beyond the message, so it has applied every commit before it. The check does not
+        trust the synchronous standby setting (a commit made just after it changed may not
+        have waited); if the secondary is behind, it waits for it, within ``max_wait``."""
         with trio.fail_after(self.config.max_wait):
+            admin = await self._admin(self.config.dbname, "connmgr switchover fence")
+            try:
+                names = [n.decode() for (n,) in await admin.query_rows(messages.query(
+                    "SELECT subname FROM pg_catalog.pg_subscription WHERE subenabled"))]  # fmt: skip
+            finally:
+                admin.close()
+            if not names:
+                raise FailoverError("the secondary has no enabled subscription: it does not follow the primary")
             session = await self.app._open_redo_session(None, "connmgr switchover fence")
             try:
-                await session.query_rows(messages.query(
+                rows = await session.query_rows(messages.query(
                     "BEGIN; SET LOCAL synchronous_commit = on;"
                     " SELECT pg_catalog.pg_logical_emit_message(true, 'connmgr', 'switchover'); COMMIT"
                 ))  # fmt: skip
+                fence = rows[0][0].decode()
+                listed = ", ".join(quote_literal(n) for n in names)
+                waited = False
+                while True:
+                    ((n,),) = await session.query_rows(messages.query(
+                        "SELECT count(*) FROM pg_catalog.pg_stat_replication"
+                        f" WHERE application_name IN ({listed}) AND flush_lsn >= {quote_literal(fence)}::pg_lsn"
+                    ))  # fmt: skip
+                    if int(n) >= len(names):
+                        break
+                    if not waited:
+                        self.note(f"fence at {fence}: waiting for the secondary to report it applied (the"
+                                  " synchronous commit did not wait for it)")  # fmt: skip
+                        waited = True
+                    await trio.sleep(0.005)
             finally:
                 session.close()
 

@@ -157,7 +157,28 @@ async def reseed(open_old: Opener, open_new: Opener, subscriptions: list[Subscri
                         len(names), timeout, "the re-seeded subscriptions to become synchronous standbys")  # fmt: skip
     finally:
         new.close()
+    if sync_names:
+        await _sync_effective(open_new, admin_db, sync_names)
     return sync_names
+
+
+async def _sync_effective(open_new: Opener, database: str, sync_names: str) -> None:
+    """Commits wait for the standbys only once the checkpointer has read the new
+    synchronous_standby_names (it keeps the flag commits look at); pg_stat_replication
+    shows 'sync' from the querying backend's own reading, earlier. A session forked after
+    the reload sees the new value only once the postmaster has signalled every child,
+    the checkpointer too; a CHECKPOINT then runs only after the checkpointer's loop has
+    taken the reload in. So from here on, every commit waits for the standbys."""
+    session = await open_new(database, "connmgr reseed")
+    try:
+        ((value,),) = await _rows(session, "SELECT pg_catalog.current_setting('synchronous_standby_names')")
+        if (value or b"").decode() != sync_names:
+            raise ReseedError(f"the new primary did not take synchronous_standby_names = {sync_names!r}"
+                              f" (it has {(value or b'').decode()!r}): is it overridden in postgresql.auto.conf"
+                              " or on the command line?")  # fmt: skip
+        await _rows(session, "CHECKPOINT")
+    finally:
+        session.close()
 
 
 async def _missing_slots(open_new: Opener, subscriptions: list[Subscription]) -> list[str]:

@@ -96,8 +96,15 @@ class _Rollback(Exception):
 async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) -> BackendSession:
     """Move ``conn`` to the secondary; returns the new backend, whose ``leftover`` holds
     the replies the client gets next. Raises the ClientError to report if it cannot."""
-    app = conn.app
-    failover = app.failover
+    failover = conn.app.failover
+    failover.moving += 1
+    try:
+        return await _move_session(conn, relay, lost, failover)
+    finally:
+        failover.moving -= 1
+
+
+async def _move_session(conn: ClientConnection, relay: Relay, lost: BackendLost, failover) -> BackendSession:
     cfg = failover.config
     started = time.monotonic()
     if relay.unsent:

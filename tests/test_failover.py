@@ -306,6 +306,38 @@ def test_switchover_moves_every_session_with_nothing_lost(live_pair, monkeypatch
         c.close()
 
 
+def test_switchover_fence_waits_for_a_secondary_that_is_behind(live_pair, monkeypatch, capsys):
+    """The fence does not trust the synchronous standby setting: with it off (as just
+    after it changed, before the checkpointer has read it), a commit returns before the
+    secondary applied it. The secondary's apply is held behind a lock; the switchover's
+    fence must wait for it instead of stopping the subscription with the commit unapplied."""
+    lp = live_pair
+    with lp.pair.primary.connect(DB) as c:
+        c.execute("ALTER SYSTEM SET synchronous_standby_names = ''")
+        c.execute("SELECT pg_reload_conf()")
+        c.execute("CHECKPOINT")  # the checkpointer has read it: commits no longer wait
+    locker = lp.pair.secondary.connect(DB, autocommit=False)
+    locker.execute("LOCK TABLE transfers IN ACCESS EXCLUSIVE MODE")
+    c = lp.connect(autocommit=True)
+    c.execute("INSERT INTO transfers VALUES ('behind', 1, 2, 3)")  # acknowledged at once
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    capsys.readouterr()
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(main(["switchover", f"{lp.primary.host}:{lp.primary.port}"])))
+    t.start()
+    fo = lp.failover
+    assert wait_for(lambda: any("waiting for the secondary" in what for _t, what in fo.timeline), 10), fo.timeline
+    time.sleep(0.3)
+    assert not fo.failed_over  # still fenced
+    locker.rollback()
+    t.join(30)
+    assert rc == [0] and fo.failed_over, fo.timeline
+    assert lp.on_secondary("SELECT id, amount FROM transfers") == [("behind", 3)]
+    assert c.execute("SELECT count(*) FROM transfers").fetchone() == (1,)  # through connmgr, on the new primary
+    locker.close()
+    c.close()
+
+
 def test_switchover_with_a_session_waiting_for_a_paused_sessions_lock(live_pair):
     """An autocommit UPDATE waits for a row lock of a transaction left open (paused at its
     boundary by the switchover): it could never drain. Its backend on the old primary is
