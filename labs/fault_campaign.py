@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from connmgr.clusters import temp_base_dir  # noqa: E402
-from connmgr.fault_campaign import percentile, run_trial  # noqa: E402
+from connmgr.clusters import stop_leftovers, temp_base_dir  # noqa: E402
+from connmgr.fault_campaign import TrialResult, percentile, run_trial  # noqa: E402
 
 
 def main() -> int:
@@ -34,22 +35,35 @@ def main() -> int:
     args = ap.parse_args()
     base = temp_base_dir("connmgr-campaign-")
     results = []
-    for i in range(args.trials):
-        r = run_trial(base / f"t{i}", seed=args.seed + i, clients=args.clients, failback=args.failback)
-        results.append(r)
-        state = "ok" if r.ok else "FAILED"
-        print(f"trial {i + 1:4d}/{args.trials} seed {r.seed}: {state}  kill at {r.kill_after:.2f}s  moved {r.moved}"
-              f"  acked-by-marker {r.commits_acknowledged}  replayed {r.replayed}  held {r.held}/{r.held_dropped}  errors {dict(r.errors)}"
-              f"{f'  home again {r.failback_seconds:.2f}s' if r.failback_seconds is not None else ''}"
-              f"{'  ' + r.failed if r.failed else ''}", file=sys.stderr, flush=True)  # fmt: skip
-        if not r.ok:
-            print(f"  lost {r.lost} {r.missing}  duplicated {r.duplicated}  40001 but present {r.rolled_back_present}"
-                  f"  conserved {r.conserved}"
-                  f"  unexplained balances {r.unexplained}  replicas equal {r.replicas_equal}", file=sys.stderr)
-            for t, what in r.journal:
-                print(f"  {t:+9.3f}s  {what}", file=sys.stderr)
-            for text in r.error_texts:
-                print(f"  {text}", file=sys.stderr, flush=True)
+    try:
+        for i in range(args.trials):
+            results.append(run_trial(base / f"t{i}", seed=args.seed + i, clients=args.clients, failback=args.failback))
+            _report(i, args.trials, results[-1])
+    finally:
+        stop_leftovers(base)  # an interrupted trial's servers
+        shutil.rmtree(base, ignore_errors=True)
+    return _summary(results, args)
+
+
+def _report(i: int, trials: int, r: TrialResult) -> None:
+    state = "ok" if r.ok else "FAILED"
+    print(f"trial {i + 1:4d}/{trials} seed {r.seed}: {state}  kill at {r.kill_after:.2f}s  moved {r.moved}"
+          f"  acked-by-marker {r.commits_acknowledged}  replayed {r.replayed}  held {r.held}/{r.held_dropped}"
+          f"  errors {dict(r.errors)}"
+          f"{f'  home again {r.failback_seconds:.2f}s' if r.failback_seconds is not None else ''}"
+          f"{'  ' + r.failed if r.failed else ''}", file=sys.stderr, flush=True)  # fmt: skip
+    if r.ok:
+        return
+    print(f"  lost {r.lost} {r.missing}  duplicated {r.duplicated}  40001 but present {r.rolled_back_present}"
+          f"  conserved {r.conserved}  unexplained balances {r.unexplained}  replicas equal {r.replicas_equal}",
+          file=sys.stderr)  # fmt: skip
+    for t, what in r.journal:
+        print(f"  {t:+9.3f}s  {what}", file=sys.stderr)
+    for text in r.error_texts:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def _summary(results: list[TrialResult], args: argparse.Namespace) -> int:
     errors: Counter[str] = Counter()
     for r in results:
         errors.update(r.errors)
