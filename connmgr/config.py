@@ -193,10 +193,11 @@ class FailoverSection:
     #: after a move (connmgr/reseed.py): "stay" -- the secondary stays the primary; once
     #: the old primary answers again it is re-seeded as the new secondary (without a copy
     #: after a switchover; after a crash its replicated tables are emptied and copied);
-    #: "return" -- the same, then a switchover back to [primary]; "manual" (the default
-    #: until the lost commit one fail-back trial showed is explained) -- nothing until an
-    #: admin runs RESEED (connmgr reseed)
-    failback: str = "manual"
+    #: "return" -- the same, then a switchover back to [primary]; "manual" -- nothing until
+    #: an admin runs RESEED (connmgr reseed), for whoever wants to look at the old primary
+    #: (after a crash it may hold commits never acknowledged, which a re-seed discards)
+    #: before it rejoins
+    failback: str = "stay"
     #: seconds between two probes of the old primary after a move (stay and return)
     reseed_interval: float = 1.0
     #: how long a re-seed may take (the copy, then the wait for the synchronous standbys)

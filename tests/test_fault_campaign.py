@@ -2,10 +2,11 @@
 bank workload through the pair, the primary postmaster killed with SIGKILL at a random
 moment, and the proof on the survivor -- see connmgr/fault_campaign.py.
 
-Fail-back trials (``failback=True``: restart under load, re-seed, home again) are not in
-the short form yet: one CI run found an acknowledged commit missing on both databases after
-a fail-back trial (seed 4), not yet explained. ``labs/fault_campaign.py --failback`` runs
-them."""
+The last FAILBACK_TRIALS trials are fail-back trials (``failback=True``): the killed
+primary is restarted under load, re-seeded with a copy, the sessions switch home and the
+other side is re-seeded without one; the proof is made on the original primary and both
+databases must hold the same rows. A failure prints the missing ids, the balances the
+transfers do not explain and the journal of every move."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import pytest
 from connmgr.fault_campaign import percentile, run_trial
 
 TRIALS = 5
-FAILBACK_TRIALS = 0  #: the last ones (see the module docstring)
+FAILBACK_TRIALS = 2  #: the last ones (see the module docstring)
 
 
 @pytest.mark.parametrize("seed", range(TRIALS))
 def test_trial(seed, pg_bindir, pg_base_dir):
     failback = seed >= TRIALS - FAILBACK_TRIALS
     r = run_trial(pg_base_dir / f"campaign-{seed}", seed=seed, bindir=pg_bindir, failback=failback)
-    detail = f"{r}\nerrors: {r.error_texts}\ntimeline: {r.timeline}"
+    detail = f"{r}\nerrors: {r.error_texts}\njournal: {r.journal}"
     assert not r.failed, detail
     assert r.conserved and r.explained, detail
     assert r.lost == 0 and r.duplicated == 0 and not r.rolled_back_present, detail
