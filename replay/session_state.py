@@ -181,7 +181,10 @@ class SessionRecorder:
     def end_transaction(self, committed: bool) -> None:
         """The transaction ended (ReadyForQuery 'I'): apply its staged effects if it
         committed, drop them if not."""
-        staged, self._staged = self._staged, Staged()
+        staged = self._staged
+        if not (staged.sets or staged.listen or staged.rolled_back_to_savepoint):
+            return  # the common case: nothing staged, nothing to make (once per transaction)
+        self._staged = Staged()
         if not committed:
             return
         if staged.rolled_back_to_savepoint and staged.sets:
