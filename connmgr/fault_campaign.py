@@ -96,6 +96,8 @@ class TrialResult:
     #: "(src->dst: amount)")
     missing: list[str] = field(default_factory=list)
     unexplained: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: sessions the secondary connmgr's import queue gave up on (a desync, an overflow)
+    not_replayable: int = 0
     #: every failover note of the trial, all moves: (seconds after the kill, text)
     journal: list[tuple[float, str]] = field(default_factory=list)
 
@@ -217,7 +219,7 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
     pair = ClusterPair.create(base_dir, databases=(DB,), password=PASSWORD, bindir=bindir)
     started: list[EmbeddedConnmgr] = []
     try:
-        primary, _secondary = start_connmgr_pair(
+        primary, secondary = start_connmgr_pair(
             pair, database=DB, password=PASSWORD, poster_slot="campaign_poster",
             users_file=write_users_file(base_dir, PASSWORD),
             sequence_interval=0.2, failover=True, shutdown_timeout=2.0, started=started,
@@ -272,6 +274,8 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         result.sessions_failed = Counter(fo.sessions_failed)
         result.stalls = list(fo.stalls)
         result.timeline = list(fo.timeline)
+        if secondary.app.imports is not None:
+            result.not_replayable = len(secondary.app.imports.not_replayable)
         result.journal = [(round(t - killed_at, 4), what) for t, what in fo.journal]
         _check(pair.primary if failback else pair.secondary, tally, result, killed_at)
         if failback:

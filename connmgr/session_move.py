@@ -157,6 +157,9 @@ async def _settle_frozen(conn: ClientConnection, relay: Relay, failover) -> None
         failover.replies_dropped += 1
         return
     buf, frames = relay.backend.framer.feed(data)
+    # the relay has ended and told the secondary connmgr the session closed: mirroring
+    # these now would open it there again, mid-transaction ("ReadyForQuery with no request")
+    relay.downstream.mirror = None
     out = relay.downstream.process(buf, frames) if frames else b""
     relay.hold_version = 0  # the mirror is not waited for any more
     relay.lost = None

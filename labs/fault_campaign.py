@@ -86,6 +86,7 @@ def _summary(results: list[TrialResult], args: argparse.Namespace) -> int:
         "transactions_replayed": sum(r.replayed for r in results),
         "sessions_held_in_freeze": sum(r.held for r in results),
         "held_replies_dropped": sum(r.held_dropped for r in results),
+        "import_queue_not_replayable": sum(r.not_replayable for r in results),
         "detect_ms": {q: round(percentile(detect, v) * 1e3, 1) for q, v in (("p50", .5), ("p99", .99), ("max", 1))},
         "stall_ms": {q: round(percentile(stalls, v) * 1e3, 1) for q, v in (("p50", .5), ("p99", .99), ("max", 1))},
     }
