@@ -8,7 +8,9 @@ whatever crashed its loop.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import trio
 
@@ -150,3 +152,32 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     if not wait_until(lambda: primary.app.mirror.connected, 15):
         raise OSError("the mirror link between the connection managers did not come up")
     return primary, secondary
+
+
+@contextlib.contextmanager
+def running_pair(base_dir, *, database: str, password: str, poster_slot: str, bindir=None, users_dir=None,
+                 strict_stop: bool = True, **options) -> Iterator[tuple]:  # fmt: skip
+    """A fresh :class:`~connmgr.pair.ClusterPair` in ``base_dir`` (one database) and its
+    two connection managers (:func:`start_connmgr_pair` with ``options``); yields
+    (pair, primary, secondary). On the way out the connection managers are stopped, all
+    of them, and the pair is destroyed; then the first error a stop raised is raised
+    (unless ``strict_stop`` is False: a fault campaign's cleanup just goes on)."""
+    from .pair import ClusterPair
+
+    pair = ClusterPair.create(base_dir, databases=(database,), password=password, bindir=bindir)
+    started: list[EmbeddedConnmgr] = []
+    try:
+        primary, secondary = start_connmgr_pair(
+            pair, database=database, password=password, poster_slot=poster_slot, started=started,
+            users_file=write_users_file(users_dir or base_dir, password), **options)  # fmt: skip
+        yield pair, primary, secondary
+    finally:
+        error = None
+        for cm in reversed(started):
+            try:
+                cm.stop()
+            except Exception as e:  # noqa: BLE001 - the others are stopped too, then it is raised
+                error = error or e
+        pair.destroy()
+        if error is not None and strict_stop:
+            raise error

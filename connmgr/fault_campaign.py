@@ -43,8 +43,7 @@ from pathlib import Path
 
 import psycopg
 
-from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until, write_users_file
-from .pair import ClusterPair
+from .embedded import running_pair, wait_until
 
 __all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE"]
 
@@ -216,82 +215,77 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
     say = log or (lambda _text: None)
     rng = random.Random(seed)
     result = TrialResult(seed=seed, kill_after=round(rng.uniform(*kill_window), 3))
-    pair = ClusterPair.create(base_dir, databases=(DB,), password=PASSWORD, bindir=bindir)
-    started: list[EmbeddedConnmgr] = []
     try:
-        primary, secondary = start_connmgr_pair(
-            pair, database=DB, password=PASSWORD, poster_slot="campaign_poster",
-            users_file=write_users_file(base_dir, PASSWORD),
-            sequence_interval=0.2, failover=True, shutdown_timeout=2.0, started=started,
-            failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2})  # fmt: skip
-        pair.sync_schema(DB, SCHEMA)
-        with pair.primary.connect(DB) as c:
-            c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
-        pair.wait_caught_up()
-        pair.sync_sequences(DB)
-
-        tally = _Tally()
-        stop = threading.Event()
-        conninfo = primary.conninfo("postgres", DB, PASSWORD)
-        threads = [threading.Thread(target=_client, args=(conninfo, i, stop, tally), daemon=True)
-                   for i in range(clients)]  # fmt: skip
-        for t in threads:
-            t.start()
-        time.sleep(result.kill_after)
-        killed_at = time.monotonic()
-        pair.primary.kill()
-        say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
-        fo = primary.app.failover
-        wait_until(lambda: fo.failed_over or fo.failed is not None, 15)
-        if fo.suspected_at is not None:
-            result.detect_seconds = fo.suspected_at - killed_at
-        if fo.failed_over_at is not None:
-            result.failed_over_seconds = fo.failed_over_at - killed_at
-        time.sleep(after)
-        if failback:
-            restarted = time.monotonic()
-            pair.primary.start()
-            if not wait_until(lambda: fo.reseeds == 2 and not fo.failed_over and fo.previous is None
-                              and primary.app.server is fo.home, 60):  # fmt: skip
-                raise RuntimeError(f"fail-back did not complete within 60 s: {fo.timeline[-5:]}")
-            result.failback_seconds = time.monotonic() - restarted
-            say(f"  old primary restarted, re-seeded, sessions home again in {result.failback_seconds:.2f}s")
-            time.sleep(after)
-        stop.set()
-        for t in threads:
-            t.join(30)
-
-        result.transfers_acked = len(tally.transfers)
-        result.ledger_acked = len(tally.ledger)
-        result.reads = tally.reads
-        result.errors = tally.errors
-        result.error_texts = tally.texts
-        result.moved = fo.sessions_moved
-        result.commits_acknowledged = fo.commits_acknowledged
-        result.replayed = fo.transactions_replayed
-        result.rolled_back = Counter(fo.transactions_rolled_back)
-        result.held, result.held_dropped = fo.replies_held, fo.replies_dropped
-        result.sessions_failed = Counter(fo.sessions_failed)
-        result.stalls = list(fo.stalls)
-        result.timeline = list(fo.timeline)
-        if secondary.app.imports is not None:
-            result.not_replayable = len(secondary.app.imports.not_replayable)
-        result.journal = [(round(t - killed_at, 4), what) for t, what in fo.journal]
-        _check(pair.primary if failback else pair.secondary, tally, result, killed_at)
-        if failback:
-            pair.wait_caught_up()
-            result.replicas_equal = all(_digest(pair.primary, t) == _digest(pair.secondary, t)
-                                        for t in ("accounts", "transfers", "ledger", "connmgr.markers"))  # fmt: skip
+        with running_pair(base_dir, database=DB, password=PASSWORD, poster_slot="campaign_poster", bindir=bindir,
+                          strict_stop=False, sequence_interval=0.2, failover=True, shutdown_timeout=2.0,
+                          failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2},
+                          ) as (pair, primary, secondary):  # fmt: skip
+            _trial(pair, primary, secondary, result, say, clients=clients, after=after, failback=failback)
     except Exception as e:  # noqa: BLE001 - a trial that cannot run is a failed trial, with the reason
         result.failed = f"{type(e).__name__}: {e}"
-    finally:
-        for cm in reversed(started):
-            try:
-                cm.stop()
-            except Exception:  # noqa: BLE001 - cleanup goes on
-                pass
-        pair.destroy()
     return result
+
+
+def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, after: float, failback: bool) -> None:
+    """The trial itself, on the running pair (see run_trial)."""
+    pair.sync_schema(DB, SCHEMA)
+    with pair.primary.connect(DB) as c:
+        c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
+    pair.wait_caught_up()
+    pair.sync_sequences(DB)
+
+    tally = _Tally()
+    stop = threading.Event()
+    conninfo = primary.conninfo("postgres", DB, PASSWORD)
+    threads = [threading.Thread(target=_client, args=(conninfo, i, stop, tally), daemon=True)
+               for i in range(clients)]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(result.kill_after)
+    killed_at = time.monotonic()
+    pair.primary.kill()
+    say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
+    fo = primary.app.failover
+    wait_until(lambda: fo.failed_over or fo.failed is not None, 15)
+    if fo.suspected_at is not None:
+        result.detect_seconds = fo.suspected_at - killed_at
+    if fo.failed_over_at is not None:
+        result.failed_over_seconds = fo.failed_over_at - killed_at
+    time.sleep(after)
+    if failback:
+        restarted = time.monotonic()
+        pair.primary.start()
+        if not wait_until(lambda: fo.reseeds == 2 and not fo.failed_over and fo.previous is None
+                          and primary.app.server is fo.home, 60):  # fmt: skip
+            raise RuntimeError(f"fail-back did not complete within 60 s: {fo.timeline[-5:]}")
+        result.failback_seconds = time.monotonic() - restarted
+        say(f"  old primary restarted, re-seeded, sessions home again in {result.failback_seconds:.2f}s")
+        time.sleep(after)
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+    result.transfers_acked = len(tally.transfers)
+    result.ledger_acked = len(tally.ledger)
+    result.reads = tally.reads
+    result.errors = tally.errors
+    result.error_texts = tally.texts
+    result.moved = fo.sessions_moved
+    result.commits_acknowledged = fo.commits_acknowledged
+    result.replayed = fo.transactions_replayed
+    result.rolled_back = Counter(fo.transactions_rolled_back)
+    result.held, result.held_dropped = fo.replies_held, fo.replies_dropped
+    result.sessions_failed = Counter(fo.sessions_failed)
+    result.stalls = list(fo.stalls)
+    result.timeline = list(fo.timeline)
+    if secondary.app.imports is not None:
+        result.not_replayable = len(secondary.app.imports.not_replayable)
+    result.journal = [(round(t - killed_at, 4), what) for t, what in fo.journal]
+    _check(pair.primary if failback else pair.secondary, tally, result, killed_at)
+    if failback:
+        pair.wait_caught_up()
+        result.replicas_equal = all(_digest(pair.primary, t) == _digest(pair.secondary, t)
+                                    for t in ("accounts", "transfers", "ledger", "connmgr.markers"))  # fmt: skip
 
 
 def _digest(cluster, table: str) -> str:

@@ -26,6 +26,7 @@ from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayab
 from replay.markers import DDL_PREFIX, parse_ddl_message
 from replay.pgoutput import unix_from_pg_timestamp
 from replay.reader import ReplicationError
+from replay.reconnect import Outage
 from replay.session_state import SessionRecorder
 from shadow.framing import Framer
 
@@ -58,7 +59,7 @@ class ImportProcess:
         self.not_replayable: set[int] = set()
         #: called with a Topology record (the pair turned around; set by the App)
         self.on_topology: Callable[[Topology], None] | None = None
-        self._poster_scope: trio.CancelScope | None = None
+        self._poster_outage = Outage(log, "poster queue", retrying="reopening every 1 s")
         self.on_purge: list[Callable[[list], None]] = []
         self.poster_connected = False
         self.poster_errors = 0
@@ -173,8 +174,7 @@ class ImportProcess:
     def restart_poster(self) -> None:
         """Drop the poster stream now and open it again at once (``open_stream`` names
         another server after the pair turned around)."""
-        if self._poster_scope is not None:
-            self._poster_scope.cancel()
+        self._poster_outage.restart()
 
     async def follow_poster(self, open_stream, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Purge from the poster queue until cancelled. ``open_stream()`` returns an
@@ -184,16 +184,13 @@ class ImportProcess:
         WARNING, the recovery INFO; the failures between are counted (poster_errors).
         Started at once."""
         task_status.started()
-        failed = 0
+        outage = self._poster_outage
         while True:
             restarted = False
             try:
-                with trio.CancelScope() as scope:
-                    self._poster_scope = scope
+                with outage.attempt() as scope:
                     stream = await open_stream()
-                    if failed:
-                        log.info("poster queue: connected again after %d failed attempt(s)", failed)
-                        failed = 0
+                    outage.success()
                     self.poster_connected = True
                     try:
                         async for rec in stream:
@@ -212,13 +209,7 @@ class ImportProcess:
                 restarted = scope.cancelled_caught
             except (ReplicationError, OSError, ClientError) as e:  # PeerClosed is a ClientError
                 self.poster_errors += 1
-                if not failed:
-                    log.warning("poster queue: %s; reopening every 1 s", e)
-                failed += 1
-            finally:
-                self._poster_scope = None
+                outage.failure(e)
             if restarted:
                 continue
-            with trio.CancelScope() as self._poster_scope:  # restart_poster() ends the back-off too
-                await trio.sleep(1.0)
-            self._poster_scope = None
+            await outage.back_off()  # restart_poster() ends it too

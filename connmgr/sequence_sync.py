@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from replay.reconnect import Outage
 from shadow import messages as m
 from shadow.sqltext import quote_ident, quote_literal
 
@@ -258,7 +259,7 @@ class SequenceSync:
         warning, the recovery as info.
         """
         task_status.started()
-        failed = 0
+        outage = Outage(log, "sequence sync", again="working again")
         try:
             while True:
                 try:
@@ -266,16 +267,11 @@ class SequenceSync:
                         await self.sync_once()
                 except Exception as e:  # a server refusing or gone, a query failing, TooSlowError
                     self.errors += 1
-                    if not failed:
-                        timed_out = isinstance(e, trio.TooSlowError)
-                        log.warning("sequence sync: %s; retrying every 1 s",
-                                    f"no answer in {self.round_timeout:g} s" if timed_out else e)  # fmt: skip
-                    failed += 1
-                    await trio.sleep(1.0)
+                    timed_out = isinstance(e, trio.TooSlowError)
+                    outage.failure(f"no answer in {self.round_timeout:g} s" if timed_out else e)
+                    await outage.back_off()
                     continue
-                if failed:
-                    log.info("sequence sync: working again after %d failed rounds", failed)
-                    failed = 0
+                outage.success()
                 await trio.sleep(self.interval)
         finally:
             self.close()

@@ -31,6 +31,7 @@ import trio
 from shadow import messages as m
 
 from .lsn import parse_lsn
+from .reconnect import Outage
 
 if TYPE_CHECKING:
     from connmgr.backend import BackendSession
@@ -49,15 +50,14 @@ class RedoMonitor:
         self.updated_at = 0.0
         self.samples = 0
         self.errors = 0
-        self._session_scope: trio.CancelScope | None = None
+        self._outage = Outage(log, "redo monitor", again="sampling again")
 
     def retarget(self) -> None:
         """The primary is another server now (a failover): positions start over in its
         WAL, and the current session (on the old one) is dropped at once; ``connect`` opens
         the next one on the new primary."""
         self.lsn = 0
-        if self._session_scope is not None:
-            self._session_scope.cancel()
+        self._outage.restart()
 
     @property
     def healthy(self) -> bool:
@@ -79,17 +79,14 @@ class RedoMonitor:
         """Poll until cancelled; ``connect()`` opens a session on the primary. Reconnects
         after failures (1 s back-off). ``task_status.started()`` after the first sample."""
         started = False
-        failed = 0  # failures in a row: the first is logged, the recovery too
+        outage = self._outage
         while True:
             session = None
             retargeted = False
             try:
-                with trio.CancelScope() as scope:
-                    self._session_scope = scope
+                with outage.attempt() as scope:
                     session = await connect()
-                    if failed:
-                        log.info("redo monitor: sampling again after %d failed attempt(s)", failed)
-                        failed = 0
+                    outage.success()
                     while True:
                         self.publish(await _sample(session))
                         if not started:
@@ -99,11 +96,8 @@ class RedoMonitor:
                 retargeted = scope.cancelled_caught
             except Exception as e:  # the server gone or refusing (ClientError), no value
                 self.errors += 1
-                if not failed:
-                    log.warning("redo monitor: %s; retrying every 1 s", e)
-                failed += 1
+                outage.failure(e)
             finally:
-                self._session_scope = None
                 if session is not None:
                     session.close()
             if retargeted:
@@ -111,10 +105,7 @@ class RedoMonitor:
             if not started:
                 task_status.started()
                 started = True
-            with trio.CancelScope() as self._session_scope:  # retarget() ends the back-off too
-                await trio.sleep(1.0)
-            self._session_scope = None
-
+            await outage.back_off()  # retarget() ends it too
 
 async def _sample(session: BackendSession) -> int:
     rows = await session.query_rows(_QUERY)

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from connmgr import config as config_mod
-from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until, write_users_file
+from connmgr.embedded import EmbeddedConnmgr, running_pair, wait_until
 from connmgr.pair import ClusterPair
 
 #: the database and superuser password of the failover pairs (live_pair_of)
@@ -117,14 +117,9 @@ def live_pair_of(pg_bindir, base, tmp_path, *, primary_extra: dict | None = None
                  failover_options: dict | None = None):
     """A fresh pair and its two connection managers (failover on), with tables accounts
     (20 rows of 1000), transfers and ledger."""
-    pair = ClusterPair.create(base, databases=(DB,), password=PASSWORD, bindir=pg_bindir)
-    started: list[EmbeddedConnmgr] = []
-    try:
-        primary, secondary = start_connmgr_pair(
-            pair, database=DB, password=PASSWORD, poster_slot="failover_poster",
-            users_file=write_users_file(tmp_path, PASSWORD),
-            sequence_interval=0.1, failover=True, started=started, primary_extra=primary_extra,
-            failover_options=failover_options)  # fmt: skip
+    with running_pair(base, database=DB, password=PASSWORD, poster_slot="failover_poster", bindir=pg_bindir,
+                      users_dir=tmp_path, sequence_interval=0.1, failover=True, primary_extra=primary_extra,
+                      failover_options=failover_options) as (pair, primary, secondary):  # fmt: skip
         pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
                              "CREATE TABLE transfers (id text PRIMARY KEY, src int, dst int, amount int);"
                              "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip
@@ -132,7 +127,3 @@ def live_pair_of(pg_bindir, base, tmp_path, *, primary_extra: dict | None = None
             c.execute("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 20) g")
         pair.wait_caught_up()
         yield LivePair(pair, primary, secondary)
-    finally:
-        for cm in reversed(started):
-            cm.stop()
-        pair.destroy()

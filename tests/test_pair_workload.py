@@ -11,8 +11,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
-from connmgr.embedded import EmbeddedConnmgr, start_connmgr_pair, write_users_file
-from connmgr.pair import ClusterPair
+from connmgr.embedded import running_pair
 
 DB = "app"
 PASSWORD = "postgres"
@@ -21,18 +20,9 @@ PASSWORD = "postgres"
 @pytest.fixture(scope="module")
 def live_pair(pg_bindir, pg_base_dir, tmp_path_factory):
     """(ClusterPair, primary connmgr, secondary connmgr): the whole pair, as the demo runs it."""
-    pair = ClusterPair.create(pg_base_dir / "workload", databases=(DB,), password=PASSWORD, bindir=pg_bindir)
-    started: list[EmbeddedConnmgr] = []
-    try:
-        primary, secondary = start_connmgr_pair(
-            pair, database=DB, password=PASSWORD, poster_slot="workload_poster",
-            users_file=write_users_file(tmp_path_factory.mktemp("users"), PASSWORD),
-            sequence_interval=0.1, started=started)  # fmt: skip
-        yield pair, primary, secondary
-    finally:
-        for cm in reversed(started):
-            cm.stop()
-        pair.destroy()
+    with running_pair(pg_base_dir / "workload", database=DB, password=PASSWORD, poster_slot="workload_poster",
+                      bindir=pg_bindir, users_dir=tmp_path_factory.mktemp("users"), sequence_interval=0.1) as live:
+        yield live
 
 
 def tables(cluster, db=DB) -> list[str]:
