@@ -174,8 +174,8 @@ async def _sync_effective(open_new: Opener, database: str, sync_names: str) -> N
         ((value,),) = await _rows(session, "SELECT pg_catalog.current_setting('synchronous_standby_names')")
         if (value or b"").decode() != sync_names:
             raise ReseedError(f"the new primary did not take synchronous_standby_names = {sync_names!r}"
-                              f" (it has {(value or b'').decode()!r}): is it overridden in postgresql.auto.conf"
-                              " or on the command line?")  # fmt: skip
+                              f" (it has {(value or b'').decode()!r}): is it set on its command line (-c),"
+                              " which ALTER SYSTEM cannot override?")  # fmt: skip
         await _rows(session, "CHECKPOINT")
     finally:
         session.close()

@@ -222,8 +222,8 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
             requests = requests[journal.sync_ends[0]:]
             expected = b""
         if requests:
-            # what the primary answered (for a commit in flight: through its commit) goes
-            # first; requests beyond wait until every session is there
+            # what the primary answered goes first (a commit in flight right after it, once
+            # that matched); requests beyond wait until every session is there
             commit = b""
             if committed:
                 prefix, rest, between = b"", requests, _commit_barrier(failover, conn.id)
