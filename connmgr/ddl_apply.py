@@ -18,12 +18,46 @@ rows are copied, including any the creating transaction itself inserted.
 A statement that fails on the secondary does not stop the poster queue: the failure is
 logged with the statement and counted (``errors``), because the rest of the stream must
 still be purged; the divergence is what the operator has to look at.
+
+A new table: fenced before its first row
+-----------------------------------------
+The subscriber's apply worker *skips* the changes of a table that exists locally but is
+not yet in ``pg_subscription_rel`` (or is still being copied), while it goes on confirming
+the positions to the primary: a synchronous standby that acknowledges commits it did not
+apply. So a table created through connmgr must be subscribed, ready (``r``), before the
+apply worker may reach any change of it. The refresh cannot come first: the primary lists
+the table only once the creating transaction is visible there, i.e. after the standby
+confirmed it. So the creating transaction carries, with its marker at the commit, a
+``connmgr.ddl_guards`` row and a ``connmgr.guard`` message (:func:`replay.markers.guard_sql`;
+only if every table it created is still empty then), and on the secondary a replica
+trigger holds the apply worker *inside* that transaction until the row's id is in
+``connmgr.ddl_done``. Meanwhile, here:
+
+1. the CREATE is replayed (the apply worker cannot see the table: it waits in the guard);
+2. a second session takes ``SHARE`` locks on the tables the replay created (the *fence*:
+   it conflicts with the apply worker's ``ROW EXCLUSIVE``, not with the refresh's
+   ``ACCESS SHARE``);
+3. ``connmgr.ddl_done`` gets the id: the apply worker commits the creating transaction, the
+   primary's commit returns, and the table becomes visible there;
+4. ``REFRESH PUBLICATION WITH (copy_data = false)`` until each new table is ``r`` (no copy:
+   the table was empty at its creation and every row of it is still ahead of the apply
+   worker; the first change of it waits for the fence);
+5. the fence is lifted.
+
+No commit that wrote the table is confirmed by the standby before the table is ready, so
+none is acknowledged before; and nothing needs copying, so the table is ready in
+milliseconds instead of after a table synchronization worker's copy. A table that has rows
+in its creating transaction (``CREATE TABLE AS``, an INSERT in the same block) takes the
+old path: a refresh with a copy, and commits are unprotected until the copy is done
+(logged; ``connmgr pair check`` shows such tables).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+
+import trio
 
 from replay.markers import DdlStatement
 from shadow import messages
@@ -34,6 +68,18 @@ from .errors import ClientError
 from .wire import PeerClosed
 
 log = logging.getLogger("connmgr.ddl")
+
+#: the published kind of table (ordinary, permanent, not a catalog) that no subscription
+#: of this database follows yet: oid and qualified name
+_UNSUBSCRIBED = (
+    "SELECT c.oid, pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname <> 'information_schema'"
+    " AND n.nspname !~ '^pg_'"
+    " AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_subscription_rel r WHERE r.srrelid = c.oid)"
+)
+#: how long the fenced refresh may take before the fence is lifted anyway (logged)
+FENCE_TIMEOUT = 30.0
 
 _SUBSCRIPTIONS = (
     "SELECT subname FROM pg_catalog.pg_subscription"
@@ -65,11 +111,34 @@ class DdlApplier:
         self.errors = 0
         self.refreshes = 0
         self.refreshes_deferred = 0
+        #: new tables made ready behind a fence (no copy)
+        self.fenced = 0
         self._refresh_pending: set[str] = set()
 
-    async def apply(self, database: str, stmt: DdlStatement) -> bool:
+    async def apply_transaction(self, database: str, stmts: list[DdlStatement], guard: str | None) -> None:
+        """Replay the DDL of one committed transaction, in order. ``guard``: the id of its
+        ``connmgr.ddl_guards`` row (it created tables, empty at its commit): the tables it
+        made here are fenced and made ready without a copy, and the guard is released
+        whatever happens, so the apply worker never waits for a statement that failed here.
+        Connection failures raise (the caller retries the record: it is not confirmed)."""
+        if guard is None:
+            for stmt in stmts:
+                await self.apply(database, stmt)
+            return
+        session = await self._session(database)
+        before = await self._unsubscribed(session)
+        for stmt in stmts:
+            await self.apply(database, stmt, refresh=False)
+        created = {oid: name for oid, name in (await self._unsubscribed(session)).items() if oid not in before}
+        if created:
+            await self._fenced_refresh(database, session, guard, created)
+        else:
+            await self._release_guard(session, guard)
+
+    async def apply(self, database: str, stmt: DdlStatement, refresh: bool = True) -> bool:
         """Replay one statement; True if it ran. Connection failures raise (the caller
-        retries the record: it is not confirmed); a failing statement is logged."""
+        retries the record: it is not confirmed); a failing statement is logged. After a
+        CREATE or ALTER (``refresh``) the subscriptions are refreshed, with a copy."""
         session = await self._session(database)
         try:
             await session.query_rows(messages.query(replay_sql(stmt)))
@@ -85,9 +154,58 @@ class DdlApplier:
         self.applied += 1
         log.info("DDL replayed on the secondary as %s: %.200s", stmt.role, stmt.sql)
         words = leading_words(stmt.sql.encode("utf-8", "replace"), 1)
-        if (words and words[0] in (b"CREATE", b"ALTER")) or database in self._refresh_pending:
+        if refresh and ((words and words[0] in (b"CREATE", b"ALTER")) or database in self._refresh_pending):
             await self._refresh(database, session)
         return True
+
+    async def _unsubscribed(self, session: BackendSession) -> dict[bytes, str]:
+        return {row[0]: row[1].decode() for row in await session.query_rows(messages.query(_UNSUBSCRIBED))}
+
+    async def _release_guard(self, session: BackendSession, guard: str) -> None:
+        await session.query_rows(messages.query(
+            f"INSERT INTO connmgr.ddl_done (id) VALUES ({quote_literal(guard)}) ON CONFLICT DO NOTHING"))
+
+    async def _fenced_refresh(self, database: str, session: BackendSession, guard: str,
+                              created: dict[bytes, str]) -> None:  # fmt: skip
+        """Steps 2-5 of the module docstring for the tables ``created`` (oid -> name)."""
+        fence = await self.open_session(database)
+        try:
+            await fence.query_rows(messages.query(
+                f"BEGIN; LOCK TABLE {', '.join(created.values())} IN SHARE MODE"))
+            await self._release_guard(session, guard)
+            subs = [row[0].decode() for row in await session.query_rows(messages.query(_SUBSCRIPTIONS)) if row[0]]
+            oids = ",".join(oid.decode() for oid in created)
+            ready = f"SELECT count(*) FROM pg_catalog.pg_subscription_rel WHERE srrelid IN ({oids}) AND srsubstate = 'r'"
+            with trio.move_on_after(FENCE_TIMEOUT) as scope:
+                while True:
+                    try:
+                        for sub in subs:
+                            await session.query_rows(messages.query(
+                                f"ALTER SUBSCRIPTION {quote_ident(sub)} REFRESH PUBLICATION WITH (copy_data = false)"))
+                            self.refreshes += 1
+                    except ClientError as e:
+                        if isinstance(e, PeerClosed):
+                            raise
+                        log.warning("refreshing the subscriptions of %r for %s failed, retrying: %s %s",
+                                    database, ", ".join(created.values()), e.sqlstate, e.message)  # fmt: skip
+                    if subs and (await session.query_rows(messages.query(ready)))[0][0] == str(len(created)).encode():
+                        break
+                    await trio.sleep(0.005)
+            if scope.cancelled_caught:
+                self.errors += 1
+                log.error("the new table(s) %s did not become ready in the subscriptions of %r within %.0f s;"
+                          " the fence is lifted, their rows may be skipped until a refresh with copy_data",
+                          ", ".join(created.values()), database, FENCE_TIMEOUT)  # fmt: skip
+            else:
+                self.fenced += len(created)
+                self._refresh_pending.discard(database)
+        finally:
+            with trio.move_on_after(5):
+                try:
+                    await fence.query_rows(messages.query("ROLLBACK"))  # the fence is lifted
+                except (ClientError, OSError):
+                    pass  # closing the connection ends the transaction as well
+            fence.close()
 
     async def _refresh(self, database: str, session: BackendSession) -> None:
         """Refresh every subscription of ``database``. While the primary already has a

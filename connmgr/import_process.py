@@ -23,7 +23,7 @@ from collections.abc import Callable
 import trio
 
 from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable, sql_text
-from replay.markers import DDL_PREFIX, parse_ddl_message
+from replay.markers import DDL_PREFIX, GUARD_PREFIX, parse_ddl_message
 from replay.pgoutput import unix_from_pg_timestamp
 from replay.reader import ReplicationError
 from replay.reconnect import Outage
@@ -160,16 +160,20 @@ class ImportProcess:
     async def _replay_ddl(self, rec) -> None:
         """Replay the DDL a committed transaction carried, in order, before the record is
         confirmed (a lost connection raises: the record comes again)."""
+        stmts = []
+        guard = None
         for prefix, content in rec.messages:
+            if prefix == GUARD_PREFIX:
+                guard = bytes(content).decode("ascii", "replace")
+                continue
             if prefix != DDL_PREFIX:
                 continue
             try:
-                stmt = parse_ddl_message(content)
+                stmts.append(parse_ddl_message(content))
             except ValueError as e:
                 self.bad_ddl_messages += 1
                 log.error("transaction %d carries a malformed DDL message: %s", rec.xid, e)
-                continue
-            await self.ddl.apply(self.database, stmt)
+        await self.ddl.apply_transaction(self.database, stmts, guard)
 
     def restart_poster(self) -> None:
         """Drop the poster stream now and open it again at once (``open_stream`` names

@@ -46,6 +46,7 @@ from shadow.framing import Framer
 from shadow.session import PendingRequest, Phase, TxStatus
 from shadow.sqltext import (
     DdlKind,
+    created_table,
     ddl_kind,
     first_word,
     is_commit,
@@ -191,7 +192,19 @@ class Upstream:
         relay = self.relay
         relay.marker_seq = relay.transactions + 1
         relay.marker_at = time.perf_counter()
+        if relay.new_tables:  # this transaction created tables: the guard goes with its marker
+            guard = markers.guard_sql(relay.new_tables)
+            relay.new_tables = []
+            return markers.mark_sql(self.origin, self.sid, relay.marker_seq, guard)
         return markers.mark_sql(self.origin, self.sid, relay.marker_seq)
+
+    def _capture_sql(self, sql: bytes) -> str:
+        """The capture statement of DDL ``sql``; a table it creates is remembered for
+        the transaction's marker (its guard)."""
+        table = created_table(sql)
+        if table is not None:
+            self.relay.new_tables.append(table)
+        return markers.ddl_capture_sql(_text(sql))
 
     def _marker_query(self) -> bytes:
         return messages.query(self._marker_sql())
@@ -214,7 +227,7 @@ class Upstream:
             if kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
                 self.relay.ddl_captured += 1
                 self.relay.conn.app.metrics.ddl_captured += 1
-                return (start - 5, start - 5, messages.query(markers.ddl_capture_sql(_text(sql))), _CYCLE)
+                return (start - 5, start - 5, messages.query(self._capture_sql(sql)), _CYCLE)
             self._not_captured(sql, kind)
             return None
         if tx is not TxStatus.IDLE:
@@ -231,7 +244,7 @@ class Upstream:
             self.relay.conn.app.metrics.ddl_captured += 1
             # the capture goes after the statement (so error positions stay the client's);
             # it is in the same implicit transaction either way
-            text = _text(sql) + "\n;" + markers.ddl_capture_sql(_text(sql)) + ";" + self._marker_sql()
+            text = _text(sql) + "\n;" + self._capture_sql(sql) + ";" + self._marker_sql()
         else:
             self._not_captured(sql, kind)
             return None
@@ -600,6 +613,8 @@ class Relay:
         #: transaction number the outstanding marker names; a marker wrote its row in the
         #: current transaction (its ack is held in two-phase mode)
         self.marker_seq = 0
+        #: tables created by captured DDL in this transaction, for the guard (ddl_apply.py)
+        self.new_tables: list[str] = []
         #: when that marker was sent (a failover replays commits in flight in this order)
         self.marker_at = 0.0
         self.marked = False

@@ -62,6 +62,8 @@ __all__ = [
     "CHECK_SQL",
     "mark_sql",
     "ddl_capture_sql",
+    "guard_sql",
+    "GUARD_PREFIX",
     "DdlStatement",
     "parse_ddl_message",
 ]
@@ -75,6 +77,8 @@ MARKER_COLUMN = "connmgr.marker"
 DDL_COLUMN = "connmgr.ddl"
 #: prefix of the transactional logical message that carries a captured DDL statement
 DDL_PREFIX = "connmgr.ddl"
+#: prefix of the message a guarded table-creating transaction carries (content: the guard id)
+GUARD_PREFIX = "connmgr.guard"
 
 #: creates (idempotently) what markers need in one database; run it as a superuser on the
 #: primary *and* the secondary, before the subscription is created (the subscriber must
@@ -94,12 +98,85 @@ BEGIN
     IF pg_catalog.txid_current_if_assigned() IS NULL THEN
         RETURN NULL;
     END IF;
+    -- the synchronous guarantee is not the session's to weaken (SET, SET LOCAL,
+    -- set_config(), options, ALTER ROLE/DATABASE ... SET): a writing transaction commits
+    -- with synchronous_commit = on (remote_apply, stronger, is kept); local to it
+    IF pg_catalog.current_setting('synchronous_commit') NOT IN ('on', 'remote_apply') THEN
+        PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);
+    END IF;
     INSERT INTO connmgr.markers AS m (origin, session, seq) VALUES (o, s, q)
     ON CONFLICT (origin, session) DO UPDATE SET seq = excluded.seq;
     RAISE NOTICE 'connmgr.flush';
     RETURN true;
 END
 $connmgr$;
+CREATE TABLE IF NOT EXISTS connmgr.ddl_guards (
+    id text PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE TABLE IF NOT EXISTS connmgr.ddl_done (
+    id text PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE OR REPLACE FUNCTION connmgr.ddl_guard(g text, tables regclass[]) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $connmgr$
+DECLARE
+    rel regclass;
+    has_rows boolean;
+    guarded boolean := false;
+BEGIN
+    FOREACH rel IN ARRAY tables LOOP
+        -- NULL: dropped again, or rolled back to a savepoint
+        CONTINUE WHEN rel IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class
+            WHERE oid = rel AND relkind = 'r' AND relpersistence = 'p');
+        EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO has_rows;
+        IF has_rows THEN
+            RETURN false;  -- rows in the creating transaction: the secondary copies the table
+        END IF;
+        guarded := true;
+    END LOOP;
+    IF guarded THEN
+        INSERT INTO connmgr.ddl_guards (id) VALUES (g) ON CONFLICT DO NOTHING;
+        PERFORM pg_catalog.pg_logical_emit_message(true, 'connmgr.guard', g);
+    END IF;
+    RETURN guarded;
+END
+$connmgr$;
+CREATE OR REPLACE FUNCTION connmgr.ddl_guard_wait() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $connmgr$
+DECLARE
+    deadline timestamptz := pg_catalog.clock_timestamp() + interval '10 s';
+BEGIN
+    -- a table synchronization worker copying the table (a re-seed) has nothing to wait for
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_stat_subscription
+               WHERE pid = pg_catalog.pg_backend_pid() AND relid IS NOT NULL) THEN
+        RETURN NEW;
+    END IF;
+    WHILE NOT EXISTS (SELECT 1 FROM connmgr.ddl_done WHERE id = NEW.id) LOOP
+        IF pg_catalog.clock_timestamp() > deadline THEN
+            RAISE EXCEPTION 'connmgr: the secondary connmgr has not replayed DDL % yet', NEW.id
+                USING HINT = 'The apply worker retries; the primary''s commits wait until the'
+                             ' secondary connmgr (its [poster] section) replays the DDL.';
+        END IF;
+        PERFORM pg_catalog.pg_sleep(0.002);
+    END LOOP;
+    RETURN NEW;
+END
+$connmgr$;
+DO $connmgr$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgname = 'ddl_guard_wait'
+                   AND tgrelid = 'connmgr.ddl_guards'::regclass) THEN
+        CREATE TRIGGER ddl_guard_wait BEFORE INSERT ON connmgr.ddl_guards
+            FOR EACH ROW EXECUTE FUNCTION connmgr.ddl_guard_wait();
+        -- only in apply workers (session_replication_role = replica): on the secondary
+        ALTER TABLE connmgr.ddl_guards ENABLE REPLICA TRIGGER ddl_guard_wait;
+    END IF;
+END $connmgr$;
+REVOKE ALL ON connmgr.ddl_guards, connmgr.ddl_done FROM PUBLIC;
+REVOKE ALL ON FUNCTION connmgr.ddl_guard(text, regclass[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION connmgr.ddl_guard(text, regclass[]) TO PUBLIC;
 REVOKE ALL ON connmgr.markers FROM PUBLIC;
 REVOKE ALL ON FUNCTION connmgr.mark(bigint, bigint, bigint) FROM PUBLIC;
 GRANT USAGE ON SCHEMA connmgr TO PUBLIC;
@@ -120,16 +197,19 @@ POSTER_PUBLICATION = "connmgr_poster"
 #: one row, true if this database has the marker function
 CHECK_SQL = (
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid ="
-    " pg_catalog.to_regprocedure('connmgr.mark(bigint,bigint,bigint)') AND prosrc LIKE '%connmgr.flush%')"
+    " pg_catalog.to_regprocedure('connmgr.mark(bigint,bigint,bigint)') AND prosrc LIKE '%connmgr.flush%'"
+    " AND prosrc LIKE '%synchronous_commit%')"
+    " AND pg_catalog.to_regprocedure('connmgr.ddl_guard(text,regclass[])') IS NOT NULL"
 )
 
 #: the message of the notice a writing marker raises; the relay swallows it
 FLUSH_NOTICE = "connmgr.flush"
 
 
-def mark_sql(origin: int, session_id: int, seq: int) -> str:
-    """The marker statement for transaction ``seq`` of a session."""
-    return f'SELECT connmgr.mark({origin}, {session_id}, {seq}) AS "{MARKER_COLUMN}"'
+def mark_sql(origin: int, session_id: int, seq: int, guard: str = "") -> str:
+    """The marker statement for transaction ``seq`` of a session (``guard``: from
+    :func:`guard_sql`, for a transaction that created tables)."""
+    return f'SELECT connmgr.mark({origin}, {session_id}, {seq}) AS "{MARKER_COLUMN}"{guard}'
 
 
 def ddl_capture_sql(statement: str) -> str:
@@ -144,6 +224,22 @@ def ddl_capture_sql(statement: str) -> str:
         " 'search_path', pg_catalog.current_setting('search_path'),"
         f" 'sql', {tag}{statement}{tag})::text) AS \"{DDL_COLUMN}\""
     )
+
+
+def guard_sql(tables: list[str]) -> str:
+    """What the marker statement of a transaction that created ``tables`` (names as the
+    client wrote them) adds: a ``connmgr.ddl_guard`` call with a fresh id. If every one of
+    them is still empty at the commit, the call writes a ``connmgr.ddl_guards`` row and a
+    ``connmgr.guard`` message; the secondary fences the tables before its apply worker may
+    commit the transaction (see :mod:`connmgr.ddl_apply`)."""
+    # resolved here, with the session's search_path (the function has its own)
+    rels = ", ".join(f"pg_catalog.to_regclass({quote_text(t)})" for t in tables)
+    return f", connmgr.ddl_guard('{secrets.token_hex(12)}', ARRAY[{rels}]::regclass[])"
+
+
+def quote_text(text: str) -> str:
+    """``text`` as a standard-conforming string literal (no backslash escapes in it)."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 class DdlStatement:

@@ -10,6 +10,8 @@ further. Anything it cannot classify (a leading parenthesis, a dollar-quoted pre
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "quote_ident",
     "quote_literal",
@@ -20,6 +22,7 @@ __all__ = [
     "is_transaction_control",
     "ddl_kind",
     "DdlKind",
+    "created_table",
 ]
 
 _SPACE = frozenset(b" \t\r\n\f\v")
@@ -141,6 +144,43 @@ def ddl_kind(sql: bytes, first: bytes | None = None) -> int:
     if words[0] == b"CREATE" and any(w.startswith(b"TEMP") for w in words[1:3]):
         return DdlKind.NOT_REPLICATED
     return DdlKind.TRANSACTIONAL
+
+
+_TABLE_PREFIX = frozenset({b"GLOBAL", b"LOCAL"})
+#: ``AS`` followed by one of these makes a CREATE TABLE a CREATE TABLE AS (rows of its own)
+_AS_QUERY = re.compile(rb"\bAS\s*\(*\s*(SELECT|VALUES|TABLE|WITH|EXECUTE)\b", re.IGNORECASE)
+_IF_NOT_EXISTS = re.compile(rb"\s*IF\s+NOT\s+EXISTS\b", re.IGNORECASE)
+#: a possibly qualified name: words or double-quoted identifiers joined by dots
+_QUALIFIED = re.compile(rb'\s*((?:"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*)'
+                        rb'(?:\s*\.\s*(?:"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*)){0,2})')
+
+
+def created_table(sql: bytes) -> str | None:
+    """The name (as written: ``to_regclass`` reads it) of the table a ``CREATE TABLE``
+    makes, for a published table made without rows of its own (column list, ``LIKE``,
+    ``PARTITION OF``, ``OF type``); None for anything else: TEMP or UNLOGGED (not
+    replicated), ``CREATE TABLE ... AS`` (its rows come with it), not a CREATE TABLE, or a
+    form this scan does not follow (a comment between the words). A false "AS query" match
+    only gives None: the conservative side."""
+    words = leading_words(sql, 3)
+    if len(words) < 2 or words[0] != b"CREATE":
+        return None
+    i = 1
+    if words[i] in _TABLE_PREFIX:
+        i += 1
+    if i >= len(words) or words[i] != b"TABLE":
+        return None
+    if _AS_QUERY.search(sql) is not None:
+        return None
+    upper = sql.upper()
+    at = upper.find(b"TABLE") + 5
+    m = _IF_NOT_EXISTS.match(sql, at)
+    if m is not None:
+        at = m.end()
+    m = _QUALIFIED.match(sql, at)
+    if m is None:
+        return None
+    return m.group(1).decode("utf-8", "replace")
 
 
 def _dollar_tag(sql: bytes, i: int) -> bytes | None:

@@ -1,0 +1,92 @@
+"""The synchronous guarantee as a user can break it (issue 12): every commit acknowledged
+through the pair is already applied on the secondary at the moment its client hears of
+it, whatever the client does first -- create a table and write to it at once, turn
+``synchronous_commit`` off -- and a kill right then loses nothing. Assertions are on rows
+read directly on the secondary, and on where a commit waits (``SyncRep``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+from connmgr_fixtures import DB, live_pair_of, wait_for
+
+
+@pytest.fixture
+def live_pair(pg_bindir, pg_base_dir, tmp_path, request):
+    with live_pair_of(pg_bindir, pg_base_dir / f"guarantee-{request.node.name[:40]}", tmp_path,
+                      failover_options={"failback": "manual"}) as lp:  # fmt: skip
+        yield lp
+
+
+@pytest.mark.parametrize("how", ["autocommit", "block"])
+def test_a_new_table_is_applied_on_the_secondary_from_its_first_commit(live_pair, how):
+    """Before the fence, a new table joined the subscription ~1 s after its CREATE, and
+    commits in between were confirmed by the standby without being applied: the rows read
+    on the secondary right after the acknowledgement were missing."""
+    with live_pair.connect(autocommit=True) as c:
+        for i in range(4):
+            table = f"fresh_{how}_{i}"
+            if how == "autocommit":
+                c.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, v int NOT NULL)")
+            else:
+                with c.transaction():
+                    c.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, v int NOT NULL)")
+                    c.execute(f"CREATE INDEX ON {table} (v)")
+            c.execute(f"INSERT INTO {table} (v) SELECT g FROM generate_series(1, 40) g")
+            c.execute(f"UPDATE {table} SET v = -v WHERE v = 7")
+            expected = c.execute(f"SELECT count(*), sum(v) FROM {table}").fetchone()
+            # read on the secondary at once: a synchronous standby's confirmation means applied
+            assert live_pair.on_secondary(f"SELECT count(*), sum(v) FROM {table}") == [expected], table
+            state = live_pair.on_secondary(
+                f"SELECT srsubstate FROM pg_subscription_rel WHERE srrelid = '{table}'::regclass")
+            assert state == [("r",)], table
+    assert live_pair.secondary.app.imports.ddl.fenced >= 4
+
+
+@pytest.mark.xfail(reason="issue 12, open: a table with rows in its creating transaction is copied"
+                          " (unprotected until the copy is done)", strict=False)
+def test_a_table_written_in_its_creating_transaction_is_applied_at_once(live_pair):
+    with live_pair.connect(autocommit=True) as c:
+        for i in range(4):
+            table = f"born_full_{i}"
+            with c.transaction():
+                c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+                c.execute(f"INSERT INTO {table} SELECT generate_series(1, 10)")
+            c.execute(f"INSERT INTO {table} VALUES (11)")
+            assert live_pair.on_secondary(f"SELECT count(*) FROM {table}") == [(11,)], table
+
+
+def test_kill_right_after_a_new_table_is_written_loses_nothing(live_pair):
+    """SIGKILL of the primary within milliseconds of a CREATE TABLE and its first writes:
+    every acknowledged row is on the survivor."""
+    acked: list[int] = []
+    stop = threading.Event()
+    with live_pair.connect(autocommit=True) as c:
+        c.execute("CREATE TABLE hot (id int PRIMARY KEY)")
+
+        def writer():
+            with live_pair.connect(autocommit=True) as w:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    try:
+                        w.execute("INSERT INTO hot VALUES (%s)", (n,))
+                    except psycopg.Error:
+                        return
+                    acked.append(n)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.02)
+        live_pair.pair.primary.kill()
+        assert wait_for(lambda: live_pair.failover.failed_over, 20)
+        time.sleep(0.2)
+        stop.set()
+        t.join(30)
+    assert acked, "the writer acknowledged nothing before the kill"
+    present = {r[0] for r in live_pair.on_secondary("SELECT id FROM hot")}
+    missing = [n for n in acked if n not in present]
+    assert not missing, f"{len(missing)} acknowledged rows missing on the survivor, first {missing[:5]}"
