@@ -35,6 +35,7 @@ from shadow import messages as m
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
 from shadow.session import SessionState
+from shadow.sqltext import enforce_synchronous_commit
 
 from .backend import BackendSession, open_backend
 from .client_auth import authenticate_client
@@ -247,6 +248,14 @@ class ClientConnection:
         self.startup_params["database"] = self.database
         if cfg.primary.user:
             self.startup_params["user"] = cfg.primary.user
+        if self.app.mirror is not None:  # the pair's guarantee: the session starts synchronous
+            options, asked = enforce_synchronous_commit(self.startup_params.get("options", ""))
+            self.startup_params["options"] = options
+            if asked is not None:
+                self.app.metrics.synchronous_commit_overridden += 1
+                log.info("client %d asked for synchronous_commit=%s in its startup options; the pair runs"
+                         " it with on (a weaker value would lose acknowledged commits at a failover)",
+                         self.id, asked)  # fmt: skip
         self.unrecognized_options = tuple(k for k in params if k.startswith("_pq_."))
         self.protocol_minor = req.protocol_version & 0xFFFF
         reader.switch_to_typed()

@@ -93,6 +93,7 @@ class Metrics:
     #: DDL statements captured for the secondary, and DDL that could not be
     ddl_captured: int = 0
     ddl_not_captured: int = 0
+    synchronous_commit_overridden: int = 0
     closed: ConnStats = field(default_factory=ConnStats)
 
     def connection_closed(self, stats: ConnStats) -> None:
@@ -141,6 +142,9 @@ class Metrics:
                [("", self.markers_written)])  # fmt: skip
         metric("ddl_captured_total", "counter", "DDL statements captured for replay on the secondary",
                [("", self.ddl_captured)])  # fmt: skip
+        metric("synchronous_commit_overridden_total", "counter",
+               "client sessions whose startup options asked for a synchronous_commit weaker than on"
+               " (the pair starts them with on)", [("", self.synchronous_commit_overridden)])  # fmt: skip
         metric("ddl_not_captured_total", "counter",
                "DDL statements not replicated (outside-block forms, multi-statement Queries)",
                [("", self.ddl_not_captured)])  # fmt: skip

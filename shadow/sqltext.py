@@ -23,6 +23,7 @@ __all__ = [
     "ddl_kind",
     "DdlKind",
     "created_table",
+    "enforce_synchronous_commit",
 ]
 
 _SPACE = frozenset(b" \t\r\n\f\v")
@@ -261,3 +262,57 @@ def statement_count(sql: bytes, limit: int = 2) -> int:
 
 def _is_word_byte(b: int) -> bool:
     return b == 95 or 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122 or b >= 128
+
+
+#: values of synchronous_commit that keep the pair's guarantee (the commit waits until the
+#: synchronous standby applied it); anything else is overridden
+SYNCHRONOUS = frozenset({"on", "remote_apply"})
+
+
+def _option_words(options: str) -> list[str]:
+    """A startup ``options`` string split as Postgres splits it (``pg_split_opts``):
+    at unescaped whitespace, a backslash keeping the next character."""
+    words: list[str] = []
+    word: list[str] = []
+    escaped = False
+    for ch in options:
+        if escaped:
+            word.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch.isspace():
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(ch)
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def enforce_synchronous_commit(options: str) -> tuple[str, str | None]:
+    """The startup ``options`` a pair's backend gets: the client's, with
+    ``-c synchronous_commit=on`` after them unless the client asked for a value that keeps
+    the guarantee (``on``, ``remote_apply``). A client option overrides the server's
+    configuration and ``ALTER ROLE/DATABASE ... SET``, so the session starts synchronous
+    whatever those say. Returns (options, the weaker value the client asked for or None)."""
+    asked = None
+    words = _option_words(options)
+    for i, word in enumerate(words):
+        setting = None
+        if word == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+        elif word.startswith("-c"):
+            setting = word[2:]
+        elif word.startswith("--"):
+            setting = word[2:]
+        if setting and "=" in setting:
+            name, value = setting.split("=", 1)
+            if name.strip().lower().replace("-", "_") == "synchronous_commit":
+                asked = value.strip().strip("'").lower()
+    if asked in SYNCHRONOUS:
+        return options, None
+    forced = (options + " " if options.strip() else "") + "-c synchronous_commit=on"
+    return forced, asked

@@ -90,3 +90,57 @@ def test_kill_right_after_a_new_table_is_written_loses_nothing(live_pair):
     present = {r[0] for r in live_pair.on_secondary("SELECT id FROM hot")}
     missing = [n for n in acked if n not in present]
     assert not missing, f"{len(missing)} acknowledged rows missing on the survivor, first {missing[:5]}"
+
+
+WEAKENINGS = {
+    "startup options": ({"options": "-c synchronous_commit=off"}, []),
+    "SET": ({}, ["SET synchronous_commit = off"]),
+    "SET LOCAL in the block": ({}, ["BEGIN", "SET LOCAL synchronous_commit = local"]),
+    "set_config()": ({}, ["SELECT set_config('synchronous_commit', 'off', false)"]),
+    "ALTER ROLE ... SET": ({}, []),
+    "ALTER DATABASE ... SET": ({}, []),
+}
+
+
+@pytest.mark.parametrize("how", list(WEAKENINGS))
+def test_a_client_cannot_turn_synchronous_commit_off(live_pair, how):
+    """Every way a client or a role can weaken synchronous_commit: the commit still waits
+    for the secondary (its apply worker is held behind a lock: the commit must show
+    ``SyncRep`` and not return), and the row is there once the lock goes."""
+    lp = live_pair
+    conn_kw, statements = WEAKENINGS[how]
+    with lp.pair.primary.connect(DB) as admin:
+        if how == "ALTER ROLE ... SET":
+            admin.execute("ALTER ROLE postgres SET synchronous_commit = off")
+        if how == "ALTER DATABASE ... SET":
+            admin.execute(f"ALTER DATABASE {DB} SET synchronous_commit = off")
+    conninfo = lp.primary.conninfo("postgres", DB, "postgres", **conn_kw)
+    c = psycopg.connect(conninfo, autocommit=True)
+    for sql in statements:
+        c.execute(sql)
+    weakened = c.execute("SHOW synchronous_commit").fetchone()[0]
+    locker = lp.pair.secondary.connect(DB, autocommit=False)
+    locker.execute("LOCK TABLE transfers IN ACCESS EXCLUSIVE MODE")  # the apply worker waits
+    done = threading.Event()
+
+    def write():
+        c.execute("INSERT INTO transfers VALUES ('weak', 1, 2, 3)")
+        if statements and statements[0] == "BEGIN":
+            c.execute("COMMIT")
+        done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        with lp.pair.primary.connect(DB) as watch:
+            waiting = wait_for(lambda: watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone() == (1,), 5)
+        assert waiting and not done.is_set(), \
+            f"{how}: the commit did not wait for the secondary (synchronous_commit was {weakened!r})"
+    finally:
+        locker.rollback()
+        locker.close()
+        t.join(20)
+    assert done.is_set()
+    assert lp.on_secondary("SELECT src, dst, amount FROM transfers WHERE id = 'weak'") == [(1, 2, 3)]
+    c.close()
