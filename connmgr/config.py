@@ -187,6 +187,9 @@ class FailoverSection:
     #: largest open transaction (requests + replies, bytes) kept for replay; a larger one
     #: is rolled back at a move with a retryable 40001
     max_replay_bytes: int = 8 << 20
+    #: at the point of failure every column-owned sequence is set this many increments past
+    #: the largest value in its column on the survivor
+    sequence_lead: int = 1000
     #: a switchover (admin SWITCHOVER) waits at most this long for every session to finish
     #: its request in flight; if one does not, the switchover is abandoned
     drain_timeout: float = 10.0
@@ -382,6 +385,8 @@ def _check(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: [failover] {key}: must be > 0")
     if f.max_replay_bytes < 0:
         raise ConfigError(f"{source}: [failover] max_replay_bytes: must be >= 0")
+    if f.sequence_lead < 1:
+        raise ConfigError(f"{source}: [failover] sequence_lead: must be >= 1")
     if f.failback not in FAILBACK_MODES:
         raise ConfigError(f"{source}: [failover] failback: must be one of {', '.join(FAILBACK_MODES)},"
                           f" got {f.failback!r}")  # fmt: skip

@@ -59,7 +59,7 @@ from . import reseed as reseeding
 from .backend import BackendServer, BackendSession, Credentials, open_backend
 from .config import parse_hostport
 from .errors import ClientError
-from .sequence_sync import SequenceSync
+from .sequence_sync import SequenceSync, set_past_columns
 from .wire import PeerClosed
 
 if TYPE_CHECKING:
@@ -749,6 +749,9 @@ class Failover:
                             raise FailoverError(f"the apply worker of subscription {sub} did not stop"
                                                 f" within {_WORKER_EXIT_TIMEOUT:g}s")  # fmt: skip
                         await trio.sleep(0.01)
+                    # every committed row is here now: no sequence may hand out a key again
+                    n = await set_past_columns(session, self.config.sequence_lead)
+                    self.note(f"{n} column sequence(s) of {db} set past their columns")
                 finally:
                     session.close()
             self.note(f"point of failure reached ({len(rows)} subscription(s) stopped)")

@@ -275,3 +275,47 @@ class SequenceSync:
                 await trio.sleep(self.interval)
         finally:
             self.close()
+
+
+#: every sequence owned by a column (serial, identity) of an ordinary or partitioned table:
+#: sequence, table, column, increment, min and max
+_OWNED = m.query(
+    "SELECT s.oid::regclass::text, c.oid::regclass::text, pg_catalog.quote_ident(a.attname),"
+    " q.seqincrement, q.seqmin, q.seqmax"
+    " FROM pg_catalog.pg_depend d"
+    " JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'"
+    " JOIN pg_catalog.pg_sequence q ON q.seqrelid = s.oid"
+    " JOIN pg_catalog.pg_class c ON c.oid = d.refobjid AND c.relkind IN ('r', 'p')"
+    " JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid"
+    " WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass"
+    " AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.deptype IN ('a', 'i')"
+)
+
+
+def past_columns_sql(rows: Sequence[Row], lead: int) -> str:
+    """One Query that sets each owned sequence of ``rows`` (from ``_OWNED``) ``lead``
+    increments past the largest value (the smallest, descending) in its column, never
+    lowering it and clamped to its bounds; each statement returns the sequence's new value."""
+    out = []
+    for seq, table, column, inc, lo, hi in rows:
+        seq_s, table_s, col_s = seq.decode(), table.decode(), column.decode()
+        step, low, high = int(inc), int(lo), int(hi)
+        if step > 0:
+            target = f"(SELECT max({col_s})::numeric FROM {table_s}) + {step * lead}"
+            value = f"LEAST({high}, GREATEST(COALESCE({target}, last_value), last_value))"
+        else:
+            target = f"(SELECT min({col_s})::numeric FROM {table_s}) + {step * lead}"
+            value = f"GREATEST({low}, LEAST(COALESCE({target}, last_value), last_value))"
+        out.append(f"SELECT pg_catalog.setval({quote_literal(seq_s)}, {value}::bigint, true) FROM {seq_s}")
+    return ";".join(out)
+
+
+async def set_past_columns(session: BackendSession, lead: int) -> int:
+    """At the point of failure, on the survivor (every committed row is there): set every
+    sequence owned by a column past the largest value in its column plus ``lead``
+    increments, so no insert after the move draws a key the dead primary handed out.
+    Returns how many sequences there are."""
+    rows = await session.query_rows(_OWNED)
+    if rows:
+        await session.query_rows(m.query(past_columns_sql(rows, lead)))
+    return len(rows)
