@@ -55,6 +55,8 @@ def render(app: App) -> str:
             "sequence_sync_errors": float(sq.errors),
             "sequence_sync_missing": float(sq.missing),
             "sequence_sync_unreadable": float(sq.unreadable),
+            "sequence_sync_min_margin": float(sq.min_margin if sq.min_margin is not None else sq.lead),
+            "sequence_sync_max_lead": float(sq.max_lead),
             "sequence_sync_connected": 1.0 if sq.connected else 0.0,
             "sequence_sync_last_unixtime": float(sq.last_sync),
         })
@@ -64,6 +66,7 @@ def render(app: App) -> str:
             "ddl_replayed": float(d.applied),
             "ddl_replay_errors": float(d.errors),
             "ddl_subscription_refreshes": float(d.refreshes),
+            "ddl_tables_fenced": float(d.fenced),
         })
     if app.imports is not None:  # secondary role
         imp, q = app.imports, app.imports.queue

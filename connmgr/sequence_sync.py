@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -122,12 +122,19 @@ class Plan:
     advances: tuple[Advance, ...]
     missing: tuple[str, ...]  # qualified names of primary sequences the secondary lacks
     unreadable: tuple[str, ...]  # qualified names the primary would not show
+    #: the smallest lead (in increments) any secondary sequence had over the primary's
+    #: before this round moved it; negative: it was behind (None: no sequence compared)
+    min_margin: int | None = None
 
 
-def plan(primary: Sequence[Row], secondary: Sequence[Row], lead: int) -> Plan:
+def plan(primary: Sequence[Row], secondary: Sequence[Row], lead: int,
+         leads: Mapping[str, int] | None = None) -> Plan:  # fmt: skip
     """Compare the two servers' ``pg_sequences`` rows (as read by :data:`_READ`) and return
     the setvals that bring every secondary sequence ``lead`` increments past the primary
-    (see the module docstring). Raises ValueError on a malformed row."""
+    (``leads``: a larger lead for some qualified names, from their draw rate; see the
+    module docstring). Raises ValueError on a malformed row."""
+    leads = leads or {}
+    min_margin: int | None = None
     theirs = {(s.schema, s.name): s for s in map(SequenceState.from_row, secondary)}
     advances: list[Advance] = []
     missing: list[str] = []
@@ -142,6 +149,10 @@ def plan(primary: Sequence[Row], secondary: Sequence[Row], lead: int) -> Plan:
             continue
         inc = p.increment
         handed_out = p.last_value if p.last_value is not None else p.start_value - inc
+        if s.last_value is not None:
+            margin = (s.last_value - handed_out) // inc
+            min_margin = margin if min_margin is None else min(min_margin, margin)
+        lead = max(lead, leads.get(p.qualified, 0))
         comfortable = handed_out + (lead // 2) * inc
         target = min(max(handed_out + lead * inc, s.min_value), s.max_value)
         cur = s.last_value
@@ -151,7 +162,30 @@ def plan(primary: Sequence[Row], secondary: Sequence[Row], lead: int) -> Plan:
         elif cur is not None and (cur <= comfortable or cur <= target):
             continue
         advances.append(Advance(p.qualified, target, inc < 0))
-    return Plan(tuple(advances), tuple(missing), tuple(unreadable))
+    return Plan(tuple(advances), tuple(missing), tuple(unreadable), min_margin)
+
+
+def draw_leads(before: Mapping[str, tuple[int, float]], now: Sequence[Row], at: float, interval: float,
+               lead: int) -> tuple[dict[str, tuple[int, float]], dict[str, int]]:  # fmt: skip
+    """The lead each primary sequence needs from its draw rate: ``before`` holds each
+    name's (last_value, time) of the previous round. A sequence that drew at ``r``
+    increments a second (over at least ``interval``) needs ``2 * r * interval``: "fewer
+    than lead / 2 draws per interval" (module docstring). Only leads above ``lead`` are
+    returned. Returns (the new ``before``, the leads)."""
+    seen: dict[str, tuple[int, float]] = {}
+    leads: dict[str, int] = {}
+    for st in map(SequenceState.from_row, now):
+        if st.last_value is None:
+            continue
+        seen[st.qualified] = (st.last_value, at)
+        prev = before.get(st.qualified)
+        if prev is None or at <= prev[1]:
+            continue
+        drawn = abs(st.last_value - prev[0]) // abs(st.increment)
+        need = int(2 * drawn / max(at - prev[1], interval) * interval)
+        if need > lead:
+            leads[st.qualified] = need
+    return seen, leads
 
 
 class SequenceSync:
@@ -196,6 +230,12 @@ class SequenceSync:
         self._primary: BackendSession | None = None
         self._secondary: BackendSession | None = None
         self._warned: dict[str, frozenset[str]] = {}
+        #: each primary sequence's (last_value, time) at the last round: its draw rate
+        self._drawn: dict[str, tuple[int, float]] = {}
+        #: the smallest margin (increments ahead) seen before a round moved a sequence
+        self.min_margin: int | None = None
+        #: the largest lead the draw rates asked for in the last round
+        self.max_lead = lead
 
     def close(self) -> None:
         """Close both sessions (the next round opens them again)."""
@@ -222,7 +262,17 @@ class SequenceSync:
             self.connected = True
             primary = await self._primary.query_rows(_READ)
             secondary = await self._secondary.query_rows(_READ)
-            p = plan(primary, secondary, self.lead)
+            self._drawn, leads = draw_leads(self._drawn, primary, time.monotonic(), self.interval, self.lead)
+            p = plan(primary, secondary, self.lead, leads)
+            self.max_lead = max(leads.values(), default=self.lead)
+            if p.min_margin is not None and self.rounds:  # the first round sets them from scratch
+                if self.min_margin is None or p.min_margin < self.min_margin:
+                    self.min_margin = p.min_margin
+                    if p.min_margin <= 0:
+                        log.warning("a sequence of the secondary was not ahead of the primary's (margin %d"
+                                    " increments): after a failover before the next round, an insert could"
+                                    " draw a key the primary used; raise [poster] sequence_lead or lower"
+                                    " sequence_interval", p.min_margin)  # fmt: skip
             moved = 0
             if p.advances:
                 request = m.query(";\n".join(a.sql() for a in p.advances))

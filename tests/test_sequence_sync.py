@@ -17,7 +17,7 @@ import trio
 
 from connmgr.backend import BackendServer, Credentials, open_backend
 from connmgr.pair import ClusterPair
-from connmgr.sequence_sync import SequenceSync, plan
+from connmgr.sequence_sync import SequenceSync, draw_leads, plan
 from shadow.sqltext import quote_ident, quote_literal
 
 DB = "app"
@@ -176,7 +176,9 @@ async def test_run_keeps_the_secondary_ahead_and_stops_on_cancel(pair, make_sync
         await sql(pair.primary, "INSERT INTO s4.t SELECT FROM generate_series(1, 600)")
         assert (await values(pair, pair.primary))["s4.t_id_seq"] == 620
         await comfortably_ahead(620)
-        assert (await values(pair, pair.secondary))["s4.t_id_seq"] == 1620
+        # 600 draws in one 0.05 s round: the lead follows the rate (2 * 600 > 1000)
+        assert 620 + 1000 <= (await values(pair, pair.secondary))["s4.t_id_seq"] <= 620 + 2 * 600
+        assert sync.max_lead > 1000
         assert sync.connected and sync.rounds >= 2 and sync.errors == 0
         nursery.cancel_scope.cancel()
     assert not sync.connected
@@ -261,3 +263,24 @@ def test_quoting():
     assert a.sql() == ("SELECT pg_catalog.setval('\"public\".\"x\"\"y\"'::pg_catalog.regclass,"
                        ' GREATEST(11, last_value), true), last_value, is_called'
                        ' FROM "public"."x""y"')  # fmt: skip
+
+
+def test_plan_reports_the_smallest_margin_and_takes_larger_leads():
+    A = '"public"."a"'
+    p = plan([row("a", 100), row("b", 500), row("d", 100, inc=-1, lo=-1000, hi=1000)],
+             [row("a", 1100), row("b", 400), row("d", 80, inc=-1, lo=-1000, hi=1000)], 1000, {A: 5000})
+    assert p.min_margin == -100  # b was 100 behind
+    targets = {a.qualified: a.target for a in p.advances}
+    assert targets[A] == 5100  # 1100 < 100 + 5000 // 2: moved to 100 + 5000
+    assert plan([row("a", 100)], [row("a", 2700)], 1000, {A: 5000}).advances == ()  # >= 100 + 2500
+
+
+def test_draw_leads_follow_the_rate():
+    A = '"public"."a"'
+    before, leads = draw_leads({}, [row("a", 100)], 10.0, 1.0, 1000)
+    assert leads == {} and before == {A: (100, 10.0)}
+    # 3000 draws in 1 s with rounds every 1 s: 2 * 3000
+    before, leads = draw_leads(before, [row("a", 3100)], 11.0, 1.0, 1000)
+    assert leads == {A: 6000}
+    _, leads = draw_leads(before, [row("a", 3110)], 12.0, 1.0, 1000)
+    assert leads == {}  # 10 draws a second: the configured lead is enough
