@@ -178,7 +178,6 @@ async def test_run_keeps_the_secondary_ahead_and_stops_on_cancel(pair, make_sync
         await comfortably_ahead(620)
         # 600 draws in one 0.05 s round: the lead follows the rate (2 * 600 > 1000)
         assert 620 + 1000 <= (await values(pair, pair.secondary))["s4.t_id_seq"] <= 620 + 2 * 600
-        assert sync.max_lead > 1000
         assert sync.connected and sync.rounds >= 2 and sync.errors == 0
         nursery.cancel_scope.cancel()
     assert not sync.connected
