@@ -109,6 +109,21 @@ def cmd_reseed(args: argparse.Namespace) -> int:
     return _admin_command(args, "reseed", "RESEED")
 
 
+def cmd_pair_check(args: argparse.Namespace) -> int:
+    """Check that a pair keeps its guarantee now; exit 1 on any failed check."""
+    import psycopg
+
+    from .pair_check import check_pair, format_findings
+
+    try:
+        findings = check_pair(args.primary, args.secondary, args.databases.split(","))
+    except psycopg.Error as e:
+        print(f"connmgr pair check: {str(e).strip()}", file=sys.stderr)
+        return 2
+    print(format_findings(findings))
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
 def _admin_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentParser:
     """A command run on the primary connmgr's admin console (connmgr address, admin user)."""
     a = sub.add_parser(name, **text)
@@ -152,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("conninfo", nargs="*", help="libpq connection strings, one per database")
     m.add_argument("--print", action="store_true", help="print the SQL instead of running it")
     m.set_defaults(func=cmd_prepare_db)
+
+    pr = sub.add_parser("pair", help="set up or check a pair of databases")
+    psub = pr.add_subparsers(dest="pair_command", required=True)
+    pc = psub.add_parser(
+        "check", help="does the pair keep its guarantee now? (exit 1 if not)",
+        description="Read-only checks of both databases: wal_level, synchronous_standby_names naming every"
+        " subscription, synchronous subscriptions, connmgr's schema, every published table ready on the"
+        " secondary, sequences ahead. Each failure names the setting and the fix.",
+    )  # fmt: skip
+    pc.add_argument("primary", help="libpq connection string of the primary (a superuser)")
+    pc.add_argument("secondary", help="libpq connection string of the secondary (a superuser)")
+    pc.add_argument("--databases", default="postgres", help="comma-separated databases of the pair")
+    pc.set_defaults(func=cmd_pair_check)
 
     w = _admin_subcommand(
         sub, "switchover", cmd_switchover,
