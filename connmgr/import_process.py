@@ -53,6 +53,9 @@ class ImportProcess:
         #: the database the poster slot decodes (where its DDL is replayed)
         self.database = database
         self.bad_ddl_messages = 0
+        #: mirrored sessions of a database this connmgr does not follow ([poster] dbname)
+        self.foreign_sessions = 0
+        self._foreign_databases: set[str] = set()
         self.import_errors = 0
         self.records = 0
         self.purged = 0
@@ -85,6 +88,7 @@ class ImportProcess:
                 elif isinstance(r, SessionOpened):
                     q.on_session_opened(r.session_id)
                     self.session_state[r.session_id] = SessionRecorder()
+                    self._check_database(dict(r.params).get("database"))
                 elif isinstance(r, SessionClosed):
                     q.on_session_closed(r.session_id)
                     self.session_state.pop(r.session_id, None)
@@ -156,6 +160,21 @@ class ImportProcess:
             self.purged += len(txs)
             for cb in self.on_purge:
                 cb(txs)
+
+    def _check_database(self, database: str | None) -> None:
+        """A mirrored session of another database than the poster's: its commits are
+        never purged here (the poster slot decodes one database) and its DDL is not
+        replayed. Counted, and logged once per database with the fix."""
+        if not database or database == self.database:
+            return
+        self.foreign_sessions += 1
+        if database not in self._foreign_databases:
+            self._foreign_databases.add(database)
+            log.error("sessions of database %r are mirrored to this connmgr, but its poster slot follows"
+                      " database %r ([poster] dbname): their transactions are never purged, their DDL is"
+                      " not replayed and their new tables are never fenced (a CREATE TABLE waits for"
+                      " ever); set [poster] dbname = %r, one secondary connmgr per database",
+                      database, self.database, database)  # fmt: skip
 
     async def _replay_ddl(self, rec) -> None:
         """Replay the DDL a committed transaction carried, in order, before the record is

@@ -74,6 +74,7 @@ def render(app: App) -> str:
         gauges.update({
             "mirror_records_received": float(imp.records),
             "import_sessions_not_movable": float(imp.sessions_not_movable),
+            "import_foreign_database_sessions": float(imp.foreign_sessions),
             "replication_poster_lsn": float(imp.poster_lsn),
             "replication_lag_bytes": float(imp.replication_lag_bytes),
             "replication_lag_seconds": imp.poster_delay,

@@ -153,3 +153,20 @@ def test_pair_metrics(pair_with_poster):
     assert wait_for(lambda: parse(secondary.run_sync(render, secondary.app))["connmgr_replication_lag_bytes"] == 0)
     assert p["connmgr_markers_written_total"] >= 1
     assert s["connmgr_mirror_records_received"] >= 1
+
+
+def test_sessions_of_another_database_than_the_posters_are_loud(caplog):
+    """A secondary connmgr whose [poster] dbname is not the application's database: the
+    first mirrored session of that database logs one ERROR naming the setting and the fix,
+    and every such session is counted."""
+    from connmgr.import_process import ImportProcess
+    from connmgr.mirror_protocol import SessionOpened
+
+    imp = ImportProcess(database="postgres")
+    with caplog.at_level("ERROR", logger="connmgr.import"):
+        imp.on_records([SessionOpened(1, 1, (("user", "u"), ("database", "app"))),
+                        SessionOpened(2, 2, (("user", "u"), ("database", "app"))),
+                        SessionOpened(3, 3, (("user", "u"), ("database", "postgres")))])  # fmt: skip
+    assert imp.foreign_sessions == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "set [poster] dbname = 'app'" in errors[0]
