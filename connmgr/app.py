@@ -34,6 +34,7 @@ from .import_process import ImportProcess
 from .metrics import Metrics
 from .mirror import MirrorLink, serve_mirror
 from .sequence_sync import SequenceSync
+from .syncrep_watch import SyncRepWatch
 from .transport import FastSocketStream
 from .wire import PeerClosed
 
@@ -56,6 +57,8 @@ class App:
         self.client_ssl_context = _client_ssl_context(config)
         self.mirror: MirrorLink | None = None
         self.redo: RedoMonitor | None = None
+        #: commits waiting for the synchronous standby too long (primary of a pair)
+        self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))
         #: this connmgr instance's number: names its sessions' marker rows (replay/markers.py)
         self.origin = time.time_ns() // 1000
         #: database -> (markers usable, when checked); see markers_enabled
@@ -312,6 +315,8 @@ class App:
                 await nursery.start(self.engine.run)
             if self.redo is not None:
                 await nursery.start(self.redo.run, self._open_redo_session)
+                if self.mirror is not None:
+                    await nursery.start(self.syncrep.run)
             if self.mirror is not None:
                 await nursery.start(self.mirror.run)
             if self.failover is not None:

@@ -46,6 +46,9 @@ def render(app: App) -> str:
         })
     if app.redo is not None:
         gauges["redo_lsn"] = float(app.redo.lsn)
+        gauges["syncrep_waiting"] = float(app.syncrep.waiting)
+        gauges["syncrep_longest_wait_seconds"] = app.syncrep.longest
+        gauges["syncrep_long_wait_episodes"] = float(app.syncrep.episodes)
         gauges["redo_healthy"] = 1.0 if app.redo.healthy else 0.0
     if app.sequences is not None:
         sq = app.sequences

@@ -189,3 +189,27 @@ def test_no_key_collides_after_a_kill_under_heavy_serial_inserts(pg_bindir, pg_b
         assert errors == [], f"{len(errors)} errors after the kill: {sorted(set(errors))}"
         with pair.secondary.connect(DB) as c:
             assert c.execute("SELECT count(*) - count(DISTINCT id) FROM s_big").fetchone() == (0,)
+
+
+def test_a_commit_stuck_in_syncrep_is_logged_with_its_likely_cause(live_pair, caplog):
+    """The secondary's apply worker is held behind a lock: a write through the pair hangs in
+    SyncRep. connmgr logs one WARNING naming the likely cause and counts the episode."""
+    lp = live_pair
+    watch = lp.primary.app.syncrep
+    watch.interval, watch.after = 0.05, 0.5
+    locker = lp.pair.secondary.connect(DB, autocommit=False)
+    locker.execute("LOCK TABLE transfers IN ACCESS EXCLUSIVE MODE")
+    c = lp.connect(autocommit=True)
+    t = threading.Thread(target=lambda: c.execute("INSERT INTO transfers VALUES ('stuck', 1, 2, 3)"))
+    with caplog.at_level("WARNING", logger="connmgr.syncrep"):
+        t.start()
+        try:
+            assert wait_for(lambda: watch.episodes == 1, 10)
+        finally:
+            locker.rollback()
+            locker.close()
+            t.join(20)
+    warned = [r.getMessage() for r in caplog.records if r.name == "connmgr.syncrep"]
+    assert len(warned) == 1 and "apply worker does not apply" in warned[0], warned
+    assert wait_for(lambda: watch.waiting == 0, 5)
+    c.close()
