@@ -22,6 +22,17 @@ transactions (sum of balances twice, with a pause between). Kill moments are ran
 over many trials they fall between statements, during statements, right after a COMMIT
 was sent and during COPY.
 
+Trial *kinds* (issue 12: the ways a real set-up lost commits before):
+
+* ``bank``: the workload above on a schema made before the pair is started;
+* ``new-schema``: the schema is created *through connmgr* just before the clients start
+  and the kill comes 20-300 ms later, while the new tables take their first writes;
+* ``serial``: every client inserts into the ledger (bigserial) as fast as it can, and the
+  secondary connmgr's sequence rounds are 10 s apart, so only the point of failure can put
+  the survivor's sequences past the keys the primary handed out (a 23505 fails the trial);
+* ``sync-off``: every client turns ``synchronous_commit`` off (half in its startup
+  options, all with ``SET``): connmgr must keep the commits synchronous anyway.
+
 With ``failback=True`` the trial goes on after the move: the killed primary is restarted
 while the clients keep running, and connmgr (``[failover] failback = "return"``) re-seeds
 it with a copy, switches the sessions back over to it and re-seeds the other side without
@@ -45,7 +56,10 @@ import psycopg
 
 from .embedded import running_pair, wait_until
 
-__all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE"]
+__all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE", "KINDS"]
+
+#: the trial kinds (module docstring)
+KINDS = ("bank", "new-schema", "serial", "sync-off")
 
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000
@@ -61,6 +75,7 @@ SCHEMA = (
 @dataclass
 class TrialResult:
     seed: int
+    kind: str = "bank"
     kill_after: float = 0.0
     transfers_acked: int = 0
     ledger_acked: int = 0
@@ -129,8 +144,10 @@ class _Tally:
                 self.texts.append(f"client {client}: {code}: {str(e).strip()[:300]}")
 
 
-def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> None:
+def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally, kind: str = "bank") -> None:
     rng = random.Random(index * 7919 + int(time.time()))
+    if kind == "sync-off" and index % 2 == 0:
+        conninfo += " options='-c synchronous_commit=off'"
     protocol = index % 3  # 0 simple, 1 extended, 2 extended + prepared statements
     factory = psycopg.ClientCursor if protocol == 0 else psycopg.Cursor
     prepare = True if protocol == 2 else None
@@ -140,12 +157,15 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
         tally.error(index, e)
         return
     with conn:
+        if kind == "sync-off":
+            conn.execute("SET synchronous_commit = off")
+            conn.commit()
         n = 0
         while not stop.is_set():
             n += 1
             tag = f"{index}.{n}"
             try:
-                pick = rng.random()
+                pick = 0.6 if kind == "serial" else rng.random()
                 if pick < 0.55:
                     src, dst = rng.sample(range(1, ACCOUNTS + 1), 2)
                     amount = rng.randint(1, 9)
@@ -209,35 +229,47 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally) -> 
 
 def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple[float, float] = (0.5, 1.5),
               after: float = 1.0, bindir: Path | None = None, log=None, failback: bool = False,
-              ) -> TrialResult:  # fmt: skip
-    """One trial in ``base_dir`` (created and removed); see the module docstring.
-    ``log(text)`` gets progress lines."""
+              kind: str = "bank") -> TrialResult:  # fmt: skip
+    """One trial of ``kind`` (:data:`KINDS`) in ``base_dir`` (created and removed); see
+    the module docstring. ``log(text)`` gets progress lines."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown trial kind {kind!r} (one of {', '.join(KINDS)})")
     say = log or (lambda _text: None)
     rng = random.Random(seed)
-    result = TrialResult(seed=seed, kill_after=round(rng.uniform(*kill_window), 3))
+    if kind == "new-schema":
+        kill_window = (0.02, 0.3)
+    result = TrialResult(seed=seed, kind=kind, kill_after=round(rng.uniform(*kill_window), 3))
     try:
         with running_pair(base_dir, database=DB, password=PASSWORD, poster_slot="campaign_poster", bindir=bindir,
-                          strict_stop=False, sequence_interval=0.2, failover=True, shutdown_timeout=2.0,
+                          strict_stop=False, sequence_interval=10.0 if kind == "serial" else 0.2,
+                          failover=True, shutdown_timeout=2.0,
                           failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2},
                           ) as (pair, primary, secondary):  # fmt: skip
-            _trial(pair, primary, secondary, result, say, clients=clients, after=after, failback=failback)
+            _trial(pair, primary, secondary, result, say, clients=clients, after=after, failback=failback, kind=kind)
     except Exception as e:  # noqa: BLE001 - a trial that cannot run is a failed trial, with the reason
         result.failed = f"{type(e).__name__}: {e}"
     return result
 
 
-def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, after: float, failback: bool) -> None:
+def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, after: float, failback: bool,
+           kind: str) -> None:  # fmt: skip
     """The trial itself, on the running pair (see run_trial)."""
-    pair.sync_schema(DB, SCHEMA)
-    with pair.primary.connect(DB) as c:
-        c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
-    pair.wait_caught_up()
-    pair.sync_sequences(DB)
+    conninfo = primary.conninfo("postgres", DB, PASSWORD)
+    if kind == "new-schema":  # through connmgr, right before the writes: each table is fenced
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            for statement in SCHEMA.split(";"):
+                c.execute(statement)
+            c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
+    else:
+        pair.sync_schema(DB, SCHEMA)
+        with pair.primary.connect(DB) as c:
+            c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
+        pair.wait_caught_up()
+        pair.sync_sequences(DB)
 
     tally = _Tally()
     stop = threading.Event()
-    conninfo = primary.conninfo("postgres", DB, PASSWORD)
-    threads = [threading.Thread(target=_client, args=(conninfo, i, stop, tally), daemon=True)
+    threads = [threading.Thread(target=_client, args=(conninfo, i, stop, tally, kind), daemon=True)
                for i in range(clients)]  # fmt: skip
     for t in threads:
         t.start()

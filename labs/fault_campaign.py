@@ -3,7 +3,10 @@ per trial, the primary postmaster killed with SIGKILL at a random moment), then 
 trials, client errors by SQLSTATE, lost and duplicated commits, detection time and the
 stall of every moved session (p50/p99/max).
 
-    python labs/fault_campaign.py --trials 100 [--clients 6] [--failback] [--json]
+    python labs/fault_campaign.py --trials 100 [--clients 6] [--failback] [--kinds bank,new-schema,...] [--json]
+
+``--kinds``: the trial kinds to rotate through (connmgr/fault_campaign.py: bank, new-schema,
+serial, sync-off; default all of them).
 
 ``--failback``: every trial then restarts the killed primary under load and waits for
 connmgr to re-seed it, switch the sessions home and re-seed the other side; the proof is
@@ -22,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from connmgr.clusters import stop_leftovers, temp_base_dir  # noqa: E402
-from connmgr.fault_campaign import TrialResult, percentile, run_trial  # noqa: E402
+from connmgr.fault_campaign import KINDS, TrialResult, percentile, run_trial  # noqa: E402
 
 
 def main() -> int:
@@ -31,13 +34,19 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--failback", action="store_true", help="restart the old primary and go home (failback = return)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="trial kinds to rotate through")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    for kind in kinds:
+        if kind not in KINDS:
+            ap.error(f"unknown trial kind {kind!r} (one of {', '.join(KINDS)})")
     base = temp_base_dir("connmgr-campaign-")
     results = []
     try:
         for i in range(args.trials):
-            results.append(run_trial(base / f"t{i}", seed=args.seed + i, clients=args.clients, failback=args.failback))
+            results.append(run_trial(base / f"t{i}", seed=args.seed + i, clients=args.clients, failback=args.failback,
+                                     kind=kinds[i % len(kinds)]))
             _report(i, args.trials, results[-1])
     finally:
         stop_leftovers(base)  # an interrupted trial's servers
@@ -47,7 +56,7 @@ def main() -> int:
 
 def _report(i: int, trials: int, r: TrialResult) -> None:
     state = "ok" if r.ok else "FAILED"
-    print(f"trial {i + 1:4d}/{trials} seed {r.seed}: {state}  kill at {r.kill_after:.2f}s  moved {r.moved}"
+    print(f"trial {i + 1:4d}/{trials} seed {r.seed} {r.kind}: {state}  kill at {r.kill_after:.2f}s  moved {r.moved}"
           f"  acked-by-marker {r.commits_acknowledged}  replayed {r.replayed}  held {r.held}/{r.held_dropped}"
           f"  errors {dict(r.errors)}"
           f"{f'  home again {r.failback_seconds:.2f}s' if r.failback_seconds is not None else ''}"
@@ -72,6 +81,8 @@ def _summary(results: list[TrialResult], args: argparse.Namespace) -> int:
     summary = {
         "trials": len(results),
         "trials_ok": sum(r.ok for r in results),
+        "ok_by_kind": {k: f"{sum(r.ok for r in results if r.kind == k)}/{sum(r.kind == k for r in results)}"
+                       for k in dict.fromkeys(r.kind for r in results)},
         "errors_by_sqlstate": dict(errors),
         "rolled_back_40001_by_reason": dict(sum((r.rolled_back for r in results), Counter())),
         "sessions_not_moved": dict(sum((r.sessions_failed for r in results), Counter())),
