@@ -43,6 +43,22 @@ logical message
 reader sees the message inside the transaction's record, at the transaction's commit
 point in the stream, and the secondary connmgr replays the statement there; a transaction
 that aborts never emits it.
+
+The guard of a new table
+------------------------
+A transaction that created tables (plain ``CREATE TABLE``, no rows of its own) carries,
+in its marker statement, ``connmgr.ddl_guard(id, tables)``: if every table it made is
+still empty at the commit, a ``connmgr.ddl_guards`` row and a ``connmgr.guard`` message.
+On the secondary the row's replica trigger (``ddl_guard_wait``, enabled only for apply
+workers) holds the apply worker inside the transaction until ``connmgr.ddl_done`` has the
+id; :mod:`connmgr.ddl_apply` puts it there once the new tables are fenced.
+
+The synchronous guarantee
+-------------------------
+``connmgr.mark()`` also sets ``synchronous_commit = on`` for the rest of the transaction
+when the session weakened it (a ``SET LOCAL`` in a function with its own ``SET`` clauses
+lasts to the end of the transaction when it names another parameter): the marker is the
+last statement before the commit of every writing transaction connmgr marks.
 """
 
 from __future__ import annotations
