@@ -314,5 +314,8 @@ def enforce_synchronous_commit(options: str) -> tuple[str, str | None]:
                 asked = value.strip().strip("'").lower()
     if asked in SYNCHRONOUS:
         return options, None
+    trailing = len(options) - len(options.rstrip("\\"))
+    if trailing % 2:  # a last backslash escapes nothing for Postgres; here it would eat the space
+        options = options[:-1]
     forced = (options + " " if options.strip() else "") + "-c synchronous_commit=on"
     return forced, asked

@@ -37,6 +37,7 @@ def test_created_table(sql, name):
     ("-c synchronous_commit=remote_apply -c synchronous_commit=off",
      "-c synchronous_commit=remote_apply -c synchronous_commit=off -c synchronous_commit=on", "off"),
     ("-c search_path=a\\ b", "-c search_path=a\\ b -c synchronous_commit=on", None),
+    ("-c x=y\\", "-c x=y -c synchronous_commit=on", None),
 ])  # fmt: skip
 def test_enforce_synchronous_commit(options, sent, asked):
     assert enforce_synchronous_commit(options) == (sent, asked)
