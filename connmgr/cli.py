@@ -124,6 +124,25 @@ def cmd_pair_check(args: argparse.Namespace) -> int:
     return 1 if any(f.level == "fail" for f in findings) else 0
 
 
+def cmd_pair_setup(args: argparse.Namespace) -> int:
+    """Set up a pair of running databases, write the two TOML files, then check it."""
+    from pathlib import Path
+
+    import psycopg
+
+    from .pair_check import format_findings
+    from .pair_setup import SetupError, setup_pair
+
+    try:
+        findings = setup_pair(args.primary, args.secondary, args.databases.split(","), Path(args.out),
+                              listen=args.listen, mirror=args.mirror)  # fmt: skip
+    except (SetupError, psycopg.Error) as e:
+        print(f"connmgr pair setup: {str(e).strip()}", file=sys.stderr)
+        return 1
+    print(format_findings(findings))
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
 def _admin_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentParser:
     """A command run on the primary connmgr's admin console (connmgr address, admin user)."""
     a = sub.add_parser(name, **text)
@@ -180,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("secondary", help="libpq connection string of the secondary (a superuser)")
     pc.add_argument("--databases", default="postgres", help="comma-separated databases of the pair")
     pc.set_defaults(func=cmd_pair_check)
+    ps = psub.add_parser(
+        "setup", help="make two running databases a synchronous pair and write both connmgr configs",
+        description="wal_level, connmgr prepare-db on both, the schema onto an empty secondary (pg_dump"
+        " --schema-only), publication and synchronous subscription per database, every table copied,"
+        " synchronous_standby_names naming every subscription, wal_retrieve_retry_interval; then two TOML"
+        " files and `pair check`. Idempotent: run it again after fixing what it reported.",
+    )  # fmt: skip
+    ps.add_argument("primary", help="libpq connection string of the primary (a superuser)")
+    ps.add_argument("secondary", help="libpq connection string of the secondary (a superuser)")
+    ps.add_argument("--databases", default="postgres", help="comma-separated databases of the pair")
+    ps.add_argument("--out", default=".", help="directory for connmgr-primary.toml and connmgr-secondary.toml")
+    ps.add_argument("--listen", default="0.0.0.0:6432", help="client listen address of the primary connmgr")
+    ps.add_argument("--mirror", default="", help="HOST:PORT of the secondary connmgr's mirror listener"
+                    " (default: the secondary's host, port 6433)")  # fmt: skip
+    ps.set_defaults(func=cmd_pair_setup)
 
     w = _admin_subcommand(
         sub, "switchover", cmd_switchover,

@@ -48,3 +48,46 @@ def test_pair_check_passes_then_names_each_broken_setting(fresh_pair, capsys):
     assert "FAIL  synchronous_standby_names = 'ANY 1 (connmgr_sub_app, other)'" in out
     assert "public.not_on_secondary (not subscribed)" in out
     assert "sequence public.not_on_secondary_id_seq" in out
+
+
+def test_pair_setup_on_two_fresh_databases(pg_bindir, pg_base_dir, tmp_path, capsys):
+    """Two fresh servers, a schema with rows and a sequence on the primary only: `pair
+    setup` makes them a synchronous pair (schema copied, rows copied, every subscription
+    sync), writes configs that load, and its check passes; a second run changes nothing."""
+    from connmgr import config as config_mod
+    from connmgr.clusters import Cluster
+
+    base = pg_base_dir / "setup"
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    made = []
+    try:
+        for name in ("p", "s"):
+            c = Cluster.create(base, name, password="postgres", settings={"wal_level": "logical"}, bindir=pg_bindir)
+            made.append(c)
+            c.start()
+            c.create_database("shop")
+        p, s = made
+        with p.connect("shop") as conn:
+            conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL)")
+            conn.execute("INSERT INTO items (name) SELECT 'item ' || g FROM generate_series(1, 50) g")
+        args = ["pair", "setup", p.conninfo("postgres"), s.conninfo("postgres"), "--databases", "shop",
+                "--out", str(tmp_path), "--mirror", "127.0.0.1:6533"]
+        assert main(args) == 0, capsys.readouterr()
+        out = capsys.readouterr().out
+        assert "shop: schema copied to the secondary" in out and "every check passed" in out, out
+        with s.connect("shop") as conn:
+            assert conn.execute("SELECT count(*) FROM items").fetchone() == (50,)
+        with p.connect("shop") as conn:
+            conn.execute("INSERT INTO items (name) VALUES ('after')")  # waits for the synchronous standby
+        with s.connect("shop") as conn:
+            assert conn.execute("SELECT count(*) FROM items").fetchone() == (51,)
+        cfg = config_mod.load(str(tmp_path / "connmgr-primary.toml"))
+        assert cfg.mirror.peer == "127.0.0.1:6533" and cfg.failover.secondary == f"{s.host}:{s.port}"
+        cfg2 = config_mod.load(str(tmp_path / "connmgr-secondary.toml"))
+        assert cfg2.poster.dbname == "shop" and cfg2.primary.port == s.port
+        assert main(args) == 0  # idempotent
+        assert "schema copied" not in capsys.readouterr().out
+    finally:
+        for c in made:
+            c.destroy()
