@@ -152,6 +152,16 @@ def _admin_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentPar
     return a
 
 
+def _pair_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentParser:
+    """A ``connmgr pair`` command on the two databases (connection strings, databases)."""
+    a = sub.add_parser(name, **text)
+    a.add_argument("primary", help="libpq connection string of the primary (a superuser)")
+    a.add_argument("secondary", help="libpq connection string of the secondary (a superuser)")
+    a.add_argument("--databases", default="postgres", help="comma-separated databases of the pair")
+    a.set_defaults(func=func)
+    return a
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -189,31 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("pair", help="set up or check a pair of databases")
     psub = pr.add_subparsers(dest="pair_command", required=True)
-    pc = psub.add_parser(
-        "check", help="does the pair keep its guarantee now? (exit 1 if not)",
+    _pair_subcommand(
+        psub, "check", cmd_pair_check, help="does the pair keep its guarantee now? (exit 1 if not)",
         description="Read-only checks of both databases: wal_level, synchronous_standby_names naming every"
         " subscription, synchronous subscriptions, connmgr's schema, every published table ready on the"
         " secondary, sequences ahead. Each failure names the setting and the fix.",
     )  # fmt: skip
-    pc.add_argument("primary", help="libpq connection string of the primary (a superuser)")
-    pc.add_argument("secondary", help="libpq connection string of the secondary (a superuser)")
-    pc.add_argument("--databases", default="postgres", help="comma-separated databases of the pair")
-    pc.set_defaults(func=cmd_pair_check)
-    ps = psub.add_parser(
-        "setup", help="make two running databases a synchronous pair and write both connmgr configs",
+    ps = _pair_subcommand(
+        psub, "setup", cmd_pair_setup, help="make two running databases a synchronous pair and write both connmgr configs",
         description="wal_level, connmgr prepare-db on both, the schema onto an empty secondary (pg_dump"
         " --schema-only), publication and synchronous subscription per database, every table copied,"
         " synchronous_standby_names naming every subscription, wal_retrieve_retry_interval; then two TOML"
         " files and `pair check`. Idempotent: run it again after fixing what it reported.",
     )  # fmt: skip
-    ps.add_argument("primary", help="libpq connection string of the primary (a superuser)")
-    ps.add_argument("secondary", help="libpq connection string of the secondary (a superuser)")
-    ps.add_argument("--databases", default="postgres", help="comma-separated databases of the pair")
     ps.add_argument("--out", default=".", help="directory for connmgr-primary.toml and connmgr-secondary.toml")
     ps.add_argument("--listen", default="0.0.0.0:6432", help="client listen address of the primary connmgr")
     ps.add_argument("--mirror", default="", help="HOST:PORT of the secondary connmgr's mirror listener"
                     " (default: the secondary's host, port 6433)")  # fmt: skip
-    ps.set_defaults(func=cmd_pair_setup)
 
     w = _admin_subcommand(
         sub, "switchover", cmd_switchover,
