@@ -121,11 +121,18 @@ class DdlApplier:
         made here are fenced and made ready without a copy, and the guard is released
         whatever happens, so the apply worker never waits for a statement that failed here.
         Connection failures raise (the caller retries the record: it is not confirmed)."""
+        session = await self._session(database) if guard is not None else None
+        if guard is not None and await session.query_rows(messages.query(
+                f"SELECT 1 FROM connmgr.ddl_done WHERE id = {quote_literal(guard)}")):  # fmt: skip
+            # the record comes again (this connmgr stopped after releasing the guard): the
+            # fence is gone, rows of the new tables may have been skipped; refresh with a copy
+            log.warning("DDL of guard %s comes again after its guard was released: its tables are"
+                        " refreshed with a copy", guard)  # fmt: skip
+            guard = None
         if guard is None:
             for stmt in stmts:
                 await self.apply(database, stmt)
             return
-        session = await self._session(database)
         before = await self._unsubscribed(session)
         for stmt in stmts:
             await self.apply(database, stmt, refresh=False)

@@ -64,29 +64,30 @@ def test_kill_right_after_a_new_table_is_written_loses_nothing(live_pair):
     every acknowledged row is on the survivor."""
     acked: list[int] = []
     stop = threading.Event()
+    w = live_pair.connect(autocommit=True)  # connected before: the kill comes right after the first rows
+
+    def writer():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                w.execute("INSERT INTO hot VALUES (%s)", (n,))
+            except psycopg.Error:
+                return
+            acked.append(n)
+
     with live_pair.connect(autocommit=True) as c:
         c.execute("CREATE TABLE hot (id int PRIMARY KEY)")
-
-        def writer():
-            with live_pair.connect(autocommit=True) as w:
-                n = 0
-                while not stop.is_set():
-                    n += 1
-                    try:
-                        w.execute("INSERT INTO hot VALUES (%s)", (n,))
-                    except psycopg.Error:
-                        return
-                    acked.append(n)
-
-        t = threading.Thread(target=writer)
-        t.start()
-        time.sleep(0.02)
-        live_pair.pair.primary.kill()
-        assert wait_for(lambda: live_pair.failover.failed_over, 20)
-        time.sleep(0.2)
-        stop.set()
-        t.join(30)
-    assert acked, "the writer acknowledged nothing before the kill"
+    t = threading.Thread(target=writer)
+    t.start()
+    assert wait_for(lambda: len(acked) >= 1, 10), "the writer acknowledged nothing"
+    time.sleep(0.005)
+    live_pair.pair.primary.kill()
+    assert wait_for(lambda: live_pair.failover.failed_over, 20)
+    time.sleep(0.2)
+    stop.set()
+    t.join(30)
+    w.close()
     present = {r[0] for r in live_pair.on_secondary("SELECT id FROM hot")}
     missing = [n for n in acked if n not in present]
     assert not missing, f"{len(missing)} acknowledged rows missing on the survivor, first {missing[:5]}"
