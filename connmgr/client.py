@@ -39,7 +39,14 @@ from shadow.sqltext import enforce_synchronous_commit
 
 from .backend import BackendSession, open_backend
 from .client_auth import authenticate_client
-from .errors import AdminShutdown, BackendLost, BackendUnavailable, ClientError, TooManyClients
+from .errors import (
+    AdminShutdown,
+    BackendLost,
+    BackendRejected,
+    BackendUnavailable,
+    ClientError,
+    TooManyClients,
+)
 from .metrics import ConnStats
 from .relay import Relay
 from .transport import close_now
@@ -49,6 +56,10 @@ if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("connmgr.client")
+
+#: a backend FATAL during the login that means the server is going away (admin shutdown,
+#: crash shutdown, cannot connect now): with failover, the login goes to the new primary
+_DYING = frozenset({"57P01", "57P02", "57P03"})
 
 ADMIN_DATABASE = "connmgr"
 _ids = itertools.count(1)
@@ -287,14 +298,33 @@ class ClientConnection:
         if app.failover is not None and (app.failover.frozen is not None or app.failover.failed_over):
             await app.failover.new_session_ready()
         try:
-            self.backend = await open_backend(
-                app.server, self.startup_params, creds, max_message_size=app.config.server.max_message_size
-            )
+            self.backend = await self._open_backend(creds)
         except BackendUnavailable:
             app.metrics.backend_connect_errors += 1
             raise
         app.metrics.backend_connects += 1
         await self._welcome(self.backend)
+
+    async def _open_backend(self, creds) -> BackendSession:
+        """The session's backend on the current primary. With failover configured, a login
+        that the primary's death cuts short (it could not connect, or a FATAL 57P0x from
+        a dying server) asks for the decision and, if the pair failed over, logs in on the
+        new primary instead: the client only sees a slower start."""
+        app = self.app
+        server = app.server
+        try:
+            return await open_backend(server, self.startup_params, creds,
+                                      max_message_size=app.config.server.max_message_size)  # fmt: skip
+        except (BackendUnavailable, BackendRejected) as e:
+            if app.failover is None or (isinstance(e, BackendRejected) and e.sqlstate not in _DYING):
+                raise
+            if not await app.failover.decide(f"client {self.id}: login failed: {e.message}") \
+                    or app.server is server:  # fmt: skip
+                raise
+            await app.failover.new_session_ready()
+            log.info("client %d: the primary died during its login; logging in on %s", self.id, app.server.address)
+            return await open_backend(app.server, self.startup_params, creds,
+                                      max_message_size=app.config.server.max_message_size)  # fmt: skip
 
     async def _welcome(self, backend: BackendSession) -> None:
         self.key = self.app.register_key(self)
