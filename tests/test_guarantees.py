@@ -214,3 +214,15 @@ def test_a_commit_stuck_in_syncrep_is_logged_with_its_likely_cause(live_pair, ca
     assert len(warned) == 1 and "apply worker does not apply" in warned[0], warned
     assert wait_for(lambda: watch.waiting == 0, 5)
     c.close()
+
+
+def test_a_client_logging_in_while_the_primary_dies_lands_on_the_new_primary(live_pair):
+    """A login that reaches the primary right after its death (before anything else has
+    noticed) is not an error: it waits for the move and logs in on the secondary."""
+    lp = live_pair
+    lp.pair.primary.kill()
+    with lp.connect(autocommit=True) as c:  # at once: the failover has not been decided yet
+        assert c.execute("SELECT count(*) FROM accounts").fetchone() == (20,)
+        c.execute("INSERT INTO transfers VALUES ('after-login', 1, 2, 3)")
+    assert lp.failover.failed_over
+    assert lp.on_secondary("SELECT amount FROM transfers WHERE id = 'after-login'") == [(3,)]
