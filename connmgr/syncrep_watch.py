@@ -19,8 +19,6 @@ import trio
 
 from shadow import messages as m
 
-from .errors import ClientError
-
 log = logging.getLogger("connmgr.syncrep")
 
 _QUERY = m.query(
@@ -80,7 +78,7 @@ class SyncRepWatch:
                     session = await self.open_session()
                 ((n, longest, names, repl),) = await session.query_rows(_QUERY)
                 self.observe(int(n), float(longest), (names or b"").decode(), (repl or b"").decode())
-            except (ClientError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - the server gone or refusing, a stream broken: look again later
                 log.debug("SyncRep watch: %s", e)
                 if session is not None:
                     session.close()
