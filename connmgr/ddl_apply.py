@@ -116,6 +116,14 @@ class DdlApplier:
         self._refresh_pending: set[str] = set()
 
     async def apply_transaction(self, database: str, stmts: list[DdlStatement], guard: str | None) -> None:
+        """See :meth:`_apply_transaction`; a session that broke is dropped (reopened next time)."""
+        try:
+            await self._apply_transaction(database, stmts, guard)
+        except (PeerClosed, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._forget(database)
+            raise
+
+    async def _apply_transaction(self, database: str, stmts: list[DdlStatement], guard: str | None) -> None:
         """Replay the DDL of one committed transaction, in order. ``guard``: the id of its
         ``connmgr.ddl_guards`` row (it created tables, empty at its commit): the tables it
         made here are fenced and made ready without a copy, and the guard is released

@@ -230,7 +230,7 @@ class ImportProcess:
                         with trio.CancelScope(shield=True):
                             await stream.aclose()
                 restarted = scope.cancelled_caught
-            except (ReplicationError, OSError, ClientError) as e:  # PeerClosed is a ClientError
+            except (ReplicationError, OSError, ClientError, trio.BrokenResourceError) as e:  # PeerClosed is a ClientError
                 self.poster_errors += 1
                 outage.failure(e)
             if restarted:
