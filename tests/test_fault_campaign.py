@@ -21,7 +21,7 @@ FAILBACK_TRIALS = 2  #: the last ones (see the module docstring)
 @pytest.mark.parametrize("seed", range(TRIALS))
 def test_trial(seed, pg_bindir, pg_base_dir):
     failback = seed >= TRIALS - FAILBACK_TRIALS
-    check(run_trial(pg_base_dir / f"campaign-{seed}", seed=seed, bindir=pg_bindir, failback=failback), failback)
+    check_trial(run_trial(pg_base_dir / f"campaign-{seed}", seed=seed, bindir=pg_bindir, failback=failback), failback)
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "bank"])
@@ -29,10 +29,10 @@ def test_trial_of_kind(kind, pg_bindir, pg_base_dir):
     """One trial of each issue-12 kind: a schema created through connmgr and killed within
     300 ms, heavy serial inserts with the sequence rounds 10 s apart, clients that turn
     synchronous_commit off."""
-    check(run_trial(pg_base_dir / f"campaign-{kind}", seed=100, bindir=pg_bindir, kind=kind), False)
+    check_trial(run_trial(pg_base_dir / f"campaign-{kind}", seed=100, bindir=pg_bindir, kind=kind), False)
 
 
-def check(r, failback: bool) -> None:
+def check_trial(r, failback: bool) -> None:
     detail = f"{r}\nerrors: {r.error_texts}\njournal: {r.journal}"
     assert not r.failed, detail
     assert r.conserved and r.explained, detail
