@@ -49,7 +49,7 @@ none is acknowledged before; and nothing needs copying, so the table is ready in
 milliseconds instead of after a table synchronization worker's copy. A table that has rows
 in its creating transaction (``CREATE TABLE AS``, an INSERT in the same block) takes the
 old path: a refresh with a copy, and commits are unprotected until the copy is done
-(logged; ``connmgr pair check`` shows such tables).
+(``connmgr pair check`` shows such tables while they are copied).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class DdlApplier:
         made here are fenced and made ready without a copy, and the guard is released
         whatever happens, so the apply worker never waits for a statement that failed here.
         Connection failures raise (the caller retries the record: it is not confirmed)."""
-        session = await self._session(database) if guard is not None else None
+        session = await self._session(database)
         if guard is not None and await session.query_rows(messages.query(
                 f"SELECT 1 FROM connmgr.ddl_done WHERE id = {quote_literal(guard)}")):  # fmt: skip
             # the record comes again (this connmgr stopped after releasing the guard): the
@@ -137,7 +137,7 @@ class DdlApplier:
             log.warning("DDL of guard %s comes again after its guard was released: its tables are"
                         " refreshed with a copy", guard)  # fmt: skip
             guard = None
-        if guard is None:
+        if guard is None:  # no new empty table: each statement as before, refreshed with a copy
             for stmt in stmts:
                 await self.apply(database, stmt)
             return

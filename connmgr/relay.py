@@ -192,11 +192,10 @@ class Upstream:
         relay = self.relay
         relay.marker_seq = relay.transactions + 1
         relay.marker_at = time.perf_counter()
+        guard = ""
         if relay.new_tables:  # this transaction created tables: the guard goes with its marker
-            guard = markers.guard_sql(relay.new_tables)
-            relay.new_tables = []
-            return markers.mark_sql(self.origin, self.sid, relay.marker_seq, guard)
-        return markers.mark_sql(self.origin, self.sid, relay.marker_seq)
+            guard, relay.new_tables = markers.guard_sql(relay.new_tables), []
+        return markers.mark_sql(self.origin, self.sid, relay.marker_seq, guard)
 
     def _capture_sql(self, sql: bytes) -> str:
         """The capture statement of DDL ``sql``; a table it creates is remembered for

@@ -349,13 +349,11 @@ def past_columns_sql(rows: Sequence[Row], lead: int) -> str:
     out = []
     for seq, table, column, inc, lo, hi in rows:
         seq_s, table_s, col_s = seq.decode(), table.decode(), column.decode()
-        step, low, high = int(inc), int(lo), int(hi)
-        if step > 0:
-            target = f"(SELECT max({col_s})::numeric FROM {table_s}) + {step * lead}"
-            value = f"LEAST({high}, GREATEST(COALESCE({target}, last_value), last_value))"
-        else:
-            target = f"(SELECT min({col_s})::numeric FROM {table_s}) + {step * lead}"
-            value = f"GREATEST({low}, LEAST(COALESCE({target}, last_value), last_value))"
+        step = int(inc)
+        # ascending: max of the column, never lower, at most the maximum; descending: mirrored
+        top, ahead, clamp, bound = ("max", "GREATEST", "LEAST", int(hi)) if step > 0 else ("min", "LEAST", "GREATEST", int(lo))
+        target = f"(SELECT {top}({col_s})::numeric FROM {table_s}) + {step * lead}"
+        value = f"{clamp}({bound}, {ahead}(COALESCE({target}, last_value), last_value))"
         out.append(f"SELECT pg_catalog.setval({quote_literal(seq_s)}, {value}::bigint, true) FROM {seq_s}")
     return ";".join(out)
 
