@@ -23,7 +23,7 @@ from collections.abc import Callable
 import trio
 
 from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable, sql_text
-from replay.markers import DDL_PREFIX, GUARD_PREFIX, parse_ddl_message
+from replay.markers import DDL_PREFIX, GUARD_PREFIX, parse_ddl_message, parse_guard_message
 from replay.pgoutput import unix_from_pg_timestamp
 from replay.reader import ReplicationError
 from replay.reconnect import Outage
@@ -183,7 +183,12 @@ class ImportProcess:
         guard = None
         for prefix, content in rec.messages:
             if prefix == GUARD_PREFIX:
-                guard = bytes(content).decode("ascii", "replace")
+                try:
+                    guard = parse_guard_message(content)
+                except ValueError as e:
+                    self.bad_ddl_messages += 1
+                    log.error("transaction %d carries a malformed guard message (its apply worker waits"
+                              " in the guard until it gives up): %s", rec.xid, e)  # fmt: skip
                 continue
             if prefix != DDL_PREFIX:
                 continue

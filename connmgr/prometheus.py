@@ -70,6 +70,8 @@ def render(app: App) -> str:
             "ddl_replay_errors": float(d.errors),
             "ddl_subscription_refreshes": float(d.refreshes),
             "ddl_tables_fenced": float(d.fenced),
+            "ddl_rows_filled": float(d.rows_filled),
+            "ddl_guard_worker_cancels": float(d.guard_cancels),
         })
     if app.imports is not None:  # secondary role
         imp, q = app.imports, app.imports.queue

@@ -46,12 +46,18 @@ that aborts never emits it.
 
 The guard of a new table
 ------------------------
-A transaction that created tables (plain ``CREATE TABLE``, no rows of its own) carries,
-in its marker statement, ``connmgr.ddl_guard(id, tables)``: if every table it made is
-still empty at the commit, a ``connmgr.ddl_guards`` row and a ``connmgr.guard`` message.
-On the secondary the row's replica trigger (``ddl_guard_wait``, enabled only for apply
-workers) holds the apply worker inside the transaction until ``connmgr.ddl_done`` has the
-id; :mod:`connmgr.ddl_apply` puts it there once the new tables are fenced.
+A transaction that created tables carries, in its marker statement,
+``connmgr.ddl_guard(id, tables)``: a ``connmgr.ddl_guards`` row and a ``connmgr.guard``
+message holding the id and, for each new table that has rows at the commit (``CREATE
+TABLE AS``, an INSERT in the same block), those rows as text (each row's record output,
+written with fixed ``DateStyle``/``IntervalStyle``/float settings, so the secondary's
+record input reads back exactly what the primary held; at most
+``connmgr.guard_rows_max_bytes``, 8 MiB by default: above it no guard, and the table is
+copied as before). On the secondary the row's replica trigger (``ddl_guard_wait``, enabled
+only for apply workers) says so in the worker's ``application_name`` and holds the apply
+worker inside the transaction until ``connmgr.ddl_done`` has the id;
+:mod:`connmgr.ddl_apply` writes the rows (``connmgr.ddl_fill``) and puts the id there once
+the new tables are fenced.
 
 The synchronous guarantee
 -------------------------
@@ -80,6 +86,8 @@ __all__ = [
     "ddl_capture_sql",
     "guard_sql",
     "GUARD_PREFIX",
+    "Guard",
+    "parse_guard_message",
     "DdlStatement",
     "parse_ddl_message",
 ]
@@ -136,27 +144,77 @@ CREATE TABLE IF NOT EXISTS connmgr.ddl_done (
 );
 CREATE OR REPLACE FUNCTION connmgr.ddl_guard(g text, tables regclass[]) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres' SET extra_float_digits = 1 SET bytea_output = 'hex'
 AS $connmgr$
 DECLARE
     rel regclass;
-    has_rows boolean;
-    guarded boolean := false;
+    rows_of jsonb;
+    guarded jsonb := '[]';
+    filled jsonb := '{}';
+    copy boolean := false;
+    cap bigint := coalesce(nullif(pg_catalog.current_setting('connmgr.guard_rows_max_bytes', true), '')::bigint,
+                           8388608);
 BEGIN
     FOREACH rel IN ARRAY tables LOOP
-        -- NULL: dropped again, or rolled back to a savepoint
-        CONTINUE WHEN rel IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class
-            WHERE oid = rel AND relkind = 'r' AND relpersistence = 'p');
-        EXECUTE pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s)', rel) INTO has_rows;
-        IF has_rows THEN
-            RETURN false;  -- rows in the creating transaction: the secondary copies the table
+        -- NULL: dropped again, or rolled back to a savepoint; only what a publication of the
+        -- pair publishes (FOR ALL TABLES, a schema or a list that names it) is guarded
+        CONTINUE WHEN rel IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.oid = rel AND c.relkind = 'r' AND c.relpersistence = 'p'
+              AND (EXISTS (SELECT 1 FROM pg_catalog.pg_publication p
+                           WHERE p.puballtables AND p.pubname <> 'connmgr_poster')
+                   OR EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t WHERE t.pubname <> 'connmgr_poster'
+                              AND t.schemaname = n.nspname AND t.tablename = c.relname)));
+        guarded := guarded || pg_catalog.to_jsonb(rel::text);
+        CONTINUE WHEN copy;
+        -- the rows the creating transaction wrote (CREATE TABLE AS, an INSERT in its block)
+        -- go with the guard: the secondary writes them before the table joins the
+        -- subscription, as a copy would, but before the commit instead of after it; each row
+        -- as its text (every column through its type's output function, as COPY does)
+        EXECUTE pg_catalog.format('SELECT pg_catalog.to_jsonb(pg_catalog.array_agg((r.*)::text)) FROM %s r', rel)
+            INTO rows_of;
+        IF rows_of IS NOT NULL THEN
+            filled := filled || pg_catalog.jsonb_build_object(rel::text, rows_of);
+            IF pg_catalog.octet_length(filled::text) > cap THEN
+                -- too many (connmgr.guard_rows_max_bytes): the secondary copies the tables
+                copy := true;
+                filled := '{}';
+            END IF;
         END IF;
-        guarded := true;
     END LOOP;
-    IF guarded THEN
-        INSERT INTO connmgr.ddl_guards (id) VALUES (g) ON CONFLICT DO NOTHING;
-        PERFORM pg_catalog.pg_logical_emit_message(true, 'connmgr.guard', g);
+    IF guarded = '[]' THEN
+        RETURN false;
     END IF;
-    RETURN guarded;
+    INSERT INTO connmgr.ddl_guards (id) VALUES (g) ON CONFLICT DO NOTHING;
+    PERFORM pg_catalog.pg_logical_emit_message(true, 'connmgr.guard', pg_catalog.jsonb_build_object(
+        'id', g, 'tables', guarded, 'rows', filled, 'copy', copy)::text);
+    RETURN true;
+END
+$connmgr$;
+CREATE OR REPLACE FUNCTION connmgr.ddl_fill(rel regclass, rows_of jsonb) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres'
+AS $connmgr$
+DECLARE
+    cols text;
+    vals text;
+    n bigint;
+BEGIN
+    -- on the secondary, for a new table its apply worker does not follow yet: its rows as
+    -- the creating transaction left them (delete first: the record may come again)
+    -- each row's text read back as the table's row type (the same columns, dropped ones
+    -- included, the DDL being the same), once per row (OFFSET 0), generated columns left out
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(attname), ', ' ORDER BY attnum),
+           pg_catalog.string_agg('(s.r).' || pg_catalog.quote_ident(attname), ', ' ORDER BY attnum)
+        INTO cols, vals
+        FROM pg_catalog.pg_attribute
+        WHERE attrelid = rel AND attnum > 0 AND NOT attisdropped AND attgenerated = '';
+    EXECUTE pg_catalog.format('DELETE FROM %s', rel);
+    EXECUTE pg_catalog.format('INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE SELECT %s FROM (SELECT x::%s AS r'
+                              ' FROM pg_catalog.jsonb_array_elements_text($1) x OFFSET 0) s', rel, cols, vals, rel)
+        USING rows_of;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
 END
 $connmgr$;
 CREATE OR REPLACE FUNCTION connmgr.ddl_guard_wait() RETURNS trigger
@@ -170,6 +228,9 @@ BEGIN
                WHERE pid = pg_catalog.pg_backend_pid() AND relid IS NOT NULL) THEN
         RETURN NEW;
     END IF;
+    -- says "I am in the guard" to the secondary connmgr (pg_stat_activity): every change
+    -- of the transaction before the guard row has been applied or skipped
+    PERFORM pg_catalog.set_config('application_name', 'connmgr guard ' || NEW.id, true);
     WHILE NOT EXISTS (SELECT 1 FROM connmgr.ddl_done WHERE id = NEW.id) LOOP
         IF pg_catalog.clock_timestamp() > deadline THEN
             RAISE EXCEPTION 'connmgr: the secondary connmgr has not replayed DDL % yet', NEW.id
@@ -192,6 +253,7 @@ DO $connmgr$ BEGIN
 END $connmgr$;
 REVOKE ALL ON connmgr.ddl_guards, connmgr.ddl_done FROM PUBLIC;
 REVOKE ALL ON FUNCTION connmgr.ddl_guard(text, regclass[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION connmgr.ddl_fill(regclass, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION connmgr.ddl_guard(text, regclass[]) TO PUBLIC;
 REVOKE ALL ON connmgr.markers FROM PUBLIC;
 REVOKE ALL ON FUNCTION connmgr.mark(bigint, bigint, bigint) FROM PUBLIC;
@@ -215,7 +277,7 @@ CHECK_SQL = (
     "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE oid ="
     " pg_catalog.to_regprocedure('connmgr.mark(bigint,bigint,bigint)') AND prosrc LIKE '%connmgr.flush%'"
     " AND prosrc LIKE '%synchronous_commit%')"
-    " AND pg_catalog.to_regprocedure('connmgr.ddl_guard(text,regclass[])') IS NOT NULL"
+    " AND pg_catalog.to_regprocedure('connmgr.ddl_fill(regclass,jsonb)') IS NOT NULL"
 )
 
 #: the message of the notice a writing marker raises; the relay swallows it
@@ -287,6 +349,51 @@ def parse_ddl_message(content: bytes) -> DdlStatement:
             raise ValueError(f"connmgr.ddl message has no string {key!r}")
         fields.append(value)
     return DdlStatement(*fields)
+
+
+class Guard:
+    """A ``connmgr.guard`` message: the guard's id, its tables, and, raw, the JSON it came
+    in (``rows`` maps each new table that has rows, qualified, to them; :meth:`fill_sql`
+    writes them). ``copy``: the rows were over ``connmgr.guard_rows_max_bytes`` and are not
+    in the message: the secondary copies the tables."""
+
+    __slots__ = ("id", "tables", "filled", "copy", "payload")
+
+    def __init__(self, id: str, tables: list[str], filled: list[str], copy: bool, payload: str) -> None:
+        self.id = id
+        #: the tables (qualified names) the guard covers: made in the transaction, published
+        self.tables = tables
+        #: those that had rows at the creating transaction's commit (and they are here)
+        self.filled = filled
+        self.copy = copy
+        self.payload = payload
+
+    def fill_sql(self) -> str:
+        """On the secondary: write each filled table's rows (``connmgr.ddl_fill``), as the
+        apply worker would (``session_replication_role = replica``: no user trigger fires);
+        one row per table with its name and the number of rows."""
+        return ("BEGIN; SET LOCAL session_replication_role = replica;"
+                " SELECT key, connmgr.ddl_fill(key::regclass, value)"
+                f" FROM pg_catalog.jsonb_each(({quote_text(self.payload)}::jsonb) -> 'rows'); COMMIT")
+
+    def __repr__(self) -> str:
+        return f"Guard({self.id!r}, tables={self.tables!r}, filled={self.filled!r}, copy={self.copy})"
+
+
+def parse_guard_message(content: bytes) -> Guard:
+    """Decode a ``connmgr.guard`` message; raises ValueError naming what is wrong. The
+    rows are not re-encoded: the secondary reads the message's own text."""
+    try:
+        text = bytes(content).decode("utf-8")
+        doc = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"connmgr.guard message is not JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("id"), str) or not isinstance(doc.get("rows"), dict):
+        raise ValueError("connmgr.guard message has no string 'id' and object 'rows'")
+    tables = doc.get("tables")
+    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+        raise ValueError("connmgr.guard message has no list of table names 'tables'")
+    return Guard(doc["id"], tables, list(doc["rows"]), doc.get("copy") is True, text)
 
 
 def marker_content(origin: int, session_id: int, seq: int) -> bytes:

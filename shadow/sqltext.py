@@ -6,11 +6,18 @@ parse (sqlglot) costs far more than the statement's round trip. The first two or
 words decide all of them, so :func:`leading_words` scans past blanks and comments and no
 further. Anything it cannot classify (a leading parenthesis, a dollar-quoted prefix) is
 "other": the caller then does the conservative thing (no marker, no capture).
+
+One statement needs more than its first words: ``SELECT ... INTO table`` creates a table.
+A SELECT whose text holds the word INTO (a cheap search) is parsed with sqlglot to see
+whether it is one; nothing else on the read path pays for a parse.
 """
 
 from __future__ import annotations
 
 import re
+
+import sqlglot
+from sqlglot import exp
 
 __all__ = [
     "quote_ident",
@@ -23,6 +30,7 @@ __all__ = [
     "ddl_kind",
     "DdlKind",
     "created_table",
+    "select_into",
     "enforce_synchronous_commit",
 ]
 
@@ -133,8 +141,13 @@ _NOT_REPLICATED_OBJECTS = frozenset({b"ROLE", b"USER", b"GROUP", b"TEMP", b"TEMP
 def ddl_kind(sql: bytes, first: bytes | None = None) -> int:
     """Classify a statement for DDL capture (see :class:`DdlKind`). Looks at four words
     (``CREATE UNIQUE INDEX CONCURRENTLY`` is the deepest form that matters), but only
-    once the first says DDL."""
-    if (first_word(sql) if first is None else first) not in _DDL_FIRST:
+    once the first says DDL; a SELECT is DDL when it is a ``SELECT ... INTO``."""
+    first = first_word(sql) if first is None else first
+    if first not in _DDL_FIRST:
+        if first in _SELECTS and _INTO.search(sql) is not None:
+            into = select_into(sql)
+            if into is not None:
+                return DdlKind.NOT_REPLICATED if into[1] else DdlKind.TRANSACTIONAL
         return DdlKind.NONE
     words = leading_words(sql, 4)
     rest = set(words[1:])
@@ -148,30 +161,50 @@ def ddl_kind(sql: bytes, first: bytes | None = None) -> int:
 
 
 _TABLE_PREFIX = frozenset({b"GLOBAL", b"LOCAL"})
-#: ``AS`` followed by one of these makes a CREATE TABLE a CREATE TABLE AS (rows of its own)
-_AS_QUERY = re.compile(rb"\bAS\s*\(*\s*(SELECT|VALUES|TABLE|WITH|EXECUTE)\b", re.IGNORECASE)
 _IF_NOT_EXISTS = re.compile(rb"\s*IF\s+NOT\s+EXISTS\b", re.IGNORECASE)
 #: a possibly qualified name: words or double-quoted identifiers joined by dots
 _QUALIFIED = re.compile(rb'\s*((?:"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*)'
                         rb'(?:\s*\.\s*(?:"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*)){0,2})')
 
 
+_SELECTS = frozenset({b"SELECT", b"WITH"})
+_INTO = re.compile(rb"\bINTO\b", re.IGNORECASE)
+
+
+def select_into(sql: bytes) -> tuple[str, bool] | None:
+    """For a ``SELECT ... INTO [TEMP | UNLOGGED] [TABLE] name``: the name as written and
+    whether it is a temporary table (this session's only); None for anything else,
+    including text sqlglot cannot parse (then Postgres decides what it is, and connmgr
+    does not capture it)."""
+    try:
+        tree = sqlglot.parse_one(sql.decode("utf-8", "replace"), read="postgres")
+    except Exception:  # noqa: BLE001 - sqlglot's own errors, or a parser bug: never the relay's crash
+        return None
+    if not isinstance(tree, (exp.Select, exp.SetOperation)):
+        return None
+    into = tree.find(exp.Into)  # of a UNION: its first SELECT's
+    if not isinstance(into, exp.Into) or not isinstance(into.this, exp.Table):
+        return None
+    return into.this.sql(dialect="postgres"), bool(into.args.get("temporary"))
+
+
 def created_table(sql: bytes) -> str | None:
     """The name (as written: ``to_regclass`` reads it) of the table a ``CREATE TABLE``
-    makes, for a published table made without rows of its own (column list, ``LIKE``,
-    ``PARTITION OF``, ``OF type``); None for anything else: TEMP or UNLOGGED (not
-    replicated), ``CREATE TABLE ... AS`` (its rows come with it), not a CREATE TABLE, or a
-    form this scan does not follow (a comment between the words). A false "AS query" match
-    only gives None: the conservative side."""
+    makes, for a published table (column list, ``LIKE``, ``PARTITION OF``, ``OF type``,
+    ``AS query``); None for anything else: TEMP or UNLOGGED (not replicated), not a CREATE
+    TABLE, or a form this scan does not follow (a comment between the words). A ``SELECT
+    ... INTO`` gives its table too (not TEMP; UNLOGGED only gives None when the guard sees
+    the table)."""
     words = leading_words(sql, 3)
+    if words and words[0] in _SELECTS:
+        into = select_into(sql)
+        return into[0] if into is not None and not into[1] else None
     if len(words) < 2 or words[0] != b"CREATE":
         return None
     i = 1
     if words[i] in _TABLE_PREFIX:
         i += 1
     if i >= len(words) or words[i] != b"TABLE":
-        return None
-    if _AS_QUERY.search(sql) is not None:
         return None
     upper = sql.upper()
     at = upper.find(b"TABLE") + 5

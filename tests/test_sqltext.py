@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shadow.sqltext import created_table, enforce_synchronous_commit
+from shadow.sqltext import DdlKind, created_table, ddl_kind, enforce_synchronous_commit
 
 
 @pytest.mark.parametrize("sql, name", [
@@ -15,17 +15,41 @@ from shadow.sqltext import created_table, enforce_synchronous_commit
     (b"CREATE TABLE s.t PARTITION OF p FOR VALUES IN (1)", "s.t"),
     (b"CREATE TABLE x (LIKE y INCLUDING ALL)", "x"),
     (b"CREATE TABLE g (a int, b int GENERATED ALWAYS AS (a * 2) STORED)", "g"),
-    (b"CREATE TABLE s.t AS SELECT 1", None),
-    (b"CREATE TABLE t AS (SELECT 1)", None),
-    (b"CREATE TABLE t AS VALUES (1)", None),
-    (b"CREATE TABLE t AS EXECUTE q", None),
+    (b"CREATE TABLE s.t AS SELECT 1", "s.t"),
+    (b"CREATE TABLE t AS (SELECT 1)", "t"),
+    (b"CREATE TABLE t(a) AS VALUES (1)", "t"),
+    (b"CREATE TABLE IF NOT EXISTS t AS EXECUTE q", "t"),
     (b"CREATE UNLOGGED TABLE u (a int)", None),
     (b"CREATE TEMP TABLE x (a int)", None),
     (b"CREATE INDEX i ON t (a)", None),
-    (b"SELECT 1 INTO t", None),
+    (b"SELECT 1 INTO t", "t"),
+    (b"select a, b into table s.\"T x\" from y where z", 's."T x"'),
+    (b"WITH c AS (SELECT 1) SELECT * INTO t3 FROM c", "t3"),
+    (b"SELECT 1 INTO t4 UNION SELECT 2", "t4"),
+    (b"SELECT 1 INTO UNLOGGED u", "u"),
+    (b"SELECT 1 INTO TEMP t", None),
+    (b"SELECT 'into' FROM x", None),
+    (b"SELECT into_x FROM y", None),
+    (b"SELECT 1 INTO", None),
 ])  # fmt: skip
 def test_created_table(sql, name):
     assert created_table(sql) == name
+
+
+@pytest.mark.parametrize("sql, kind", [
+    (b"SELECT * INTO t FROM x", DdlKind.TRANSACTIONAL),
+    (b"SELECT * INTO TEMPORARY t FROM x", DdlKind.NOT_REPLICATED),
+    (b"SELECT 'INTO' FROM x", DdlKind.NONE),
+    (b"SELECT 1 INTO (", DdlKind.NONE),  # not parsed: Postgres says what it is, nothing captured
+    (b"INSERT INTO t VALUES (1)", DdlKind.NONE),
+])  # fmt: skip
+def test_select_into_is_ddl(sql, kind):
+    assert ddl_kind(sql) == kind
+
+
+@given(st.text(max_size=60))
+def test_select_into_never_raises(text):
+    ddl_kind(("SELECT " + text + " INTO " + text).encode())
 
 
 @pytest.mark.parametrize("options, sent, asked", [
