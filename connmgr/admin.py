@@ -4,9 +4,10 @@ PgBouncer's ``pgbouncer`` database.
 ``psql -h HOST -p PORT -U USER connmgr`` then ``SHOW HELP;``. Commands (case-insensitive,
 trailing semicolon optional): ``SHOW CLIENTS``, ``SHOW SERVERS``, ``SHOW STATS``,
 ``SHOW CONFIG``, ``SHOW VERSION``, ``SHOW HELP``, and -- only for users listed in
-``[server] admin_users`` -- ``SHUTDOWN`` (graceful, like SIGTERM) and ``SWITCHOVER`` (a
+``[server] admin_users`` -- ``SHUTDOWN`` (graceful, like SIGTERM), ``SWITCHOVER`` (a
 planned move of every session to the secondary database, see connmgr/failover.py; it
-answers when done, with the timeline as rows, or with an error saying why not).
+answers when done, with the timeline as rows, or with an error saying why not), ``RESEED``
+and ``PAIR CHECK`` (``connmgr pair check`` of the pair as it is now, one row per finding).
 
 Both the simple and the extended protocol work (psycopg uses the latter); results are text
 columns. Unknown commands get ERROR 42601 and the session continues.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from typing import TYPE_CHECKING
+
+import trio
 
 from shadow import messages as m
 from shadow.messages import FrontendTag
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
     from .wire import MessageReader
 
 Result = tuple[list[str], list[list[object]], str]  # columns, rows, command tag
+
+#: how long PAIR CHECK may ask the two servers
+PAIR_CHECK_TIMEOUT = 30.0
 
 _PARAMS = {
     "server_version": "15.0 (connmgr)",
@@ -153,6 +159,8 @@ class AdminConsole:
             return await self._switchover(words[1] if len(words) == 2 else None, describe)
         if words[0].upper() == "RESEED" and len(words) == 1:
             return await self._reseed(describe)
+        if cmd == "PAIR CHECK":
+            return await self._pair_check(describe)
         if words[0].upper() != "SHOW" or len(words) != 2:
             raise AdminError(f"unknown command {sql.strip()!r}; try SHOW HELP")
         what = words[1].upper()
@@ -172,6 +180,7 @@ class AdminConsole:
             ["SHUTDOWN", "graceful shutdown (admin_users only)"],
             ["SWITCHOVER [drain_seconds]", "move every session to the secondary database, planned (admin_users only)"],
             ["RESEED", "after a move: make the old primary the secondary of the new one (admin_users only)"],
+            ["PAIR CHECK", "does the pair keep its guarantee right now: settings, tables, sequences (admin_users only)"],
         ]
 
     def _failover_for(self, command: str):
@@ -216,6 +225,33 @@ class AdminConsole:
             raise AdminError(f"reseed not done: {e}", "55000") from None
         rows = [[f"{at * 1e3:.1f}", what] for at, what in failover.timeline[start:]]
         return columns, rows, "RESEED"
+
+    async def _pair_check(self, describe: bool) -> Result:
+        """``connmgr pair check`` from here: the primary the sessions are on now (as
+        ``[redo]``'s user) and the secondary ([failover]'s user), for every database the
+        secondary subscribes in; one row per finding."""
+        from psycopg.conninfo import make_conninfo
+
+        from .pair_check import check_running_pair
+
+        columns = ["level", "what", "detail", "fix"]
+        failover = self._failover_for("PAIR CHECK")
+        if describe:
+            return columns, [], "PAIR CHECK"
+        cfg = self.app.config
+        primary, secondary = self.app.server, failover.server
+        dsns = (make_conninfo(host=primary.host, port=primary.port, user=cfg.redo.user, password=cfg.redo.password,
+                              dbname=cfg.redo.dbname, connect_timeout=5),
+                make_conninfo(host=secondary.host, port=secondary.port, user=cfg.failover.user,
+                              password=cfg.failover.password, dbname=cfg.failover.dbname, connect_timeout=5))  # fmt: skip
+        with trio.move_on_after(PAIR_CHECK_TIMEOUT) as scope:
+            try:
+                findings = await trio.to_thread.run_sync(check_running_pair, *dsns, abandon_on_cancel=True)
+            except Exception as e:  # noqa: BLE001 - psycopg's errors: a server that cannot be asked
+                raise AdminError(f"pair check could not ask a server: {str(e).strip()}", "08006") from None
+        if scope.cancelled_caught:
+            raise AdminError(f"pair check did not finish within {PAIR_CHECK_TIMEOUT:.0f} s", "57014")
+        return columns, [[f.level, f.what, f.detail, f.fix] for f in findings], "PAIR CHECK"
 
     def _show_version(self):
         return ["version"], [[f"connmgr {__version__}"]]

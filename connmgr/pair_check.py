@@ -112,6 +112,19 @@ def check_pair(primary_dsn: str, secondary_dsn: str, databases: Sequence[str]) -
     return out
 
 
+def check_running_pair(primary_dsn: str, secondary_dsn: str) -> list[Finding]:
+    """:func:`check_pair` for every database the secondary subscribes in (the admin
+    console's PAIR CHECK: it knows the two servers, not the databases)."""
+    with psycopg.connect(secondary_dsn, autocommit=True) as s:
+        databases = [row[0] for row in s.execute(
+            "SELECT DISTINCT d.datname FROM pg_catalog.pg_subscription s"
+            " JOIN pg_catalog.pg_database d ON d.oid = s.subdbid ORDER BY 1")]  # fmt: skip
+    if not databases:
+        return [Finding("fail", "the secondary has no subscription in any database", "",
+                        "connmgr pair setup, or CREATE SUBSCRIPTION ... WITH (synchronous_commit = on)")]  # fmt: skip
+    return check_pair(primary_dsn, secondary_dsn, databases)
+
+
 def _server_checks(p: psycopg.Connection, s: psycopg.Connection, out: list[Finding]) -> None:
     for side, conn in (("primary", p), ("secondary", s)):
         level = _one(conn, "SELECT current_setting('wal_level')")

@@ -11,7 +11,7 @@ import time
 
 import psycopg
 import pytest
-from connmgr_fixtures import DB, live_pair_of, wait_for
+from connmgr_fixtures import DB, PASSWORD, live_pair_of, wait_for
 
 
 @pytest.fixture
@@ -312,3 +312,17 @@ def test_a_client_logging_in_while_the_primary_dies_lands_on_the_new_primary(liv
         c.execute("INSERT INTO transfers VALUES ('after-login', 1, 2, 3)")
     assert lp.failover.failed_over
     assert lp.on_secondary("SELECT amount FROM transfers WHERE id = 'after-login'") == [(3,)]
+
+
+def test_pair_check_on_the_admin_console(live_pair):
+    """PAIR CHECK answers with the findings of ``connmgr pair check`` for the pair as it
+    is now (every database the secondary subscribes in); a broken setting is a fail row."""
+    admin_dsn = live_pair.primary.conninfo("postgres", "connmgr", PASSWORD)
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        rows = admin.execute("PAIR CHECK").fetchall()
+        assert [r[:2] for r in rows if r[0] != "ok"] == [], rows
+        assert rows[-1][1] == "every check passed"
+        with live_pair.pair.secondary.connect(DB) as c:
+            c.execute("ALTER SUBSCRIPTION connmgr_sub_app SET (synchronous_commit = off)")
+        rows = admin.execute("pair check;").fetchall()
+        assert ("fail", "app: subscription connmgr_sub_app has synchronous_commit = off") in [r[:2] for r in rows]
