@@ -159,6 +159,8 @@ class DdlApplier:
         released whatever happens, so the apply worker never waits for a statement that
         failed here. Connection failures raise (the caller retries the record: it is not
         confirmed)."""
+        if not stmts and guard is None:  # a record with other messages only: nothing to do here
+            return
         session = await self._session(database)
         if guard is not None and await session.query_rows(messages.query(
                 f"SELECT 1 FROM connmgr.ddl_done WHERE id = {quote_literal(guard.id)}")):  # fmt: skip
