@@ -214,7 +214,7 @@ class ClientConnection:
     async def _startup(self) -> MessageReader | None:
         cfg = self.app.config
         reader = MessageReader(
-            self.stream, Framer(typed=False, max_message_size=cfg.server.max_message_size), "client"
+            self.stream, Framer(typed=False, max_message_size=cfg.server.max_message_size, frontend=True), "client"
         )
         while True:
             try:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
+from shadow.framing import PQ_LARGE_MESSAGE_LIMIT
+
 from .errors import ConfigError
 
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
@@ -41,8 +43,9 @@ class ServerSection:
     idle_in_transaction_timeout: float = 0.0
     #: seconds SIGTERM waits for open transactions to finish before closing them
     shutdown_timeout: float = 30.0
-    #: largest protocol message accepted from a client or a server (bytes)
-    max_message_size: int = 1 << 30
+    #: largest protocol message accepted from a client or a server (bytes; a client also
+    #: gets Postgres's smaller limits for the short message types, shadow/framing.py)
+    max_message_size: int = PQ_LARGE_MESSAGE_LIMIT
     #: how sessions are relayed: "engine" (one task pumps every plain-TCP session over
     #: one epoll set; fastest) or "tasks" (two trio tasks per session; TLS always uses these)
     relay: str = "engine"
@@ -328,8 +331,9 @@ def _check(config: Config, source: str) -> None:
     s = config.server
     if s.max_clients < 1:
         raise ConfigError(f"{source}: [server] max_clients: must be >= 1, got {s.max_clients}")
-    if s.max_message_size < 1024:
-        raise ConfigError(f"{source}: [server] max_message_size: must be >= 1024, got {s.max_message_size}")
+    if not 1024 <= s.max_message_size <= PQ_LARGE_MESSAGE_LIMIT:
+        raise ConfigError(f"{source}: [server] max_message_size: must be between 1024 and {PQ_LARGE_MESSAGE_LIMIT}"
+                          f" (Postgres takes no longer message), got {s.max_message_size}")
     if s.relay not in RELAY_MODES:
         raise ConfigError(f"{source}: [server] relay: must be one of {', '.join(RELAY_MODES)}, got {s.relay!r}")
     if not s.listen:

@@ -290,7 +290,7 @@ class RelayEngine:
         link.attached = True
         try:
             if initial:
-                framer = Framer(max_message_size=relay.client_framer.max_message_size)
+                framer = Framer(max_message_size=relay.client_framer.max_message_size, frontend=True)
                 buf, frames = framer.feed(initial)
                 link._send(link.up, relay.upstream.process(buf, frames))
             if link.attached and relay.backend.leftover:

@@ -814,7 +814,7 @@ class Relay:
         send = self.backend.stream.send_all
         process = self.upstream.process
         if initial:  # complete messages the client pipelined behind its authentication
-            buf, frames = Framer(max_message_size=framer.max_message_size).feed(initial)
+            buf, frames = Framer(max_message_size=framer.max_message_size, frontend=True).feed(initial)
             await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
         while not self.upstream.terminated:
             if self.carry_input:  # read by the relay before a switchover moved the session

@@ -275,6 +275,15 @@ async def open_replication_stream(
                 f'replication slot "{slot}" does not exist on server "{server.name}"',
                 sqlstate="42704", slot=slot,
             )
+        # asked here, not left to pgoutput: PostgreSQL 18 decodes past a missing publication
+        # with a WARNING (the stream stays silent), 15 stops at the first change with an error
+        if not await _simple_query(wire, server, slot,
+                                   "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname ="
+                                   f" {_quote_literal(publication)}"):  # fmt: skip
+            raise ReplicationError(
+                f'replication slot "{slot}" on server "{server.name}": publication "{publication}"'
+                " does not exist", sqlstate="42704", slot=slot,
+            )  # fmt: skip
         options = f"proto_version '{2 if streaming else 1}', publication_names {pub_list}, messages 'true'"
         if streaming:
             options += ", streaming 'on'"

@@ -26,8 +26,13 @@ handshake, after StartupMessage the typed protocol). The caller switches with
 :meth:`Framer.switch_to_typed` and calls ``feed(b"")`` to collect what was held back.
 
 Lengths are checked before any body is buffered: a length below the minimum or above the
-configured maximum is a :class:`~shadow.errors.RemoteProtocolError` (SQLSTATE 08P01), so a
-peer cannot make us allocate memory by announcing a huge message.
+maximum is a :class:`~shadow.errors.RemoteProtocolError` (SQLSTATE 08P01), so a peer cannot
+make us allocate memory by announcing a huge message. What a client sends (``frontend=True``)
+gets Postgres's own limits per message type (``SocketBackend`` in postgres.c): 10,000 bytes
+for the short types (Close, Describe, Execute, Flush, Sync, Terminate, CopyDone, CopyFail),
+65,535 for a password or SASL message (``PG_MAX_AUTH_TOKEN_LENGTH``), just under 1 GiB for
+the rest (``PQ_LARGE_MESSAGE_LIMIT``), each capped by ``max_message_size``; a startup
+packet's body may hold 10,000 bytes (``MAX_STARTUP_PACKET_LENGTH``), its length field aside.
 """
 
 from __future__ import annotations
@@ -39,13 +44,23 @@ from .errors import RemoteProtocolError
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_STARTUP_PACKET_SIZE",
+    "PQ_LARGE_MESSAGE_LIMIT",
+    "PQ_SMALL_MESSAGE_LIMIT",
     "Frame",
     "Framer",
 ]
 
-#: Postgres itself refuses messages over 1 GB (PQ_LARGE_MESSAGE_LIMIT); so do we by default.
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
-#: Postgres's MAX_STARTUP_PACKET_LENGTH.
+#: Postgres's limits on a client's message, its length field included (libpq/pqcomm.h:
+#: MaxAllocSize - 1, and 10,000 for the types that are never long)
+PQ_LARGE_MESSAGE_LIMIT = 0x3FFFFFFF - 1
+PQ_SMALL_MESSAGE_LIMIT = 10000
+#: PG_MAX_AUTH_TOKEN_LENGTH: a password, SASLInitialResponse or SASLResponse message
+PG_MAX_AUTH_TOKEN_LENGTH = 65535
+#: the frontend types Postgres reads with the small limit
+_SMALL_TYPES = b"CDEHSXcf"
+#: by default no message may be longer than Postgres would take from a client
+DEFAULT_MAX_MESSAGE_SIZE = PQ_LARGE_MESSAGE_LIMIT
+#: Postgres's MAX_STARTUP_PACKET_LENGTH: the startup packet's body, its length field aside
 MAX_STARTUP_PACKET_SIZE = 10000
 
 _INT32 = Struct("!I")
@@ -58,7 +73,7 @@ Frame = tuple[int, int, int]
 class Framer:
     """Incremental splitter of one direction of a v3 stream. See the module docstring."""
 
-    __slots__ = ("max_message_size", "max_startup_size", "_typed", "_pending", "_need")
+    __slots__ = ("max_message_size", "max_startup_size", "frontend", "_limits", "_typed", "_pending", "_need")
 
     def __init__(
         self,
@@ -66,9 +81,18 @@ class Framer:
         typed: bool = True,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_startup_size: int = MAX_STARTUP_PACKET_SIZE,
+        frontend: bool = False,
     ) -> None:
         self.max_message_size = max_message_size
         self.max_startup_size = max_startup_size
+        #: what a client sends: Postgres's limit per type (module docstring)
+        self.frontend = frontend
+        #: the longest message of each type byte, its length field included
+        self._limits = [max_message_size] * 256
+        if frontend:
+            for tag in _SMALL_TYPES:
+                self._limits[tag] = min(max_message_size, PQ_SMALL_MESSAGE_LIMIT)
+            self._limits[ord("p")] = min(max_message_size, PG_MAX_AUTH_TOKEN_LENGTH)
         self._typed = typed
         self._pending = bytearray()
         # bytes the pending buffer must hold before parsing is worth trying again
@@ -110,12 +134,12 @@ class Framer:
         pos = 0
         need = 0
         if self._typed:
-            limit = self.max_message_size
+            limits = self._limits
             append = frames.append
             while n - pos >= 5:
                 (length,) = _unpack_int32(data, pos + 1)
-                if length < 4 or length > limit:
-                    raise _bad_length(data[pos], length, limit)
+                if length < 4 or length > limits[data[pos]]:
+                    raise _bad_length(data[pos], length, limits[data[pos]], self.max_message_size)
                 end = pos + 1 + length
                 if end > n:
                     need = end - pos
@@ -127,10 +151,10 @@ class Framer:
         else:
             if n - pos >= 4:
                 (length,) = _unpack_int32(data, pos)
-                if length < 8 or length > self.max_startup_size:
+                if length < 8 or length - 4 > self.max_startup_size:
                     raise RemoteProtocolError(
                         f"invalid length of startup packet: {_signed(length)}"
-                        f" (must be between 8 and {self.max_startup_size})"
+                        f" (must be between 8 and {self.max_startup_size + 4})"
                     )
                 end = pos + length
                 if end <= n:
@@ -168,12 +192,13 @@ def _signed(n: int) -> int:
     return n - (1 << 32) if n >= 1 << 31 else n
 
 
-def _bad_length(tag: int, length: int, limit: int) -> RemoteProtocolError:
+def _bad_length(tag: int, length: int, limit: int, configured: int) -> RemoteProtocolError:
     what = repr(chr(tag)) if 32 <= tag < 127 else f"0x{tag:02x}"
     length = _signed(length)  # the wire field is a signed int32
     if length < 4:
         return RemoteProtocolError(f"invalid message length {length} for message type {what}")
+    whose = "max_message_size" if limit == configured else "Postgres's limit for this type"
     return RemoteProtocolError(
-        f"message of type {what} is {length} bytes long, over the maximum of {limit} bytes"
-        " (max_message_size)"
+        f"invalid message length: message of type {what} is {length} bytes long, over the maximum"
+        f" of {limit} bytes ({whose})"
     )

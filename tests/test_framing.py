@@ -9,7 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shadow.errors import RemoteProtocolError
-from shadow.framing import MAX_STARTUP_PACKET_SIZE, Framer
+from shadow.framing import (
+    MAX_STARTUP_PACKET_SIZE,
+    PQ_LARGE_MESSAGE_LIMIT,
+    PQ_SMALL_MESSAGE_LIMIT,
+    Framer,
+)
 
 
 def typed(tag: bytes, body: bytes) -> bytes:
@@ -149,7 +154,7 @@ def test_startup_byte_at_a_time() -> None:
     assert messages == [(0, STARTUP[4:])]
 
 
-@pytest.mark.parametrize("length", [0, 4, 7, MAX_STARTUP_PACKET_SIZE + 1, 0xFFFFFFFF])
+@pytest.mark.parametrize("length", [0, 4, 7, MAX_STARTUP_PACKET_SIZE + 5, 0xFFFFFFFF])
 def test_bad_startup_length_is_rejected(length: int) -> None:
     framer = Framer(typed=False)
     with pytest.raises(RemoteProtocolError, match="invalid length of startup packet") as info:
@@ -158,10 +163,37 @@ def test_bad_startup_length_is_rejected(length: int) -> None:
 
 
 def test_startup_packet_at_the_limit_is_accepted() -> None:
-    body = struct.pack("!I", 196608) + b"user\0" + b"u" * (MAX_STARTUP_PACKET_SIZE - 15) + b"\0\0"
+    """Postgres's limit is on the body (MAX_STARTUP_PACKET_LENGTH), the length field aside."""
+    body = struct.pack("!I", 196608) + b"user\0" + b"u" * (MAX_STARTUP_PACKET_SIZE - 11) + b"\0\0"
     packet = untyped(body)
-    assert len(packet) == MAX_STARTUP_PACKET_SIZE
-    assert Framer(typed=False).feed(packet)[1] == [(0, 4, MAX_STARTUP_PACKET_SIZE)]
+    assert len(packet) == MAX_STARTUP_PACKET_SIZE + 4
+    assert Framer(typed=False).feed(packet)[1] == [(0, 4, MAX_STARTUP_PACKET_SIZE + 4)]
+
+
+@pytest.mark.parametrize("tag, limit", [
+    (b"S", PQ_SMALL_MESSAGE_LIMIT), (b"X", PQ_SMALL_MESSAGE_LIMIT), (b"E", PQ_SMALL_MESSAGE_LIMIT),
+    (b"C", PQ_SMALL_MESSAGE_LIMIT), (b"D", PQ_SMALL_MESSAGE_LIMIT), (b"H", PQ_SMALL_MESSAGE_LIMIT),
+    (b"c", PQ_SMALL_MESSAGE_LIMIT), (b"f", PQ_SMALL_MESSAGE_LIMIT), (b"p", 65535),
+    (b"Q", PQ_LARGE_MESSAGE_LIMIT), (b"P", PQ_LARGE_MESSAGE_LIMIT), (b"B", PQ_LARGE_MESSAGE_LIMIT),
+    (b"d", PQ_LARGE_MESSAGE_LIMIT), (b"F", PQ_LARGE_MESSAGE_LIMIT),
+])  # fmt: skip
+def test_a_client_gets_postgres_limits_per_message_type(tag: bytes, limit: int) -> None:
+    """What postgres.c's SocketBackend allows each type (length field included): the header
+    at the limit waits for its body, one byte over is refused before any body is read."""
+    at = tag + struct.pack("!I", limit)
+    assert Framer(frontend=True).feed(at) == (b"", [])
+    with pytest.raises(RemoteProtocolError, match="invalid message length") as info:
+        Framer(frontend=True).feed(tag + struct.pack("!I", limit + 1))
+    assert info.value.sqlstate == "08P01"
+    # the backend's direction keeps the one configured limit (a DataRow may be long)
+    assert Framer().feed(b"D" + struct.pack("!I", PQ_SMALL_MESSAGE_LIMIT + 1)) == (b"", [])
+
+
+def test_the_configured_maximum_caps_every_type() -> None:
+    with pytest.raises(RemoteProtocolError, match="over the maximum of 2000 bytes .max_message_size."):
+        Framer(frontend=True, max_message_size=2000).feed(b"S" + struct.pack("!I", 2001))
+    with pytest.raises(RemoteProtocolError, match="Postgres's limit for this type"):
+        Framer(frontend=True).feed(b"S" + struct.pack("!I", PQ_SMALL_MESSAGE_LIMIT + 1))
 
 
 # ---------------------------------------------------------------------- chunking invariance

@@ -253,10 +253,10 @@ async def test_large_transactions_stream_with_protocol_2(scratch):
 
 
 async def test_a_missing_publication_is_reported_with_the_slot_name(scratch):
-    async with await scratch.open(publication="no_such_pub") as stream:
-        await scratch.run(f"INSERT INTO {scratch.table} VALUES (1, 'x')")
-        with pytest.raises(ReplicationError) as info:
-            await next_record(stream)
+    """At the opening, on every version (PostgreSQL 18's pgoutput would decode past it
+    with a WARNING, and the stream would stay silent)."""
+    with pytest.raises(ReplicationError) as info:
+        await scratch.open(publication="no_such_pub")
     err = info.value
     assert err.sqlstate == "42704" and err.slot == scratch.slot
     assert scratch.slot in err.message and 'publication "no_such_pub" does not exist' in err.message
