@@ -35,6 +35,7 @@ import psycopg
 from . import __version__
 from .clusters import ClusterError, temp_base_dir
 from .embedded import EmbeddedConnmgr, start_connmgr_pair, wait_until, write_users_file
+from .metrics import percentile
 from .pair import ClusterPair
 
 ACCOUNTS = 100
@@ -117,13 +118,6 @@ def _workload_client(conninfo: str, index: int, stop: threading.Event, tally: Cl
                     return
                 conn.rollback()
             tally.latencies.append(time.perf_counter() - t0)
-
-
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.0, mode: str = "two-phase") -> int:
@@ -230,8 +224,8 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
                 "autocommit_inserts": sum(t.autocommits for t in tallies),
                 "copies": sum(t.copies for t in tallies),
                 "long_reads": sum(t.reads for t in tallies),
-                "latency_ms_p50": round(_pct(latencies, 0.5) * 1e3, 2),
-                "latency_ms_p99": round(_pct(latencies, 0.99) * 1e3, 2),
+                "latency_ms_p50": round(percentile(latencies, 0.5) * 1e3, 2),
+                "latency_ms_p99": round(percentile(latencies, 0.99) * 1e3, 2),
                 "latency_ms_mean": round(statistics.fmean(latencies) * 1e3, 2) if latencies else 0,
             },
             connmgr={
@@ -295,7 +289,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
 
 def _failover_part(*, quiet: bool) -> dict:
     """One fault-campaign trial: kill -9 the primary mid-workload; the figures."""
-    from .fault_campaign import percentile, run_trial
+    from .fault_campaign import run_trial
 
     _say("\nfailover: a fresh pair, 6 clients (bank workload), the primary postmaster killed with SIGKILL"
          " mid-workload", quiet=quiet)  # fmt: skip

@@ -356,10 +356,3 @@ def _check(survivor, tally: _Tally, r: TrialResult, killed_at: float) -> None:
 
 def _transfer(move: tuple[int, int, int] | None) -> str:
     return "" if move is None else f" ({move[0]}->{move[1]}: {move[2]})"
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]

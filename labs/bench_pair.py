@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -102,6 +101,7 @@ from connmgr.clusters import (  # noqa: E402
     temp_base_dir,
 )
 from connmgr.errors import ConfigError  # noqa: E402
+from connmgr.metrics import percentile as _percentile  # noqa: E402
 from connmgr.pair import PAIR_SETTINGS, ClusterPair  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -193,11 +193,8 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..1); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+    """connmgr.metrics.percentile (nearest rank), None for no values (a column left empty)."""
+    return _percentile(values, q) if values else None
 
 
 class Proc:

@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from connmgr.clusters import stop_leftovers, temp_base_dir  # noqa: E402
-from connmgr.fault_campaign import KINDS, TrialResult, percentile, run_trial  # noqa: E402
+from connmgr.fault_campaign import KINDS, TrialResult, run_trial  # noqa: E402
+from connmgr.metrics import percentile  # noqa: E402
 
 
 def main() -> int:

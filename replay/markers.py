@@ -347,6 +347,8 @@ def parse_ddl_message(content: bytes) -> DdlStatement:
         value = doc.get(key)
         if not isinstance(value, str):
             raise ValueError(f"connmgr.ddl message has no string {key!r}")
+        if key == "role" and (not value or "\0" in value):
+            raise ValueError("connmgr.ddl message has an empty or invalid role")
         fields.append(value)
     return DdlStatement(*fields)
 

@@ -64,6 +64,7 @@ from shadow import messages as m
 from shadow.errors import ProtocolError
 from shadow.framing import DEFAULT_MAX_MESSAGE_SIZE, Framer
 from shadow.messages import BackendTag
+from shadow.sqltext import quote_ident
 
 from .lsn import format_lsn
 from .pgoutput import (
@@ -113,15 +114,9 @@ class ReplicationError(Exception):
 # -------------------------------------------------------------------------- SQL helpers
 
 
-def quote_ident(name: str) -> str:
-    """Return ``name`` as a double-quoted SQL identifier. Raises ``ValueError`` on NUL or
-    an empty name."""
-    if not name or "\0" in name:
-        raise ValueError(f"invalid identifier {name!r}")
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _quote_literal(text: str) -> str:
+    """A string literal as the replication command grammar reads it (plain quotes only:
+    it has no E'' strings, unlike :func:`shadow.sqltext.quote_literal`)."""
     if "\0" in text:
         raise ValueError("a string literal cannot hold NUL")
     return "'" + text.replace("'", "''") + "'"

@@ -38,7 +38,11 @@ _SPACE = frozenset(b" \t\r\n\f\v")
 
 
 def quote_ident(name: str) -> str:
-    """``name`` as an SQL identifier: always in double quotes, inner ones doubled."""
+    """``name`` as an SQL identifier: always in double quotes, inner ones doubled. Raises
+    ValueError for an empty name or one holding NUL (no identifier can be either). The one
+    quote_ident of connmgr."""
+    if not name or "\0" in name:
+        raise ValueError(f"invalid identifier {name!r}")
     return '"' + name.replace('"', '""') + '"'
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from connmgr import config as config_mod
-from connmgr.embedded import EmbeddedConnmgr, running_pair, wait_until
+from connmgr.embedded import EmbeddedConnmgr, running_pair
 from connmgr.pair import ClusterPair
 
 #: the database and superuser password of the failover pairs (live_pair_of)
@@ -68,9 +69,18 @@ def proxy(start_connmgr):
     return start_connmgr()
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
-    return wait_until(predicate, timeout)
+def wait_for(predicate, timeout: float = 10.0, what: str = "the condition"):
+    """Poll ``predicate`` every 20 ms until it returns something true, and return that;
+    after ``timeout`` seconds raise AssertionError naming ``what`` (so a bare call cannot
+    pass by timing out). The one wait of the tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
 
 
 @pytest.fixture

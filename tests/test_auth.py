@@ -12,17 +12,11 @@ import contextlib
 import hashlib
 import hmac
 import os
-import pwd
-import shutil
-import signal
 import socket
 import struct
-import subprocess
-import tempfile
 import threading
-import time
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -48,6 +42,7 @@ from connmgr.auth import (
 )
 from connmgr.auth import scram as scram_mod
 from connmgr.auth.md5 import is_md5_hash
+from connmgr.clusters import Cluster
 
 # --------------------------------------------------------------------------- RFC 7677
 
@@ -703,76 +698,23 @@ def test_auth_error_defaults():
 
 # =========================================================================== integration
 
-PG_BIN = Path(os.environ.get("CONNMGR_PG15_BINDIR", "/usr/lib/postgresql/15/bin"))
 SCRAM_PW = "pencil"
 MD5_PW = "md5-secret"
 UNI_PW = "P\u00e4ss\u00a0w\u00f6rd\ufb01\u00ad"  # NBSP -> space, ligature -> fi, SHY -> gone
 ODD_PW = "odd\ue000pw"  # private use: SASLprep refuses, both sides hash it unchanged
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def _pg15_cluster() -> Iterator[tuple[int, str]]:
-    """Start a throwaway Postgres 15 on 127.0.0.1; yield (port, socket dir); always clean up."""
-    if not (PG_BIN / "postgres").exists():
-        pytest.skip(f"PostgreSQL 15 binaries not found in {PG_BIN}")
-    run_as: dict = {}
-    uid = gid = None
-    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
-        pw = pwd.getpwnam("postgres")
-        uid, gid = pw.pw_uid, pw.pw_gid
-        run_as = {"user": uid, "group": gid, "extra_groups": []}
-    tmp = tempfile.mkdtemp(prefix="connmgr-auth-pg15-")
-    proc: subprocess.Popen | None = None
+def _auth_cluster(pg_base_dir, pg_bindir) -> Iterator[Cluster]:
+    """A throwaway Postgres (the run's server binaries) on 127.0.0.1: md5 for md5_user,
+    scram-sha-256 for everyone else; always stopped."""
+    cluster = Cluster.create(pg_base_dir, f"auth-{uuid.uuid4().hex[:8]}", bindir=pg_bindir,
+                             hba_extra=["host all md5_user 127.0.0.1/32 md5"])  # fmt: skip
     try:
-        if uid is not None:
-            os.chown(tmp, uid, gid)
-        data = os.path.join(tmp, "data")
-        subprocess.run(
-            [PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-             "--locale=C", "--no-sync", "--no-instructions"],
-            check=True, capture_output=True, timeout=120, **run_as,
-        )  # fmt: skip
-        with open(os.path.join(data, "pg_hba.conf"), "w") as f:
-            f.write(
-                "local all postgres trust\n"
-                "host all md5_user 127.0.0.1/32 md5\n"
-                "host all all 127.0.0.1/32 scram-sha-256\n"
-            )
-        port = _free_port()
-        log = open(os.path.join(tmp, "postgres.log"), "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [PG_BIN / "postgres", "-D", data, "-c", "listen_addresses=127.0.0.1",
-             "-c", f"port={port}", "-c", f"unix_socket_directories={data}", "-c", "fsync=off"],
-            stdout=log, stderr=subprocess.STDOUT, **run_as,
-        )  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                psycopg.connect(host=data, port=port, user="postgres", dbname="postgres").close()
-                break
-            except psycopg.OperationalError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "postgres did not start:\n" + Path(tmp, "postgres.log").read_text()
-                    ) from None
-                time.sleep(0.1)
-        yield port, data
+        cluster.start()
+        yield cluster
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        cluster.stop(mode="immediate")
 
 
 # Just enough of the v3 protocol, over blocking sockets, for the startup and auth phase.
@@ -947,9 +889,10 @@ def _libpq_connect(port: int, user: str, password: str) -> None:
     ).close()  # fmt: skip
 
 
-def test_against_real_postgres_15():
-    with _pg15_cluster() as (port, sockdir):
-        with psycopg.connect(host=sockdir, port=port, user="postgres", autocommit=True) as admin:
+def test_against_real_postgres(pg_base_dir, pg_bindir):
+    with _auth_cluster(pg_base_dir, pg_bindir) as cluster:
+        port = cluster.port
+        with cluster.connect() as admin:
             admin.execute("SET password_encryption = 'scram-sha-256'")
             for role, pw in (("scram_user", SCRAM_PW), ("uni_user", UNI_PW), ("odd_user", ODD_PW)):
                 admin.execute(_create_role(role, pw))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from connmgr_fixtures import USERS_TEXT
+from connmgr_fixtures import USERS_TEXT, wait_for
 from rawpg import Msg, RawPg, error_of, errors_in
 
 from connmgr import config as config_mod
@@ -106,17 +106,6 @@ def assert_fatal(msgs: list[Msg], sqlstate: str, *, contains: str | None = None)
     if contains is not None:
         assert contains in err.message, err.fields
     return err
-
-
-def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def backend_count(pg, application_name: str) -> int:

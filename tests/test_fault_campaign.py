@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from connmgr.fault_campaign import KINDS, percentile, run_trial
+from connmgr.fault_campaign import KINDS, run_trial
+from connmgr.metrics import percentile
 
 TRIALS = 5
 FAILBACK_TRIALS = 2  #: the last ones (see the module docstring)

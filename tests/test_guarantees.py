@@ -220,10 +220,10 @@ def test_a_client_cannot_turn_synchronous_commit_off(live_pair, how):
     t.start()
     try:
         with lp.pair.primary.connect(DB) as watch:
-            waiting = wait_for(lambda: watch.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone() == (1,), 5)
-        assert waiting and not done.is_set(), \
-            f"{how}: the commit did not wait for the secondary (synchronous_commit was {weakened!r})"
+            wait_for(lambda: watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'").fetchone() == (1,), 5,
+                what=f"{how}: the commit to wait for the secondary (synchronous_commit was {weakened!r})")
+        assert not done.is_set(), f"{how}: the commit returned while the secondary held it"
     finally:
         locker.rollback()
         locker.close()

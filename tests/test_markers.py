@@ -5,6 +5,8 @@ DDL statement a logical message carrying it; the client sees nothing of either."
 
 from __future__ import annotations
 
+import random
+import shutil
 import subprocess
 import sys
 
@@ -75,12 +77,14 @@ def test_committing_writers_are_marked_readers_are_not(pair, wal_watch):
     with psycopg.connect(primary.conninfo(password="postgres")) as conn:
         sid = session_of(primary, conn).id
         xids = []
+        base = random.randrange(1 << 20, 1 << 30)  # this test's rows in the shared table
         for v in range(3):  # three writing transactions: 1, 2, 3
             with conn.transaction():
-                conn.execute("INSERT INTO markers_t VALUES (%s)", (v,))
+                conn.execute("INSERT INTO markers_t VALUES (%s)", (base + v,))
                 xids.append(conn.execute("SELECT txid_current()").fetchone()[0])
         with conn.transaction():  # 4: read-only -> no marker row, and no xid forced
-            assert conn.execute("SELECT count(*) FROM markers_t").fetchone()[0] >= 3
+            assert conn.execute("SELECT count(*) FROM markers_t WHERE v BETWEEN %s AND %s",
+                                (base, base + 2)).fetchone()[0] == 3  # fmt: skip
             assert conn.execute("SELECT txid_current_if_assigned()").fetchone()[0] is None
         with conn.transaction():  # 5: writes again
             conn.execute("INSERT INTO markers_t VALUES (99)")
@@ -121,13 +125,14 @@ def test_pipelined_and_prepared_autocommit(pair, wal_watch):
         sid = session_of(primary, conn).id
         # 1 is psycopg's Parse+Sync (an empty transaction: ReadyForQuery numbers them),
         # 2-4 the Bind/Execute/Sync of the prepared statement
+        base = random.randrange(1 << 20, 1 << 30)  # this test's rows in the shared table
         for v in range(3):
-            conn.execute("INSERT INTO markers_t VALUES (%s)", (v,), prepare=True)
+            conn.execute("INSERT INTO markers_t VALUES (%s)", (base + v,), prepare=True)
         # 5: a pipeline sends one Sync at its end: the three inserts are one implicit
         # transaction, marked once
         with conn.pipeline():
             for v in range(3):
-                conn.execute("INSERT INTO markers_t VALUES (%s)", (v,))
+                conn.execute("INSERT INTO markers_t VALUES (%s)", (base + v,))
         # 6, 7: Pipeline.sync() also collects the results, so each segment starts with
         # nothing in flight and is marked
         with conn.pipeline() as p:
@@ -135,7 +140,8 @@ def test_pipelined_and_prepared_autocommit(pair, wal_watch):
             p.sync()
             conn.execute("INSERT INTO markers_t VALUES (11)")
             p.sync()
-        assert conn.execute("SELECT count(*) FROM markers_t WHERE v < 3").fetchone()[0] >= 6
+        assert conn.execute("SELECT count(*) FROM markers_t WHERE v BETWEEN %s AND %s",
+                            (base, base + 2)).fetchone()[0] == 6  # fmt: skip
     assert [q for _x, q in marks_of(wal_watch, primary, sid)] == [2, 3, 4, 5, 6, 7]
 
 
@@ -181,7 +187,7 @@ def test_the_client_sees_exactly_what_it_would_see_direct(pair, pg, tmp_path):
 
     def run(host, port):
         r = subprocess.run(
-            ["psql", "-X", "-a", "-h", host, "-p", str(port), "-U", "postgres", "-d", "app", "-f", str(script)],
+            [shutil.which("psql") or "psql", "-X", "-a", "-h", host, "-p", str(port), "-U", "postgres", "-d", "app", "-f", str(script)],
             capture_output=True, text=True, timeout=60, env={"PGPASSWORD": "postgres", "PATH": "/usr/bin:/bin"},
         )
         return r.stdout, r.stderr.replace(f"port {port}", "PORT")
@@ -191,7 +197,7 @@ def test_the_client_sees_exactly_what_it_would_see_direct(pair, pg, tmp_path):
     assert via == direct
     assert "ROLLBACK" in via[0] and "division by zero" in via[1]
     conn = primary.app
-    assert conn.metrics.client_errors == {} or set(conn.metrics.client_errors) <= {"22012"}
+    assert conn.metrics.client_errors == {}  # the errors are the server's, relayed: none is connmgr's
 
 
 def test_prepare_db_installs_what_markers_need(pg):

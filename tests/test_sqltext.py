@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shadow.sqltext import DdlKind, created_table, ddl_kind, enforce_synchronous_commit
+from shadow.sqltext import DdlKind, created_table, ddl_kind, enforce_synchronous_commit, quote_ident
 
 
 @pytest.mark.parametrize("sql, name", [
@@ -74,3 +74,15 @@ def test_enforced_options_always_end_synchronous(options):
     sent, _asked = enforce_synchronous_commit(options)
     again, asked = enforce_synchronous_commit(sent)
     assert again == sent and asked is None
+
+
+@pytest.mark.parametrize("name", ["", "a\0b"])
+def test_quote_ident_refuses_what_no_identifier_can_be(name):
+    with pytest.raises(ValueError, match="invalid identifier"):
+        quote_ident(name)
+
+
+@given(st.text(min_size=1).filter(lambda t: "\0" not in t))
+def test_quote_ident_round_trips(name):
+    quoted = quote_ident(name)
+    assert quoted[0] == quoted[-1] == '"' and quoted[1:-1].replace('""', '"') == name
