@@ -17,26 +17,25 @@ import time
 
 import trio
 
+from connmgr.config import Config, parse_hostport
+from connmgr.errors import AdminShutdown, ClientError
+from connmgr.failover.controller import Failover
+from connmgr.metrics import Metrics
+from connmgr.pair.ddl_apply import DdlApplier
+from connmgr.pair.import_process import ImportProcess
+from connmgr.pair.mirror import MirrorLink, serve_mirror
+from connmgr.pair.sequence_sync import SequenceSync
+from connmgr.pair.syncrep_watch import SyncRepWatch
+from connmgr.pg.backend import BackendServer, BackendSession, Credentials, open_backend, send_cancel
+from connmgr.pg.redo_monitor import RedoMonitor
+from connmgr.pg.wire import PeerClosed
+from connmgr.proxy.client import ClientConnection
+from connmgr.proxy.client_auth import SecretStore
+from connmgr.proxy.engine import RelayEngine
+from connmgr.proxy.transport import FastSocketStream
 from replay import markers
-from replay.redo_monitor import RedoMonitor
 from shadow import messages
 from shadow.sqltext import quote_literal
-
-from .backend import BackendServer, BackendSession, Credentials, open_backend, send_cancel
-from .client import ClientConnection
-from .client_auth import SecretStore
-from .config import Config, parse_hostport
-from .ddl_apply import DdlApplier
-from .engine import RelayEngine
-from .errors import AdminShutdown, ClientError
-from .failover import Failover
-from .import_process import ImportProcess
-from .metrics import Metrics
-from .mirror import MirrorLink, serve_mirror
-from .sequence_sync import SequenceSync
-from .syncrep_watch import SyncRepWatch
-from .transport import FastSocketStream
-from .wire import PeerClosed
 
 log = logging.getLogger("connmgr")
 
@@ -209,7 +208,7 @@ class App:
                                        "connmgr sequence sync")  # fmt: skip
 
     async def _open_poster_stream(self):
-        from replay.reader import open_replication_stream
+        from connmgr.pg.replication import open_replication_stream
 
         p = self.config.poster
         return await open_replication_stream(
@@ -331,7 +330,7 @@ class App:
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:
-                from .prometheus import serve_metrics
+                from connmgr.ops.prometheus import serve_metrics
 
                 await nursery.start(serve_metrics, self)
             if handle_signals:

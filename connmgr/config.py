@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
+from connmgr.errors import ConfigError
 from shadow.framing import PQ_LARGE_MESSAGE_LIMIT
-
-from .errors import ConfigError
 
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
 RELAY_MODES = ("engine", "tasks")
@@ -162,7 +161,7 @@ class PosterSection:
     replay_ddl: bool = True
     ddl_user: str = ""
     ddl_password: str = ""
-    #: seconds between two sequence catch-up rounds (connmgr/sequence_sync.py; 0 = off),
+    #: seconds between two sequence catch-up rounds (connmgr/pair/sequence_sync.py; 0 = off),
     #: and how many increments ahead of the primary the secondary's sequences are kept
     sequence_interval: float = 1.0
     sequence_lead: int = 1000
@@ -171,7 +170,7 @@ class PosterSection:
 @dataclass(frozen=True, slots=True)
 class FailoverSection:
     """``[failover]``: primary role -- moving live sessions to the secondary database
-    when the primary database dies (connmgr/failover.py)."""
+    when the primary database dies (connmgr/failover/controller.py)."""
 
     #: host:port of the secondary database ("" = no failover: a lost backend ends the
     #: session with 08006, as without a pair)
@@ -196,7 +195,7 @@ class FailoverSection:
     #: a switchover (admin SWITCHOVER) waits at most this long for every session to finish
     #: its request in flight; if one does not, the switchover is abandoned
     drain_timeout: float = 10.0
-    #: after a move (connmgr/reseed.py): "stay" -- the secondary stays the primary; once
+    #: after a move (connmgr/failover/reseed.py): "stay" -- the secondary stays the primary; once
     #: the old primary answers again it is re-seeded as the new secondary (without a copy
     #: after a switchover; after a crash its replicated tables are emptied and copied);
     #: "return" -- the same, then a switchover back to [primary]; "manual" -- nothing until

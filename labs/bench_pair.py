@@ -9,7 +9,7 @@ Usage (from the repository root; as root the servers drop to the ``postgres`` OS
 
 What it does
 ------------
-1. Creates the clusters in a temp dir, every one with the same settings (``connmgr.clusters``
+1. Creates the clusters in a temp dir, every one with the same settings (``connmgr.embedded.clusters``
    defaults plus :data:`BENCH_SETTINGS`: fsync/full_page_writes off, synchronous_commit on,
    wal_level logical, shared_buffers 256MB, no checkpoint during a run; SCRAM over TCP) and
    a database ``bench`` filled with ``pgbench -i -s SCALE``:
@@ -17,7 +17,7 @@ What it does
    * ``direct``: one cluster, no replica (also behind PgBouncer);
    * ``srprimary`` + ``standby``: a physical streaming standby made with ``pg_basebackup
      -R`` (run as the server OS user), named in the primary's ``synchronous_standby_names``;
-   * ``pair/primary`` + ``pair/secondary``: :class:`connmgr.pair.ClusterPair`, native
+   * ``pair/primary`` + ``pair/secondary``: :class:`connmgr.embedded.cluster_pair.ClusterPair`, native
      logical replication in synchronous mode (the secondary gets the pgbench tables with
      ``pgbench -i -I dtp``, the data by ``ALTER SUBSCRIPTION ... REFRESH PUBLICATION``).
 
@@ -89,7 +89,8 @@ from bench_proxy import TargetUnavailable, first_error_line, kill_group, log, po
 from psycopg import sql  # noqa: E402
 
 from connmgr import config as config_mod  # noqa: E402
-from connmgr.clusters import (  # noqa: E402
+from connmgr.embedded.cluster_pair import PAIR_SETTINGS, ClusterPair  # noqa: E402
+from connmgr.embedded.clusters import (  # noqa: E402
     DEFAULT_SETTINGS,
     Cluster,
     ClusterError,
@@ -102,7 +103,6 @@ from connmgr.clusters import (  # noqa: E402
 )
 from connmgr.errors import ConfigError  # noqa: E402
 from connmgr.metrics import percentile as _percentile  # noqa: E402
-from connmgr.pair import PAIR_SETTINGS, ClusterPair  # noqa: E402
 
 HOST = "127.0.0.1"
 USER = "postgres"
@@ -121,7 +121,7 @@ READY_TIMEOUT = 30.0
 LAG_INTERVAL = 0.1
 
 #: Every cluster (direct, syncrep primary and standby, pair primary and secondary) gets
-#: connmgr.clusters.DEFAULT_SETTINGS, then these.
+#: connmgr.embedded.clusters.DEFAULT_SETTINGS, then these.
 BENCH_SETTINGS: dict[str, str | int] = {
     **PAIR_SETTINGS,
     "shared_buffers": "256MB",

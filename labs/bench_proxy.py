@@ -79,7 +79,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from connmgr.clusters import Cluster, ClusterError, free_port, temp_base_dir  # noqa: E402
+from connmgr.embedded.clusters import Cluster, ClusterError, free_port, temp_base_dir  # noqa: E402
 
 HOST = "127.0.0.1"
 DB = "postgres"
@@ -292,8 +292,8 @@ def make_connmgr(base: Path, pg_port: int, extra: list[str], name: str = "connmg
     target = ProcessTarget(
         name, port, argv=connmgr_argv(port, pg_port, extra), log_path=base / f"{name}.log"
     )
-    if not (REPO / "connmgr" / "cli.py").exists():
-        target.skip_reason = "connmgr/cli.py does not exist yet (the proxy is being written)"
+    if not (REPO / "connmgr" / "ops" / "cli.py").exists():
+        target.skip_reason = "connmgr/ops/cli.py does not exist yet (the proxy is being written)"
     return target
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from connmgr.clusters import Cluster, free_port, temp_base_dir  # noqa: E402
+from connmgr.embedded.clusters import Cluster, free_port, temp_base_dir  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 _secondaries: list[subprocess.Popen] = []

@@ -1,11 +1,11 @@
-"""Failover fault campaign, long form: N trials of connmgr/fault_campaign.py (a fresh pair
+"""Failover fault campaign, long form: N trials of connmgr/embedded/fault_campaign.py (a fresh pair
 per trial, the primary postmaster killed with SIGKILL at a random moment), then a table:
 trials, client errors by SQLSTATE, lost and duplicated commits, detection time and the
 stall of every moved session (p50/p99/max).
 
     python labs/fault_campaign.py --trials 100 [--clients 6] [--failback] [--kinds bank,new-schema,...] [--json]
 
-``--kinds``: the trial kinds to rotate through (connmgr/fault_campaign.py: bank, new-schema,
+``--kinds``: the trial kinds to rotate through (connmgr/embedded/fault_campaign.py: bank, new-schema,
 serial, sync-off; default all of them).
 
 ``--failback``: every trial then restarts the killed primary under load and waits for
@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from connmgr.clusters import stop_leftovers, temp_base_dir  # noqa: E402
-from connmgr.fault_campaign import KINDS, TrialResult, run_trial  # noqa: E402
+from connmgr.embedded.clusters import stop_leftovers, temp_base_dir  # noqa: E402
+from connmgr.embedded.fault_campaign import KINDS, TrialResult, run_trial  # noqa: E402
 from connmgr.metrics import percentile  # noqa: E402
 
 

@@ -16,7 +16,7 @@ Two connection managers run as a pair: the *primary* in front of the primary dat
   its records are >= the first tag. The upper end is only a hint (a stale tag can be below
   the commit record), which is one reason ranges are not used for the decision.
 
-* **Mirror stream** (``connmgr/mirror_protocol.py``, ``connmgr/mirror.py``). The primary
+* **Mirror stream** (``replay/mirror_protocol.py``, ``connmgr/pair/mirror.py``). The primary
   connmgr sends the secondary every client message and every backend response, per
   session, in order, as versioned records (seed 003): each record has a version number one
   above the previous, the session id, the LSN tag and the byte offset of its first byte
@@ -29,8 +29,8 @@ Two connection managers run as a pair: the *primary* in front of the primary dat
   the link to one-phase (WARNING, ``connmgr_mirror_two_phase_active 0``), and two-phase
   returns once the secondary has caught up.
 
-* **Replication system** (``replay/pgoutput.py``, ``replay/reader.py``,
-  ``connmgr/pair.py``). Postgres's own logical replication (publication FOR ALL TABLES,
+* **Replication system** (``replay/pgoutput.py``, ``connmgr/pg/replication.py``,
+  ``connmgr/embedded/cluster_pair.py``). Postgres's own logical replication (publication FOR ALL TABLES,
   subscription on the secondary, synchronous_standby_names naming the subscription)
   *applies* the changes: it is the mature, type-complete applier, and in synchronous mode
   a commit is not acknowledged by the primary before the subscriber has it. Our own
@@ -40,8 +40,8 @@ Two connection managers run as a pair: the *primary* in front of the primary dat
   DDL, which logical decoding does not carry, is captured by connmgr as a transactional
   logical message in the statement's own transaction (``replay/markers.py``) and replayed
   on the secondary from the poster record, i.e. at the transaction's commit point
-  (``connmgr/ddl_apply.py``); sequences are kept ahead of the primary's with a lead
-  (``connmgr/sequence_sync.py``; logical replication in Postgres 15 does not carry them).
+  (``connmgr/pair/ddl_apply.py``); sequences are kept ahead of the primary's with a lead
+  (``connmgr/pair/sequence_sync.py``; logical replication in Postgres 15 does not carry them).
 
 * **Import queue and exact purge** (``replay/import_queue.py``). The secondary connmgr
   groups each session's mirrored messages into transactions (delimited by ReadyForQuery)
@@ -80,7 +80,7 @@ marker rows). In order:
 3. **Per session**, ask the secondary connmgr (over the mirror link, after the primary's
    mirror buffer is fully acknowledged) for the session's held transactions and pipelined
    requests; open a backend on the secondary database with the session's start-up
-   parameters and rebuild its state (``replay/session_state.py``: SETs, SQL prepared
+   parameters and rebuild its state (``replay/session_recorder.py``: SETs, SQL prepared
    statements, LISTEN, advisory locks; protocol prepared statements from the shadow). A
    session with something that cannot move (temp objects, WITH HOLD cursors, ...) gets a
    clear 40001/57P01-class error instead, counted by reason.

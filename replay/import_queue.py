@@ -100,9 +100,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from replay.markers import MARKER_PREFIX
 from shadow.sqltext import leading_words
-
-from .markers import MARKER_PREFIX
 
 __all__ = [
     "MARKER_PREFIX",
@@ -486,7 +485,7 @@ class ImportQueue:
         self.stats = ImportQueueStats()
         #: called with (session id, committed) at every ReadyForQuery 'I' that ends a
         #: transaction (committed: its verdict is not a rollback); e.g. to follow the
-        #: session's settings (replay/session_state.py)
+        #: session's settings (replay/session_recorder.py)
         self.on_transaction_end: Callable[[int, bool], None] | None = None
         self._sessions: dict[int, _Session] = {}
         self._not_replayable: set[int] = set()

@@ -56,7 +56,7 @@ record input reads back exactly what the primary held; at most
 copied as before). On the secondary the row's replica trigger (``ddl_guard_wait``, enabled
 only for apply workers) says so in the worker's ``application_name`` and holds the apply
 worker inside the transaction until ``connmgr.ddl_done`` has the id;
-:mod:`connmgr.ddl_apply` writes the rows (``connmgr.ddl_fill``) and puts the id there once
+:mod:`connmgr.pair.ddl_apply` writes the rows (``connmgr.ddl_fill``) and puts the id there once
 the new tables are fenced.
 
 The synchronous guarantee
@@ -309,7 +309,7 @@ def guard_sql(tables: list[str]) -> str:
     client wrote them) adds: a ``connmgr.ddl_guard`` call with a fresh id. If every one of
     them is still empty at the commit, the call writes a ``connmgr.ddl_guards`` row and a
     ``connmgr.guard`` message; the secondary fences the tables before its apply worker may
-    commit the transaction (see :mod:`connmgr.ddl_apply`)."""
+    commit the transaction (see :mod:`connmgr.pair.ddl_apply`)."""
     # resolved here, with the session's search_path (the function has its own)
     rels = ", ".join(f"pg_catalog.to_regclass({quote_text(t)})" for t in tables)
     return f", connmgr.ddl_guard('{secrets.token_hex(12)}', ARRAY[{rels}]::regclass[])"

@@ -1,6 +1,6 @@
 """Logical replication stream codec (pgoutput) and the poster-queue transaction assembler.
 
-Sans-IO: bytes in, records out. :mod:`replay.reader` does the talking to Postgres.
+Sans-IO: bytes in, records out. :mod:`connmgr.pg.replication` does the talking to Postgres.
 
 How it works
 ------------
@@ -66,10 +66,9 @@ from itertools import islice
 from struct import Struct
 from typing import ClassVar, Literal
 
+from replay.markers import MARKER_PREFIX, MARKER_TABLE, marker_content
 from shadow.errors import RemoteProtocolError
 from shadow.messages import CopyData, Reader
-
-from .markers import MARKER_PREFIX, MARKER_TABLE, marker_content
 
 __all__ = [
     "PG_EPOCH_UNIX_SECONDS",
@@ -613,7 +612,7 @@ class PosterRecord:
 
     ``first_lsn`` is the ``wal_start`` of its Begin (or first StreamStart), ``commit_lsn``
     the commit record, ``end_lsn`` its end (what to :meth:`confirm
-    <replay.reader.ReplicationStream.confirm>` once processed). ``change_lsns`` are the
+    <connmgr.pg.replication.ReplicationStream.confirm>` once processed). ``change_lsns`` are the
     ``wal_start`` of each Insert/Update/Delete/Truncate, at most the assembler's cap;
     ``n_changes`` counts them all. ``relations`` are the ``namespace.name`` of every table
     changed, in order of first change. ``messages`` are the ``(prefix, content)`` of the

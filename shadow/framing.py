@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from struct import Struct
 
-from .errors import RemoteProtocolError
+from shadow.errors import RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",

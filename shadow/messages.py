@@ -45,7 +45,7 @@ from struct import Struct
 from struct import error as StructError
 from typing import ClassVar, Literal
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from shadow.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     # type bytes and protocol codes

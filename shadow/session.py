@@ -87,8 +87,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import RemoteProtocolError
-from .messages import (
+from shadow.errors import RemoteProtocolError
+from shadow.messages import (
     AuthenticationOk,
     BackendKeyData,
     CancelRequest,

@@ -14,7 +14,13 @@ from typing import NamedTuple
 
 import pytest
 
-from connmgr.clusters import Cluster, ClusterError, find_bindir, stop_leftovers, temp_base_dir
+from connmgr.embedded.clusters import (
+    Cluster,
+    ClusterError,
+    find_bindir,
+    stop_leftovers,
+    temp_base_dir,
+)
 from replay import markers
 
 # ---- connmgr fixtures (lead) ------------------------------------------------------------

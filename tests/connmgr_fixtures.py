@@ -1,6 +1,6 @@
 """Fixtures that run a real connmgr in front of the session's real Postgres.
 
-connmgr runs in-process (:class:`connmgr.embedded.EmbeddedConnmgr`, a thread with its own
+connmgr runs in-process (:class:`connmgr.embedded.harness.EmbeddedConnmgr`, a thread with its own
 trio loop), so a test can drive it with blocking clients (psql, pgbench, psycopg) and still
 look at its ``App`` (metrics, registry).
 """
@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from connmgr import config as config_mod
-from connmgr.embedded import EmbeddedConnmgr, running_pair
-from connmgr.pair import ClusterPair
+from connmgr.embedded.cluster_pair import ClusterPair
+from connmgr.embedded.harness import EmbeddedConnmgr, running_pair
 
 #: the database and superuser password of the failover pairs (live_pair_of)
 DB = "app"

@@ -1,7 +1,7 @@
 """connmgr.auth: SCRAM-SHA-256 (both sides), MD5, SASLprep, the users file.
 
-Pure tests first; at the end one integration test against a real PostgreSQL 15 that it
-starts itself (it does not use connmgr.clusters): our client against the real backend,
+Pure tests first; at the end one integration test against a real PostgreSQL (the run's
+server binaries, through connmgr.embedded.clusters): our client against the real backend,
 and libpq (psycopg) against our server using the verifier the backend stored.
 """
 
@@ -42,7 +42,7 @@ from connmgr.auth import (
 )
 from connmgr.auth import scram as scram_mod
 from connmgr.auth.md5 import is_md5_hash
-from connmgr.clusters import Cluster
+from connmgr.embedded.clusters import Cluster
 
 # --------------------------------------------------------------------------- RFC 7677
 

@@ -1,4 +1,4 @@
-"""connmgr.clusters against real PostgreSQL servers."""
+"""connmgr.embedded.clusters against real PostgreSQL servers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import trio
 
-from connmgr.clusters import Cluster, ClusterError, find_bindir, free_port
+from connmgr.embedded.clusters import Cluster, ClusterError, find_bindir, free_port
 
 
 def _refuses(host: str, port: int) -> bool:

@@ -1,4 +1,4 @@
-"""The relay engine (connmgr/engine.py): flow control, isolation, cleanup -- with real
+"""The relay engine (connmgr/proxy/engine.py): flow control, isolation, cleanup -- with real
 Postgres and real sockets."""
 
 from __future__ import annotations

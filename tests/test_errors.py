@@ -37,7 +37,7 @@ from connmgr_fixtures import USERS_TEXT, wait_for
 from rawpg import Msg, RawPg, error_of, errors_in
 
 from connmgr import config as config_mod
-from connmgr.clusters import Cluster, free_port
+from connmgr.embedded.clusters import Cluster, free_port
 from connmgr.errors import ConfigError
 from shadow import messages as m
 

@@ -1,5 +1,5 @@
 """Fail-back end to end: after a move, the old primary becomes the secondary of the new one
-(connmgr/reseed.py), the pair is whole again turned around, and a second failure moves the
+(connmgr/failover/reseed.py), the pair is whole again turned around, and a second failure moves the
 sessions back. Assertions are on the data each side holds, on the replication state the
 re-seed leaves (subscriptions, synchronous standbys, slots), on what the clients received,
 and on the counters."""
@@ -11,9 +11,9 @@ import pytest
 from connmgr_fixtures import DB, PASSWORD, live_pair_of, wait_for
 
 from connmgr import config as config_mod
-from connmgr.cli import main
 from connmgr.errors import ConfigError
-from connmgr.reseed import conninfo
+from connmgr.failover.reseed import conninfo
+from connmgr.ops.cli import main
 
 SUB = "connmgr_sub_app"  # the pair's subscription: it keeps its name on either side
 

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import DB, PASSWORD, live_pair_of, wait_for
 
-from connmgr.cli import main
+from connmgr.ops.cli import main
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The failover fault campaign, short form (the long form is labs/fault_campaign.py): a
 bank workload through the pair, the primary postmaster killed with SIGKILL at a random
-moment, and the proof on the survivor -- see connmgr/fault_campaign.py.
+moment, and the proof on the survivor -- see connmgr/embedded/fault_campaign.py.
 
 The last FAILBACK_TRIALS trials are fail-back trials (``failback=True``): the killed
 primary is restarted under load, re-seeded with a copy, the sessions switch home and the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from connmgr.fault_campaign import KINDS, run_trial
+from connmgr.embedded.fault_campaign import KINDS, run_trial
 from connmgr.metrics import percentile
 
 TRIALS = 5

@@ -238,7 +238,7 @@ def test_no_key_collides_after_a_kill_under_heavy_serial_inserts(pg_bindir, pg_b
     primary is killed. The secondary connmgr's catch-up rounds are off here, so only the
     point of failure can put the survivor's sequences past the keys the dead primary
     handed out: no insert after the move may fail with 23505."""
-    from connmgr.embedded import running_pair
+    from connmgr.embedded.harness import running_pair
 
     with running_pair(pg_base_dir / "guarantee-serial", database=DB, password="postgres", poster_slot="serial_poster",
                       bindir=pg_bindir, users_dir=tmp_path, sequence_interval=0, failover=True,

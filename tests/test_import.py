@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
-from connmgr.prometheus import render
+from connmgr.ops.prometheus import render
 from replay import markers
 from replay.import_queue import Outcome
 
@@ -159,8 +159,8 @@ def test_sessions_of_another_database_than_the_posters_are_loud(caplog):
     """A secondary connmgr whose [poster] dbname is not the application's database: the
     first mirrored session of that database logs one ERROR naming the setting and the fix,
     and every such session is counted."""
-    from connmgr.import_process import ImportProcess
-    from connmgr.mirror_protocol import SessionOpened
+    from connmgr.pair.import_process import ImportProcess
+    from replay.mirror_protocol import SessionOpened
 
     imp = ImportProcess(database="postgres")
     with caplog.at_level("ERROR", logger="connmgr.import"):

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
-from connmgr.mirror_protocol import Marker
 from replay import markers
+from replay.mirror_protocol import Marker
 from replay.pgoutput import Begin, Insert, Message, Relation, Update, decode_pgoutput
 
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 import psycopg
 from connmgr_fixtures import wait_for  # noqa: E402
 
-from connmgr.mirror_protocol import Data, Resync, SessionClosed, SessionOpened
+from replay.mirror_protocol import Data, Resync, SessionClosed, SessionOpened
 from shadow.framing import Framer
 
 

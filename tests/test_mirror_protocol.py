@@ -1,4 +1,4 @@
-"""The mirror stream protocol (connmgr/mirror_protocol.py): wire format, in-order
+"""The mirror stream protocol (replay/mirror_protocol.py): wire format, in-order
 exactly-once delivery across loss, duplication, reordering, reconnects and overflow."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connmgr.mirror_protocol import (
+from replay.mirror_protocol import (
     Ack,
     AckRequest,
     Data,

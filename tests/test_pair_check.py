@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from connmgr.cli import main
-from connmgr.pair import ClusterPair
-from connmgr.pair_check import parse_standby_names
+from connmgr.embedded.cluster_pair import ClusterPair
+from connmgr.ops.cli import main
+from connmgr.pair.check import parse_standby_names
 
 
 @pytest.mark.parametrize("value, parsed", [
@@ -55,7 +55,7 @@ def test_pair_setup_on_two_fresh_databases(pg_bindir, pg_base_dir, tmp_path, cap
     setup` makes them a synchronous pair (schema copied, rows copied, every subscription
     sync), writes configs that load, and its check passes; a second run changes nothing."""
     from connmgr import config as config_mod
-    from connmgr.clusters import Cluster
+    from connmgr.embedded.clusters import Cluster
 
     base = pg_base_dir / "setup"
     base.mkdir(parents=True, exist_ok=True)

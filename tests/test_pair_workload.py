@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
-from connmgr.embedded import running_pair
+from connmgr.embedded.harness import running_pair
 
 DB = "app"
 PASSWORD = "postgres"

@@ -1,4 +1,4 @@
-"""replay/reconnect.py: one WARNING per outage, one INFO at the recovery, and a restart
+"""connmgr/pg/reconnect.py: one WARNING per outage, one INFO at the recovery, and a restart
 that ends a back-off at once."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import logging
 
 import trio
 
-from replay.reconnect import Outage
+from connmgr.pg.reconnect import Outage
 
 
 def test_one_warning_per_outage_and_the_recovery_counts_the_failures(caplog):

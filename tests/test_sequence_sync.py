@@ -15,9 +15,9 @@ import time
 import pytest
 import trio
 
-from connmgr.backend import BackendServer, Credentials, open_backend
-from connmgr.pair import ClusterPair
-from connmgr.sequence_sync import SequenceSync, draw_leads, plan
+from connmgr.embedded.cluster_pair import ClusterPair
+from connmgr.pair.sequence_sync import SequenceSync, draw_leads, plan
+from connmgr.pg.backend import BackendServer, Credentials, open_backend
 from shadow.sqltext import quote_ident, quote_literal
 
 DB = "app"

@@ -1,4 +1,4 @@
-"""Two-phase mirroring (connmgr/mirror.py): a writing transaction's commit acknowledgement
+"""Two-phase mirroring (connmgr/pair/mirror.py): a writing transaction's commit acknowledgement
 reaches the client only after the secondary connmgr acknowledged the mirrored reply; when
 the secondary is gone, the written policy degrades to one-phase (metric, WARNING) and
 two-phase comes back once the secondary has caught up."""
@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from connmgr_fixtures import wait_for
 
-from connmgr.mirror_protocol import Data
-from connmgr.prometheus import render
+from connmgr.ops.prometheus import render
+from replay.mirror_protocol import Data
 
 TIMEOUT = 0.5
 

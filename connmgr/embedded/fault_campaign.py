@@ -1,0 +1,358 @@
+"""The failover fault campaign: a bank workload through the pair, the primary database
+killed with SIGKILL at a random moment, and the proof on the survivor (issue 4).
+
+One *trial* (:func:`run_trial`) creates a fresh pair of clusters and connection managers
+(the primary one with ``[failover]``), starts the workload, kills the primary postmaster
+after a random delay, lets the clients run on for a while, stops them and checks, directly
+on the secondary database:
+
+* the total of the balances is conserved;
+* every transfer a client saw committed is there exactly once (by its id), and every
+  account's balance is exactly what the transfers on the survivor explain -- nothing
+  applied twice, nothing half;
+* every acknowledged ledger row (autocommit inserts and COPY) is there exactly once (by
+  its note; the table has no unique constraint, so a duplicate would show);
+* every client error is counted by SQLSTATE. The target is none; 40001 is allowed only
+  where connmgr reports that a replayed result truly differed.
+
+The workload mixes what a kill can interrupt: transfers in explicit transactions over the
+simple protocol, the extended protocol and prepared statements (locking their two rows in
+id order first), autocommit ledger inserts, COPY into the ledger, and long read
+transactions (sum of balances twice, with a pause between). Kill moments are random, so
+over many trials they fall between statements, during statements, right after a COMMIT
+was sent and during COPY.
+
+Trial *kinds* (issue 12: the ways a real set-up lost commits before):
+
+* ``bank``: the workload above on a schema made before the pair is started;
+* ``new-schema``: the schema is created *through connmgr* just before the clients start
+  (``accounts`` with its rows in its creating transaction, the others empty) and the kill
+  comes 20-300 ms after the first acknowledged write, while the new tables take their
+  first writes;
+* ``serial``: every client inserts into the ledger (bigserial) as fast as it can, and the
+  secondary connmgr's sequence rounds are 10 s apart, so only the point of failure can put
+  the survivor's sequences past the keys the primary handed out (a 23505 fails the trial);
+* ``sync-off``: every client turns ``synchronous_commit`` off (half in its startup
+  options, all with ``SET``): connmgr must keep the commits synchronous anyway.
+
+With ``failback=True`` the trial goes on after the move: the killed primary is restarted
+while the clients keep running, and connmgr (``[failover] failback = "return"``) re-seeds
+it with a copy, switches the sessions back over to it and re-seeds the other side without
+one. The same checks are then made on the original primary, and both databases must hold
+the same rows.
+
+``tests/test_fault_campaign.py`` runs the short form (5 trials, 2 with fail-back) in CI;
+``labs/fault_campaign.py`` runs the long form (100+) and prints the table.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from connmgr.embedded.harness import running_pair, wait_until
+
+__all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE", "KINDS"]
+
+#: the trial kinds (module docstring)
+KINDS = ("bank", "new-schema", "serial", "sync-off")
+
+ACCOUNTS = 20
+INITIAL_BALANCE = 1000
+DB = "app"
+PASSWORD = "campaign-pw"
+SCHEMA = (
+    "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
+    "CREATE TABLE transfers (id text PRIMARY KEY, src int NOT NULL, dst int NOT NULL, amount int NOT NULL);"
+    "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL)"
+)
+
+
+@dataclass
+class TrialResult:
+    seed: int
+    kind: str = "bank"
+    kill_after: float = 0.0
+    transfers_acked: int = 0
+    ledger_acked: int = 0
+    reads: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  #: SQLSTATE (or exception type) -> count
+    error_texts: list[str] = field(default_factory=list)
+    lost: int = 0
+    duplicated: int = 0
+    #: ids whose transaction the client was told was rolled back (40001) but which are there
+    rolled_back_present: list[str] = field(default_factory=list)
+    conserved: bool = False
+    explained: bool = False
+    moved: int = 0
+    commits_acknowledged: int = 0
+    replayed: int = 0
+    rolled_back: Counter[str] = field(default_factory=Counter)
+    held: int = 0  #: sessions whose replies were held during the freeze
+    held_dropped: int = 0  #: of those, moved sessions whose held replies were dropped (replayed)
+    sessions_failed: Counter[str] = field(default_factory=Counter)
+    detect_seconds: float | None = None  #: kill -> suspicion
+    failed_over_seconds: float | None = None  #: kill -> secondary ready
+    stalls: list[float] = field(default_factory=list)  #: per moved session: backend lost -> live
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    failed: str = ""
+    #: fail-back trials: restart of the old primary -> sessions home again, pair whole
+    failback_seconds: float | None = None
+    #: fail-back trials: the two databases hold the same rows at the end
+    replicas_equal: bool | None = None
+    #: on a failed proof: acknowledged ids missing on the survivor (first 20), and the
+    #: accounts whose balance the transfers there do not explain (id -> (have, expected))
+    #: (each as "id@+seconds", acknowledged that long after the kill, with a transfer's
+    #: "(src->dst: amount)")
+    missing: list[str] = field(default_factory=list)
+    unexplained: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: sessions the secondary connmgr's import queue gave up on (a desync, an overflow)
+    not_replayable: int = 0
+    #: every failover note of the trial, all moves: (seconds after the kill, text)
+    journal: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        unexplained_errors = sum(n for k, n in self.errors.items() if k != "40001")
+        return (not self.failed and self.conserved and self.explained and self.lost == 0 and self.duplicated == 0
+                and not self.rolled_back_present
+                and unexplained_errors == 0 and self.errors.get("40001", 0) <= sum(self.rolled_back.values())
+                and self.moved > 0 and self.replicas_equal is not False)  # fmt: skip
+
+
+class _Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.transfers: list[str] = []
+        self.ledger: list[str] = []
+        self.reads = 0
+        self.acked_at: dict[str, float] = {}  #: id -> time.monotonic() of its acknowledgement
+        self.moves: dict[str, tuple[int, int, int]] = {}  #: transfer id -> (src, dst, amount)
+        self.rolled_back: list[str] = []  #: ids whose transaction the client saw fail with 40001
+        self.errors: Counter[str] = Counter()
+        self.texts: list[str] = []
+
+    def error(self, client: int, e: Exception) -> None:
+        code = getattr(e, "sqlstate", None) or type(e).__name__
+        with self.lock:
+            self.errors[code] += 1
+            if len(self.texts) < 20:
+                self.texts.append(f"client {client}: {code}: {str(e).strip()[:300]}")
+
+
+def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally, kind: str = "bank") -> None:
+    rng = random.Random(index * 7919 + int(time.time()))
+    if kind == "sync-off" and index % 2 == 0:
+        conninfo += " options='-c synchronous_commit=off'"
+    protocol = index % 3  # 0 simple, 1 extended, 2 extended + prepared statements
+    factory = psycopg.ClientCursor if protocol == 0 else psycopg.Cursor
+    prepare = True if protocol == 2 else None
+    try:
+        conn = psycopg.connect(conninfo, cursor_factory=factory, application_name=f"campaign-{index}")
+    except psycopg.Error as e:
+        tally.error(index, e)
+        return
+    with conn:
+        if kind == "sync-off":
+            conn.execute("SET synchronous_commit = off")
+            conn.commit()
+        n = 0
+        while not stop.is_set():
+            n += 1
+            tag = f"{index}.{n}"
+            try:
+                pick = 0.6 if kind == "serial" else rng.random()
+                if pick < 0.55:
+                    src, dst = rng.sample(range(1, ACCOUNTS + 1), 2)
+                    amount = rng.randint(1, 9)
+                    with conn.transaction():
+                        conn.execute("SELECT id, balance FROM accounts WHERE id IN (%s, %s) ORDER BY id FOR UPDATE",
+                                     (src, dst), prepare=prepare).fetchall()  # fmt: skip
+                        conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, src),
+                                     prepare=prepare)  # fmt: skip
+                        conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, dst),
+                                     prepare=prepare)  # fmt: skip
+                        conn.execute("INSERT INTO transfers VALUES (%s, %s, %s, %s)", (tag, src, dst, amount),
+                                     prepare=prepare)  # fmt: skip
+                    with tally.lock:
+                        tally.transfers.append(tag)
+                        tally.acked_at[tag] = time.monotonic()
+                        tally.moves[tag] = (src, dst, amount)
+                elif pick < 0.80:
+                    conn.autocommit = True
+                    try:
+                        conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tag,), prepare=prepare)
+                    finally:
+                        conn.autocommit = False
+                    with tally.lock:
+                        tally.ledger.append(tag)
+                        tally.acked_at[tag] = time.monotonic()
+                elif pick < 0.90:
+                    conn.autocommit = True
+                    try:
+                        with conn.cursor().copy("COPY ledger (note) FROM STDIN") as copy:
+                            for i in range(5):
+                                copy.write_row((f"{tag}.{i}",))
+                    finally:
+                        conn.autocommit = False
+                    with tally.lock:
+                        tally.ledger.extend(f"{tag}.{i}" for i in range(5))
+                        tally.acked_at.update((f"{tag}.{i}", time.monotonic()) for i in range(5))
+                else:
+                    with conn.transaction():
+                        first = conn.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
+                        time.sleep(0.02)
+                        second = conn.execute("SELECT sum(balance)::bigint FROM accounts").fetchone()[0]
+                    if first != second or first != ACCOUNTS * INITIAL_BALANCE:
+                        tally.error(index, AssertionError(f"a read saw totals {first}, {second}"))
+                    with tally.lock:
+                        tally.reads += 1
+            except psycopg.Error as e:
+                tally.error(index, e)
+                if getattr(e, "sqlstate", None) == "40001":  # rolled back: nothing of it may be anywhere
+                    with tally.lock:
+                        if pick < 0.80:
+                            tally.rolled_back.append(tag)
+                        elif pick < 0.90:
+                            tally.rolled_back.extend(f"{tag}.{i}" for i in range(5))
+                if conn.closed or conn.broken:
+                    return
+                try:
+                    conn.rollback()
+                except psycopg.Error:
+                    return
+
+
+def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple[float, float] = (0.5, 1.5),
+              after: float = 1.0, bindir: Path | None = None, log=None, failback: bool = False,
+              kind: str = "bank") -> TrialResult:  # fmt: skip
+    """One trial of ``kind`` (:data:`KINDS`) in ``base_dir`` (created and removed); see
+    the module docstring. ``log(text)`` gets progress lines."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown trial kind {kind!r} (one of {', '.join(KINDS)})")
+    say = log or (lambda _text: None)
+    rng = random.Random(seed)
+    if kind == "new-schema":
+        kill_window = (0.02, 0.3)
+    result = TrialResult(seed=seed, kind=kind, kill_after=round(rng.uniform(*kill_window), 3))
+    try:
+        with running_pair(base_dir, database=DB, password=PASSWORD, poster_slot="campaign_poster", bindir=bindir,
+                          strict_stop=False, sequence_interval=10.0 if kind == "serial" else 0.2,
+                          failover=True, shutdown_timeout=2.0,
+                          failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2},
+                          ) as (pair, primary, secondary):  # fmt: skip
+            _trial(pair, primary, secondary, result, say, clients=clients, after=after, failback=failback, kind=kind)
+    except Exception as e:  # noqa: BLE001 - a trial that cannot run is a failed trial, with the reason
+        result.failed = f"{type(e).__name__}: {e}"
+    return result
+
+
+def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, after: float, failback: bool,
+           kind: str) -> None:  # fmt: skip
+    """The trial itself, on the running pair (see run_trial)."""
+    conninfo = primary.conninfo("postgres", DB, PASSWORD)
+    if kind == "new-schema":  # through connmgr, right before the writes: each table is fenced
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            accounts, *others = SCHEMA.split(";")
+            with c.transaction():  # a table with rows of its own creating transaction
+                c.execute(accounts)
+                c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g",
+                          (INITIAL_BALANCE, ACCOUNTS))  # fmt: skip
+            for statement in others:  # and empty ones
+                c.execute(statement)
+    else:
+        pair.sync_schema(DB, SCHEMA)
+        with pair.primary.connect(DB) as c:
+            c.execute("INSERT INTO accounts SELECT g, %s FROM generate_series(1, %s) g", (INITIAL_BALANCE, ACCOUNTS))
+        pair.wait_caught_up()
+        pair.sync_sequences(DB)
+
+    tally = _Tally()
+    stop = threading.Event()
+    threads = [threading.Thread(target=_client, args=(conninfo, i, stop, tally, kind), daemon=True)
+               for i in range(clients)]  # fmt: skip
+    for t in threads:
+        t.start()
+    if kind == "new-schema":  # the window opens with the first acknowledged write to a new table
+        wait_until(lambda: tally.transfers or tally.ledger, 10)
+    time.sleep(result.kill_after)
+    killed_at = time.monotonic()
+    pair.primary.kill()
+    say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
+    fo = primary.app.failover
+    wait_until(lambda: fo.failed_over or fo.failed is not None, 15)
+    if fo.suspected_at is not None:
+        result.detect_seconds = fo.suspected_at - killed_at
+    if fo.failed_over_at is not None:
+        result.failed_over_seconds = fo.failed_over_at - killed_at
+    time.sleep(after)
+    if failback:
+        restarted = time.monotonic()
+        pair.primary.start()
+        if not wait_until(lambda: fo.reseeds == 2 and not fo.failed_over and fo.previous is None
+                          and primary.app.server is fo.home, 60):  # fmt: skip
+            raise RuntimeError(f"fail-back did not complete within 60 s: {fo.timeline[-5:]}")
+        result.failback_seconds = time.monotonic() - restarted
+        say(f"  old primary restarted, re-seeded, sessions home again in {result.failback_seconds:.2f}s")
+        time.sleep(after)
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+    result.transfers_acked = len(tally.transfers)
+    result.ledger_acked = len(tally.ledger)
+    result.reads = tally.reads
+    result.errors = tally.errors
+    result.error_texts = tally.texts
+    result.moved = fo.sessions_moved
+    result.commits_acknowledged = fo.commits_acknowledged
+    result.replayed = fo.transactions_replayed
+    result.rolled_back = Counter(fo.transactions_rolled_back)
+    result.held, result.held_dropped = fo.replies_held, fo.replies_dropped
+    result.sessions_failed = Counter(fo.sessions_failed)
+    result.stalls = list(fo.stalls)
+    result.timeline = list(fo.timeline)
+    if secondary.app.imports is not None:
+        result.not_replayable = len(secondary.app.imports.not_replayable)
+    result.journal = [(round(t - killed_at, 4), what) for t, what in fo.journal]
+    _check(pair.primary if failback else pair.secondary, tally, result, killed_at)
+    if failback:
+        pair.wait_caught_up()
+        result.replicas_equal = all(_digest(pair.primary, t) == _digest(pair.secondary, t)
+                                    for t in ("accounts", "transfers", "ledger", "connmgr.markers"))  # fmt: skip
+
+
+def _digest(cluster, table: str) -> str:
+    with cluster.connect(DB) as c:
+        return c.execute(f"SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t").fetchone()[0]
+
+
+def _check(survivor, tally: _Tally, r: TrialResult, killed_at: float) -> None:
+    """The proof, on the database the sessions are on at the end."""
+    with survivor.connect(DB) as c:
+        transfers = c.execute("SELECT id, src, dst, amount FROM transfers").fetchall()
+        notes = Counter(row[0] for row in c.execute("SELECT note FROM ledger"))
+        balances = dict(c.execute("SELECT id, balance FROM accounts").fetchall())
+    ids = {t[0] for t in transfers}
+    r.lost = sum(1 for t in tally.transfers if t not in ids) + sum(1 for n in tally.ledger if notes[n] == 0)
+    r.duplicated = sum(n - 1 for n in notes.values() if n > 1)
+    r.rolled_back_present = [t for t in tally.rolled_back if t in ids or notes[t] > 0]
+    missing = [t for t in tally.transfers if t not in ids] + [n for n in tally.ledger if notes[n] == 0]
+    r.missing = [f"{m}@{tally.acked_at[m] - killed_at:+.3f}s" + _transfer(tally.moves.get(m)) for m in missing[:20]]
+    r.conserved = sum(balances.values()) == ACCOUNTS * INITIAL_BALANCE
+    expect = dict.fromkeys(range(1, ACCOUNTS + 1), INITIAL_BALANCE)
+    for _id, src, dst, amount in transfers:
+        expect[src] -= amount
+        expect[dst] += amount
+    r.explained = balances == expect
+    r.unexplained = {a: (balances.get(a), expect[a]) for a in expect if balances.get(a) != expect[a]}
+
+
+def _transfer(move: tuple[int, int, int] | None) -> str:
+    return "" if move is None else f" ({move[0]}->{move[1]}: {move[2]})"

@@ -1,0 +1,183 @@
+"""Run a connection manager inside the current process, in a thread with its own trio loop.
+
+Used by ``connmgr demo``, the tests and the labs: the caller keeps using blocking clients
+(psql, pgbench, psycopg) while connmgr serves, and can read its :class:`~connmgr.app.App`
+(metrics, registry). :meth:`EmbeddedConnmgr.stop` shuts it down gracefully and re-raises
+whatever crashed its loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import trio
+
+from connmgr.app import App
+from connmgr.config import Config
+
+
+class EmbeddedConnmgr:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.app = App(config)
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._thread = threading.Thread(target=self._main, name="connmgr", daemon=True)
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    lambda task_status: self.app.serve(handle_signals=False, task_status=task_status)
+                )
+                self._started.set()
+
+        try:
+            trio.run(main)
+        except BaseException as e:  # noqa: BLE001 - re-raised by start()/stop()
+            self._error = e
+        finally:
+            self._started.set()
+
+    def start(self, timeout: float = 30) -> EmbeddedConnmgr:
+        """Start serving; returns self once listening. Raises what prevented it."""
+        self._thread.start()
+        self._started.wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.app.listen_addresses[0][0]
+
+    @property
+    def port(self) -> int:
+        return self.app.listen_addresses[0][1]
+
+    def conninfo(self, user: str = "postgres", dbname: str = "postgres", password: str | None = None, **extra: str) -> str:
+        """A libpq connection string that reaches the backend through this connmgr."""
+        parts = {"host": self.host, "port": str(self.port), "user": user, "dbname": dbname}
+        if password is not None:
+            parts["password"] = password
+        parts.update(extra)
+        return " ".join(f"{k}='{v}'" for k, v in parts.items())
+
+    def run_sync(self, fn, *args):
+        """Run ``fn(*args)`` on connmgr's trio thread and return its result."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Graceful shutdown; waits for the loop to end and re-raises its crash, if any."""
+        if self._thread.is_alive() and self._token is not None:
+            try:
+                self.run_sync(self.app.shutdown)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RuntimeError(f"connmgr did not stop within {timeout}s")
+        if self._error is not None:
+            raise self._error
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll ``predicate`` every 20 ms for up to ``timeout`` seconds; its last answer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def write_users_file(directory, password: str, user: str = "postgres") -> str:
+    """A users file (userlist.txt format) with one user, for connmgr's SCRAM toward
+    clients; returns its path."""
+    from pathlib import Path
+
+    path = Path(directory) / "users.txt"
+    path.write_text(f'"{user}" "{password}"\n')
+    return str(path)
+
+
+def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, poster_slot: str,
+                       mode: str = "one-phase", sequence_interval: float = 1.0, failover: bool = False,
+                       max_wait: float = 20.0, shutdown_timeout: float = 5.0,
+                       started: list | None = None, primary_extra: dict | None = None,
+                       failover_options: dict | None = None,
+                       ) -> tuple[EmbeddedConnmgr, EmbeddedConnmgr]:  # fmt: skip
+    """The connection managers of a :class:`~connmgr.embedded.cluster_pair.ClusterPair`, as the demo, the
+    tests and the fault campaign run them: the secondary one (in front of the secondary
+    database, mirror listener, poster slot ``poster_slot`` on the primary) is started first,
+    then the primary one (mirroring to it; with ``failover``, moving sessions to the
+    secondary database). Returns (primary, secondary); each is appended to ``started`` as
+    soon as it runs, so the caller can stop them even if the other does not come up
+    (OSError). ``primary_extra``: more config sections for the primary one (e.g. ``tls``);
+    ``failover_options``: more keys of its ``[failover]`` section (e.g. ``failback``)."""
+    from connmgr import config as config_mod
+
+    started = [] if started is None else started
+    common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout, "admin_users": ["postgres"]},
+              "auth": {"users_file": users_file}}  # fmt: skip
+    p, s = pair.primary, pair.secondary
+    secondary = EmbeddedConnmgr(config_mod.load(
+        None, **common,
+        primary={"host": s.host, "port": s.port, "name": "secondary"},
+        mirror={"listen": "127.0.0.1:0"},
+        poster={"host": p.host, "port": p.port, "password": password, "dbname": database,
+                "slot": poster_slot, "temporary": True, "sequence_interval": sequence_interval},
+    )).start()  # fmt: skip
+    started.append(secondary)
+    if not wait_until(lambda: secondary.app.imports.poster_connected, 15):
+        raise OSError("the secondary connmgr could not open its poster slot on the primary")
+    host, port = secondary.app.mirror_listen_address
+    sections = {
+        "primary": {"host": p.host, "port": p.port},
+        "mirror": {"peer": f"{host}:{port}", "heartbeat_interval": 0.05, "mode": mode},
+        "redo": {"password": password},
+    }
+    if failover:
+        sections["failover"] = {"secondary": f"{s.host}:{s.port}", "password": password, "max_wait": max_wait,
+                                **(failover_options or {})}  # fmt: skip
+    sections.update(primary_extra or {})
+    primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
+    started.append(primary)
+    if not wait_until(lambda: primary.app.mirror.connected, 15):
+        raise OSError("the mirror link between the connection managers did not come up")
+    return primary, secondary
+
+
+@contextlib.contextmanager
+def running_pair(base_dir, *, database: str, password: str, poster_slot: str, bindir=None, users_dir=None,
+                 strict_stop: bool = True, **options) -> Iterator[tuple]:  # fmt: skip
+    """A fresh :class:`~connmgr.embedded.cluster_pair.ClusterPair` in ``base_dir`` (one database) and its
+    two connection managers (:func:`start_connmgr_pair` with ``options``); yields
+    (pair, primary, secondary). On the way out the connection managers are stopped, all
+    of them, and the pair is destroyed; then the first error a stop raised is raised
+    (unless ``strict_stop`` is False: a fault campaign's cleanup just goes on)."""
+    from connmgr.embedded.cluster_pair import ClusterPair
+
+    pair = ClusterPair.create(base_dir, databases=(database,), password=password, bindir=bindir)
+    started: list[EmbeddedConnmgr] = []
+    try:
+        primary, secondary = start_connmgr_pair(
+            pair, database=database, password=password, poster_slot=poster_slot, started=started,
+            users_file=write_users_file(users_dir or base_dir, password), **options)  # fmt: skip
+        yield pair, primary, secondary
+    finally:
+        error = None
+        for cm in reversed(started):
+            try:
+                cm.stop()
+            except Exception as e:  # noqa: BLE001 - the others are stopped too, then it is raised
+                error = error or e
+        pair.destroy()
+        if error is not None and strict_stop:
+            raise error

@@ -1,0 +1,788 @@
+"""Failover: the decision to leave the primary database, and the point of failure.
+
+The primary connmgr holds every client's socket, so it runs the move (seed 004 Fig. 3, 7,
+9). This module is the part shared by all sessions; the per-session part is
+:mod:`connmgr.failover.session_move`.
+
+1. **Detect.** Three signals start a decision: a session's backend connection broke or
+   sent a FATAL 57P01/57P02/57P03 (held back from the client, :mod:`connmgr.proxy.relay`), the redo
+   monitor's samples went stale for ``detect_timeout``, or an explicit switchover. The
+   decision is one probe: a fresh connection to the primary, bounded by
+   ``detect_timeout``. If it is answered, the primary is alive and nothing moves (a session
+   whose backend was terminated gets the server's own error, as without a pair).
+
+   **Freeze.** From the first signal until the decision, nothing more the primary sends
+   reaches a client (:meth:`Failover.freeze`). A dying Postgres does not die at once:
+   each backend notices the postmaster's death at its next wait. One that dies first
+   releases its locks, and a backend that was waiting for them goes on and answers its
+   client -- from a state in which the dead one's transaction never existed, which the
+   secondary (where that transaction is replayed) will not reproduce. So replies read
+   after the first signal are kept aside, unprocessed: if the primary is alive after all
+   they are delivered; if it is gone they are dropped and produced again by the replay,
+   unless the session's transaction committed on the secondary (they are then delivered
+   before its acknowledgement, see :mod:`connmgr.failover.session_move`).
+2. **Point of failure** (seed 004 [0087]). Every enabled subscription on the secondary is
+   disabled and connmgr waits for its apply worker to exit. Whatever the worker had
+   applied is then final, and a restarted old primary can never feed it again. It is safe
+   at any moment: a transaction the worker had received but not applied was never
+   acknowledged to its client (the subscription is a synchronous standby), so it is
+   replayed instead.
+3. **The truth about interrupted commits**: the marker rows of this connmgr's sessions,
+   read once per database after step 2 (:meth:`Failover.committed_seq`). "Session s has
+   seq >= n" means its transaction n committed (``replay/markers.py``).
+4. From then on new sessions go to the secondary, and every session whose backend is lost
+   moves there (:mod:`connmgr.failover.session_move`).
+5. **Fail-back** (``[failover] failback``). Once the old primary answers again it is
+   re-seeded as the secondary of the new one (:mod:`connmgr.failover.reseed`; without a copy after
+   a switchover, whose point of failure made the slots for it), and failover is armed
+   again the other way round; ``return`` then switches back over to ``[primary]``,
+   ``manual`` waits for the admin's RESEED.
+
+Everything that happens is written to :attr:`Failover.timeline` (seconds since the
+suspicion, and what), logged, and exported as metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import trio
+
+from connmgr.config import parse_hostport
+from connmgr.errors import ClientError
+from connmgr.failover import reseed as reseeding
+from connmgr.pair.sequence_sync import SequenceSync, set_past_columns
+from connmgr.pg.backend import BackendServer, BackendSession, Credentials, open_backend
+from connmgr.pg.wire import PeerClosed
+from shadow import messages
+from shadow.session import Phase
+from shadow.sqltext import quote_ident, quote_literal
+
+if TYPE_CHECKING:
+    from connmgr.app import App
+
+log = logging.getLogger("connmgr.failover")
+
+#: how long the apply workers of disabled subscriptions may take to exit
+_WORKER_EXIT_TIMEOUT = 10.0
+#: how long open transactions wait for the sessions with a commit in flight to move
+_COMMIT_SETTLE_TIMEOUT = 5.0
+#: a switchover's drain looks for sessions stuck behind paused ones this often
+_STUCK_AFTER = 0.05
+
+
+class FailoverError(Exception):
+    """The secondary could not be made ready (the message says why)."""
+
+
+class Failover:
+    """See the module docstring. One per primary connmgr with ``[failover] secondary``."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        cfg = app.config.failover
+        self.config = cfg
+        host, port = parse_hostport(cfg.secondary, what="[failover] secondary")
+        self.server = BackendServer("secondary", host, port, app.config.primary.connect_timeout)
+        #: the server the sessions are on when connmgr starts ([primary]); failback
+        #: "return" brings them back there
+        self.home = app.server
+        #: after a move: the old primary, until it is re-seeded as the secondary
+        self.previous: BackendServer | None = None
+        #: the new primary's subscriptions at the point of failure (they change sides)
+        self.subscriptions: list[reseeding.Subscription] = []
+        #: a planned switchover made the slots for a re-seed without copy
+        self.reverse_slots = False
+        #: the synchronous_standby_names the pair uses (moved to the new primary)
+        self.sync_names: str | None = None
+        self.reseeding = False
+        #: sessions in move_session() now
+        self.moving = 0
+        self.timeline: list[tuple[float, str]] = []
+        #: every note of every move, kept across moves: (time.monotonic(), text)
+        self.journal: list[tuple[float, str]] = []
+        self.suspected_at: float | None = None
+        self._new_move()
+        #: a switchover is pausing client input (new relays start paused)
+        self.switching = False
+        self._switched: trio.Event | None = None
+        # counters (exported by connmgr/ops/prometheus.py)
+        self.decisions = 0
+        self.false_alarms = 0
+        self.sessions_moved = 0
+        self.sessions_failed: Counter[str] = Counter()
+        self.commits_acknowledged = 0  #: interrupted commits found committed: acknowledged, not replayed
+        self.transactions_replayed = 0
+        self.replies_compared = 0
+        self.transactions_rolled_back: Counter[str] = Counter()  #: 40001 given, by reason
+        self.stalls: list[float] = []  #: seconds each moved session waited (backend lost -> live)
+        self.freezes = 0
+        self.switchovers = 0
+        self.switchovers_abandoned = 0
+        self.replies_held = 0  #: sessions whose backend sent replies during a freeze
+        self.replies_dropped = 0  #: of those, moved sessions whose held replies were dropped (replayed)
+        self.reseeds = 0  #: the old primary made the secondary (the pair whole again)
+        self.reseed_failures = 0
+        self.reseed_copies = 0  #: of the re-seeds, those that copied the data afresh (after a crash)
+
+    def _new_move(self) -> None:
+        """The state of one move (from the decision to the re-seed that ends it)."""
+        #: the sessions are (being) moved to the secondary; it is the primary now
+        self.failed_over = False
+        #: the decision could not be completed (the secondary is unusable too)
+        self.failed: str | None = None
+        self.failed_over_at: float | None = None
+        self._deciding: trio.Event | None = None
+        #: sessions whose commit was in flight at the decision: they move first
+        self._committers: set[int] = set()
+        #: committer -> (the committer before it, set when this one has moved)
+        self._turns: dict[int, tuple[int | None, trio.Event]] = {}
+        self._commits_settled = trio.Event()
+        #: the other sessions: each replays what its client has been answered, then waits
+        #: for all of them before sending what was still in flight
+        self._replaying: set[int] = set()
+        self._prefixes_done = trio.Event()
+        self._committed: dict[str, dict[int, int]] = {}
+        self._committed_ready: dict[str, trio.Event] = {}
+        #: the server whose replies are held back from clients (see :meth:`freeze`)
+        self.frozen: BackendServer | None = None
+        self._frozen_links: dict = {}
+        self._unfrozen = trio.Event()
+        self._rearmed = trio.Event()
+        #: sessions a switchover's drain ended while they waited for paused sessions' locks
+        self._stuck: set[int] = set()
+
+    # ------------------------------------------------------------------ freeze
+
+    def freeze(self, server: BackendServer, why: str) -> None:
+        """A session lost its backend on ``server``: hold back everything that server
+        sends from now on (the carriers call :meth:`hold`) and start the decision. Cheap
+        and synchronous, so sessions pumped later in the same batch are already held."""
+        if self.frozen is not None or self.failed_over or server is not self.app.server:
+            return
+        if self.switching:  # a session stuck behind paused ones, ended by the drain: it waits
+            return  # for the switchover's decision (see decide)
+        self.frozen = server
+        self.freezes += 1
+        self._unfrozen = trio.Event()
+        nursery = self.app._nursery
+        if nursery is not None:
+            nursery.start_soon(self.decide, why)
+
+    def hold(self, relay, link=None) -> None:
+        """``relay`` holds replies of the frozen server (``relay.frozen``). An engine
+        ``link`` is told the outcome (:meth:`~connmgr.proxy.engine.Link.thaw`, or
+        ``Relay.lose``); the trio pumps wait for it (:meth:`frozen_outcome`)."""
+        if relay.conn.id not in self._frozen_links:
+            self._frozen_links[relay.conn.id] = link
+            self.replies_held += 1
+
+    async def frozen_outcome(self) -> bool:
+        """For the trio pumps: wait until the decision; True if the server is still
+        frozen (failed over: the session must move)."""
+        await self._unfrozen.wait()
+        return self.frozen is not None
+
+    def _unfreeze(self, failed_over: bool) -> None:
+        links, self._frozen_links = self._frozen_links, {}
+        if failed_over:
+            # every session still on the old primary moves now; its backend is useless
+            for conn in list(self.app.clients.values()):
+                relay = conn.relay
+                if relay is not None and relay.freezer is self and relay.backend.server is self.frozen:
+                    if self.switching:
+                        relay.switch("planned switchover")
+                    else:
+                        relay.lose("the primary is gone")
+        else:
+            self.frozen = None
+            for link in links.values():
+                if link is not None:
+                    link.thaw()
+        self._unfrozen.set()
+
+    # ------------------------------------------------------------------ timeline
+
+    def note(self, what: str) -> None:
+        now = time.monotonic()
+        if self.suspected_at is None:
+            self.suspected_at = now
+        self.timeline.append((now - self.suspected_at, what))
+        self.journal.append((now, what))
+        del self.journal[:-500]
+        log.warning("failover: +%.3fs %s", now - self.suspected_at, what)
+
+    # ------------------------------------------------------------------ detection
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Health check: a stale redo monitor (no sample for ``detect_timeout``) starts a
+        decision. Sessions report lost backends themselves (:meth:`decide`). After a move,
+        the fail-back policy (:meth:`_failback`) until the pair is whole again; then the
+        health check of the new primary."""
+        task_status.started()
+        while True:
+            if self.failed_over:
+                await self._failback()
+            else:
+                await self._health_check()
+
+    async def _health_check(self) -> None:
+        redo = self.app.redo
+        cfg = self.config
+        while not self.failed_over:
+            await trio.sleep(cfg.health_interval)
+            if redo is None or redo.samples == 0 or self._deciding is not None:
+                continue
+            if time.monotonic() - redo.updated_at > cfg.detect_timeout:
+                await self.decide("the redo monitor has had no answer for"
+                                  f" {time.monotonic() - redo.updated_at:.3f}s")  # fmt: skip
+
+    # ------------------------------------------------------------------ fail-back
+
+    async def _failback(self) -> None:
+        """After a move. ``manual``: wait for RESEED. ``stay`` and ``return``: probe the old
+        primary every ``reseed_interval``; once it answers, re-seed it as the secondary
+        (:meth:`reseed`). ``return`` then switches over back to it as soon as it can."""
+        cfg = self.config
+        rearmed = self._rearmed
+        if cfg.failback == "manual":
+            await rearmed.wait()
+        else:
+            warned = False
+            while not rearmed.is_set():
+                await trio.sleep(cfg.reseed_interval)
+                if self.reseeding or rearmed.is_set() or self.previous is None:
+                    continue
+                if not await self._answers(self.previous):
+                    if not warned:
+                        self.note(f"the old primary {self.previous.address} does not answer; it is re-seeded as the"
+                                  f" secondary once it does (failback {cfg.failback!r})")  # fmt: skip
+                        warned = True
+                    continue
+                try:
+                    await self.reseed()
+                except FailoverError:
+                    await trio.sleep(max(cfg.reseed_interval, 5.0))  # noted; try again later
+        if cfg.failback == "return":
+            while self.app.server is not self.home and not self.failed_over:
+                try:
+                    await self.switchover(cfg.drain_timeout)
+                except FailoverError:
+                    await trio.sleep(max(cfg.reseed_interval, 5.0))  # noted; try again later
+
+    async def _answers(self, server: BackendServer) -> bool:
+        with trio.move_on_after(self.config.detect_timeout + server.connect_timeout):
+            try:
+                session = await self._admin(self.config.dbname, "connmgr failback probe", server)
+            except (ClientError, OSError, PeerClosed, trio.BrokenResourceError):
+                return False
+            session.close()
+            return True
+        return False
+
+    async def reseed(self) -> None:
+        """Make the old primary the secondary of the new one (:mod:`connmgr.failover.reseed`): without
+        a copy after a planned switchover, with one after a crash. Then its sequences are
+        brought ahead, the failover is armed again in the other direction and the
+        secondary connmgr is told (mirror Topology). Raises FailoverError with the reason."""
+        old, new = self.previous, self.server
+        if not self.failed_over or old is None:
+            raise FailoverError("nothing to re-seed: connmgr has not moved to the secondary")
+        if self.reseeding:
+            raise FailoverError("a re-seed is already running")
+        cfg = self.config
+        copy = not self.reverse_slots
+        self.reseeding = True
+        try:
+            await self._moves_finished()
+            self.note(f"re-seeding the old primary {old.address} as the secondary of {new.address}"
+                      f" ({'copy of the data: it may hold commits never acknowledged' if copy else 'no copy'})")
+            with trio.fail_after(cfg.reseed_timeout + 30):
+                self.sync_names = await reseeding.reseed(
+                    lambda db, purpose: self._admin(db, purpose, old), lambda db, purpose: self._admin(db, purpose, new),
+                    self.subscriptions, copy=copy, sync_names=self.sync_names, timeout=cfg.reseed_timeout,
+                    connect=lambda db: reseeding.conninfo(new.host, new.port, cfg.user, cfg.password, db),
+                    note=self.note,
+                )  # fmt: skip
+                moved = 0
+                for database in dict.fromkeys(sub.database for sub in self.subscriptions):
+                    sequences = SequenceSync(lambda db=database: self._admin(db, "connmgr reseed sequences", new),
+                                             lambda db=database: self._admin(db, "connmgr reseed sequences", old))
+                    try:
+                        moved += await sequences.sync_once()
+                    finally:
+                        sequences.close()
+        except Exception as e:  # a server refusing or gone, a timeout -- or a bug: it costs the re-seed only
+            self.reseed_failures += 1
+            why = str(e) or type(e).__name__
+            if not isinstance(e, reseeding.ReseedError | ClientError | OSError | PeerClosed | trio.TooSlowError):
+                log.exception("re-seed failed")
+            self.note(f"re-seed failed: {why}")
+            raise FailoverError(f"re-seed failed: {why}") from None
+        finally:
+            self.reseeding = False
+        self.reseeds += 1
+        self.reseed_copies += copy
+        self.note(f"{moved} sequence(s) of the new secondary set ahead")
+        self._rearm()
+
+    async def _moves_finished(self) -> None:
+        """The re-seed re-arms the failover and resets the move's state: every session
+        of this move must be on the new primary first (bounded by ``max_wait``)."""
+        with trio.move_on_after(self.config.max_wait):
+            await self._commits_settled.wait()
+            await self._prefixes_done.wait()
+            while self.moving:
+                await trio.sleep(0.01)
+        if self.moving or not self._prefixes_done.is_set():
+            raise reseeding.ReseedError(f"{self.moving} session(s) are still moving to the new primary")
+
+    def _rearm(self) -> None:
+        """The pair is whole again, turned around: the old primary is the secondary."""
+        new_secondary = self.previous
+        primary = self.app.server
+        rearmed = self._rearmed
+        self.server, self.previous = new_secondary, None
+        self.reverse_slots = False
+        self._new_move()
+        if self.app.mirror is not None:
+            self.app.mirror.topology(_hostport(primary), _hostport(new_secondary))
+        self.note(f"the pair is whole again: {primary.address} is the primary, {new_secondary.address} its"
+                  " secondary; failover is armed")  # fmt: skip
+        rearmed.set()
+        if self.app._nursery is not None:
+            self.app._nursery.start_soon(self._mark_live_sessions)
+
+    async def _mark_live_sessions(self) -> None:
+        """Sessions that moved were not marked (there was no secondary): their commits
+        are marked from their next one on, so a later move resolves them too."""
+        for conn in list(self.app.clients.values()):
+            relay = conn.relay
+            if relay is None or relay.markers or relay.backend.server is not self.app.server:
+                continue
+            if await self.app.markers_enabled(conn.database) and conn.relay is relay:
+                relay.markers = relay.upstream.markers = True
+
+    async def decide(self, why: str, *, planned: bool = False) -> bool:
+        """Decide whether the primary is gone (``planned``: a switchover, no probe) and if
+        so make the secondary ready. True once failed over. Concurrent callers share one
+        decision."""
+        if self.failed_over:
+            return True
+        if self.switching and not planned and self._switched is not None:
+            # a session whose backend the drain ended (stuck behind paused sessions, see
+            # _drain): the switchover decides
+            await self._switched.wait()
+            return self.failed_over
+        if self._deciding is not None:
+            await self._deciding.wait()
+            return self.failed_over
+        self._deciding = trio.Event()
+        self.decisions += 1
+        if not planned:
+            self.suspected_at = None  # the timeline starts here (a switchover's started earlier)
+        if self.frozen is None:
+            self.frozen = self.app.server
+            self.freezes += 1
+            self._unfrozen = trio.Event()
+        try:
+            self.note(f"primary suspected: {why}" if not planned else "planned: no probe, the secondary takes over")
+            if not planned:
+                alive = await self._primary_answers()
+                if alive:
+                    self.false_alarms += 1
+                    self.note("primary answers: no failover")
+                    self.suspected_at = None
+                    return False
+                self.note("primary does not answer: failing over to the secondary")
+            try:
+                await self._point_of_failure()
+            except (FailoverError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+                self.failed = str(e)
+                self.note(f"FAILED: the secondary cannot take over: {e}")
+                return False
+            if planned:
+                await self._prepare_reverse()
+            self._gather_committers()
+            self.failed_over = True
+            self.failed_over_at = time.monotonic()
+            self.previous = self.app.server
+            self.app.failed_over(self.server)
+            self.note("secondary is the primary now; sessions move")
+            return True
+        finally:
+            event, self._deciding = self._deciding, None
+            self._unfreeze(self.failed_over)
+            event.set()
+
+    # ------------------------------------------------------------------ switchover
+
+    async def switchover(self, drain_timeout: float) -> None:
+        """A planned move of every session to the secondary (``SWITCHOVER`` on the admin
+        console). Client input stops at each session's next request boundary; once no
+        session has a request in flight (within ``drain_timeout``, else the switchover is
+        abandoned and everything goes on as before), a synchronous fence commit on the
+        primary proves the secondary has applied every commit, and the sessions move as in
+        a failover -- open transactions are replayed there, with nothing in flight.
+        Raises FailoverError with the reason if it cannot be done."""
+        if self.failed_over:
+            raise FailoverError("connmgr has moved to the secondary and the old primary is not re-seeded yet"
+                                " (RESEED, or wait for the fail-back policy)")  # fmt: skip
+        if self.switching or self._deciding is not None:
+            raise FailoverError("a switchover or failover decision is already running")
+        self.timeline = []
+        self.suspected_at = None
+        self._stuck.clear()
+        self.switching = True
+        self._switched = trio.Event()
+        moved = False
+        try:
+            self.note("switchover requested: client input pauses at each session's next request boundary")
+            relays = await self._drain(drain_timeout)
+            stuck = f", {len(self._stuck)} of them ended while waiting for a lock" if self._stuck else ""
+            self.note(f"{len(relays)} session(s) quiet, nothing in flight{stuck}")
+            await self._fence()
+            self.note("fence committed: the secondary has applied every commit")
+            if not await self.decide("switchover", planned=True):
+                raise FailoverError(self.failed or "the secondary could not take over")
+            moved = True
+            self.switchovers += 1
+        except (FailoverError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+            self.switchovers_abandoned += 1
+            self.note(f"switchover abandoned ({e}): sessions go on on the primary")
+            raise FailoverError(str(e)) from None
+        finally:
+            self.switching = False
+            if not moved:
+                for relay in self._primary_relays():
+                    relay.resume_input()
+            self._switched.set()
+            self._switched = None
+
+    def _primary_relays(self) -> list:
+        return [c.relay for c in list(self.app.clients.values())
+                if c.relay is not None and c.relay.freezer is self and c.relay.backend.server is self.app.server]  # fmt: skip
+
+    async def _drain(self, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        next_check = time.monotonic() + _STUCK_AFTER
+        while True:
+            relays = self._primary_relays()
+            busy = []
+            for relay in relays:
+                relay.pause_input()  # again each round: a COPY that started needs its data read
+                if not relay.input_quiet():
+                    busy.append(relay)
+            if not busy:
+                return relays
+            if time.monotonic() > next_check:
+                if await self._end_stuck(busy, relays):
+                    return relays
+                next_check = time.monotonic() + _STUCK_AFTER
+            if time.monotonic() > deadline:
+                raise FailoverError(f"session(s) {[r.conn.id for r in busy][:10]} still had requests in flight"
+                                    f" after {timeout:g}s")  # fmt: skip
+            await trio.sleep(0.002)
+
+    async def _end_stuck(self, busy: list, relays: list) -> bool:
+        """Are the busy sessions all waiting for locks that only paused sessions hold
+        (directly, or through each other)? They cannot finish before those move: end
+        their backends on the primary (``pg_terminate_backend`` waits until they are gone,
+        their transactions rolled back, nothing of theirs committed) and let them move
+        with their requests in flight, which are replayed on the secondary after the
+        paused sessions' transactions -- the order they had. True if so."""
+        busy_pids = {r.backend.pid: r for r in busy}
+        quiet_pids = {r.backend.pid for r in relays if r not in busy}
+        with trio.move_on_after(self.config.detect_timeout * 10):
+            session = await self.app._open_redo_session(None, "connmgr switchover drain")
+            try:
+                rows = await session.query_rows(messages.query(
+                    "SELECT pid, pg_catalog.array_to_string(pg_catalog.pg_blocking_pids(pid), ',')"
+                    " FROM pg_catalog.pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    f" AND pid IN ({', '.join(str(int(p)) for p in busy_pids)})"
+                ))  # fmt: skip
+                waiting = {int(pid): {int(b) for b in (blockers or b"").decode().split(",") if b} for pid, blockers in rows}
+                if set(waiting) != set(busy_pids):
+                    return False
+                if not all(blockers and blockers <= quiet_pids | set(waiting) for blockers in waiting.values()):
+                    return False
+                ended = await session.query_rows(messages.query(
+                    "SELECT pid, pg_catalog.pg_terminate_backend(pid, 5000) FROM pg_catalog.pg_stat_activity"
+                    f" WHERE pid IN ({', '.join(str(p) for p in waiting)})"
+                ))  # fmt: skip
+            finally:
+                session.close()
+            if any(ok != b"t" for _pid, ok in ended):
+                raise FailoverError(f"backends {sorted(waiting)} waiting for paused sessions' locks did not end")
+            self._stuck.update(busy_pids[p].conn.id for p in waiting)
+            self.note(f"session(s) {sorted(self._stuck)} waited for locks of paused sessions: their backends"
+                      " ended, their requests move with them, after the paused sessions")  # fmt: skip
+            return True
+        return False
+
+    async def _fence(self) -> None:
+        """Commit a transactional logical message on the primary with synchronous_commit
+        on (it returns once the secondary, a synchronous standby, has flushed it), then
+        check it: every subscription of the secondary has reported a flush position at or
+        beyond the message, so it has applied every commit before it. The check does not
+        trust the synchronous standby setting (a commit made just after it changed may not
+        have waited); if the secondary is behind, it waits for it, within ``max_wait``."""
+        with trio.fail_after(self.config.max_wait):
+            admin = await self._admin(self.config.dbname, "connmgr switchover fence")
+            try:
+                names = [n.decode() for (n,) in await admin.query_rows(messages.query(
+                    "SELECT subname FROM pg_catalog.pg_subscription WHERE subenabled"))]  # fmt: skip
+            finally:
+                admin.close()
+            if not names:
+                raise FailoverError("the secondary has no enabled subscription: it does not follow the primary")
+            session = await self.app._open_redo_session(None, "connmgr switchover fence")
+            try:
+                rows = await session.query_rows(messages.query(
+                    "BEGIN; SET LOCAL synchronous_commit = on;"
+                    " SELECT pg_catalog.pg_logical_emit_message(true, 'connmgr', 'switchover'); COMMIT"
+                ))  # fmt: skip
+                fence = rows[0][0].decode()
+                listed = ", ".join(quote_literal(n) for n in names)
+                waited = False
+                while True:
+                    ((n,),) = await session.query_rows(messages.query(
+                        "SELECT count(*) FROM pg_catalog.pg_stat_replication"
+                        f" WHERE application_name IN ({listed}) AND flush_lsn >= {quote_literal(fence)}::pg_lsn"
+                    ))  # fmt: skip
+                    if int(n) >= len(names):
+                        break
+                    if not waited:
+                        self.note(f"fence at {fence}: waiting for the secondary to report it applied (the"
+                                  " synchronous commit did not wait for it)")  # fmt: skip
+                        waited = True
+                    await trio.sleep(0.005)
+            finally:
+                session.close()
+
+    async def _prepare_reverse(self) -> None:
+        """A planned switchover: the old primary holds exactly what the secondary holds
+        now. Slots made on the secondary now, before anything is replayed or written there,
+        let the old primary be re-seeded later without a copy (connmgr/failover/reseed.py). If they
+        cannot be made, the re-seed copies; the move goes on either way."""
+        try:
+            with trio.fail_after(self.config.detect_timeout * 10):
+                made = await reseeding.prepare_slots(lambda db, purpose: self._admin(db, purpose), self.subscriptions)
+            self.reverse_slots = True
+            self.note(f"slot(s) {made} made on the secondary: the old primary can follow it without a copy")
+        except (reseeding.ReseedError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+            self.note(f"no slots for a re-seed without copy ({e or type(e).__name__}): the old primary will be"
+                      " copied afresh")  # fmt: skip
+
+    # ------------------------------------------------------------------ move order
+
+    def _gather_committers(self) -> None:
+        """Sessions with a marked commit in flight (the marker for their open transaction
+        was sent and requests are pending). Postgres releases a transaction's locks and
+        shows its rows when it commits *locally*, before the synchronous standby
+        confirms: another open transaction may have read rows of a commit the secondary
+        never received. Those commits are replayed first, and every other session's
+        replay waits for them, so it reads what it read on the primary."""
+        committers = []
+        for conn in self.app.clients.values():
+            relay = conn.relay
+            if relay is None:
+                continue
+            session = conn.session
+            # (a COPY still receiving data has not asked to commit yet; a session the
+            # switchover's drain ended while it waited for a lock did not commit)
+            if session.pending and relay.marker_seq == relay.transactions + 1 \
+                    and session.phase is not Phase.COPY_IN and conn.id not in self._stuck:  # fmt: skip
+                committers.append((relay.marker_at, conn.id))
+            else:
+                self._replaying.add(conn.id)
+        # One after the other, in the order their commits were sent: a commit in flight
+        # may have read rows of an earlier one that committed locally.
+        previous = None
+        for _at, conn_id in sorted(committers):
+            self._committers.add(conn_id)
+            self._turns[conn_id] = (previous, trio.Event())
+            previous = conn_id
+        self.note(f"{len(self._committers)} session(s) with a commit in flight move first,"
+                  f" {len(self._replaying)} other(s) then")  # fmt: skip
+        if not self._committers:
+            self._commits_settled.set()
+        if not self._replaying:
+            self._prefixes_done.set()
+
+    def is_committer(self, conn_id: int) -> bool:
+        return conn_id in self._committers
+
+    async def committer_turn(self, conn_id: int) -> None:
+        """Wait (bounded) until the committer before this one has moved."""
+        previous, _ = self._turns.get(conn_id, (None, None))
+        if previous is not None:
+            await self._bounded_wait(self._turns[previous][1])
+
+    def commit_settled(self, conn_id: int) -> None:
+        """A session with a commit in flight has moved (or failed to)."""
+        turn = self._turns.get(conn_id)
+        if turn is not None:
+            turn[1].set()
+        self._committers.discard(conn_id)
+        if not self._committers and not self._commits_settled.is_set():
+            self.note("every commit in flight is resolved; open transactions replay")
+            self._commits_settled.set()
+
+    async def commits_settled(self) -> None:
+        """Wait (bounded) until every session with a commit in flight has moved."""
+        if not await self._bounded_wait(self._commits_settled):
+            self.note(f"sessions {sorted(self._committers)} did not resolve their commits within"
+                      f" {_COMMIT_SETTLE_TIMEOUT:g}s; replaying without them")  # fmt: skip
+            self._committers.clear()
+            self._commits_settled.set()
+
+    def prefix_replayed(self, conn_id: int) -> None:
+        """A session has replayed what its client was answered (or gave up)."""
+        self._replaying.discard(conn_id)
+        if not self._replaying and not self._prefixes_done.is_set():
+            self.note("every open transaction is back where its client saw it; requests in flight go on")
+            self._prefixes_done.set()
+
+    async def prefixes_replayed(self, conn_id: int) -> None:
+        """Report this session's prefix done and wait (bounded) for everyone else's. On the
+        primary the answered parts of all open transactions held their locks together; a
+        request still in flight may have been waiting for one of them, so it goes only
+        when all are back."""
+        self.prefix_replayed(conn_id)
+        await self.replays_done()
+
+    async def replays_done(self) -> None:
+        """Wait (bounded) until every session has replayed what its client saw. A moved
+        session's client goes on only then: its new transactions could otherwise change
+        rows that a session still to be replayed had read on the primary (found by the
+        fault campaign: a committer's next transfer ran before a later committer's
+        replay, which then read another balance and had to be rolled back)."""
+        await self.commits_settled()
+        if not await self._bounded_wait(self._prefixes_done):
+            self.note(f"sessions {sorted(self._replaying)} did not finish replaying within"
+                      f" {_COMMIT_SETTLE_TIMEOUT:g}s; going on without them")  # fmt: skip
+            self._replaying.clear()
+            self._prefixes_done.set()
+
+    async def new_session_ready(self) -> None:
+        """A new client session waits for a decision in progress (so it is not sent to a
+        dead primary) and, after a failover, for the replays (see :meth:`replays_done`)."""
+        for event in (self._switched, self._deciding):
+            if event is not None:
+                with trio.move_on_after(self.config.max_wait):
+                    await event.wait()
+        if self.failed_over and not self._prefixes_done.is_set():
+            await self.replays_done()
+
+    async def _bounded_wait(self, event: trio.Event) -> bool:
+        """Wait for ``event`` at most _COMMIT_SETTLE_TIMEOUT (and max_wait); False if it
+        did not come."""
+        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)):
+            await event.wait()
+        return event.is_set()
+
+    async def _primary_answers(self) -> bool:
+        """A fresh session on the primary within ``detect_timeout``."""
+        with trio.move_on_after(self.config.detect_timeout):
+            try:
+                session = await self.app._open_redo_session(None, "connmgr failover probe")
+            except (ClientError, OSError, PeerClosed, trio.BrokenResourceError) as e:
+                self.note(f"probe: {e}")
+                return False
+            session.close()
+            return True
+        self.note(f"probe: no answer within {self.config.detect_timeout:g}s")
+        return False
+
+    # ------------------------------------------------------------------ the secondary
+
+    async def _admin(self, database: str, purpose: str, server: BackendServer | None = None) -> BackendSession:
+        """connmgr's own session with the [failover] credentials, on the secondary (or
+        ``server``: both databases of the pair take the same superuser)."""
+        c = self.config
+        params = {"user": c.user, "database": database, "application_name": purpose}
+        return await open_backend(server or self.server, params, Credentials(password=c.password or None),
+                                  max_message_size=1 << 24)  # fmt: skip
+
+    async def _point_of_failure(self) -> None:
+        """Disable every enabled subscription of the secondary and wait for its apply
+        worker to exit: what it applied is final."""
+        with trio.fail_after(self.config.max_wait):
+            admin = await self._admin(self.config.dbname, "connmgr failover")
+            try:
+                rows = await admin.query_rows(messages.query(
+                    "SELECT s.oid, s.subname, d.datname, pg_catalog.array_to_string(s.subpublications, ',')"
+                    " FROM pg_catalog.pg_subscription s"
+                    " JOIN pg_catalog.pg_database d ON d.oid = s.subdbid WHERE s.subenabled ORDER BY 1"
+                ))  # fmt: skip
+            finally:
+                admin.close()
+            self.subscriptions = [reseeding.Subscription(n.decode(), d.decode(), tuple(p.decode().split(",")))
+                                  for _oid, n, d, p in rows]  # fmt: skip
+            for oid, name, database, _pubs in rows:
+                sub, db = name.decode(), database.decode()
+                session = await self._admin(db, "connmgr failover")
+                try:
+                    await session.query_rows(messages.query(f"ALTER SUBSCRIPTION {quote_ident(sub)} DISABLE"))
+                    # The worker would leave at its next look at the catalog (up to a second
+                    # with a live primary). Ending it now is equivalent: a transaction it
+                    # had not applied was not acknowledged to any client, so it is replayed.
+                    await session.query_rows(messages.query(
+                        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_subscription"
+                        f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
+                    ))  # fmt: skip
+                    self.note(f"subscription {sub} ({db}) disabled")
+                    deadline = time.monotonic() + _WORKER_EXIT_TIMEOUT
+                    while True:
+                        left = await session.query_rows(messages.query(
+                            "SELECT count(*) FROM pg_catalog.pg_stat_subscription"
+                            f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
+                        ))  # fmt: skip
+                        if left == [(b"0",)]:
+                            break
+                        if time.monotonic() > deadline:
+                            raise FailoverError(f"the apply worker of subscription {sub} did not stop"
+                                                f" within {_WORKER_EXIT_TIMEOUT:g}s")  # fmt: skip
+                        await trio.sleep(0.01)
+                    # every committed row is here now: no sequence may hand out a key again
+                    n = await set_past_columns(session, self.config.sequence_lead)
+                    self.note(f"{n} column sequence(s) of {db} set past their columns")
+                finally:
+                    session.close()
+            self.note(f"point of failure reached ({len(rows)} subscription(s) stopped)")
+
+    async def committed_seq(self, database: str, session_id: int) -> int:
+        """The number of the last transaction of ``session_id`` that committed on the
+        secondary (its marker row), 0 if none. Read once per database after the point of
+        failure."""
+        ready = self._committed_ready.get(database)
+        if ready is None:
+            ready = self._committed_ready[database] = trio.Event()
+            try:
+                admin = await self._admin(database, "connmgr failover markers")
+                try:
+                    rows = await admin.query_rows(messages.query(
+                        f"SELECT session, seq FROM connmgr.markers WHERE origin = {int(self.app.origin)}"
+                    ))  # fmt: skip
+                finally:
+                    admin.close()
+                self._committed[database] = {int(s): int(q) for s, q in rows}
+                self.note(f"marker rows of {database}: {len(rows)} session(s)")
+            except BaseException:
+                del self._committed_ready[database]
+                ready.set()
+                raise
+            ready.set()
+        else:
+            await ready.wait()
+            if database not in self._committed:
+                return await self.committed_seq(database, session_id)
+        return self._committed[database].get(session_id, 0)
+
+
+def _hostport(server: BackendServer) -> str:
+    return f"[{server.host}]:{server.port}" if ":" in server.host else f"{server.host}:{server.port}"

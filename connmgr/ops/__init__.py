@@ -1,0 +1,1 @@
+"""Operations: the admin console, the Prometheus endpoint, the command line."""

@@ -1,0 +1,248 @@
+"""``connmgr`` command line: ``serve`` runs the proxy, ``demo`` shows it working,
+``prepare-db`` installs what purge markers need in a database, ``switchover`` moves every
+session of a running primary connmgr to the secondary database (planned)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import trio
+
+from connmgr import config as config_mod
+from connmgr.errors import ConfigError
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    server: dict = {}
+    primary: dict = {}
+    if args.listen:
+        server["listen"] = args.listen
+    if args.max_clients is not None:
+        server["max_clients"] = args.max_clients
+    if args.relay:
+        server["relay"] = args.relay
+    if args.primary:
+        host, port = config_mod.parse_hostport(args.primary, default_port=5432, what="--primary")
+        primary.update(host=host, port=port)
+    out: dict[str, dict] = {"server": server, "primary": primary}
+    if args.users_file:
+        out["auth"] = {"users_file": args.users_file}
+    if args.auth_type:
+        out.setdefault("auth", {})["type"] = args.auth_type
+    if args.metrics_listen:
+        out["metrics"] = {"listen": args.metrics_listen}
+    return {k: v for k, v in out.items() if v}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from connmgr.app import serve
+
+    try:
+        cfg = config_mod.load(args.config, **_serve_overrides(args))
+    except ConfigError as e:
+        print(f"connmgr: configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve, cfg)
+    except OSError as e:
+        print(f"connmgr: cannot listen: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from connmgr.embedded.demo import run_demo
+
+    return run_demo(json_output=args.json, clients=args.clients, seconds=args.seconds, mode=args.mode)
+
+
+def cmd_prepare_db(args: argparse.Namespace) -> int:
+    from replay import markers
+
+    if args.print:
+        print(markers.SCHEMA_SQL.strip())
+        return 0
+    import psycopg
+
+    for dsn in args.conninfo:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(markers.SCHEMA_SQL)
+                ok = conn.execute(markers.CHECK_SQL).fetchone()[0]
+                where = f"{conn.info.host}:{conn.info.port}/{conn.info.dbname}"
+        except psycopg.Error as e:
+            print(f"connmgr prepare-db: {dsn!r}: {e}".rstrip(), file=sys.stderr)
+            return 1
+        print(f"{where}: connmgr.markers and connmgr.mark() {'ready' if ok else 'MISSING'}")
+        if not ok:
+            return 1
+    return 0
+
+
+def _admin_command(args: argparse.Namespace, name: str, sql: str) -> int:
+    """Run ``sql`` on the admin console of the primary connmgr; print its timeline."""
+    import psycopg
+
+    host, port = config_mod.parse_hostport(args.connmgr, default_port=6432, what="connmgr address")
+    try:
+        with psycopg.connect(host=host, port=port, user=args.user, dbname="connmgr", autocommit=True,
+                             connect_timeout=10) as conn:  # fmt: skip
+            rows = conn.execute(sql).fetchall()
+    except psycopg.Error as e:
+        code = getattr(e, "sqlstate", None) or "connect"
+        print(f"connmgr {name}: {code}: {str(e).strip()}", file=sys.stderr)
+        return 1
+    for ms, event in rows:
+        print(f"{float(ms):9.1f} ms  {event}")
+    return 0
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    """SWITCHOVER on the admin console of the primary connmgr; prints its timeline."""
+    return _admin_command(args, "switchover", "SWITCHOVER" if args.drain is None else f"SWITCHOVER {args.drain:g}")
+
+
+def cmd_reseed(args: argparse.Namespace) -> int:
+    """RESEED on the admin console of the primary connmgr; prints its timeline."""
+    return _admin_command(args, "reseed", "RESEED")
+
+
+def cmd_pair_check(args: argparse.Namespace) -> int:
+    """Check that a pair keeps its guarantee now; exit 1 on any failed check."""
+    import psycopg
+
+    from connmgr.pair.check import check_pair, format_findings
+
+    try:
+        findings = check_pair(args.primary, args.secondary, args.databases.split(","))
+    except psycopg.Error as e:
+        print(f"connmgr pair check: {str(e).strip()}", file=sys.stderr)
+        return 2
+    print(format_findings(findings))
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
+def cmd_pair_setup(args: argparse.Namespace) -> int:
+    """Set up a pair of running databases, write the two TOML files, then check it."""
+    from pathlib import Path
+
+    import psycopg
+
+    from connmgr.pair.check import format_findings
+    from connmgr.pair.setup import SetupError, setup_pair
+
+    try:
+        findings = setup_pair(args.primary, args.secondary, args.databases.split(","), Path(args.out),
+                              listen=args.listen, mirror=args.mirror)  # fmt: skip
+    except (SetupError, psycopg.Error) as e:
+        print(f"connmgr pair setup: {str(e).strip()}", file=sys.stderr)
+        return 1
+    print(format_findings(findings))
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
+def _admin_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentParser:
+    """A command run on the primary connmgr's admin console (connmgr address, admin user)."""
+    a = sub.add_parser(name, **text)
+    a.add_argument("connmgr", nargs="?", default="127.0.0.1:6432", help="HOST:PORT of the primary connmgr")
+    a.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
+    a.set_defaults(func=func)
+    return a
+
+
+def _pair_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentParser:
+    """A ``connmgr pair`` command on the two databases (connection strings, databases)."""
+    a = sub.add_parser(name, **text)
+    a.add_argument("primary", help="libpq connection string of the primary (a superuser)")
+    a.add_argument("secondary", help="libpq connection string of the secondary (a superuser)")
+    a.add_argument("--databases", default="postgres", help="comma-separated databases of the pair")
+    a.set_defaults(func=func)
+    return a
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the connection manager")
+    s.add_argument("-c", "--config", help="TOML configuration file")
+    s.add_argument("--listen", action="append", metavar="HOST:PORT", help="listen address (repeatable; default 127.0.0.1:6432)")
+    s.add_argument("--primary", metavar="HOST:PORT", help="the Postgres server behind connmgr (default 127.0.0.1:5432)")
+    s.add_argument("--users-file", help="userlist.txt with client secrets (enables scram-sha-256)")
+    s.add_argument("--auth-type", choices=config_mod.AUTH_TYPES, help="client authentication method")
+    s.add_argument("--max-clients", type=int, help="most client connections at once")
+    s.add_argument("--relay", choices=config_mod.RELAY_MODES, help="relay carrier (default engine)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    s.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="create local clusters, run a workload through connmgr, report")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON")
+    d.add_argument("--clients", type=int, default=8, help="concurrent workload clients")
+    d.add_argument("--seconds", type=float, default=5.0, help="workload duration")
+    d.add_argument("--mode", choices=config_mod.MIRROR_MODES, default="two-phase",
+                   help="mirror mode of the pair (default two-phase)")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser(
+        "prepare-db",
+        help="install the marker table and function in databases (both sides of a pair)",
+        description="Run as a superuser on every database of the primary AND the secondary,"
+        " before the subscription is created: the subscriber must know connmgr.markers"
+        " before the first marker row arrives.",
+    )
+    m.add_argument("conninfo", nargs="*", help="libpq connection strings, one per database")
+    m.add_argument("--print", action="store_true", help="print the SQL instead of running it")
+    m.set_defaults(func=cmd_prepare_db)
+
+    pr = sub.add_parser("pair", help="set up or check a pair of databases")
+    psub = pr.add_subparsers(dest="pair_command", required=True)
+    _pair_subcommand(
+        psub, "check", cmd_pair_check, help="does the pair keep its guarantee now? (exit 1 if not)",
+        description="Read-only checks of both databases: wal_level, synchronous_standby_names naming every"
+        " subscription, synchronous subscriptions, connmgr's schema, every published table ready on the"
+        " secondary, sequences ahead. Each failure names the setting and the fix.",
+    )  # fmt: skip
+    ps = _pair_subcommand(
+        psub, "setup", cmd_pair_setup, help="make two running databases a synchronous pair and write both connmgr configs",
+        description="wal_level, connmgr prepare-db on both, the schema onto an empty secondary (pg_dump"
+        " --schema-only), publication and synchronous subscription per database, every table copied,"
+        " synchronous_standby_names naming every subscription, wal_retrieve_retry_interval; then two TOML"
+        " files and `pair check`. Idempotent: run it again after fixing what it reported.",
+    )  # fmt: skip
+    ps.add_argument("--out", default=".", help="directory for connmgr-primary.toml and connmgr-secondary.toml")
+    ps.add_argument("--listen", default="0.0.0.0:6432", help="client listen address of the primary connmgr")
+    ps.add_argument("--mirror", default="", help="HOST:PORT of the secondary connmgr's mirror listener"
+                    " (default: the secondary's host, port 6433)")  # fmt: skip
+
+    w = _admin_subcommand(
+        sub, "switchover", cmd_switchover,
+        help="move every session of a primary connmgr to the secondary database (planned)",
+        description="Runs SWITCHOVER on the connmgr admin console (a user in [server] admin_users;"
+        " the password from PGPASSWORD or ~/.pgpass). Client input pauses at request boundaries,"
+        " requests in flight finish, and every session moves; open transactions are replayed.",
+    )
+    w.add_argument("--drain", type=float, help="seconds to wait for requests in flight ([failover] drain_timeout)")
+    _admin_subcommand(
+        sub, "reseed", cmd_reseed,
+        help="after a move: make the old primary database the secondary of the new one",
+        description="Runs RESEED on the connmgr admin console (for [failover] failback = 'manual'; the"
+        " other policies do it on their own once the old primary answers). After a switchover nothing"
+        " is copied; after a crash the old primary's replicated tables are emptied and copied afresh.",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # serve logs its lifecycle at INFO; the demo keeps its own output clean unless -v
+    default = logging.WARNING if args.command == "demo" else logging.INFO
+    level = default - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

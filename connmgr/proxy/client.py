@@ -1,0 +1,349 @@
+"""One client connection, from accept to close.
+
+``ClientConnection.run`` walks the phases in order, each bounded by a cancel scope:
+
+1. startup -- read the untyped startup packet; answer SSLRequest ('S' + TLS handshake
+   when ``[tls]`` is on, else 'N') and GSSENCRequest ('N'); route a CancelRequest to the
+   backend its virtual key belongs to and close; otherwise a StartupMessage.
+2. admission -- refuse with 57P01 while shutting down, 53300 over ``max_clients``;
+   database ``connmgr`` goes to the admin console.
+3. authentication -- :func:`~connmgr.proxy.client_auth.authenticate_client`.
+4. backend -- :func:`~connmgr.pg.backend.open_backend` with the client's parameters and the
+   credentials from step 3; its ErrorResponse, if any, reaches the client unchanged.
+5. welcome -- AuthenticationOk, the backend's ParameterStatus messages, a *virtual*
+   BackendKeyData (connmgr's key, so cancels come to us) and ReadyForQuery.
+6. relay -- :class:`~connmgr.proxy.relay.Relay`, one pump per direction in one nursery.
+
+Whatever fails is reported to this client alone as an ErrorResponse with the SQLSTATE the
+error carries, and the connection is closed; nothing is shared with other clients except
+the counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from connmgr.errors import (
+    AdminShutdown,
+    BackendLost,
+    BackendRejected,
+    BackendUnavailable,
+    ClientError,
+    TooManyClients,
+)
+from connmgr.metrics import ConnStats
+from connmgr.pg.backend import BackendSession, open_backend
+from connmgr.pg.wire import MessageReader, PeerClosed
+from connmgr.proxy.client_auth import authenticate_client
+from connmgr.proxy.relay import Relay
+from connmgr.proxy.transport import close_now
+from replay.journal import Journal
+from replay.session_recorder import SessionRecorder
+from shadow import messages as m
+from shadow.errors import RemoteProtocolError
+from shadow.framing import Framer
+from shadow.session import SessionState
+from shadow.sqltext import enforce_synchronous_commit
+
+if TYPE_CHECKING:
+    from connmgr.app import App
+
+log = logging.getLogger("connmgr.client")
+
+#: a backend FATAL during the login that means the server is going away (admin shutdown,
+#: crash shutdown, cannot connect now): with failover, the login goes to the new primary
+_DYING = frozenset({"57P01", "57P02", "57P03"})
+
+ADMIN_DATABASE = "connmgr"
+_ids = itertools.count(1)
+
+#: startup parameters connmgr does not pass to the backend
+_NOT_FORWARDED = frozenset({"replication"})
+
+
+class ClientConnection:
+    """State of one client connection; see the module docstring."""
+
+    def __init__(self, app: App, stream: trio.abc.Stream, peer: str) -> None:
+        self.app = app
+        self.id = next(_ids)
+        self.stream = stream
+        self.peer = peer
+        self.stats = ConnStats()
+        self.session = SessionState()
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.tls = False
+        self.connected_at = time.time()
+        self.state = "handshake"  # handshake | active | admin | closing
+        self.backend: BackendSession | None = None
+        self.relay: Relay | None = None
+        self.key: tuple[int, int] | None = None
+        #: what connmgr proves to a backend for this client (kept for a move)
+        self.creds = None
+        #: failover: the open transaction's bytes (replay/journal.py) and the session state
+        #: beyond it (replay/session_recorder.py); None without [failover]
+        self.journal: Journal | None = None
+        self.recorder: SessionRecorder | None = None
+        if app.failover is not None:
+            self.journal = Journal(app.config.failover.max_replay_bytes)
+            self.recorder = SessionRecorder()
+        self.cancel_scope = trio.CancelScope()
+        self._close_reason: ClientError | None = None
+        self._tls_handshaking = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        app = self.app
+        cfg = app.config.server
+        try:
+            with self.cancel_scope:
+                try:
+                    with trio.fail_after(cfg.handshake_timeout):
+                        reader = await self._startup()
+                        if reader is None:
+                            return
+                        if self.database == ADMIN_DATABASE:
+                            await self._admin_login(reader)
+                        else:
+                            await self._connect(reader)
+                except trio.TooSlowError:
+                    raise ClientError(
+                        f"client did not complete the startup within {cfg.handshake_timeout:g}s"
+                        " (handshake_timeout)",
+                        sqlstate="08006",
+                    ) from None
+                if self.state == "admin":
+                    from connmgr.ops.admin import AdminConsole
+
+                    await AdminConsole(self.app, self, reader).run()
+                    return
+                markers_on = await app.markers_enabled(self.database) if app.mirror is not None else False
+                self.state = "active"
+                await self._relay(reader, markers_on)
+            if self._close_reason is not None:  # close_with() cancelled us
+                await self._fail(self._close_reason)
+        except PeerClosed:
+            log.debug("client %d %s closed during the handshake", self.id, self.peer)
+        except ClientError as e:
+            await self._fail(e)
+        except RemoteProtocolError as e:
+            await self._fail(ClientError(e.message, sqlstate=e.sqlstate))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.state = "closing"
+            self._close_streams()
+            app.forget(self)
+
+    async def _relay(self, reader: MessageReader, markers_on: bool) -> None:
+        """Relay until the session ends; with failover, a lost backend moves the session
+        to the secondary (connmgr/failover/session_move.py) and relaying goes on there."""
+        initial = reader.take_buffered()
+        transactions = 0
+        pending_abort = None
+        inject_mode = 0
+        carry_input = b""
+        while True:
+            mirrored = self.app.failover is None or not self.app.failover.failed_over
+            self.relay = Relay(self, self.backend, reader.framer, markers_on and mirrored, mirrored=mirrored)
+            self.relay.transactions = transactions
+            self.relay.pending_abort = pending_abort
+            self.relay.inject_mode = inject_mode
+            self.relay.carry_input = carry_input
+            try:
+                await self.relay.run(initial)
+                return
+            except BackendLost as lost:
+                if self.app.failover is None:
+                    raise
+                from connmgr.failover.session_move import move_session
+
+                old = self.backend
+                self.backend = None
+                old.close()
+                self.app.virtual_pids.pop((old.server.address, old.pid), None)
+                self.backend = await move_session(self, self.relay, lost)
+                if self.key is not None:
+                    self.app.virtual_pids[(self.backend.server.address, self.backend.pid)] = self.key[0]
+                transactions = self.relay.transactions
+                pending_abort = self.relay.pending_abort
+                inject_mode = self.relay.carry_inject
+                carry_input = self.relay.carry_input  # a switchover's paused request (trio pumps)
+                initial = b""
+                markers_on = False
+
+    async def _fail(self, error: ClientError) -> None:
+        """Tell the client (best effort, briefly) and count it."""
+        self.app.metrics.client_errors[error.sqlstate] += 1
+        level = logging.INFO if error.sqlstate.startswith(("08", "57")) else logging.WARNING
+        log.log(level, "client %d %s user=%s db=%s: %s %s", self.id, self.peer, self.user, self.database, error.sqlstate, error.message)
+        if self._tls_handshaking:
+            return  # the client expects TLS records; plaintext would only confuse it
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            try:
+                await self.stream.send_all(error.to_message())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    def _close_streams(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+        close_now(self.stream)
+
+    def close_with(self, error: ClientError) -> None:
+        """Ask this connection to end with ``error`` (used by shutdown and admin KILL)."""
+        if self.relay is not None:
+            self.relay.stop(error)
+        else:
+            self._close_reason = error
+            self.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ phases
+
+    async def _startup(self) -> MessageReader | None:
+        cfg = self.app.config
+        reader = MessageReader(
+            self.stream, Framer(typed=False, max_message_size=cfg.server.max_message_size, frontend=True), "client"
+        )
+        while True:
+            try:
+                tag, body = await reader.read()
+            except PeerClosed:
+                return None
+            req = m.decode_startup(body)
+            if isinstance(req, m.SSLRequest):
+                if reader.has_buffered:
+                    raise ClientError("received unencrypted data after SSL request", sqlstate="08P01")
+                if cfg.tls.mode == "disable" or self.tls:
+                    await self.stream.send_all(b"N")
+                    continue
+                await self.stream.send_all(b"S")
+                tls_stream = trio.SSLStream(self.stream, self.app.client_ssl_context, server_side=True)
+                self._tls_handshaking = True
+                try:
+                    await tls_stream.do_handshake()
+                except (trio.BrokenResourceError, ssl.SSLError):
+                    return None
+                self._tls_handshaking = False
+                self.stream = tls_stream
+                self.tls = True
+                reader = MessageReader(tls_stream, reader.framer, "client")
+                continue
+            if isinstance(req, m.GSSENCRequest):
+                if reader.has_buffered:
+                    raise ClientError("received unencrypted data after GSSAPI encryption request", sqlstate="08P01")
+                await self.stream.send_all(b"N")
+                continue
+            if isinstance(req, m.CancelRequest):
+                await self.app.cancel(req.pid, req.secret)
+                return None
+            break
+        assert isinstance(req, m.StartupMessage)
+        self.session.frontend_message(0, body)
+        params = dict(req.parameters)
+        self.user = params.get("user", "")
+        self.database = params.get("database") or self.user
+        self.application_name = params.get("application_name", "")
+        self.startup_params = {k: v for k, v in params.items() if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
+        self.startup_params["database"] = self.database
+        if cfg.primary.user:
+            self.startup_params["user"] = cfg.primary.user
+        if self.app.mirror is not None:  # the pair's guarantee: the session starts synchronous
+            options, asked = enforce_synchronous_commit(self.startup_params.get("options", ""))
+            self.startup_params["options"] = options
+            if asked is not None:
+                self.app.metrics.synchronous_commit_overridden += 1
+                log.info("client %d asked for synchronous_commit=%s in its startup options; the pair runs"
+                         " it with on (a weaker value would lose acknowledged commits at a failover)",
+                         self.id, asked)  # fmt: skip
+        self.unrecognized_options = tuple(k for k in params if k.startswith("_pq_."))
+        self.protocol_minor = req.protocol_version & 0xFFFF
+        reader.switch_to_typed()
+        if self.protocol_minor > 0 or self.unrecognized_options:
+            # Like Postgres: answer at once, before authentication. connmgr speaks 3.0 to
+            # every backend (a session must be able to move to any server), so 3.0 it is.
+            # (Postgres puts the full version code 3.0 = 0x00030000 in the "newest minor" field.)
+            await self.stream.send_all(m.NegotiateProtocolVersion(3 << 16, self.unrecognized_options).encode())
+
+        if cfg.tls.mode == "require" and not self.tls:
+            raise ClientError(
+                f'connection for user "{self.user}" rejected: connmgr requires TLS', sqlstate="28000"
+            )
+        if not self.app.accepting:
+            raise AdminShutdown("the connection manager is shutting down")
+        if self.app.active_clients > cfg.server.max_clients:
+            self.app.metrics.clients_rejected["max_clients"] += 1
+            raise TooManyClients("sorry, too many clients already")
+        return reader
+
+    async def _connect(self, reader: MessageReader) -> None:
+        app = self.app
+        try:
+            creds = self.creds = await authenticate_client(app.config, app.secrets, self.stream, reader, self.user)
+        except ClientError as e:
+            if e.sqlstate.startswith("28"):
+                app.metrics.auth_failures += 1
+            raise
+        if app.failover is not None and (app.failover.frozen is not None or app.failover.failed_over):
+            await app.failover.new_session_ready()
+        try:
+            self.backend = await self._open_backend(creds)
+        except BackendUnavailable:
+            app.metrics.backend_connect_errors += 1
+            raise
+        app.metrics.backend_connects += 1
+        await self._welcome(self.backend)
+
+    async def _open_backend(self, creds) -> BackendSession:
+        """The session's backend on the current primary. With failover configured, a login
+        that the primary's death cuts short (it could not connect, or a FATAL 57P0x from
+        a dying server) asks for the decision and, if the pair failed over, logs in on the
+        new primary instead: the client only sees a slower start."""
+        app = self.app
+        server = app.server
+        try:
+            return await open_backend(server, self.startup_params, creds,
+                                      max_message_size=app.config.server.max_message_size)  # fmt: skip
+        except (BackendUnavailable, BackendRejected) as e:
+            if app.failover is None or (isinstance(e, BackendRejected) and e.sqlstate not in _DYING):
+                raise
+            if not await app.failover.decide(f"client {self.id}: login failed: {e.message}") \
+                    or app.server is server:  # fmt: skip
+                raise
+            await app.failover.new_session_ready()
+            log.info("client %d: the primary died during its login; logging in on %s", self.id, app.server.address)
+            return await open_backend(app.server, self.startup_params, creds,
+                                      max_message_size=app.config.server.max_message_size)  # fmt: skip
+
+    async def _welcome(self, backend: BackendSession) -> None:
+        self.key = self.app.register_key(self)
+        out = [m.authentication_ok()]
+        out.extend(backend.welcome)
+        out.append(m.backend_key_data(*self.key))
+        out.append(m.ready_for_query("I"))
+        # Bring the shadow to the state the client now sees.
+        s = self.session
+        s.backend_message(ord("R"), b"\0\0\0\0")
+        for raw in backend.welcome:
+            s.backend_message(raw[0], raw[5:])
+        s.backend_message(ord("K"), m.backend_key_data(*self.key)[5:])
+        s.backend_message(ord("Z"), b"I")
+        await self.stream.send_all(b"".join(out))
+
+    async def _admin_login(self, reader: MessageReader) -> None:
+        cfg = self.app.config
+        await authenticate_client(cfg, self.app.secrets, self.stream, reader, self.user)
+        admins = cfg.server.admin_users
+        if admins and self.user not in admins:
+            raise ClientError(f'user "{self.user}" is not allowed into the admin console', sqlstate="28000")
+        self.state = "admin"
