@@ -122,6 +122,41 @@ def data_values(msgs: list[Msg]) -> list[tuple[bytes | None, ...]]:
 # ============================================================== 1. bad input
 
 
+@pytest.mark.parametrize("where", ["handshake", "admin command"])
+def test_a_bug_met_by_one_client_costs_that_client_alone(cm, bystander, monkeypatch, where):
+    """An unexpected exception (a bug) in one client's handshake or admin command: that
+    client gets XX000 and is closed, the listener and the other clients go on, and the
+    traceback is in the log."""
+    from connmgr.ops.admin import AdminConsole
+    from connmgr.proxy.client import ClientConnection
+
+    if where == "handshake":
+        original = ClientConnection._connect
+
+        async def broken(self, reader):
+            if self.application_name == "boom":
+                raise RuntimeError("injected bug")
+            return await original(self, reader)
+
+        monkeypatch.setattr(ClientConnection, "_connect", broken)
+        with pytest.raises(psycopg.OperationalError, match="FATAL:  internal error in connmgr"):
+            psycopg.connect(cm.conninfo(password="postgres", application_name="boom"), connect_timeout=5)
+    else:
+        async def broken(self, sql, describe=False):
+            raise KeyError("injected bug")
+
+        monkeypatch.setattr(AdminConsole, "execute", broken)
+        admin = psycopg.connect(cm.conninfo(password="postgres", dbname="connmgr"), autocommit=True, connect_timeout=5)
+        with pytest.raises(psycopg.errors.InternalError_, match="internal error in connmgr"):
+            admin.execute("SHOW VERSION")
+        assert admin.closed or admin.broken
+        admin.close()
+    bystander.check()
+    with psycopg.connect(cm.conninfo(password="postgres"), autocommit=True, connect_timeout=5) as fresh:
+        assert fresh.execute("select 41 + 1").fetchone() == (42,)  # the listener accepts
+    assert cm.app.metrics.client_errors["XX000"] == 1
+
+
 def test_typed_message_length_below_4_is_08P01(cm, bystander):
     with login(cm) as c:
         bystander.check()

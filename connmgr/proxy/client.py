@@ -139,6 +139,10 @@ class ClientConnection:
             await self._fail(ClientError(e.message, sqlstate=e.sqlstate))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:  # noqa: BLE001 - a bug met by one client costs that client alone
+            log.exception("client %d %s user=%s db=%s: internal error; this connection is closed, the others"
+                          " go on", self.id, self.peer, self.user, self.database)  # fmt: skip
+            await self._fail(ClientError("internal error in connmgr (its log has the details)", sqlstate="XX000"))
         finally:
             self.state = "closing"
             self._close_streams()
