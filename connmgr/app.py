@@ -29,7 +29,7 @@ from connmgr.pair.syncrep_watch import SyncRepWatch
 from connmgr.pg.backend import BackendServer, BackendSession, Credentials, open_backend, send_cancel
 from connmgr.pg.redo_monitor import RedoMonitor
 from connmgr.pg.wire import PeerClosed
-from connmgr.proxy.client import ClientConnection
+from connmgr.proxy.client import ClientConnection, ClientState
 from connmgr.proxy.client_auth import SecretStore
 from connmgr.proxy.engine import RelayEngine
 from connmgr.proxy.transport import FastSocketStream
@@ -368,7 +368,7 @@ class App:
         with trio.move_on_after(timeout) as self._drain_scope:
             while self.clients:
                 for conn in list(self.clients.values()):
-                    if conn.state != "active" or conn.session.is_idle():
+                    if conn.state is not ClientState.ACTIVE or conn.session.is_idle():
                         conn.close_with(AdminShutdown("terminating connection due to administrator command"))
                 await trio.sleep(0.05)
         for conn in list(self.clients.values()):

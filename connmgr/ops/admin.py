@@ -23,6 +23,7 @@ import trio
 
 from connmgr import __version__
 from connmgr.errors import ClientError
+from connmgr.proxy.client import ClientState
 from shadow import messages as m
 from shadow.messages import FrontendTag
 
@@ -261,7 +262,7 @@ class AdminConsole:
         for c in list(self.app.clients.values()):
             rows.append([
                 c.id, c.user, c.database, c.peer, c.application_name, c.state,
-                c.session.tx_status.value if c.state == "active" else "",
+                c.session.tx_status.value if c.state is ClientState.ACTIVE else "",
                 len(c.session.pending), "yes" if c.tls else "no", f"{now - c.connected_at:.1f}",
                 c.stats.bytes_from_client, c.stats.bytes_to_client, c.stats.requests,
                 c.key[0] if c.key else None,

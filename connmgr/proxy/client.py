@@ -21,6 +21,7 @@ the counters.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import ssl
@@ -63,6 +64,24 @@ _DYING = frozenset({"57P01", "57P02", "57P03"})
 ADMIN_DATABASE = "connmgr"
 _ids = itertools.count(1)
 
+
+class ClientState(enum.StrEnum):
+    """Where a client connection is in its life (the values are what SHOW CLIENTS prints)."""
+
+    HANDSHAKE = "handshake"  #: startup, TLS, authentication, the backend login
+    ADMIN = "admin"  #: in the admin console
+    ACTIVE = "active"  #: relaying to a backend (and moving with failover)
+    CLOSING = "closing"  #: ended, its streams closed
+
+
+#: the states each state may go to
+CLIENT_TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
+    ClientState.HANDSHAKE: frozenset({ClientState.ADMIN, ClientState.ACTIVE, ClientState.CLOSING}),
+    ClientState.ADMIN: frozenset({ClientState.CLOSING}),
+    ClientState.ACTIVE: frozenset({ClientState.CLOSING}),
+    ClientState.CLOSING: frozenset(),
+}
+
 #: startup parameters connmgr does not pass to the backend
 _NOT_FORWARDED = frozenset({"replication"})
 
@@ -82,7 +101,7 @@ class ClientConnection:
         self.application_name = ""
         self.tls = False
         self.connected_at = time.time()
-        self.state = "handshake"  # handshake | active | admin | closing
+        self._state = ClientState.HANDSHAKE
         self.backend: BackendSession | None = None
         self.relay: Relay | None = None
         self.key: tuple[int, int] | None = None
@@ -100,6 +119,16 @@ class ClientConnection:
         self._tls_handshaking = False
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    @state.setter
+    def state(self, new: ClientState) -> None:
+        if new is not self._state and new not in CLIENT_TRANSITIONS[self._state]:
+            raise RuntimeError(f"client {self.id}: no transition from {self._state} to {new}")
+        self._state = new
 
     async def run(self) -> None:
         app = self.app
@@ -121,13 +150,13 @@ class ClientConnection:
                         " (handshake_timeout)",
                         sqlstate="08006",
                     ) from None
-                if self.state == "admin":
+                if self.state is ClientState.ADMIN:
                     from connmgr.ops.admin import AdminConsole
 
                     await AdminConsole(self.app, self, reader).run()
                     return
                 markers_on = await app.markers_enabled(self.database) if app.mirror is not None else False
-                self.state = "active"
+                self.state = ClientState.ACTIVE
                 await self._relay(reader, markers_on)
             if self._close_reason is not None:  # close_with() cancelled us
                 await self._fail(self._close_reason)
@@ -144,7 +173,7 @@ class ClientConnection:
                           " go on", self.id, self.peer, self.user, self.database)  # fmt: skip
             await self._fail(ClientError("internal error in connmgr (its log has the details)", sqlstate="XX000"))
         finally:
-            self.state = "closing"
+            self.state = ClientState.CLOSING
             self._close_streams()
             app.forget(self)
 
@@ -350,4 +379,4 @@ class ClientConnection:
         admins = cfg.server.admin_users
         if admins and self.user not in admins:
             raise ClientError(f'user "{self.user}" is not allowed into the admin console', sqlstate="28000")
-        self.state = "admin"
+        self.state = ClientState.ADMIN
