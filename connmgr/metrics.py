@@ -113,6 +113,7 @@ class Metrics:
     ddl_captured: int = 0
     ddl_not_captured: int = 0
     synchronous_commit_overridden: int = 0
+    sessions_untracked: int = 0
     closed: ConnStats = field(default_factory=ConnStats)
 
     def connection_closed(self, stats: ConnStats) -> None:
@@ -174,6 +175,8 @@ class Metrics:
                 family.add_metric([db], 1 if ok else 0)
             out.append(family)
         counter("cancels_total", "cancel requests routed", self.cancels)
+        counter("sessions_untracked_total", "sessions whose protocol state connmgr lost track of (relayed"
+                " untracked: no markers, and they cannot move at a failover)", self.sessions_untracked)  # fmt: skip
         counter("bytes_total", "bytes relayed", label="direction",
                 values={"client_to_server": t.bytes_from_client, "server_to_client": t.bytes_to_client})  # fmt: skip
         counter("messages_total", "protocol messages relayed", label="direction",

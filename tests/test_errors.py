@@ -157,6 +157,32 @@ def test_a_bug_met_by_one_client_costs_that_client_alone(cm, bystander, monkeypa
     assert cm.app.metrics.client_errors["XX000"] == 1
 
 
+def test_a_message_the_shadow_cannot_follow_is_relayed_untracked_and_counted_once(cm, bystander, monkeypatch,
+                                                                                  caplog):  # fmt: skip
+    """When the session shadow meets a message it cannot follow (here: one it is made to
+    refuse), the bytes keep flowing and the server answers; the session is relayed
+    untracked from then on, logged once and counted once however often it happens."""
+    from shadow.errors import RemoteProtocolError
+    from shadow.session import SessionState
+
+    original = SessionState.frontend_message
+
+    def refusing(self, tag, body):
+        if b"untrack me" in bytes(body):
+            raise RemoteProtocolError("injected: a message the shadow cannot follow")
+        return original(self, tag, body)
+
+    monkeypatch.setattr(SessionState, "frontend_message", refusing)
+    with login(cm) as c:
+        for _ in range(3):
+            assert data_values(c.query("select 'untrack me'")) == [(b"untrack me",)]
+        assert data_values(c.query("select 6 * 7")) == [(b"42",)]
+    bystander.check()
+    assert cm.app.metrics.sessions_untracked == 1
+    lost = [r for r in caplog.records if "lost track" in r.getMessage()]
+    assert len(lost) == 1 and "cannot move at a failover" in lost[0].getMessage()
+
+
 def test_typed_message_length_below_4_is_08P01(cm, bystander):
     with login(cm) as c:
         bystander.check()

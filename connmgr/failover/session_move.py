@@ -186,6 +186,9 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
     shadow = conn.session
     if shadow.phase not in (Phase.READY, Phase.COPY_IN):
         raise NotMovable(f"session not movable: it is in phase {shadow.phase.value}", "phase")
+    if not relay.tracking:  # its shadow no longer knows what is in flight: nothing to replay from
+        raise NotMovable("session not movable: connmgr lost track of its protocol state earlier"
+                         " (logged then), so it cannot tell what to replay", "untracked")  # fmt: skip
     reasons = conn.recorder.not_movable if conn.recorder is not None else []
     if reasons:
         raise NotMovable("session not movable: " + "; ".join(reasons), "session state")

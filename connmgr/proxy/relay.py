@@ -708,11 +708,18 @@ class Relay:
         # the middle of a message. They move at their backend's next bytes or EOF.
 
     def untrack(self, direction: str, exc: RemoteProtocolError) -> None:
+        """The shadow met a message it cannot follow (it is never stricter than Postgres,
+        so the bytes keep flowing): from now on this session gets no markers and no DDL
+        capture, and at a failover it cannot move (08006, reason "untracked"). Logged once
+        per session, counted in ``connmgr_sessions_untracked_total``."""
+        if not self.tracking:
+            return
         self.tracking = False
+        self.conn.app.metrics.sessions_untracked += 1
         log.warning(
-            "client %d: session shadow lost track (%s): %s; relaying untracked",
-            self.conn.id, direction, exc.message,
-        )
+            "client %d: session shadow lost track (%s): %s; relaying untracked (no markers, no DDL"
+            " capture, and it cannot move at a failover)", self.conn.id, direction, exc.message,
+        )  # fmt: skip
 
     def virtualise_notification_pids(self, buf: bytes, frames: list) -> bytes:
         """NotificationResponse carries the sender's backend pid; clients of connmgr know
