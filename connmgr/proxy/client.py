@@ -42,7 +42,7 @@ from connmgr.metrics import ConnStats
 from connmgr.pg.backend import BackendSession, open_backend
 from connmgr.pg.wire import MessageReader, PeerClosed
 from connmgr.proxy.client_auth import authenticate_client
-from connmgr.proxy.relay import Relay
+from connmgr.proxy.relay import Carry, Relay
 from connmgr.proxy.transport import close_now
 from replay.journal import Journal
 from replay.session_recorder import SessionRecorder
@@ -181,17 +181,11 @@ class ClientConnection:
         """Relay until the session ends; with failover, a lost backend moves the session
         to the secondary (connmgr/failover/session_move.py) and relaying goes on there."""
         initial = reader.take_buffered()
-        transactions = 0
-        pending_abort = None
-        inject_mode = 0
-        carry_input = b""
+        carry = Carry()
         while True:
             mirrored = self.app.failover is None or not self.app.failover.failed_over
-            self.relay = Relay(self, self.backend, reader.framer, markers_on and mirrored, mirrored=mirrored)
-            self.relay.transactions = transactions
-            self.relay.pending_abort = pending_abort
-            self.relay.inject_mode = inject_mode
-            self.relay.carry_input = carry_input
+            self.relay = Relay(self, self.backend, reader.framer, markers_on and mirrored, mirrored=mirrored,
+                               carry=carry)  # fmt: skip
             try:
                 await self.relay.run(initial)
                 return
@@ -207,10 +201,7 @@ class ClientConnection:
                 self.backend = await move_session(self, self.relay, lost)
                 if self.key is not None:
                     self.app.virtual_pids[(self.backend.server.address, self.backend.pid)] = self.key[0]
-                transactions = self.relay.transactions
-                pending_abort = self.relay.pending_abort
-                inject_mode = self.relay.carry_inject
-                carry_input = self.relay.carry_input  # a switchover's paused request (trio pumps)
+                carry = self.relay.carry_over()
                 initial = b""
                 markers_on = False
 

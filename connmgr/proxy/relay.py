@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from struct import Struct
 from typing import TYPE_CHECKING
 
@@ -562,19 +563,32 @@ class Downstream:
         return None if self.last_tag == _E else lost(relay.backend)
 
 
+@dataclass(frozen=True, slots=True)
+class Carry:
+    """What a session takes from the relay of one backend to the next (a failover or a
+    switchover moved it): nothing else of a dead relay survives."""
+
+    #: transactions the client has seen end: the next marker's number goes on from here
+    transactions: int = 0
+    #: an ErrorResponse body (40001) the client still has to get (the move rolled back the
+    #: transaction it sat idle in)
+    pending_abort: bytes | None = None
+    #: injection state: the held bytes the next relay delivers still carry a marker's replies
+    inject_mode: int = 0
+    #: client bytes read for a request the move paused (trio pumps)
+    client_input: bytes = b""
+
+
 class Relay:
     """One client session while it is relayed. See the module docstring."""
 
     def __init__(self, conn: ClientConnection, backend: BackendSession, client_framer: Framer,
-                 markers_on: bool = False, mirrored: bool = True) -> None:
+                 markers_on: bool = False, mirrored: bool = True, carry: Carry = Carry()) -> None:  # noqa: B008
         self.conn = conn
         #: the mirror link this session's traffic is copied to (None: not mirrored)
         self.mirror = conn.app.mirror if mirrored else None
         #: set when the server went away (held-back FATAL); the carrier ends the relay with it
         self.lost: BackendLost | None = None
-        #: an ErrorResponse body (40001) the client still has to get, after a move that
-        #: rolled back the transaction it sat idle in (see Downstream._deliver_abort)
-        self.pending_abort: bytes | None = None
         #: the current transaction saw an error or a ROLLBACK (for the session recorder)
         self.rolled_back = False
         #: server bytes held until an autocommit write's commit is known (see
@@ -593,7 +607,6 @@ class Relay:
         #: (Upstream.at_boundary); client bytes the trio pumps read meanwhile wait in
         #: ``carry_input`` (the engine simply stops reading the socket)
         self.pause_requested = self.freezer is not None and self.freezer.switching
-        self.carry_input = b""
         self._resume = trio.Event()
         self._pump_waiting = False
         self.backend = backend
@@ -604,8 +617,6 @@ class Relay:
         #: embed purge markers and capture DDL (decided by the client: mirroring is on and
         #: the database has the marker function)
         self.markers = markers_on
-        #: what is injected and not yet answered (_NONE, _CYCLE, _NAMED, _EXT_TAIL)
-        self.inject_mode = _NONE
         self.swallowing = False
         self.swallow_marker = False
         #: transaction number the outstanding marker names; a marker wrote its row in the
@@ -625,7 +636,14 @@ class Relay:
         self.ddl_captured = 0
         self.ddl_not_captured = 0
         #: transactions the client has seen end (ReadyForQuery 'I'): numbers the markers
-        self.transactions = 0
+        self.transactions = carry.transactions
+        #: an ErrorResponse body (40001) the client still has to get, after a move that
+        #: rolled back the transaction it sat idle in (see Downstream._deliver_abort)
+        self.pending_abort: bytes | None = carry.pending_abort
+        #: what is injected and not yet answered (_NONE, _CYCLE, _NAMED, _EXT_TAIL)
+        self.inject_mode = carry.inject_mode
+        #: client bytes read but not yet relayed (a switchover's pause, trio pumps)
+        self.carry_input = carry.client_input
         self.upstream = Upstream(self)
         self.downstream = Downstream(self)
         self._error: ClientError | None = None
@@ -706,6 +724,10 @@ class Relay:
             self._link.lose(BackendLost(f'server "{self.backend.server.name}" is gone: {why}'))
         # The trio pumps (TLS) are not cancelled: that could cut a send to the client in
         # the middle of a message. They move at their backend's next bytes or EOF.
+
+    def carry_over(self) -> Carry:
+        """What the next relay of this session starts from (after a move)."""
+        return Carry(self.transactions, self.pending_abort, self.carry_inject, self.carry_input)
 
     def untrack(self, direction: str, exc: RemoteProtocolError) -> None:
         """The shadow met a message it cannot follow (it is never stricter than Postgres,
