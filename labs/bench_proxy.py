@@ -6,6 +6,8 @@ Usage (from the repository root; as root the servers drop to the ``postgres`` OS
     python labs/bench_proxy.py --seconds 5 --rounds 1 --targets direct,pgbouncer,relay
     python labs/bench_proxy.py --pgbouncer-mode transaction --json bench.json
     python labs/bench_proxy.py --targets direct,connmgr --profile      # + a py-spy profile
+    python labs/bench_proxy.py --targets direct,connmgr,connmgr-base --baseline /tmp/base
+                                   # two commits side by side (git worktree add /tmp/base <commit>)
 
 What it does
 ------------
@@ -84,7 +86,7 @@ from connmgr.embedded.clusters import Cluster, ClusterError, free_port, temp_bas
 HOST = "127.0.0.1"
 DB = "postgres"
 USER = "postgres"
-ALL_TARGETS = ("direct", "connmgr", "connmgr-tasks", "pgbouncer", "relay")
+ALL_TARGETS = ("direct", "connmgr", "connmgr-tasks", "connmgr-base", "pgbouncer", "relay")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 
@@ -206,6 +208,8 @@ class ProcessTarget(Target):
     ready_marker: str | None = "listening on"
     run_as: pwd.struct_passwd | None = None
     cwd: Path = REPO
+    #: where its Python code comes from (a baseline checkout for ``connmgr-base``)
+    pythonpath: Path = REPO
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -214,7 +218,7 @@ class ProcessTarget(Target):
         env.update(
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(
-                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+                p for p in (str(self.pythonpath), os.environ.get("PYTHONPATH", "")) if p
             ),
         )
         kw: dict = {}
@@ -283,17 +287,23 @@ def connmgr_argv(port: int, pg_port: int, extra: list[str], wrapper: list[str] |
     ]
 
 
-def make_connmgr(base: Path, pg_port: int, extra: list[str], name: str = "connmgr") -> ProcessTarget:
+def make_connmgr(base: Path, pg_port: int, extra: list[str], name: str = "connmgr",
+                 root: Path | None = None) -> ProcessTarget:  # fmt: skip
     """connmgr as a subprocess; ``connmgr-tasks`` is the same with ``--relay tasks`` (two trio
-    tasks per session instead of the epoll relay engine)."""
+    tasks per session instead of the epoll relay engine); ``connmgr-base`` runs the code of
+    another checkout (``--baseline DIR``), to compare two commits in one interleaved run."""
     port = free_port(HOST)
     if name == "connmgr-tasks":
         extra = [*extra, "--relay", "tasks"]
+    if name == "connmgr-base" and root is None:
+        target = ProcessTarget(name, port)
+        target.skip_reason = "connmgr-base needs --baseline DIR (e.g. git worktree add DIR <commit>)"
+        return target
+    root = root or REPO
     target = ProcessTarget(
-        name, port, argv=connmgr_argv(port, pg_port, extra), log_path=base / f"{name}.log"
-    )
-    if not (REPO / "connmgr" / "ops" / "cli.py").exists():
-        target.skip_reason = "connmgr/ops/cli.py does not exist yet (the proxy is being written)"
+        name, port, argv=connmgr_argv(port, pg_port, extra), log_path=base / f"{name}.log",
+        cwd=root, pythonpath=root,
+    )  # fmt: skip
     return target
 
 
@@ -659,6 +669,10 @@ class Bench:
             "connmgr-tasks": lambda: make_connmgr(
                 self.base, pg_port, shlex.split(self.args.connmgr_args), "connmgr-tasks"
             ),
+            "connmgr-base": lambda: make_connmgr(
+                self.base, pg_port, shlex.split(self.args.connmgr_args), "connmgr-base",
+                Path(self.args.baseline).resolve() if self.args.baseline else None,
+            ),
             "pgbouncer": lambda: make_pgbouncer(self.base, pg_port, self.args.pgbouncer_mode),
             "relay": lambda: make_relay(self.base, pg_port),
         }
@@ -865,6 +879,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--pgbouncer-mode", choices=("session", "transaction"), default="session")
     p.add_argument("--connmgr-args", default="", help="extra arguments for connmgr serve")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="a checkout of another commit, run as target connmgr-base beside connmgr")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data, logs)")
     p.add_argument(
