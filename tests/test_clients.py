@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import re
 import socket
@@ -54,7 +55,7 @@ def connect(target, dbname: str = "app", user: str = "postgres", password: str |
 def psql(target, args, *, dbname="app", user="postgres", password=PASSWORD, input=None,
          timeout=120, prefix=()):  # fmt: skip
     """Run psql against ``target`` (anything with .host and .port); returns CompletedProcess."""
-    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PGCONNECT_TIMEOUT": "10", "PGCLIENTENCODING": "UTF8", "PGTZ": "UTC"}
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "C", "PGCONNECT_TIMEOUT": "10", "PGCLIENTENCODING": "UTF8", "PGTZ": "UTC"}
     if password is not None:
         env["PGPASSWORD"] = password
     argv = [*prefix, "psql", "-X", "-h", target.host, "-p", str(target.port), "-U", user, "-d", dbname, *args]
@@ -578,7 +579,7 @@ def _warm_up(proxy) -> None:
 def test_200mb_copy_out_through_psql_keeps_connmgr_memory_flat(proxy):
     _warm_up(proxy)
     before = proxy.app.metrics.closed.bytes_to_client
-    env = {"PATH": "/usr/bin:/bin", "PGPASSWORD": PASSWORD, "LC_ALL": "C"}
+    env = {"PATH": os.environ["PATH"], "PGPASSWORD": PASSWORD, "LC_ALL": "C"}
     argv = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", proxy.host, "-p", str(proxy.port),
             "-U", "postgres", "-d", "app", "-c", f"COPY ({BIG_QUERY}) TO STDOUT"]  # fmt: skip
     digest = hashlib.sha256()
@@ -634,7 +635,7 @@ def test_200mb_server_side_cursor_keeps_connmgr_memory_flat(proxy):
 
 
 def pgbench(target, dbname: str, *args: str, timeout: float = 120) -> str:
-    env = {"PATH": "/usr/bin:/bin", "PGPASSWORD": PASSWORD, "LC_ALL": "C"}
+    env = {"PATH": os.environ["PATH"], "PGPASSWORD": PASSWORD, "LC_ALL": "C"}
     argv = ["pgbench", "-h", target.host, "-p", str(target.port), "-U", "postgres", *args, dbname]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, f"pgbench {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"

@@ -4,6 +4,7 @@ exactly their own transactions (seed 004 Fig. 8)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
@@ -96,7 +97,7 @@ def test_concurrent_sessions_purge_their_own_and_pgbench_leaves_queues_empty(pai
     queue is empty."""
     primary, secondary, db = pair_with_poster
     imports = secondary.app.imports
-    env = {"PGPASSWORD": "postgres", "PATH": "/usr/bin:/bin"}
+    env = {"PGPASSWORD": "postgres", "PATH": os.environ["PATH"]}
     init = subprocess.run(["pgbench", "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port), "-U", "postgres", db],
                           capture_output=True, text=True, env=env, timeout=120)
     assert init.returncode == 0, init.stderr

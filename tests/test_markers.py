@@ -5,6 +5,7 @@ DDL statement a logical message carrying it; the client sees nothing of either."
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -188,7 +189,7 @@ def test_the_client_sees_exactly_what_it_would_see_direct(pair, pg, tmp_path):
     def run(host, port):
         r = subprocess.run(
             [shutil.which("psql") or "psql", "-X", "-a", "-h", host, "-p", str(port), "-U", "postgres", "-d", "app", "-f", str(script)],
-            capture_output=True, text=True, timeout=60, env={"PGPASSWORD": "postgres", "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=60, env={"PGPASSWORD": "postgres", "PATH": os.environ["PATH"]},
         )
         return r.stdout, r.stderr.replace(f"port {port}", "PORT")
 

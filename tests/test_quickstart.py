@@ -1,5 +1,6 @@
 """The simplest use and the basic client paths, asserted on data."""
 
+import os
 import subprocess
 
 import psycopg
@@ -13,7 +14,7 @@ def proxy(request, start_connmgr):
 
 
 def psql(cm, sql_args, user="postgres", password="postgres", dbname="app"):
-    env = {"PGPASSWORD": password, "PATH": "/usr/bin:/bin"}
+    env = {"PGPASSWORD": password, "PATH": os.environ["PATH"]}
     return subprocess.run(
         ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", cm.host, "-p", str(cm.port), "-U", user, "-d", dbname, *sql_args],
         capture_output=True, text=True, timeout=60, env=env,
