@@ -101,16 +101,18 @@ def test_switchover_reseeds_without_copy_and_a_kill_moves_sessions_back(pair_of)
         assert rows(p, "SELECT id, balance FROM accounts WHERE id <= 2 ORDER BY id") == [(1, 990), (2, 1010)]
         # the secondary connmgr turned too: poster queue on the new primary, sequences ahead on the old
         sec = lp.secondary.app
-        assert wait_for(lambda: sec.topology_changes == 1 and sec.imports.poster_connected, 10)
+        wait_for(lambda: sec.topology_changes == 1 and sec.imports.poster_connected, 30,
+                 what="the secondary connmgr's poster queue to turn to the new primary")
         assert sec.poster_address == (s.host, s.port) and sec.replica_server.port == p.port
         (ahead,) = rows(p, "SELECT last_value FROM ledger_id_seq")[0]
         (used,) = rows(s, "SELECT max(id) FROM ledger")[0]
-        assert wait_for(lambda: rows(p, "SELECT last_value FROM ledger_id_seq")[0][0] > used, 10), (ahead, used)
+        wait_for(lambda: rows(p, "SELECT last_value FROM ledger_id_seq")[0][0] > used, 30,
+                 what=f"the old primary's sequence past {used} (it was {ahead})")
         # a new session is mirrored and marked again: its commit leaves the import queue
         # once the poster queue (now read on the new primary) shows its marker
         fresh = lp.connect(autocommit=True)
         fresh.execute("INSERT INTO ledger (note) VALUES ('fresh')")
-        assert wait_for(lambda: sec.imports.purged > 0, 10)
+        wait_for(lambda: sec.imports.purged > 0, 30, what="the fresh session's commit to be purged by its marker")
 
         # the second failure: the new primary dies with a transaction open
         in_block.execute("UPDATE accounts SET balance = balance - 7 WHERE id = 3")
