@@ -9,8 +9,9 @@ closes idle sessions with 57P01 and, after ``shutdown_timeout``, closes the rest
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import secrets
+import resource
 import signal
 import ssl
 import time
@@ -21,125 +22,130 @@ from connmgr.config import Config, parse_hostport
 from connmgr.errors import AdminShutdown, ClientError
 from connmgr.failover.controller import Failover
 from connmgr.metrics import Metrics
-from connmgr.pair.ddl_apply import DdlApplier
+from connmgr.ops.admin import AdminConsole, AdminContext
+from connmgr.ops.prometheus import Exported, serve_metrics
 from connmgr.pair.import_process import ImportProcess
-from connmgr.pair.mirror import MirrorLink, serve_mirror
-from connmgr.pair.sequence_sync import SequenceSync
+from connmgr.pair.mirror import MirrorLink
+from connmgr.pair.secondary import Secondary
 from connmgr.pair.syncrep_watch import SyncRepWatch
-from connmgr.pg.backend import BackendServer, BackendSession, Credentials, open_backend, send_cancel
+from connmgr.pg.backend import BackendServer, Route, open_own_session
 from connmgr.pg.redo_monitor import RedoMonitor
+from connmgr.pg.transport import FastSocketStream
 from connmgr.pg.wire import PeerClosed
-from connmgr.proxy.client import ClientConnection, ClientState
+from connmgr.proxy.client import ClientConnection, ClientContext, ClientState
 from connmgr.proxy.client_auth import SecretStore
 from connmgr.proxy.engine import RelayEngine
-from connmgr.proxy.transport import FastSocketStream
+from connmgr.proxy.registry import Registry
+from connmgr.proxy.relay import RelayContext
 from replay import markers
 from shadow import messages
-from shadow.sqltext import quote_literal
 
 log = logging.getLogger("connmgr")
 
 
 class App:
+    """The composition root: builds every part of a connmgr from its :class:`Config`,
+    hands each one what it uses, and runs them in one nursery (:meth:`serve`)."""
+
     def __init__(self, config: Config) -> None:
         self.config = config
         p = config.primary
-        self.server = BackendServer(p.name, p.host, p.port, p.connect_timeout, p.tls, p.tls_ca_file)
         self.metrics = Metrics()
-        self.secrets = SecretStore(config, self.server)
-        self.clients: dict[int, ClientConnection] = {}
-        self.keys: dict[tuple[int, int], ClientConnection] = {}
-        #: (server address, real backend pid) -> virtual pid, for NotificationResponse
-        self.virtual_pids: dict[tuple[str, int], int] = {}
+        self.registry = Registry(self.metrics)
+        #: where new sessions log in: the primary (a failover moves it)
+        self.route = Route(BackendServer(p.name, p.host, p.port, p.connect_timeout, p.tls, p.tls_ca_file))
+        self.secrets = SecretStore(config, self.route.server)
         self.accepting = True
         self.listen_addresses: list[tuple[str, int]] = []
-        self.client_ssl_context = _client_ssl_context(config)
-        self.mirror: MirrorLink | None = None
-        self.redo: RedoMonitor | None = None
-        #: commits waiting for the synchronous standby too long (primary of a pair)
-        self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))
+        self.metrics_address: tuple[str, int] | None = None
         #: this connmgr instance's number: names its sessions' marker rows (replay/markers.py)
         self.origin = time.time_ns() // 1000
         #: database -> (markers usable, when checked); see markers_enabled
         self._marker_dbs: dict[str, tuple[bool, float]] = {}
+        # the primary role of a pair: mirror link, redo monitor, SyncRep watch
+        self.mirror: MirrorLink | None = None
+        self.redo: RedoMonitor | None = None
+        self.syncrep: SyncRepWatch | None = None
         if config.mirror.peer:
             host, port = parse_hostport(config.mirror.peer, what="[mirror] peer")
-            self.redo = RedoMonitor(interval=config.redo.interval)
-            redo = self.redo
+            self.redo = redo = RedoMonitor(interval=config.redo.interval)
+            self.route.on_move(lambda _server: redo.retarget())
             self.mirror = MirrorLink(
                 host, port, max_buffer_bytes=config.mirror.max_buffer_bytes,
                 heartbeat_interval=config.mirror.heartbeat_interval, lsn=lambda: redo.lsn,
                 two_phase=config.mirror.mode == "two-phase", two_phase_timeout=config.mirror.two_phase_timeout,
-            )
-        #: secondary role: every mirrored record is handed to these callbacks, in order
-        self.mirror_consumers: list = []
-        self.imports: ImportProcess | None = None
-        if config.mirror.listen:
-            ddl = DdlApplier(self._open_ddl_session) if config.poster.host and config.poster.replay_ddl else None
-            self.imports = ImportProcess(ddl=ddl, database=config.poster.dbname)
-            self.mirror_consumers.append(self.imports.on_records)
-            self.imports.on_topology = self._retarget
-        #: secondary role: where the poster queue is read (the primary database) and where
-        #: DDL and sequences are applied (the secondary one); a Topology record turns
-        #: them around after a failover
-        self.poster_address = (config.poster.host, config.poster.port)
-        self.replica_server = self.server
-        self.topology_changes = 0
-        #: secondary role: keeps this database's sequences ahead of the primary's
-        self.sequences: SequenceSync | None = None
-        if config.mirror.listen and config.poster.host and config.poster.sequence_interval > 0:
-            self.sequences = SequenceSync(self._open_poster_sql_session, self._open_local_admin_session,
-                                          interval=config.poster.sequence_interval,
-                                          lead=config.poster.sequence_lead)  # fmt: skip
-        self.mirror_listen_address: tuple[str, int] | None = None
-        #: primary role: moves live sessions to the secondary database when the primary dies
-        self.failover: Failover | None = Failover(self) if config.failover.secondary else None
+            )  # fmt: skip
+            self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))
+        # the secondary role: mirror listener, import process, poster, DDL, sequences
+        self.secondary = Secondary(config, self.route.server) if config.mirror.listen else None
+        #: primary role with [failover]: moves live sessions to the secondary database
+        self.failover: Failover | None = None
+        if config.failover.secondary:
+            mirror = self.mirror
+            self.failover = Failover(
+                config.failover, self.route, self.registry, origin=self.origin, redo=self.redo,
+                open_primary=lambda purpose: self._open_redo_session(None, purpose),
+                markers_enabled=self.markers_enabled,
+                on_rearm=mirror.topology if mirror is not None else None,
+            )  # fmt: skip
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
             self.engine = RelayEngine(self.mirror.flush_soon if self.mirror is not None else None)
-        self._next_pid = 10_000 + secrets.randbelow(50_000)
+        relay = RelayContext(
+            self.metrics, self.origin, self.registry.virtual_pids, mirror=self.mirror, engine=self.engine,
+            failover=self.failover, idle_timeout=config.server.client_idle_timeout,
+            idle_in_transaction_timeout=config.server.idle_in_transaction_timeout,
+        )  # fmt: skip
+        admin = AdminContext(config, self.metrics, self.registry, self.route, self.shutdown, self.failover)
+        self.client_context = ClientContext(
+            config, self.metrics, self.registry, self.route, self.secrets, relay, failover=self.failover,
+            client_ssl_context=_client_ssl_context(config), accepting=lambda: self.accepting,
+            markers_enabled=self.markers_enabled,
+            console=lambda conn, reader: AdminConsole(admin, conn, reader).run(),
+        )  # fmt: skip
+        #: what the metrics endpoint reports on
+        self.exported = Exported(self.metrics, self.registry, lambda: self.accepting, mirror=self.mirror,
+                                 redo=self.redo, syncrep=self.syncrep, secondary=self.secondary,
+                                 failover=self.failover, engine=self.engine)  # fmt: skip
         self._shutdown = trio.Event()
-        self._nursery: trio.Nursery | None = None
         self._drain_scope: trio.CancelScope | None = None
 
-    # ------------------------------------------------------------------ registry
+    # ------------------------------------------------------------------ views (tests, tools)
+
+    @property
+    def server(self) -> BackendServer:
+        """The primary new sessions go to now."""
+        return self.route.server
+
+    @property
+    def clients(self) -> dict[int, ClientConnection]:
+        return self.registry.clients
+
+    @property
+    def keys(self) -> dict[tuple[int, int], ClientConnection]:
+        return self.registry.keys
 
     @property
     def active_clients(self) -> int:
-        return len(self.clients)
+        return len(self.registry)
 
-    def register_key(self, conn: ClientConnection) -> tuple[int, int]:
-        """A virtual (pid, secret) for ``conn``'s BackendKeyData, unique while it lives."""
-        self._next_pid = self._next_pid + 1 if self._next_pid < 2**31 - 1 else 10_000
-        key = (self._next_pid, secrets.randbits(32))
-        self.keys[key] = conn
-        if conn.backend is not None:
-            self.virtual_pids[(conn.backend.server.address, conn.backend.pid)] = key[0]
-        return key
+    @property
+    def imports(self) -> ImportProcess | None:
+        return self.secondary.imports if self.secondary is not None else None
 
-    def forget(self, conn: ClientConnection) -> None:
-        self.clients.pop(conn.id, None)
-        if conn.key is not None:
-            self.keys.pop(conn.key, None)
-        if conn.backend is not None:
-            self.virtual_pids.pop((conn.backend.server.address, conn.backend.pid), None)
-        self.metrics.connection_closed(conn.stats)
+    @property
+    def mirror_consumers(self) -> list:
+        return self.secondary.consumers if self.secondary is not None else []
 
-    async def cancel(self, pid: int, secret: int | bytes) -> None:
-        """Route a client's CancelRequest to the backend session its key belongs to."""
-        conn = self.keys.get((pid, secret)) if isinstance(secret, int) else None
-        if conn is None or conn.backend is None:
-            log.info("cancel request for unknown key (pid %d) ignored", pid)
-            return
-        self.metrics.cancels += 1
-        b = conn.backend
-        await send_cancel(b.server, b.pid, b.secret)
+    @property
+    def mirror_listen_address(self) -> tuple[str, int] | None:
+        return self.secondary.listen_address if self.secondary is not None else None
 
     # ------------------------------------------------------------------ serving
 
     async def handle(self, stream: FastSocketStream) -> None:
-        conn = ClientConnection(self, stream, stream.peer())
-        self.clients[conn.id] = conn
+        conn = ClientConnection(self.client_context, stream, stream.peer())
+        self.registry.add(conn)
         self.metrics.clients_accepted += 1
         await conn.run()
 
@@ -176,104 +182,10 @@ class App:
         self.metrics.marker_databases = {db: v for db, (v, _t) in self._marker_dbs.items()}
         return ok
 
-    async def _own_session(self, server: BackendServer, user: str, password: str, database: str,
-                           purpose: str) -> BackendSession:  # fmt: skip
-        """A session of connmgr's own (not a client's), named ``purpose`` in pg_stat_activity."""
-        params = {"user": user, "database": database, "application_name": purpose}
-        return await open_backend(server, params, Credentials(password=password or None), max_message_size=1 << 20)
-
     async def _open_redo_session(self, database: str | None = None, purpose: str = "connmgr redo monitor"):
-        """On the primary (this connmgr's database) with the [redo] credentials."""
+        """On the primary (where new sessions go now) with the [redo] credentials."""
         r = self.config.redo
-        return await self._own_session(self.server, r.user, r.password, database or r.dbname, purpose)
-
-    async def _open_ddl_session(self, database: str, purpose: str = "connmgr ddl replay"):
-        """On *this* connmgr's database (the secondary) as [poster] ddl_user (default: the
-        poster user)."""
-        p = self.config.poster
-        password = p.ddl_password if p.ddl_user else p.password
-        return await self._own_session(self.replica_server, p.ddl_user or p.user, password, database, purpose)
-
-    async def _open_local_admin_session(self):
-        return await self._open_ddl_session(self.config.poster.dbname, "connmgr sequence sync")
-
-    def _poster_server(self, what: str) -> BackendServer:
-        host, port = self.poster_address
-        return BackendServer(f"primary ({what})", host, port, self.config.primary.connect_timeout)
-
-    async def _open_poster_sql_session(self):
-        """A plain SQL session on the primary database with the [poster] credentials."""
-        p = self.config.poster
-        return await self._own_session(self._poster_server("sequences"), p.user, p.password, p.dbname,
-                                       "connmgr sequence sync")  # fmt: skip
-
-    async def _open_poster_stream(self):
-        from connmgr.pg.replication import open_replication_stream
-
-        p = self.config.poster
-        return await open_replication_stream(
-            self._poster_server("poster"), Credentials(password=p.password or None), user=p.user, database=p.dbname,
-            slot=p.slot, publication=p.publication, temporary=p.temporary,
-            eager_status=False,  # the poster slot is not a synchronous standby
-        )
-
-    def failed_over(self, server: BackendServer) -> None:
-        """The secondary is the primary now: new sessions go there, unmirrored and
-        unmarked (there is no pair any more until the old primary is re-seeded), and the
-        redo monitor samples it."""
-        self.server = server
-        if self.redo is not None:
-            self.redo.retarget()
-
-    def _retarget(self, topology) -> None:
-        """Secondary role: the pair turned around (mirror_protocol.Topology). The poster
-        queue is read from the new primary, DDL and sequences go to the new secondary.
-        A permanent poster slot left on the old primary is dropped (it would keep WAL
-        there for ever)."""
-        old = self.poster_address
-        host, port = parse_hostport(topology.primary, what="topology primary")
-        self.poster_address = (host, port)
-        s_host, s_port = parse_hostport(topology.secondary, what="topology secondary")
-        self.replica_server = BackendServer("secondary", s_host, s_port, self.config.primary.connect_timeout)
-        self.topology_changes += 1
-        log.warning("the pair turned around: the poster queue is read from %s:%d, sequences and DDL go to"
-                    " %s:%d", host, port, s_host, s_port)  # fmt: skip
-        if self.imports is not None:
-            self.imports.restart_poster()
-        if self.sequences is not None:
-            self.sequences.close()
-        if not self.config.poster.temporary and old != self.poster_address and self._nursery is not None:
-            self._nursery.start_soon(self._drop_old_poster_slot, old)
-
-    async def _drop_old_poster_slot(self, address: tuple[str, int]) -> None:
-        p = self.config.poster
-        server = BackendServer("old primary (poster slot)", *address, self.config.primary.connect_timeout)
-        slot = quote_literal(p.slot)
-        for _ in range(30):  # the old stream's walsender may take a moment to let go
-            try:
-                with trio.fail_after(10):
-                    session = await self._own_session(server, p.user, p.password, p.dbname, "connmgr poster cleanup")
-                    try:
-                        rows = await session.query_rows(messages.query(
-                            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots"
-                            f" WHERE slot_name = {slot} AND NOT active"
-                        ))  # fmt: skip
-                        left = await session.query_rows(messages.query(
-                            f"SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot}"))
-                    finally:
-                        session.close()
-                if not left:
-                    log.info("poster slot %s dropped on the old primary %s:%d (%d)", p.slot, *address, len(rows))
-                    return
-            except (ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
-                log.warning("cannot drop poster slot %s on the old primary %s:%d: %s", p.slot, *address, e)
-                return
-            await trio.sleep(1.0)
-        log.warning("poster slot %s on the old primary %s:%d stays in use; drop it by hand", p.slot, *address)
-
-    def _mirrored(self, records: list) -> None:
-        for consumer in self.mirror_consumers:
-            consumer(records)
+        return await open_own_session(self.route.server, r.user, r.password, database or r.dbname, purpose)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
@@ -283,13 +195,11 @@ class App:
         """Each client costs two descriptors (client and backend socket): raise the soft
         limit to the hard one and say so if max_clients still cannot fit."""
         try:
-            import resource
-
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             if soft != hard:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
                 soft = hard
-        except (ImportError, ValueError, OSError):
+        except (ValueError, OSError):
             return
         needed = 2 * self.config.server.max_clients + 64
         if soft != resource.RLIM_INFINITY and soft < needed:
@@ -309,30 +219,23 @@ class App:
             listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=4096))
         self.listen_addresses = [ln.socket.getsockname()[:2] for ln in listeners]
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             if self.engine is not None:
                 await nursery.start(self.engine.run)
             if self.redo is not None:
                 await nursery.start(self.redo.run, self._open_redo_session)
-                if self.mirror is not None:
-                    await nursery.start(self.syncrep.run)
+            if self.syncrep is not None:
+                await nursery.start(self.syncrep.run)
             if self.mirror is not None:
                 await nursery.start(self.mirror.run)
             if self.failover is not None:
                 await nursery.start(self.failover.run)
-            if cfg.mirror.listen:
-                host, port = parse_hostport(cfg.mirror.listen, allow_zero=True)
-                self.mirror_listen_address = await nursery.start(serve_mirror, host, port, self._mirrored)
-                if cfg.poster.host:
-                    await nursery.start(self.imports.follow_poster, self._open_poster_stream)
-                    if self.sequences is not None:
-                        await nursery.start(self.sequences.run)
+            if self.secondary is not None:
+                await nursery.start(self.secondary.run)
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:
-                from connmgr.ops.prometheus import serve_metrics
-
-                await nursery.start(serve_metrics, self)
+                host, port = parse_hostport(cfg.metrics.listen, allow_zero=True)
+                self.metrics_address = await nursery.start(serve_metrics, self.exported, host, port)
             if handle_signals:
                 nursery.start_soon(self._signals)
             for host, port in self.listen_addresses:
@@ -393,8 +296,6 @@ class App:
 
 
 def _no_wait(config: Config) -> Config:
-    import dataclasses
-
     return dataclasses.replace(config, server=dataclasses.replace(config.server, shutdown_timeout=0.0))
 
 

@@ -159,7 +159,7 @@ def _strings(items: tuple[tuple[str, str], ...]) -> bytes:
     out = bytearray()
     for k, v in items:
         for s in (k, v):
-            b = s.encode()
+            b = s.encode("utf-8", "surrogateescape")  # startup values Postgres took as bytes
             if b"\0" in b:
                 raise ValueError("NUL in a session parameter")
             out += b + b"\0"
@@ -209,7 +209,7 @@ def _decode(kind: int, body: bytes) -> Record:
             parts = body[_SESS.size:].split(b"\0")
             if parts[-1] != b"" or len(parts) % 2 != 1:
                 raise MirrorProtocolError("SessionOpened parameters are not NUL-terminated pairs")
-            texts = [p.decode() for p in parts[:-1]]
+            texts = [p.decode("utf-8", "surrogateescape") for p in parts[:-1]]
             return SessionOpened(version, session, tuple(zip(texts[::2], texts[1::2], strict=True)))
         if kind == 0x4B:  # K
             return Marker(*_exact(_MARK, body))

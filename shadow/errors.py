@@ -33,9 +33,18 @@ class ProtocolError(Exception):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer violated the protocol. Default SQLSTATE 08P01 (protocol_violation)."""
+    """The peer violated the protocol. Default SQLSTATE 08P01 (protocol_violation).
+
+    ``before`` holds what the same input held *before* the violation, when that is
+    known: the original bytes and frames of the complete messages ahead of a nonsense
+    length (:meth:`shadow.framing.Framer.feed`). Postgres answers those first, so connmgr
+    relays them before it reports the violation."""
 
     sqlstate = PROTOCOL_VIOLATION
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, before: tuple[bytes, list] = (b"", [])) -> None:
+        super().__init__(message, sqlstate=sqlstate)
+        self.before = before
 
 
 class LocalProtocolError(ProtocolError):

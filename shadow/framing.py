@@ -117,7 +117,9 @@ class Framer:
 
         ``buf`` holds the original bytes of those messages, back to back; each frame is
         ``(tag, body_start, body_end)`` indexing ``buf``. Returns ``(b"", [])`` when no
-        message is complete yet. Raises :class:`RemoteProtocolError` on a nonsense length.
+        message is complete yet. Raises :class:`RemoteProtocolError` on a nonsense length;
+        its ``before`` holds ``(buf, frames)`` of the complete messages ahead of it (the
+        framer is then unusable: the stream cannot be cut into messages any more).
         """
         pending = self._pending
         if pending:
@@ -139,7 +141,9 @@ class Framer:
             while n - pos >= 5:
                 (length,) = _unpack_int32(data, pos + 1)
                 if length < 4 or length > limits[data[pos]]:
-                    raise _bad_length(data[pos], length, limits[data[pos]], self.max_message_size)
+                    error = _bad_length(data[pos], length, limits[data[pos]], self.max_message_size)
+                    error.before = (data[:pos], frames)  # complete messages ahead of it
+                    raise error
                 end = pos + 1 + length
                 if end > n:
                     need = end - pos

@@ -281,8 +281,9 @@ class Reader:
         self._pos = len(self._buf)
         return self._buf[pos:]
 
-    def read_cstring(self, field: str) -> str:
-        """A NUL-terminated UTF-8 string, without its NUL."""
+    def read_cstring(self, field: str, errors: str = "strict") -> str:
+        """A NUL-terminated UTF-8 string, without its NUL. ``errors="surrogateescape"``
+        keeps bytes that are not UTF-8 (they encode back to themselves)."""
         buf = self._buf
         pos = self._pos
         end = buf.find(0, pos)
@@ -292,7 +293,7 @@ class Reader:
             raise self.error(f"{field} is missing its NUL terminator")
         self._pos = end + 1
         try:
-            return buf[pos:end].decode()
+            return buf[pos:end].decode("utf-8", errors)
         except UnicodeDecodeError as exc:
             raise self.error(f"{field} is not valid UTF-8 (bad byte at offset {pos + exc.start})")
 
@@ -318,11 +319,11 @@ def _typed(tag: int, body: bytes) -> bytes:
     return _HEADER.pack(tag, len(body) + 4) + body
 
 
-def _cstr(value: str, what: str) -> bytes:
+def _cstr(value: str, what: str, errors: str = "strict") -> bytes:
     if not isinstance(value, str):
         raise LocalProtocolError(f"{what} must be a str, not {type(value).__name__}")
     try:
-        raw = value.encode()
+        raw = value.encode("utf-8", errors)
     except UnicodeEncodeError:
         raise LocalProtocolError(f"{what} cannot be encoded as UTF-8")
     if 0 in raw:
@@ -393,10 +394,19 @@ def _require_empty(body: Body, what: str) -> None:
 class StartupMessage:
     """The first packet of a normal connection. ``protocol_version`` is
     ``major << 16 | minor`` (:data:`PROTOCOL_3_0` = 196608); ``parameters`` keeps the
-    client's order (a repeated name keeps its first position and its last value)."""
+    client's order (a repeated name keeps its first position and its last value).
+    ``pairs`` is every (name, value) as sent, repeats included, which is what
+    :meth:`encode` writes when given: Postgres applies them in order and decides.
+    Names and values are decoded with ``surrogateescape``: bytes that are not UTF-8 are
+    kept and encoded back unchanged (Postgres takes them as bytes too)."""
 
     protocol_version: int
     parameters: dict[str, str]
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.pairs:  # built from a mapping: one pair per name
+            object.__setattr__(self, "pairs", tuple(self.parameters.items()))
 
     @property
     def major(self) -> int:
@@ -408,11 +418,11 @@ class StartupMessage:
 
     def encode(self) -> bytes:
         parts = [_pack(_U32, self.protocol_version, "protocol version")]
-        for name, value in self.parameters.items():
+        for name, value in self.pairs:
             if not name:
                 raise LocalProtocolError("a startup parameter name must not be empty")
-            parts.append(_cstr(name, "startup parameter name"))
-            parts.append(_cstr(value, f"value of startup parameter {name!r}"))
+            parts.append(_cstr(name, "startup parameter name", "surrogateescape"))
+            parts.append(_cstr(value, f"value of startup parameter {name!r}", "surrogateescape"))
         parts.append(b"\0")
         body = b"".join(parts)
         return _U32.pack(len(body) + 4) + body
@@ -489,17 +499,20 @@ def decode_startup(body: Body) -> StartupMessage | SSLRequest | GSSENCRequest | 
             sqlstate="0A000",
         )
     params: dict[str, str] = {}
+    pairs = []
     while True:
-        name = r.read_cstring("startup parameter name")
+        name = r.read_cstring("startup parameter name", "surrogateescape")
         if not name:
             break
-        params[name] = r.read_cstring(f"value of startup parameter {name!r}")
+        value = r.read_cstring(f"value of startup parameter {name!r}", "surrogateescape")
+        params[name] = value
+        pairs.append((name, value))
     r.finish()
     if not params.get("user"):
         raise RemoteProtocolError(
             "no PostgreSQL user name specified in startup packet", sqlstate="28000"
         )
-    return StartupMessage(code, params)
+    return StartupMessage(code, params, tuple(pairs))
 
 
 _SSL_REQUEST = SSLRequest()
@@ -1570,10 +1583,13 @@ def empty_query_response() -> bytes:
     return b"I\0\0\0\x04"
 
 
-def startup_message(params: Mapping[str, str], protocol_version: int = PROTOCOL_3_0) -> bytes:
-    """Return an encoded (untyped) StartupMessage. Raises :class:`LocalProtocolError` for
-    an empty name or a NUL in a name or value."""
-    return StartupMessage(protocol_version, dict(params)).encode()
+def startup_message(params: Mapping[str, str] | Iterable[tuple[str, str]],
+                    protocol_version: int = PROTOCOL_3_0) -> bytes:  # fmt: skip
+    """Return an encoded (untyped) StartupMessage of ``params`` (a mapping, or (name,
+    value) pairs in order, repeats included). Raises :class:`LocalProtocolError` for an
+    empty name or a NUL in a name or value."""
+    pairs = tuple(params.items() if isinstance(params, Mapping) else params)
+    return StartupMessage(protocol_version, dict(pairs), pairs).encode()
 
 
 def ssl_request() -> bytes:

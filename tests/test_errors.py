@@ -194,6 +194,72 @@ def test_typed_message_length_below_4_is_08P01(cm, bystander):
     assert cm.app.metrics.client_errors["08P01"] == 1
 
 
+def _answers(target, payload: bytes, timeout: float = 5) -> list[tuple[str, str | None]]:
+    """What a logged-in raw client gets for ``payload`` sent in one write, read until the
+    server hangs up: each message's type, and the SQLSTATE of an ErrorResponse."""
+    with login(target) as c:
+        c.send(payload)
+        msgs = c.read_until_close(timeout=timeout)
+    return [(x.tag, x.sqlstate if x.tag == "E" else None) for x in msgs if x.tag != "N"]
+
+
+@pytest.mark.parametrize("relay", ["engine", "pumps"])
+def test_requests_ahead_of_a_malformed_message_are_answered_first_as_postgres_does(start_connmgr, pg, relay):
+    """Two Queries and then a header Postgres refuses, in one write: Postgres answers the
+    Queries and then hangs up (its "invalid message length" goes to its log only); connmgr
+    answers them too and then says why it hangs up (08P01) -- in both carriers (the trio
+    pumps carry TLS sessions; here forced for a plain one)."""
+    cm = start_connmgr(server={"relay": "engine" if relay == "engine" else "tasks"})
+    with Bystander(cm) as bystander:
+        payload = m.query("select 1") + m.query("select 2") + b"Q" + struct.pack("!I", 0x40000000)
+        reference = _answers(pg, payload)
+        got = _answers(cm, payload)
+        assert reference == [(t, None) for t in "TDCZTDCZ"], reference
+        assert got == [*reference, ("E", "08P01")], got
+        bystander.check()
+
+
+@pytest.mark.parametrize("relay", ["engine", "pumps"])
+def test_a_terminate_behind_a_pipeline_still_gets_the_pipeline_answered(start_connmgr, pg, relay):
+    """Query, Query, Terminate in one write: both answered, then the connection closes
+    (Postgres's behaviour; connmgr used to end the session at the Terminate and drop the
+    replies). The rows prove both statements ran."""
+    cm = start_connmgr(server={"relay": "engine" if relay == "engine" else "tasks"})
+    table = f"term_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(cm.conninfo(password="postgres"), autocommit=True) as admin:
+        admin.execute(f"create table {table} (v int)")
+        try:
+            payload = (m.query(f"insert into {table} values (1)") + m.query(f"select count(*) from {table}")
+                       + m.Terminate().encode())  # fmt: skip
+            reference = _answers(pg, payload)
+            got = _answers(cm, payload)
+            assert [t for t, _ in got] == [t for t, _ in reference] == list("CZTDCZ"), (got, reference)
+            assert admin.execute(f"select count(*) from {table}").fetchone() == (2,)
+        finally:
+            admin.execute(f"drop table {table}")
+
+
+@pytest.mark.parametrize("relay", ["engine", "pumps"])
+def test_a_terminate_inside_copy_is_answered_as_postgres_answers_it(start_connmgr, pg, relay):
+    """COPY FROM STDIN, a row, then Terminate instead of CopyDone: Postgres takes the
+    Terminate as a violation of the COPY (08P01) and rolls it back; connmgr relays that
+    answer and closes promptly, not after its grace period."""
+    cm = start_connmgr(server={"relay": "engine" if relay == "engine" else "tasks"})
+    table = f"copyterm_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(cm.conninfo(password="postgres"), autocommit=True) as admin:
+        admin.execute(f"create table {table} (v int)")
+        try:
+            payload = m.query(f"copy {table} from stdin") + m.CopyData(b"1\n").encode() + m.Terminate().encode()
+            reference = _answers(pg, payload)
+            t0 = time.monotonic()
+            got = _answers(cm, payload)
+            assert time.monotonic() - t0 < 5
+            assert got == reference and ("E", "08P01") in got, (got, reference)
+            assert admin.execute(f"select count(*) from {table}").fetchone() == (0,)
+        finally:
+            admin.execute(f"drop table {table}")
+
+
 def test_huge_length_is_refused_at_once(cm, bystander):
     with login(cm) as c:
         bystander.check()
@@ -237,6 +303,33 @@ def test_query_over_configured_max_message_size(start_connmgr):
         msgs = c.read_until_close(timeout=2)
         assert_fatal(msgs, "08P01", contains="over the maximum of 65536 bytes")
         bystander.check()
+
+
+def _login_with(target, pairs) -> list[tuple[str, object]]:
+    """Log in with startup ``pairs`` as given; what came back: the SQLSTATE of a refusal,
+    or the session's application_name and DateStyle."""
+    with RawPg.connect(target.host, target.port) as c:
+        c.send_startup(pairs)
+        msgs = c.authenticate("postgres", "postgres")
+        if msgs[-1].tag != "Z":
+            return [("E", error_of(msgs).sqlstate)]
+        rows = data_values(c.query("select current_setting('application_name'), current_setting('DateStyle')"))
+        return [("rows", rows)]
+
+
+@pytest.mark.parametrize("pairs", [
+    [("application_name", "caf\udce9 \udcff"), ("DateStyle", "SQL"), ("DateStyle", "ISO, DMY")],
+    [("DateStyle", "bogus"), ("DateStyle", "ISO")],
+], ids=["bytes-and-a-repeat", "a-bad-earlier-value"])  # fmt: skip
+def test_startup_parameters_reach_postgres_which_decides(cm, pg, bystander, pairs):
+    """A value that is not UTF-8 and a name given twice: connmgr passes both on, in order,
+    and the session gets what Postgres makes of them direct (a cleaned-up name and the
+    last DateStyle; or Postgres's refusal of the bad earlier value)."""
+    pairs = [("user", "postgres"), ("database", "app"), *pairs]
+    reference = _login_with(pg, pairs)
+    assert _login_with(cm, pairs) == reference
+    assert reference[0][0] == ("rows" if pairs[-1][1] == "ISO, DMY" else "E"), reference
+    bystander.check()
 
 
 @pytest.mark.parametrize("length", [3, 7, 20000])

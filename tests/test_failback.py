@@ -100,7 +100,7 @@ def test_switchover_reseeds_without_copy_and_a_kill_moves_sessions_back(pair_of)
             assert rows(p, f"SELECT count(*) FROM ledger WHERE note = 'after-{i}'") == [(1,)]
         assert rows(p, "SELECT id, balance FROM accounts WHERE id <= 2 ORDER BY id") == [(1, 990), (2, 1010)]
         # the secondary connmgr turned too: poster queue on the new primary, sequences ahead on the old
-        sec = lp.secondary.app
+        sec = lp.secondary.app.secondary
         wait_for(lambda: sec.topology_changes == 1 and sec.imports.poster_connected, 30,
                  what="the secondary connmgr's poster queue to turn to the new primary")
         assert sec.poster_address == (s.host, s.port) and sec.replica_server.port == p.port

@@ -136,14 +136,14 @@ def test_pair_metrics(pair_with_poster):
         return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
 
     def primary_metrics():
-        return parse(primary.run_sync(render, primary.app))
+        return parse(primary.run_sync(render, primary.app.exported))
 
     def settled():  # acks are coalesced, and records may still be on their way
-        p, s = primary_metrics(), parse(secondary.run_sync(render, secondary.app))
+        p, s = primary_metrics(), parse(secondary.run_sync(render, secondary.app.exported))
         return p["connmgr_mirror_lag_versions"] == 0 and s["connmgr_mirror_records_received"] == p["connmgr_mirror_latest_version"]
 
     assert wait_for(settled)
-    p, s = primary_metrics(), parse(secondary.run_sync(render, secondary.app))
+    p, s = primary_metrics(), parse(secondary.run_sync(render, secondary.app.exported))
     assert p["connmgr_mirror_connected"] == 1
     assert p["connmgr_redo_lsn"] > 0 and p["connmgr_redo_healthy"] == 1
     assert s["connmgr_import_purged"] >= 1 and s["connmgr_poster_connected"] == 1
@@ -151,7 +151,7 @@ def test_pair_metrics(pair_with_poster):
     # and once idle nothing is left between what it processed and the server's WAL end
     assert 0 < s["connmgr_replication_lag_seconds"] < 5
     assert s["connmgr_replication_poster_lsn"] > 0
-    assert wait_for(lambda: parse(secondary.run_sync(render, secondary.app))["connmgr_replication_lag_bytes"] == 0)
+    assert wait_for(lambda: parse(secondary.run_sync(render, secondary.app.exported))["connmgr_replication_lag_bytes"] == 0)
     assert p["connmgr_markers_written_total"] >= 1
     assert s["connmgr_mirror_records_received"] >= 1
 

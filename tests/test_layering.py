@@ -6,9 +6,11 @@
   replay imports shadow only.
 * ``connmgr.embedded`` (local clusters, the harnesses, the demo, the campaign) is never
   imported by the runtime; only the command line reaches it, for ``connmgr demo``.
-* Import cycles between modules: none may be added. The ones the first layout step left
-  (the proxy, failover and ops modules that still hand each other the whole ``App``) are
-  listed in ``KNOWN_CYCLES`` and must only shrink.
+* Inside ``connmgr``, the base (config, errors, metrics, ``auth``, ``pg``) imports nothing
+  above it, and only the composition root's users (``ops.cli``, ``embedded``) import
+  ``connmgr.app``: every other component is handed what it uses.
+* No import cycle between modules, counting imports under ``if TYPE_CHECKING`` and inside
+  functions (so neither can hide one).
 """
 
 from __future__ import annotations
@@ -132,19 +134,28 @@ def test_the_runtime_never_imports_the_embedded_package():
     assert not wrong, f"runtime modules importing connmgr.embedded: {wrong}"
 
 
-#: the cycles left by the first layout step (issue 13); each must go, none may be added
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"connmgr.app", "connmgr.failover.controller", "connmgr.failover.session_move", "connmgr.ops.admin",
-               "connmgr.ops.prometheus", "connmgr.proxy.client", "connmgr.proxy.engine", "connmgr.proxy.relay"}),
-}  # fmt: skip
+def test_no_import_cycle():
+    found = [sorted(c) for c in cycles(graph())]
+    assert not found, f"import cycles (TYPE_CHECKING and function-level imports count): {found}"
 
 
-def test_no_import_cycle_is_added():
-    found = set(cycles(graph()))
-    new = [sorted(c) for c in found - KNOWN_CYCLES]
-    assert not new, f"import cycles (TYPE_CHECKING and function-level imports count): {new}"
-    gone = [sorted(c) for c in KNOWN_CYCLES - found]
-    assert not gone, f"cycles that are gone (take them off KNOWN_CYCLES): {gone}"
+#: the base of connmgr: what every component may use, and which uses no component
+BASE = ("connmgr.config", "connmgr.errors", "connmgr.metrics", "connmgr.auth", "connmgr.pg")
+
+
+def test_the_base_imports_no_component():
+    def in_base(m: str) -> bool:
+        return m in ("connmgr", *BASE) or m.startswith(tuple(b + "." for b in BASE))
+
+    wrong = sorted((m, i) for m, deps in graph().items() for i in deps
+                   if in_base(m) and i.startswith("connmgr") and not in_base(i))  # fmt: skip
+    assert not wrong, f"the base of connmgr imports a component above it: {wrong}"
+
+
+def test_only_the_command_line_builds_the_application():
+    allowed = ("connmgr.ops.cli", "connmgr.embedded")
+    wrong = sorted(m for m, deps in graph().items() if "connmgr.app" in deps and not m.startswith(allowed))
+    assert not wrong, f"modules that take the whole application instead of what they use: {wrong}"
 
 
 def test_the_checks_see_what_they_look_for():

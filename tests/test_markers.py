@@ -115,7 +115,7 @@ def test_autocommit_writes_are_marked_in_both_protocols(pair, wal_watch):
             copy.write_row((8,))
         conn.execute("DELETE FROM markers_t WHERE v = %s", (8,))  # 9
         rel = primary.app.clients[sid].relay
-        assert (rel.injected, rel.injected_done, rel.injected_errors) == (8, 8, 2)  # not 3 (a reader)
+        assert (rel.injector.injected, rel.injector.injected_done, rel.injector.injected_errors) == (8, 8, 2)  # not 3 (a reader)
     assert [q for _x, q in marks_of(wal_watch, primary, sid)] == [1, 2, 7, 8, 9]
     assert wait_for(lambda: mirrored_marks(received, sid) == [1, 2, 7, 8, 9])
 
@@ -160,7 +160,7 @@ def test_ddl_is_captured_with_role_and_search_path(pair, wal_watch):
         conn.execute("CREATE INDEX CONCURRENTLY markers_ddl_a ON markers_ddl (a)")  # outside blocks: logged
         conn.execute("DROP TABLE markers_ddl")
         relay = primary.app.clients[session_of(primary, conn).id].relay
-        assert (relay.ddl_captured, relay.ddl_not_captured) == (4, 1)
+        assert (relay.injector.ddl_captured, relay.injector.ddl_not_captured) == (4, 1)
     ddl = [c for kind, _x, c in wal_watch() if kind == "ddl"]
     assert ddl == ["CREATE TABLE markers_ddl (a int)", "ALTER TABLE markers_ddl ADD COLUMN b text",
                    "DROP TABLE markers_ddl"]  # fmt: skip

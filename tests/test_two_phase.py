@@ -57,7 +57,7 @@ def _ack_mirrored(received, sid: int, offset: int) -> bool:
 
 def gauges(cm) -> dict[str, float]:
     out = {}
-    for line in render(cm.app).splitlines():
+    for line in render(cm.app.exported).splitlines():
         if line.startswith("connmgr_mirror_two_phase"):
             name, value = line.split()
             out[name.removeprefix("connmgr_mirror_")] = float(value)

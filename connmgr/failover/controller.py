@@ -47,22 +47,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from connmgr.config import parse_hostport
+from connmgr.config import FailoverSection, parse_hostport
 from connmgr.errors import ClientError
 from connmgr.failover import reseed as reseeding
+from connmgr.failover.phases import FailoverEvent, FailoverPhase, next_phase
 from connmgr.pair.sequence_sync import SequenceSync, set_past_columns
-from connmgr.pg.backend import BackendServer, BackendSession, Credentials, open_backend
+from connmgr.pg.backend import BackendServer, BackendSession, Credentials, Route, open_backend
+from connmgr.pg.redo_monitor import RedoMonitor
 from connmgr.pg.wire import PeerClosed
+from connmgr.proxy.registry import Registry
 from shadow import messages
 from shadow.session import Phase
 from shadow.sqltext import quote_ident, quote_literal
-
-if TYPE_CHECKING:
-    from connmgr.app import App
 
 log = logging.getLogger("connmgr.failover")
 
@@ -81,15 +81,32 @@ class FailoverError(Exception):
 class Failover:
     """See the module docstring. One per primary connmgr with ``[failover] secondary``."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        cfg = app.config.failover
-        self.config = cfg
-        host, port = parse_hostport(cfg.secondary, what="[failover] secondary")
-        self.server = BackendServer("secondary", host, port, app.config.primary.connect_timeout)
+    def __init__(self, config: FailoverSection, route: Route, sessions: Registry, *,
+                 open_primary: Callable[[str], Awaitable[BackendSession]], origin: int,
+                 redo: RedoMonitor | None = None,
+                 markers_enabled: Callable[[str], Awaitable[bool]] | None = None,
+                 on_rearm: Callable[[str, str], None] | None = None) -> None:  # fmt: skip
+        """``route`` is where new sessions log in (moved to the secondary at a failover);
+        ``sessions`` the live clients (each with ``relay``, ``session``, ``database``);
+        ``open_primary(purpose)`` opens connmgr's own session on the current primary (the
+        probe, the fence, the drain); ``origin`` names this connmgr's marker rows;
+        ``redo`` is watched for staleness; ``markers_enabled(database)`` says whether a
+        session there may be marked; ``on_rearm(primary, secondary)`` tells the secondary
+        connmgr that the pair turned around."""
+        self.config = config
+        self.route = route
+        self.sessions = sessions
+        self.open_primary = open_primary
+        self.origin = origin
+        self.redo = redo
+        self.markers_enabled = markers_enabled
+        self.on_rearm = on_rearm
+        host, port = parse_hostport(config.secondary, what="[failover] secondary")
+        self.server = BackendServer("secondary", host, port, route.server.connect_timeout)
         #: the server the sessions are on when connmgr starts ([primary]); failback
         #: "return" brings them back there
-        self.home = app.server
+        self.home = route.server
+        self._nursery: trio.Nursery | None = None
         #: after a move: the old primary, until it is re-seeded as the secondary
         self.previous: BackendServer | None = None
         #: the new primary's subscriptions at the point of failure (they change sides)
@@ -98,7 +115,8 @@ class Failover:
         self.reverse_slots = False
         #: the synchronous_standby_names the pair uses (moved to the new primary)
         self.sync_names: str | None = None
-        self.reseeding = False
+        #: where the failover is (connmgr/failover/phases.py); changed by :meth:`_fire` only
+        self.phase = FailoverPhase.ARMED
         #: sessions in move_session() now
         self.moving = 0
         self.timeline: list[tuple[float, str]] = []
@@ -106,8 +124,6 @@ class Failover:
         self.journal: list[tuple[float, str]] = []
         self.suspected_at: float | None = None
         self._new_move()
-        #: a switchover is pausing client input (new relays start paused)
-        self.switching = False
         self._switched: trio.Event | None = None
         # counters (exported by connmgr/ops/prometheus.py)
         self.decisions = 0
@@ -130,8 +146,6 @@ class Failover:
 
     def _new_move(self) -> None:
         """The state of one move (from the decision to the re-seed that ends it)."""
-        #: the sessions are (being) moved to the secondary; it is the primary now
-        self.failed_over = False
         #: the decision could not be completed (the secondary is unusable too)
         self.failed: str | None = None
         self.failed_over_at: float | None = None
@@ -155,22 +169,38 @@ class Failover:
         #: sessions a switchover's drain ended while they waited for paused sessions' locks
         self._stuck: set[int] = set()
 
+    # ------------------------------------------------------------------ phase
+
+    def _fire(self, event: FailoverEvent) -> None:
+        """Go to the phase ``event`` leads to (PhaseError, naming both, if none)."""
+        self.phase = next_phase(self.phase, event)
+
+    @property
+    def failed_over(self) -> bool:
+        """The secondary is the primary: sessions are (being) moved there."""
+        return self.phase in (FailoverPhase.MOVED, FailoverPhase.RESEEDING)
+
+    @property
+    def switching(self) -> bool:
+        """A switchover is pausing client input (new relays start paused)."""
+        return self.phase in (FailoverPhase.DRAINING, FailoverPhase.SWITCHING)
+
+    @property
+    def reseeding(self) -> bool:
+        return self.phase is FailoverPhase.RESEEDING
+
     # ------------------------------------------------------------------ freeze
 
     def freeze(self, server: BackendServer, why: str) -> None:
         """A session lost its backend on ``server``: hold back everything that server
         sends from now on (the carriers call :meth:`hold`) and start the decision. Cheap
         and synchronous, so sessions pumped later in the same batch are already held."""
-        if self.frozen is not None or self.failed_over or server is not self.app.server:
+        # (while a switchover drains, a session stuck behind paused ones that the drain
+        # ended waits for the switchover's decision instead: see decide)
+        if self.phase is not FailoverPhase.ARMED or server is not self.route.server or self._nursery is None:
             return
-        if self.switching:  # a session stuck behind paused ones, ended by the drain: it waits
-            return  # for the switchover's decision (see decide)
-        self.frozen = server
-        self.freezes += 1
-        self._unfrozen = trio.Event()
-        nursery = self.app._nursery
-        if nursery is not None:
-            nursery.start_soon(self.decide, why)
+        self._begin(why, planned=False)
+        self._nursery.start_soon(self._decide, why, False)
 
     def hold(self, relay, link=None) -> None:
         """``relay`` holds replies of the frozen server (``relay.frozen``). An engine
@@ -186,14 +216,14 @@ class Failover:
         await self._unfrozen.wait()
         return self.frozen is not None
 
-    def _unfreeze(self, failed_over: bool) -> None:
+    def _unfreeze(self, failed_over: bool, planned: bool) -> None:
         links, self._frozen_links = self._frozen_links, {}
         if failed_over:
             # every session still on the old primary moves now; its backend is useless
-            for conn in list(self.app.clients.values()):
+            for conn in self.sessions:
                 relay = conn.relay
                 if relay is not None and relay.freezer is self and relay.backend.server is self.frozen:
-                    if self.switching:
+                    if planned:
                         relay.switch("planned switchover")
                     else:
                         relay.lose("the primary is gone")
@@ -221,20 +251,26 @@ class Failover:
         """Health check: a stale redo monitor (no sample for ``detect_timeout``) starts a
         decision. Sessions report lost backends themselves (:meth:`decide`). After a move,
         the fail-back policy (:meth:`_failback`) until the pair is whole again; then the
-        health check of the new primary."""
-        task_status.started()
-        while True:
-            if self.failed_over:
-                await self._failback()
-            else:
-                await self._health_check()
+        health check of the new primary. Decisions that :meth:`freeze` starts, and the
+        marking of moved sessions after a re-seed, run in this task's nursery."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    if self.failed_over:
+                        await self._failback()
+                    else:
+                        await self._health_check()
+            finally:
+                self._nursery = None
 
     async def _health_check(self) -> None:
-        redo = self.app.redo
+        redo = self.redo
         cfg = self.config
         while not self.failed_over:
             await trio.sleep(cfg.health_interval)
-            if redo is None or redo.samples == 0 or self._deciding is not None:
+            if redo is None or redo.samples == 0 or self.phase is not FailoverPhase.ARMED:
                 continue
             if time.monotonic() - redo.updated_at > cfg.detect_timeout:
                 await self.decide("the redo monitor has had no answer for"
@@ -267,7 +303,7 @@ class Failover:
                 except FailoverError:
                     await trio.sleep(max(cfg.reseed_interval, 5.0))  # noted; try again later
         if cfg.failback == "return":
-            while self.app.server is not self.home and not self.failed_over:
+            while self.route.server is not self.home and not self.failed_over:
                 try:
                     await self.switchover(cfg.drain_timeout)
                 except FailoverError:
@@ -295,7 +331,8 @@ class Failover:
             raise FailoverError("a re-seed is already running")
         cfg = self.config
         copy = not self.reverse_slots
-        self.reseeding = True
+        self._fire(FailoverEvent.RESEED)
+        done = False
         try:
             await self._moves_finished()
             self.note(f"re-seeding the old primary {old.address} as the secondary of {new.address}"
@@ -315,6 +352,7 @@ class Failover:
                         moved += await sequences.sync_once()
                     finally:
                         sequences.close()
+            done = True
         except Exception as e:  # a server refusing or gone, a timeout -- or a bug: it costs the re-seed only
             self.reseed_failures += 1
             why = str(e) or type(e).__name__
@@ -323,7 +361,8 @@ class Failover:
             self.note(f"re-seed failed: {why}")
             raise FailoverError(f"re-seed failed: {why}") from None
         finally:
-            self.reseeding = False
+            if not done:
+                self._fire(FailoverEvent.RESEED_FAILED)
         self.reseeds += 1
         self.reseed_copies += copy
         self.note(f"{moved} sequence(s) of the new secondary set ahead")
@@ -343,51 +382,64 @@ class Failover:
     def _rearm(self) -> None:
         """The pair is whole again, turned around: the old primary is the secondary."""
         new_secondary = self.previous
-        primary = self.app.server
+        primary = self.route.server
         rearmed = self._rearmed
         self.server, self.previous = new_secondary, None
         self.reverse_slots = False
+        self._fire(FailoverEvent.REARMED)
         self._new_move()
-        if self.app.mirror is not None:
-            self.app.mirror.topology(_hostport(primary), _hostport(new_secondary))
+        if self.on_rearm is not None:
+            self.on_rearm(_hostport(primary), _hostport(new_secondary))
         self.note(f"the pair is whole again: {primary.address} is the primary, {new_secondary.address} its"
                   " secondary; failover is armed")  # fmt: skip
         rearmed.set()
-        if self.app._nursery is not None:
-            self.app._nursery.start_soon(self._mark_live_sessions)
+        if self._nursery is not None and self.markers_enabled is not None:
+            self._nursery.start_soon(self._mark_live_sessions)
 
     async def _mark_live_sessions(self) -> None:
         """Sessions that moved were not marked (there was no secondary): their commits
         are marked from their next one on, so a later move resolves them too."""
-        for conn in list(self.app.clients.values()):
+        for conn in self.sessions:
             relay = conn.relay
-            if relay is None or relay.markers or relay.backend.server is not self.app.server:
+            if relay is None or relay.markers or relay.backend.server is not self.route.server:
                 continue
-            if await self.app.markers_enabled(conn.database) and conn.relay is relay:
+            if await self.markers_enabled(conn.database) and conn.relay is relay:
                 relay.markers = relay.upstream.markers = True
 
     async def decide(self, why: str, *, planned: bool = False) -> bool:
         """Decide whether the primary is gone (``planned``: a switchover, no probe) and if
         so make the secondary ready. True once failed over. Concurrent callers share one
         decision."""
+        phase = self.phase
         if self.failed_over:
             return True
-        if self.switching and not planned and self._switched is not None:
+        if phase is FailoverPhase.DRAINING and not planned:
             # a session whose backend the drain ended (stuck behind paused sessions, see
             # _drain): the switchover decides
             await self._switched.wait()
             return self.failed_over
-        if self._deciding is not None:
+        if phase in (FailoverPhase.DECIDING, FailoverPhase.SWITCHING):
             await self._deciding.wait()
             return self.failed_over
+        self._begin(why, planned)
+        return await self._decide(why, planned)
+
+    def _begin(self, why: str, planned: bool) -> None:
+        """ARMED -> DECIDING, or DRAINING -> SWITCHING: from now on the primary's replies
+        are held (see :meth:`freeze`) and callers of :meth:`decide` wait for this one."""
+        self._fire(FailoverEvent.FENCED if planned else FailoverEvent.SUSPECT)
         self._deciding = trio.Event()
         self.decisions += 1
         if not planned:
             self.suspected_at = None  # the timeline starts here (a switchover's started earlier)
         if self.frozen is None:
-            self.frozen = self.app.server
+            self.frozen = self.route.server
             self.freezes += 1
             self._unfrozen = trio.Event()
+
+    async def _decide(self, why: str, planned: bool) -> bool:
+        """The decision begun by :meth:`_begin`: probe (unless planned), point of failure,
+        then the move. Ends in MOVED, or back in ARMED."""
         try:
             self.note(f"primary suspected: {why}" if not planned else "planned: no probe, the secondary takes over")
             if not planned:
@@ -396,6 +448,7 @@ class Failover:
                     self.false_alarms += 1
                     self.note("primary answers: no failover")
                     self.suspected_at = None
+                    self._fire(FailoverEvent.ALIVE)
                     return False
                 self.note("primary does not answer: failing over to the secondary")
             try:
@@ -403,19 +456,22 @@ class Failover:
             except (FailoverError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
                 self.failed = str(e)
                 self.note(f"FAILED: the secondary cannot take over: {e}")
+                self._fire(FailoverEvent.FAILED)
                 return False
             if planned:
                 await self._prepare_reverse()
             self._gather_committers()
-            self.failed_over = True
             self.failed_over_at = time.monotonic()
-            self.previous = self.app.server
-            self.app.failed_over(self.server)
+            self.previous = self.route.server
+            self.route.move(self.server)
+            self._fire(FailoverEvent.MOVED)
             self.note("secondary is the primary now; sessions move")
             return True
         finally:
+            if self.phase in (FailoverPhase.DECIDING, FailoverPhase.SWITCHING):
+                self._fire(FailoverEvent.FAILED)  # cut short (cancelled, or a bug): nothing moved
             event, self._deciding = self._deciding, None
-            self._unfreeze(self.failed_over)
+            self._unfreeze(self.failed_over, planned)
             event.set()
 
     # ------------------------------------------------------------------ switchover
@@ -431,12 +487,12 @@ class Failover:
         if self.failed_over:
             raise FailoverError("connmgr has moved to the secondary and the old primary is not re-seeded yet"
                                 " (RESEED, or wait for the fail-back policy)")  # fmt: skip
-        if self.switching or self._deciding is not None:
-            raise FailoverError("a switchover or failover decision is already running")
+        if self.phase is not FailoverPhase.ARMED:
+            raise FailoverError(f"a switchover or failover decision is already running ({self.phase})")
         self.timeline = []
         self.suspected_at = None
         self._stuck.clear()
-        self.switching = True
+        self._fire(FailoverEvent.SWITCHOVER)
         self._switched = trio.Event()
         moved = False
         try:
@@ -455,7 +511,8 @@ class Failover:
             self.note(f"switchover abandoned ({e}): sessions go on on the primary")
             raise FailoverError(str(e)) from None
         finally:
-            self.switching = False
+            if self.phase is FailoverPhase.DRAINING:
+                self._fire(FailoverEvent.ABANDONED)
             if not moved:
                 for relay in self._primary_relays():
                     relay.resume_input()
@@ -463,8 +520,8 @@ class Failover:
             self._switched = None
 
     def _primary_relays(self) -> list:
-        return [c.relay for c in list(self.app.clients.values())
-                if c.relay is not None and c.relay.freezer is self and c.relay.backend.server is self.app.server]  # fmt: skip
+        return [c.relay for c in self.sessions
+                if c.relay is not None and c.relay.freezer is self and c.relay.backend.server is self.route.server]  # fmt: skip
 
     async def _drain(self, timeout: float) -> list:
         deadline = time.monotonic() + timeout
@@ -497,7 +554,7 @@ class Failover:
         busy_pids = {r.backend.pid: r for r in busy}
         quiet_pids = {r.backend.pid for r in relays if r not in busy}
         with trio.move_on_after(self.config.detect_timeout * 10):
-            session = await self.app._open_redo_session(None, "connmgr switchover drain")
+            session = await self.open_primary("connmgr switchover drain")
             try:
                 rows = await session.query_rows(messages.query(
                     "SELECT pid, pg_catalog.array_to_string(pg_catalog.pg_blocking_pids(pid), ',')"
@@ -539,7 +596,7 @@ class Failover:
                 admin.close()
             if not names:
                 raise FailoverError("the secondary has no enabled subscription: it does not follow the primary")
-            session = await self.app._open_redo_session(None, "connmgr switchover fence")
+            session = await self.open_primary("connmgr switchover fence")
             try:
                 rows = await session.query_rows(messages.query(
                     "BEGIN; SET LOCAL synchronous_commit = on;"
@@ -587,16 +644,16 @@ class Failover:
         never received. Those commits are replayed first, and every other session's
         replay waits for them, so it reads what it read on the primary."""
         committers = []
-        for conn in self.app.clients.values():
+        for conn in self.sessions:
             relay = conn.relay
             if relay is None:
                 continue
             session = conn.session
             # (a COPY still receiving data has not asked to commit yet; a session the
             # switchover's drain ended while it waited for a lock did not commit)
-            if session.pending and relay.marker_seq == relay.transactions + 1 \
+            if session.pending and relay.injector.marker_seq == relay.transactions + 1 \
                     and session.phase is not Phase.COPY_IN and conn.id not in self._stuck:  # fmt: skip
-                committers.append((relay.marker_at, conn.id))
+                committers.append((relay.injector.marker_at, conn.id))
             else:
                 self._replaying.add(conn.id)
         # One after the other, in the order their commits were sent: a commit in flight
@@ -689,7 +746,7 @@ class Failover:
         """A fresh session on the primary within ``detect_timeout``."""
         with trio.move_on_after(self.config.detect_timeout):
             try:
-                session = await self.app._open_redo_session(None, "connmgr failover probe")
+                session = await self.open_primary("connmgr failover probe")
             except (ClientError, OSError, PeerClosed, trio.BrokenResourceError) as e:
                 self.note(f"probe: {e}")
                 return False
@@ -766,7 +823,7 @@ class Failover:
                 admin = await self._admin(database, "connmgr failover markers")
                 try:
                     rows = await admin.query_rows(messages.query(
-                        f"SELECT session, seq FROM connmgr.markers WHERE origin = {int(self.app.origin)}"
+                        f"SELECT session, seq FROM connmgr.markers WHERE origin = {int(self.origin)}"
                     ))  # fmt: skip
                 finally:
                     admin.close()

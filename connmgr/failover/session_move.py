@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from connmgr.errors import BackendLost, BackendUnavailable, ClientError
-from connmgr.pg.backend import BackendSession, open_backend
+from connmgr.failover.controller import Failover
+from connmgr.pg.backend import BackendSession, Credentials, open_backend
 from connmgr.pg.wire import MessageReader, PeerClosed
+from connmgr.proxy.relay import Relay
+from replay.journal import Journal
 from replay.resume import (
     ReplayMatcher,
     commit_completion,
@@ -50,12 +53,9 @@ from replay.resume import (
     split_messages,
     sync_groups,
 )
+from replay.session_recorder import SessionRecorder
 from shadow import messages
-from shadow.session import Phase, TxStatus
-
-if TYPE_CHECKING:
-    from connmgr.proxy.client import ClientConnection
-    from connmgr.proxy.relay import Relay
+from shadow.session import Phase, SessionState, TxStatus
 
 log = logging.getLogger("connmgr.move")
 
@@ -70,6 +70,22 @@ _ABORTED_BLOCK = messages.query(
     "BEGIN; DO $connmgr$ BEGIN RAISE EXCEPTION 'connmgr: transaction rolled back at failover'"
     " USING ERRCODE = '40001'; END $connmgr$"
 )
+
+
+class ClientConnection(Protocol):
+    """What a move uses of the client (:class:`connmgr.proxy.client.ClientConnection`)."""
+
+    id: int
+    database: str
+    stream: trio.abc.Stream
+    session: SessionState
+    journal: Journal
+    recorder: SessionRecorder
+    #: the startup parameters the backend gets, in order (repeats included)
+    startup_pairs: tuple[tuple[str, str], ...]
+    creds: Credentials
+    #: the largest message a backend may send this session
+    max_message_size: int
 
 
 class NotMovable(ClientError):
@@ -92,10 +108,9 @@ class _Rollback(Exception):
         self.reason = reason
 
 
-async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) -> BackendSession:
+async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost, failover: Failover) -> BackendSession:
     """Move ``conn`` to the secondary; returns the new backend, whose ``leftover`` holds
     the replies the client gets next. Raises the ClientError to report if it cannot."""
-    failover = conn.app.failover
     failover.moving += 1
     try:
         return await _move_session(conn, relay, lost, failover)
@@ -103,7 +118,7 @@ async def move_session(conn: ClientConnection, relay: Relay, lost: BackendLost) 
         failover.moving -= 1
 
 
-async def _move_session(conn: ClientConnection, relay: Relay, lost: BackendLost, failover) -> BackendSession:
+async def _move_session(conn: ClientConnection, relay: Relay, lost: BackendLost, failover: Failover) -> BackendSession:
     cfg = failover.config
     started = time.monotonic()
     if relay.unsent:
@@ -147,11 +162,11 @@ async def _move_session(conn: ClientConnection, relay: Relay, lost: BackendLost,
     return backend
 
 
-async def _settle_frozen(conn: ClientConnection, relay: Relay, failover) -> None:
+async def _settle_frozen(conn: ClientConnection, relay: Relay, failover: Failover) -> None:
     """Deliver or drop the replies held since the primary became suspect."""
     data, relay.frozen = bytes(relay.frozen), bytearray()
     n = relay.transactions + 1
-    if not (conn.session.pending and relay.markers and relay.marker_seq == n
+    if not (conn.session.pending and relay.markers and relay.injector.marker_seq == n
             and await failover.committed_seq(conn.database, conn.id) >= n):  # fmt: skip
         failover.replies_dropped += 1
         return
@@ -181,7 +196,7 @@ def _prefix_barrier(failover, conn_id: int):
     return between
 
 
-async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool) -> BackendSession:
+async def _move(conn: ClientConnection, relay: Relay, failover: Failover, committer: bool) -> BackendSession:
     journal = conn.journal
     shadow = conn.session
     if shadow.phase not in (Phase.READY, Phase.COPY_IN):
@@ -209,9 +224,9 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
         if journal.overflow:
             raise _Rollback("too large", f"the transaction was larger than [failover] max_replay_bytes"
                                          f" ({failover.config.max_replay_bytes} bytes)")  # fmt: skip
-        if committed and relay.stash:  # an autocommit write's results, held until its commit
-            done = bytes(relay.stash) + _READY_IDLE
-            relay.carry_inject = relay.inject_mode
+        if committed and relay.injector.stash:  # an autocommit write's results, held until its commit
+            done = bytes(relay.injector.stash) + _READY_IDLE
+            relay.carry_inject = relay.injector.mode
         elif committed:
             done = commit_completion(groups[0], expected, shadow.request_sql)
         if committed:
@@ -253,10 +268,9 @@ async def _move(conn: ClientConnection, relay: Relay, failover, committer: bool)
     return backend
 
 
-async def _open(conn: ClientConnection, failover) -> BackendSession:
-    app = conn.app
-    backend = await open_backend(failover.server, conn.startup_params, conn.creds,
-                                 max_message_size=app.config.server.max_message_size)  # fmt: skip
+async def _open(conn: ClientConnection, failover: Failover) -> BackendSession:
+    backend = await open_backend(failover.server, conn.startup_pairs, conn.creds,
+                                 max_message_size=conn.max_message_size)  # fmt: skip
     await _restore(conn, backend)
     return backend
 

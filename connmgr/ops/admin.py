@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
 from connmgr import __version__
+from connmgr.config import Config
 from connmgr.errors import ClientError
-from connmgr.proxy.client import ClientState
+from connmgr.failover.controller import Failover, FailoverError
+from connmgr.metrics import Metrics
+from connmgr.pg.backend import Route
+from connmgr.pg.wire import MessageReader
+from connmgr.proxy.client import ClientConnection, ClientState
+from connmgr.proxy.registry import Registry
 from shadow import messages as m
 from shadow.messages import FrontendTag
-
-if TYPE_CHECKING:
-    from connmgr.app import App
-    from connmgr.pg.wire import MessageReader
-    from connmgr.proxy.client import ClientConnection
 
 Result = tuple[list[str], list[list[object]], str]  # columns, rows, command tag
 
@@ -59,19 +61,33 @@ class AdminError(Exception):
         self.sqlstate = sqlstate
 
 
+@dataclass(frozen=True, slots=True)
+class AdminContext:
+    """What the console uses of the running connmgr (built by :mod:`connmgr.app`)."""
+
+    config: Config
+    metrics: Metrics
+    registry: Registry
+    route: Route
+    #: SHUTDOWN: begin a graceful shutdown
+    shutdown: Callable[[], None]
+    #: SWITCHOVER, RESEED and PAIR CHECK act on it (primary with [failover])
+    failover: Failover | None = None
+
+
 class AdminConsole:
-    def __init__(self, app: App, conn: ClientConnection, reader: MessageReader) -> None:
-        self.app = app
+    def __init__(self, ctx: AdminContext, conn: ClientConnection, reader: MessageReader) -> None:
+        self.ctx = ctx
         self.conn = conn
         self.reader = reader
-        self.is_admin = conn.user in app.config.server.admin_users
+        self.is_admin = conn.user in ctx.config.server.admin_users
         self._statement = ""
         self._result: Result | None = None
         self._failed = False
 
     async def run(self) -> None:
         conn = self.conn
-        conn.key = self.app.register_key(conn)
+        conn.key = self.ctx.registry.register_key(conn)
         out = [m.authentication_ok()]
         out += [m.parameter_status(k, v) for k, v in _PARAMS.items()]
         out += [m.backend_key_data(*conn.key), m.ready_for_query("I")]
@@ -153,7 +169,7 @@ class AdminConsole:
         if cmd == "SHUTDOWN":
             if not self.is_admin:
                 raise AdminError("SHUTDOWN is for users listed in [server] admin_users", "42501")
-            self.app.shutdown()
+            self.ctx.shutdown()
             return [], [], "SHUTDOWN"
         if words[0].upper() == "SWITCHOVER" and len(words) <= 2:
             return await self._switchover(words[1] if len(words) == 2 else None, describe)
@@ -187,13 +203,11 @@ class AdminConsole:
         """The failover a command acts on, if this user may run it here."""
         if not self.is_admin:
             raise AdminError(f"{command} is for users listed in [server] admin_users", "42501")
-        if self.app.failover is None:
+        if self.ctx.failover is None:
             raise AdminError(f"{command} needs [failover] secondary on the primary connmgr", "55000")
-        return self.app.failover
+        return self.ctx.failover
 
     async def _switchover(self, drain: str | None, describe: bool) -> Result:
-        from connmgr.failover.controller import FailoverError
-
         columns = ["ms", "event"]
         failover = self._failover_for("SWITCHOVER")
         try:
@@ -212,8 +226,6 @@ class AdminConsole:
         return columns, rows, "SWITCHOVER"
 
     async def _reseed(self, describe: bool) -> Result:
-        from connmgr.failover.controller import FailoverError
-
         columns = ["ms", "event"]
         failover = self._failover_for("RESEED")
         if describe:
@@ -238,8 +250,8 @@ class AdminConsole:
         failover = self._failover_for("PAIR CHECK")
         if describe:
             return columns, [], "PAIR CHECK"
-        cfg = self.app.config
-        primary, secondary = self.app.server, failover.server
+        cfg = self.ctx.config
+        primary, secondary = self.ctx.route.server, failover.server
         dsns = (make_conninfo(host=primary.host, port=primary.port, user=cfg.redo.user, password=cfg.redo.password,
                               dbname=cfg.redo.dbname, connect_timeout=5),
                 make_conninfo(host=secondary.host, port=secondary.port, user=cfg.failover.user,
@@ -259,7 +271,7 @@ class AdminConsole:
     def _show_clients(self):
         now = time.time()
         rows = []
-        for c in list(self.app.clients.values()):
+        for c in list(self.ctx.registry):
             rows.append([
                 c.id, c.user, c.database, c.peer, c.application_name, c.state,
                 c.session.tx_status.value if c.state is ClientState.ACTIVE else "",
@@ -274,7 +286,7 @@ class AdminConsole:
 
     def _show_servers(self):
         rows = []
-        for c in list(self.app.clients.values()):
+        for c in list(self.ctx.registry):
             b = c.backend
             if b is None:
                 continue
@@ -282,9 +294,9 @@ class AdminConsole:
         return ["client_id", "server", "address", "backend_pid", "user", "database", "tx"], rows
 
     def _show_stats(self):
-        app = self.app
-        t = app.metrics.totals(c.stats for c in list(app.clients.values()))
-        mt = app.metrics
+        ctx = self.ctx
+        t = ctx.metrics.totals(c.stats for c in list(ctx.registry))
+        mt = ctx.metrics
         lat = t.latency
         avg_us = (lat.total / lat.count * 1e6) if lat.count else 0
         return [
@@ -292,7 +304,7 @@ class AdminConsole:
             "backend_connect_errors", "cancels", "requests", "bytes_in", "bytes_out", "messages_in",
             "messages_out", "avg_latency_us", "p99_latency_us_le", "uptime_s",
         ], [[
-            app.active_clients, mt.clients_accepted, sum(mt.clients_rejected.values()), mt.auth_failures,
+            len(ctx.registry), mt.clients_accepted, sum(mt.clients_rejected.values()), mt.auth_failures,
             mt.backend_connects, mt.backend_connect_errors, mt.cancels, t.requests,
             t.bytes_from_client, t.bytes_to_client, t.messages_from_client, t.messages_to_client,
             f"{avg_us:.0f}", f"{lat.quantile(0.99) * 1e6:.0f}", f"{time.time() - mt.started:.0f}",
@@ -300,7 +312,7 @@ class AdminConsole:
 
     def _show_config(self):
         rows = []
-        cfg = self.app.config
+        cfg = self.ctx.config
         for section in dataclasses.fields(cfg):
             values = getattr(cfg, section.name)
             for f in dataclasses.fields(values):

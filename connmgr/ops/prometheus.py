@@ -8,28 +8,50 @@ per connection, bounded in size and time; anything else gets 404 or 400.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from connmgr.config import parse_hostport
-
-if TYPE_CHECKING:
-    from connmgr.app import App
+from connmgr.failover.controller import Failover
+from connmgr.metrics import Metrics
+from connmgr.pair.mirror import MirrorLink
+from connmgr.pair.secondary import Secondary
+from connmgr.pair.syncrep_watch import SyncRepWatch
+from connmgr.pg.redo_monitor import RedoMonitor
+from connmgr.proxy.engine import RelayEngine
+from connmgr.proxy.registry import Registry
 
 log = logging.getLogger("connmgr.metrics")
 
 _MAX_REQUEST = 8192
 
 
-def render(app: App) -> str:
-    live = [c.stats for c in list(app.clients.values())]
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """What the endpoint reports on: the parts a connmgr runs (None: not in its role).
+    Built by :mod:`connmgr.app`."""
+
+    metrics: Metrics
+    registry: Registry
+    accepting: Callable[[], bool]
+    mirror: MirrorLink | None = None
+    redo: RedoMonitor | None = None
+    syncrep: SyncRepWatch | None = None
+    secondary: Secondary | None = None
+    failover: Failover | None = None
+    engine: RelayEngine | None = None
+
+
+def render(app: Exported) -> str:
+    """The exposition text of every family (prometheus-client's format)."""
+    live = [c.stats for c in app.registry]
     gauges = {
-        "clients_active": float(app.active_clients),
-        "backends_active": float(sum(1 for c in app.clients.values() if c.backend is not None)),
-        "accepting": 1.0 if app.accepting else 0.0,
+        "clients_active": float(len(app.registry)),
+        "backends_active": float(sum(1 for c in app.registry if c.backend is not None)),
+        "accepting": 1.0 if app.accepting() else 0.0,
     }
     if app.mirror is not None:  # primary role
         snd = app.mirror.sender
@@ -48,14 +70,15 @@ def render(app: App) -> str:
             "mirror_two_phase_holds": float(app.mirror.holds),
             "mirror_two_phase_holds_total": float(app.mirror.holds_total),
         })
-    if app.redo is not None:
+    if app.redo is not None and app.syncrep is not None:
         gauges["redo_lsn"] = float(app.redo.lsn)
         gauges["syncrep_waiting"] = float(app.syncrep.waiting)
         gauges["syncrep_longest_wait_seconds"] = app.syncrep.longest
         gauges["syncrep_long_wait_episodes"] = float(app.syncrep.episodes)
         gauges["redo_healthy"] = 1.0 if app.redo.healthy else 0.0
-    if app.sequences is not None:
-        sq = app.sequences
+    secondary = app.secondary
+    if secondary is not None and secondary.sequences is not None:
+        sq = secondary.sequences
         gauges.update({
             "sequence_sync_rounds": float(sq.rounds),
             "sequence_sync_advanced": float(sq.advanced),
@@ -67,8 +90,8 @@ def render(app: App) -> str:
             "sequence_sync_connected": 1.0 if sq.connected else 0.0,
             "sequence_sync_last_unixtime": float(sq.last_sync),
         })
-    if app.imports is not None and app.imports.ddl is not None:
-        d = app.imports.ddl
+    if secondary is not None and secondary.imports.ddl is not None:
+        d = secondary.imports.ddl
         gauges.update({
             "ddl_replayed": float(d.applied),
             "ddl_replay_errors": float(d.errors),
@@ -77,8 +100,8 @@ def render(app: App) -> str:
             "ddl_rows_filled": float(d.rows_filled),
             "ddl_guard_worker_cancels": float(d.guard_cancels),
         })
-    if app.imports is not None:  # secondary role
-        imp, q = app.imports, app.imports.queue
+    if secondary is not None:  # secondary role
+        imp, q = secondary.imports, secondary.imports.queue
         st = q.stats
         gauges.update({
             "mirror_records_received": float(imp.records),
@@ -96,7 +119,7 @@ def render(app: App) -> str:
             "import_not_replayable_sessions": float(len(imp.not_replayable)),
             "poster_connected": 1.0 if imp.poster_connected else 0.0,
             "poster_errors": float(imp.poster_errors),
-            "topology_changes": float(app.topology_changes),
+            "topology_changes": float(secondary.topology_changes),
         })
     labeled = {}
     if app.failover is not None:  # primary role with [failover]
@@ -144,7 +167,7 @@ class _Families:
         return iter(self._families)
 
 
-async def _handle(app: App, stream: trio.SocketStream) -> None:
+async def _handle(app: Exported, stream: trio.SocketStream) -> None:
     try:
         with trio.move_on_after(5):
             request = b""
@@ -174,11 +197,11 @@ async def _handle(app: App, stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def serve_metrics(app: App, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the endpoint at ``[metrics] listen`` until cancelled."""
-    host, port = parse_hostport(app.config.metrics.listen, allow_zero=True)
+async def serve_metrics(app: Exported, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the endpoint on ``host:port`` until cancelled; ``task_status.started`` gets
+    the bound (host, port)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
-    app.metrics_address = listeners[0].socket.getsockname()[:2]
-    log.info("metrics on http://%s:%d/metrics", *app.metrics_address)
-    task_status.started(app.metrics_address)
+    address = listeners[0].socket.getsockname()[:2]
+    log.info("metrics on http://%s:%d/metrics", *address)
+    task_status.started(address)
     await trio.serve_listeners(lambda s: _handle(app, s), listeners)

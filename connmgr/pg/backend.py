@@ -15,6 +15,7 @@ ErrorResponse, to be forwarded to the client unchanged, when it refuses the sess
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -22,13 +23,13 @@ import trio
 from connmgr.auth.md5 import md5_response
 from connmgr.auth.scram import AuthError, ScramClient
 from connmgr.errors import BackendRejected, BackendUnavailable, ClientError
+from connmgr.pg.transport import FastSocketStream, close_now
 from connmgr.pg.wire import MessageReader, PeerClosed
-from connmgr.proxy.transport import FastSocketStream, close_now
 from shadow import messages as m
 from shadow.framing import Framer
 from shadow.messages import BackendTag
 
-__all__ = ["BackendServer", "BackendSession", "Credentials", "open_backend", "send_cancel"]
+__all__ = ["BackendServer", "BackendSession", "Credentials", "Route", "open_backend", "open_own_session", "send_cancel"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,24 @@ class BackendServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class Route:
+    """The server new sessions log in to: the primary. A failover moves it to the
+    secondary (:meth:`move`); whoever must follow (the redo monitor) subscribes with
+    :meth:`on_move`."""
+
+    def __init__(self, server: BackendServer) -> None:
+        self.server = server
+        self._followers: list[Callable[[BackendServer], None]] = []
+
+    def on_move(self, follower: Callable[[BackendServer], None]) -> None:
+        self._followers.append(follower)
+
+    def move(self, server: BackendServer) -> None:
+        self.server = server
+        for follower in self._followers:
+            follower(server)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,22 +164,24 @@ async def _negotiate_tls(server: BackendServer, raw: FastSocketStream) -> trio.a
 
 async def open_backend(
     server: BackendServer,
-    params: dict[str, str],
+    params: Mapping[str, str] | Sequence[tuple[str, str]],
     credentials: Credentials,
     *,
     max_message_size: int,
 ) -> BackendSession:
-    """Open and authenticate a session on ``server`` with startup ``params``.
+    """Open and authenticate a session on ``server`` with startup ``params`` (a mapping,
+    or (name, value) pairs sent in order, repeats included, as a client sent them).
 
     ``params`` must hold ``user`` (and usually ``database``). Returns a ready
     :class:`BackendSession`; raises BackendUnavailable or BackendRejected.
     """
+    user = (params if isinstance(params, Mapping) else dict(params))["user"]
     raw = await _connect(server)
     try:
         stream = await _negotiate_tls(server, raw)
         reader = MessageReader(stream, Framer(max_message_size=max_message_size), f'server "{server.name}"')
         await stream.send_all(m.startup_message(params))
-        await _authenticate(server, stream, reader, params["user"], credentials)
+        await _authenticate(server, stream, reader, user, credentials)
         return await _read_welcome(server, stream, reader)
     except PeerClosed:
         raw.close()
@@ -261,6 +282,14 @@ async def _read_welcome(server: BackendServer, stream: trio.abc.Stream, reader: 
             params[ps.name] = ps.value
         welcome.append(raw)
 
+
+
+async def open_own_session(server: BackendServer, user: str, password: str, database: str,
+                           purpose: str) -> BackendSession:  # fmt: skip
+    """A session of connmgr's own (not a client's) on ``server``, named ``purpose`` in
+    pg_stat_activity. Raises as :func:`open_backend`."""
+    params = {"user": user, "database": database, "application_name": purpose}
+    return await open_backend(server, params, Credentials(password=password or None), max_message_size=1 << 20)
 
 async def send_cancel(server: BackendServer, pid: int, secret: int | bytes) -> None:
     """Deliver a CancelRequest for backend ``pid`` to ``server``. Errors are swallowed:

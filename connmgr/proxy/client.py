@@ -26,10 +26,12 @@ import itertools
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
+from connmgr.config import Config
 from connmgr.errors import (
     AdminShutdown,
     BackendLost,
@@ -38,12 +40,15 @@ from connmgr.errors import (
     ClientError,
     TooManyClients,
 )
-from connmgr.metrics import ConnStats
-from connmgr.pg.backend import BackendSession, open_backend
+from connmgr.failover.controller import Failover
+from connmgr.failover.session_move import move_session
+from connmgr.metrics import ConnStats, Metrics
+from connmgr.pg.backend import BackendSession, Route, open_backend
+from connmgr.pg.transport import close_now
 from connmgr.pg.wire import MessageReader, PeerClosed
-from connmgr.proxy.client_auth import authenticate_client
-from connmgr.proxy.relay import Carry, Relay
-from connmgr.proxy.transport import close_now
+from connmgr.proxy.client_auth import SecretStore, authenticate_client
+from connmgr.proxy.registry import Registry
+from connmgr.proxy.relay import Carry, Relay, RelayContext
 from replay.journal import Journal
 from replay.session_recorder import SessionRecorder
 from shadow import messages as m
@@ -51,9 +56,6 @@ from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
 from shadow.session import SessionState
 from shadow.sqltext import enforce_synchronous_commit
-
-if TYPE_CHECKING:
-    from connmgr.app import App
 
 log = logging.getLogger("connmgr.client")
 
@@ -86,11 +88,35 @@ CLIENT_TRANSITIONS: dict[ClientState, frozenset[ClientState]] = {
 _NOT_FORWARDED = frozenset({"replication"})
 
 
+@dataclass(frozen=True, slots=True)
+class ClientContext:
+    """What a client connection uses of the running connmgr, built once by the
+    composition root (:mod:`connmgr.app`)."""
+
+    config: Config
+    metrics: Metrics
+    registry: Registry
+    #: where new sessions log in (the primary; a failover moves it)
+    route: Route
+    secrets: SecretStore
+    #: what each session's relay uses
+    relay: RelayContext
+    #: with [failover]: decisions, and moving a session whose backend is lost
+    failover: Failover | None = None
+    client_ssl_context: ssl.SSLContext | None = None
+    #: False once shutting down (new sessions get 57P01)
+    accepting: Callable[[], bool] = lambda: True
+    #: whether a session on this database gets markers and DDL capture
+    markers_enabled: Callable[[str], Awaitable[bool]] | None = None
+    #: runs the admin console for a client of database ``connmgr`` after its login
+    console: Callable[[ClientConnection, MessageReader], Awaitable[None]] | None = None
+
+
 class ClientConnection:
     """State of one client connection; see the module docstring."""
 
-    def __init__(self, app: App, stream: trio.abc.Stream, peer: str) -> None:
-        self.app = app
+    def __init__(self, ctx: ClientContext, stream: trio.abc.Stream, peer: str) -> None:
+        self.ctx = ctx
         self.id = next(_ids)
         self.stream = stream
         self.peer = peer
@@ -111,8 +137,8 @@ class ClientConnection:
         #: beyond it (replay/session_recorder.py); None without [failover]
         self.journal: Journal | None = None
         self.recorder: SessionRecorder | None = None
-        if app.failover is not None:
-            self.journal = Journal(app.config.failover.max_replay_bytes)
+        if ctx.failover is not None:
+            self.journal = Journal(ctx.config.failover.max_replay_bytes)
             self.recorder = SessionRecorder()
         self.cancel_scope = trio.CancelScope()
         self._close_reason: ClientError | None = None
@@ -130,9 +156,13 @@ class ClientConnection:
             raise RuntimeError(f"client {self.id}: no transition from {self._state} to {new}")
         self._state = new
 
+    @property
+    def max_message_size(self) -> int:
+        return self.ctx.config.server.max_message_size
+
     async def run(self) -> None:
-        app = self.app
-        cfg = app.config.server
+        ctx = self.ctx
+        cfg = ctx.config.server
         try:
             with self.cancel_scope:
                 try:
@@ -151,11 +181,12 @@ class ClientConnection:
                         sqlstate="08006",
                     ) from None
                 if self.state is ClientState.ADMIN:
-                    from connmgr.ops.admin import AdminConsole
-
-                    await AdminConsole(self.app, self, reader).run()
+                    if ctx.console is not None:
+                        await ctx.console(self, reader)
                     return
-                markers_on = await app.markers_enabled(self.database) if app.mirror is not None else False
+                markers_on = False
+                if ctx.relay.mirror is not None and ctx.markers_enabled is not None:
+                    markers_on = await ctx.markers_enabled(self.database)
                 self.state = ClientState.ACTIVE
                 await self._relay(reader, markers_on)
             if self._close_reason is not None:  # close_with() cancelled us
@@ -175,39 +206,37 @@ class ClientConnection:
         finally:
             self.state = ClientState.CLOSING
             self._close_streams()
-            app.forget(self)
+            ctx.registry.forget(self)
 
     async def _relay(self, reader: MessageReader, markers_on: bool) -> None:
         """Relay until the session ends; with failover, a lost backend moves the session
         to the secondary (connmgr/failover/session_move.py) and relaying goes on there."""
         initial = reader.take_buffered()
         carry = Carry()
+        failover = self.ctx.failover
         while True:
-            mirrored = self.app.failover is None or not self.app.failover.failed_over
-            self.relay = Relay(self, self.backend, reader.framer, markers_on and mirrored, mirrored=mirrored,
-                               carry=carry)  # fmt: skip
+            mirrored = failover is None or not failover.failed_over
+            self.relay = Relay(self, self.backend, reader.framer, self.ctx.relay, markers_on and mirrored,
+                               mirrored=mirrored, carry=carry)  # fmt: skip
             try:
                 await self.relay.run(initial)
                 return
             except BackendLost as lost:
-                if self.app.failover is None:
+                if failover is None:
                     raise
-                from connmgr.failover.session_move import move_session
-
                 old = self.backend
                 self.backend = None
                 old.close()
-                self.app.virtual_pids.pop((old.server.address, old.pid), None)
-                self.backend = await move_session(self, self.relay, lost)
-                if self.key is not None:
-                    self.app.virtual_pids[(self.backend.server.address, self.backend.pid)] = self.key[0]
+                self.ctx.registry.rebind(self, old, None)
+                self.backend = await move_session(self, self.relay, lost, failover)
+                self.ctx.registry.rebind(self, None, self.backend)
                 carry = self.relay.carry_over()
                 initial = b""
                 markers_on = False
 
     async def _fail(self, error: ClientError) -> None:
         """Tell the client (best effort, briefly) and count it."""
-        self.app.metrics.client_errors[error.sqlstate] += 1
+        self.ctx.metrics.client_errors[error.sqlstate] += 1
         level = logging.INFO if error.sqlstate.startswith(("08", "57")) else logging.WARNING
         log.log(level, "client %d %s user=%s db=%s: %s %s", self.id, self.peer, self.user, self.database, error.sqlstate, error.message)
         if self._tls_handshaking:
@@ -235,7 +264,7 @@ class ClientConnection:
     # ------------------------------------------------------------------ phases
 
     async def _startup(self) -> MessageReader | None:
-        cfg = self.app.config
+        cfg = self.ctx.config
         reader = MessageReader(
             self.stream, Framer(typed=False, max_message_size=cfg.server.max_message_size, frontend=True), "client"
         )
@@ -252,7 +281,7 @@ class ClientConnection:
                     await self.stream.send_all(b"N")
                     continue
                 await self.stream.send_all(b"S")
-                tls_stream = trio.SSLStream(self.stream, self.app.client_ssl_context, server_side=True)
+                tls_stream = trio.SSLStream(self.stream, self.ctx.client_ssl_context, server_side=True)
                 self._tls_handshaking = True
                 try:
                     await tls_stream.do_handshake()
@@ -269,27 +298,30 @@ class ClientConnection:
                 await self.stream.send_all(b"N")
                 continue
             if isinstance(req, m.CancelRequest):
-                await self.app.cancel(req.pid, req.secret)
+                await self.ctx.registry.cancel(req.pid, req.secret)
                 return None
             break
         assert isinstance(req, m.StartupMessage)
         self.session.frontend_message(0, body)
-        params = dict(req.parameters)
+        params = req.parameters  # the last value of each name, as Postgres takes it
         self.user = params.get("user", "")
         self.database = params.get("database") or self.user
         self.application_name = params.get("application_name", "")
-        self.startup_params = {k: v for k, v in params.items() if k not in _NOT_FORWARDED and not k.startswith("_pq_.")}
-        self.startup_params["database"] = self.database
+        overrides = {"database": self.database}
         if cfg.primary.user:
-            self.startup_params["user"] = cfg.primary.user
-        if self.app.mirror is not None:  # the pair's guarantee: the session starts synchronous
-            options, asked = enforce_synchronous_commit(self.startup_params.get("options", ""))
-            self.startup_params["options"] = options
+            overrides["user"] = cfg.primary.user
+        if self.ctx.relay.mirror is not None:  # the pair's guarantee: the session starts synchronous
+            options, asked = enforce_synchronous_commit(params.get("options", ""))
+            overrides["options"] = options
             if asked is not None:
-                self.app.metrics.synchronous_commit_overridden += 1
+                self.ctx.metrics.synchronous_commit_overridden += 1
                 log.info("client %d asked for synchronous_commit=%s in its startup options; the pair runs"
                          " it with on (a weaker value would lose acknowledged commits at a failover)",
                          self.id, asked)  # fmt: skip
+        #: what the backend gets: the client's parameters in its order, repeats and bytes
+        #: that are not UTF-8 included (Postgres decides on them), with connmgr's overrides
+        self.startup_pairs = _forwarded(req.pairs, overrides)
+        self.startup_params = dict(self.startup_pairs)
         self.unrecognized_options = tuple(k for k in params if k.startswith("_pq_."))
         self.protocol_minor = req.protocol_version & 0xFFFF
         reader.switch_to_typed()
@@ -303,29 +335,30 @@ class ClientConnection:
             raise ClientError(
                 f'connection for user "{self.user}" rejected: connmgr requires TLS', sqlstate="28000"
             )
-        if not self.app.accepting:
+        if not self.ctx.accepting():
             raise AdminShutdown("the connection manager is shutting down")
-        if self.app.active_clients > cfg.server.max_clients:
-            self.app.metrics.clients_rejected["max_clients"] += 1
+        if len(self.ctx.registry) > cfg.server.max_clients:
+            self.ctx.metrics.clients_rejected["max_clients"] += 1
             raise TooManyClients("sorry, too many clients already")
         return reader
 
     async def _connect(self, reader: MessageReader) -> None:
-        app = self.app
+        ctx = self.ctx
         try:
-            creds = self.creds = await authenticate_client(app.config, app.secrets, self.stream, reader, self.user)
+            creds = self.creds = await authenticate_client(ctx.config, ctx.secrets, self.stream, reader, self.user)
         except ClientError as e:
             if e.sqlstate.startswith("28"):
-                app.metrics.auth_failures += 1
+                ctx.metrics.auth_failures += 1
             raise
-        if app.failover is not None and (app.failover.frozen is not None or app.failover.failed_over):
-            await app.failover.new_session_ready()
+        failover = ctx.failover
+        if failover is not None and (failover.frozen is not None or failover.failed_over):
+            await failover.new_session_ready()
         try:
             self.backend = await self._open_backend(creds)
         except BackendUnavailable:
-            app.metrics.backend_connect_errors += 1
+            ctx.metrics.backend_connect_errors += 1
             raise
-        app.metrics.backend_connects += 1
+        ctx.metrics.backend_connects += 1
         await self._welcome(self.backend)
 
     async def _open_backend(self, creds) -> BackendSession:
@@ -333,24 +366,22 @@ class ClientConnection:
         that the primary's death cuts short (it could not connect, or a FATAL 57P0x from
         a dying server) asks for the decision and, if the pair failed over, logs in on the
         new primary instead: the client only sees a slower start."""
-        app = self.app
-        server = app.server
+        route, failover = self.ctx.route, self.ctx.failover
+        server = route.server
         try:
-            return await open_backend(server, self.startup_params, creds,
-                                      max_message_size=app.config.server.max_message_size)  # fmt: skip
+            return await open_backend(server, self.startup_pairs, creds, max_message_size=self.max_message_size)
         except (BackendUnavailable, BackendRejected) as e:
-            if app.failover is None or (isinstance(e, BackendRejected) and e.sqlstate not in _DYING):
+            if failover is None or (isinstance(e, BackendRejected) and e.sqlstate not in _DYING):
                 raise
-            if not await app.failover.decide(f"client {self.id}: login failed: {e.message}") \
-                    or app.server is server:  # fmt: skip
+            if not await failover.decide(f"client {self.id}: login failed: {e.message}") \
+                    or route.server is server:  # fmt: skip
                 raise
-            await app.failover.new_session_ready()
-            log.info("client %d: the primary died during its login; logging in on %s", self.id, app.server.address)
-            return await open_backend(app.server, self.startup_params, creds,
-                                      max_message_size=app.config.server.max_message_size)  # fmt: skip
+            await failover.new_session_ready()
+            log.info("client %d: the primary died during its login; logging in on %s", self.id, route.server.address)
+            return await open_backend(route.server, self.startup_pairs, creds, max_message_size=self.max_message_size)
 
     async def _welcome(self, backend: BackendSession) -> None:
-        self.key = self.app.register_key(self)
+        self.key = self.ctx.registry.register_key(self)
         out = [m.authentication_ok()]
         out.extend(backend.welcome)
         out.append(m.backend_key_data(*self.key))
@@ -365,9 +396,27 @@ class ClientConnection:
         await self.stream.send_all(b"".join(out))
 
     async def _admin_login(self, reader: MessageReader) -> None:
-        cfg = self.app.config
-        await authenticate_client(cfg, self.app.secrets, self.stream, reader, self.user)
+        cfg = self.ctx.config
+        await authenticate_client(cfg, self.ctx.secrets, self.stream, reader, self.user)
         admins = cfg.server.admin_users
         if admins and self.user not in admins:
             raise ClientError(f'user "{self.user}" is not allowed into the admin console', sqlstate="28000")
         self.state = ClientState.ADMIN
+
+
+def _forwarded(pairs: tuple[tuple[str, str], ...], overrides: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """``pairs`` without what connmgr keeps to itself (``replication``, ``_pq_.`` options),
+    each overridden name once, at its first position (or at the end)."""
+    out = []
+    overridden = set()
+    for name, value in pairs:
+        if name in _NOT_FORWARDED or name.startswith("_pq_."):
+            continue
+        if name in overrides:
+            if name not in overridden:
+                overridden.add(name)
+                out.append((name, overrides[name]))
+            continue
+        out.append((name, value))
+    out.extend((name, value) for name, value in overrides.items() if name not in overridden)
+    return tuple(out)

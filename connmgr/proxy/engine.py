@@ -43,16 +43,13 @@ from __future__ import annotations
 import logging
 import select
 import socket
-from typing import TYPE_CHECKING
 
 import trio
 
 from connmgr.errors import ClientError
+from connmgr.proxy.relay import Relay, lost
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
-
-if TYPE_CHECKING:
-    from connmgr.proxy.relay import Relay
 
 log = logging.getLogger("connmgr.engine")
 
@@ -146,16 +143,30 @@ class Link:
                 return self._end(self._eof(d))
         if not d.upstream and self.relay.freezer is not None and self.relay.freezing():
             return self._freeze(data)
+        closing = None
         try:
-            buf, frames = d.framer.feed(data)
-            if not frames:
+            try:
+                buf, frames = d.framer.feed(data)
+            except RemoteProtocolError as e:
+                if not d.upstream:
+                    raise
+                # the client's stream cannot be cut any more: what came before is relayed
+                # and answered, then the client gets the error (Relay.input_ended)
+                buf, frames = e.before
+                closing = ClientError(e.message, sqlstate=e.sqlstate)
+            if frames:
+                buf = d.process(buf, frames)
+            elif closing is None:
                 return
-            buf = d.process(buf, frames)
         except ClientError as e:
             return self._end(e)
         except RemoteProtocolError as e:
             return self._end(ClientError(e.message, sqlstate=e.sqlstate))
         relay = self.relay
+        if closing is not None:
+            if frames:
+                self._send(d, buf)
+            return self._input_ended(closing)
         if relay.lost is not None and not d.upstream:
             if buf:
                 self._send(d, buf)
@@ -165,11 +176,25 @@ class Link:
             d.pending = memoryview(buf)
             d.held = True
             self._interest()
-            relay.conn.app.mirror.hold(version, lambda: self._release(d))
+            relay.mirror.hold(version, lambda: self._release(d))
             return
         self._send(d, buf)
-        if d.upstream and self.relay.upstream.terminated and self.attached:
-            self._end(None)
+        if not self.attached:
+            return
+        if d.upstream:
+            if relay.upstream.terminated:
+                self._input_ended(None)
+        elif relay.input_done and d.pending is None:
+            relay.answered()
+
+    def _input_ended(self, closing: ClientError | None) -> None:
+        """Terminate or a malformed message: the client is read no more; the server's
+        replies to what came before still go to it (see Relay.input_ended)."""
+        if not self.attached:
+            return
+        self.relay.input_ended(closing)
+        if self.attached:
+            self._interest()
 
     def _freeze(self, data: bytes) -> None:
         relay = self.relay
@@ -226,13 +251,17 @@ class Link:
             return self._end(self._dst_failed(d, e))
         d.pending = view[n:] if n < len(view) else None
         if d.pending is None:
+            if not d.upstream and self.relay.input_done and self.relay.answered():
+                return
             self._interest()
 
     def _interest(self) -> None:
         """Recompute what to wait for on both sockets: read a source only while its
         direction has nothing pending; wait for writability where something is."""
         up, down = self.up, self.down
-        read_client = up.pending is None and not (self.relay.pause_requested and self.relay.upstream.at_boundary())
+        relay = self.relay
+        read_client = up.pending is None and not relay.input_done \
+            and not (relay.pause_requested and relay.upstream.at_boundary())  # fmt: skip
         want = {
             self.client_fd: (_IN if read_client else 0) | (_OUT if down.pending is not None and not down.held else 0),
             self.backend_fd: (_IN if down.pending is None and len(self.relay.frozen) < _FROZEN_LIMIT else 0)
@@ -258,8 +287,6 @@ class Link:
         return None if d.upstream else self.relay.downstream.eof_error()
 
     def _dst_failed(self, d: _Direction, e: OSError) -> ClientError | None:
-        from connmgr.proxy.relay import lost
-
         return lost(self.relay.backend, self.relay.conn.journal is not None) if d.upstream else None
 
 

@@ -32,35 +32,26 @@ after one of those the stream cannot be cut into messages any more.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from struct import Struct
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from connmgr.errors import BackendLost, BackendUnavailable, ClientError
-from connmgr.proxy.transport import FastSocketStream
-from replay import markers
-from shadow import messages
+from connmgr.metrics import Metrics
+from connmgr.pair.mirror import MirrorLink
+from connmgr.pg.backend import BackendServer, BackendSession
+from connmgr.pg.transport import FastSocketStream
+from replay.injection import InjectMode, Injector
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
-from shadow.session import PendingRequest, Phase, TxStatus
-from shadow.sqltext import (
-    DdlKind,
-    created_table,
-    ddl_kind,
-    first_word,
-    is_commit,
-    is_transaction_control,
-    may_write,
-    statement_count,
-)
-
-if TYPE_CHECKING:
-    from connmgr.pg.backend import BackendSession
-    from connmgr.proxy.client import ClientConnection
+from shadow.session import Phase, TxStatus
+from shadow.sqltext import is_commit
 
 log = logging.getLogger("connmgr.relay")
 
@@ -69,44 +60,26 @@ _c, _f = ord("c"), ord("f")
 #: client messages that end a request (see Upstream.at_boundary); 0: nothing sent yet
 _BOUNDARY = frozenset((0, ord("Q"), ord("S"), ord("F"), _c, _f))
 _PID = Struct("!i")
-_ROWS = Struct("!h")
 RECV_SIZE = 64 * 1024
-
-
-#: what connmgr injected into the client's stream and how its replies are told apart
-#: (one injection is outstanding at a time: injecting needs nothing in flight)
-_NONE = 0
-_CYCLE = 1  #: a whole Query of ours before the client's: swallow its replies up to its Z
-_NAMED = 2  #: statements of ours inside the client's Query: swallow results named ours
-_EXT_TAIL = 3  #: Parse/Bind/Execute/Close of ours before the client's Sync: swallow their
-#: replies once the client's own requests are answered
-
-_MARKER_COLUMN = markers.MARKER_COLUMN.encode() + b"\0"
-_DDL_COLUMN = markers.DDL_COLUMN.encode() + b"\0"
-_FLUSH_NOTICE = b"\0M" + markers.FLUSH_NOTICE.encode() + b"\0"
-_EXT_REPLIES = frozenset(map(ord, "12DC3"))
-_MARKER_STATEMENT = "connmgr.marker"
-#: most bytes of an autocommit write's results held until its commit is known
-_STASH_LIMIT = 1 << 20
-#: replies after which the client must act before the server goes on (COPY)
-_CLIENT_TURN = frozenset(b"GHW")
+#: after a Terminate or a malformed message, how long the replies to what the client sent
+#: before it may take to come back (then the relay ends anyway)
+CLOSE_GRACE = 30.0
 
 
 class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
     __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session",
-                 "origin", "journal", "recorder", "last_tag")  # fmt: skip
+                 "injector", "journal", "recorder", "last_tag")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.session = relay.conn.session
         self.shadow = relay.conn.session.frontend_message
-        app = relay.conn.app
         #: embed purge markers and capture DDL (see replay/markers.py); decided per session
         #: by the client (the database must have the marker function)
         self.markers = relay.markers
-        self.origin = app.origin
+        self.injector = relay.injector
         self.stats = relay.conn.stats
         self.starts = relay.starts
         self.terminated = False
@@ -132,6 +105,7 @@ class Upstream:
         now = time.perf_counter()
         relay.last_activity = now
         starts = self.starts
+        injector = self.injector
         plan = None
         syncs = None
         for tag, start, end in frames:
@@ -144,11 +118,11 @@ class Upstream:
                     syncs.append(end)
                 if tag == _Q and self.recorder is not None:
                     self.recorder.on_sql(buf[start:end - 1])
-                if self.markers and plan is None and not relay.inject_mode and relay.tracking:
+                if self.markers and plan is None and not injector.mode and relay.tracking:
                     if tag == _Q:
-                        plan = self._plan_query(buf, start, end)
+                        plan = injector.plan_query(buf, start, end, relay.transactions, now)
                     elif tag == _S:
-                        plan = self._plan_sync(start)
+                        plan = injector.plan_sync(start, relay.transactions, now)
                 starts.append(now)
             elif tag == _P or tag == _B:
                 if tag == _P and self.recorder is not None:
@@ -156,9 +130,8 @@ class Upstream:
                     j = buf.find(0, i + 1, end)
                     if 0 <= i < j:
                         self.recorder.on_sql(buf[i + 1:j])
-                if self.markers and plan is None and not relay.inject_mode and relay.tracking \
-                        and self._extended_commits(tag, buf, start, end):  # fmt: skip
-                    plan = (start - 5, start - 5, self._marker_query(), _CYCLE)
+                if self.markers and plan is None and not injector.mode and relay.tracking:
+                    plan = injector.plan_extended(tag, buf, start, end, relay.transactions, now)
             elif tag == _X:
                 self.terminated = True
             elif tag == _c or tag == _f:  # CopyDone/CopyFail: the COPY's sync point ends here
@@ -180,149 +153,19 @@ class Upstream:
         if self.journal is not None:
             self.journal.client(buf, syncs)
         if plan is not None:
-            cut, resume, insert, mode = plan
-            relay.inject_mode = mode
-            relay.injected += 1
-            return buf[:cut] + insert + buf[resume:]
+            return injector.apply(buf, plan)
         return buf
-
-    # ----------------------------------------------------------------- what to inject
-
-    def _marker_sql(self) -> str:
-        relay = self.relay
-        relay.marker_seq = relay.transactions + 1
-        relay.marker_at = time.perf_counter()
-        guard = ""
-        if relay.new_tables:  # this transaction created tables: the guard goes with its marker
-            guard, relay.new_tables = markers.guard_sql(relay.new_tables), []
-        return markers.mark_sql(self.origin, self.sid, relay.marker_seq, guard)
-
-    def _capture_sql(self, sql: bytes) -> str:
-        """The capture statement of DDL ``sql``; a table it creates is remembered for
-        the transaction's marker (its guard)."""
-        table = created_table(sql)
-        if table is not None:
-            self.relay.new_tables.append(table)
-        return markers.ddl_capture_sql(_text(sql))
-
-    def _marker_query(self) -> bytes:
-        return messages.query(self._marker_sql())
-
-    def _plan_query(self, buf: bytes, start: int, end: int):
-        """A simple Query with nothing in flight: in a block, a COMMIT gets a marker Query
-        before it and a DDL statement a capture Query; in autocommit, a single writing or
-        DDL statement is rewritten to carry them in its own implicit transaction."""
-        s = self.session
-        if s.pending:
-            return None
-        tx = s.tx_status
-        if tx is TxStatus.IN_TRANSACTION:
-            sql = bytes(buf[start:end - 1])
-            if is_commit(sql):
-                return (start - 5, start - 5, self._marker_query(), _CYCLE)
-            kind = ddl_kind(sql)  # one scan: it stops at the first word unless DDL
-            if kind == DdlKind.NONE:
-                return None
-            if kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
-                self.relay.ddl_captured += 1
-                self.relay.conn.app.metrics.ddl_captured += 1
-                return (start - 5, start - 5, messages.query(self._capture_sql(sql)), _CYCLE)
-            self._not_captured(sql, kind)
-            return None
-        if tx is not TxStatus.IDLE:
-            return None
-        sql = bytes(buf[start:end - 1])
-        first = first_word(sql)
-        kind = ddl_kind(sql, first)
-        if kind == DdlKind.NONE:
-            if not may_write(sql, first) or statement_count(sql) != 1:
-                return None
-            text = _text(sql) + "\n;" + self._marker_sql()
-        elif kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
-            self.relay.ddl_captured += 1
-            self.relay.conn.app.metrics.ddl_captured += 1
-            # the capture goes after the statement (so error positions stay the client's);
-            # it is in the same implicit transaction either way
-            text = _text(sql) + "\n;" + self._capture_sql(sql) + ";" + self._marker_sql()
-        else:
-            self._not_captured(sql, kind)
-            return None
-        return (start - 5, end, messages.query(text), _NAMED)
-
-    def _not_captured(self, sql: bytes, kind: int) -> None:
-        if kind == DdlKind.NOT_REPLICATED:
-            return
-        self.relay.ddl_not_captured += 1
-        self.relay.conn.app.metrics.ddl_not_captured += 1
-        why = ("Postgres runs it outside transaction blocks" if kind == DdlKind.OUTSIDE_BLOCK
-               else "it shares its Query with other statements")  # fmt: skip
-        log.warning("client %d: DDL not replicated to the secondary (%s): %.80s",
-                    self.sid, why, _text(sql))  # fmt: skip
-
-    def _plan_sync(self, start: int):
-        """An extended-protocol Sync that ends an implicit transaction (the segment began
-        with nothing in flight, outside a block, and holds no transaction control): if
-        it wrote, a marker Parse/Bind/Execute/Close goes before the Sync."""
-        s = self.session
-        if s.tx_status is not TxStatus.IDLE or not s.pending:
-            return None
-        writes = False
-        parsed: dict[str | None, str | None] = {}  # statements parsed in this segment
-        for req in s.pending:
-            kind = req.kind
-            if kind == "P" or kind == "B":
-                if kind == "P":
-                    sql = parsed[req.statement] = req.sql
-                else:  # its statement may be parsed in this very segment, not yet answered
-                    sql = parsed[req.statement] if req.statement in parsed else s.request_sql(req)
-                if sql is None:
-                    return None
-                first = first_word(sql.encode("utf-8", "replace"))
-                if is_transaction_control(b"", first):
-                    return None
-                writes = writes or may_write(b"", first)
-            elif kind != "D" and kind != "E" and kind != "C":
-                return None  # an earlier Sync or Query is still in flight
-        if not writes:
-            return None
-        marker = (
-            messages.Parse(_MARKER_STATEMENT, self._marker_sql()).encode()
-            + messages.Bind("", _MARKER_STATEMENT).encode()
-            + messages.Execute("").encode()
-            + messages.Close("S", _MARKER_STATEMENT).encode()
-        )
-        return (start - 5, start - 5, marker, _EXT_TAIL)
-
-    def _extended_commits(self, tag: int, buf: bytes, start: int, end: int) -> bool:
-        """The extended-protocol form: a Parse of COMMIT/END, or a Bind of a prepared
-        statement whose text is one (pgbench -M prepared, JDBC)."""
-        s = self.session
-        if s.pending or s.tx_status is not TxStatus.IN_TRANSACTION or end - start > 96:
-            return False
-        body = bytes(buf[start:end])
-        try:
-            first = body.index(0)
-            second = body.index(0, first + 1)
-        except ValueError:
-            return False
-        if tag == _P:
-            return is_commit(body[first + 1:second])
-        sql = s.request_sql(PendingRequest("B", statement=body[first + 1:second].decode("utf-8", "replace")))
-        return sql is not None and is_commit(sql.encode("utf-8", "replace"))
-
-
-def _text(sql: bytes) -> str:
-    return sql.decode("utf-8", "replace")
 
 
 class Downstream:
     """Server to client: the same for the server's messages."""
 
     __slots__ = ("relay", "shadow", "session", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid",
-                 "journal", "recorder")  # fmt: skip
+                 "journal", "recorder", "injector")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.injector = relay.injector
         self.session = relay.conn.session
         self.shadow = relay.conn.session.backend_message
         self.stats = relay.conn.stats
@@ -341,13 +184,19 @@ class Downstream:
         track = relay.tracking
         if relay.pending_abort is not None:
             buf, frames = self._deliver_abort(buf, frames)
-        if relay.inject_mode:
-            if relay.inject_mode != _CYCLE and self.journal is not None:
-                buf, frames = self._hold_until_commit(buf, frames)
+        injector = self.injector
+        if injector.mode:
+            if injector.mode != InjectMode.CYCLE and self.journal is not None:
+                buf, frames = injector.hold(buf, frames)
                 if not frames:
                     return b""
-            buf, frames = self._strip_injected(buf, frames)
-            track = False  # _strip_injected fed the shadow
+            buf, frames, lost_track = injector.strip(buf, frames, track,
+                                                     relay.held_back if self.journal is not None else None)
+            if lost_track is not None:
+                relay.untrack("server", lost_track)
+            if injector.confirmed and self.mirror is not None:
+                self.mirror.session_marker(self.sid, injector.marker_seq)
+            track = False  # strip() fed the shadow
             if not frames:
                 return b""
         notified = False
@@ -379,8 +228,8 @@ class Downstream:
                     if self.recorder is not None:
                         self.recorder.end_transaction(not relay.rolled_back)
                     relay.rolled_back = False
-                    if relay.marked:
-                        relay.marked = False
+                    if injector.marked:
+                        injector.marked = False
                         hold = True
                 starts = self.starts
                 if starts:
@@ -410,43 +259,6 @@ class Downstream:
                 relay.hold_version = version
         return buf
 
-    def _hold_until_commit(self, buf: bytes, frames: list) -> tuple[bytes, list]:
-        """An autocommit write carrying a marker: its results arrive before its commit (the
-        marker's flush) and are held, unprocessed, until the ReadyForQuery that follows the
-        commit. So a client never holds results of a write whose commit is undecided, and
-        if the primary dies in between, the move either completes them (it committed) or
-        replays the write as new (it did not) -- never a comparison that could differ
-        (a serial key from RETURNING, say). Results beyond ``_STASH_LIMIT`` are not held."""
-        relay = self.relay
-        ends = False
-        for tag, _s, _e in frames:
-            if tag == _Z:
-                ends = True
-            elif tag in _CLIENT_TURN:  # the client must act before the commit: stop holding
-                relay.stash, held = None, relay.stash
-                if held:
-                    return self._unstash(held, buf, frames)
-                return buf, frames
-        if relay.stash is None:
-            if ends:
-                relay.stash = bytearray()
-            return buf, frames
-        if not ends and len(relay.stash) + len(buf) <= _STASH_LIMIT:
-            relay.stash += buf
-            return b"", []
-        if not relay.stash:
-            if not ends:
-                relay.stash = None  # too large: relayed as it comes
-            return buf, frames
-        held = relay.stash
-        relay.stash = bytearray() if ends else None
-        return self._unstash(held, buf, frames)
-
-    def _unstash(self, held: bytearray, buf: bytes, frames: list) -> tuple[bytes, list]:
-        shift = len(held)
-        frames = [*_frames_of(held), *((t, s + shift, e + shift) for t, s, e in frames)]
-        return bytes(held) + buf, frames
-
     def _deliver_abort(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """The session moved while idle in a transaction that could not move: the backend
         was put in a failed block, and the client learns it here, on its next request --
@@ -474,93 +286,59 @@ class Downstream:
                 return out, [*frames[:i], (_E, start, start + len(body)), *rest]
         return buf, frames
 
-    def _strip_injected(self, buf: bytes, frames: list) -> tuple[bytes, list]:
-        """Drop the replies to what connmgr injected (see the ``_CYCLE``, ``_NAMED`` and
-        ``_EXT_TAIL`` modes), feeding the shadow the rest in order. Asynchronous messages
-        and errors always reach the client: an error in a marker aborted the client's
-        transaction, and the client must know."""
-        relay = self.relay
-        mode = relay.inject_mode
-        pending = self.session.pending
-        kept = []
-        for tag, start, end in frames:
-            drop = False
-            if tag == _E and self.journal is not None and relay.held_back(buf, start, end):
-                break  # the main loop never sees it: the shadow stays as the client knows it
-            if not relay.inject_mode:
-                pass
-            elif tag == _Z:
-                relay.inject_mode = _NONE
-                relay.swallowing = False
-                relay.injected_done += 1
-                drop = mode == _CYCLE
-            elif tag == _E:
-                relay.injected_errors += 1
-                relay.swallowing = False
-            elif tag == _N:
-                drop = buf.find(_FLUSH_NOTICE, start, end) >= 0
-            elif tag == _A or tag == _S:
-                pass
-            elif mode == _CYCLE:
-                drop = True
-                if tag == _T:
-                    relay.swallowing = buf[start + 2:start + 2 + len(_MARKER_COLUMN)] == _MARKER_COLUMN
-                elif tag == _D and relay.swallowing:
-                    self._confirm(buf, start)
-            elif mode == _NAMED:
-                if tag == _T:
-                    head = buf[start + 2:start + 2 + len(_MARKER_COLUMN)]
-                    if head == _MARKER_COLUMN or head[:len(_DDL_COLUMN)] == _DDL_COLUMN:
-                        drop = relay.swallowing = True
-                        relay.swallow_marker = head == _MARKER_COLUMN
-                elif relay.swallowing:
-                    drop = True
-                    if tag == _D and relay.swallow_marker:
-                        self._confirm(buf, start)
-                    elif tag == _CC:
-                        relay.swallowing = False
-            elif tag in _EXT_REPLIES and pending and pending[0].kind == "S":
-                drop = True
-                if tag == _D:
-                    self._confirm(buf, start)
-            if drop:
-                continue
-            kept.append((tag, start, end))
-            if relay.tracking:
-                try:
-                    self.shadow(tag, buf[start:end])
-                except RemoteProtocolError as e:
-                    relay.untrack("server", e)
-        if len(kept) == len(frames):
-            return buf, frames
-        out = bytearray()
-        new_frames = []
-        for tag, start, end in kept:
-            base = len(out) + 5
-            out += buf[start - 5:end]
-            new_frames.append((tag, base, base + end - start))
-        return bytes(out), new_frames
-
-    def _confirm(self, buf: bytes, start: int) -> None:
-        """The marker's DataRow: a non-NULL value means it wrote its row, i.e. the
-        transaction writes and will carry the marker if it commits."""
-        relay = self.relay
-        if _ROWS.unpack_from(buf, start)[0] >= 1 and _PID.unpack_from(buf, start + 2)[0] >= 0:
-            relay.marked = True
-            relay.markers_written += 1
-            relay.conn.app.metrics.markers_written += 1
-            if self.mirror is not None:
-                self.mirror.session_marker(self.sid, relay.marker_seq)
-
     def eof_error(self) -> ClientError | None:
-        """Why the server's EOF ends the session: None if it said so itself (FATAL);
-        with failover configured, a :class:`BackendLost` (the session may move)."""
+        """Why the server's EOF ends the session: None after the client's Terminate, or if
+        the server said why itself (FATAL); with failover configured, a
+        :class:`BackendLost` (the session may move)."""
         relay = self.relay
+        if relay.upstream.terminated:
+            return None
         if relay.lost is not None:
             return relay.lost
         if self.journal is not None:
             return BackendLost(lost(relay.backend).message, detail="The server closed the connection unexpectedly.")
         return None if self.last_tag == _E else lost(relay.backend)
+
+
+class Freezer(Protocol):
+    """What a relay uses of the failover (:class:`connmgr.failover.controller.Failover`):
+    holding a suspect primary's replies and waiting for the decision."""
+
+    frozen: BackendServer | None
+    switching: bool
+
+    def freeze(self, server: BackendServer, why: str) -> None: ...
+
+    def hold(self, relay: Relay, link: object = None) -> None: ...
+
+    def frozen_outcome(self) -> Awaitable[bool]: ...
+
+
+class Engine(Protocol):
+    """What a relay uses of the relay engine (:class:`connmgr.proxy.engine.RelayEngine`)."""
+
+    def attach(self, relay: Relay, client: object, server: object, initial: bytes) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RelayContext:
+    """What a relay uses of the running connmgr, built once by the composition root
+    (:mod:`connmgr.app`)."""
+
+    metrics: Metrics
+    #: this connmgr instance's number: names its sessions' marker rows (replay/markers.py)
+    origin: int
+    #: (server address, backend pid) -> virtual pid (:class:`connmgr.proxy.registry.Registry`)
+    virtual_pids: dict[tuple[str, int], int]
+    #: the mirror link of a primary connmgr in a pair
+    mirror: MirrorLink | None = None
+    #: the epoll carrier for plain TCP sessions (None: trio pumps for every session)
+    engine: Engine | None = None
+    #: with [failover]: holds replies while the primary is suspect
+    failover: Freezer | None = None
+    #: [server] client_idle_timeout and idle_in_transaction_timeout (0: off)
+    idle_timeout: float = 0.0
+    idle_in_transaction_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,7 +352,7 @@ class Carry:
     #: transaction it sat idle in)
     pending_abort: bytes | None = None
     #: injection state: the held bytes the next relay delivers still carry a marker's replies
-    inject_mode: int = 0
+    inject_mode: InjectMode = InjectMode.NONE
     #: client bytes read for a request the move paused (trio pumps)
     client_input: bytes = b""
 
@@ -582,26 +360,26 @@ class Carry:
 class Relay:
     """One client session while it is relayed. See the module docstring."""
 
-    def __init__(self, conn: ClientConnection, backend: BackendSession, client_framer: Framer,
+    def __init__(self, conn, backend: BackendSession, client_framer: Framer, ctx: RelayContext,
                  markers_on: bool = False, mirrored: bool = True, carry: Carry = Carry()) -> None:  # noqa: B008
+        #: the client (:class:`connmgr.proxy.client.ClientConnection`: its id, peer, key,
+        #: stream, startup_params, stats, session shadow, journal and recorder)
         self.conn = conn
+        self.ctx = ctx
         #: the mirror link this session's traffic is copied to (None: not mirrored)
-        self.mirror = conn.app.mirror if mirrored else None
+        self.mirror = ctx.mirror if mirrored else None
         #: set when the server went away (held-back FATAL); the carrier ends the relay with it
         self.lost: BackendLost | None = None
         #: the current transaction saw an error or a ROLLBACK (for the session recorder)
         self.rolled_back = False
-        #: server bytes held until an autocommit write's commit is known (see
-        #: Downstream._hold_until_commit); None while a too-large result is relayed as it comes
-        self.stash: bytearray | None = bytearray()
         #: injection state a move hands to the next relay (the held bytes it delivers
         #: still carry the marker's replies to swallow)
-        self.carry_inject = _NONE
+        self.carry_inject = InjectMode.NONE
         #: bytes for the client the carrier had not sent when the relay ended
         self.unsent = b""
         #: the failover that freezes this session's replies when the primary is suspect
         #: (None without [failover]); the server bytes read meanwhile, unprocessed
-        self.freezer = conn.app.failover if conn.journal is not None else None
+        self.freezer = ctx.failover if conn.journal is not None else None
         self.frozen = bytearray()
         #: a switchover asked to stop taking client input at the next request boundary
         #: (Upstream.at_boundary); client bytes the trio pumps read meanwhile wait in
@@ -617,42 +395,33 @@ class Relay:
         #: embed purge markers and capture DDL (decided by the client: mirroring is on and
         #: the database has the marker function)
         self.markers = markers_on
-        self.swallowing = False
-        self.swallow_marker = False
-        #: transaction number the outstanding marker names; a marker wrote its row in the
-        #: current transaction (its ack is held in two-phase mode)
-        self.marker_seq = 0
-        #: tables created by captured DDL in this transaction, for the guard (connmgr/pair/ddl_apply.py)
-        self.new_tables: list[str] = []
-        #: when that marker was sent (a failover replays commits in flight in this order)
-        self.marker_at = 0.0
-        self.marked = False
+        #: markers and DDL capture put into the client's stream, their replies taken out,
+        #: an autocommit write's results held until its commit (replay/injection.py)
+        self.injector = Injector(conn.session, ctx.origin, conn.id, ctx.metrics, carry.inject_mode)
         #: mirror version of the reply batch holding a commit's ack (two-phase), or 0
         self.hold_version = 0
-        self.injected = 0
-        self.injected_done = 0
-        self.injected_errors = 0
-        self.markers_written = 0
-        self.ddl_captured = 0
-        self.ddl_not_captured = 0
         #: transactions the client has seen end (ReadyForQuery 'I'): numbers the markers
         self.transactions = carry.transactions
         #: an ErrorResponse body (40001) the client still has to get, after a move that
         #: rolled back the transaction it sat idle in (see Downstream._deliver_abort)
         self.pending_abort: bytes | None = carry.pending_abort
-        #: what is injected and not yet answered (_NONE, _CYCLE, _NAMED, _EXT_TAIL)
-        self.inject_mode = carry.inject_mode
         #: client bytes read but not yet relayed (a switchover's pause, trio pumps)
         self.carry_input = carry.client_input
         self.upstream = Upstream(self)
         self.downstream = Downstream(self)
+        #: the client's input ended (Terminate, or a message that cannot be framed) while
+        #: requests may be unanswered; see :meth:`input_ended`
+        self.input_done = False
+        self.closing: ClientError | None = None
+        self._closing_since = 0.0
         self._error: ClientError | None = None
         self._done = trio.Event()
+        #: set by stop() and input_ended(): _watch looks again
+        self._wake = trio.Event()
         self._link = None
         self._pumps: trio.CancelScope | None = None
-        cfg = conn.app.config.server
-        self._idle = cfg.client_idle_timeout
-        self._idle_in_tx = cfg.idle_in_transaction_timeout
+        self._idle = ctx.idle_timeout
+        self._idle_in_tx = ctx.idle_in_transaction_timeout
 
     # ------------------------------------------------------------------ control
 
@@ -665,10 +434,33 @@ class Relay:
             self.freezer.freeze(self.backend.server, f"client {self.conn.id}: {error.message}")
         self._error = error
         self._done.set()
+        self._wake.set()
         if self._link is not None:
             self._link.detach()
         if self._pumps is not None:
             self._pumps.cancel()
+
+    def input_ended(self, error: ClientError | None) -> None:
+        """Nothing more is read from the client: it sent Terminate (``error`` None) or a
+        message that cannot be framed (``error``). Postgres answers what came before in
+        order, and so does connmgr: the relay ends once no request is pending (the client
+        then gets ``error``, if any), at the server's EOF (Postgres closes after a
+        Terminate), or after :data:`CLOSE_GRACE`, whichever comes first."""
+        if self.input_done:
+            return
+        self.input_done = True
+        self.closing = error
+        self._closing_since = time.perf_counter()
+        if not self.answered():
+            self._wake.set()
+
+    def answered(self) -> bool:
+        """After :meth:`input_ended`: is everything the client sent answered? Then the
+        relay ends (the caller has sent the replies)."""
+        if self.input_done and not self.conn.session.pending:
+            self.stop(self.closing)
+            return True
+        return False
 
     def held_back(self, buf: bytes, start: int, end: int) -> bool:
         """An ErrorResponse saying the server is going away (shutdown, crash, postmaster
@@ -737,7 +529,7 @@ class Relay:
         if not self.tracking:
             return
         self.tracking = False
-        self.conn.app.metrics.sessions_untracked += 1
+        self.ctx.metrics.sessions_untracked += 1
         log.warning(
             "client %d: session shadow lost track (%s): %s; relaying untracked (no markers, no DDL"
             " capture, and it cannot move at a failover)", self.conn.id, direction, exc.message,
@@ -748,7 +540,7 @@ class Relay:
         sessions by their virtual pids (BackendKeyData), which also survive a move to
         another server. Rewrite the pid of every notification sent by a session of this
         connmgr, so ``notify.pid == conn.info.backend_pid`` means what it means direct."""
-        virtual = self.conn.app.virtual_pids
+        virtual = self.ctx.virtual_pids
         address = self.backend.server.address
         out = bytearray(buf)
         for tag, start, end in frames:
@@ -764,7 +556,7 @@ class Relay:
     async def run(self, initial: bytes) -> None:
         """Relay until either side ends. Raises the ClientError that ended it, if any."""
         client, server = self.conn.stream, self.backend.stream
-        engine = self.conn.app.engine
+        engine = self.ctx.engine
         mirror = self.mirror
         if type(client) is FastSocketStream:
             # where the relayed bytes start in each direction of the client's TCP stream
@@ -787,25 +579,42 @@ class Relay:
                 self._link.detach()
             if mirror is not None:
                 mirror.session_closed(self.conn.id)
+        if self.unsent and self.input_done:  # replies to what came before its end
+            unsent, self.unsent = self.unsent, b""
+            with trio.move_on_after(1):
+                try:
+                    await client.send_all(unsent)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
         if self._error is not None:
             raise self._error
 
     async def _watch(self) -> None:
-        """Wait for the end; enforce the idle timeouts meanwhile (if configured)."""
-        if not (self._idle or self._idle_in_tx):
-            await self._done.wait()
-            return
+        """Wait for the end; meanwhile enforce the idle timeouts (if configured) and the
+        grace after the client's input ended (:meth:`input_ended`)."""
+        idle = self._idle or self._idle_in_tx
         while not self._done.is_set():
-            timeout = self._idle_timeout()
-            if timeout is None:  # a request is running: look again soon
-                wait = max(0.05, min(t for t in (self._idle, self._idle_in_tx) if t) / 4)
-            else:
-                wait = self.last_activity + timeout - time.perf_counter()
-                if wait <= 0:
-                    self.stop(_idle_error(self.conn.session.tx_status))
+            wait = math.inf
+            now = time.perf_counter()
+            if idle:
+                timeout = self._idle_timeout()
+                if timeout is None:  # a request is running: look again soon
+                    wait = max(0.05, min(t for t in (self._idle, self._idle_in_tx) if t) / 4)
+                else:
+                    wait = self.last_activity + timeout - now
+                    if wait <= 0:
+                        self.stop(_idle_error(self.conn.session.tx_status))
+                        return
+            if self.input_done:
+                left = self._closing_since + CLOSE_GRACE - now
+                if left <= 0:
+                    self.stop(self.closing)
                     return
+                wait = min(wait, left)
             with trio.move_on_after(wait):
-                await self._done.wait()
+                await self._wake.wait()
+            if not self._done.is_set():
+                self._wake = trio.Event()
 
     def _idle_timeout(self) -> float | None:
         s = self.conn.session
@@ -858,11 +667,20 @@ class Relay:
                 await self._resume.wait()
                 self._pump_waiting = False
                 data, self.carry_input = self.carry_input, b""
-            buf, frames = framer.feed(data)
+            try:
+                buf, frames = framer.feed(data)
+            except RemoteProtocolError as e:
+                buf, frames = e.before
+                if frames:
+                    await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
+                self.input_ended(ClientError(e.message, sqlstate=e.sqlstate))
+                await trio.sleep_forever()  # the backend pump or the grace ends the relay
             if frames:
                 await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
                 if self.upstream.mirror is not None:
                     self.upstream.mirror.flush_soon()
+        self.input_ended(None)  # Terminate
+        await trio.sleep_forever()
 
     async def _backend_to_client(self) -> None:
         framer = self.backend.framer
@@ -903,6 +721,8 @@ class Relay:
                 await send(out)
                 if self.downstream.mirror is not None:
                     self.downstream.mirror.flush_soon()
+                if self.input_done and self.answered():
+                    return
 
 
 async def _send_backend(send, buf: bytes, backend: BackendSession, failover: bool) -> None:
@@ -918,17 +738,6 @@ def lost(backend: BackendSession, failover: bool = False) -> BackendUnavailable 
     what = f'lost connection to server "{backend.server.name}" at {backend.server.address}'
     detail = "The server closed the connection unexpectedly."
     return BackendLost(what, detail=detail) if failover else BackendUnavailable(what, detail=detail)
-
-
-def _frames_of(data: bytes | bytearray) -> list:
-    """Frames (tag, body start, body end) of whole messages ``data``."""
-    out = []
-    i, n = 0, len(data)
-    while i < n:
-        length = int.from_bytes(data[i + 1:i + 5], "big")
-        out.append((data[i], i + 5, i + 1 + length))
-        i += 1 + length
-    return out
 
 
 _GONE_CODES = (b"\0C57P01\0", b"\0C57P02\0", b"\0C57P03\0")

@@ -1,0 +1,228 @@
+"""replay/injection.py: markers and DDL capture planned into client batches, their replies
+taken out of the server's, an autocommit write's results held until its commit -- bytes in,
+bytes out, no server."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replay import markers
+from replay.injection import STASH_LIMIT, InjectMode, Injector, frames_of
+from shadow import messages as m
+from shadow.session import SessionState, TxStatus
+
+ORIGIN, SID = 77, 5
+MARKER = m.RowDescription((m.FieldDescription(markers.MARKER_COLUMN),))
+FLUSH = m.NoticeResponse({"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": markers.FLUSH_NOTICE})
+
+
+def wire(*msgs) -> bytes:
+    return b"".join(x.encode() for x in msgs)
+
+
+def counters() -> SimpleNamespace:
+    return SimpleNamespace(ddl_captured=0, ddl_not_captured=0, markers_written=0)
+
+
+def session_in(tx: str) -> SessionState:
+    s = SessionState()
+    raw = m.StartupMessage(m.PROTOCOL_3_0, {"user": "u", "database": "d"}).encode()
+    s.frontend_message(0, raw[4:])
+    for x in (m.AuthenticationOk(), m.BackendKeyData(1, 2), m.ReadyForQuery("I")):
+        raw = x.encode()
+        s.backend_message(raw[0], raw[5:])
+    if tx == "T":
+        feed_client(s, wire(m.Query("BEGIN")))
+        feed_server(s, wire(m.CommandComplete("BEGIN"), m.ReadyForQuery("T")))
+    assert s.tx_status is (TxStatus.IN_TRANSACTION if tx == "T" else TxStatus.IDLE)
+    return s
+
+
+def feed_client(s: SessionState, data: bytes) -> None:
+    for tag, start, end in frames_of(data):
+        s.frontend_message(tag, data[start:end])
+
+
+def feed_server(s: SessionState, data: bytes) -> None:
+    for tag, start, end in frames_of(data):
+        s.backend_message(tag, data[start:end])
+
+
+def planned(inj: Injector, batch: bytes, transactions: int = 4) -> bytes:
+    """What the relay does with a client batch: plan at the first Query/Sync/Parse/Bind
+    that takes one, feeding the shadow the client's own messages; then apply the plan."""
+    plan = None
+    for tag, start, end in frames_of(batch):
+        if plan is None and tag == ord("Q"):
+            plan = inj.plan_query(batch, start, end, transactions, 1.5)
+        elif plan is None and tag == ord("S"):
+            plan = inj.plan_sync(start, transactions, 1.5)
+        elif plan is None and tag in b"PB":
+            plan = inj.plan_extended(tag, batch, start, end, transactions, 1.5)
+        inj.session.frontend_message(tag, batch[start:end])
+    return batch if plan is None else inj.apply(batch, plan)
+
+
+def queries(data: bytes) -> list[str]:
+    return [data[s:e - 1].decode() for t, s, e in frames_of(data) if t == ord("Q")]
+
+
+def test_a_commit_in_a_block_gets_a_marker_query_before_it_and_its_replies_vanish():
+    s, c = session_in("T"), counters()
+    inj = Injector(s, ORIGIN, SID, c)
+    out = planned(inj, wire(m.Query("COMMIT")))
+    assert queries(out) == [markers.mark_sql(ORIGIN, SID, 5), "COMMIT"]
+    assert (inj.mode, inj.marker_seq, inj.marker_at, inj.injected) == (InjectMode.CYCLE, 5, 1.5, 1)
+    replies = wire(MARKER, m.DataRow((b"5",)), FLUSH, m.CommandComplete("SELECT 1"), m.ReadyForQuery("T"),
+                   m.CommandComplete("COMMIT"), m.ReadyForQuery("I"))  # fmt: skip
+    buf, frames, lost = inj.strip(replies, frames_of(replies), track=True)
+    assert buf == wire(m.CommandComplete("COMMIT"), m.ReadyForQuery("I")) and lost is None
+    assert frames == frames_of(buf)
+    assert (inj.mode, inj.marked, inj.confirmed, c.markers_written) == (InjectMode.NONE, True, True, 1)
+    assert s.tx_status is TxStatus.IDLE and not s.pending
+
+
+def test_a_reader_marker_returns_null_and_marks_nothing():
+    s, c = session_in("T"), counters()
+    inj = Injector(s, ORIGIN, SID, c)
+    planned(inj, wire(m.Query("COMMIT")))
+    replies = wire(MARKER, m.DataRow((None,)), m.CommandComplete("SELECT 1"), m.ReadyForQuery("T"),
+                   m.CommandComplete("COMMIT"), m.ReadyForQuery("I"))  # fmt: skip
+    buf, _frames, _lost = inj.strip(replies, frames_of(replies), track=True)
+    assert buf == wire(m.CommandComplete("COMMIT"), m.ReadyForQuery("I"))
+    assert (inj.marked, inj.confirmed, c.markers_written) == (False, False, 0)
+
+
+def test_an_autocommit_write_carries_its_marker_in_its_own_query():
+    s, c = session_in("I"), counters()
+    inj = Injector(s, ORIGIN, SID, c)
+    out = planned(inj, wire(m.Query("INSERT INTO t VALUES (1)")))
+    assert queries(out) == ["INSERT INTO t VALUES (1)\n;" + markers.mark_sql(ORIGIN, SID, 5)]
+    assert inj.mode is InjectMode.NAMED
+    replies = wire(m.CommandComplete("INSERT 0 1"), MARKER, m.DataRow((b"5",)), FLUSH, m.CommandComplete("SELECT 1"),
+                   m.ReadyForQuery("I"))  # fmt: skip
+    buf, _frames, _lost = inj.strip(replies, frames_of(replies), track=True)
+    assert buf == wire(m.CommandComplete("INSERT 0 1"), m.ReadyForQuery("I"))
+    assert inj.marked and inj.mode is InjectMode.NONE
+
+
+def test_an_error_in_the_marker_reaches_the_client():
+    s = session_in("T")
+    inj = Injector(s, ORIGIN, SID, counters())
+    planned(inj, wire(m.Query("COMMIT")))
+    error = m.ErrorResponse({"S": "ERROR", "V": "ERROR", "C": "42883", "M": "function connmgr.mark does not exist"})
+    replies = wire(error, m.ReadyForQuery("E"), m.CommandComplete("ROLLBACK"), m.ReadyForQuery("I"))
+    buf, _frames, _lost = inj.strip(replies, frames_of(replies), track=True)
+    assert buf == wire(error, m.CommandComplete("ROLLBACK"), m.ReadyForQuery("I"))  # its own Z is ours
+    assert inj.injected_errors == 1 and not inj.marked
+
+
+def test_ddl_in_a_block_is_captured_and_a_created_table_rides_with_the_marker():
+    s, c = session_in("T"), counters()
+    inj = Injector(s, ORIGIN, SID, c)
+    out = planned(inj, wire(m.Query("CREATE TABLE fresh (id int)")))
+    capture, statement = queries(out)
+    assert capture.startswith("SELECT pg_catalog.pg_logical_emit_message(true, 'connmgr.ddl'")
+    assert "$CREATE TABLE fresh (id int)$" in capture and statement == "CREATE TABLE fresh (id int)"
+    assert (inj.ddl_captured, c.ddl_captured, inj.new_tables) == (1, 1, ["fresh"])
+    replies = wire(m.RowDescription((m.FieldDescription(markers.DDL_COLUMN),)), m.DataRow((b"0/1",)),
+                   m.CommandComplete("SELECT 1"), m.ReadyForQuery("T"), m.CommandComplete("CREATE TABLE"),
+                   m.ReadyForQuery("T"))  # fmt: skip
+    buf, _f, _l = inj.strip(replies, frames_of(replies), track=True)
+    assert buf == wire(m.CommandComplete("CREATE TABLE"), m.ReadyForQuery("T"))
+    out = planned(inj, wire(m.Query("COMMIT")))
+    marker = queries(out)[0]
+    assert marker.startswith(markers.mark_sql(ORIGIN, SID, 5) + ", connmgr.ddl_guard(")
+    assert "pg_catalog.to_regclass('fresh')" in marker and inj.new_tables == []
+
+
+def test_ddl_postgres_runs_outside_blocks_is_counted_not_captured():
+    s, c = session_in("I"), counters()
+    inj = Injector(s, ORIGIN, SID, c)
+    batch = wire(m.Query("CREATE INDEX CONCURRENTLY i ON t (x)"))
+    assert planned(inj, batch) == batch
+    assert (inj.ddl_not_captured, c.ddl_not_captured, inj.mode) == (1, 1, InjectMode.NONE)
+
+
+def test_nothing_is_planned_with_a_request_in_flight_or_for_a_reader():
+    s = session_in("I")
+    inj = Injector(s, ORIGIN, SID, counters())
+    batch = wire(m.Query("SELECT 1"))
+    assert planned(inj, batch) == batch  # a reader in autocommit: no marker
+    batch = wire(m.Query("INSERT INTO t VALUES (1)"))  # the SELECT is still pending
+    assert planned(inj, batch) == batch and inj.injected == 0
+
+
+def test_an_extended_write_gets_a_marker_before_its_sync():
+    s = session_in("I")
+    inj = Injector(s, ORIGIN, SID, counters())
+    batch = wire(m.Parse("", "UPDATE t SET x = 1"), m.Bind("", ""), m.Execute(""), m.Sync())
+    out = planned(inj, batch)
+    tags = bytes(t for t, _s, _e in frames_of(out))
+    assert tags == b"PBE" + b"PBEC" + b"S" and inj.mode is InjectMode.EXT_TAIL
+    replies = wire(m.ParseComplete(), m.BindComplete(), m.CommandComplete("UPDATE 1"),
+                   m.ParseComplete(), m.BindComplete(), m.DataRow((b"5",)), FLUSH, m.CommandComplete("SELECT 1"),
+                   m.CloseComplete(), m.ReadyForQuery("I"))  # fmt: skip
+    buf, _f, _l = inj.strip(replies, frames_of(replies), track=True)
+    assert buf == wire(m.ParseComplete(), m.BindComplete(), m.CommandComplete("UPDATE 1"), m.ReadyForQuery("I"))
+    assert inj.marked and not s.pending
+
+
+def test_a_held_back_error_stops_the_strip_there():
+    s = session_in("T")
+    inj = Injector(s, ORIGIN, SID, counters())
+    planned(inj, wire(m.Query("COMMIT")))
+    fatal = m.ErrorResponse({"S": "FATAL", "V": "FATAL", "C": "57P01", "M": "terminating"})
+    replies = wire(MARKER, fatal, m.ReadyForQuery("I"))
+    buf, frames, _lost = inj.strip(replies, frames_of(replies), track=True, held_back=lambda b, s, e: True)
+    assert (buf, frames) == (b"", [])
+
+
+def test_results_are_held_until_the_commit_and_come_out_whole():
+    inj = Injector(session_in("I"), ORIGIN, SID, counters())
+    first = wire(m.RowDescription((m.FieldDescription("id"),)), m.DataRow((b"1",)))
+    rest = wire(m.CommandComplete("INSERT 0 1"), m.ReadyForQuery("I"))
+    assert inj.hold(first, frames_of(first)) == (b"", [])
+    buf, frames = inj.hold(rest, frames_of(rest))
+    assert buf == first + rest and frames == frames_of(buf)
+    assert inj.stash == bytearray()  # ready for the next write
+
+
+def test_results_over_the_limit_and_copy_are_not_held():
+    inj = Injector(session_in("I"), ORIGIN, SID, counters())
+    big = wire(*[m.DataRow((b"x" * 1000,))] * (STASH_LIMIT // 1000 + 2))
+    buf, _f = inj.hold(big, frames_of(big))
+    assert buf == big and inj.stash is None  # relayed as it comes until the transaction ends
+    end = wire(m.ReadyForQuery("I"))
+    assert inj.hold(end, frames_of(end))[0] == end and inj.stash == bytearray()
+    copy = wire(m.CopyInResponse(0, ()))
+    assert inj.hold(copy, frames_of(copy))[0] == copy and inj.stash is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=6), max_size=6))
+def test_stripping_in_pieces_equals_stripping_whole(cuts):
+    """The h11 invariant: however the server's replies are cut into batches (at message
+    boundaries), the client gets the same bytes."""
+    replies = wire(m.CommandComplete("INSERT 0 1"), MARKER, m.DataRow((b"5",)), FLUSH, m.CommandComplete("SELECT 1"),
+                   m.ReadyForQuery("I"), m.NotificationResponse(3, "c", "p"))  # fmt: skip
+
+    def run(pieces):
+        inj = Injector(session_in("I"), ORIGIN, SID, counters())
+        planned(inj, wire(m.Query("INSERT INTO t VALUES (1)")))
+        out = b""
+        for piece in pieces:
+            buf, _f, _l = inj.strip(piece, frames_of(piece), track=True)
+            out += buf
+        return out, inj.marked
+
+    messages_ = [replies[s - 5:e] for _t, s, e in frames_of(replies)]
+    pieces, i = [], 0
+    for n in cuts:
+        pieces.append(b"".join(messages_[i:i + n]))
+        i += n
+    pieces.append(b"".join(messages_[i:]))
+    assert run([p for p in pieces if p]) == run([replies])
