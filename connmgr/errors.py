@@ -11,7 +11,8 @@ from shadow import messages
 
 
 class ClientError(Exception):
-    """An error to report to one client as an ErrorResponse, then close its connection."""
+    """An error to report to one client as an ErrorResponse with ``sqlstate`` (XX000
+    internal_error unless given), then close its connection."""
 
     sqlstate = "XX000"
     severity = "FATAL"
@@ -52,7 +53,7 @@ class BackendUnavailable(ClientError):
 
 class BackendRejected(ClientError):
     """The backend answered the startup with an ErrorResponse; ``raw`` is that message,
-    forwarded to the client byte for byte."""
+    forwarded to the client byte for byte (its SQLSTATE is the server's)."""
 
     def __init__(self, raw: bytes, message: str, sqlstate: str) -> None:
         super().__init__(message, sqlstate=sqlstate)
@@ -63,15 +64,20 @@ class BackendRejected(ClientError):
 
 
 class TooManyClients(ClientError):
+    """Over ``[server] max_clients`` (53300 too_many_connections, as Postgres says it)."""
+
     sqlstate = "53300"
 
 
 class AdminShutdown(ClientError):
+    """connmgr is shutting down (57P01 admin_shutdown)."""
+
     sqlstate = "57P01"
 
 
 class ConfigError(Exception):
-    """The configuration is wrong; the message names the key."""
+    """The configuration is wrong; the message names the key. Internal: reported at
+    start-up (or by ``connmgr check``), never to a client."""
 
 
 class BackendLost(ClientError):

@@ -67,25 +67,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "labs"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_proxy as bp  # noqa: E402
+import benchkit.targets as kit  # noqa: E402
 import psycopg  # noqa: E402
-from bench_proxy import TargetUnavailable, first_error_line, kill_group, log, port_open, tail  # noqa: E402
+from benchkit.harness import Bench, add_arguments, check_arguments, run_bench  # noqa: E402
+from benchkit.pgbench import Run, Workload  # noqa: E402
+from benchkit.procs import HOST, Service, TargetUnavailable, first_error_line, log, tail  # noqa: E402
+from benchkit.report import table_lines  # noqa: E402
+from benchkit.targets import connmgr_serve  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from connmgr import config as config_mod  # noqa: E402
@@ -99,12 +96,10 @@ from connmgr.embedded.clusters import (  # noqa: E402
     _run,
     _server_os_user,
     free_port,
-    temp_base_dir,
 )
 from connmgr.errors import ConfigError  # noqa: E402
 from connmgr.metrics import percentile as _percentile  # noqa: E402
 
-HOST = "127.0.0.1"
 USER = "postgres"
 DB = "bench"
 PASSWORD = "bench-password"
@@ -117,7 +112,6 @@ DEFAULT_TARGETS = ("direct", "direct-syncrep", "pgbouncer", "pair-1phase", "pair
 #: and the freeze check.
 ALL_TARGETS = (*DEFAULT_TARGETS, "direct-logical", "pair-failover")
 ALL_WORKLOADS = ("select", "tpcb")
-READY_TIMEOUT = 30.0
 LAG_INTERVAL = 0.1
 
 #: Every cluster (direct, syncrep primary and standby, pair primary and secondary) gets
@@ -137,16 +131,6 @@ SETTINGS_NOTE = ", ".join(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def pgbench_env() -> dict[str, str]:
-    env = _clean_env(PGCONNECT_TIMEOUT="10", PGPASSWORD=PASSWORD)
-    return env
-
-
-def run_pgbench(pgbench: str, port: int, args: list[str], timeout: float) -> tuple[int, str, str]:
-    """pgbench against ``HOST:port``/``DB`` (bench_proxy's runner, with our password)."""
-    return bp.run_pgbench(pgbench, port, args, timeout, env=pgbench_env(), db=DB)
 
 
 def toml_value(v: object) -> str:
@@ -180,84 +164,9 @@ def mirror_mode_support() -> tuple[bool, str]:
     return True, ""
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of ``pid`` so far (None if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 def percentile(values: list[float], q: float) -> float | None:
     """connmgr.metrics.percentile (nearest rank), None for no values (a column left empty)."""
     return _percentile(values, q) if values else None
-
-
-class Proc:
-    """A subprocess in its own process group, output in a fresh log file per start."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
-        self.name, self.argv, self.log_path = name, argv, log_path
-        self.proc: subprocess.Popen | None = None
-        self.ready = False
-
-    def start(self, port: int, markers: list[str]) -> None:
-        """Start; ready once every marker is in the log and ``port`` accepts TCP."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-        )
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=REPO, env=env, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                why = first_error_line(tail(self.log_path, 20))
-                self.proc = None
-                raise TargetUnavailable(f"{self.name} exited at startup ({why}); log {self.log_path}")
-            text = self.log_path.read_text(errors="replace")
-            if all(m in text for m in markers) and port_open(port):
-                self.ready = True
-                return
-            time.sleep(0.05)
-        self.stop()
-        missing = [m for m in markers if m not in self.log_path.read_text(errors="replace")]
-        raise TargetUnavailable(
-            f"{self.name} not ready within {READY_TIMEOUT:g}s (log lacks {missing}); log {self.log_path}"
-        )
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            kill_group(self.proc, signal.SIGTERM, timeout=10)
-            self.proc = None
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def log_warnings(self, upto: int | None = None) -> list[str]:
-        """WARNING/ERROR/CRITICAL lines of its log (connmgr's logging format), in the first
-        ``upto`` bytes (e.g. up to the moment we began stopping it)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                lines = f.read(upto if upto is not None else -1).decode(errors="replace").splitlines()
-        except OSError:
-            return []
-        return [ln for ln in lines if any(f" {lvl} " in ln for lvl in ("WARNING", "ERROR", "CRITICAL"))
-                or ln.startswith("Traceback")]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- lag sampling
@@ -337,28 +246,11 @@ def lag_stats(samples: list[LagSample]) -> dict:
 
 
 @dataclass
-class Target:
-    """Something pgbench connects to. ``prepare``/``release`` wrap every run."""
+class Target(kit.Target):
+    """A target whose replication lag may be sampled during tpcb runs."""
 
-    name: str
-    description: str
-    port: int = 0
     lag_cluster: Cluster | None = None  # where replication lag is sampled (tpcb runs)
     lag_names: list[str] = field(default_factory=list)
-
-    def prepare(self, tag: str) -> None:
-        pass
-
-    def release(self) -> list[str]:
-        """Undo prepare; return notes worth reporting (e.g. warnings in a connmgr log)."""
-        return []
-
-    def proxy_pids(self) -> dict[str, int]:
-        """Proxy processes whose CPU per transaction is reported."""
-        return {}
-
-    def stop(self) -> None:
-        pass
 
 
 @dataclass
@@ -374,24 +266,6 @@ class SyncRepTarget(Target):
 
 
 @dataclass
-class PgBouncerTarget(Target):
-    proc: bp.ProcessTarget | None = None
-
-    def prepare(self, tag: str) -> None:
-        if not self.proc.alive():
-            why = self.proc.describe_death() or "pgbouncer is not running"
-            log(f"  {why}; restarting it")
-            self.proc.start()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-    def proxy_pids(self) -> dict[str, int]:
-        return {"pgbouncer": self.proc.proc.pid} if self.proc.alive() else {}
-
-
-@dataclass
 class PairTarget(Target):
     """The two connmgrs, started for each run in front of the shared ClusterPair."""
 
@@ -400,7 +274,7 @@ class PairTarget(Target):
     failover: bool = False  # with [failover] (secondary = the pair's secondary)
     base: Path = Path("/nonexistent")
     users_file: Path = Path("/nonexistent")
-    procs: list[Proc] = field(default_factory=list)
+    services: list[Service] = field(default_factory=list)
 
     def configs(self) -> tuple[Path, Path, int, int]:
         """Write both connmgr configs for one run; check them with connmgr's own loader
@@ -439,48 +313,46 @@ class PairTarget(Target):
 
     def prepare(self, tag: str) -> None:
         self.pair.wait_sync(timeout=15)
-        sec_cfg, pri_cfg, sport, port = self.configs()
+        sec_cfg, pri_cfg, sport, pport = self.configs()
         logs = self.base / "logs"
-        logs.mkdir(exist_ok=True)
-        serve = [sys.executable, "-m", "connmgr", "serve", "-c"]
-        sec = Proc(f"{self.name} secondary connmgr", [*serve, str(sec_cfg)],
-                   logs / f"{tag}-{self.name}-secondary.log")  # fmt: skip
-        self.procs.append(sec)
-        sec.start(sport, ["listening on", f"replication slot {POSTER_SLOT}"])
-        pri = Proc(f"{self.name} primary connmgr", [*serve, str(pri_cfg)],
-                   logs / f"{tag}-{self.name}-primary.log")  # fmt: skip
-        self.procs.append(pri)
-        pri.start(port, ["listening on", "mirror link up"])
+        for role, cfg, port, markers in (
+            ("secondary", sec_cfg, sport, ("listening on", f"replication slot {POSTER_SLOT}")),
+            ("primary", pri_cfg, pport, ("listening on", "mirror link up")),
+        ):
+            service = Service(f"{self.name} {role} connmgr", connmgr_serve("-c", str(cfg)), port,
+                              logs / f"{tag}-{self.name}-{role}.log", markers, stop_timeout=10)  # fmt: skip
+            self.services.append(service)
+            service.start()
 
     def release(self) -> list[str]:
         notes = []
         # What the connmgrs log while being stopped (the secondary sees the mirror link
         # break when the primary goes) is not about the run.
-        sizes = [proc.log_size() for proc in self.procs]
-        for proc, size in reversed(list(zip(self.procs, sizes, strict=True))):  # primary first
-            died = proc.ready and not proc.alive()
-            proc.stop()
+        sizes = [service.log_size() for service in self.services]
+        for service, size in reversed(list(zip(self.services, sizes, strict=True))):  # primary first
+            died = service.ready and not service.alive()
+            service.stop()
             if died:
-                notes.append(f"{proc.name} died during the run: {first_error_line(tail(proc.log_path, 20))}")
-            warnings = proc.log_warnings(size)
+                notes.append(f"{service.name} died during the run: {first_error_line(tail(service.log_path, 20))}")
+            warnings = service.log_warnings(size)
             if warnings:
-                notes.append(f"{proc.name}: {len(warnings)} warning(s), first: {warnings[0][-160:]}")
-            ups = proc.log_path.read_text(errors="replace").count("mirror link up")
+                notes.append(f"{service.name}: {len(warnings)} warning(s), first: {warnings[0][-160:]}")
+            ups = service.log_text().count("mirror link up")
             if ups > 1:
-                notes.append(f"{proc.name}: mirror link came up {ups} times")
-        self.procs.clear()
+                notes.append(f"{service.name}: mirror link came up {ups} times")
+        self.services.clear()
         with contextlib.suppress(ClusterError):
             self.pair.wait_caught_up(timeout=60)
         return notes
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
-        self.procs.clear()
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
 
     def proxy_pids(self) -> dict[str, int]:
         names = ("secondary connmgr", "primary connmgr")
-        return {n: p.proc.pid for n, p in zip(names, self.procs, strict=False) if p.alive()}
+        return {n: s.pid() for n, s in zip(names, self.services, strict=False) if s.alive()}
 
 
 def replication_rows(cluster: Cluster, names: list[str]) -> list[tuple]:
@@ -522,12 +394,6 @@ def wait_replayed(cluster: Cluster, names: list[str], timeout: float) -> None:
 # --------------------------------------------------------------------------- runs
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    args: tuple[str, ...]
-
-
 def workloads(clients: int, jobs: int) -> list[Workload]:
     c, j = ("-c", str(clients)), ("-j", str(jobs))
     return [
@@ -537,104 +403,72 @@ def workloads(clients: int, jobs: int) -> list[Workload]:
 
 
 @dataclass
-class Run(bp.Run):
-    """One measured pgbench run: bench_proxy's, plus notes and replication lag."""
+class PairRun(Run):
+    """One measured pgbench run, with the replication lag sampled during it."""
 
-    notes: list[str] = field(default_factory=list)
     lag: dict | None = None
     lag_samples: list[LagSample] = field(default_factory=list)
-    #: CPU (user + system) of each proxy process during the measured run, µs per transaction
-    cpu_us_per_tx: dict[str, float] = field(default_factory=dict)
 
+    def details(self) -> list[str]:
+        out = []
+        if self.lag and self.lag["replay_lag_s"]["n"]:
+            r, b = self.lag["replay_lag_s"], self.lag["lag_bytes"]
+            out.append(f"replay lag p50 {r['p50'] * 1e3:.2f} ms p99 {r['p99'] * 1e3:.2f} ms,"
+                       f" {b['p50']:,.0f}/{b['p99']:,.0f} bytes")  # fmt: skip
+        if self.cpu_us_per_tx:
+            out.append("cpu/tx " + ", ".join(f"{n} {us:.0f} µs" for n, us in self.cpu_us_per_tx.items()))
+        return out
 
-def describe_run(run: Run) -> str:
-    text = bp.describe_run(run)
-    if run.lag and run.lag["replay_lag_s"]["n"]:
-        r, b = run.lag["replay_lag_s"], run.lag["lag_bytes"]
-        text += (f"; replay lag p50 {r['p50'] * 1e3:.2f} ms p99 {r['p99'] * 1e3:.2f} ms,"
-                 f" {b['p50']:,.0f}/{b['p99']:,.0f} bytes")  # fmt: skip
-    if run.cpu_us_per_tx:
-        text += "; cpu/tx " + ", ".join(f"{n} {us:.0f} µs" for n, us in run.cpu_us_per_tx.items())
-    for note in run.notes:
-        text += f"; {note}"
-    return text
+    def to_json(self) -> dict:
+        d = super().to_json()
+        d.pop("lag_samples")
+        return d
 
 
 # --------------------------------------------------------------------------- benchmark
 
 
-class Bench:
-    """Owns the temp dir, clusters, processes; ``cleanup`` removes them all."""
+class PairBench(Bench):
+    """Clusters for direct, direct-syncrep and the pair; the pair's connmgrs run per run."""
+
+    temp_prefix = "connmgr-bench-pair-"
+    db = DB
+    password = PASSWORD
+    run_type = PairRun
+    run_overhead_s = 3
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.base: Path | None = None
-        self.clusters: list[Cluster] = []  # plain clusters, destroyed in reverse order
+        super().__init__(args, workloads(args.clients, args.jobs))
+        self.warmup = args.warmup
         self.pair: ClusterPair | None = None
-        self.pgbench = ""
-        self.targets: list[Target] = []
-        self.skipped: dict[str, str] = {}
-        self.runs: list[Run] = []
-        self.workloads = [w for w in workloads(args.clients, args.jobs) if w.name in args.workloads]
-        self.environment: dict = {}
+        self.direct: Cluster | None = None
+        self.syncrep: tuple[Cluster, Cluster] | None = None  # primary, standby
+        self.users_file = Path("/nonexistent")  # SCRAM secrets of connmgr and PgBouncer
 
     # ------------------------------------------------------------ setup
 
-    def setup(self) -> None:
-        self.base = temp_base_dir("connmgr-bench-pair-")
-        log(f"temp dir {self.base}")
+    def make_clusters(self) -> None:
         wanted = set(self.args.targets)
-        (self.base / "logs").mkdir()
         self.users_file = self.base / "userlist.txt"
         self.users_file.write_text(f'"{USER}" "{PASSWORD}"\n')
         self.users_file.chmod(0o644)  # pgbouncer (as the server OS user) reads it too
-
-        direct = None
         if wanted & {"direct", "pgbouncer"}:
-            direct = self._plain_cluster("direct")
+            self.direct = self._plain_cluster("direct")
         if "direct-syncrep" in wanted:
             self._setup_syncrep()
         if wanted & {"pair-1phase", "pair-2phase", "direct-logical", "pair-failover"}:
             self._setup_pair()
-        self.pgbench = self.pgbench or "pgbench"
-        for cluster in [*self.clusters, *([self.pair.primary, self.pair.secondary] if self.pair else [])]:
+        every = [*self.clusters, *([self.pair.primary, self.pair.secondary] if self.pair else [])]
+        for cluster in every:
             cluster.psql("CHECKPOINT")
-        self._record_environment()
-
-        for name in self.args.targets:
-            try:
-                target = self._make_target(name, direct)
-            except (TargetUnavailable, ClusterError, psycopg.Error) as e:
-                self.skipped[name] = str(e)
-                log(f"{name}: SKIPPED - {e}")
-                continue
-            log(f"{name}: ready ({target.description})")
-            self.targets.append(target)
-
-    def _find_pgbench(self, cluster: Cluster) -> None:
-        if not self.pgbench:
-            own = cluster.bindir / "pgbench"
-            exe = str(own) if os.access(own, os.X_OK) else shutil.which("pgbench")
-            if not exe:
-                raise SystemExit("pgbench not found (next to the server binaries or on PATH)")
-            self.pgbench = exe
-
-    def _pgbench_init(self, cluster: Cluster, extra: list[str] | None = None) -> None:
-        self._find_pgbench(cluster)
-        args = ["-i", "-q", "-s", str(self.args.scale), *(extra or [])]
-        rc, out, err = run_pgbench(self.pgbench, cluster.port, args, timeout=3600)
-        if rc != 0:
-            raise ClusterError(f"pgbench {' '.join(args)} on {cluster.name} failed: "
-                               f"{first_error_line(err + out)}")  # fmt: skip
+        self.record_environment(every[0], cluster_settings={**DEFAULT_SETTINGS, **BENCH_SETTINGS})
 
     def _plain_cluster(self, name: str) -> Cluster:
         t0 = time.monotonic()
-        cluster = Cluster.create(self.base, name, password=PASSWORD, settings=BENCH_SETTINGS)
-        self.clusters.append(cluster)
-        cluster.start()
+        cluster = self.new_cluster(name, password=PASSWORD, settings=BENCH_SETTINGS)
         cluster.create_database(DB)
         log(f"{name}: cluster on port {cluster.port}, pgbench -i -s {self.args.scale} ...")
-        self._pgbench_init(cluster)
+        self.pgbench_init(cluster)
         log(f"{name}: ready in {time.monotonic() - t0:.1f}s")
         return cluster
 
@@ -681,13 +515,12 @@ class Bench:
         log("pair: creating primary + secondary with synchronous logical replication ...")
         self.pair = pair = ClusterPair.create(self.base / "pair", databases=(DB,), password=PASSWORD,
                                               settings=BENCH_SETTINGS, timeout=60)  # fmt: skip
-        self._find_pgbench(pair.primary)
         # DDL does not replicate: the secondary gets the tables and keys, no data, first
         # (so the apply worker meets no unknown table); then the primary is filled, and
         # the subscription refresh copies the tables.
         log(f"pair: pgbench -i -s {self.args.scale} (tables on the secondary, data on the primary) ...")
-        self._pgbench_init(pair.secondary, ["-I", "dtp"])
-        self._pgbench_init(pair.primary)
+        self.pgbench_init(pair.secondary, ["-I", "dtp"])
+        self.pgbench_init(pair.primary)
         with pair.secondary.connect(DB) as conn:
             conn.execute(sql.SQL("ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)")
                          .format(sql.Identifier(pair.subscription_name(DB))))  # fmt: skip
@@ -700,23 +533,29 @@ class Bench:
         log(f"pair: ports {pair.primary.port}/{pair.secondary.port}, secondary has {n} accounts,"
             f" subscription 'sync' ({time.monotonic() - t0:.1f}s)")  # fmt: skip
 
-    def _make_target(self, name: str, direct: Cluster | None) -> Target:
+    def make_target(self, name: str) -> Target:
+        direct = self.direct
         if name == "direct":
-            return Target(name, "Postgres, no replica", direct.port)
+            return Target(name, direct.port, "Postgres, no replica")
         if name == "direct-syncrep":
             primary, standby = self.syncrep
             return SyncRepTarget(
-                name, "Postgres + physical streaming standby, synchronous_standby_names ="
-                f" '{STANDBY_NAME}', synchronous_commit = on (commit waits for the standby's"
-                " flush)", primary.port, primary, [STANDBY_NAME], standby=standby,
+                name, primary.port, "Postgres + physical streaming standby,"
+                f" synchronous_standby_names = '{STANDBY_NAME}', synchronous_commit = on (commit"
+                " waits for the standby's flush)", lag_cluster=primary, lag_names=[STANDBY_NAME],
+                standby=standby,
             )  # fmt: skip
         if name == "pgbouncer":
-            return self._make_pgbouncer(direct)
+            service = self.start_pgbouncer(direct.port, auth_type="scram-sha-256",
+                                           auth_file=self.users_file, pool_mode="session")  # fmt: skip
+            return Target(name, service.port, "PgBouncer, session pooling, SCRAM, in front of"
+                          " the direct cluster", service=service)  # fmt: skip
         if name == "direct-logical":
             return Target(
-                name, "the pair's primary Postgres straight, no connmgr: synchronous logical"
-                " replication to the pair's secondary (commit waits until applied there)",
-                self.pair.primary.port, self.pair.primary, self.pair.subscription_names,
+                name, self.pair.primary.port, "the pair's primary Postgres straight, no connmgr:"
+                " synchronous logical replication to the pair's secondary (commit waits until"
+                " applied there)", lag_cluster=self.pair.primary,
+                lag_names=self.pair.subscription_names,
             )  # fmt: skip
         # the pair
         supported, why = mirror_mode_support()
@@ -734,9 +573,10 @@ class Bench:
             "no [mirror] mode key in this connmgr: its only (one-phase) behaviour")
         if failover:
             desc += "; [failover] secondary = the pair's secondary (replay journal, session recorder)"
-        target = PairTarget(name, desc, 0, self.pair.primary, self.pair.subscription_names,
-                            pair=self.pair, mode=wanted_mode if supported else None,
-                            base=self.base, users_file=self.users_file, failover=failover)  # fmt: skip
+        target = PairTarget(name, 0, desc, lag_cluster=self.pair.primary,
+                            lag_names=self.pair.subscription_names, pair=self.pair,
+                            mode=wanted_mode if supported else None, base=self.base,
+                            users_file=self.users_file, failover=failover)  # fmt: skip
         # Catch a refused configuration (or a connmgr that cannot start) now, not per run.
         try:
             target.prepare("check")
@@ -744,139 +584,28 @@ class Bench:
             target.release()
         return target
 
-    def _make_pgbouncer(self, direct: Cluster) -> Target:
-        exe = shutil.which("pgbouncer") or next(
-            (p for p in ("/usr/sbin/pgbouncer", "/usr/local/bin/pgbouncer") if os.access(p, os.X_OK)),
-            None,
-        )
-        if exe is None:
-            raise TargetUnavailable("pgbouncer is not installed (apt-get install -y pgbouncer)")
-        directory = self.base / "pgbouncer"
-        directory.mkdir()
-        run_as = bp.server_os_user()  # PgBouncer refuses to run as root
-        port = free_port(HOST)
-        ini = directory / "pgbouncer.ini"
-        ini.write_text(f"""\
-[databases]
-* = host={HOST} port={direct.port}
-
-[pgbouncer]
-listen_addr = {HOST}
-listen_port = {port}
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = {self.users_file}
-pool_mode = session
-max_client_conn = 1000
-default_pool_size = 100
-max_db_connections = 0
-ignore_startup_parameters = extra_float_digits
-log_connections = 0
-log_disconnections = 0
-""")
-        if run_as is not None:
-            for path in (directory, ini):
-                os.chown(path, run_as.pw_uid, run_as.pw_gid)
-        proc = bp.ProcessTarget("pgbouncer", port, argv=[exe, str(ini)], cwd=directory,
-                                log_path=self.base / "logs" / "pgbouncer.log",
-                                ready_marker=None, run_as=run_as)  # fmt: skip
-        proc.start()
-        self.environment["pgbouncer"] = first_error_line(
-            subprocess.run([exe, "--version"], capture_output=True, text=True).stdout)
-        return PgBouncerTarget("pgbouncer", "PgBouncer, session pooling, SCRAM, in front of"
-                               " the direct cluster", port, proc=proc)  # fmt: skip
-
-    def _record_environment(self) -> None:
-        cluster = self.clusters[0] if self.clusters else self.pair.primary
-        self.environment.update({
-            "postgres": cluster.psql("SELECT version()"),
-            "python": sys.version.split()[0],
-            "machine": platform.platform(),
-            "cpus": os.cpu_count(),
-            "cluster_settings": {**DEFAULT_SETTINGS, **BENCH_SETTINGS},
-        })  # fmt: skip
-
     # ------------------------------------------------------------ runs
 
-    def run_rounds(self) -> None:
-        a = self.args
-        n_runs = a.rounds * len(self.workloads) * len(self.targets)
-        log(f"{n_runs} runs of {a.warmup}s warm-up + {a.seconds}s "
-            f"(≈{n_runs * (a.seconds + a.warmup + 3) / 60:.1f} min)")  # fmt: skip
-        for rnd in range(a.rounds):
-            for i, wl in enumerate(self.workloads):
-                k = (rnd + i) % len(self.targets)
-                for target in self.targets[k:] + self.targets[:k]:
-                    log(f"round {rnd + 1}/{a.rounds}: {wl.name} via {target.name} ...")
-                    run = self.bench_once(target, wl, rnd + 1)
-                    self.runs.append(run)
-                    log(f"round {rnd + 1}/{a.rounds}: {wl.name} via {target.name}: {describe_run(run)}")
-
-    def bench_once(self, target: Target, wl: Workload, rnd: int) -> Run:
-        """Warm up, then measure ``wl`` against ``target``; never raises for a failing target."""
-        run = Run(rnd, wl.name, target.name)
-        a = self.args
-        try:
-            target.prepare(f"r{rnd}-{wl.name}")
-        except (TargetUnavailable, ClusterError, psycopg.Error) as e:
-            run.error = f"could not prepare: {e}"
-            run.notes += target.release()
-            return run
+    def measure(self, target: Target, wl: Workload, run: PairRun) -> None:
+        """The measured run, with the replication lag sampled during tpcb."""
         sampler = None
+        if wl.name == "tpcb" and target.lag_cluster is not None:
+            sampler = LagSampler(target.lag_cluster, target.lag_names).start()
         try:
-            if a.warmup > 0:
-                rc, out, err = run_pgbench(self.pgbench, target.port,
-                                           ["-n", "-T", str(a.warmup), *wl.args], timeout=a.warmup + 120)  # fmt: skip
-                if rc != 0:
-                    run.error = f"warm-up failed: {first_error_line(err + chr(10) + out)}"
-                    return run
-            if wl.name == "tpcb" and target.lag_cluster is not None:
-                sampler = LagSampler(target.lag_cluster, target.lag_names).start()
-            pids = target.proxy_pids()
-            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            t0 = time.monotonic()
-            rc, out, err = run_pgbench(self.pgbench, target.port, ["-T", str(a.seconds), *wl.args],
-                                       timeout=a.seconds + 120)  # fmt: skip
-            run.wall_s = round(time.monotonic() - t0, 2)
-            cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            super().measure(target, wl, run)
+        finally:
             if sampler is not None:
                 run.lag_samples = sampler.stop()
                 run.lag = lag_stats(run.lag_samples)
                 if sampler.error:
                     run.notes.append(sampler.error)
-                sampler = None
-            for key, value in bp.parse_pgbench(out).items():
-                setattr(run, key, value)
-            if rc == 0 and run.tps is not None:
-                run.ok = True
-                for name in pids:
-                    if cpu0[name] is not None and cpu1[name] is not None and run.transactions:
-                        run.cpu_us_per_tx[name] = round(1e6 * (cpu1[name] - cpu0[name]) / run.transactions, 1)
-            else:
-                run.error = first_error_line(err + "\n" + out)
-                if rc not in (0, -1):
-                    run.error = f"(exit {rc}) {run.error}"
-        finally:
-            if sampler is not None:
-                sampler.stop()
-            try:
-                run.notes += target.release()
-            except (ClusterError, psycopg.Error) as e:
-                run.notes.append(f"release: {e}")
-        return run
 
     # ------------------------------------------------------------ output
 
-    def summary_rows(self) -> list[bp.Row]:
-        rows = bp.summarize(self.runs, [w.name for w in self.workloads], [t.name for t in self.targets])
-        for row in rows:
-            notes = []
-            for r in self.runs:
-                if r.workload == row.workload and r.target == row.target:
-                    notes += [n for n in r.notes if n not in notes]
-            if notes:
-                row.note = "; ".join(filter(None, [row.note, *notes]))
-        return rows
+    def title(self, rounds: int) -> str:
+        a = self.args
+        return (f"pgbench -c {a.clients} -j {a.jobs}, {a.seconds}s per run after {a.warmup}s"
+                f" warm-up, median of {rounds} round(s), scale {a.scale}")  # fmt: skip
 
     def cpu_summary(self) -> list[tuple[str, str, dict[str, float]]]:
         """(workload, target, {process: median µs per transaction}) for proxied targets."""
@@ -916,28 +645,15 @@ log_disconnections = 0
                 out[target.name] = lag_stats(samples)
         return out
 
-    def report(self) -> None:
-        a = self.args
-        if not self.runs:
-            log("no runs completed")
-        else:
-            rounds = len({r.round for r in self.runs})
-            title = (f"pgbench -c {a.clients} -j {a.jobs}, {a.seconds}s per run after {a.warmup}s"
-                     f" warm-up, median of {rounds} round(s), scale {a.scale}")  # fmt: skip
-            print()
-            bp.print_plain_table(self.summary_rows(), title)
-            self.print_lag()
-            self.print_cpu()
+    def report_more(self) -> None:
+        self.print_lag()
+        self.print_cpu()
         print()
         print("targets:")
         width = max((len(t.name) for t in self.targets), default=0)
         for t in self.targets:
             print(f"  {t.name.ljust(width)}  {t.description}")
         print(f"every cluster: {SETTINGS_NOTE}; SCRAM over TCP")
-        for name, why in self.skipped.items():
-            print(f"{name}: skipped - {why}")
-        if a.json:
-            self.write_json(Path(a.json))
 
     def print_lag(self) -> None:
         lag = self.lag_summary()
@@ -956,50 +672,23 @@ log_disconnections = 0
                   ms(s["write_lag_s"]["p50"]), ms(s["write_lag_s"]["p99"]),
                   nbytes(s["lag_bytes"]["p50"]), nbytes(s["lag_bytes"]["p99"]),
                   str(s["not_sync_samples"])] for name, s in lag.items()]  # fmt: skip
-        widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-
-        def line(vals):
-            return "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                             for i, (v, w) in enumerate(zip(vals, widths, strict=True)))  # fmt: skip
-
         print()
         print(f"replication lag during tpcb, sampled every {LAG_INTERVAL * 1e3:.0f} ms on the primary"
               " (pg_stat_replication replay_lag / write_lag; bytes = pg_current_wal_lsn() - replay_lsn)")
-        print(line(headers))
-        print(line(["-" * w for w in widths]))
-        for c in cells:
-            print(line(c))
+        for line in table_lines(headers, cells, right=range(1, len(headers))):
+            print(line)
 
-    def write_json(self, path: Path) -> None:
-        runs = []
-        for r in self.runs:
-            d = asdict(r)
-            d.pop("lag_samples")
-            runs.append(d)
-        data = {
-            "config": dict(vars(self.args)),
-            "environment": self.environment,
-            "workloads": {w.name: list(w.args) for w in self.workloads},
+    def json_more(self) -> dict:
+        return {
             "targets": {t.name: t.description for t in self.targets},
-            "skipped": self.skipped,
-            "runs": runs,
-            "summary": [asdict(r) for r in self.summary_rows()],
             "lag_tpcb": self.lag_summary(),
             "proxy_cpu_us_per_tx": [{"workload": w, "target": t, "median": c}
                                     for w, t, c in self.cpu_summary()],  # fmt: skip
         }
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        log(f"figures written to {path}")
 
     # ------------------------------------------------------------ cleanup
 
-    def cleanup(self) -> None:
-        """Stop every process we started and remove every cluster; each step on its own."""
-        for target in self.targets:
-            try:
-                target.stop()
-            except Exception as e:  # noqa: BLE001 - keep cleaning up
-                log(f"could not stop {target.name}: {e}")
+    def remove_clusters(self) -> None:
         if self.pair is not None:
             try:
                 if self.args.keep:
@@ -1009,19 +698,7 @@ log_disconnections = 0
                     self.pair.destroy()
             except ClusterError as e:
                 log(f"pair cleanup: {e}")
-        for cluster in reversed(self.clusters):
-            try:
-                if self.args.keep:
-                    cluster.stop("fast")
-                else:
-                    cluster.destroy()
-            except ClusterError as e:
-                log(f"cluster {cluster.name} cleanup: {e}")
-        if self.base is not None:
-            if self.args.keep:
-                log(f"kept {self.base}")
-            else:
-                shutil.rmtree(self.base, ignore_errors=True)
+        super().remove_clusters()
 
 
 # ------------------------------------------------------------------------------ main
@@ -1033,60 +710,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " physical standby and PgBouncer.",
         epilog="See the module docstring (labs/bench_pair.py) for what the figures mean.",
     )
-    p.add_argument("--seconds", type=int, default=10, help="duration of each run (default 10)")
+    add_arguments(p, rounds=3, targets=ALL_TARGETS, default_targets=DEFAULT_TARGETS,
+                  workloads=ALL_WORKLOADS)  # fmt: skip
     p.add_argument("--warmup", type=int, default=2, help="warm-up before each run, s (default 2)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 3 s, 1 s warm-up")
-    p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
-    p.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
-    p.add_argument("--jobs", type=int, default=2, help="pgbench -j (default 2)")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                   help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: all but"
-                   " direct-logical)")  # fmt: skip
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
-                   help=f"comma-separated subset of {','.join(ALL_WORKLOADS)}")  # fmt: skip
-    p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (data, logs, configs)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.warmup = 1, 3, 1
-    args.targets = bp.split_choices(p, "--targets", args.targets, ALL_TARGETS)
-    args.workloads = bp.split_choices(p, "--workloads", args.workloads, ALL_WORKLOADS)
-    if args.seconds < 1 or args.rounds < 1 or args.warmup < 0 or args.scale < 1:
-        p.error("--seconds, --rounds and --scale must be at least 1, --warmup at least 0")
-    return args
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    if args.warmup < 0:
+        p.error("--warmup must be at least 0")
+    return check_arguments(p, args, ALL_TARGETS, ALL_WORKLOADS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    bench = Bench(args)
-    status = 0
-    try:
-        bench.setup()
-        if not bench.targets:
-            log("no target could be started")
-            return 1
-        bench.run_rounds()
-        bench.report()
-    except KeyboardInterrupt:
-        log("interrupted; partial results follow")
-        status = 130
-        with contextlib.suppress(Exception):
-            bench.report()
-    except (ClusterError, TargetUnavailable, psycopg.Error) as e:
-        log(f"setup failed: {e}")
-        status = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.cleanup()
-    return status
+    return run_bench(PairBench(parse_args(argv)))
 
 
 if __name__ == "__main__":

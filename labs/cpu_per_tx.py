@@ -12,60 +12,46 @@ Prints one line per run: tps, CPU us per transaction and the user part of it.
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import signal
-import subprocess
+import shutil
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchkit.pgbench import find_pgbench, parse_pgbench, run_pgbench  # noqa: E402
+from benchkit.procs import Service, TargetUnavailable, cpu_times, first_error_line  # noqa: E402
+from benchkit.targets import connmgr_argv, relay_argv  # noqa: E402
 
 from connmgr.embedded.clusters import Cluster, free_port, temp_base_dir  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
-_secondaries: list[subprocess.Popen] = []
 
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, user + system) CPU seconds of ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    user, system = int(fields[11]), int(fields[12])
-    return user / TICK, (user + system) / TICK
-
-
-def start(kind: str, pg_port: int, base: Path) -> tuple[subprocess.Popen, int]:
-    """Start one proxy. ``connmgr-mirror`` is connmgr mirroring every session to a second
-    connmgr (started here too, as the secondary) with the redo monitor tagging LSNs."""
+def start(kind: str, pg_port: int, base: Path) -> list[Service]:
+    """Start one proxy; returns its services, the measured one last. ``connmgr-mirror`` is
+    connmgr mirroring every session to a second connmgr (started here too, as the
+    secondary) with the redo monitor tagging LSNs."""
     port = free_port()
-    if kind == "connmgr-mirror":
-        mport = free_port()
-        (base / "secondary.toml").write_text(f'[mirror]\nlisten = "127.0.0.1:{mport}"\n')
-        secondary = subprocess.Popen(
-            [sys.executable, "-m", "connmgr", "serve", "--config", str(base / "secondary.toml"),
-             "--listen", f"127.0.0.1:{free_port()}", "--primary", f"127.0.0.1:{pg_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
-        )
-        _secondaries.append(secondary)
-        (base / "primary.toml").write_text(f'[mirror]\npeer = "127.0.0.1:{mport}"\n[redo]\nuser = "postgres"\n')
-        cmd = [sys.executable, "-m", "connmgr", "serve", "--config", str(base / "primary.toml"),
-               "--listen", f"127.0.0.1:{port}", "--primary", f"127.0.0.1:{pg_port}"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-        time.sleep(2.5)
-        return proc, port
+    services = []
     if kind == "relay":
-        cmd = [sys.executable, str(REPO / "labs" / "naive_relay.py"), "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{pg_port}"]
+        services.append(Service(kind, relay_argv(port, pg_port), port, base / "relay.log"))
+    elif kind == "connmgr-mirror":
+        mport, sport = free_port(), free_port()
+        (base / "secondary.toml").write_text(f'[mirror]\nlisten = "127.0.0.1:{mport}"\n')
+        (base / "primary.toml").write_text(f'[mirror]\npeer = "127.0.0.1:{mport}"\n[redo]\nuser = "postgres"\n')
+        services.append(Service("secondary", connmgr_argv(sport, pg_port, ["--config", str(base / "secondary.toml")]),
+                                sport, base / "secondary.log"))  # fmt: skip
+        services.append(Service(kind, connmgr_argv(port, pg_port, ["--config", str(base / "primary.toml")]),
+                                port, base / "primary.log", markers=("listening on", "mirror link up")))  # fmt: skip
     else:
-        cmd = [sys.executable, "-m", "connmgr", "serve", "--listen", f"127.0.0.1:{port}", "--primary", f"127.0.0.1:{pg_port}"]
-        if kind == "connmgr-tasks":
-            cmd += ["--relay", "tasks"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    time.sleep(2)
-    if proc.poll() is not None:
-        raise SystemExit(f"{kind} exited at start ({proc.returncode})")
-    return proc, port
+        extra = ["--relay", "tasks"] if kind == "connmgr-tasks" else []
+        services.append(Service(kind, connmgr_argv(port, pg_port, extra), port, base / f"{kind}.log"))
+    try:
+        for service in services:
+            service.start()
+    except TargetUnavailable as e:
+        for service in services:
+            service.stop()
+        raise SystemExit(str(e)) from e
+    return services
 
 
 def main() -> None:
@@ -77,38 +63,38 @@ def main() -> None:
     args = ap.parse_args()
     base = temp_base_dir("connmgr-cpu-")
     cluster = Cluster.create(base, "cpu", host_auth="trust")
-    procs: dict[str, tuple[subprocess.Popen, int]] = {}
+    procs: dict[str, list[Service]] = {}
     try:
         cluster.start()
-        subprocess.run(["pgbench", "-i", "-s", "2", "-q", "-h", cluster.host, "-p", str(cluster.port), "-U", "postgres", "postgres"], check=True, capture_output=True)
+        pgbench = find_pgbench(cluster)
+        rc, out, err = run_pgbench(pgbench, cluster.port, ["-i", "-s", "2", "-q"], timeout=600, db="postgres")
+        if rc != 0:
+            raise SystemExit(f"pgbench -i failed: {first_error_line(err + out)}")
         for kind in args.targets.split(","):
             procs[kind] = start(kind, cluster.port, base)
         for _ in range(args.rounds):
             for mode in args.modes.split(","):
-                for kind, (proc, port) in procs.items():
-                    u0, c0 = cpu_seconds(proc.pid)
-                    r = subprocess.run(
-                        ["pgbench", "-n", "-S", "-c", "8", "-j", "2", "-T", str(args.seconds), "-M", mode, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"],
-                        capture_output=True, text=True,
-                    )
-                    u1, c1 = cpu_seconds(proc.pid)
-                    n = re.search(r"processed: (\d+)", r.stdout)
-                    tps = re.search(r"tps = ([\d.]+) \(without", r.stdout)
-                    if not (n and tps):
-                        print(f"{mode:9s} {kind:14s} FAILED: {r.stderr.strip()[:200]}", flush=True)
+                for kind, services in procs.items():
+                    proxy = services[-1]
+                    u0, s0 = cpu_times(proxy.pid()) or (0.0, 0.0)
+                    rc, out, err = run_pgbench(
+                        pgbench, proxy.port,
+                        ["-n", "-S", "-c", "8", "-j", "2", "-T", str(args.seconds), "-M", mode],
+                        timeout=args.seconds + 120, db="postgres",
+                    )  # fmt: skip
+                    u1, s1 = cpu_times(proxy.pid()) or (u0, s0)
+                    figures = parse_pgbench(out)
+                    if rc != 0 or "tps" not in figures or not figures.get("transactions"):
+                        print(f"{mode:9s} {kind:14s} FAILED: {first_error_line(err + out)[:200]}", flush=True)
                         continue
-                    count = int(n.group(1))
-                    print(f"{mode:9s} {kind:14s} tps {float(tps.group(1)):8.0f}  cpu/tx {1e6 * (c1 - c0) / count:6.1f} us  (user {1e6 * (u1 - u0) / count:5.1f})", flush=True)
+                    count = figures["transactions"]
+                    cpu = 1e6 * (u1 + s1 - u0 - s0) / count
+                    print(f"{mode:9s} {kind:14s} tps {figures['tps']:8.0f}  cpu/tx {cpu:6.1f} us  (user {1e6 * (u1 - u0) / count:5.1f})", flush=True)
     finally:
-        for proc in [p for p, _ in procs.values()] + _secondaries:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for services in procs.values():
+            for service in reversed(services):
+                service.stop()
         cluster.destroy()
-        import shutil
-
         shutil.rmtree(base, ignore_errors=True)
 
 

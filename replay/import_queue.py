@@ -261,11 +261,13 @@ class ImportQueueStats:
 
 
 class ImportQueueError(Exception):
-    """Base class of the import queue's errors."""
+    """Base class of the import queue's errors. Internal: a session the queue cannot
+    follow is marked not replayable (counted and logged); no client sees these."""
 
 
 class IllegalTransition(ImportQueueError):
-    """An event that the outcome table does not allow in the transaction's state."""
+    """An event that the outcome table does not allow in the transaction's state
+    (internal, as every ImportQueueError)."""
 
     def __init__(self, state: Outcome, event: Event) -> None:
         super().__init__(f"event {event.value!r} is illegal in state {state.value!r}")

@@ -57,7 +57,8 @@ MAX_FRAME = 64 << 20
 
 
 class MirrorProtocolError(Exception):
-    """The peer sent something that is not the mirror protocol."""
+    """The peer sent something that is not the mirror protocol. Internal to the link
+    between two connmgrs: the link is dropped and made again; no client sees it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ AuthMethod = Literal["md5", "scram-sha-256"]
 
 class UsersFileError(ValueError):
     """A users file that cannot be used; str() is ``users file <path> line <n>: <reason>``.
+    Internal: a configuration error, reported at start-up or on reload, never to a client.
 
     The reason never contains a secret.
     """
@@ -208,7 +209,7 @@ def _quoted(line: str, pos: int, what: str) -> tuple[str, int]:
 
 
 class _LineError(Exception):
-    pass
+    """Internal: a line's problem, raised as :class:`UsersFileError` with its place."""
 
 
 def _parse_line(line: str) -> tuple[str, str]:

@@ -82,7 +82,8 @@ _NAMEDATALEN = 63
 
 
 class PairError(ClusterError):
-    """A pair operation failed or timed out; the message says which, and why."""
+    """A pair operation failed or timed out; the message says which, and why (internal
+    to the embedded harness, as ClusterError)."""
 
 
 def _qualified(name: str) -> sql.Composable:

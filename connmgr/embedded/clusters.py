@@ -96,7 +96,8 @@ _LOG_TAIL_CHARS = 4000
 
 
 class ClusterError(Exception):
-    """A cluster operation failed; the message says which, and why."""
+    """A cluster operation failed; the message says which, and why. Internal to the
+    embedded harness (demo, tests, labs): no client of connmgr sees it."""
 
 
 # --------------------------------------------------------------------------- binaries

@@ -75,7 +75,10 @@ _STUCK_AFTER = 0.05
 
 
 class FailoverError(Exception):
-    """The secondary could not be made ready (the message says why)."""
+    """The secondary could not be made ready, or a switchover or re-seed not done (the
+    message says why). Internal: a client never gets it as such -- a session waiting for
+    its move gets :class:`~connmgr.failover.session_move.NotMovable` (08006), the admin
+    console 55000 (object_not_in_prerequisite_state)."""
 
 
 class Failover:

@@ -53,7 +53,8 @@ Opener = Callable[[str, str], Awaitable[BackendSession]]
 
 
 class ReseedError(Exception):
-    """The old primary could not be made the secondary (the message says why)."""
+    """The old primary could not be made the secondary (the message says why). Internal:
+    reported as a :class:`~connmgr.failover.controller.FailoverError`."""
 
 
 @dataclass(frozen=True, slots=True)

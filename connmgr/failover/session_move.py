@@ -100,7 +100,8 @@ class NotMovable(ClientError):
 
 
 class _Rollback(Exception):
-    """The open transaction cannot move faithfully: roll it back with 40001."""
+    """Internal: the open transaction cannot move faithfully; the client gets SQLSTATE
+    40001 (serialization_failure: retry) on its next answer."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)

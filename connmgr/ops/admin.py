@@ -56,6 +56,10 @@ _NOOPS = {"BEGIN": "BEGIN", "START": "START TRANSACTION", "COMMIT": "COMMIT", "E
 
 
 class AdminError(Exception):
+    """An admin console command failed: the client gets an ErrorResponse with
+    ``sqlstate`` (42601 syntax_error unless the command says otherwise: 42501 not an
+    admin user, 55000 not possible now, 08006 a server that cannot be asked)."""
+
     def __init__(self, message: str, sqlstate: str = "42601") -> None:
         super().__init__(message)
         self.sqlstate = sqlstate

@@ -47,7 +47,8 @@ SEQUENCE_LEAD = 1000
 
 
 class SetupError(Exception):
-    pass
+    """Internal to ``connmgr pair setup``: a step could not be done; the command prints
+    the message and exits non-zero (no client is involved)."""
 
 
 def _dsn(base: str, dbname: str) -> dict:

@@ -191,7 +191,7 @@ class _Wire:
 
 
 class _Closed(Exception):
-    """EOF from the server (turned into ReplicationError by the caller)."""
+    """Internal: EOF from the server (turned into ReplicationError by the caller)."""
 
 
 # ---------------------------------------------------------------------- opening

@@ -20,7 +20,8 @@ Stream = trio.abc.Stream
 
 
 class PeerClosed(ClientError):
-    """The peer closed the connection in the middle of a handshake."""
+    """The peer closed the connection in the middle of a handshake (SQLSTATE 08006, for
+    the log: there is nobody left to tell)."""
 
     sqlstate = "08006"
 
