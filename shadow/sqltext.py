@@ -234,66 +234,94 @@ def _dollar_tag(sql: bytes, i: int) -> bytes | None:
     return None
 
 
+#: statement_count's fast path: a run of bytes that holds no statement separator, comment
+#: start or dollar quote -- ordinary bytes and *complete* '', E'' and "" quotes (an E'' only
+#: where the E starts a word). It stops where the careful loop has to decide.
+_RUN = re.compile(rb"""(?:
+      [^;'"$/\-eE]+
+    | (?<![A-Za-z0-9_\x80-\xff])[eE]'(?:[^'\\]++|\\.|'')*+'
+    | [eE](?!')
+    | (?<=[A-Za-z0-9_\x80-\xff])[eE]
+    | '(?:[^']++|'')*+'
+    | "(?:[^"]++|"")*+"
+    | /(?!\*)
+    | -(?!-)
+)*+""", re.X | re.S)
+_NOT_SPACE = re.compile(rb"[^ \t\r\n\f\v]")
+_COMMENT_EDGE = re.compile(rb"/\*|\*/")
+_QUOTE_OR_BACKSLASH = re.compile(rb"['\\]")
+
+
 def statement_count(sql: bytes, limit: int = 2) -> int:
     """How many non-empty statements ``sql`` holds, counting up to ``limit``: the
     ``;`` that separate them are found outside quotes ('', E'' with backslashes, "",
     dollar quotes) and comments (``--``, nested ``/* */``), as Postgres's lexer does.
-    An unterminated quote or comment counts what came before it plus one."""
+    An unterminated quote or comment counts what came before it plus one. Runs of plain
+    text and complete quotes are skipped by one compiled pattern, so a statement of
+    hundreds of megabytes costs the event loop milliseconds per megabyte, not seconds."""
     count = 0
     content = False
     i, n = 0, len(sql)
     while i < n:
-        c = sql[i]
+        j = _RUN.match(sql, i).end()
+        if not content and _NOT_SPACE.search(sql, i, j) is not None:
+            content = True
+        if j >= n:
+            break
+        c = sql[j]
         if c == 59:  # ';'
             if content:
                 count += 1
                 if count >= limit:
                     return count
             content = False
-            i += 1
-            continue
-        if c in _SPACE:
-            i += 1
-            continue
-        if c == 45 and sql.startswith(b"--", i):
-            j = sql.find(b"\n", i)
-            i = n if j < 0 else j + 1
-            continue
-        if c == 47 and sql.startswith(b"/*", i):
-            depth, i = 1, i + 2
-            while i < n and depth:
-                if sql.startswith(b"/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith(b"*/", i):
-                    depth, i = depth - 1, i + 2
+            i = j + 1
+        elif c == 45:  # '--': to the end of the line
+            k = sql.find(b"\n", j)
+            i = n if k < 0 else k + 1
+        elif c == 47:  # '/*', nested
+            depth, i = 1, j + 2
+            while depth:
+                edge = _COMMENT_EDGE.search(sql, i)
+                if edge is None:
+                    i = n
+                    break
+                depth += 1 if sql[edge.start()] == 47 else -1
+                i = edge.end()
+        elif c == 39 or c == 69 or c == 101:  # an unterminated '...' or E'...'
+            content = True
+            escapes = c != 39 or (j > 0 and sql[j - 1] in b"eE" and (j < 2 or not _is_word_byte(sql[j - 2])))
+            if c != 39:
+                j += 1
+            k = j + 1
+            while True:
+                if escapes:
+                    hit = _QUOTE_OR_BACKSLASH.search(sql, k)
+                    pos = -1 if hit is None else hit.start()
                 else:
-                    i += 1
-            continue
-        content = True
-        if c == 39:  # '...'
-            escapes = i > 0 and sql[i - 1] in b"eE" and (i < 2 or not _is_word_byte(sql[i - 2]))
-            i += 1
-            while i < n:
-                if escapes and sql[i] == 92:
-                    i += 2
-                elif sql[i] == 39:
-                    if i + 1 < n and sql[i + 1] == 39:
-                        i += 2
-                    else:
-                        break
-                else:
-                    i += 1
-            i += 1
+                    pos = sql.find(b"'", k)
+                if pos < 0:
+                    i = n
+                    break
+                if sql[pos] == 92 or (pos + 1 < n and sql[pos + 1] == 39):  # \x or ''
+                    k = pos + 2
+                    continue
+                i = pos + 1
+                break
         elif c == 34:  # "..."
-            j = sql.find(b'"', i + 1)
-            while j >= 0 and sql.startswith(b'""', j):
-                j = sql.find(b'"', j + 2)
-            i = n if j < 0 else j + 1
-        elif c == 36 and (tag := _dollar_tag(sql, i)) is not None and (i == 0 or not _is_word_byte(sql[i - 1])):
-            j = sql.find(tag, i + len(tag))
-            i = n if j < 0 else j + len(tag)
-        else:
-            i += 1
+            content = True
+            k = sql.find(b'"', j + 1)
+            while k >= 0 and sql.startswith(b'""', k):
+                k = sql.find(b'"', k + 2)
+            i = n if k < 0 else k + 1
+        else:  # '$': a dollar quote, or a parameter ($1) or part of a word
+            content = True
+            tag = _dollar_tag(sql, j) if j == 0 or not _is_word_byte(sql[j - 1]) else None
+            if tag is None:
+                i = j + 1
+            else:
+                k = sql.find(tag, j + len(tag))
+                i = n if k < 0 else k + len(tag)
     return count + (1 if content else 0)
 
 
