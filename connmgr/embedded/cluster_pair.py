@@ -26,7 +26,7 @@ would work too, but ``pg_stat_replication.sync_state`` then shows ``quorum``, no
 A logical subscriber reports an LSN as *flushed* only once the remote transaction ending
 there has been applied and committed (and, with the subscription's ``synchronous_commit =
 'on'``, flushed) on the secondary. So when a commit returns on the primary, its rows are
-already visible on the secondary; ``tests/test_cluster_pair.py`` checks this on every commit of a
+already visible on the secondary; ``tests/integration/test_cluster_pair.py`` checks this on every commit of a
 run. The price: a write commit on the primary -- in *any* database of the primary, since
 the subscribers' walsenders read all of its WAL -- waits for the secondary. **While the
 secondary (or its apply worker) is down, every write commit on the primary hangs**, for as

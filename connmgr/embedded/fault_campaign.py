@@ -41,7 +41,7 @@ it with a copy, switches the sessions back over to it and re-seeds the other sid
 one. The same checks are then made on the original primary, and both databases must hold
 the same rows.
 
-``tests/test_fault_campaign.py`` runs the short form (5 trials, 2 with fail-back) in CI;
+``tests/campaign/test_fault_campaign.py`` runs the short form (5 trials, 2 with fail-back) in CI;
 ``labs/fault_campaign.py`` runs the long form (100+) and prints the table.
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("shadow", "replay", "connmgr")
 LAYER = {"shadow": 0, "replay": 1, "connmgr": 2}
 FORBIDDEN = {"socket", "ssl", "trio", "scapy", "pyroute2", "asyncio", "selectors", "psycopg", "connmgr",

@@ -18,7 +18,7 @@ from connmgr.ops.cli import main
 @pytest.fixture
 def live_pair(pg_bindir, pg_base_dir, tmp_path, request):
     """A fresh pair per test (each test kills its primary). No automatic fail-back: these
-    tests look at the old primary as the move left it (tests/test_failback.py turns it)."""
+    tests look at the old primary as the move left it (test_failback.py turns it)."""
     with live_pair_of(pg_bindir, pg_base_dir / f"failover-{request.node.name[:40]}", tmp_path,
                       failover_options={"failback": "manual"}) as lp:  # fmt: skip
         yield lp

@@ -41,7 +41,7 @@ from connmgr.embedded.clusters import Cluster, free_port
 from connmgr.errors import ConfigError
 from shadow import messages as m
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers
