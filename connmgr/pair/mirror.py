@@ -53,8 +53,11 @@ class MirrorLink:
 
     def __init__(self, host: str, port: int, *, node: str = "primary", max_buffer_bytes: int = 64 << 20,
                  heartbeat_interval: float = 0.1, lsn: Callable[[], int] = lambda: 0,
-                 two_phase: bool = False, two_phase_timeout: float = 0.5) -> None:
+                 two_phase: bool = False, two_phase_timeout: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.host, self.port = host, port
+        #: the clock of the flush timer and the two-phase holds (trio.current_time in tests)
+        self._clock = clock
         self.node = node
         self.sender = MirrorSender(int.from_bytes(os.urandom(8), "big"), max_buffer_bytes=max_buffer_bytes)
         self.heartbeat_interval = heartbeat_interval
@@ -111,7 +114,7 @@ class MirrorLink:
         if not self.two_phase or version <= self.sender.acked_version:
             release()
             return
-        self._holds.append((version, time.monotonic(), release))
+        self._holds.append((version, self._clock(), release))
         self.holds_total += 1
         if self.connected:
             self._outbox.append(self.sender.ack_request(version))
@@ -123,7 +126,7 @@ class MirrorLink:
 
     def _acked(self, version: int) -> None:
         if version >= self.sender.acked_version:
-            self._last_ack = time.monotonic()
+            self._last_ack = self._clock()
         self.sender.on_ack(version)
         holds = self._holds
         while holds and holds[0][0] <= version:
@@ -141,7 +144,7 @@ class MirrorLink:
         link is up, acknowledged within the last second and less than 256 versions behind."""
         if not self.two_phase_configured:
             return
-        now = time.monotonic() if now is None else now
+        now = self._clock() if now is None else now
         if self.two_phase:
             if self._holds and now - self._holds[0][1] > self.two_phase_timeout:
                 self.two_phase = False
@@ -175,14 +178,14 @@ class MirrorLink:
         """Called after every relay batch: send now if enough has gathered (or enough time
         passed), otherwise leave it to the link task's timer (``flush_delay``). Coalescing
         saves a ``send`` per batch; the records wait at most ``flush_delay``."""
-        if self._outbox_bytes >= _FLUSH_BYTES or time.monotonic() - self._last_flush >= self.flush_delay:
+        if self._outbox_bytes >= _FLUSH_BYTES or self._clock() - self._last_flush >= self.flush_delay:
             self.flush_nowait()
 
     def flush_nowait(self) -> None:
         """Send what the socket takes now; the link task sends the rest."""
         box = self._outbox
         self._outbox_bytes = 0
-        self._last_flush = time.monotonic()
+        self._last_flush = self._clock()
         if not box or self._sock is None:
             return
         data = b"".join(box) if len(box) > 1 else box[0]

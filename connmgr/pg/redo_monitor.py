@@ -41,8 +41,11 @@ _QUERY = m.query("SELECT pg_catalog.pg_current_wal_insert_lsn()")
 
 
 class RedoMonitor:
-    def __init__(self, *, interval: float = 0.005, stale_after: float = 1.0) -> None:
+    def __init__(self, *, interval: float = 0.005, stale_after: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.interval = interval
+        #: the clock of :attr:`healthy` (trio.current_time in tests)
+        self._clock = clock
         self.stale_after = stale_after
         #: the published position (0 until the first answer)
         self.lsn = 0
@@ -60,13 +63,13 @@ class RedoMonitor:
 
     @property
     def healthy(self) -> bool:
-        return time.monotonic() - self.updated_at < self.stale_after
+        return self._clock() - self.updated_at < self.stale_after
 
     def publish(self, lsn: int) -> None:
         """Record a sample; never moves backwards."""
         if lsn > self.lsn:
             self.lsn = lsn
-        self.updated_at = time.monotonic()
+        self.updated_at = self._clock()
         self.samples += 1
 
     async def run(
