@@ -231,14 +231,15 @@ class MirrorLink:
     async def _keep_connected(self) -> None:
         backoff = 0.05
         while True:
+            connects = self.connects
             try:
                 await self._session()
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, MirrorProtocolError,
                     ConnectionError) as e:
+                if self.connects > connects:  # it was up: a new outage starts at the shortest wait
+                    backoff = 0.05
                 log.log(logging.INFO if self.connects else logging.WARNING,
                         "mirror link to %s:%d: %s; reconnecting in %.2fs", self.host, self.port, e, backoff)
-                if self.connected_once:
-                    backoff = 0.05
             except Exception:  # a bug in the link must not take the sessions down with it
                 log.exception("mirror link failed; reconnecting")
             finally:
@@ -280,8 +281,11 @@ class MirrorLink:
             nursery.start_soon(self._quietly, self._heartbeats)
             while self.connected:
                 if self._outbox:
-                    # whatever the relay left for coalescing goes out within flush_delay
-                    await trio.sleep(self.flush_delay)
+                    # whatever the relay left for coalescing goes out flush_delay after the
+                    # last flush (the idle wait below may already have used up that time)
+                    left = self._last_flush + self.flush_delay - self._clock()
+                    if left > 0:
+                        await trio.sleep(left)
                     if self._sock is not raw:  # dropped meanwhile (a failed send, the reader): closed
                         break
                     try:

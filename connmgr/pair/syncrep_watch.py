@@ -13,6 +13,7 @@ logs one WARNING per episode when a commit has waited longer than ``after`` seco
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -34,7 +35,7 @@ def likely_cause(standby_names: str, replication: str) -> str:
     if not replication:
         return (f"no standby is connected (synchronous_standby_names = {standby_names!r}): the secondary's"
                 " subscription is down or disabled")  # fmt: skip
-    if "sync" not in replication and "quorum" not in replication:
+    if re.search(r"\b(sync|quorum)\b", replication) is None:  # ("async" is not synchronous)
         return f"no connected standby is synchronous ({replication})"
     return ("the secondary's apply worker does not apply (look at the secondary's server log: a table or"
             " column it lacks, a lock it waits for, or DDL the secondary connmgr has not replayed --"

@@ -63,7 +63,8 @@ class RedoMonitor:
 
     @property
     def healthy(self) -> bool:
-        return self._clock() - self.updated_at < self.stale_after
+        """A sample came within ``stale_after`` (never before the first sample)."""
+        return self.samples > 0 and self._clock() - self.updated_at < self.stale_after
 
     def publish(self, lsn: int) -> None:
         """Record a sample; never moves backwards."""

@@ -160,3 +160,12 @@ async def test_retarget_drops_the_session_and_reconnects_at_once(autojump_clock,
         ("WARNING", "redo monitor: server closed the connection; retrying every 1 s"),
         ("INFO", "redo monitor: sampling again after 1 failed attempt(s)"),
     ]
+
+
+async def test_no_sample_yet_is_not_healthy_whatever_the_clock_reads(autojump_clock):
+    """A clock that starts near zero (MockClock; CLOCK_MONOTONIC on a fresh boot) must not
+    make a monitor that never sampled look healthy."""
+    monitor = RedoMonitor(interval=0.25, clock=trio.current_time)
+    assert trio.current_time() < monitor.stale_after and not monitor.healthy
+    monitor.publish(5)
+    assert monitor.healthy

@@ -114,11 +114,6 @@ async def test_the_figures_follow_each_look_and_name_the_likely_cause(autojump_c
     assert "for up to 3.0 s: the secondary's apply worker does not apply" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="likely_cause() looks for the substring 'sync', which 'async' holds:"
-    " a standby that is only async is blamed on the apply worker",
-)
 async def test_an_async_only_standby_is_named_as_the_cause(autojump_clock, vcaplog):
     primary = FakePrimary([(0.5, 100.0)], replication=b"secondary async")
     watch = SyncRepWatch(primary.open_session, interval=0.5, after=3.0)
