@@ -91,11 +91,11 @@ from connmgr.embedded.clusters import (  # noqa: E402
     DEFAULT_SETTINGS,
     Cluster,
     ClusterError,
-    _clean_env,
-    _give_to_server_user,
-    _run,
-    _server_os_user,
+    clean_env,
     free_port,
+    give_to_server_user,
+    run_tool,
+    server_os_user,
 )
 from connmgr.errors import ConfigError  # noqa: E402
 from connmgr.metrics import percentile as _percentile  # noqa: E402
@@ -475,23 +475,23 @@ class PairBench(Bench):
     def _setup_syncrep(self) -> None:
         primary = self._plain_cluster("srprimary")
         t0 = time.monotonic()
-        user = _server_os_user()
+        user = server_os_user()
         root = self.base / "standby"
         root.mkdir(mode=0o700)
-        _give_to_server_user(root, user)
+        give_to_server_user(root, user)
         sock = root / "sock"
         sock.mkdir(mode=0o700)
-        _give_to_server_user(sock, user)
+        give_to_server_user(sock, user)
         standby = Cluster(name="standby", datadir=root / "data", host=HOST, port=free_port(HOST),
                           bindir=primary.bindir, superuser=USER, password=PASSWORD,
                           log_path=root / "server.log", socket_dir=sock)  # fmt: skip
         self.clusters.append(standby)
         log("srprimary: pg_basebackup -R of a streaming standby ...")
-        _run([primary.bindir / "pg_basebackup", "-h", primary.host, "-p", str(primary.port),
+        run_tool([primary.bindir / "pg_basebackup", "-h", primary.host, "-p", str(primary.port),
               "-U", USER, "-D", standby.datadir, "-R", "-X", "stream", "-c", "fast", "--no-sync",
               "-d", f"application_name={STANDBY_NAME}"],
              "pg_basebackup of srprimary", as_server=True, timeout=1800, cwd=root,
-             env=_clean_env(PGPASSWORD=PASSWORD))  # fmt: skip
+             env=clean_env(PGPASSWORD=PASSWORD))  # fmt: skip
         # postgresql.conf came with the copy: the standby needs its own port and socket dir
         # (appending keeps the file's owner).
         with open(standby.datadir / "postgresql.conf", "a", encoding="utf-8") as f:

@@ -197,7 +197,7 @@ def wheel_bindir() -> Path | None:
     install = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
     if _server_binaries_missing(install / "bin"):
         return None
-    user = _server_os_user()
+    user = server_os_user()
     try:
         _check_traversable(install / "bin" / "postgres", user)
         return install / "bin"
@@ -237,7 +237,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 # ------------------------------------------------------------------- OS user handling
 
 
-class _OsUser(NamedTuple):
+class OsUser(NamedTuple):
     name: str
     uid: int
     gid: int
@@ -245,7 +245,7 @@ class _OsUser(NamedTuple):
     home: str
 
 
-def _server_os_user() -> _OsUser | None:
+def server_os_user() -> OsUser | None:
     """The user to run initdb/pg_ctl as, or None to run them as ourselves (not root)."""
     if os.geteuid() != 0:
         return None
@@ -265,15 +265,15 @@ def _server_os_user() -> _OsUser | None:
         ) from None
     if pw.pw_uid == 0:
         raise ClusterError(f"${OS_USER_ENV}={name} is root; PostgreSQL refuses to run as root")
-    return _OsUser(name, pw.pw_uid, pw.pw_gid, os.getgrouplist(name, pw.pw_gid), pw.pw_dir)
+    return OsUser(name, pw.pw_uid, pw.pw_gid, os.getgrouplist(name, pw.pw_gid), pw.pw_dir)
 
 
-def _give_to_server_user(path: Path, user: _OsUser | None) -> None:
+def give_to_server_user(path: Path, user: OsUser | None) -> None:
     if user is not None:
         os.chown(path, user.uid, user.gid)
 
 
-def _check_traversable(path: Path, user: _OsUser | None) -> None:
+def _check_traversable(path: Path, user: OsUser | None) -> None:
     """Raise ClusterError unless ``user`` may pass through every parent of ``path``."""
     if user is None:
         return
@@ -292,14 +292,14 @@ def _check_traversable(path: Path, user: _OsUser | None) -> None:
             )
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
+def clean_env(**extra: str) -> dict[str, str]:
     """Our environment without PG* variables (PGDATA, PGPORT, PGHOST ... would interfere)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(extra)
     return env
 
 
-def _run(
+def run_tool(
     argv: list[str | os.PathLike[str]],
     what: str,
     *,
@@ -312,8 +312,8 @@ def _run(
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, as the server OS user if ``as_server`` and we are root."""
     kw: dict[str, Any] = {}
-    env = dict(env) if env is not None else _clean_env()
-    user = _server_os_user() if as_server else None
+    env = dict(env) if env is not None else clean_env()
+    user = server_os_user() if as_server else None
     if user is not None:
         kw.update(user=user.uid, group=user.gid, extra_groups=user.groups)
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
@@ -452,7 +452,7 @@ class Cluster:
         missing = _server_binaries_missing(bindir)
         if missing:
             raise ClusterError(f"bindir {bindir} lacks executable {', '.join(missing)}")
-        user = _server_os_user()
+        user = server_os_user()
         base_dir = Path(base_dir)
         base_dir.mkdir(parents=True, exist_ok=True)
         root = base_dir.resolve() / name
@@ -479,10 +479,10 @@ class Cluster:
             socket_dir=socket_dir,
         )
         try:
-            _give_to_server_user(root, user)
+            give_to_server_user(root, user)
             _check_traversable(root, user)
             socket_dir.mkdir(mode=0o700, exist_ok=True)
-            _give_to_server_user(socket_dir, user)
+            give_to_server_user(socket_dir, user)
             cluster._initdb(root, user, host_auth)
             cluster._write_conf(settings or {})
             cluster._write_hba(host_auth, hba_extra or [])
@@ -493,7 +493,7 @@ class Cluster:
             raise
         return cluster
 
-    def _initdb(self, root: Path, user: _OsUser | None, host_auth: str) -> None:
+    def _initdb(self, root: Path, user: OsUser | None, host_auth: str) -> None:
         argv: list[str | os.PathLike[str]] = [
             self.bindir / "initdb",
             "-D", self.datadir,
@@ -510,10 +510,10 @@ class Cluster:
             fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.password + "\n")
-            _give_to_server_user(pwfile, user)
+            give_to_server_user(pwfile, user)
             argv.append(f"--pwfile={pwfile}")
         try:
-            _run(argv, f"initdb of cluster {self.name!r} in {self.datadir}",
+            run_tool(argv, f"initdb of cluster {self.name!r} in {self.datadir}",
                  as_server=True, timeout=180, cwd=root)  # fmt: skip
         finally:
             pwfile.unlink(missing_ok=True)
@@ -580,7 +580,7 @@ class Cluster:
         self._clear_crash_leftovers(timeout=min(timeout, 10))
         self._check_port_free()
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        proc = _run(
+        proc = run_tool(
             [self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.log_path,
              "-w", "-t", str(max(1, math.ceil(timeout))), "-s", "start"],
             f"pg_ctl start of cluster {self.name!r}",
@@ -659,7 +659,7 @@ class Cluster:
         """
         if not self.is_running():
             return
-        proc = _run(
+        proc = run_tool(
             [self.bindir / "pg_ctl", "-D", self.datadir, "-m", mode,
              "-w", "-t", str(max(1, math.ceil(timeout))), "-s", "stop"],
             f"pg_ctl stop of cluster {self.name!r}",
@@ -739,12 +739,12 @@ class Cluster:
         :class:`ClusterError` carrying psql's stderr if any statement fails.
         """
         user = user or self.superuser
-        env = _clean_env(PGCONNECT_TIMEOUT="10", PGCLIENTENCODING="UTF8")
+        env = clean_env(PGCONNECT_TIMEOUT="10", PGCLIENTENCODING="UTF8")
         if user == self.superuser and self.password is not None:
             env["PGPASSWORD"] = self.password
         psql = self.bindir / "psql"
         exe = os.fspath(psql) if psql.exists() else (shutil.which("psql") or "psql")
-        proc = _run(
+        proc = run_tool(
             [exe, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.host,
              "-p", str(self.port), "-U", user, "-d", dbname, "-f", "-"],
             f"psql on cluster {self.name!r} (db {dbname}, user {user})",
@@ -820,8 +820,8 @@ def temp_base_dir(prefix: str = "connmgr-") -> Path:
     """
     path = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
     path.chmod(0o755)
-    user = _server_os_user()
-    _give_to_server_user(path, user)
+    user = server_os_user()
+    give_to_server_user(path, user)
     _check_traversable(path, user)
     return path
 
@@ -846,7 +846,7 @@ def stop_leftovers(base_dir: Path) -> list[Path]:
             bindir = Path(os.readlink(f"/proc/{pid}/exe")).parent
         except OSError:
             bindir = find_bindir()
-        _run([bindir / "pg_ctl", "-D", datadir, "-m", "immediate", "-w", "-s", "stop"],
+        run_tool([bindir / "pg_ctl", "-D", datadir, "-m", "immediate", "-w", "-s", "stop"],
              f"pg_ctl stop of leftover {datadir}", as_server=True, timeout=30,
              cwd=datadir.parent, check=False)  # fmt: skip
         stopped.append(datadir)

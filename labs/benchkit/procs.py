@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from connmgr.embedded.clusters import _OsUser
+from connmgr.embedded.clusters import OsUser
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -107,7 +107,7 @@ class Service:
     cwd: Path = REPO
     #: where its Python code comes from (another checkout for connmgr-base)
     pythonpath: Path = REPO
-    run_as: _OsUser | None = None
+    run_as: OsUser | None = None
     stop_timeout: float = STOP_TIMEOUT
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     #: set once it was ready: a service that is ready and then not alive died on its own

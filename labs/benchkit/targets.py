@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from connmgr.embedded.clusters import _server_os_user
+from connmgr.embedded.clusters import server_os_user
 
 from .procs import HOST, REPO, Service, TargetUnavailable, log
 
@@ -98,7 +98,7 @@ def pgbouncer_service(directory: Path, port: int, pg_port: int, log_path: Path,
     run as root. Raises TargetUnavailable when it is not installed, ClusterError when that
     user does not exist."""
     exe = find_pgbouncer()
-    run_as = _server_os_user()
+    run_as = server_os_user()
     directory.mkdir()
     ini = directory / "pgbouncer.ini"
     merged = {
