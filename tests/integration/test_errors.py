@@ -157,6 +157,33 @@ def test_a_bug_met_by_one_client_costs_that_client_alone(cm, bystander, monkeypa
     assert cm.app.metrics.client_errors["XX000"] == 1
 
 
+def test_a_bug_in_a_sessions_trio_pump_costs_that_session_alone(start_connmgr, monkeypatch):
+    """The trio pumps (TLS sessions; forced here with relay = "tasks"): an unexpected
+    exception while relaying one session's replies ends that session with XX000; another
+    session on the same connmgr goes on, and new ones are accepted."""
+    from connmgr.proxy.relay import Downstream
+
+    cm = start_connmgr(server={"relay": "tasks"})
+    original = Downstream.process
+
+    def broken(self, buf, frames):
+        if b"boom" in bytes(buf):
+            raise RuntimeError("injected bug")
+        return original(self, buf, frames)
+
+    monkeypatch.setattr(Downstream, "process", broken)
+    with Bystander(cm) as bystander:
+        victim = psycopg.connect(cm.conninfo(password="postgres"), autocommit=True, connect_timeout=5)
+        with pytest.raises(psycopg.Error, match="internal error in connmgr"):
+            victim.execute("select 'boom'")
+        assert victim.closed or victim.broken
+        victim.close()
+        bystander.check()
+    with psycopg.connect(cm.conninfo(password="postgres"), autocommit=True, connect_timeout=5) as fresh:
+        assert fresh.execute("select 41 + 1").fetchone() == (42,)
+    assert cm.app.metrics.client_errors["XX000"] == 1
+
+
 def test_a_message_the_shadow_cannot_follow_is_relayed_untracked_and_counted_once(cm, bystander, monkeypatch,
                                                                                   caplog):  # fmt: skip
     """When the session shadow meets a message it cannot follow (here: one it is made to
