@@ -58,6 +58,8 @@ class MirrorLink:
         self.host, self.port = host, port
         #: the clock of the flush timer and the two-phase holds (trio.current_time in tests)
         self._clock = clock
+        #: connection attempts that failed since the link was last up (logging)
+        self._failed_attempts = 0
         self.node = node
         self.sender = MirrorSender(int.from_bytes(os.urandom(8), "big"), max_buffer_bytes=max_buffer_bytes)
         self.heartbeat_interval = heartbeat_interval
@@ -229,6 +231,9 @@ class MirrorLink:
             await self._keep_connected()
 
     async def _keep_connected(self) -> None:
+        """Connect, and again after every loss: 50 ms doubling to 2 s. One WARNING per
+        outage (its first failure), the attempts after it at DEBUG, and the recovery's INFO
+        line counts them (see _session)."""
         backoff = 0.05
         while True:
             connects = self.connects
@@ -238,8 +243,10 @@ class MirrorLink:
                     ConnectionError) as e:
                 if self.connects > connects:  # it was up: a new outage starts at the shortest wait
                     backoff = 0.05
-                log.log(logging.INFO if self.connects else logging.WARNING,
-                        "mirror link to %s:%d: %s; reconnecting in %.2fs", self.host, self.port, e, backoff)
+                    self._failed_attempts = 0
+                level = logging.WARNING if not self._failed_attempts else logging.DEBUG
+                self._failed_attempts += 1
+                log.log(level, "mirror link to %s:%d: %s; reconnecting in %.2fs", self.host, self.port, e, backoff)
             except Exception:  # a bug in the link must not take the sessions down with it
                 log.exception("mirror link failed; reconnecting")
             finally:
@@ -275,7 +282,9 @@ class MirrorLink:
         self._sock = raw
         self.connected = True
         self.connects += 1
-        log.info("mirror link up to %s:%d (resumed at version %d)", self.host, self.port, ack.next_version)
+        again = f" after {self._failed_attempts} failed attempt(s)" if self._failed_attempts else ""
+        self._failed_attempts = 0
+        log.info("mirror link up to %s:%d (resumed at version %d)%s", self.host, self.port, ack.next_version, again)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._quietly, self._reader, raw, decoder)
             nursery.start_soon(self._quietly, self._heartbeats)

@@ -286,7 +286,7 @@ async def test_reconnects_back_off_from_50_ms_doubling_to_2_s(autojump_clock, vc
         await s.bind((HOST, 0))
         port = s.getsockname()[1]
     link = MirrorLink(HOST, port, clock=trio.current_time)
-    vcaplog.set_level(logging.INFO, logger="connmgr.mirror")
+    vcaplog.set_level(logging.DEBUG, logger="connmgr.mirror")
     async with trio.open_nursery() as nursery:
         await nursery.start(link.run)
         await trio.sleep(7.2)
@@ -302,13 +302,14 @@ async def test_reconnects_back_off_from_50_ms_doubling_to_2_s(autojump_clock, vc
     assert [m.rsplit(" ", 1)[1] for _, _, m in lines] == [
         "0.05s", "0.10s", "0.20s", "0.40s", "0.80s", "1.60s", "2.00s", "2.00s", "2.00s",
     ]  # fmt: skip
+    assert [level for _, level, _ in lines] == ["WARNING"] + ["DEBUG"] * 8  # one warning per outage
     assert link.connects == 0
 
 
 async def test_a_lost_link_reconnects_with_the_back_off_it_logs(autojump_clock, vcaplog):
     secondary = FakeSecondary()
     link = MirrorLink(HOST, 0, clock=trio.current_time)
-    vcaplog.set_level(logging.INFO, logger="connmgr.mirror")
+    vcaplog.set_level(logging.DEBUG, logger="connmgr.mirror")
     async with trio.open_nursery() as nursery:
         link.port = await nursery.start(secondary.serve)
         await nursery.start(link.run)
@@ -325,3 +326,5 @@ async def test_a_lost_link_reconnects_with_the_back_off_it_logs(autojump_clock, 
     gaps = [b - a for a, b in pairwise(times)]
     assert gaps == pytest.approx(waits[: len(gaps)])  # each line names the wait that follows it
     assert len(lines) <= 8  # growing: 0.05, 0.1, 0.2, ... 2 s, not 60 attempts in 3 s
+    levels = [r.levelname for r in vcaplog.records if "reconnecting in" in r.getMessage()]
+    assert levels == ["WARNING"] + ["DEBUG"] * (len(levels) - 1)  # the loss is said once
