@@ -147,7 +147,11 @@ class App:
         conn = ClientConnection(self.client_context, stream, stream.peer())
         self.registry.add(conn)
         self.metrics.clients_accepted += 1
-        await conn.run()
+        try:
+            await conn.run()
+        except Exception:  # noqa: BLE001 - run() reports its own errors; a bug left in it costs this client only
+            log.exception("client %d: internal error after its connection ended; the others go on", conn.id)
+            self.registry.forget(conn)
 
     async def markers_enabled(self, database: str) -> bool:
         """Whether sessions on ``database`` get purge markers and DDL capture: mirroring

@@ -22,6 +22,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from shadow.messages import printable
+
 
 def percentile(values: list[float], q: float) -> float:
     """The nearest-rank percentile of ``values`` (``q`` in 0..1: the smallest value with at
@@ -172,7 +174,7 @@ class Metrics:
             family = GaugeMetricFamily("connmgr_markers_enabled", "1 if the database has the marker function",
                                        labels=["database"])  # fmt: skip
             for db, ok in sorted(self.marker_databases.items()):
-                family.add_metric([db], 1 if ok else 0)
+                family.add_metric([printable(db)], 1 if ok else 0)  # a name in another encoding
             out.append(family)
         counter("cancels_total", "cancel requests routed", self.cancels)
         counter("sessions_untracked_total", "sessions whose protocol state connmgr lost track of (relayed"

@@ -1103,7 +1103,7 @@ class NegotiateProtocolVersion:
             (
                 _pack(_I32, self.newest_minor, "minor version"),
                 _I32.pack(len(options)),
-                *(_cstr(o, "option name") for o in options),
+                *(_cstr(o, "option name", "surrogateescape") for o in options),  # as the client sent them
             )
         )
         return _typed(self.TAG, body)
@@ -1489,15 +1489,21 @@ def _check_sqlstate(sqlstate: str) -> None:
         raise LocalProtocolError(f"SQLSTATE {sqlstate!r} is not five digits or capitals")
 
 
+def printable(text: str) -> str:
+    """``text`` safe to encode as UTF-8: bytes a client sent that are not UTF-8 (kept as
+    lone surrogates by ``surrogateescape``, e.g. in a startup parameter) become ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _fields(
     sqlstate: str, message: str, severity: str, detail: str | None, hint: str | None
 ) -> dict[str, str]:
     _check_sqlstate(sqlstate)
-    fields = {"S": severity, "V": severity, "C": sqlstate, "M": message}
+    fields = {"S": severity, "V": severity, "C": sqlstate, "M": printable(message)}
     if detail is not None:
-        fields["D"] = detail
+        fields["D"] = printable(detail)
     if hint is not None:
-        fields["H"] = hint
+        fields["H"] = printable(hint)
     return fields
 
 
@@ -1574,8 +1580,9 @@ def row_description(names: Iterable[str]) -> bytes:
 
 
 def data_row(values: Iterable[str | bytes | None]) -> bytes:
-    """Return an encoded DataRow; a ``str`` is sent as UTF-8, ``None`` as NULL."""
-    return DataRow(tuple(v.encode() if isinstance(v, str) else v for v in values)).encode()
+    """Return an encoded DataRow; a ``str`` is sent as UTF-8 (bytes a client sent that are
+    not UTF-8 as ``\\xNN``, see :func:`printable`), ``None`` as NULL."""
+    return DataRow(tuple(printable(v).encode() if isinstance(v, str) else v for v in values)).encode()
 
 
 def empty_query_response() -> bytes:

@@ -185,7 +185,12 @@ async def _handle(app: Exported, stream: trio.SocketStream) -> None:
             elif line[1].split(b"?")[0] not in (b"/metrics", b"/"):
                 await stream.send_all(b"HTTP/1.0 404 Not Found\r\n\r\n")
             else:
-                body = render(app).encode()
+                try:
+                    body = render(app).encode()
+                except Exception:  # noqa: BLE001 - a bug in one figure must not stop connmgr
+                    log.exception("rendering the metrics failed")
+                    await stream.send_all(b"HTTP/1.0 500 Internal Server Error\r\n\r\n")
+                    return
                 head = (
                     f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n"

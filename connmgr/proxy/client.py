@@ -224,6 +224,10 @@ class ClientConnection:
             except BackendLost as lost:
                 if failover is None:
                     raise
+                if self.relay.input_done:  # the client is leaving (Terminate) or thrown out: no move
+                    if self.relay.closing is not None:
+                        raise self.relay.closing from None
+                    return
                 old = self.backend
                 self.backend = None
                 old.close()
@@ -247,6 +251,8 @@ class ClientConnection:
                 await self.stream.send_all(error.to_message())
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+            except Exception:  # noqa: BLE001 - the report itself failed (a bug): the log has it
+                log.exception("client %d: could not report %s to the client", self.id, error.sqlstate)
 
     def _close_streams(self) -> None:
         if self.backend is not None:

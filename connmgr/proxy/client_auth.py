@@ -87,7 +87,7 @@ class SecretStore:
 async def _run_one_param_query(session, sql: str, arg: str) -> list[tuple[bytes | None, ...]]:
     request = (
         m.Parse("", sql, ()).encode()
-        + m.Bind("", "", (), (arg.encode(),), ()).encode()
+        + m.Bind("", "", (), (arg.encode("utf-8", "surrogateescape"),), ()).encode()  # the bytes the client sent
         + m.Execute("", 0).encode()
         + m.sync()
     )

@@ -66,8 +66,9 @@ class Registry:
             self.virtual_pids[(new.server.address, new.pid)] = conn.key[0]
 
     def forget(self, conn) -> None:
-        """``conn`` has ended: its key and pid mapping go, its counters are added up."""
-        self.clients.pop(conn.id, None)
+        """``conn`` has ended: its key and pid mapping go, its counters are added up (once)."""
+        if self.clients.pop(conn.id, None) is None:
+            return
         if conn.key is not None:
             self.keys.pop(conn.key, None)
         if conn.backend is not None:

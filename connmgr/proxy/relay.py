@@ -64,6 +64,8 @@ RECV_SIZE = 64 * 1024
 #: after a Terminate or a malformed message, how long the replies to what the client sent
 #: before it may take to come back (then the relay ends anyway)
 CLOSE_GRACE = 30.0
+#: requests after which Postgres flushes its replies (they end with ReadyForQuery)
+_FLUSHING = frozenset("QSF")
 
 
 class Upstream:
@@ -415,6 +417,8 @@ class Relay:
         self.closing: ClientError | None = None
         self._closing_since = 0.0
         self._error: ClientError | None = None
+        #: the trio pump is sending to the client (answered() waits for it)
+        self._sending = False
         self._done = trio.Event()
         #: set by stop() and input_ended(): _watch looks again
         self._wake = trio.Event()
@@ -436,6 +440,10 @@ class Relay:
         self._done.set()
         self._wake.set()
         if self._link is not None:
+            pending = self._link.down.pending  # processed for the client, not yet sent
+            if pending is not None and not self.unsent:
+                self.unsent = bytes(pending)
+                self._link.down.pending = None
             self._link.detach()
         if self._pumps is not None:
             self._pumps.cancel()
@@ -455,12 +463,19 @@ class Relay:
             self._wake.set()
 
     def answered(self) -> bool:
-        """After :meth:`input_ended`: is everything the client sent answered? Then the
-        relay ends (the caller has sent the replies)."""
-        if self.input_done and not self.conn.session.pending:
-            self.stop(self.closing)
-            return True
-        return False
+        """After :meth:`input_ended`: has everything Postgres will still answer been
+        answered and sent? Then the relay ends. Postgres flushes at a ReadyForQuery, so only
+        a pending Query, Sync or FunctionCall is waited for; after a malformed message in
+        COPY IN nothing is (Postgres hangs up: its COPY waits for data that cannot come)."""
+        if not self.input_done:
+            return False
+        s = self.conn.session
+        if any(r.kind in _FLUSHING for r in s.pending) and not (self.closing is not None and s.phase is Phase.COPY_IN):
+            return False
+        if self._sending or (self._link is not None and self._link.down.pending is not None):
+            return False  # bytes for the client are on their way: asked again once sent
+        self.stop(self.closing)
+        return True
 
     def held_back(self, buf: bytes, start: int, end: int) -> bool:
         """An ErrorResponse saying the server is going away (shutdown, crash, postmaster
@@ -581,11 +596,15 @@ class Relay:
                 mirror.session_closed(self.conn.id)
         if self.unsent and self.input_done:  # replies to what came before its end
             unsent, self.unsent = self.unsent, b""
+            delivered = False
             with trio.move_on_after(1):
                 try:
                     await client.send_all(unsent)
+                    delivered = True
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
+            if not delivered:  # cut in the middle of a message: an error after it would garble
+                self._error = None
         if self._error is not None:
             raise self._error
 
@@ -718,7 +737,11 @@ class Relay:
                     released = trio.Event()
                     self.downstream.mirror.hold(version, released.set)
                     await released.wait()
-                await send(out)
+                self._sending = True
+                try:
+                    await send(out)
+                finally:
+                    self._sending = False
                 if self.downstream.mirror is not None:
                     self.downstream.mirror.flush_soon()
                 if self.input_done and self.answered():

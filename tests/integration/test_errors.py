@@ -359,6 +359,38 @@ def test_startup_parameters_reach_postgres_which_decides(cm, pg, bystander, pair
     bystander.check()
 
 
+def test_a_user_name_that_is_not_utf8_is_refused_by_name_and_costs_nobody_else(admin_cm):
+    """Bytes that are not UTF-8 in ``user`` and ``application_name`` pass the startup
+    packet now (Postgres takes them as bytes). Every message connmgr writes about such a
+    client shows them as \\xNN: the password failure it gets, and the admin's SHOW CLIENTS
+    while another one waits at its password prompt. (Writing them raw crashed connmgr.)"""
+    cm = admin_cm
+    with Bystander(cm) as bystander, RawPg.connect(cm.host, cm.port) as waiting:
+        waiting.send_startup([("user", "md5_user"), ("database", "app"), ("application_name", "caf\udce9")])
+        assert waiting.read_message().tag == "R"  # the md5 challenge: it waits there
+        with RawPg.connect(cm.host, cm.port) as c:
+            c.send_startup([("user", "caf\udce9"), ("database", "app")])
+            msgs = c.authenticate("caf\udce9", "wrong")
+        err = assert_fatal(msgs, "28P01")
+        assert '"caf\\xe9"' in err.message, err.fields
+        names = [r["application_name"] for r in admin_psql(cm, "show clients")]
+        assert "caf\\xe9" in names, names
+        bystander.check()
+
+
+def test_a_malformed_message_after_unsynced_requests_is_answered_at_once(start_connmgr, pg):
+    """Parse, then a Bind announcing more than max_message_size: Postgres will answer
+    nothing before it (no Sync, no flush), so connmgr reports the violation at once rather
+    than waiting for replies that cannot come."""
+    cm = start_connmgr(server={"max_message_size": 4096})
+    with login(cm) as c:
+        t0 = time.monotonic()
+        c.send(m.Parse("", "select $1::text", ()).encode() + b"B" + struct.pack("!I", 100_000))
+        msgs = c.read_until_close(timeout=5)
+        assert time.monotonic() - t0 < 5
+    assert_fatal(msgs, "08P01", contains="max_message_size")
+
+
 @pytest.mark.parametrize("length", [3, 7, 20000])
 def test_startup_packet_with_nonsense_length(cm, bystander, length):
     with RawPg.connect(cm.host, cm.port) as c:
