@@ -72,7 +72,8 @@ class App:
             self.route.on_move(lambda _server: redo.retarget())
             self.mirror = MirrorLink(
                 host, port, max_buffer_bytes=config.mirror.max_buffer_bytes,
-                heartbeat_interval=config.mirror.heartbeat_interval, lsn=lambda: redo.lsn,
+                heartbeat_interval=config.mirror.heartbeat_interval, peer_timeout=config.mirror.peer_timeout,
+                lsn=lambda: redo.lsn,
                 two_phase=config.mirror.mode == "two-phase", two_phase_timeout=config.mirror.two_phase_timeout,
             )  # fmt: skip
             self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))

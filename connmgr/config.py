@@ -114,6 +114,11 @@ class MirrorSection:
     #: unacknowledged records kept for deltas; beyond, the oldest go and the secondary resyncs
     max_buffer_bytes: int = 64 << 20
     heartbeat_interval: float = 0.1
+    #: primary: a secondary that has sent nothing (it acknowledges every heartbeat) for this
+    #: many seconds is taken as gone: the link is dropped and made again (a WARNING, and
+    #: connmgr_mirror_peer_silent_total), instead of waiting on a peer that holds the TCP
+    #: connection open and says nothing
+    peer_timeout: float = 3.0
     #: embed purge markers (a row of connmgr.markers naming the session and transaction,
     #: see replay/markers.py) in writing transactions, and capture DDL for the secondary
     markers: bool = True
@@ -372,6 +377,9 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [mirror] two_phase_timeout: must be > 0")
     if config.mirror.heartbeat_interval <= 0:
         raise ConfigError(f"{source}: [mirror] heartbeat_interval: must be > 0")
+    if not config.mirror.peer_timeout > 2 * config.mirror.heartbeat_interval:
+        raise ConfigError(f"{source}: [mirror] peer_timeout: must be more than twice heartbeat_interval"
+                          f" ({config.mirror.heartbeat_interval:g} s): the secondary answers at each heartbeat")
     if config.redo.interval <= 0:
         raise ConfigError(f"{source}: [redo] interval: must be > 0")
     if config.metrics.listen:

@@ -62,6 +62,7 @@ def render(app: Exported) -> str:
             "mirror_lag_versions": float(snd.latest_version - snd.acked_version),
             "mirror_lag_bytes": float(snd.buffered_bytes),
             "mirror_connects": float(app.mirror.connects),
+            "mirror_peer_silent": float(app.mirror.peer_silent),
             "mirror_delta_requests": float(app.mirror.delta_requests),
             "mirror_buffer_overflows": float(snd.overflows),
             "mirror_two_phase_configured": 1.0 if app.mirror.two_phase_configured else 0.0,

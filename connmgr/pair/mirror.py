@@ -53,13 +53,18 @@ class MirrorLink:
 
     def __init__(self, host: str, port: int, *, node: str = "primary", max_buffer_bytes: int = 64 << 20,
                  heartbeat_interval: float = 0.1, lsn: Callable[[], int] = lambda: 0,
-                 two_phase: bool = False, two_phase_timeout: float = 0.5,
+                 two_phase: bool = False, two_phase_timeout: float = 0.5, peer_timeout: float = 3.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host, self.port = host, port
         #: the clock of the flush timer and the two-phase holds (trio.current_time in tests)
         self._clock = clock
         #: connection attempts that failed since the link was last up (logging)
         self._failed_attempts = 0
+        #: a connected secondary silent this long is taken as gone (see _heartbeats)
+        self.peer_timeout = peer_timeout
+        self.peer_silent = 0
+        self._last_heard = 0.0
+        self._lost_reason = "mirror link lost"
         self.node = node
         self.sender = MirrorSender(int.from_bytes(os.urandom(8), "big"), max_buffer_bytes=max_buffer_bytes)
         self.heartbeat_interval = heartbeat_interval
@@ -281,6 +286,7 @@ class MirrorLink:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = raw
         self.connected = True
+        self._last_heard = self._clock()
         self.connects += 1
         again = f" after {self._failed_attempts} failed attempt(s)" if self._failed_attempts else ""
         self._failed_attempts = 0
@@ -307,7 +313,8 @@ class MirrorLink:
                     with trio.move_on_after(self.flush_delay):
                         await self._wake.wait()
             nursery.cancel_scope.cancel()
-        raise ConnectionError("mirror link lost")
+        reason, self._lost_reason = self._lost_reason, "mirror link lost"
+        raise ConnectionError(reason)
 
     async def _quietly(self, fn, *args) -> None:
         """Run a child of the link session; a closed or broken link just ends it."""
@@ -329,6 +336,7 @@ class MirrorLink:
             if not data:
                 self._drop()
                 return
+            self._last_heard = self._clock()
             for rec in decoder.feed(data):
                 if isinstance(rec, Ack):
                     self._acked(rec.version)
@@ -338,8 +346,17 @@ class MirrorLink:
                     self.flush_nowait()
 
     async def _heartbeats(self) -> None:
+        """A heartbeat every ``heartbeat_interval``; the secondary acknowledges each. One
+        that has said nothing for ``peer_timeout`` (a hung process, a host whose TCP
+        connection stays open) is dropped, and the link is made again."""
         while True:
             await trio.sleep(self.heartbeat_interval)
+            silent = self._clock() - self._last_heard
+            if silent > self.peer_timeout:
+                self.peer_silent += 1
+                self._lost_reason = f"the secondary has said nothing for {silent:.1f} s (peer_timeout)"
+                self._drop()
+                return
             self._outbox.append(self.sender.heartbeat(self.lsn(), int(time.time() * 1e6)))
             self.flush_nowait()
 

@@ -328,3 +328,35 @@ async def test_a_lost_link_reconnects_with_the_back_off_it_logs(autojump_clock, 
     assert len(lines) <= 8  # growing: 0.05, 0.1, 0.2, ... 2 s, not 60 attempts in 3 s
     levels = [r.levelname for r in vcaplog.records if "reconnecting in" in r.getMessage()]
     assert levels == ["WARNING"] + ["DEBUG"] * (len(levels) - 1)  # the loss is said once
+
+
+async def test_a_secondary_that_says_nothing_is_dropped_after_peer_timeout_and_the_link_made_again(
+        autojump_clock, vcaplog):
+    """A secondary that keeps the TCP connection open but acknowledges nothing (a hung
+    process): after ``peer_timeout`` the primary drops the link, says why once, counts it,
+    and connects again. A secondary that acknowledges its heartbeats is never dropped."""
+    secondary = FakeSecondary(acking=False)
+    link = MirrorLink(HOST, 0, heartbeat_interval=0.1, peer_timeout=1.0, clock=trio.current_time)
+    vcaplog.set_level(logging.DEBUG, logger="connmgr.mirror")
+    async with trio.open_nursery() as nursery:
+        link.port = await nursery.start(secondary.serve)
+        await nursery.start(link.run)
+        await until(lambda: link.connected)
+        t_up = trio.current_time()
+        await until(lambda: link.peer_silent == 1)
+        dropped = trio.current_time() - t_up
+        await until(lambda: secondary.connections == 2 and link.connected)
+        nursery.cancel_scope.cancel()
+    assert 1.0 < dropped <= 1.1 + 1e-9  # the first heartbeat after peer_timeout
+    said = [r for r in vcaplog.records if "said nothing" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"], [r.getMessage() for r in vcaplog.records]
+
+    healthy = FakeSecondary(acking=True)
+    link = MirrorLink(HOST, 0, heartbeat_interval=0.1, peer_timeout=1.0, clock=trio.current_time)
+    async with trio.open_nursery() as nursery:
+        link.port = await nursery.start(healthy.serve)
+        await nursery.start(link.run)
+        await until(lambda: link.connected)
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert (link.peer_silent, healthy.connections) == (0, 1)

@@ -55,3 +55,4 @@ def test_every_exception_class_says_what_a_client_sees():
         if not (carries(name) or "sqlstate" in doc or "internal" in doc):
             silent.append(f"{path.relative_to(ROOT)}: {name}")
     assert not silent, "exception classes that neither carry a SQLSTATE nor say they are internal:\n" + "\n".join(silent)
+
