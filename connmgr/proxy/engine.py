@@ -103,11 +103,14 @@ class Link:
             self.attached = False
             self.engine._forget(self)
 
+    def take_unsent(self) -> bytes:
+        """What was processed for the client but not yet sent (b"" if nothing), taken."""
+        pending, self.down.pending = self.down.pending, None
+        return b"" if pending is None else bytes(pending)
+
     def _end(self, error: ClientError | None) -> None:
         self.detach()
-        if self.down.pending is not None:  # the client's, processed but not yet sent
-            self.relay.unsent = bytes(self.down.pending)
-            self.down.pending = None
+        self.relay.unsent = self.relay.unsent or self.take_unsent()
         self.relay.stop(error)
 
     # ------------------------------------------------------------------ pumping

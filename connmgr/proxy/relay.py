@@ -440,10 +440,7 @@ class Relay:
         self._done.set()
         self._wake.set()
         if self._link is not None:
-            pending = self._link.down.pending  # processed for the client, not yet sent
-            if pending is not None and not self.unsent:
-                self.unsent = bytes(pending)
-                self._link.down.pending = None
+            self.unsent = self.unsent or self._link.take_unsent()
             self._link.detach()
         if self._pumps is not None:
             self._pumps.cancel()
