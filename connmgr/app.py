@@ -96,6 +96,7 @@ class App:
             self.metrics, self.origin, self.registry.virtual_pids, mirror=self.mirror, engine=self.engine,
             failover=self.failover, idle_timeout=config.server.client_idle_timeout,
             idle_in_transaction_timeout=config.server.idle_in_transaction_timeout,
+            max_buffered_message=config.server.max_buffered_message,
         )  # fmt: skip
         admin = AdminContext(config, self.metrics, self.registry, self.route, self.shutdown, self.failover)
         self.client_context = ClientContext(

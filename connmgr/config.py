@@ -20,6 +20,12 @@ from typing import Any, get_args, get_origin
 from connmgr.errors import ConfigError
 from shadow.framing import PQ_LARGE_MESSAGE_LIMIT
 
+#: the smallest [server] max_buffered_message: below it streaming costs more than it saves
+STREAM_MINIMUM = 64 << 10
+#: what streams when it is longer than [server] max_buffered_message, by direction
+STREAMED_FROM_CLIENT = b"QPBFd"
+STREAMED_FROM_SERVER = b"Dd"
+
 AUTH_TYPES = ("trust", "md5", "scram-sha-256")
 RELAY_MODES = ("engine", "tasks")
 MIRROR_MODES = ("one-phase", "two-phase")
@@ -45,6 +51,13 @@ class ServerSection:
     #: largest protocol message accepted from a client or a server (bytes; a client also
     #: gets Postgres's smaller limits for the short message types, shadow/framing.py)
     max_message_size: int = PQ_LARGE_MESSAGE_LIMIT
+    #: longest message connmgr holds whole (bytes). A longer Query, Parse, Bind,
+    #: FunctionCall or CopyData from a client, or DataRow or CopyData from a server, is
+    #: relayed as it arrives, looked at by its first bytes only: it gets no purge marker
+    #: (a failover with it in flight in autocommit cannot move the session: 08006), a
+    #: Parse of that size cannot be prepared again after a move, and the secondary does not
+    #: keep it. 0 = hold every message whole (up to max_message_size)
+    max_buffered_message: int = 8 << 20
     #: how sessions are relayed: "engine" (one task pumps every plain-TCP session over
     #: one epoll set; fastest) or "tasks" (two trio tasks per session; TLS always uses these)
     relay: str = "engine"
@@ -338,6 +351,9 @@ def _check(config: Config, source: str) -> None:
     if not 1024 <= s.max_message_size <= PQ_LARGE_MESSAGE_LIMIT:
         raise ConfigError(f"{source}: [server] max_message_size: must be between 1024 and {PQ_LARGE_MESSAGE_LIMIT}"
                           f" (Postgres takes no longer message), got {s.max_message_size}")
+    if s.max_buffered_message and s.max_buffered_message < STREAM_MINIMUM:
+        raise ConfigError(f"{source}: [server] max_buffered_message: must be 0 (hold every message whole) or at"
+                          f" least {STREAM_MINIMUM}, got {s.max_buffered_message}")
     if s.relay not in RELAY_MODES:
         raise ConfigError(f"{source}: [server] relay: must be one of {', '.join(RELAY_MODES)}, got {s.relay!r}")
     if not s.listen:

@@ -116,6 +116,8 @@ class Metrics:
     ddl_not_captured: int = 0
     synchronous_commit_overridden: int = 0
     sessions_untracked: int = 0
+    #: client messages longer than [server] max_buffered_message, relayed as they came
+    messages_streamed: int = 0
     closed: ConnStats = field(default_factory=ConnStats)
 
     def connection_closed(self, stats: ConnStats) -> None:
@@ -179,6 +181,8 @@ class Metrics:
         counter("cancels_total", "cancel requests routed", self.cancels)
         counter("sessions_untracked_total", "sessions whose protocol state connmgr lost track of (relayed"
                 " untracked: no markers, and they cannot move at a failover)", self.sessions_untracked)  # fmt: skip
+        counter("messages_streamed_total", "client messages longer than [server] max_buffered_message, relayed"
+                " as they came instead of held whole", self.messages_streamed)  # fmt: skip
         counter("bytes_total", "bytes relayed", label="direction",
                 values={"client_to_server": t.bytes_from_client, "server_to_client": t.bytes_to_client})  # fmt: skip
         counter("messages_total", "protocol messages relayed", label="direction",

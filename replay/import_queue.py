@@ -585,6 +585,19 @@ class ImportQueue:
         except IllegalTransition as exc:
             raise self._desync(s, str(exc)) from exc
 
+    def on_message_too_large(self, session_id: int, what: str) -> None:
+        """A message of the session is too long to be kept (the mirror streams it): the
+        session is dropped and not replayable until it closes. Raises
+        :class:`QueueOverflow` naming ``what``."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            if session_id not in self._not_replayable:
+                self._not_replayable.add(session_id)
+                self.stats.overflows += 1
+                raise QueueOverflow(session_id, what)
+            return
+        raise self._overflow(s, what)
+
     def on_session_opened(self, session_id: int) -> None:
         """The client connected: the session starts in start-up, which its first
         ReadyForQuery (or, if that was not mirrored, its first request) ends. Without this

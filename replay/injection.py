@@ -35,7 +35,15 @@ before its commit (the marker's flush, see :mod:`replay.markers`). :meth:`Inject
 keeps them until the ReadyForQuery after the commit, so a client never holds results of a
 write whose commit is undecided; at a failover the move then either completes them (it
 committed) or replays the write as new (it did not). Results beyond :data:`STASH_LIMIT`,
-and results after which the client must act (COPY), are not held.
+and results after which the client must act (COPY), are not held; nor are the parts of a
+message too long to be held whole (streamed, see shadow/framing.py).
+
+Unmarked commits: a request that may end an implicit transaction but cannot carry a marker
+-- a multi-statement autocommit Query that writes, a Query or Parse too long to be held
+whole, an implicit transaction whose statement text is unknown -- is counted in
+:attr:`Injector.unmarked` until the server answers it. A failover that finds one in flight
+cannot tell whether it committed, so the session cannot move (the client gets 08006, as
+from a server that died mid-commit) rather than replay a write that may have committed.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from typing import NamedTuple, Protocol
 from replay import markers
 from shadow import messages
 from shadow.errors import RemoteProtocolError
+from shadow.framing import STREAM_HEAD
 from shadow.session import PendingRequest, SessionState, TxStatus
 from shadow.sqltext import (
     DdlKind,
@@ -112,7 +121,7 @@ class Injector:
     still has to strip (its held replies carry a marker's)."""
 
     __slots__ = ("session", "origin", "sid", "counters", "mode", "swallowing", "swallow_marker", "marker_seq",
-                 "marker_at", "marked", "confirmed", "new_tables", "stash", "injected", "injected_done",
+                 "marker_at", "marked", "confirmed", "new_tables", "stash", "injected", "injected_done", "unmarked",
                  "injected_errors", "markers_written", "ddl_captured", "ddl_not_captured")  # fmt: skip
 
     def __init__(self, session: SessionState, origin: int, sid: int, counters: Counters,
@@ -137,6 +146,9 @@ class Injector:
         #: server bytes held until an autocommit write's commit is known (:meth:`hold`);
         #: None while a too-large result is relayed as it comes
         self.stash: bytearray | None = bytearray()
+        #: ReadyForQuery still to come until no request that may commit without a marker
+        #: is in flight (module docstring); 0: none is
+        self.unmarked = 0
         self.injected = 0
         self.injected_done = 0
         self.injected_errors = 0
@@ -174,7 +186,10 @@ class Injector:
         kind = ddl_kind(sql, first)
         ddl = False
         if kind == DdlKind.NONE:
-            if not may_write(sql, first) or statement_count(sql) != 1:
+            if not may_write(sql, first):
+                return None
+            if statement_count(sql) != 1:
+                self.unmarked = 1  # its implicit transaction commits unmarked
                 return None
             text = _text(sql) + "\n;" + self._marker_sql(transactions, now)
         elif kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
@@ -196,7 +211,7 @@ class Injector:
         s = self.session
         if s.tx_status is not TxStatus.IDLE or not s.pending:
             return None
-        writes = False
+        writes = unknown = False
         parsed: dict[str | None, str | None] = {}  # statements parsed in this segment
         for req in s.pending:
             kind = req.kind
@@ -205,14 +220,18 @@ class Injector:
                     sql = parsed[req.statement] = req.sql
                 else:  # its statement may be parsed in this very segment, not yet answered
                     sql = parsed[req.statement] if req.statement in parsed else s.request_sql(req)
-                if sql is None:
-                    return None
+                if sql is None:  # a statement connmgr does not know (streamed): it may write
+                    unknown = True
+                    continue
                 first = first_word(sql.encode("utf-8", "replace"))
                 if is_transaction_control(b"", first):
                     return None
                 writes = writes or may_write(b"", first)
             elif kind != "D" and kind != "E" and kind != "C":
                 return None  # an earlier Sync or Query is still in flight
+        if unknown:
+            self.unmarked = 1  # nothing else in flight: the next ReadyForQuery answers it
+            return None
         if not writes:
             return None
         marker = (
@@ -245,6 +264,11 @@ class Injector:
         if not commits:
             return None
         return Plan(start - 5, start - 5, self._marker_query(transactions, now), InjectMode.CYCLE)
+
+    def unmarkable(self, ahead: int) -> None:
+        """A request was sent that may commit without a marker, behind ``ahead`` sync
+        points still unanswered (see the module docstring)."""
+        self.unmarked = max(self.unmarked, ahead + 1)
 
     def apply(self, buf: bytes, plan: Plan) -> bytes:
         """The batch with ``plan`` carried out; its replies are stripped from now on."""
@@ -351,8 +375,9 @@ class Injector:
         out = bytearray()
         new_frames = []
         for tag, start, end in kept:
-            base = len(out) + 5
-            out += buf[start - 5:end]
+            header = 5 if tag <= 0xFF or tag & STREAM_HEAD else 0  # later parts of a streamed one have none
+            base = len(out) + header
+            out += buf[start - header:end]
             new_frames.append((tag, base, base + end - start))
         return bytes(out), new_frames, lost_track
 
@@ -372,7 +397,7 @@ class Injector:
         for tag, _s, _e in frames:
             if tag == _Z:
                 ends = True
-            elif tag in _CLIENT_TURN:  # the client must act before the commit: stop holding
+            elif tag in _CLIENT_TURN or tag > 0xFF:  # the client must act, or a streamed message: stop holding
                 self.stash, held = None, self.stash
                 if held:
                     return _join(held, buf, frames)

@@ -178,6 +178,17 @@ class SessionRecorder:
             if len(words) > 1 and words[1] == b"TO":
                 self._staged.rolled_back_to_savepoint = True
 
+    def on_streamed_sql(self, head: bytes) -> None:
+        """The first bytes of a statement text too long to be held whole (streamed, see
+        shadow/framing.py). If it starts with anything :meth:`on_sql` would record, the
+        session is marked not movable: the rest of the text is never seen. A long text
+        that starts otherwise (the usual INSERT or COPY data) records nothing; session
+        state changed by a later statement of such a multi-statement text is not seen."""
+        words = leading_words(head, 1)
+        first = words[0] if words else b""
+        if (first in _INTERESTING and first != b"SELECT") or _ADVISORY_HINT.search(head):
+            self.blockers.add("a statement over [server] max_buffered_message that may change session state")
+
     def end_transaction(self, committed: bool) -> None:
         """The transaction ended (ReadyForQuery 'I'): apply its staged effects if it
         committed, drop them if not."""

@@ -25,6 +25,16 @@ what follows a startup packet depends on the answer to it (after SSLRequest come
 handshake, after StartupMessage the typed protocol). The caller switches with
 :meth:`Framer.switch_to_typed` and calls ``feed(b"")`` to collect what was held back.
 
+**Streaming.** With ``stream_over`` set, a message of a type in ``stream_types`` whose
+declared length exceeds it is not held whole: once its first :data:`STREAM_HEAD_SIZE` body
+bytes have arrived it is reported as a *head* frame, ``(STREAM_HEAD | tag, body_start,
+end)`` over the body bytes at hand, and every later chunk of it as ``(STREAM_MORE | tag,
+start, end)``, the one that completes it as ``(STREAM_LAST | tag, start, end)``; these
+chunk frames have no header in ``buf``. So the framer never holds more than ``stream_over``
+bytes of one message (plus one read), whatever the message's length. A message that
+arrived whole in one feed is reported whole, as usual. Callers look at the head (a Query's
+first words, a Parse's or Bind's names) and forward the rest as it comes.
+
 Lengths are checked before any body is buffered: a length below the minimum or above the
 maximum is a :class:`~shadow.errors.RemoteProtocolError` (SQLSTATE 08P01), so a peer cannot
 make us allocate memory by announcing a huge message. What a client sends (``frontend=True``)
@@ -43,6 +53,11 @@ from shadow.errors import RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "STREAM_HEAD",
+    "STREAM_HEAD_SIZE",
+    "STREAM_LAST",
+    "STREAM_MORE",
+    "STREAM_PART",
     "MAX_STARTUP_PACKET_SIZE",
     "PQ_LARGE_MESSAGE_LIMIT",
     "PQ_SMALL_MESSAGE_LIMIT",
@@ -63,6 +78,15 @@ DEFAULT_MAX_MESSAGE_SIZE = PQ_LARGE_MESSAGE_LIMIT
 #: Postgres's MAX_STARTUP_PACKET_LENGTH: the startup packet's body, its length field aside
 MAX_STARTUP_PACKET_SIZE = 10000
 
+#: flags or'ed into a frame's tag for the parts of a streamed message (module docstring)
+STREAM_HEAD = 0x100
+STREAM_MORE = 0x200
+STREAM_LAST = 0x400
+#: any of them: ``tag > 0xFF`` tells a part from a whole message
+STREAM_PART = STREAM_HEAD | STREAM_MORE | STREAM_LAST
+#: body bytes a streamed message's head frame holds at least (names, first words)
+STREAM_HEAD_SIZE = 4096
+
 _INT32 = Struct("!I")
 _unpack_int32 = _INT32.unpack_from
 
@@ -73,7 +97,8 @@ Frame = tuple[int, int, int]
 class Framer:
     """Incremental splitter of one direction of a v3 stream. See the module docstring."""
 
-    __slots__ = ("max_message_size", "max_startup_size", "frontend", "_limits", "_typed", "_pending", "_need")
+    __slots__ = ("max_message_size", "max_startup_size", "frontend", "_limits", "_typed", "_pending", "_need",
+                 "stream_over", "_stream_types", "_stream_tag", "_stream_left")  # fmt: skip
 
     def __init__(
         self,
@@ -97,6 +122,25 @@ class Framer:
         self._pending = bytearray()
         # bytes the pending buffer must hold before parsing is worth trying again
         self._need = 0
+        #: messages longer than this (length field included) stream; 0: none do
+        self.stream_over = 0
+        self._stream_types = b""
+        # the type of the message being streamed, and how many of its bytes are to come
+        self._stream_tag = 0
+        self._stream_left = 0
+
+    def stream(self, over: int, types: bytes) -> None:
+        """Stream messages of ``types`` longer than ``over`` bytes (module docstring);
+        ``over`` 0 turns streaming off. Takes effect from the next message."""
+        if over and over < STREAM_HEAD_SIZE + 5:
+            raise ValueError(f"stream_over must be at least {STREAM_HEAD_SIZE + 5} bytes, got {over}")
+        self.stream_over = over
+        self._stream_types = types if over else b""
+
+    @property
+    def streaming(self) -> bool:
+        """In the middle of a streamed message (its head was reported, not its end)."""
+        return self._stream_left > 0
 
     @property
     def typed(self) -> bool:
@@ -121,6 +165,16 @@ class Framer:
         its ``before`` holds ``(buf, frames)`` of the complete messages ahead of it (the
         framer is then unusable: the stream cannot be cut into messages any more).
         """
+        frames: list[Frame] = []
+        pos = 0
+        if self._stream_left:  # the next bytes continue a streamed message
+            if not data:
+                return b"", []
+            pos = min(len(data), self._stream_left)
+            self._stream_left -= pos
+            frames.append(((STREAM_MORE if self._stream_left else STREAM_LAST) | self._stream_tag, 0, pos))
+            if pos == len(data):
+                return data, frames
         pending = self._pending
         if pending:
             pending += data
@@ -131,13 +185,12 @@ class Framer:
         elif not data:
             return b"", []
 
-        frames: list[Frame] = []
         n = len(data)
-        pos = 0
         need = 0
         if self._typed:
             limits = self._limits
             append = frames.append
+            stream_over = self.stream_over or 1 << 32  # (no message is that long)
             while n - pos >= 5:
                 (length,) = _unpack_int32(data, pos + 1)
                 if length < 4 or length > limits[data[pos]]:
@@ -146,7 +199,16 @@ class Framer:
                     raise error
                 end = pos + 1 + length
                 if end > n:
-                    need = end - pos
+                    if length > stream_over and data[pos] in self._stream_types:
+                        if n - pos >= 5 + STREAM_HEAD_SIZE:
+                            append((STREAM_HEAD | data[pos], pos + 5, n))
+                            self._stream_tag = data[pos]
+                            self._stream_left = end - n
+                            pos = n
+                            break
+                        need = 5 + STREAM_HEAD_SIZE
+                    else:
+                        need = end - pos
                     break
                 append((data[pos], pos + 5, end))
                 pos = end
@@ -177,7 +239,9 @@ class Framer:
 
     def take_pending(self) -> bytes:
         """Remove and return the bytes of an incomplete message held back (b"" if none),
-        e.g. to put complete messages ahead of it and feed both again, in order."""
+        e.g. to put complete messages ahead of it and feed both again, in order. Not in
+        the middle of a streamed message: its head has gone already."""
+        assert not self._stream_left, "take_pending() in the middle of a streamed message"
         pending = bytes(self._pending)
         self._pending = bytearray()
         self._need = 0
@@ -189,6 +253,11 @@ class Framer:
             raise RemoteProtocolError(
                 f"connection closed in the middle of a message"
                 f" ({len(self._pending)} bytes of an incomplete message received)"
+            )
+        if self._stream_left:
+            raise RemoteProtocolError(
+                f"connection closed in the middle of a message ({self._stream_left} bytes of a streamed"
+                f" {chr(self._stream_tag)!r} message not received)"
             )
 
 

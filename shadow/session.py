@@ -385,6 +385,30 @@ class SessionState:
             raise self._illegal("client", _name(tag, _FRONTEND_NAMES))
         # else: a type the protocol does not define; the server will judge it
 
+    def frontend_streamed(self, tag: int, head: bytes | bytearray | memoryview) -> None:
+        """Account for a client message too long to be held whole (shadow/framing.py
+        streams it), from the first bytes of its body: a Query or Parse is queued without
+        its text, a Parse keeps its name (the statement then cannot be re-created
+        elsewhere: :attr:`statements_not_kept`), a Bind its names."""
+        handler = None if self._client_terminated else self._frontend_table.get(tag)
+        if handler is SessionState._f_parse:
+            head = bytes(head)
+            i = head.find(0)
+            try:
+                name = _text(head, 0, i) if i >= 0 else None
+            except ValueError:
+                name = None
+            self._append(PendingRequest("P", statement=name))
+        elif handler is SessionState._f_query:
+            self._append(PendingRequest("Q"))
+        else:  # Bind, FunctionCall, CopyData, or not legal here: the head says enough
+            self.frontend_message(tag, head)
+
+    @property
+    def statements_not_kept(self) -> list[str]:
+        """Prepared statements whose Parse was streamed: no copy to re-create them from."""
+        return sorted(self.prepared_statements.keys() - self.parse_messages.keys())
+
     def backend_message(self, tag: int, body: bytes | bytearray | memoryview) -> None:
         """Account for one message the server sent.
 
@@ -561,6 +585,8 @@ class SessionState:
                 self.prepared_statements[head.statement] = head.sql or ""
                 if head.body is not None:
                     self.parse_messages[head.statement] = head.body
+                else:  # streamed (frontend_streamed): its text was not kept
+                    self.parse_messages.pop(head.statement, None)
             else:
                 self._unnamed_sql = head.sql
         elif kind == "B":

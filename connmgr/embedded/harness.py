@@ -111,7 +111,7 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
                        mode: str = "one-phase", sequence_interval: float = 1.0, failover: bool = False,
                        max_wait: float = 20.0, shutdown_timeout: float = 5.0,
                        started: list | None = None, primary_extra: dict | None = None,
-                       failover_options: dict | None = None,
+                       failover_options: dict | None = None, server_options: dict | None = None,
                        ) -> tuple[EmbeddedConnmgr, EmbeddedConnmgr]:  # fmt: skip
     """The connection managers of a :class:`~connmgr.embedded.cluster_pair.ClusterPair`, as the demo, the
     tests and the fault campaign run them: the secondary one (in front of the secondary
@@ -120,11 +120,13 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     secondary database). Returns (primary, secondary); each is appended to ``started`` as
     soon as it runs, so the caller can stop them even if the other does not come up
     (OSError). ``primary_extra``: more config sections for the primary one (e.g. ``tls``);
-    ``failover_options``: more keys of its ``[failover]`` section (e.g. ``failback``)."""
+    ``failover_options``: more keys of its ``[failover]`` section (e.g. ``failback``);
+    ``server_options``: more keys of both ``[server]`` sections (e.g. ``max_buffered_message``)."""
     from connmgr import config as config_mod
 
     started = [] if started is None else started
-    common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout, "admin_users": ["postgres"]},
+    common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout, "admin_users": ["postgres"],
+                         **(server_options or {})},
               "auth": {"users_file": users_file}}  # fmt: skip
     p, s = pair.primary, pair.secondary
     secondary = EmbeddedConnmgr(config_mod.load(

@@ -206,11 +206,23 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
         raise NotMovable("session not movable: connmgr lost track of its protocol state earlier"
                          " (logged then), so it cannot tell what to replay", "untracked")  # fmt: skip
     reasons = conn.recorder.not_movable if conn.recorder is not None else []
+    if shadow.statements_not_kept:
+        reasons = [*reasons, "prepared statements over [server] max_buffered_message, not kept: "
+                   + ", ".join(shadow.statements_not_kept)]  # fmt: skip
     if reasons:
         raise NotMovable("session not movable: " + "; ".join(reasons), "session state")
+    if relay.client_framer.streaming or relay.backend.framer.streaming:
+        which = "the client was sending" if relay.client_framer.streaming else "the client was receiving"
+        raise NotMovable(f"session not movable: {which} a message over [server] max_buffered_message, which"
+                         " connmgr relays without keeping", "too large")  # fmt: skip
     groups = sync_groups(shadow.pending)
     n = relay.transactions + 1
     committed = False
+    if groups and relay.markers and relay.injector.unmarked:
+        raise NotMovable("session not movable: a request that may have committed was in flight and carried no"
+                         " connmgr marker (a multi-statement write, a function call, or a statement over"
+                         " [server] max_buffered_message), so whether it committed cannot be known",
+                         "unmarked commit")  # fmt: skip
     if groups:
         if relay.markers:
             committed = await failover.committed_seq(conn.database, conn.id) >= n
@@ -222,9 +234,12 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
     expected = bytes(journal.replies)
     leftover = b""
     try:
-        if journal.overflow:
+        if journal.overflow and not committed:
             raise _Rollback("too large", f"the transaction was larger than [failover] max_replay_bytes"
                                          f" ({failover.config.max_replay_bytes} bytes)")  # fmt: skip
+        if journal.overflow and len(groups) > 1:  # committed, and what follows it was not kept
+            raise NotMovable("session not movable: requests pipelined behind a committed transaction too large"
+                             " to keep", "too large")  # fmt: skip
         if committed and relay.injector.stash:  # an autocommit write's results, held until its commit
             done = bytes(relay.injector.stash) + _READY_IDLE
             relay.carry_inject = relay.injector.mode

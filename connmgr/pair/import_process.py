@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import trio
 
+from connmgr.config import STREAMED_FROM_CLIENT, STREAMED_FROM_SERVER
 from connmgr.errors import ClientError
 from connmgr.pair.ddl_apply import DdlApplier
 from connmgr.pg.reconnect import Outage
@@ -31,7 +32,8 @@ from replay.markers import DDL_PREFIX, GUARD_PREFIX, parse_ddl_message, parse_gu
 from replay.mirror_protocol import Data, Marker, Resync, SessionClosed, SessionOpened, Topology
 from replay.pgoutput import unix_from_pg_timestamp
 from replay.session_recorder import SessionRecorder
-from shadow.framing import Framer
+from shadow.errors import RemoteProtocolError
+from shadow.framing import STREAM_HEAD, Framer
 
 log = logging.getLogger("connmgr.import")
 
@@ -40,8 +42,16 @@ _Q, _P = ord("Q"), ord("P")
 
 class ImportProcess:
     def __init__(self, queue: ImportQueue | None = None, *, ddl: DdlApplier | None = None,
-                 database: str = "postgres") -> None:
+                 database: str = "postgres", max_buffered_message: int = 0) -> None:  # fmt: skip
         self.queue = queue or ImportQueue()
+        #: longer messages are not kept ([server] max_buffered_message; 0: all are)
+        self.max_buffered_message = max_buffered_message
+        #: (session, direction) -> the framer of that stream (a message may span records);
+        #: None once its framing is lost (after a Resync a record may start mid-message)
+        self._framers: dict[tuple[int, str], Framer | None] = {}
+        #: after a Resync: sessions opened since (the others' streams may go on mid-message)
+        self._framing_lost = False
+        self._opened_since: set[int] = set()
         #: per session: what it carries beyond its open transaction (settings, SQL
         #: prepared statements, LISTEN, advisory locks) and whether it can move at all;
         #: followed here, off the client's path, from the mirrored SQL and the verdicts
@@ -85,10 +95,12 @@ class ImportProcess:
                 elif isinstance(r, Marker):
                     q.on_marker_sent(r.session_id, r.seq)
                 elif isinstance(r, SessionOpened):
+                    self._forget_framers(r.session_id, opened=True)
                     q.on_session_opened(r.session_id)
                     self.session_state[r.session_id] = SessionRecorder()
                     self._check_database(dict(r.params).get("database"))
                 elif isinstance(r, SessionClosed):
+                    self._forget_framers(r.session_id)
                     q.on_session_closed(r.session_id)
                     self.session_state.pop(r.session_id, None)
                 elif isinstance(r, Resync):
@@ -107,11 +119,52 @@ class ImportProcess:
                     self.session_state.pop(sid, None)
                 self.import_errors += 1
 
+    def _framer(self, r: Data) -> Framer | None:
+        key = (r.session_id, r.direction)
+        framer = self._framers.get(key, False)
+        if framer is False and self._framing_lost and r.session_id not in self._opened_since:
+            framer = self._framers[key] = None
+        if framer is False:
+            framer = self._framers[key] = Framer()
+            if self.max_buffered_message:
+                framer.stream(self.max_buffered_message, STREAMED_FROM_CLIENT if r.direction == "c"
+                              else STREAMED_FROM_SERVER)  # fmt: skip
+        return framer
+
+    def _forget_framers(self, sid: int, opened: bool = False) -> None:
+        if self._framing_lost:
+            if opened:
+                self._opened_since.add(sid)
+            else:
+                self._opened_since.discard(sid)
+        self._framers.pop((sid, "c"), None)
+        self._framers.pop((sid, "b"), None)
+
     def _data(self, r: Data) -> None:
-        buf, frames = Framer().feed(r.payload)
-        offset = r.offset
+        framer = self._framer(r)
+        if framer is None:
+            return  # its framing was lost: nothing of it is kept until it closes
+        offset = r.offset - framer.pending_bytes  # where the bytes held from earlier records began
+        try:
+            buf, frames = framer.feed(r.payload)
+        except RemoteProtocolError as e:
+            self._framers[(r.session_id, r.direction)] = None
+            self.queue.on_message_too_large(r.session_id, f"its mirrored stream cannot be framed: {e.message}")
+            return
         q = self.queue
         for tag, start, end in frames:
+            if tag > 0xFF:  # a part of a streamed message: not kept, and the session with it
+                if tag & STREAM_HEAD:
+                    offset += 5
+                    if r.direction == "c" and (tag & 0xFF == _Q or tag & 0xFF == _P):
+                        rec = self.session_state.get(r.session_id)
+                        if rec is not None:
+                            head = bytes(buf[start:end])
+                            rec.on_streamed_sql(head if tag & 0xFF == _Q else head[head.find(0) + 1:])
+                    q.on_message_too_large(r.session_id, f"a {chr(tag & 0xFF)!r} message over [server]"
+                                                         f" max_buffered_message ({self.max_buffered_message} bytes)")
+                offset += end - start
+                continue
             raw = buf[start - 5:end]
             msg = MirroredMessage(r.session_id, r.version, r.direction, r.lsn, offset, tag, raw)
             offset += len(raw)
@@ -140,6 +193,10 @@ class ImportProcess:
         return sum(1 for rec in self.session_state.values() if not rec.movable)
 
     def _resync(self) -> None:
+        # the sessions open now may go on mid-message: their framing is lost until they close
+        self._framers.clear()
+        self._framing_lost = True
+        self._opened_since.clear()
         for sid in list(self.queue.depths()):
             self.not_replayable.add(sid)
             self.queue.on_session_closed(sid)

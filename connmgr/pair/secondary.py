@@ -43,7 +43,8 @@ class Secondary:
         #: every mirrored record is handed to these callbacks, in order
         self.consumers: list[Callable[[list], None]] = []
         ddl = DdlApplier(self._open_ddl_session) if p.host and p.replay_ddl else None
-        self.imports = ImportProcess(ddl=ddl, database=p.dbname)
+        self.imports = ImportProcess(ddl=ddl, database=p.dbname,
+                                     max_buffered_message=config.server.max_buffered_message)
         self.consumers.append(self.imports.on_records)
         self.imports.on_topology = self.retarget
         #: where the poster queue is read (the primary database) and where DDL and

@@ -42,6 +42,7 @@ from typing import Protocol
 
 import trio
 
+from connmgr.config import STREAMED_FROM_CLIENT, STREAMED_FROM_SERVER
 from connmgr.errors import BackendLost, BackendUnavailable, ClientError
 from connmgr.metrics import Metrics
 from connmgr.pair.mirror import MirrorLink
@@ -49,7 +50,7 @@ from connmgr.pg.backend import BackendServer, BackendSession
 from connmgr.pg.transport import FastSocketStream
 from replay.injection import InjectMode, Injector
 from shadow.errors import RemoteProtocolError
-from shadow.framing import Framer
+from shadow.framing import STREAM_HEAD, STREAM_LAST, Framer
 from shadow.session import Phase, TxStatus
 from shadow.sqltext import is_commit
 
@@ -113,11 +114,23 @@ class Upstream:
         for tag, start, end in frames:
             if tag == _d:
                 continue
+            if tag > 0xFF:  # a part of a message too long to hold whole (shadow/framing.py)
+                if tag & STREAM_HEAD:
+                    self._streamed(tag & 0xFF, buf[start:end])
+                elif tag & STREAM_LAST and (tag & 0xFF == _Q or tag & 0xFF == _F):
+                    if syncs is None:  # its end is the sync point
+                        syncs = [end]
+                    else:
+                        syncs.append(end)
+                    starts.append(now)
+                continue
             if tag == _Q or tag == _S or tag == _F:
                 if syncs is None:
                     syncs = [end]
                 else:
                     syncs.append(end)
+                if tag == _F and self.markers:
+                    injector.unmarkable(len(starts))  # a function call is never marked
                 if tag == _Q and self.recorder is not None:
                     self.recorder.on_sql(buf[start:end - 1])
                 if self.markers and plan is None and not injector.mode and relay.tracking:
@@ -145,7 +158,8 @@ class Upstream:
                     self.shadow(tag, buf[start:end])
                 except RemoteProtocolError as e:
                     relay.untrack("client", e)
-        self.last_tag = frames[-1][0]
+        last = frames[-1][0]
+        self.last_tag = last & 0xFF if last & STREAM_LAST else last
         stats = self.stats
         stats.messages_from_client += len(frames)
         stats.bytes_from_client += len(buf)
@@ -157,6 +171,24 @@ class Upstream:
         if plan is not None:
             return injector.apply(buf, plan)
         return buf
+
+    def _streamed(self, tag: int, head: bytes) -> None:
+        """The head of a client message too long to hold whole: the shadow and the
+        recorder see its first bytes; a Query or FunctionCall that may commit cannot carry
+        a marker (see replay/injection.py)."""
+        relay = self.relay
+        log.debug("client %d: streaming a %r message longer than [server] max_buffered_message",
+                  relay.conn.id, chr(tag))  # fmt: skip
+        relay.ctx.metrics.messages_streamed += 1
+        if self.recorder is not None and (tag == _Q or tag == _P):
+            self.recorder.on_streamed_sql(head if tag == _Q else head[head.find(0) + 1:])
+        if self.markers and (tag == _Q or tag == _F):
+            self.injector.unmarkable(len(self.starts))
+        if relay.tracking:
+            try:
+                self.session.frontend_streamed(tag, head)
+            except RemoteProtocolError as e:
+                relay.untrack("client", e)
 
 
 class Downstream:
@@ -206,7 +238,7 @@ class Downstream:
         readies = None
         for frame in frames:
             tag, start, end = frame
-            if tag == _D:
+            if tag == _D or tag > 0xFF:  # rows, and parts of a streamed row: nothing to decide
                 continue
             if tag == _A:
                 notified = True
@@ -225,6 +257,8 @@ class Downstream:
                     readies = [(end, buf[start])]
                 else:
                     readies.append((end, buf[start]))
+                if injector.unmarked:
+                    injector.unmarked -= 1
                 if buf[start] == _I:
                     relay.transactions += 1
                     if self.recorder is not None:
@@ -341,6 +375,8 @@ class RelayContext:
     #: [server] client_idle_timeout and idle_in_transaction_timeout (0: off)
     idle_timeout: float = 0.0
     idle_in_transaction_timeout: float = 0.0
+    #: [server] max_buffered_message: longer messages stream (0: every one is held whole)
+    max_buffered_message: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +427,9 @@ class Relay:
         self._pump_waiting = False
         self.backend = backend
         self.client_framer = client_framer
+        if ctx.max_buffered_message:
+            client_framer.stream(ctx.max_buffered_message, STREAMED_FROM_CLIENT)
+            backend.framer.stream(ctx.max_buffered_message, STREAMED_FROM_SERVER)
         self.tracking = True
         self.starts: deque[float] = deque()
         self.last_activity = time.perf_counter()

@@ -13,6 +13,9 @@ from shadow.framing import (
     MAX_STARTUP_PACKET_SIZE,
     PQ_LARGE_MESSAGE_LIMIT,
     PQ_SMALL_MESSAGE_LIMIT,
+    STREAM_HEAD,
+    STREAM_HEAD_SIZE,
+    STREAM_LAST,
     Framer,
 )
 
@@ -214,3 +217,90 @@ def test_any_chunking_gives_the_same_frames_and_bytes(
     assert run(Framer(), [stream]) == expected
     assert run(Framer(), byte_at_a_time(stream)) == expected
     assert run(Framer(), chunks) == expected
+
+
+# ------------------------------------------------------------------ streaming
+
+OVER = STREAM_HEAD_SIZE + 5  # the smallest threshold: messages longer than this stream
+
+
+def streamed_run(framer: Framer, chunks: list[bytes]) -> tuple[bytes, list[tuple[int, bytes]], int]:
+    """Like run(), with streamed parts joined back into whole bodies; also returns the
+    most bytes the framer held back at once."""
+    out = bytearray()
+    messages: list[tuple[int, bytes]] = []
+    partial: bytearray | None = None
+    held = 0
+    for chunk in chunks:
+        buf, frames = framer.feed(chunk)
+        held = max(held, framer.pending_bytes)
+        out += buf
+        covered = 0
+        for tag, start, end in frames:
+            covered += end - start + (5 if tag <= 0xFF or tag & STREAM_HEAD else 0)
+            if tag <= 0xFF:
+                assert partial is None, "a whole message inside a streamed one"
+                messages.append((tag, bytes(buf[start:end])))
+            elif tag & STREAM_HEAD:
+                assert partial is None and end - start >= STREAM_HEAD_SIZE
+                partial, ptag = bytearray(buf[start:end]), tag & 0xFF
+            else:
+                assert partial is not None and tag & 0xFF == ptag
+                partial += buf[start:end]
+                if tag & STREAM_LAST:
+                    messages.append((ptag, bytes(partial)))
+                    partial = None
+        assert covered == len(buf), "every byte handed back belongs to exactly one frame"
+    assert partial is None and not framer.streaming
+    return bytes(out), messages, held
+
+
+def test_a_long_query_streams_in_parts_and_the_framer_holds_only_its_head() -> None:
+    body = b"insert into t values ('" + b"x" * 300_000 + b"')\0"
+    stream = typed(b"Q", body) + typed(b"S", b"")
+    framer = Framer(frontend=True)
+    framer.stream(OVER, b"QPBFd")
+    chunks = [stream[i:i + 1000] for i in range(0, len(stream), 1000)]
+    out, messages, held = streamed_run(framer, chunks)
+    assert out == stream
+    assert messages == [(ord("Q"), body), (ord("S"), b"")]
+    assert held <= 5 + STREAM_HEAD_SIZE + 1000
+
+
+def test_a_type_that_does_not_stream_is_held_whole() -> None:
+    body = b"E" * 100_000
+    framer = Framer()
+    framer.stream(OVER, b"Dd")
+    buf, frames = framer.feed(typed(b"E", body)[:50_000])
+    assert (buf, frames) == (b"", []) and framer.pending_bytes == 50_000
+
+
+def test_eof_in_the_middle_of_a_streamed_message_is_an_error() -> None:
+    framer = Framer(frontend=True)
+    framer.stream(OVER, b"Q")
+    framer.feed(typed(b"Q", b"y" * 20_000 + b"\0")[:10_000])
+    assert framer.streaming
+    with pytest.raises(RemoteProtocolError, match="streamed 'Q' message"):
+        framer.feed_eof()
+
+
+def test_a_too_small_threshold_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least"):
+        Framer().stream(100, b"Q")
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(b"QPBDdS"), st.integers(0, 3 * OVER)), min_size=1, max_size=8),
+    st.data(),
+)
+def test_streaming_any_chunking_gives_the_same_messages_and_bytes(specs, data) -> None:
+    stream = b"".join(typed(bytes([tag]), bytes([tag]) * n) for tag, n in specs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    framer = Framer()
+    framer.stream(OVER, b"QPBd")
+    out, messages, held = streamed_run(framer, chunks)
+    assert out == stream
+    assert messages == [(tag, bytes([tag]) * n) for tag, n in specs]
+    whole = max((n + 5 for tag, n in specs if tag not in b"QPBd"), default=0)  # held whole, by design
+    assert held <= max(OVER, 5 + STREAM_HEAD_SIZE, whole) + max(map(len, chunks))

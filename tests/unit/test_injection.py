@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from replay import markers
 from replay.injection import STASH_LIMIT, InjectMode, Injector, frames_of
 from shadow import messages as m
+from shadow.framing import STREAM_HEAD, STREAM_LAST
 from shadow.session import SessionState, TxStatus
 
 ORIGIN, SID = 77, 5
@@ -226,3 +227,66 @@ def test_stripping_in_pieces_equals_stripping_whole(cuts):
         i += n
     pieces.append(b"".join(messages_[i:]))
     assert run([p for p in pieces if p]) == run([replies])
+
+
+# ------------------------------------------------------------------ unmarked commits, streamed parts
+
+
+def test_a_multi_statement_autocommit_write_gets_no_marker_and_is_counted_unmarked():
+    inj = Injector(session_in("I"), 7, 3, counters())
+    batch = wire(m.Query("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)"))
+    assert planned(inj, batch) == batch  # nothing injected: a marker cannot ride along
+    assert inj.unmarked == 1
+
+
+def test_a_single_read_is_not_counted_unmarked():
+    inj = Injector(session_in("I"), 7, 3, counters())
+    planned(inj, wire(m.Query("SELECT 1; SELECT 2")))
+    assert inj.unmarked == 0
+
+
+def test_an_implicit_transaction_with_a_statement_of_unknown_text_is_counted_unmarked():
+    s = session_in("I")
+    s.frontend_streamed(ord("P"), b"\0INSERT INTO t VALUES ('xxxx")  # the head of a streamed Parse
+    inj = Injector(s, 7, 3, counters())
+    batch = wire(m.Bind("", ""), m.Execute(""), m.Sync())
+    assert planned(inj, batch) == batch
+    assert inj.unmarked == 1
+
+
+def test_unmarkable_counts_the_sync_points_ahead():
+    inj = Injector(session_in("I"), 7, 3, counters())
+    inj.unmarkable(2)
+    inj.unmarkable(0)
+    assert inj.unmarked == 3
+
+
+def test_strip_keeps_the_parts_of_a_streamed_row_byte_exact():
+    """An autocommit INSERT ... RETURNING whose row is streamed: the later parts of the
+    row have no header in the batch; when strip() drops the marker's replies after them,
+    they are copied as they are."""
+    inj = Injector(session_in("I"), 7, 3, counters())
+    planned(inj, wire(m.Query("INSERT INTO t VALUES (1) RETURNING v")))
+    assert inj.mode == InjectMode.NAMED
+    part = b"rest-of-a-long-row"
+    theirs = wire(m.CommandComplete("INSERT 0 1"))
+    ours = wire(m.RowDescription((m.FieldDescription(markers.MARKER_COLUMN),)), m.DataRow((b"1",)),
+                m.CommandComplete("SELECT 1"))  # fmt: skip
+    ready = wire(m.ReadyForQuery("I"))
+    batch = part + theirs + ours + ready
+    frames = [(STREAM_LAST | ord("D"), 0, len(part)),
+              *((t, a + len(part), b + len(part)) for t, a, b in frames_of(theirs + ours + ready))]  # fmt: skip
+    out, kept, _ = inj.strip(batch, frames, False)
+    assert out == part + theirs + ready
+    assert [t for t, _, _ in kept] == [STREAM_LAST | ord("D"), ord("C"), ord("Z")]
+    assert out[kept[0][1]:kept[0][2]] == part and out[kept[1][1] - 5:kept[1][2]] == theirs
+    assert inj.marked
+
+
+def test_hold_stops_holding_at_a_streamed_row():
+    inj = Injector(session_in("I"), 7, 3, counters())
+    first = wire(m.RowDescription((m.FieldDescription("v"),)))
+    assert inj.hold(first, frames_of(first)) == (b"", [])
+    head = b"D" + (100_000).to_bytes(4, "big") + b"\0\1" + b"x" * 10
+    out, frames = inj.hold(head, [(STREAM_HEAD | ord("D"), 5, len(head))])
+    assert out == first + head and inj.stash is None

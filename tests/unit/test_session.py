@@ -784,3 +784,39 @@ def test_async_messages_anywhere_after_startup_change_nothing(data: st.DataObjec
         conversation.insert(at, (B, data.draw(st.sampled_from([NOTICE, NOTIFY]))))
     expected = replay(CONVERSATION[:-1])
     assert snapshot(replay(conversation)) == snapshot(expected)
+
+
+# ------------------------------------------------------------------ streamed messages
+
+
+def test_a_streamed_named_parse_keeps_its_name_but_not_its_text() -> None:
+    s = connected()
+    s.frontend_streamed(ord("P"), b"big\0SELECT 1 -- xxxxxxxxxxxxxxxx")
+    fe(s, m.Sync())
+    be(s, m.ParseComplete(), m.ReadyForQuery("I"))
+    assert s.prepared_statements == {"big": ""}
+    assert s.statements_not_kept == ["big"]
+    fe(s, m.Close("S", "big"), m.Sync())
+    be(s, m.CloseComplete(), m.ReadyForQuery("I"))
+    assert s.statements_not_kept == []
+
+
+def test_a_streamed_bind_and_query_are_followed_from_their_heads() -> None:
+    s = connected()
+    fe(s, m.Parse("st", "INSERT INTO t VALUES ($1)"), m.Sync())
+    be(s, m.ParseComplete(), m.ReadyForQuery("I"))
+    s.frontend_streamed(ord("B"), b"por\0st\0\0\0\0\1\0\x10\0\0xxxx")
+    fe(s, m.Execute("por"), m.Sync())
+    be(s, m.BindComplete(), m.CommandComplete("INSERT 0 1"), m.ReadyForQuery("I"))
+    assert s.is_idle() and s.statements_not_kept == []
+    s.frontend_streamed(ord("Q"), b"INSERT INTO t VALUES ('xxxxxxxx")
+    assert s.pending[0].kind == "Q" and s.pending[0].sql is None
+    be(s, m.CommandComplete("INSERT 0 1"), m.ReadyForQuery("I"))
+    assert s.is_idle()
+
+
+def test_a_streamed_message_after_terminate_is_refused() -> None:
+    s = connected()
+    fe(s, m.Terminate())
+    with pytest.raises(RemoteProtocolError, match="after Terminate"):
+        s.frontend_streamed(ord("Q"), b"SELECT 1")

@@ -83,3 +83,18 @@ def test_ordinary_statements_record_nothing():
     rec = SessionRecorder()
     run(rec, "SELECT 1", "INSERT INTO t VALUES (1)", "UPDATE t SET a = 2", "CREATE TABLE x (a int)", "BEGIN")
     assert rec.restore_sql() == [] and rec.movable and not rec.settings
+
+
+@pytest.mark.parametrize("head", [b"SET search_path = 'x", b"  create temp table t AS SELECT '", b"LISTEN a; --",
+                                  b"SELECT pg_advisory_lock(1), '"])  # fmt: skip
+def test_a_streamed_text_that_may_change_session_state_blocks_a_move(head):
+    rec = SessionRecorder()
+    rec.on_streamed_sql(head)
+    assert rec.not_movable == ["a statement over [server] max_buffered_message that may change session state"]
+
+
+def test_a_streamed_insert_records_nothing():
+    rec = SessionRecorder()
+    rec.on_streamed_sql(b"INSERT INTO t VALUES ('xxxxxxxx")
+    rec.on_streamed_sql(b"COPY t FROM STDIN")
+    assert rec.movable and rec.restore_sql() == []
