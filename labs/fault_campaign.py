@@ -6,7 +6,7 @@ stall of every moved session (p50/p99/max).
     python labs/fault_campaign.py --trials 100 [--clients 6] [--failback] [--kinds bank,new-schema,...] [--json]
 
 ``--kinds``: the trial kinds to rotate through (connmgr/embedded/fault_campaign.py: bank, new-schema,
-serial, sync-off; default all of them).
+serial, sync-off, large; default all of them).
 
 ``--failback``: every trial then restarts the killed primary under load and waits for
 connmgr to re-seed it, switch the sessions home and re-seed the other side; the proof is

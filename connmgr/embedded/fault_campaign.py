@@ -34,6 +34,13 @@ Trial *kinds* (issue 12: the ways a real set-up lost commits before):
   the survivor's sequences past the keys the primary handed out (a 23505 fails the trial);
 * ``sync-off``: every client turns ``synchronous_commit`` off (half in its startup
   options, all with ``SET``): connmgr must keep the commits synchronous anyway.
+* ``large`` (issue 13): both connmgrs stream every message over 64 KiB and the journal
+  keeps 256 KiB; a third of the transfers also write a 300 KiB ledger row (a transaction
+  too large to replay), half the autocommit ledger inserts carry 100-300 KiB (streamed,
+  so no marker) and the simple-protocol clients send two inserts in one Query (no marker
+  either). A session whose write was in flight unmarked, or half sent, ends with 08006
+  (its outcome is unknown, as when Postgres dies mid-commit; the row may or may not be
+  there, but never twice); every such 08006 must be one connmgr counted.
 
 With ``failback=True`` the trial goes on after the move: the killed primary is restarted
 while the clients keep running, and connmgr (``[failover] failback = "return"``) re-seeds
@@ -61,7 +68,9 @@ from connmgr.embedded.harness import running_pair, wait_until
 __all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE", "KINDS"]
 
 #: the trial kinds (module docstring)
-KINDS = ("bank", "new-schema", "serial", "sync-off")
+KINDS = ("bank", "new-schema", "serial", "sync-off", "large")
+#: the failed moves a trial of kind "large" may have (each is an 08006 its client got)
+LARGE_MOVE_FAILURES = frozenset({"unmarked commit", "too large"})
 
 ACCOUNTS = 20
 INITIAL_BALANCE = 1000
@@ -70,7 +79,7 @@ PASSWORD = "campaign-pw"
 SCHEMA = (
     "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
     "CREATE TABLE transfers (id text PRIMARY KEY, src int NOT NULL, dst int NOT NULL, amount int NOT NULL);"
-    "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL)"
+    "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text NOT NULL, pad text)"
 )
 
 
@@ -118,9 +127,19 @@ class TrialResult:
     journal: list[tuple[float, str]] = field(default_factory=list)
 
     @property
+    def unknown_outcomes(self) -> int:
+        """08006 errors a trial of kind "large" may have: the moves connmgr refused because
+        a write was in flight that it could not judge (each counted by reason)."""
+        if self.kind != "large":
+            return 0
+        return sum(n for k, n in self.sessions_failed.items() if k in LARGE_MOVE_FAILURES)
+
+    @property
     def ok(self) -> bool:
-        unexplained_errors = sum(n for k, n in self.errors.items() if k != "40001")
-        return (not self.failed and self.conserved and self.explained and self.lost == 0 and self.duplicated == 0
+        unexplained_errors = sum(n for k, n in self.errors.items() if k not in ("40001", "08006"))
+        unexplained_errors += max(0, self.errors.get("08006", 0) - self.unknown_outcomes)
+        refused = sum(n for k, n in self.sessions_failed.items() if not (self.kind == "large" and k in LARGE_MOVE_FAILURES))
+        return (not self.failed and not refused and self.conserved and self.explained and self.lost == 0 and self.duplicated == 0
                 and not self.rolled_back_present
                 and unexplained_errors == 0 and self.errors.get("40001", 0) <= sum(self.rolled_back.values())
                 and self.moved > 0 and self.replicas_equal is not False)  # fmt: skip
@@ -180,19 +199,36 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally, kin
                                      prepare=prepare)  # fmt: skip
                         conn.execute("INSERT INTO transfers VALUES (%s, %s, %s, %s)", (tag, src, dst, amount),
                                      prepare=prepare)  # fmt: skip
+                        padded = kind == "large" and rng.random() < 0.3
+                        if padded:  # the transaction outgrows [failover] max_replay_bytes
+                            conn.execute("INSERT INTO ledger (note, pad) VALUES (%s, %s)", (f"{tag}.pad", "p" * 300_000))
                     with tally.lock:
+                        if padded:
+                            tally.ledger.append(f"{tag}.pad")
+                            tally.acked_at[f"{tag}.pad"] = time.monotonic()
                         tally.transfers.append(tag)
                         tally.acked_at[tag] = time.monotonic()
                         tally.moves[tag] = (src, dst, amount)
                 elif pick < 0.80:
                     conn.autocommit = True
+                    notes = [tag]
                     try:
-                        conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tag,), prepare=prepare)
+                        shape = rng.random() if kind == "large" else 1.0
+                        if shape < 0.5:  # streamed: no marker
+                            conn.execute("INSERT INTO ledger (note, pad) VALUES (%s, %s)",
+                                         (tag, "q" * rng.randint(100_000, 300_000)), prepare=prepare)  # fmt: skip
+                        elif shape < 0.8 and protocol == 0:  # two statements in one Query: no marker
+                            notes.append(f"{tag}.2")
+                            conn.execute("INSERT INTO ledger (note) VALUES (%s); INSERT INTO ledger (note) VALUES (%s)",
+                                         notes)  # fmt: skip
+                        else:
+                            conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tag,), prepare=prepare)
                     finally:
-                        conn.autocommit = False
+                        if not conn.broken:
+                            conn.autocommit = False
                     with tally.lock:
-                        tally.ledger.append(tag)
-                        tally.acked_at[tag] = time.monotonic()
+                        tally.ledger.extend(notes)
+                        tally.acked_at.update((n, time.monotonic()) for n in notes)
                 elif pick < 0.90:
                     conn.autocommit = True
                     try:
@@ -217,8 +253,10 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally, kin
                 tally.error(index, e)
                 if getattr(e, "sqlstate", None) == "40001":  # rolled back: nothing of it may be anywhere
                     with tally.lock:
-                        if pick < 0.80:
-                            tally.rolled_back.append(tag)
+                        if pick < 0.55:
+                            tally.rolled_back += [tag, f"{tag}.pad"]
+                        elif pick < 0.80:
+                            tally.rolled_back += [tag, f"{tag}.2"]
                         elif pick < 0.90:
                             tally.rolled_back.extend(f"{tag}.{i}" for i in range(5))
                 if conn.closed or conn.broken:
@@ -245,7 +283,9 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
         with running_pair(base_dir, database=DB, password=PASSWORD, poster_slot="campaign_poster", bindir=bindir,
                           strict_stop=False, sequence_interval=10.0 if kind == "serial" else 0.2,
                           failover=True, shutdown_timeout=2.0,
-                          failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2},
+                          failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2,
+                                            **({"max_replay_bytes": 256 << 10} if kind == "large" else {})},
+                          server_options={"max_buffered_message": 64 << 10} if kind == "large" else None,
                           ) as (pair, primary, secondary):  # fmt: skip
             _trial(pair, primary, secondary, result, say, clients=clients, after=after, failback=failback, kind=kind)
     except Exception as e:  # noqa: BLE001 - a trial that cannot run is a failed trial, with the reason

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from connmgr.embedded.fault_campaign import KINDS, run_trial
+from connmgr.embedded.fault_campaign import KINDS, LARGE_MOVE_FAILURES, run_trial
 from connmgr.metrics import percentile
 
 TRIALS = 5
@@ -29,7 +29,8 @@ def test_trial(seed, pg_bindir, pg_base_dir):
 def test_trial_of_kind(kind, pg_bindir, pg_base_dir):
     """One trial of each issue-12 kind: a schema created through connmgr and killed within
     300 ms, heavy serial inserts with the sequence rounds 10 s apart, clients that turn
-    synchronous_commit off."""
+    synchronous_commit off; and issue 13's long messages and transactions too large to
+    replay."""
     check_trial(run_trial(pg_base_dir / f"campaign-{kind}", seed=100, bindir=pg_bindir, kind=kind), False)
 
 
@@ -38,9 +39,11 @@ def check_trial(r, failback: bool) -> None:
     assert not r.failed, detail
     assert r.conserved and r.explained, detail
     assert r.lost == 0 and r.duplicated == 0 and not r.rolled_back_present, detail
-    # 40001 only where connmgr found a replayed result that truly differed
-    assert set(r.errors) <= {"40001"} and r.errors["40001"] <= sum(r.rolled_back.values()), detail
-    assert not r.sessions_failed, detail
+    # 40001 only where connmgr found a replayed result that truly differed; 08006 only
+    # where it refused to move a session whose write in flight it could not judge
+    assert set(r.errors) <= {"40001", "08006"} and r.errors["40001"] <= sum(r.rolled_back.values()), detail
+    assert r.errors["08006"] <= r.unknown_outcomes, detail
+    assert not set(r.sessions_failed) - (LARGE_MOVE_FAILURES if r.kind == "large" else set()), detail
     assert r.moved >= 1 and (r.ledger_acked > 100 if r.kind == "serial" else r.transfers_acked > 10), detail
     assert r.detect_seconds is not None and r.detect_seconds < 0.3, detail
     assert percentile(r.stalls, 1.0) < 2.0, detail  # a 5 s bounded wait here means an ordering bug
