@@ -179,3 +179,18 @@ def test_a_failover_with_an_unmarked_write_in_flight_does_not_replay_it(small_bu
     assert lp.failover.sessions_failed["unmarked commit"] == 1
     assert lp.on_secondary("SELECT count(*) FROM blobs WHERE id = 8") == [(0,)]
     client.close()
+
+
+def test_a_64_mib_query_through_a_pair_is_held_by_neither_connmgr(small_buffer_pair):
+    """Both connmgrs of a pair (one process here, so one measure covers the primary's
+    relay, journal and mirror outbox and the secondary's import): a 64 MiB Query leaves
+    a bounded part behind -- the journal's [failover] max_replay_bytes (8 MiB) and the
+    mirror records not yet acknowledged."""
+    lp = small_buffer_pair
+    client = login(lp.primary)
+    answered, peak = stream_query(client, 64 * MIB)
+    assert answered == 64 * MIB
+    print(f"pair: {peak / MIB:.1f} MiB traced for a 64 MiB Query")
+    assert peak < 32 * MIB, f"the pair held {peak / MIB:.1f} MiB of a 64 MiB message"
+    assert lp.primary.app.mirror.connected and lp.secondary.app.imports.import_errors == 0
+    client.close()
