@@ -10,9 +10,12 @@ process's RSS before the message, absolute and as a multiple of the message size
     python3 labs/big_message.py --mb 600
     python3 labs/big_message.py --mb 64            # quicker
 
-``connmgr`` is a lone connmgr. A pair's mirror and journal hold copies too, bounded by
-their own settings (``[mirror] max_buffer_bytes``, ``[failover] max_replay_bytes``); this
-lab does not measure them.
+``connmgr`` is a lone connmgr with the default ``[server] max_buffered_message`` (8 MiB): the
+Query streams through it. Measured (600 MiB): connmgr 0.0 MiB above its RSS before, the
+backend 600 MiB (it holds every message whole). A pair's journal and mirror outbox hold
+copies too, bounded by their own settings (``[failover] max_replay_bytes``, ``[mirror]
+max_buffer_bytes``); ``tests/integration/test_streaming.py`` measures a 64 MiB Query
+through a pair with tracemalloc (11.7 MiB traced in both connmgrs together).
 """
 
 from __future__ import annotations
