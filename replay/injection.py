@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from struct import Struct
 from typing import NamedTuple, Protocol
 
@@ -85,6 +86,11 @@ _MARKER_STATEMENT = "connmgr.marker"
 STASH_LIMIT = 1 << 20
 #: replies after which the client must act before the server goes on (COPY)
 _CLIENT_TURN = frozenset(b"GHW")
+#: the kinds of pending request a ReadyForQuery answers
+_SYNC_POINTS = frozenset("QSF")
+#: a word that may end a transaction block inside a multi-statement text (CASE ... END
+#: matches too: counting a commit that is not one only costs a move)
+_ENDS_BLOCK = re.compile(rb"\b(?:COMMIT|END|ROLLBACK|ABORT|PREPARE)\b", re.IGNORECASE)
 
 
 class InjectMode(enum.IntEnum):
@@ -165,12 +171,15 @@ class Injector:
         implicit transaction. ``transactions``: how many the client has seen end."""
         s = self.session
         if s.pending:
+            self.unplanned_query(buf, start, end)
             return None
         tx = s.tx_status
         if tx is TxStatus.IN_TRANSACTION:
             sql = bytes(buf[start:end - 1])
             if is_commit(sql):
                 return Plan(start - 5, start - 5, self._marker_query(transactions, now), InjectMode.CYCLE)
+            if _multi(sql) and _ENDS_BLOCK.search(sql):  # "INSERT ...; COMMIT": it commits unmarked
+                self.unmarkable()
             kind = ddl_kind(sql)  # one scan: it stops at the first word unless DDL
             if kind == DdlKind.NONE:
                 return None
@@ -186,10 +195,13 @@ class Injector:
         kind = ddl_kind(sql, first)
         ddl = False
         if kind == DdlKind.NONE:
-            if not may_write(sql, first):
+            writes = may_write(sql, first)
+            if not writes and b";" not in sql:  # the hot read path: one C-speed test
                 return None
-            if statement_count(sql) != 1:
-                self.unmarked = 1  # its implicit transaction commits unmarked
+            if _multi(sql):  # "SET ...; INSERT ...", "BEGIN; ...; COMMIT": no marker rides along
+                self.unmarkable()
+                return None
+            if not writes:
                 return None
             text = _text(sql) + "\n;" + self._marker_sql(transactions, now)
         elif kind == DdlKind.TRANSACTIONAL and statement_count(sql) == 1:
@@ -199,9 +211,19 @@ class Injector:
             # it is in the same implicit transaction either way
             text = _text(sql) + "\n;" + self._capture_sql(sql) + ";" + self._marker_sql(transactions, now)
         else:
+            if kind != DdlKind.NOT_REPLICATED or _multi(sql):
+                self.unmarkable()  # its implicit transaction commits unmarked
             self._not_captured(sql, kind)
             return None
         return Plan(start - 5, end, messages.query(text), InjectMode.NAMED, ddl)
+
+    def unplanned_query(self, buf: bytes, start: int, end: int) -> None:
+        """A Query (body ``buf[start:end]``) sent while something is in flight before it,
+        so nothing was planned for it: if it may commit a write, it does so unmarked."""
+        sql = bytes(buf[start:end - 1])
+        first = first_word(sql)
+        if is_commit(sql) or may_write(sql, first) or ddl_kind(sql, first) != DdlKind.NONE or _multi(sql):
+            self.unmarkable()
 
     def plan_sync(self, start: int, transactions: int, now: float) -> Plan | None:
         """An extended-protocol Sync (body at ``start``) that ends an implicit transaction
@@ -230,7 +252,7 @@ class Injector:
             elif kind != "D" and kind != "E" and kind != "C":
                 return None  # an earlier Sync or Query is still in flight
         if unknown:
-            self.unmarked = 1  # nothing else in flight: the next ReadyForQuery answers it
+            self.unmarkable()
             return None
         if not writes:
             return None
@@ -265,9 +287,11 @@ class Injector:
             return None
         return Plan(start - 5, start - 5, self._marker_query(transactions, now), InjectMode.CYCLE)
 
-    def unmarkable(self, ahead: int) -> None:
-        """A request was sent that may commit without a marker, behind ``ahead`` sync
-        points still unanswered (see the module docstring)."""
+    def unmarkable(self) -> None:
+        """The client's next request -- one the session's shadow has not been shown yet --
+        may commit without a marker: count the ReadyForQuery messages until it is answered
+        (the sync points still pending in the shadow, and its own; module docstring)."""
+        ahead = sum(1 for req in self.session.pending if req.kind in _SYNC_POINTS)
         self.unmarked = max(self.unmarked, ahead + 1)
 
     def apply(self, buf: bytes, plan: Plan) -> bytes:
@@ -394,14 +418,17 @@ class Injector:
         what to pass on now. Held until the batch that ends the transaction, which then
         comes out with everything held before it; see the module docstring."""
         ends = False
+        stop = False
         for tag, _s, _e in frames:
             if tag == _Z:
                 ends = True
-            elif tag in _CLIENT_TURN or tag > 0xFF:  # the client must act, or a streamed message: stop holding
-                self.stash, held = None, self.stash
-                if held:
-                    return _join(held, buf, frames)
-                return buf, frames
+            elif tag in _CLIENT_TURN or tag > 0xFF:  # the client must act, or a streamed message
+                stop = True
+        if stop:  # relayed as it comes; the next transaction is held again
+            held, self.stash = self.stash, (bytearray() if ends else None)
+            if held:
+                return _join(held, buf, frames)
+            return buf, frames
         if self.stash is None:
             if ends:
                 self.stash = bytearray()
@@ -432,6 +459,11 @@ def frames_of(data: bytes | bytearray) -> list:
         out.append((data[i], i + 5, i + 1 + length))
         i += 1 + length
     return out
+
+
+def _multi(sql: bytes) -> bool:
+    """More than one statement (the C-speed test first: most texts have no ``;``)."""
+    return b";" in sql and statement_count(sql) != 1
 
 
 def _text(sql: bytes) -> str:

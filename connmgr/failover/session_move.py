@@ -226,9 +226,12 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
     if groups:
         if relay.markers:
             committed = await failover.committed_seq(conn.database, conn.id) >= n
-        elif not journal.overflow:  # whatever is in flight may hold a commit nobody can judge
+        else:  # whatever is in flight may hold a commit nobody can judge
             raise NotMovable("session not movable: a commit was in flight and the database has no connmgr"
                              " markers to tell whether it committed (run connmgr prepare-db)", "no markers")  # fmt: skip
+    if committed and journal.overflow and len(groups) > 1:  # what follows the commit was not kept
+        raise NotMovable("session not movable: requests pipelined behind a committed transaction too large"
+                         " to keep", "too large")  # fmt: skip
     backend = await _open(conn, failover)
     requests = bytes(journal.requests)
     expected = bytes(journal.replies)
@@ -237,9 +240,6 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
         if journal.overflow and not committed:
             raise _Rollback("too large", f"the transaction was larger than [failover] max_replay_bytes"
                                          f" ({failover.config.max_replay_bytes} bytes)")  # fmt: skip
-        if journal.overflow and len(groups) > 1:  # committed, and what follows it was not kept
-            raise NotMovable("session not movable: requests pipelined behind a committed transaction too large"
-                             " to keep", "too large")  # fmt: skip
         if committed and relay.injector.stash:  # an autocommit write's results, held until its commit
             done = bytes(relay.injector.stash) + _READY_IDLE
             relay.carry_inject = relay.injector.mode
@@ -278,7 +278,14 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
         failover.transactions_rolled_back[rb.kind] += 1
         failover.note(f"client {conn.id}: transaction rolled back (40001): {rb.reason}")
         backend = await _open(conn, failover)
-        leftover = await _rolled_back(conn, relay, backend, rb.reason, journal, groups)
+        try:
+            leftover = await _rolled_back(conn, relay, backend, rb.reason, journal, groups)
+        except BaseException:  # not movable after all, or cut short: the new session goes
+            backend.close()
+            raise
+    except BaseException:
+        backend.close()
+        raise
     # complete messages first, then any partial one the framer held: the relay frames them again
     backend.leftover = leftover + backend.leftover + backend.framer.take_pending()
     return backend

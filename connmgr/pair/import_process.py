@@ -197,6 +197,7 @@ class ImportProcess:
         self._framers.clear()
         self._framing_lost = True
         self._opened_since.clear()
+        self.session_state.clear()  # their SQL is not followed any more either
         for sid in list(self.queue.depths()):
             self.not_replayable.add(sid)
             self.queue.on_session_closed(sid)

@@ -130,7 +130,7 @@ class Upstream:
                 else:
                     syncs.append(end)
                 if tag == _F and self.markers:
-                    injector.unmarkable(len(starts))  # a function call is never marked
+                    injector.unmarkable()  # a function call is never marked
                 if tag == _Q and self.recorder is not None:
                     self.recorder.on_sql(buf[start:end - 1])
                 if self.markers and plan is None and not injector.mode and relay.tracking:
@@ -138,6 +138,8 @@ class Upstream:
                         plan = injector.plan_query(buf, start, end, relay.transactions, now)
                     elif tag == _S:
                         plan = injector.plan_sync(start, relay.transactions, now)
+                elif tag == _Q and self.markers and relay.tracking:  # behind an injection: in flight
+                    injector.unplanned_query(buf, start, end)
                 starts.append(now)
             elif tag == _P or tag == _B:
                 if tag == _P and self.recorder is not None:
@@ -183,7 +185,7 @@ class Upstream:
         if self.recorder is not None and (tag == _Q or tag == _P):
             self.recorder.on_streamed_sql(head if tag == _Q else head[head.find(0) + 1:])
         if self.markers and (tag == _Q or tag == _F):
-            self.injector.unmarkable(len(self.starts))
+            self.injector.unmarkable()
         if relay.tracking:
             try:
                 self.session.frontend_streamed(tag, head)

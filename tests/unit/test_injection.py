@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -239,10 +240,32 @@ def test_a_multi_statement_autocommit_write_gets_no_marker_and_is_counted_unmark
     assert inj.unmarked == 1
 
 
-def test_a_single_read_is_not_counted_unmarked():
-    inj = Injector(session_in("I"), 7, 3, counters())
-    planned(inj, wire(m.Query("SELECT 1; SELECT 2")))
-    assert inj.unmarked == 0
+@pytest.mark.parametrize(("tx", "sql", "unmarked"), [
+    ("I", "SELECT 'a;b'", 0),
+    ("I", "SELECT 1; DELETE FROM t", 1),  # the first word is not a write
+    ("I", "BEGIN; INSERT INTO t VALUES (1); COMMIT", 1),
+    ("I", "CREATE TABLE n (i int); INSERT INTO n VALUES (1)", 1),
+    ("T", "INSERT INTO t VALUES (1); COMMIT", 1),  # it ends the block: no marker before it
+    ("T", "UPDATE t SET v = 1; UPDATE t SET v = 2", 0),  # the block's COMMIT gets the marker
+])
+def test_a_multi_statement_query_that_may_commit_a_write_is_counted_unmarked(tx, sql, unmarked):
+    inj = Injector(session_in(tx), 7, 3, counters())
+    batch = wire(m.Query(sql))
+    assert planned(inj, batch) == batch
+    assert inj.unmarked == unmarked
+
+
+def test_a_write_pipelined_behind_another_request_is_counted_unmarked():
+    """Nothing is planned for a Query sent while another is in flight: a write or a
+    COMMIT there commits unmarked, behind the sync points ahead of it."""
+    s = session_in("I")
+    inj = Injector(s, 7, 3, counters())
+    planned(inj, wire(m.Query("SELECT pg_sleep(1)"), m.Query("INSERT INTO t VALUES (1)")))
+    assert inj.mode == InjectMode.NONE and inj.unmarked == 2
+    feed_server(s, wire(m.CommandComplete("SELECT 1"), m.ReadyForQuery("I")))
+    inj.unmarked -= 1  # what the relay does at each ReadyForQuery
+    planned(inj, wire(m.Query("SELECT 2")))  # nothing written: nothing more counted
+    assert inj.unmarked == 1
 
 
 def test_an_implicit_transaction_with_a_statement_of_unknown_text_is_counted_unmarked():
@@ -254,11 +277,12 @@ def test_an_implicit_transaction_with_a_statement_of_unknown_text_is_counted_unm
     assert inj.unmarked == 1
 
 
-def test_unmarkable_counts_the_sync_points_ahead():
-    inj = Injector(session_in("I"), 7, 3, counters())
-    inj.unmarkable(2)
-    inj.unmarkable(0)
-    assert inj.unmarked == 3
+def test_unmarkable_counts_the_sync_points_the_shadow_has_pending():
+    s = session_in("I")
+    inj = Injector(s, 7, 3, counters())
+    feed_client(s, wire(m.Query("SELECT 1"), m.Parse("", "SELECT 2"), m.Bind("", ""), m.Execute(""), m.Sync()))
+    inj.unmarkable()
+    assert inj.unmarked == 3  # the Query's and the Sync's ReadyForQuery, then its own
 
 
 def test_strip_keeps_the_parts_of_a_streamed_row_byte_exact():
@@ -290,3 +314,9 @@ def test_hold_stops_holding_at_a_streamed_row():
     head = b"D" + (100_000).to_bytes(4, "big") + b"\0\1" + b"x" * 10
     out, frames = inj.hold(head, [(STREAM_HEAD | ord("D"), 5, len(head))])
     assert out == first + head and inj.stash is None
+    # the batch that ends the write ends the pause: the next write's results are held again
+    end = b"rest" + wire(m.CommandComplete("INSERT 0 1"), m.ReadyForQuery("I"))
+    frames = [(STREAM_LAST | ord("D"), 0, 4), *((t, a + 4, b + 4) for t, a, b in frames_of(end[4:]))]
+    assert inj.hold(end, frames) == (end, frames) and inj.stash == bytearray()
+    second = wire(m.CommandComplete("INSERT 0 1"))
+    assert inj.hold(second, frames_of(second)) == (b"", [])
