@@ -62,11 +62,12 @@ Two connection managers run as a pair: the *primary* in front of the primary dat
   transactions leave the queue at their acknowledgement; the queue holds only what is in
   flight. Not marked, but counted until answered (``Injector.unmarked``), so a failover
   with one in flight ends the session with 08006 instead of replaying what may have
-  committed: a multi-statement Query that may commit, a Query sent while another request is
-  in flight, a FunctionCall, a statement too long to be held whole. Neither marked nor
-  counted (documented gaps): an extended-protocol Sync with another sync point in flight
-  before it (pipeline mode), a COMMIT behind other requests inside one Sync segment, a
-  SELECT that writes through a function in autocommit mode.
+  committed: a multi-statement Query that may commit, a Query or a Sync segment that may
+  write or commit sent while another request is in flight (pipeline mode), a COMMIT behind
+  other requests inside one Sync segment, BEGIN ... COMMIT in one segment, DDL in an
+  extended-protocol implicit transaction, a FunctionCall, a statement too long to be held
+  whole. Neither marked nor counted (a documented gap): a SELECT that writes through a
+  function in autocommit mode.
 
 Failover (issue 4): the plan these pieces are shaped for
 --------------------------------------------------------

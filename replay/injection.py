@@ -88,6 +88,8 @@ STASH_LIMIT = 1 << 20
 _CLIENT_TURN = frozenset(b"GHW")
 #: the kinds of pending request a ReadyForQuery answers
 _SYNC_POINTS = frozenset("QSF")
+#: the first words of transaction control that commit (PREPARE TRANSACTION: in two phases)
+_COMMITS = frozenset({b"COMMIT", b"END", b"PREPARE"})
 #: a word that may end a transaction block inside a multi-statement text (CASE ... END
 #: matches too: counting a commit that is not one only costs a move)
 _ENDS_BLOCK = re.compile(rb"\b(?:COMMIT|END|ROLLBACK|ABORT|PREPARE)\b", re.IGNORECASE)
@@ -111,6 +113,20 @@ class Plan(NamedTuple):
     mode: InjectMode
     #: the plan captures a DDL statement
     ddl: bool = False
+
+
+class Segment(NamedTuple):
+    """The Sync segment being sent, as :meth:`Injector._segment` reads it."""
+
+    #: sync points (Query, Sync, FunctionCall) of the client's in flight before it
+    ahead: int
+    #: a statement that may write rows, one that is DDL, one whose text is unknown
+    writes: bool
+    ddl: bool
+    unknown: bool
+    #: transaction control; and of that, a statement that commits (COMMIT, END, PREPARE)
+    control: bool
+    commits: bool
 
 
 class Counters(Protocol):
@@ -229,32 +245,30 @@ class Injector:
         """An extended-protocol Sync (body at ``start``) that ends an implicit transaction
         (the segment began with nothing in flight, outside a block, and holds no
         transaction control): if it wrote, a marker Parse/Bind/Execute/Close goes before
-        the Sync."""
+        the Sync. A segment that may commit a write and gets no marker is counted
+        (:attr:`unmarked`)."""
         s = self.session
-        if s.tx_status is not TxStatus.IDLE or not s.pending:
+        if not s.pending:
             return None
-        writes = unknown = False
-        parsed: dict[str | None, str | None] = {}  # statements parsed in this segment
-        for req in s.pending:
-            kind = req.kind
-            if kind == "P" or kind == "B":
-                if kind == "P":
-                    sql = parsed[req.statement] = req.sql
-                else:  # its statement may be parsed in this very segment, not yet answered
-                    sql = parsed[req.statement] if req.statement in parsed else s.request_sql(req)
-                if sql is None:  # a statement connmgr does not know (streamed): it may write
-                    unknown = True
-                    continue
-                first = first_word(sql.encode("utf-8", "replace"))
-                if is_transaction_control(b"", first):
-                    return None
-                writes = writes or may_write(b"", first)
-            elif kind != "D" and kind != "E" and kind != "C":
-                return None  # an earlier Sync or Query is still in flight
-        if unknown:
+        seg = self._segment()
+        if seg.ahead:  # pipelined: nothing is planned behind a request in flight
+            if seg.writes or seg.ddl or seg.unknown or seg.commits:
+                self.unmarkable()
+            return None
+        if s.tx_status is TxStatus.IN_TRANSACTION:
+            if seg.commits:  # a COMMIT behind other requests of its segment: no marker went first
+                self.unmarkable()
+            return None
+        if s.tx_status is not TxStatus.IDLE:
+            return None
+        if seg.control:  # BEGIN ... COMMIT in one segment
+            if seg.commits or seg.writes or seg.ddl or seg.unknown:
+                self.unmarkable()
+            return None
+        if seg.unknown or (seg.ddl and not seg.writes):
             self.unmarkable()
             return None
-        if not writes:
+        if not seg.writes:
             return None
         marker = (
             messages.Parse(_MARKER_STATEMENT, self._marker_sql(transactions, now)).encode()
@@ -263,6 +277,50 @@ class Injector:
             + messages.Close("S", _MARKER_STATEMENT).encode()
         )
         return Plan(start - 5, start - 5, marker, InjectMode.EXT_TAIL)
+
+    def unplanned_sync(self) -> None:
+        """A Sync sent while an injection is outstanding (or behind a request planned in
+        the same batch): if a request of the client's is in flight before its segment and
+        the segment may commit a write, it does so unmarked. With nothing of the client's
+        in flight before it, the injection is this segment's own (a COMMIT's marker)."""
+        seg = self._segment()
+        if seg.ahead and (seg.writes or seg.ddl or seg.unknown or seg.commits):
+            self.unmarkable()
+
+    def _segment(self) -> Segment:
+        """What the shadow knows of the Sync segment the client is sending: the requests
+        pending after its last pending sync point."""
+        s = self.session
+        ahead = first_of_segment = 0
+        for i, req in enumerate(s.pending):
+            if req.kind in _SYNC_POINTS:
+                ahead += 1
+                first_of_segment = i + 1
+        parsed: dict[str | None, str | None] = {}  # statements parsed and not yet answered
+        writes = ddl = unknown = control = commits = False
+        for i, req in enumerate(s.pending):
+            kind = req.kind
+            if kind == "P":
+                sql = parsed[req.statement] = req.sql
+            elif kind == "B":  # its statement may be parsed in flight, not yet answered
+                sql = parsed[req.statement] if req.statement in parsed else s.request_sql(req)
+            else:
+                continue
+            if i < first_of_segment:
+                continue
+            if sql is None:  # a statement connmgr does not know (streamed): it may write
+                unknown = True
+                continue
+            text = sql.encode("utf-8", "replace")
+            first = first_word(text)
+            if is_transaction_control(b"", first):
+                control = True
+                commits = commits or first in _COMMITS
+            elif may_write(b"", first):
+                writes = True
+            elif ddl_kind(text, first) != DdlKind.NONE:
+                ddl = True
+        return Segment(ahead, writes, ddl, unknown, control, commits)
 
     def plan_extended(self, tag: int, buf: bytes, start: int, end: int, transactions: int,
                       now: float) -> Plan | None:  # fmt: skip

@@ -138,8 +138,11 @@ class Upstream:
                         plan = injector.plan_query(buf, start, end, relay.transactions, now)
                     elif tag == _S:
                         plan = injector.plan_sync(start, relay.transactions, now)
-                elif tag == _Q and self.markers and relay.tracking:  # behind an injection: in flight
-                    injector.unplanned_query(buf, start, end)
+                elif self.markers and relay.tracking:  # behind an injection or a planned request
+                    if tag == _Q:
+                        injector.unplanned_query(buf, start, end)
+                    elif tag == _S:
+                        injector.unplanned_sync()
                 starts.append(now)
             elif tag == _P or tag == _B:
                 if tag == _P and self.recorder is not None:

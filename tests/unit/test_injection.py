@@ -320,3 +320,49 @@ def test_hold_stops_holding_at_a_streamed_row():
     assert inj.hold(end, frames) == (end, frames) and inj.stash == bytearray()
     second = wire(m.CommandComplete("INSERT 0 1"))
     assert inj.hold(second, frames_of(second)) == (b"", [])
+
+
+def relayed(inj: Injector, batch: bytes) -> None:
+    """Plan a client batch as the relay does (connmgr/proxy/relay.py Upstream.process): the
+    first request that takes a plan gets it; a Query or Sync behind an injection or a
+    planned request is looked at by unplanned_query/unplanned_sync."""
+    plan = None
+    for tag, start, end in frames_of(batch):
+        if tag in b"QS":
+            if plan is None and not inj.mode:
+                plan = (inj.plan_query(batch, start, end, 4, 1.5) if tag == ord("Q")
+                        else inj.plan_sync(start, 4, 1.5))  # fmt: skip
+            elif tag == ord("Q"):
+                inj.unplanned_query(batch, start, end)
+            else:
+                inj.unplanned_sync()
+        elif tag in b"PB" and plan is None and not inj.mode:
+            plan = inj.plan_extended(tag, batch, start, end, 4, 1.5)
+        inj.session.frontend_message(tag, batch[start:end])
+    if plan is not None:
+        inj.apply(batch, plan)
+
+
+def ext(sql: str) -> tuple:
+    return m.Parse("", sql), m.Bind("", ""), m.Execute(""), m.Sync()
+
+
+@pytest.mark.parametrize(("tx", "batch", "unmarked"), [
+    # pipelined: a write's segment behind a Sync still in flight
+    ("I", (*ext("SELECT 1"), *ext("INSERT INTO t VALUES (1)")), 2),
+    ("I", (*ext("SELECT 1"), *ext("SELECT 2")), 0),
+    # a COMMIT behind other requests of its own segment, in a block
+    ("T", (m.Parse("", "UPDATE t SET v = 1"), m.Bind("", ""), m.Execute(""),
+           m.Parse("", "COMMIT"), m.Bind("", ""), m.Execute(""), m.Sync()), 1),
+    # BEGIN ... COMMIT in one segment
+    ("I", (m.Parse("", "BEGIN"), m.Bind("", ""), m.Execute(""), m.Parse("", "INSERT INTO t VALUES (1)"),
+           m.Bind("", ""), m.Execute(""), m.Parse("", "COMMIT"), m.Bind("", ""), m.Execute(""), m.Sync()), 1),
+    # a COMMIT first in its segment gets a marker before it (pgbench -M extended): not counted
+    ("T", ext("END"), 0),
+    # an autocommit write alone gets its marker (EXT_TAIL): not counted
+    ("I", ext("INSERT INTO t VALUES (1)"), 0),
+])  # fmt: skip
+def test_extended_segments_that_commit_unmarked_are_counted(tx, batch, unmarked):
+    inj = Injector(session_in(tx), 7, 3, counters())
+    relayed(inj, wire(*batch))
+    assert inj.unmarked == unmarked
