@@ -40,6 +40,7 @@ from shadow.sqltext import leading_words, quote_ident, statement_count
 
 __all__ = ["SessionRecorder", "Staged"]
 
+_QUERY, _PARSE = ord("Q"), ord("P")
 _INTERESTING = frozenset({
     b"SET", b"RESET", b"DISCARD", b"LISTEN", b"UNLISTEN", b"PREPARE", b"DEALLOCATE",
     b"DECLARE", b"CLOSE", b"CREATE", b"SELECT", b"ROLLBACK",
@@ -177,6 +178,15 @@ class SessionRecorder:
         elif first == b"ROLLBACK":
             if len(words) > 1 and words[1] == b"TO":
                 self._staged.rolled_back_to_savepoint = True
+
+    def on_streamed(self, tag: int, head: bytes) -> None:
+        """The first bytes of a client message too long to be held whole: for a Query or
+        a Parse, its text's first bytes go to :meth:`on_streamed_sql`; other types carry
+        no SQL."""
+        if tag == _QUERY:
+            self.on_streamed_sql(head)
+        elif tag == _PARSE:
+            self.on_streamed_sql(head[head.find(0) + 1:])  # after the statement's name
 
     def on_streamed_sql(self, head: bytes) -> None:
         """The first bytes of a statement text too long to be held whole (streamed, see

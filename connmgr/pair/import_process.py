@@ -156,11 +156,9 @@ class ImportProcess:
             if tag > 0xFF:  # a part of a streamed message: not kept, and the session with it
                 if tag & STREAM_HEAD:
                     offset += 5
-                    if r.direction == "c" and (tag & 0xFF == _Q or tag & 0xFF == _P):
-                        rec = self.session_state.get(r.session_id)
-                        if rec is not None:
-                            head = bytes(buf[start:end])
-                            rec.on_streamed_sql(head if tag & 0xFF == _Q else head[head.find(0) + 1:])
+                    rec = self.session_state.get(r.session_id) if r.direction == "c" else None
+                    if rec is not None:
+                        rec.on_streamed(tag & 0xFF, bytes(buf[start:end]))
                     q.on_message_too_large(r.session_id, f"a {chr(tag & 0xFF)!r} message over [server]"
                                                          f" max_buffered_message ({self.max_buffered_message} bytes)")
                 offset += end - start

@@ -185,8 +185,8 @@ class Upstream:
         log.debug("client %d: streaming a %r message longer than [server] max_buffered_message",
                   relay.conn.id, chr(tag))  # fmt: skip
         relay.ctx.metrics.messages_streamed += 1
-        if self.recorder is not None and (tag == _Q or tag == _P):
-            self.recorder.on_streamed_sql(head if tag == _Q else head[head.find(0) + 1:])
+        if self.recorder is not None:
+            self.recorder.on_streamed(tag, head)
         if self.markers and (tag == _Q or tag == _F):
             self.injector.unmarkable()
         if relay.tracking:
