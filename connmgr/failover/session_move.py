@@ -232,9 +232,13 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
     if committed and journal.overflow and len(groups) > 1:  # what follows the commit was not kept
         raise NotMovable("session not movable: requests pipelined behind a committed transaction too large"
                          " to keep", "too large")  # fmt: skip
-    backend = await _open(conn, failover)
     requests = bytes(journal.requests)
     expected = bytes(journal.replies)
+    # the statements a replay parses again are not restored first (it would find them)
+    if committed:  # its own Parse messages made statements the client now has
+        backend = await _open(conn, failover, requests[journal.sync_ends[0]:], requests[:journal.sync_ends[0]])
+    else:
+        backend = await _open(conn, failover, requests)
     leftover = b""
     try:
         if journal.overflow and not committed:
@@ -277,7 +281,8 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
         backend.close()
         failover.transactions_rolled_back[rb.kind] += 1
         failover.note(f"client {conn.id}: transaction rolled back (40001): {rb.reason}")
-        backend = await _open(conn, failover)
+        # nothing of the transaction is replayed, but what was pipelined behind it is sent
+        backend = await _open(conn, failover, _pipelined_behind(journal))
         try:
             leftover = await _rolled_back(conn, relay, backend, rb.reason, journal, groups)
         except BaseException:  # not movable after all, or cut short: the new session goes
@@ -291,20 +296,31 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
     return backend
 
 
-async def _open(conn: ClientConnection, failover: Failover) -> BackendSession:
+async def _open(conn: ClientConnection, failover: Failover, replayed: bytes = b"",
+                settled: bytes = b"") -> BackendSession:  # fmt: skip
+    """A backend on the secondary, restored; ``replayed``: the requests that will be sent
+    on it again (the statements they parse are left to them); ``settled``: requests of a
+    transaction that committed, not sent again (the statements they parse are made)."""
     backend = await open_backend(failover.server, conn.startup_pairs, conn.creds,
                                  max_message_size=conn.max_message_size)  # fmt: skip
-    await _restore(conn, backend)
+    await _restore(conn, backend, replayed, settled)
     return backend
 
 
-async def _restore(conn: ClientConnection, backend: BackendSession) -> None:
+async def _restore(conn: ClientConnection, backend: BackendSession, replayed: bytes, settled: bytes = b"") -> None:
     """Rebuild the session's state on ``backend`` before anything is replayed."""
     out = bytearray()
     readies = 0
     # statements the open transaction parsed itself come back with its replay
-    again = _parsed_names(conn.journal.requests) if conn.journal is not None and not conn.journal.overflow else set()
-    parses = [body for name, body in conn.session.parse_messages.items() if name not in again]
+    # (not every statement the journal parsed: a Parse in a transaction that committed, or
+    # that is rolled back, is not sent again, and its statement outlives the transaction)
+    again = _parsed_names(replayed)
+    bodies = dict(conn.session.parse_messages)
+    for tag, body in split_messages(settled):  # parsed in a committed transaction, maybe unanswered
+        name = body[:body.find(0)].decode("utf-8", "replace") if tag == 80 and body.find(0) > 0 else ""
+        if name and name not in bodies:
+            bodies[name] = bytes(body)
+    parses = [body for name, body in bodies.items() if name not in again]
     if parses:
         for body in parses:
             out += b"P" + (len(body) + 4).to_bytes(4, "big") + body
@@ -319,6 +335,14 @@ async def _restore(conn: ClientConnection, backend: BackendSession) -> None:
     error = await _run_swallowed(backend, bytes(out), readies)
     if error is not None:
         raise NotMovable(f"session state could not be restored: {error.message}", "restore failed")
+
+
+def _pipelined_behind(journal: Journal) -> bytes:
+    """What :func:`_rolled_back` sends on: the requests behind the transaction's first
+    sync group (nothing if the journal overflowed)."""
+    if journal.overflow or not journal.sync_ends:
+        return b""
+    return bytes(journal.requests[journal.sync_ends[0]:])
 
 
 def _parsed_names(requests: bytes | bytearray) -> set[str]:
@@ -411,7 +435,7 @@ async def _rolled_back(conn: ClientConnection, relay: Relay, backend: BackendSes
         relay.pending_abort = move_error_body(reason)
         return b""
     replies = failed_replies(reason, b"E" if in_block else b"I")
-    rest = bytes(journal.requests[journal.sync_ends[0]:]) if journal.sync_ends and not journal.overflow else b""
+    rest = _pipelined_behind(journal)
     if rest:
         await backend.stream.send_all(rest)
     return replies
