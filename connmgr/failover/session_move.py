@@ -314,12 +314,9 @@ async def _restore(conn: ClientConnection, backend: BackendSession, replayed: by
     # statements the open transaction parsed itself come back with its replay
     # (not every statement the journal parsed: a Parse in a transaction that committed, or
     # that is rolled back, is not sent again, and its statement outlives the transaction)
-    again = _parsed_names(replayed)
-    bodies = dict(conn.session.parse_messages)
-    for tag, body in split_messages(settled):  # parsed in a committed transaction, maybe unanswered
-        name = body[:body.find(0)].decode("utf-8", "replace") if tag == 80 and body.find(0) > 0 else ""
-        if name and name not in bodies:
-            bodies[name] = bytes(body)
+    again = _parses(replayed)
+    # parsed in a committed transaction, their ParseComplete perhaps never seen
+    bodies = {**_parses(settled), **conn.session.parse_messages}
     parses = [body for name, body in bodies.items() if name not in again]
     if parses:
         for body in parses:
@@ -345,15 +342,15 @@ def _pipelined_behind(journal: Journal) -> bytes:
     return bytes(journal.requests[journal.sync_ends[0]:])
 
 
-def _parsed_names(requests: bytes | bytearray) -> set[str]:
-    """Names of the statements the Parse messages in ``requests`` create."""
-    names = set()
+def _parses(requests: bytes | bytearray) -> dict[str, bytes]:
+    """The named statements the Parse messages in ``requests`` create: name -> body."""
+    out = {}
     for tag, body in split_messages(requests):
         if tag == 80:  # 'P'
             end = body.find(0)
             if end > 0:
-                names.add(body[:end].decode("utf-8", "replace"))
-    return names
+                out[body[:end].decode("utf-8", "replace")] = bytes(body)
+    return out
 
 
 async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected: bytes, failover,
