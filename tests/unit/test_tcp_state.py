@@ -53,7 +53,7 @@ class Conn:
         seq = self.c_next if seq is None else seq
         self.t.on_frame(frame(CLIENT, VIP, "PA", seq, self.a_next if ack is None else ack, data,
                               options=self._opts("c")), self.now)  # fmt: skip
-        self.c_next = max(self.c_next, (seq + len(data)) % 2**32) if seq == self.c_next else self.c_next
+        self.c_next = (seq + len(data)) % 2**32 if seq == self.c_next else self.c_next
 
     def client_ack(self, ack=None, window=501):
         self.t.on_frame(frame(CLIENT, VIP, "A", self.c_next, self.a_next if ack is None else ack, window=window,
