@@ -12,6 +12,7 @@ clients, the client's own user name toward the backend, no TLS, no metrics endpo
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,6 +229,35 @@ class FailoverSection:
 
 
 @dataclass(frozen=True, slots=True)
+class HostSection:
+    """``[host]``: host takeover (issue 14) -- when host A (connmgr and database) dies,
+    host B takes the VIP and every client's TCP connection. Off while ``vip`` is empty.
+    Needs CAP_NET_ADMIN and CAP_NET_RAW, the ``[net]`` extra, an etcd cluster (a member
+    on each host and a witness) and a copy of host A's frames on host B's ``capture``
+    interface (a switch's mirror port, ``tc mirred``)."""
+
+    #: the address clients connect to, with its prefix length ("198.18.0.100/24")
+    vip: str = ""
+    #: the interface the VIP is added to (and gratuitous ARP sent on)
+    interface: str = "eth0"
+    #: the interface the copies of host A's frames arrive on ("" = ``interface``)
+    capture: str = ""
+    #: every etcd member's client URL ("http://198.18.0.3:2379")
+    etcd: tuple[str, ...] = ()
+    #: the leader key; only its holder may hold the VIP and serve
+    key: str = "/connmgr/leader"
+    #: this connmgr's name in the leader key ("" = the host name)
+    name: str = ""
+    #: the lease behind the key, in seconds; a holder steps down lease_margin before it
+    #: can expire, and renews every renew_interval
+    lease_ttl: float = 2.0
+    lease_margin: float = 0.5
+    renew_interval: float = 0.5
+    #: how long one etcd request may take before the next member is asked
+    etcd_timeout: float = 0.3
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     primary: BackendSection = field(default_factory=BackendSection)
@@ -238,6 +268,7 @@ class Config:
     redo: RedoSection = field(default_factory=RedoSection)
     poster: PosterSection = field(default_factory=PosterSection)
     failover: FailoverSection = field(default_factory=FailoverSection)
+    host: HostSection = field(default_factory=HostSection)
 
     @property
     def auth_type(self) -> str:
@@ -414,6 +445,39 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [failover] max_replay_bytes: must be >= 0")
     if f.sequence_lead < 1:
         raise ConfigError(f"{source}: [failover] sequence_lead: must be >= 1")
+    _check_host(config, source)
     if f.failback not in FAILBACK_MODES:
         raise ConfigError(f"{source}: [failover] failback: must be one of {', '.join(FAILBACK_MODES)},"
                           f" got {f.failback!r}")  # fmt: skip
+
+
+def _check_host(config: Config, source: str) -> None:
+    h = config.host
+    if not h.vip:
+        return
+    where = f"{source}: [host]"
+    address, sep, prefix = h.vip.partition("/")
+    try:
+        ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ConfigError(f"{where} vip: expected an IPv4 address with its prefix length (198.18.0.100/24),"
+                          f" got {h.vip!r} (IPv6 is not supported yet)") from None  # fmt: skip
+    if not sep or not prefix.isdigit() or not 1 <= int(prefix) <= 32:
+        raise ConfigError(f"{where} vip: needs its prefix length, as in {address}/24")
+    if not h.etcd:
+        raise ConfigError(f"{where} etcd: host takeover needs the etcd members' URLs (a member on each host"
+                          " and a witness); two connmgrs alone cannot break a tie")  # fmt: skip
+    for url in h.etcd:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where} etcd: expected http://host:port, got {url!r}")
+    if not h.key.startswith("/"):
+        raise ConfigError(f"{where} key: must start with /, got {h.key!r}")
+    if not 0 < h.lease_ttl:
+        raise ConfigError(f"{where} lease_ttl: must be > 0")
+    if not h.lease_margin < h.lease_ttl:
+        raise ConfigError(f"{where} lease_margin: must be below lease_ttl ({h.lease_ttl:g} s)")
+    if not 0 < h.renew_interval < h.lease_ttl - h.lease_margin:
+        raise ConfigError(f"{where} renew_interval: must be above 0 and below lease_ttl - lease_margin"
+                          f" ({h.lease_ttl - h.lease_margin:g} s), or the lease lapses between renewals")  # fmt: skip
+    if not 0 < h.etcd_timeout:
+        raise ConfigError(f"{where} etcd_timeout: must be > 0")

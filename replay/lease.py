@@ -59,6 +59,8 @@ _TRANSITIONS: dict[tuple[LeaseState, LeaseEvent], LeaseState] = {
 
 
 class IllegalLeaseEvent(Exception):
+    """A lease event that the state does not allow: a bug in the caller. Internal."""
+
     def __init__(self, state: LeaseState, event: LeaseEvent) -> None:
         super().__init__(f"lease event {event.value!r} is not allowed in state {state.value!r}")
         self.state, self.event = state, event

@@ -39,14 +39,14 @@ from struct import Struct
 __all__ = [
     "Ack", "AckRequest", "Data", "DeltaRequest", "Heartbeat", "Hello", "HelloAck", "Marker",
     "MirrorDecoder", "MirrorProtocolError", "MirrorReceiver", "MirrorSender", "Resync",
-    "SessionClosed", "SessionOpened", "Topology", "encode",
+    "SessionClosed", "SessionOpened", "Topology", "Unmarked", "encode",
 ]
 
 _HEAD = Struct("!BI")
 _U64 = Struct("!Q")
 _DATA = Struct("!QIBQQ")  # version, session, direction, lsn, offset
 _DATA_HEAD = Struct("!BIQIBQQ")  # frame head + Data fields, packed in one go
-_DIRECTION = {"c": 0x63, "b": 0x62}
+_DIRECTION = {"c": 0x63, "b": 0x62, "h": 0x68}
 _MARK = Struct("!QII")  # version, session, seq
 _SESS = Struct("!QI")  # version, session
 _BEAT = Struct("!QQQ")  # latest version, lsn, time_us
@@ -72,7 +72,7 @@ class SessionOpened:
 class Data:
     version: int
     session_id: int
-    direction: str  # "c" client -> server, "b" server -> client
+    direction: str  # "c" client -> server, "b" server -> client, "h" held back from the client
     lsn: int
     offset: int
     payload: bytes
@@ -83,6 +83,13 @@ class Marker:
     version: int
     session_id: int
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unmarked:
+    version: int
+    session_id: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +155,7 @@ class Resync:
     next_version: int
 
 
-Versioned = SessionOpened | Data | Marker | SessionClosed | Topology
+Versioned = SessionOpened | Data | Marker | Unmarked | SessionClosed | Topology
 Record = Versioned | Heartbeat | Hello | HelloAck | Ack | AckRequest | DeltaRequest | Resync
 
 
@@ -177,6 +184,8 @@ def encode(rec: Record) -> bytes:
             return _frame(b"S", _SESS.pack(rec.version, rec.session_id) + _strings(rec.params))
         case Marker():
             return _frame(b"K", _MARK.pack(rec.version, rec.session_id, rec.seq))
+        case Unmarked():
+            return _frame(b"U", _MARK.pack(rec.version, rec.session_id, rec.count))
         case SessionClosed():
             return _frame(b"X", _SESS.pack(rec.version, rec.session_id))
         case Topology():
@@ -202,7 +211,7 @@ def _decode(kind: int, body: bytes) -> Record:
     try:
         if kind == 0x4D:  # M
             version, session, direction, lsn, offset = _DATA.unpack_from(body)
-            if direction not in (0x63, 0x62):
+            if direction not in (0x63, 0x62, 0x68):
                 raise MirrorProtocolError(f"Data record with direction {direction:#x}")
             return Data(version, session, chr(direction), lsn, offset, body[_DATA.size:])
         if kind == 0x53:  # S
@@ -214,6 +223,8 @@ def _decode(kind: int, body: bytes) -> Record:
             return SessionOpened(version, session, tuple(zip(texts[::2], texts[1::2], strict=True)))
         if kind == 0x4B:  # K
             return Marker(*_exact(_MARK, body))
+        if kind == 0x55:  # U
+            return Unmarked(*_exact(_MARK, body))
         if kind == 0x58:  # X
             return SessionClosed(*_exact(_SESS, body))
         if kind == 0x54:  # T
@@ -317,6 +328,10 @@ class MirrorSender:
         v = self._next()
         return self._keep(v, encode(Marker(v, session_id, seq)))
 
+    def unmarked(self, session_id: int, count: int) -> bytes:
+        v = self._next()
+        return self._keep(v, encode(Unmarked(v, session_id, count)))
+
     def session_closed(self, session_id: int) -> bytes:
         v = self._next()
         return self._keep(v, encode(SessionClosed(v, session_id)))
@@ -413,7 +428,7 @@ class MirrorReceiver:
             self._held = {v: r for v, r in self._held.items() if v >= self.expected}
             self._asked_for = None
             return [rec], []
-        if not isinstance(rec, SessionOpened | Data | Marker | SessionClosed | Topology):
+        if not isinstance(rec, SessionOpened | Data | Marker | Unmarked | SessionClosed | Topology):
             raise MirrorProtocolError(f"unexpected {type(rec).__name__} on the secondary side")
         v = rec.version
         if v < self.expected or v in self._held:

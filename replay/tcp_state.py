@@ -186,7 +186,9 @@ _TRANSITIONS: dict[tuple[ConnState, TcpEvent], ConnState] = {
 
 
 class NotRecoverable(Exception):
-    """Host B cannot continue this connection faithfully; the message says why."""
+    """Host B cannot continue this connection faithfully; the message says why. Internal:
+    the takeover counts it and leaves that connection to end (the client sees a timeout,
+    not a SQLSTATE)."""
 
 
 class _Bytes:

@@ -365,6 +365,16 @@ class SessionState:
         self._unnamed_sql: str | None = None
         self._set_phase(Phase.STARTUP)
 
+    @classmethod
+    def joined(cls) -> SessionState:
+        """A session seen from a ReadyForQuery 'I' on (its start-up happened before the
+        observer joined: host B's copy of a mirrored session, whose mirror starts after
+        the login)."""
+        s = cls()
+        s._set_phase(Phase.READY)
+        s._synced = True
+        return s
+
     # ------------------------------------------------------------------------ public API
 
     def frontend_message(self, tag: int, body: bytes | bytearray | memoryview) -> None:

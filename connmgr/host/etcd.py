@@ -30,11 +30,12 @@ __all__ = ["Etcd", "EtcdError", "EtcdUnavailable", "KeyValue"]
 
 
 class EtcdError(Exception):
-    """etcd answered, but with an error (the message is etcd's)."""
+    """etcd answered, but with an error (the message is etcd's). Internal: the leader
+    lease handles it; no client sees it."""
 
 
 class EtcdUnavailable(EtcdError):
-    """No member answered."""
+    """No member answered. Internal, like :class:`EtcdError`."""
 
 
 @dataclass(frozen=True, slots=True)

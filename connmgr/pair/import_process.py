@@ -29,9 +29,18 @@ from connmgr.pg.reconnect import Outage
 from connmgr.pg.replication import ReplicationError
 from replay.import_queue import ImportQueue, MirroredMessage, SessionNotReplayable, sql_text
 from replay.markers import DDL_PREFIX, GUARD_PREFIX, parse_ddl_message, parse_guard_message
-from replay.mirror_protocol import Data, Marker, Resync, SessionClosed, SessionOpened, Topology
+from replay.mirror_protocol import (
+    Data,
+    Marker,
+    Resync,
+    SessionClosed,
+    SessionOpened,
+    Topology,
+    Unmarked,
+)
 from replay.pgoutput import unix_from_pg_timestamp
 from replay.session_recorder import SessionRecorder
+from replay.session_replica import SessionReplica
 from shadow.errors import RemoteProtocolError
 from shadow.framing import STREAM_HEAD, Framer
 
@@ -42,8 +51,13 @@ _Q, _P = ord("Q"), ord("P")
 
 class ImportProcess:
     def __init__(self, queue: ImportQueue | None = None, *, ddl: DdlApplier | None = None,
-                 database: str = "postgres", max_buffered_message: int = 0) -> None:  # fmt: skip
+                 database: str = "postgres", max_buffered_message: int = 0,
+                 replicas: bool = False, max_replay_bytes: int = 8 << 20) -> None:  # fmt: skip
         self.queue = queue or ImportQueue()
+        #: with host takeover: per session, host B's copy of what host A's relay knew
+        #: (replay/session_replica.py); None when not kept
+        self.replicas: dict[int, SessionReplica] | None = {} if replicas else None
+        self.max_replay_bytes = max_replay_bytes
         #: longer messages are not kept ([server] max_buffered_message; 0: all are)
         self.max_buffered_message = max_buffered_message
         #: (session, direction) -> the framer of that stream (a message may span records);
@@ -91,18 +105,32 @@ class ImportProcess:
             self.records += 1
             try:
                 if isinstance(r, Data):
-                    self._data(r)
+                    if r.direction == "h":
+                        self._held(r)
+                    else:
+                        self._data(r)
                 elif isinstance(r, Marker):
                     q.on_marker_sent(r.session_id, r.seq)
+                    if self.replicas is not None and r.session_id in self.replicas:
+                        self.replicas[r.session_id].marker(r.seq)
+                elif isinstance(r, Unmarked):
+                    if self.replicas is not None and r.session_id in self.replicas:
+                        self.replicas[r.session_id].unmarked_requests(r.count)
                 elif isinstance(r, SessionOpened):
                     self._forget_framers(r.session_id, opened=True)
                     q.on_session_opened(r.session_id)
-                    self.session_state[r.session_id] = SessionRecorder()
-                    self._check_database(dict(r.params).get("database"))
+                    rec = self.session_state[r.session_id] = SessionRecorder()
+                    params = dict(r.params)
+                    self._check_database(params.get("database"))
+                    if self.replicas is not None:
+                        self.replicas[r.session_id] = SessionReplica(r.session_id, params, rec,
+                                                                     max_replay_bytes=self.max_replay_bytes)  # fmt: skip
                 elif isinstance(r, SessionClosed):
                     self._forget_framers(r.session_id)
                     q.on_session_closed(r.session_id)
                     self.session_state.pop(r.session_id, None)
+                    if self.replicas is not None:
+                        self.replicas.pop(r.session_id, None)
                 elif isinstance(r, Resync):
                     self._resync()
                 elif isinstance(r, Topology) and self.on_topology is not None:
@@ -117,6 +145,9 @@ class ImportProcess:
                     self.not_replayable.add(sid)
                     self.queue.on_session_closed(sid)
                     self.session_state.pop(sid, None)
+                    replica = self.replicas.get(sid) if self.replicas is not None else None
+                    if replica is not None:
+                        replica.lose("its mirror could not be imported (logged)")
                 self.import_errors += 1
 
     def _framer(self, r: Data) -> Framer | None:
@@ -140,9 +171,28 @@ class ImportProcess:
         self._framers.pop((sid, "c"), None)
         self._framers.pop((sid, "b"), None)
 
+    def _held(self, r: Data) -> None:
+        replica = self.replicas.get(r.session_id) if self.replicas is not None else None
+        if replica is not None:
+            replica.held(r.payload)
+
+    def recovered(self, session_id: int, direction: str, offset: int, payload: bytes) -> None:
+        """Bytes of a session's stream that host A's kernel acknowledged or sent but the
+        mirror never carried (recovered from the copied frames at a host takeover): taken
+        as if mirrored, so the queue and the replica see the whole stream."""
+        self.on_records([Data(0, session_id, direction, 0, offset, payload)])
+
     def _data(self, r: Data) -> None:
+        replica = self.replicas.get(r.session_id) if self.replicas is not None else None
+        if replica is not None:
+            if r.direction == "c":
+                replica.client_raw(r.offset, len(r.payload))
+            else:
+                replica.server_raw(r.offset, r.payload)
         framer = self._framer(r)
         if framer is None:
+            if replica is not None:
+                replica.lose("its framing was lost with the mirror's history (Resync)")
             return  # its framing was lost: nothing of it is kept until it closes
         offset = r.offset - framer.pending_bytes  # where the bytes held from earlier records began
         try:
@@ -150,7 +200,14 @@ class ImportProcess:
         except RemoteProtocolError as e:
             self._framers[(r.session_id, r.direction)] = None
             self.queue.on_message_too_large(r.session_id, f"its mirrored stream cannot be framed: {e.message}")
+            if replica is not None:
+                replica.lose(f"its mirrored stream cannot be framed: {e.message}")
             return
+        if replica is not None and frames:
+            if r.direction == "c":
+                replica.client_batch(offset, buf, frames)
+            else:
+                replica.server_batch(offset, buf, frames)
         q = self.queue
         for tag, start, end in frames:
             if tag > 0xFF:  # a part of a streamed message: not kept, and the session with it
@@ -161,6 +218,8 @@ class ImportProcess:
                         rec.on_streamed(tag & 0xFF, bytes(buf[start:end]))
                     q.on_message_too_large(r.session_id, f"a {chr(tag & 0xFF)!r} message over [server]"
                                                          f" max_buffered_message ({self.max_buffered_message} bytes)")
+                    if replica is not None:
+                        replica.lose("a message over [server] max_buffered_message was relayed without being kept")
                 offset += end - start
                 continue
             raw = buf[start - 5:end]
@@ -196,6 +255,8 @@ class ImportProcess:
         self._framing_lost = True
         self._opened_since.clear()
         self.session_state.clear()  # their SQL is not followed any more either
+        for replica in (self.replicas or {}).values():
+            replica.lose("the mirror's history was lost (Resync)")
         for sid in list(self.queue.depths()):
             self.not_replayable.add(sid)
             self.queue.on_session_closed(sid)

@@ -103,6 +103,10 @@ class MirrorLink:
     def session_marker(self, session_id: int, seq: int) -> None:
         self._out(self.sender.marker(session_id, seq))
 
+    def session_unmarked(self, session_id: int, count: int) -> None:
+        """The session's next client batch holds ``count`` requests that may commit unmarked."""
+        self._out(self.sender.unmarked(session_id, count))
+
     def session_closed(self, session_id: int) -> None:
         self._out(self.sender.session_closed(session_id))
         self.flush_nowait()

@@ -43,8 +43,11 @@ class Secondary:
         #: every mirrored record is handed to these callbacks, in order
         self.consumers: list[Callable[[list], None]] = []
         ddl = DdlApplier(self._open_ddl_session) if p.host and p.replay_ddl else None
+        # with host takeover, host B keeps its own copy of every session (session_replica.py)
         self.imports = ImportProcess(ddl=ddl, database=p.dbname,
-                                     max_buffered_message=config.server.max_buffered_message)
+                                     max_buffered_message=config.server.max_buffered_message,
+                                     replicas=bool(config.host.vip),
+                                     max_replay_bytes=config.failover.max_replay_bytes)  # fmt: skip
         self.consumers.append(self.imports.on_records)
         self.imports.on_topology = self.retarget
         #: where the poster queue is read (the primary database) and where DDL and

@@ -109,6 +109,7 @@ class Upstream:
         relay.last_activity = now
         starts = self.starts
         injector = self.injector
+        unmarked = injector.unmarked
         plan = None
         syncs = None
         for tag, start, end in frames:
@@ -169,6 +170,8 @@ class Upstream:
         stats.messages_from_client += len(frames)
         stats.bytes_from_client += len(buf)
         if self.mirror is not None:
+            if injector.unmarked > unmarked:  # before the batch: a secondary with the batch has the count
+                self.mirror.session_unmarked(self.sid, injector.unmarked - unmarked)
             self.mirror.session_data(self.sid, "c", self.offset, buf)
             self.offset += len(buf)
         if self.journal is not None:
@@ -226,8 +229,11 @@ class Downstream:
         injector = self.injector
         if injector.mode:
             if injector.mode != InjectMode.CYCLE and self.journal is not None:
+                held = buf
                 buf, frames = injector.hold(buf, frames)
-                if not frames:
+                if not frames:  # held until the commit: the secondary keeps a copy (host takeover)
+                    if self.mirror is not None:
+                        self.mirror.session_data(self.sid, "h", 0, held)
                     return b""
             buf, frames, lost_track = injector.strip(buf, frames, track,
                                                      relay.held_back if self.journal is not None else None)
@@ -620,7 +626,11 @@ class Relay:
             self.downstream.offset = client.sent
         if mirror is not None:
             c = self.conn
-            mirror.session_opened(c.id, {**c.startup_params, "virtual_pid": str(c.key[0]) if c.key else "", "peer": c.peer})
+            mirror.session_opened(c.id, {
+                **c.startup_params, "virtual_pid": str(c.key[0]) if c.key else "",
+                "cancel_secret": str(c.key[1]) if c.key else "", "peer": c.peer, "local": _local_address(client),
+                "origin": str(self.ctx.origin), "markers": "1" if self.markers else "0",
+            })  # fmt: skip
         try:
             if engine is not None and type(client) is FastSocketStream and type(server) is FastSocketStream:
                 self._link = engine.attach(self, client.raw_socket, server.raw_socket, initial)
@@ -805,6 +815,16 @@ def lost(backend: BackendSession, failover: bool = False) -> BackendUnavailable 
 
 
 _GONE_CODES = (b"\0C57P01\0", b"\0C57P02\0", b"\0C57P03\0")
+
+
+def _local_address(stream) -> str:
+    """host:port the client connected to (the VIP with host takeover), "" if unknown."""
+    try:
+        sock = stream.raw_socket if type(stream) is FastSocketStream else stream.socket
+        host, port = sock.getsockname()[:2]
+    except (AttributeError, OSError):
+        return ""
+    return f"{host}:{port}"
 
 
 def _server_gone(buf: bytes, start: int, end: int) -> bool:

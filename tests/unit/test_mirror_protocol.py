@@ -26,6 +26,7 @@ from replay.mirror_protocol import (
     SessionClosed,
     SessionOpened,
     Topology,
+    Unmarked,
     encode,
 )
 
@@ -34,6 +35,8 @@ RECORDS = [
     Data(2, 7, "c", 0x16B374D848, 0, b"Q\0\0\0\x0dselect 1\0"),
     Data(3, 7, "b", 0x16B374D900, 0, b"Z\0\0\0\x05I"),
     Marker(4, 7, 12),
+    Unmarked(4, 7, 2),
+    Data(4, 7, "h", 0, 0, b"C\0\0\0\x0dINSERT 0 1\0"),
     SessionClosed(5, 7),
     Topology(6, "10.0.0.2:5432", "[::1]:5433"),
     Heartbeat(5, 0x16B3750000, 1_700_000_000_000_000),
