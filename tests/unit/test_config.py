@@ -24,7 +24,7 @@ def test_a_buffered_message_limit_too_small_to_stream_is_refused_by_name():
 
 @pytest.mark.parametrize(("host", "message"), [
     ({"vip": "198.18.0.100"}, r"\[host\] vip: needs its prefix length, as in 198.18.0.100/24"),
-    ({"vip": "fd00::1/64"}, r"\[host\] vip: expected an IPv4 address .* IPv6 is not supported yet"),
+    ({"vip": "fd00::1/64"}, r"\[host\] vip: expected an IPv4 address .*IPv6 is not supported yet"),
     ({"vip": "198.18.0.100/24"}, r"\[host\] etcd: host takeover needs the etcd members' URLs"),
     ({"vip": "198.18.0.100/24", "etcd": "198.18.0.3:2379"}, r"\[host\] etcd: expected http://host:port"),
     ({"vip": "198.18.0.100/24", "etcd": ["http://e:2379"], "key": "leader"}, r"\[host\] key: must start with /"),
