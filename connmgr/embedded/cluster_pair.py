@@ -124,6 +124,8 @@ class ClusterPair:
         subscription: str = "connmgr_sub",
         bindir: Path | None = None,
         timeout: float = 10,
+        places: dict[str, tuple[str, str, int]] | None = None,
+        hba_extra: list[str] | None = None,
     ) -> ClusterPair:
         """Create and start clusters ``base_dir/primary`` and ``base_dir/secondary`` and
         set up replication of ``databases``; return the pair.
@@ -132,7 +134,10 @@ class ClusterPair:
         (name -> password or None; plain LOGIN roles), and the databases, owned by the
         superuser, with CREATE on schema public granted to PUBLIC. With ``synchronous``
         it waits up to ``timeout`` s for every subscription to show ``sync_state = 'sync'``
-        on the primary. Raises :class:`ClusterError` (and leaves nothing running) on failure.
+        on the primary. ``places`` puts a cluster (``"primary"``, ``"secondary"``) in a
+        network namespace: name -> (namespace, address, port); the subscription then
+        reaches the primary over TCP there. Raises :class:`ClusterError` (and leaves
+        nothing running) on failure.
         """
         databases = tuple(databases)
         if not databases:
@@ -151,9 +156,10 @@ class ClusterPair:
         pair: ClusterPair | None = None
         try:
             for name in ("primary", "secondary"):
-                cluster = Cluster.create(base_dir, name, password=password,
-                                         host_auth=host_auth, settings=merged,
-                                         bindir=bindir)  # fmt: skip
+                netns, host, port = (places or {}).get(name, (None, "127.0.0.1", None))
+                cluster = Cluster.create(base_dir, name, password=password, host_auth=host_auth, settings=merged,
+                                         bindir=bindir, netns=netns, host=host, port=port,
+                                         hba_extra=hba_extra)  # fmt: skip
                 made.append(cluster)
                 cluster.start()
             primary, secondary = made
@@ -178,7 +184,7 @@ class ClusterPair:
                     sql.Identifier(pair.subscription_name(db)),
                     # No application_name in it: it would replace the subscription name
                     # the walsender is known by in synchronous_standby_names.
-                    sql.Literal(primary.conninfo(db)),
+                    sql.Literal(primary.network_conninfo(db)),
                     sql.Identifier(publication),
                 ))  # fmt: skip
             pair.wait_tables_ready(timeout=timeout)

@@ -309,17 +309,28 @@ def run_tool(
     input: str | None = None,
     env: dict[str, str] | None = None,
     check: bool = True,
+    netns: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command, as the server OS user if ``as_server`` and we are root."""
+    """Run a command, as the server OS user if ``as_server`` and we are root, inside
+    network namespace ``netns`` if given (entered as root, then the user is dropped with
+    setpriv: a process cannot enter a namespace once it is unprivileged)."""
     kw: dict[str, Any] = {}
     env = dict(env) if env is not None else clean_env()
     user = server_os_user() if as_server else None
+    argv = [os.fspath(a) for a in argv]
     if user is not None:
-        kw.update(user=user.uid, group=user.gid, extra_groups=user.groups)
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+        if netns is None:
+            kw.update(user=user.uid, group=user.gid, extra_groups=user.groups)
+        else:
+            groups = ",".join(str(g) for g in user.groups) if user.groups else ""
+            argv = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}",
+                    f"--groups={groups}" if groups else "--clear-groups", "--", *argv]  # fmt: skip
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
     try:
         proc = subprocess.run(
-            [os.fspath(a) for a in argv],
+            argv,
             capture_output=True,
             text=True,
             errors="replace",
@@ -418,6 +429,9 @@ class Cluster:
     password: str | None = field(repr=False)
     log_path: Path
     socket_dir: Path
+    #: the network namespace the server runs in (the host-failover lab); None: this one.
+    #: Tools here then reach it through its unix socket, peers over TCP at host:port
+    netns: str | None = None
 
     # ---------------------------------------------------------------- creation
 
@@ -435,6 +449,7 @@ class Cluster:
         hba_extra: list[str] | None = None,
         settings: dict[str, str | int] | None = None,
         bindir: Path | None = None,
+        netns: str | None = None,
     ) -> Cluster:
         """Run initdb into ``base_dir/name`` and configure it; return the (stopped) cluster.
 
@@ -463,6 +478,8 @@ class Cluster:
 
         socket_dir = root / "sock"
         if port is None:
+            if netns is not None:
+                raise ClusterError(f"cluster {name!r} in network namespace {netns}: give its port")
             port = free_port(host)
         if len(f"{socket_dir}/.s.PGSQL.{port}") > _SUN_PATH_MAX:
             # Too long for a unix socket path; keep the socket in a short private dir.
@@ -477,6 +494,7 @@ class Cluster:
             password=password,
             log_path=root / "server.log",
             socket_dir=socket_dir,
+            netns=netns,
         )
         try:
             give_to_server_user(root, user)
@@ -584,7 +602,7 @@ class Cluster:
             [self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.log_path,
              "-w", "-t", str(max(1, math.ceil(timeout))), "-s", "start"],
             f"pg_ctl start of cluster {self.name!r}",
-            as_server=True, timeout=timeout + 15, cwd=self.datadir.parent, check=False,
+            as_server=True, timeout=timeout + 15, cwd=self.datadir.parent, check=False, netns=self.netns,
         )  # fmt: skip
         if proc.returncode == 0 and self.is_running():
             return
@@ -602,6 +620,14 @@ class Cluster:
         )
 
     def _check_port_free(self) -> None:
+        if self.netns is not None:
+            from connmgr.embedded.netlab import in_netns
+
+            with in_netns(self.netns):
+                return self._check_port_free_here()
+        return self._check_port_free_here()
+
+    def _check_port_free_here(self) -> None:
         try:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except OSError:
@@ -724,8 +750,8 @@ class Cluster:
         user = user or self.superuser
         if password is None and user == self.superuser:
             password = self.password
-        params: dict[str, Any] = {"host": self.host, "port": self.port, "dbname": dbname,
-                                  "user": user}  # fmt: skip
+        host = str(self.socket_dir) if self.netns is not None else self.host  # see netns
+        params: dict[str, Any] = {"host": host, "port": self.port, "dbname": dbname, "user": user}
         if password is not None:
             params["password"] = password
         return make_conninfo("", **params)
@@ -745,12 +771,24 @@ class Cluster:
         psql = self.bindir / "psql"
         exe = os.fspath(psql) if psql.exists() else (shutil.which("psql") or "psql")
         proc = run_tool(
-            [exe, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.host,
+            [exe, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1",
+             "-h", str(self.socket_dir) if self.netns is not None else self.host,
              "-p", str(self.port), "-U", user, "-d", dbname, "-f", "-"],
             f"psql on cluster {self.name!r} (db {dbname}, user {user})",
             as_server=False, timeout=timeout, input=sql, env=env,
         )  # fmt: skip
         return proc.stdout.strip()
+
+    def network_conninfo(self, dbname: str = "postgres", user: str | None = None,
+                         password: str | None = None) -> str:  # fmt: skip
+        """Like :meth:`conninfo`, always over TCP at host:port (what a peer uses)."""
+        user = user or self.superuser
+        if password is None and user == self.superuser:
+            password = self.password
+        params: dict[str, Any] = {"host": self.host, "port": self.port, "dbname": dbname, "user": user}
+        if password is not None:
+            params["password"] = password
+        return make_conninfo("", **params)
 
     def connect(
         self,
