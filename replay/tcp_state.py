@@ -18,8 +18,8 @@ takes each raw Ethernet frame and follows the connections to the served addresse
   (offset 0 is the first byte after the SYN, the same offsets the mirror stream carries),
   so host B can recover the client's bytes host A's kernel acknowledged but host A's
   connmgr never mirrored, and the bytes host A sent that the client has not acknowledged.
-  Client bytes are trimmed once the mirror carries them (:meth:`TcpTracker.trim`); server
-  bytes as soon as the client acknowledges them.
+  Each direction is trimmed once the mirror carries it (:meth:`TcpTracker.trim`), the
+  server's no further than the client acknowledged.
 
 Sequence numbers are 32 bits and wrap; offsets are unbounded integers. A sequence number
 is turned into an offset relative to the side's high-water mark (the nearest one within
@@ -248,7 +248,7 @@ class _Bytes:
         """Bytes [start, end) if all are held, else None."""
         if end <= start:
             return b""
-        if self.contiguous_end(start) < end:
+        if start < self.floor or self.contiguous_end(start) < end:
             return None
         out = bytearray()
         pos = start
@@ -333,6 +333,8 @@ class TrackedConnection:
     client_bytes: _Bytes = field(repr=False)
     server_bytes: _Bytes = field(repr=False)
     server_mac: bytes = b""
+    #: the server stream offset the mirror carries up to (see TcpTracker.trim)
+    server_mirrored: int = 0
 
     def on(self, event: TcpEvent) -> None:
         self.state = _TRANSITIONS.get((self.state, event), self.state)
@@ -351,14 +353,23 @@ class TrackedConnection:
         """The client's bytes [start, end) if host B saw them all, else None."""
         return self.client_bytes.read(start, end)
 
+    def server_data(self, start: int, end: int) -> bytes | None:
+        """The server's bytes [start, end) if host B saw them all, else None."""
+        return self.server_bytes.read(start, end)
+
     def client_seen_end(self, start: int) -> int:
         """Where the client bytes host B holds without a hole from ``start`` end."""
         return self.client_bytes.contiguous_end(start)
 
-    def repair_state(self, client_from: int, now: float) -> RepairState:
+    def repair_state(self, client_from: int, now: float, *, mirrored: bytes | bytearray = b"",
+                     mirrored_from: int = 0) -> RepairState:  # fmt: skip
         """The state to rebuild the server side with, when the client bytes below
         ``client_from`` are accounted for elsewhere (the mirror carried them) and ``now``
-        is the frames' clock. Raises NotRecoverable if the connection cannot continue."""
+        is the frames' clock. ``mirrored`` is what the mirror holds of the server stream,
+        from offset ``mirrored_from``: the bytes to send again come from it first, then
+        from the frames (it may lag the wire, or run ahead of it in two-phase mode, where
+        it holds replies the client has not been sent yet: they go out too). Raises
+        NotRecoverable if the connection cannot continue."""
         if self.state is not ConnState.ESTABLISHED:
             raise NotRecoverable(f"the connection is {self.state.value}, not established")
         c, s = self.c, self.s
@@ -372,9 +383,19 @@ class TrackedConnection:
             raise NotRecoverable(f"client bytes {end}..{acked} were acknowledged by the dead host but {lost},"
                                  " and the client will not send them again")
         received = self.acked_by_client
-        unsent = self.server_bytes.read(received, s.high)
-        if unsent is None:
-            raise NotRecoverable(f"server bytes {received}..{s.high} the client has not acknowledged were not seen")
+        m_end = mirrored_from + len(mirrored)
+        s_end = max(s.high, m_end)
+        unsent = b""
+        pos = received
+        if mirrored_from <= pos < m_end:
+            unsent = bytes(mirrored[pos - mirrored_from:])
+            pos = m_end
+        if pos < s_end:
+            rest = self.server_bytes.read(pos, s_end)
+            if rest is None:
+                raise NotRecoverable(f"server bytes {pos}..{s_end} the client has not acknowledged were neither"
+                                     " mirrored nor seen here")  # fmt: skip
+            unsent += rest
         wscale = c.wscale is not None and s.wscale is not None
         timestamps = c.timestamps and s.timestamps
         ts = 0
@@ -414,11 +435,18 @@ class TcpTracker:
     def forget(self, client: tuple[str, int]) -> None:
         self.connections.pop(client, None)
 
-    def trim(self, client: tuple[str, int], offset: int) -> None:
-        """The client's bytes below ``offset`` are carried by the mirror: not kept here."""
+    def trim(self, client: tuple[str, int], direction: str, offset: int) -> None:
+        """The mirror carries the bytes below ``offset`` of one direction (``"c"`` from the
+        client, ``"b"`` to it): not kept here (the server's no further than the client
+        acknowledged, so what it has not may still be sent again from here)."""
         conn = self.connections.get(client)
-        if conn is not None:
+        if conn is None:
+            return
+        if direction == "c":
             conn.client_bytes.trim(offset)
+        else:
+            conn.server_mirrored = max(conn.server_mirrored, offset)
+            conn.server_bytes.trim(min(offset, conn.acked_by_client))
 
     def on_frame(self, frame: bytes, now: float) -> TrackedConnection | None:
         """Take one copied frame (``now``: a monotonic clock, seconds); returns the
@@ -479,7 +507,7 @@ class TcpTracker:
             if conn.s.isn is not None:
                 if c.last_ack is None or conn.s.offset(seg.ack) >= conn.s.offset(c.last_ack):
                     c.last_ack = seg.ack
-                conn.server_bytes.trim(conn.s.offset(seg.ack))
+                conn.server_bytes.trim(min(conn.s.offset(seg.ack), conn.server_mirrored))
         self._sent(conn, c, seg, now, conn.client_bytes)
         return conn
 

@@ -118,7 +118,11 @@ def test_handshake_establishes_and_offsets_follow_both_streams():
     assert conn.acked_by_server == 5
     assert conn.acked_by_client == 6
     assert conn.client_data(0, 5) == b"hello"
-    assert conn.server_bytes.held == 0  # acknowledged by the client: not kept
+    assert conn.server_data(0, 6) == b"world!"  # the mirror may not have it yet
+    t.trim(CLIENT, "b", 4)
+    assert conn.server_data(0, 6) is None and conn.server_data(4, 6) == b"d!"
+    t.trim(CLIENT, "b", 6)
+    assert conn.server_bytes.held == 0  # mirrored and acknowledged: not kept
 
 
 def test_repair_state_from_frames():
@@ -151,7 +155,7 @@ def test_client_bytes_acked_but_not_mirrored_are_recovered_and_later_ones_absorb
     c.server_ack()
     c.client_send(b"after-the-death;")  # host A never acknowledged these: the bridge flooded them
     conn = t.connection(CLIENT)
-    t.trim(CLIENT, 9)  # the mirror carried the first message
+    t.trim(CLIENT, "c", 9)  # the mirror carried the first message
     rs = conn.repair_state(client_from=9, now=0.0)
     assert conn.client_data(9, rs.client_end) == b"acked-not-mirrored;after-the-death;"
     assert rs.rcv_nxt == (1000 + 1 + len(b"mirrored;acked-not-mirrored;after-the-death;")) % 2**32
@@ -173,8 +177,22 @@ def test_unacked_server_bytes_missing_is_not_recoverable():
     c = Conn(t)
     c.a_next += 10  # a segment host A sent was not copied
     c.server_send(b"tail")
-    with pytest.raises(NotRecoverable, match="server bytes 0..14"):
+    with pytest.raises(NotRecoverable, match="server bytes 0..14 .* neither mirrored nor seen"):
         t.connection(CLIENT).repair_state(client_from=0, now=0.0)
+    # the mirror has the first bytes, the frames the rest: together they are whole
+    rs = t.connection(CLIENT).repair_state(client_from=0, now=0.0, mirrored=b"0123456789", mirrored_from=0)
+    assert rs.unsent == b"0123456789tail"
+
+
+def test_two_phase_replies_the_client_was_never_sent_go_out_too():
+    t = tracker()
+    c = Conn(t)
+    c.server_send(b"sent;")
+    rs = t.connection(CLIENT).repair_state(0, 0.0, mirrored=b"sent;held-for-the-ack;", mirrored_from=0)
+    assert rs.unsent == b"sent;held-for-the-ack;"
+    c.client_ack()  # the client has the first five bytes
+    rs = t.connection(CLIENT).repair_state(0, 0.0, mirrored=b"held-for-the-ack;", mirrored_from=5)
+    assert rs.unsent == b"held-for-the-ack;" and rs.client_received == 5
 
 
 def test_the_buffer_bound_drops_oldest_and_says_so():
@@ -247,5 +265,5 @@ def test_any_segmentation_reordering_and_retransmission_gives_the_stream_back(st
     assert conn.client_seen_end(0) == len(stream)
     assert conn.client_data(0, len(stream)) == stream
     k = data.draw(st.integers(0, len(stream)))
-    t.trim(CLIENT, k)
+    t.trim(CLIENT, "c", k)
     assert conn.client_data(k, len(stream)) == stream[k:]
