@@ -111,6 +111,57 @@ class App:
                                  failover=self.failover, engine=self.engine)  # fmt: skip
         self._shutdown = trio.Event()
         self._drain_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        #: with [host]: the leader lease, the VIP and (on the secondary) the host takeover
+        self.host = None
+        self.resumer = None
+        if config.host.vip:
+            self.host = self._host_role()
+
+    def _host_role(self):
+        """The host role (connmgr/host/takeover.py), built only with [host]: its modules
+        need the [net] extra."""
+        import socket as _socket
+
+        from connmgr.failover.controller import point_of_failure
+        from connmgr.host.etcd import Etcd
+        from connmgr.host.leader import Leader
+        from connmgr.host.takeover import HostRole
+
+        h = self.config.host
+        leader = Leader(Etcd(list(h.etcd), attempt_timeout=h.etcd_timeout), h.key, h.name or _socket.gethostname(),
+                        ttl=h.lease_ttl, margin=h.lease_margin, renew_interval=h.renew_interval)  # fmt: skip
+        secondary = self.secondary
+
+        async def promote() -> None:
+            with trio.fail_after(self.config.failover.max_wait):
+                await point_of_failure(lambda db: secondary._open_ddl_session(db, "connmgr host takeover"),
+                                       self.config.poster.dbname, self.config.failover.sequence_lead,
+                                       lambda text: self.host.note(text))  # fmt: skip
+
+        def connections() -> list:
+            return [c.stream.raw_socket for c in self.registry if type(c.stream) is FastSocketStream]
+
+        return HostRole(h, leader, imports=secondary.imports if secondary is not None else None, promote=promote,
+                        serve=self._serve_listener, resume=lambda r: self.resumer(r), connections=connections)  # fmt: skip
+
+    async def _committed_seq(self, database: str, origin: int, session_id: int) -> int:
+        """Host takeover: the last transaction of host A's session ``session_id`` that
+        committed on this host's database (its marker row), 0 if none."""
+        session = await self.secondary._open_ddl_session(database, "connmgr host takeover markers")
+        try:
+            rows = await session.query_rows(messages.query(
+                f"SELECT seq FROM connmgr.markers WHERE origin = {int(origin)} AND session = {int(session_id)}"))
+        finally:
+            session.close()
+        return int(rows[0][0]) if rows else 0
+
+    def _serve_listener(self, sock) -> None:
+        """Accept clients on ``sock`` (the VIP's listener the host role opened)."""
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self.listen_addresses.append(sock.getsockname()[:2])
+        self.accepting = True
+        self._nursery.start_soon(self._accept_loop, listener, self._nursery)
 
     # ------------------------------------------------------------------ views (tests, tools)
 
@@ -225,6 +276,7 @@ class App:
             listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=4096))
         self.listen_addresses = [ln.socket.getsockname()[:2] for ln in listeners]
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             if self.engine is not None:
                 await nursery.start(self.engine.run)
             if self.redo is not None:
@@ -237,6 +289,11 @@ class App:
                 await nursery.start(self.failover.run)
             if self.secondary is not None:
                 await nursery.start(self.secondary.run)
+            if self.host is not None:
+                from connmgr.host.resume import SessionResumer
+
+                self.resumer = SessionResumer(self.client_context, self.route.server, nursery, self._committed_seq)
+                await nursery.start(self.host.run)
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:

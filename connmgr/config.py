@@ -238,6 +238,8 @@ class HostSection:
 
     #: the address clients connect to, with its prefix length ("198.18.0.100/24")
     vip: str = ""
+    #: the port clients connect to on the VIP (the leader listens there)
+    port: int = 5432
     #: the interface the VIP is added to (and gratuitous ARP sent on)
     interface: str = "eth0"
     #: the interface the copies of host A's frames arrive on ("" = ``interface``)
@@ -464,6 +466,8 @@ def _check_host(config: Config, source: str) -> None:
                           f" got {h.vip!r} (IPv6 is not supported yet)") from None  # fmt: skip
     if not sep or not prefix.isdigit() or not 1 <= int(prefix) <= 32:
         raise ConfigError(f"{where} vip: needs its prefix length, as in {address}/24")
+    if not 1 <= h.port <= 65535:
+        raise ConfigError(f"{where} port: must be 1-65535, got {h.port}")
     if not h.etcd:
         raise ConfigError(f"{where} etcd: host takeover needs the etcd members' URLs (a member on each host"
                           " and a witness); two connmgrs alone cannot break a tie")  # fmt: skip

@@ -772,48 +772,9 @@ class Failover:
         """Disable every enabled subscription of the secondary and wait for its apply
         worker to exit: what it applied is final."""
         with trio.fail_after(self.config.max_wait):
-            admin = await self._admin(self.config.dbname, "connmgr failover")
-            try:
-                rows = await admin.query_rows(messages.query(
-                    "SELECT s.oid, s.subname, d.datname, pg_catalog.array_to_string(s.subpublications, ',')"
-                    " FROM pg_catalog.pg_subscription s"
-                    " JOIN pg_catalog.pg_database d ON d.oid = s.subdbid WHERE s.subenabled ORDER BY 1"
-                ))  # fmt: skip
-            finally:
-                admin.close()
-            self.subscriptions = [reseeding.Subscription(n.decode(), d.decode(), tuple(p.decode().split(",")))
-                                  for _oid, n, d, p in rows]  # fmt: skip
-            for oid, name, database, _pubs in rows:
-                sub, db = name.decode(), database.decode()
-                session = await self._admin(db, "connmgr failover")
-                try:
-                    await session.query_rows(messages.query(f"ALTER SUBSCRIPTION {quote_ident(sub)} DISABLE"))
-                    # The worker would leave at its next look at the catalog (up to a second
-                    # with a live primary). Ending it now is equivalent: a transaction it
-                    # had not applied was not acknowledged to any client, so it is replayed.
-                    await session.query_rows(messages.query(
-                        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_subscription"
-                        f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
-                    ))  # fmt: skip
-                    self.note(f"subscription {sub} ({db}) disabled")
-                    deadline = time.monotonic() + _WORKER_EXIT_TIMEOUT
-                    while True:
-                        left = await session.query_rows(messages.query(
-                            "SELECT count(*) FROM pg_catalog.pg_stat_subscription"
-                            f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
-                        ))  # fmt: skip
-                        if left == [(b"0",)]:
-                            break
-                        if time.monotonic() > deadline:
-                            raise FailoverError(f"the apply worker of subscription {sub} did not stop"
-                                                f" within {_WORKER_EXIT_TIMEOUT:g}s")  # fmt: skip
-                        await trio.sleep(0.01)
-                    # every committed row is here now: no sequence may hand out a key again
-                    n = await set_past_columns(session, self.config.sequence_lead)
-                    self.note(f"{n} column sequence(s) of {db} set past their columns")
-                finally:
-                    session.close()
-            self.note(f"point of failure reached ({len(rows)} subscription(s) stopped)")
+            self.subscriptions = await point_of_failure(
+                lambda db: self._admin(db, "connmgr failover"), self.config.dbname, self.config.sequence_lead,
+                self.note)  # fmt: skip
 
     async def committed_seq(self, database: str, session_id: int) -> int:
         """The number of the last transaction of ``session_id`` that committed on the
@@ -842,6 +803,56 @@ class Failover:
             if database not in self._committed:
                 return await self.committed_seq(database, session_id)
         return self._committed[database].get(session_id, 0)
+
+
+async def point_of_failure(admin: Callable[[str], Awaitable[BackendSession]], dbname: str, sequence_lead: int,
+                           note: Callable[[str], None]) -> list[reseeding.Subscription]:  # fmt: skip
+    """Make a subscriber database stand alone: disable every enabled subscription, end its
+    apply worker and wait until it is gone (what it applied is final), then set every
+    column-owned sequence ``sequence_lead`` past its column. ``admin(database)`` opens a
+    superuser session there. Returns the subscriptions that were stopped. The database
+    failover calls it on the secondary; a host takeover on host B's own database."""
+    session = await admin(dbname)
+    try:
+        rows = await session.query_rows(messages.query(
+            "SELECT s.oid, s.subname, d.datname, pg_catalog.array_to_string(s.subpublications, ',')"
+            " FROM pg_catalog.pg_subscription s"
+            " JOIN pg_catalog.pg_database d ON d.oid = s.subdbid WHERE s.subenabled ORDER BY 1"
+        ))  # fmt: skip
+    finally:
+        session.close()
+    for oid, name, database, _pubs in rows:
+        sub, db = name.decode(), database.decode()
+        session = await admin(db)
+        try:
+            await session.query_rows(messages.query(f"ALTER SUBSCRIPTION {quote_ident(sub)} DISABLE"))
+            # The worker would leave at its next look at the catalog (up to a second
+            # with a live primary). Ending it now is equivalent: a transaction it
+            # had not applied was not acknowledged to any client, so it is replayed.
+            await session.query_rows(messages.query(
+                "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_subscription"
+                f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
+            ))  # fmt: skip
+            note(f"subscription {sub} ({db}) disabled")
+            deadline = time.monotonic() + _WORKER_EXIT_TIMEOUT
+            while True:
+                left = await session.query_rows(messages.query(
+                    "SELECT count(*) FROM pg_catalog.pg_stat_subscription"
+                    f" WHERE subid = {int(oid)} AND pid IS NOT NULL"
+                ))  # fmt: skip
+                if left == [(b"0",)]:
+                    break
+                if time.monotonic() > deadline:
+                    raise FailoverError(f"the apply worker of subscription {sub} did not stop"
+                                        f" within {_WORKER_EXIT_TIMEOUT:g}s")  # fmt: skip
+                await trio.sleep(0.01)
+            # every committed row is here now: no sequence may hand out a key again
+            n = await set_past_columns(session, sequence_lead)
+            note(f"{n} column sequence(s) of {db} set past their columns")
+        finally:
+            session.close()
+    note(f"point of failure reached ({len(rows)} subscription(s) stopped)")
+    return [reseeding.Subscription(n.decode(), d.decode(), tuple(p.decode().split(","))) for _oid, n, d, p in rows]
 
 
 def _hostport(server: BackendServer) -> str:

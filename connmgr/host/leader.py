@@ -124,15 +124,18 @@ class Leader:
                 elif now >= next_renew:
                     await self._renew()
                     next_renew = now + self.renew_interval
-                if lease.lease_id is not None and lease.state is LeaseState.FOLLOWER and self.campaign \
+                if lease.lease_id is not None and lease.state is LeaseState.FOLLOWER \
                         and trio.current_time() >= next_try:  # fmt: skip
                     next_try = trio.current_time() + self.retry_interval
-                    await self._try_to_win()
+                    if self.campaign:
+                        await self._try_to_win()
+                    else:  # only watching who holds it
+                        self.holder = await self.etcd.get(self.key)
             except EtcdError as e:
                 self.etcd_errors += 1
                 log.debug("etcd: %s", e)
                 next_renew = min(next_renew, trio.current_time() + self.retry_interval)
-            wake = next_renew if lease.state is LeaseState.LEADER or not self.campaign else min(next_renew, next_try)
+            wake = next_renew if lease.state is LeaseState.LEADER else min(next_renew, next_try)
             await trio.sleep_until(max(wake, trio.current_time() + 0.01))
 
     async def _renew(self) -> None:

@@ -74,6 +74,8 @@ def rebuild(rs: RepairState, *, sndbuf: int = 0, rcvbuf: int = 0) -> socket.sock
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         step = "IP_TRANSPARENT"
         s.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        # the listener for new clients binds the same address and port afterwards
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         step = f"bind {rs.local}"
         s.bind(rs.local)
         step = "receive queue sequence"
@@ -119,6 +121,9 @@ def leave_repair(sock: socket.socket) -> None:
     """Let a rebuilt socket speak: leaving repair mode sends a window probe, which the
     client answers at once (its current ACK and window)."""
     sock.setsockopt(SOL_TCP, TCP_REPAIR, REPAIR_OFF)
+    # leaving repair also clears the socket's address reuse: a listener on the same
+    # address and port (new clients) must still be able to bind next to it
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
 def silent_close(sock: socket.socket) -> None:

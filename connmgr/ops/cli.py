@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     default = logging.WARNING if args.command == "demo" else logging.INFO
     level = default - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpcore", "pyroute2", "asyncio"):  # every etcd request, netlink message
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return args.func(args)
 
 

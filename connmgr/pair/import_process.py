@@ -83,6 +83,9 @@ class ImportProcess:
         self.records = 0
         self.purged = 0
         self.not_replayable: set[int] = set()
+        #: with replicas: called with (client address, direction, end offset) as the mirror
+        #: carries a session's bytes (the host takeover's frame tracker then forgets them)
+        self.on_mirrored: Callable[[tuple[str, int], str, int], None] | None = None
         #: called with a Topology record (the pair turned around; set by the App)
         self.on_topology: Callable[[Topology], None] | None = None
         self._poster_outage = Outage(log, "poster queue", retrying="reopening every 1 s")
@@ -176,6 +179,12 @@ class ImportProcess:
         if replica is not None:
             replica.held(r.payload)
 
+    def pending_client_bytes(self, session_id: int) -> bytes:
+        """The start of a client message not complete yet (taken: the relay that goes on
+        with the session frames it from here)."""
+        framer = self._framers.get((session_id, "c"))
+        return framer.take_pending() if framer else b""
+
     def recovered(self, session_id: int, direction: str, offset: int, payload: bytes) -> None:
         """Bytes of a session's stream that host A's kernel acknowledged or sent but the
         mirror never carried (recovered from the copied frames at a host takeover): taken
@@ -189,6 +198,8 @@ class ImportProcess:
                 replica.client_raw(r.offset, len(r.payload))
             else:
                 replica.server_raw(r.offset, r.payload)
+            if self.on_mirrored is not None and replica.peer is not None:
+                self.on_mirrored(replica.peer, r.direction, r.offset + len(r.payload))
         framer = self._framer(r)
         if framer is None:
             if replica is not None:

@@ -144,6 +144,51 @@ class ClientConnection:
         self._close_reason: ClientError | None = None
         self._tls_handshaking = False
 
+    @classmethod
+    def resumed(cls, ctx: ClientContext, stream: trio.abc.Stream, peer: str, *, user: str, database: str,
+                startup_pairs: tuple[tuple[str, str], ...], session: SessionState,
+                key: tuple[int, int] | None, creds) -> ClientConnection:  # fmt: skip
+        """A client connection another connmgr accepted and logged in, continued here (a
+        host takeover, connmgr/host/takeover.py): its start-up is over, ``session`` is
+        the protocol state the client is in, ``key`` the cancel key it holds."""
+        conn = cls(ctx, stream, peer)
+        conn.user, conn.database = user, database
+        conn.application_name = dict(startup_pairs).get("application_name", "")
+        conn.startup_pairs = startup_pairs
+        conn.startup_params = dict(startup_pairs)
+        conn.session = session
+        conn.creds = creds
+        if key is not None:
+            conn.key = key
+            ctx.registry.keys[key] = conn
+        return conn
+
+    async def run_resumed(self, backend: BackendSession, initial: bytes = b"") -> None:
+        """Relay a :meth:`resumed` connection on ``backend`` (logged in and restored)
+        until it ends; errors are reported to this client alone, as in :meth:`run`."""
+        self.backend = backend
+        self.ctx.registry.rebind(self, None, backend)
+        framer = Framer(max_message_size=self.ctx.config.server.max_message_size, frontend=True)
+        try:
+            with self.cancel_scope:
+                self.state = ClientState.ACTIVE
+                await self._relay(initial, framer, False)
+            if self._close_reason is not None:
+                await self._fail(self._close_reason)
+        except ClientError as e:
+            await self._fail(e)
+        except RemoteProtocolError as e:
+            await self._fail(ClientError(e.message, sqlstate=e.sqlstate))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, PeerClosed):
+            pass
+        except Exception:  # noqa: BLE001 - a bug met by one client costs that client alone
+            log.exception("client %d %s (resumed): internal error; this connection is closed", self.id, self.peer)
+            await self._fail(ClientError("internal error in connmgr (its log has the details)", sqlstate="XX000"))
+        finally:
+            self.state = ClientState.CLOSING
+            self._close_streams()
+            self.ctx.registry.forget(self)
+
     # ------------------------------------------------------------------ lifecycle
 
     @property
@@ -188,7 +233,7 @@ class ClientConnection:
                 if ctx.relay.mirror is not None and ctx.markers_enabled is not None:
                     markers_on = await ctx.markers_enabled(self.database)
                 self.state = ClientState.ACTIVE
-                await self._relay(reader, markers_on)
+                await self._relay(reader.take_buffered(), reader.framer, markers_on)
             if self._close_reason is not None:  # close_with() cancelled us
                 await self._fail(self._close_reason)
         except PeerClosed:
@@ -208,15 +253,15 @@ class ClientConnection:
             self._close_streams()
             ctx.registry.forget(self)
 
-    async def _relay(self, reader: MessageReader, markers_on: bool) -> None:
-        """Relay until the session ends; with failover, a lost backend moves the session
-        to the secondary (connmgr/failover/session_move.py) and relaying goes on there."""
-        initial = reader.take_buffered()
+    async def _relay(self, initial: bytes, framer: Framer, markers_on: bool) -> None:
+        """Relay until the session ends (``initial``: client bytes read already, cut by
+        ``framer``); with failover, a lost backend moves the session to the secondary
+        (connmgr/failover/session_move.py) and relaying goes on there."""
         carry = Carry()
         failover = self.ctx.failover
         while True:
             mirrored = failover is None or not failover.failed_over
-            self.relay = Relay(self, self.backend, reader.framer, self.ctx.relay, markers_on and mirrored,
+            self.relay = Relay(self, self.backend, framer, self.ctx.relay, markers_on and mirrored,
                                mirrored=mirrored, carry=carry)  # fmt: skip
             try:
                 await self.relay.run(initial)

@@ -98,6 +98,10 @@ class View:
         await self._answer()
         return True, s.revision, None
 
+    async def get(self, key):
+        await self._reach()
+        return self.store.key
+
     async def holds(self, key, value, create_revision):
         await self._reach()
         k = self.store.key
@@ -212,6 +216,7 @@ async def test_resign_hands_over_at_once_and_campaign_off_never_wins(autojump_cl
         elected_b = [tt for tt, e in b.events if e.startswith("elected")]
         assert elected_b and elected_b[0] - t < 0.5, "b waited for the lease to expire"
         assert c.events == [] and not c.leader.may_serve()
+        assert c.leader.holder is not None and c.leader.holder.value == "b"  # it watches
         n.cancel_scope.cancel()
 
 

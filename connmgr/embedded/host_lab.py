@@ -1,0 +1,231 @@
+"""The host-failover lab: a pair on two hosts, each host a network namespace (issue 14).
+
+:class:`HostLab` builds, on top of :class:`~connmgr.embedded.netlab.NetLab`:
+
+* etcd: a member in ``hosta``, ``hostb`` and ``witness`` (raft leadership moved to the
+  witness, so a database host's death does not also cost an etcd election);
+* Postgres: the primary in ``hosta`` (198.18.0.1:5432) and the secondary in ``hostb``
+  (198.18.0.2:5432), joined by synchronous logical replication (``ClusterPair``);
+* connmgr: one process per host (``python -m connmgr serve``), each with ``[host]`` for
+  the VIP; host A's mirrors to host B's, host B's reads the poster slot on host A's
+  database and follows the copies of host A's frames.
+
+Clients run in ``client`` (:meth:`HostLab.connect` gives a psycopg connection made there).
+:meth:`HostLab.kill_host_a` is host death: router port down and SIGKILL of everything in
+``hosta`` at once. :meth:`HostLab.close` tears everything down (also after a failure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+from connmgr.embedded import netlab
+from connmgr.embedded.cluster_pair import ClusterPair
+from connmgr.embedded.etcd_cluster import EtcdCluster, EtcdMember
+
+__all__ = ["HostLab", "PASSWORD", "DB"]
+
+DB = "app"
+PASSWORD = "postgres"
+PORT = 5432
+MIRROR_PORT = 7000
+SCHEMA = ("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
+          "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip
+
+
+def _toml(sections: dict[str, dict]) -> str:
+    """A TOML document of ``sections`` (strings, numbers, booleans, lists of strings)."""
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        for k, v in values.items():
+            if isinstance(v, bool):
+                out.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, int | float):
+                out.append(f"{k} = {v}")
+            else:  # a JSON string or list of strings is a TOML one
+                out.append(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}")
+        out.append("")
+    return "\n".join(out)
+
+
+class HostLab:
+    """See the module docstring. ``base_dir`` holds the clusters, configs and logs."""
+
+    def __init__(self, base_dir: Path, *, mode: str = "two-phase", lease_ttl: float = 2.0,
+                 bindir: Path | None = None, accounts: int = 20) -> None:  # fmt: skip
+        self.base = Path(base_dir)
+        self.mode = mode
+        self.lease_ttl = lease_ttl
+        self.bindir = bindir
+        self.accounts = accounts
+        self.net: netlab.NetLab | None = None
+        self.etcd: EtcdCluster | None = None
+        self.pair: ClusterPair | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.events: list[tuple[float, str]] = []
+
+    def note(self, text: str) -> None:
+        self.events.append((time.monotonic(), text))
+
+    def __enter__(self) -> HostLab:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ building
+
+    def start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        self.net = net = netlab.NetLab(vip_on=None).build()  # the leader adds it
+        self.note("network built")
+        self.etcd = etcd = EtcdCluster([EtcdMember(n, netlab.ADDRESSES[h], net.ns[h])
+                                        for n, h in (("a", "hosta"), ("b", "hostb"), ("w", "witness"))],
+                                       token=f"lab-{os.getpid()}")  # fmt: skip
+        etcd.start()
+        self._raft_leader_to_witness()
+        self.note("etcd up (raft leader on the witness)")
+        self.pair = ClusterPair.create(
+            self.base / "pair", databases=(DB,), password=PASSWORD, bindir=self.bindir,
+            places={"primary": (net.ns["hosta"], netlab.ADDRESSES["hosta"], PORT),
+                    "secondary": (net.ns["hostb"], netlab.ADDRESSES["hostb"], PORT)},
+            hba_extra=["host all all 198.18.0.0/15 scram-sha-256"],
+        )  # fmt: skip
+        self.pair.sync_schema(DB, SCHEMA)
+        with self.pair.primary.connect(DB) as c:
+            c.execute(f"INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, {self.accounts}) g")
+        self.pair.wait_caught_up()
+        self.note("databases up, replicating")
+        users = self.base / "users.txt"
+        users.write_text(f'"postgres" "{PASSWORD}"\n')
+        self._start_connmgr("hostb", users)
+        self._wait_port("hostb", netlab.ADDRESSES["hostb"], MIRROR_PORT, "host B's mirror listener")
+        self._start_connmgr("hosta", users)
+        self._wait_port("client", netlab.VIP, PORT, "host A serving on the VIP")
+        self.note("connmgrs up, host A leads")
+
+    def _raft_leader_to_witness(self) -> None:
+        import trio
+
+        from connmgr.host.etcd import Etcd
+
+        async def move() -> None:
+            client = Etcd(self.etcd.endpoints)
+            try:
+                st = await client.status(self.etcd.members[2].client_url)
+                await client.move_leader(st["header"]["member_id"])
+            finally:
+                await client.aclose()
+
+        with netlab.in_netns(self.net.ns["witness"]):
+            trio.run(move)
+
+    def _config(self, host: str, users: Path) -> dict[str, dict]:
+        a, b = netlab.ADDRESSES["hosta"], netlab.ADDRESSES["hostb"]
+        common = {
+            "server": {"listen": ["127.0.0.1:6432"], "admin_users": ["postgres"], "shutdown_timeout": 2.0},
+            "auth": {"users_file": str(users)},
+            "host": {"vip": f"{netlab.VIP}/{netlab.PREFIXLEN}", "interface": "eth0", "port": PORT,
+                     "etcd": list(self.etcd.endpoints), "name": host, "lease_ttl": self.lease_ttl,
+                     "lease_margin": self.lease_ttl / 4, "renew_interval": self.lease_ttl / 4},
+        }  # fmt: skip
+        if host == "hosta":
+            return {**common,
+                    "primary": {"host": a, "port": PORT, "name": "hosta"},
+                    "mirror": {"peer": f"{b}:{MIRROR_PORT}", "heartbeat_interval": 0.05, "mode": self.mode},
+                    "redo": {"password": PASSWORD},
+                    "failover": {"secondary": f"{b}:{PORT}", "password": PASSWORD, "failback": "manual"}}  # fmt: skip
+        return {**common,
+                "primary": {"host": b, "port": PORT, "name": "hostb"},
+                "mirror": {"listen": f"{b}:{MIRROR_PORT}"},
+                "poster": {"host": a, "port": PORT, "password": PASSWORD, "dbname": DB, "slot": "lab_poster",
+                           "temporary": True, "sequence_interval": 0.2},
+                "failover": {"password": PASSWORD}}  # fmt: skip
+
+    def _start_connmgr(self, host: str, users: Path) -> None:
+        cfg = self.base / f"connmgr-{host}.toml"
+        cfg.write_text(_toml(self._config(host, users)))
+        log = open(self.base / f"connmgr-{host}.log", "wb")  # noqa: SIM115 - the process keeps it
+        self.procs[host] = self.net.popen(host, [sys.executable, "-m", "connmgr", "-v", "serve", "-c", str(cfg)],
+                                          stdout=log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})  # fmt: skip
+        log.close()
+
+    def log(self, host: str) -> str:
+        try:
+            return (self.base / f"connmgr-{host}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _wait_port(self, ns: str, address: str, port: int, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            for host, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"connmgr on {host} exited ({p.returncode}):\n{self.log(host)[-3000:]}")
+            s = self.net.socket_in(ns)
+            s.settimeout(0.5)
+            try:
+                s.connect((address, port))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} not up within {timeout:g}s:\n" + "\n".join(
+                    f"--- {h} ---\n{self.log(h)[-3000:]}" for h in self.procs))  # fmt: skip
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------------ using
+
+    def connect(self, **kw) -> psycopg.Connection:
+        """A psycopg connection from the client namespace to the VIP."""
+        kw.setdefault("connect_timeout", 10)
+        with netlab.in_netns(self.net.ns["client"]):
+            return psycopg.connect(host=netlab.VIP, port=PORT, dbname=DB, user="postgres", password=PASSWORD, **kw)
+
+    def kill_host_a(self) -> float:
+        t = self.net.kill_host("hosta")
+        self.note("host A killed (port down + SIGKILL)")
+        return t
+
+    def on_survivor(self, sql: str) -> list[tuple]:
+        with self.pair.secondary.connect(DB) as c:
+            return c.execute(sql).fetchall()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+        if self.pair is not None:
+            with contextlib.suppress(Exception):
+                self.pair.destroy()
+        if self.etcd is not None:
+            self.etcd.stop()
+        if self.net is not None:
+            self.net.close()
+

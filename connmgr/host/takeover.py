@@ -1,0 +1,356 @@
+"""Host takeover: the VIP and every client's TCP connection move to this host (seed 004
+[0030], [0039]-[0043], [0052]-[0054], [0085]-[0086]).
+
+How it works
+------------
+Both connection managers of a pair with ``[host]`` run a :class:`HostRole`. Only the holder
+of the etcd leader key (:mod:`connmgr.host.leader`) holds the VIP and serves.
+
+**While not leading** (host B, the secondary): the import process keeps a replica of every
+mirrored session (:mod:`replay.session_replica`), and a capture task follows every client
+connection's TCP state from the copies of host A's frames (:mod:`replay.tcp_state`),
+forgetting the bytes the mirror carries.
+
+**Elected** (host A's lease expired: its host died, or it was cut off and stepped down),
+host B takes over, each phase in :class:`TakeoverPhase` (an enum with a transition table,
+like the database failover's):
+
+1. PROMOTING -- the fencing check, then host B's database stands alone: its subscriptions
+   stopped, its sequences set past their columns (:func:`~connmgr.failover.controller.point_of_failure`).
+2. REBUILDING -- per session: the client bytes host A acknowledged but never mirrored and
+   the server bytes it sent beyond the mirror are taken from the frames into the replica;
+   then the socket is rebuilt in repair mode (:func:`~connmgr.host.privileged.rebuild`,
+   with IP_TRANSPARENT: it owns the VIP's 4-tuple before the VIP is here, so no client
+   segment ever meets a closed port and a reset). A connection host B cannot continue
+   faithfully (its handshake was before the capture, a copied frame was lost) is left
+   alone and counted: its client times out.
+3. ANNOUNCING -- fencing check, the VIP added, fencing check, gratuitous ARP (again after
+   100 ms and 1 s), every socket out of repair mode (its window probe makes the client
+   answer at once), the listener on the VIP opened for new clients.
+4. RESUMING -- every session continues on host B's database (:mod:`connmgr.host.resume`).
+5. SERVING.
+
+A fencing check that fails stops the takeover (FAILED): the VIP is removed again if it
+was added, the rebuilt sockets are dropped without a sound, and host B waits to be elected
+again.
+
+**Stepping down** (the lease could not be renewed in time): the VIP is removed at once,
+every client socket is dropped silently (in repair mode: no FIN, no RST, so the host
+that takes over can continue them), and the listener closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from connmgr.config import HostSection
+from connmgr.host import privileged
+from connmgr.host.leader import Leader
+from connmgr.pair.import_process import ImportProcess
+from replay.session_replica import SessionReplica
+from replay.tcp_state import NotRecoverable, RepairState, TcpTracker
+
+log = logging.getLogger("connmgr.host")
+
+__all__ = ["HostRole", "Rebuilt", "TakeoverPhase"]
+
+
+class TakeoverPhase(enum.Enum):
+    STANDBY = "standby"
+    PROMOTING = "promoting"
+    REBUILDING = "rebuilding"
+    ANNOUNCING = "announcing"
+    RESUMING = "resuming"
+    SERVING = "serving"
+    FAILED = "failed"
+
+
+class TakeoverEvent(enum.Enum):
+    ELECTED = "elected"
+    PROMOTED = "database promoted"
+    REBUILT = "sockets rebuilt"
+    ANNOUNCED = "address announced"
+    RESUMED = "sessions resumed"
+    LOST = "fencing lost or a step failed"
+    STEPPED_DOWN = "stepped down"
+
+
+_TRANSITIONS: dict[tuple[TakeoverPhase, TakeoverEvent], TakeoverPhase] = {
+    (TakeoverPhase.STANDBY, TakeoverEvent.ELECTED): TakeoverPhase.PROMOTING,
+    (TakeoverPhase.PROMOTING, TakeoverEvent.PROMOTED): TakeoverPhase.REBUILDING,
+    (TakeoverPhase.REBUILDING, TakeoverEvent.REBUILT): TakeoverPhase.ANNOUNCING,
+    (TakeoverPhase.ANNOUNCING, TakeoverEvent.ANNOUNCED): TakeoverPhase.RESUMING,
+    (TakeoverPhase.RESUMING, TakeoverEvent.RESUMED): TakeoverPhase.SERVING,
+    **{(p, TakeoverEvent.LOST): TakeoverPhase.FAILED
+       for p in (TakeoverPhase.PROMOTING, TakeoverPhase.REBUILDING, TakeoverPhase.ANNOUNCING)},  # fmt: skip
+    (TakeoverPhase.FAILED, TakeoverEvent.ELECTED): TakeoverPhase.PROMOTING,
+    **{(p, TakeoverEvent.STEPPED_DOWN): TakeoverPhase.STANDBY
+       for p in (TakeoverPhase.RESUMING, TakeoverPhase.SERVING, TakeoverPhase.FAILED)},  # fmt: skip
+}
+
+
+class FencingLost(Exception):
+    """Internal: the leader key is not ours any more; the takeover stops."""
+
+
+@dataclass(slots=True)
+class Rebuilt:
+    """One connection rebuilt on this host, ready to resume."""
+
+    replica: SessionReplica
+    state: RepairState
+    sock: socket.socket = field(repr=False)
+    #: client bytes the relay takes first: the start of a message not complete yet, and
+    #: requests sent while the session was idle that no reply answered (``forwarded``)
+    initial: bytes = b""
+    #: the requests in ``initial`` the mirror never carried: host A may have run them
+    #: (a write there may have committed; connmgr/host/resume.py checks the marker)
+    forwarded: bytes = b""
+
+
+class HostRole:
+    """See the module docstring. ``imports`` is the secondary role's import process (None
+    on a connmgr that starts as the primary); ``promote()`` makes this host's database
+    stand alone; ``serve(sock)`` starts accepting clients on a bound listening socket;
+    ``resume(rebuilt)`` starts continuing one session (in the caller's nursery: its errors
+    are its own);
+    ``connections()`` gives the client sockets served now (dropped silently on a step-down)."""
+
+    def __init__(self, config: HostSection, leader: Leader, *, imports: ImportProcess | None,
+                 promote: Callable[[], Awaitable[None]], serve: Callable[[socket.socket], None],
+                 resume: Callable[[Rebuilt], None],
+                 connections: Callable[[], list[socket.socket]]) -> None:  # fmt: skip
+        self.config = config
+        self.leader = leader
+        self.imports = imports
+        self.promote = promote
+        self.serve = serve
+        self.resume = resume
+        self.connections = connections
+        address, _, prefix = config.vip.partition("/")
+        self.vip, self.prefixlen = address, int(prefix)
+        self.tracker = TcpTracker({(self.vip, config.port)})
+        if imports is not None:
+            imports.on_mirrored = self.tracker.trim
+        self.phase = TakeoverPhase.STANDBY
+        #: (time.monotonic(), what happened), for the lab's timeline
+        self.timeline: list[tuple[float, str]] = []
+        self.not_recoverable: list[str] = []
+        self.sessions_rebuilt = 0
+        self.listener: socket.socket | None = None
+        self._elected = trio.Event()
+        self._token: int | None = None
+        self._capture: socket.socket | None = None
+        leader.on_elected = self._on_elected
+        leader.on_step_down = self._on_step_down
+        if imports is not None:
+            # the secondary campaigns only as a successor: once it has seen another connmgr
+            # hold the key and is following a primary's mirror (a secondary started first
+            # must not take the VIP from a primary still starting)
+            leader.campaign = False
+
+    # ------------------------------------------------------------------ running
+
+    def note(self, text: str) -> None:
+        self.timeline.append((time.monotonic(), text))
+        log.warning("host takeover: %s", text)
+
+    def _fire(self, event: TakeoverEvent) -> None:
+        nxt = _TRANSITIONS.get((self.phase, event))
+        if nxt is None:
+            raise RuntimeError(f"host takeover: {event.value!r} is not allowed in phase {self.phase.value!r}")
+        self.phase = nxt
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the frames (when standing by as the secondary), keep the lease, and take
+        over each time this connmgr is elected; until cancelled."""
+        async with trio.open_nursery() as nursery:
+            if self.imports is not None:
+                self._capture = privileged.open_capture(self.config.capture or self.config.interface)
+                nursery.start_soon(self._follow_frames, self._capture)
+            await nursery.start(self.leader.run)
+            if self.imports is not None:
+                nursery.start_soon(self._become_successor)
+            task_status.started()
+            while True:
+                await self._elected.wait()
+                self._elected = trio.Event()
+                token = self._token
+                try:
+                    await self._take_over(token, nursery)
+                except FencingLost as e:
+                    self.note(f"takeover stopped: {e}")
+                except Exception as e:  # noqa: BLE001 - a failed takeover must not end the connmgr
+                    log.exception("host takeover failed")
+                    self.note(f"takeover failed: {e!r}")
+
+    async def _become_successor(self) -> None:
+        leader, imports = self.leader, self.imports
+        while not (leader.holder is not None and leader.holder.value != leader.name and imports.records > 0):
+            await trio.sleep(0.1)
+        leader.campaign = True
+        self.note(f"following {leader.holder.value}: this connmgr takes over if its lease expires")
+
+    def _on_elected(self, token: int) -> None:
+        self.note(f"leader key won (fencing token {token})")
+        self._token = token
+        self._elected.set()
+
+    def _on_step_down(self, reason: str) -> None:
+        """Stop serving at once: no VIP, no listener, every client socket dropped silently."""
+        self.note(f"stepping down: {reason}")
+        try:
+            privileged.remove_address(self.config.interface, self.vip, self.prefixlen)
+        except OSError as e:
+            log.error("could not remove the VIP %s after stepping down: %s", self.vip, e)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        dropped = 0
+        for sock in self.connections():
+            try:
+                privileged.silent_close(sock)
+                dropped += 1
+            except OSError:
+                pass
+        self.note(f"VIP removed, {dropped} client connection(s) dropped without a sound")
+        if self.phase in (TakeoverPhase.RESUMING, TakeoverPhase.SERVING, TakeoverPhase.FAILED):
+            self._fire(TakeoverEvent.STEPPED_DOWN)
+
+    async def _follow_frames(self, sock: socket.socket) -> None:
+        tracker = self.tracker
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                self._drain(sock, tracker)
+        finally:
+            sock.close()
+
+    @staticmethod
+    def _drain(sock: socket.socket, tracker: TcpTracker) -> None:
+        for _ in range(10_000):
+            try:
+                frame = sock.recv(65536)
+            except BlockingIOError:
+                return
+            tracker.on_frame(frame, time.monotonic())
+
+    async def _fence(self, before: str) -> None:
+        if not await self.leader.check():
+            raise FencingLost(f"the leader key is not ours any more (before {before})")
+
+    # ------------------------------------------------------------------ taking over
+
+    async def _take_over(self, token: int | None, nursery: trio.Nursery) -> None:
+        self._fire(TakeoverEvent.ELECTED)
+        rebuilt: list[Rebuilt] = []
+        added = False
+        try:
+            await self._fence("promoting the database")
+            if self.imports is not None:
+                await self.promote()
+                self.note("this host's database stands alone")
+            self._fire(TakeoverEvent.PROMOTED)
+            if self.imports is not None:
+                rebuilt = self._rebuild_all()
+            self._fire(TakeoverEvent.REBUILT)
+            await self._fence("adding the VIP")
+            added = privileged.add_address(self.config.interface, self.vip, self.prefixlen)
+            self.note(f"VIP {self.vip} added" if added else f"VIP {self.vip} was here already")
+            self.listener = self._listen()  # bound while the rebuilt sockets still allow it
+            await self._fence("announcing the VIP")
+            privileged.gratuitous_arp(self.config.interface, self.vip)
+            for r in rebuilt:
+                privileged.leave_repair(r.sock)
+            self.note(f"gratuitous ARP sent, {len(rebuilt)} connection(s) live again")
+            nursery.start_soon(self._announce_again)
+            self.serve(self.listener)
+            self._fire(TakeoverEvent.ANNOUNCED)
+        except BaseException:
+            self._fire(TakeoverEvent.LOST)
+            for r in rebuilt:  # nothing on the wire: the next leader may continue them
+                with contextlib.suppress(OSError):
+                    privileged.silent_close(r.sock)
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            if added:
+                privileged.remove_address(self.config.interface, self.vip, self.prefixlen)
+            raise
+        for r in rebuilt:
+            self.resume(r)
+        self._fire(TakeoverEvent.RESUMED)
+        self.note(f"serving as the primary (fencing token {token})")
+
+    def _rebuild_all(self) -> list[Rebuilt]:
+        """Every mirrored session's connection, rebuilt in repair mode (nothing sent)."""
+        imports = self.imports
+        if self._capture is not None:  # every frame copied until now
+            self._drain(self._capture, self.tracker)
+        out = []
+        for replica in list((imports.replicas or {}).values()):
+            try:
+                out.append(self._rebuild(replica))
+            except (NotRecoverable, OSError) as e:
+                self.not_recoverable.append(f"session {replica.session_id} ({replica.params.get('peer')}): {e}")
+                log.error("host takeover: session %d (%s) cannot be continued: %s", replica.session_id,
+                          replica.params.get("peer"), e)  # fmt: skip
+        self.sessions_rebuilt += len(out)
+        self.note(f"{len(out)} connection(s) rebuilt in repair mode, {len(self.not_recoverable)} cannot be")
+        return out
+
+    def _rebuild(self, replica: SessionReplica) -> Rebuilt:
+        imports = self.imports
+        if replica.peer is None or replica.local is None:
+            raise NotRecoverable("the mirror did not say its addresses")
+        conn = self.tracker.connection(replica.peer)
+        if conn is None:
+            raise NotRecoverable("no copied frame of it was seen (its handshake came before the capture)")
+        sid = replica.session_id
+        c_from = replica.client_raw_end or 0
+        c_end = conn.client_seen_end(c_from)
+        client_extra = conn.client_data(c_from, c_end) if c_end > c_from else b""
+        s_from = replica.server_raw_end or 0
+        server_extra = b""
+        if conn.s.high > s_from:  # sent to the client but not mirrored yet
+            server_extra = conn.server_data(s_from, conn.s.high)
+            if server_extra is None:
+                raise NotRecoverable(f"server bytes {s_from}..{conn.s.high} were sent but neither mirrored nor seen")
+        forwarded = b""
+        if replica.session.is_idle() and not server_extra and replica.server_end == replica.server_raw_end:
+            # idle, and nothing answered what it sent since: those requests go on as new
+            forwarded = client_extra
+        else:  # acknowledged (or sent after the death) but never mirrored: as if mirrored
+            if client_extra:
+                imports.recovered(sid, "c", c_from, client_extra)
+            if server_extra:
+                imports.recovered(sid, "b", s_from, server_extra)
+        rs = conn.repair_state(c_from, time.monotonic(), mirrored=replica.tail, mirrored_from=replica.tail_start)
+        sock = privileged.rebuild(rs)
+        return Rebuilt(replica, rs, sock, imports.pending_client_bytes(sid) + forwarded, forwarded)
+
+    def _listen(self) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.vip, self.config.port))
+        s.listen(4096)
+        s.setblocking(False)
+        return s
+
+    async def _announce_again(self) -> None:
+        for delay in (0.1, 0.9):
+            await trio.sleep(delay)
+            if not self.leader.may_serve():
+                return
+            try:
+                privileged.gratuitous_arp(self.config.interface, self.vip)
+            except OSError as e:
+                log.warning("gratuitous ARP again: %s", e)
