@@ -184,7 +184,9 @@ class ClusterPair:
                     sql.Identifier(pair.subscription_name(db)),
                     # No application_name in it: it would replace the subscription name
                     # the walsender is known by in synchronous_standby_names.
-                    sql.Literal(primary.network_conninfo(db)),
+                    # connect_timeout: a DROP SUBSCRIPTION with the primary unreachable (a
+                    # partition in the lab) gives up on its slot instead of waiting minutes
+                    sql.Literal(primary.network_conninfo(db) + " connect_timeout=5"),
                     sql.Identifier(publication),
                 ))  # fmt: skip
             pair.wait_tables_ready(timeout=timeout)
@@ -414,6 +416,8 @@ class ClusterPair:
             for db in self.databases:
                 sub = sql.Identifier(self.subscription_name(db))
                 try:
+                    if not self.primary.is_running():  # the drop would wait to reach its slot
+                        raise ClusterError("the primary is down")
                     self._execute(
                         self.secondary, db, sql.SQL("DROP SUBSCRIPTION IF EXISTS {}").format(sub)
                     )

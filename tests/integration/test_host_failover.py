@@ -1,0 +1,108 @@
+"""Host failover in the lab (issue 14): host A -- its connmgr, its database, its etcd member
+-- dies at once (router port down + SIGKILL of everything in its namespace), and host B
+takes the VIP and the clients' TCP connections. Real namespaces, real etcd, real Postgres,
+real clients in the client namespace; the frames the clients see are captured there."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import psycopg
+import pytest
+
+from connmgr.embedded import netlab
+
+if netlab.missing():
+    pytest.skip("the host-failover lab needs: " + "; ".join(netlab.missing()), allow_module_level=True)
+
+from connmgr.embedded.etcd_cluster import etcd_binary  # noqa: E402
+from connmgr.embedded.host_lab import PORT, HostLab  # noqa: E402
+from connmgr.host import privileged  # noqa: E402
+from replay.tcp_state import FIN, RST, parse_frame  # noqa: E402
+
+pytestmark = pytest.mark.skipif(etcd_binary() is None, reason="etcd is not installed (apt-get install etcd-server)")
+
+
+@pytest.fixture
+def lab(pg_bindir, pg_base_dir, request):
+    with HostLab(pg_base_dir / f"host-{request.node.name[:30]}", bindir=pg_bindir) as lab:
+        yield lab
+
+
+def ends_seen(watch, ports: set[int]) -> list:
+    """Segments from the VIP that reset or close a connection of ``ports`` (the sessions
+    that must go on), among the frames the client namespace received."""
+    out = []
+    while True:
+        try:
+            frame = watch.recv(65536)
+        except BlockingIOError:
+            return out
+        seg = parse_frame(frame)
+        if seg is not None and seg.src == (netlab.VIP, PORT) and seg.flags & (RST | FIN) and seg.dst[1] in ports:
+            out.append(seg)
+
+
+def port_of(conn: psycopg.Connection) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+        return s.getsockname()[1]
+
+
+def test_idle_sessions_survive_the_death_of_their_host(lab):
+    """Sessions idle between transactions keep their connection, their settings and their
+    prepared statements; a query sent after the death is answered by host B; a session
+    with a transaction open at the death gets a clean 08006 naming why (the replay of open
+    transactions from host B's memory is the next step); no client sees a reset."""
+    with netlab.in_netns(lab.net.ns["client"]):
+        watch = privileged.open_capture("eth0")
+    idle = []
+    for i in range(4):
+        c = lab.connect(autocommit=True)
+        c.execute(f"SET application_name = 'idle-{i}'")
+        assert c.execute("SELECT balance FROM accounts WHERE id = %s", (i + 1,), prepare=True).fetchone() == (1000,)
+        c.execute("INSERT INTO ledger (note) VALUES (%s)", (f"before-{i}",))
+        idle.append(c)
+    open_tx = lab.connect()
+    open_tx.execute("UPDATE accounts SET balance = balance - 1 WHERE id = 10")
+    time.sleep(0.3)
+    killed = lab.kill_host_a()
+    answered = {}
+    late = threading.Thread(target=lambda: answered.update(r=idle[0].execute("SELECT 41 + 1").fetchone(),
+                                                           t=time.monotonic()))  # fmt: skip
+    late.start()  # sent into the void: host A is gone
+    late.join(20)
+    assert answered.get("r") == (42,), "the query sent after the death was not answered"
+    stall = answered["t"] - killed
+    for i, c in enumerate(idle):
+        assert c.execute("SHOW application_name").fetchone() == (f"idle-{i}",)
+        assert c.execute("SELECT balance FROM accounts WHERE id = %s", (i + 1,), prepare=True).fetchone() == (1000,)
+        c.execute("INSERT INTO ledger (note) VALUES (%s)", (f"after-{i}",))
+    with pytest.raises(psycopg.OperationalError) as err:
+        open_tx.execute("SELECT 1")
+    assert "transaction open" in str(err.value)
+    with lab.connect(autocommit=True) as fresh:  # new clients reach host B
+        assert fresh.execute("SELECT count(*) FROM ledger").fetchone() == (8,)
+    notes = sorted(n for (n,) in lab.on_survivor("SELECT note FROM ledger"))
+    assert notes == sorted([f"before-{i}" for i in range(4)] + [f"after-{i}" for i in range(4)])
+    assert lab.on_survivor("SELECT balance FROM accounts WHERE id = 10") == [(1000,)]  # never committed
+    assert ends_seen(watch, {port_of(c) for c in idle}) == [], "a client saw its connection reset or closed"
+    assert stall < 6, f"stall {stall:.2f} s from the kill"
+    watch.close()
+    for c in idle:
+        c.close()
+
+
+def test_cutting_only_the_link_between_the_hosts_moves_nothing(lab):
+    """With only host A <-> host B cut, host A keeps the leader key through the witness's
+    etcd member: host B never takes over, and host A goes on answering."""
+    c = lab.connect(autocommit=True)
+    lab.net.cut("hosta", "hostb")
+    time.sleep(3 * lab.lease_ttl)
+    assert c.execute("SELECT balance FROM accounts WHERE id = 1").fetchone() == (1000,)
+    assert "leader key won" not in lab.log("hostb")
+    assert lab.net.neighbour("client", netlab.VIP) == lab.net.mac["hosta"]
+    lab.net.heal("hosta", "hostb")
+    c.close()
