@@ -106,3 +106,64 @@ def test_cutting_only_the_link_between_the_hosts_moves_nothing(lab):
     assert lab.net.neighbour("client", netlab.VIP) == lab.net.mac["hosta"]
     lab.net.heal("hosta", "hostb")
     c.close()
+
+
+class VipWatch:
+    """Samples every 50 ms which hosts hold the VIP (the one that holds it answers ARP
+    for it); ``overlaps`` are the instants at which two did."""
+
+    def __init__(self, lab) -> None:
+        from pyroute2 import NetNS
+
+        self.ipr = {host: NetNS(lab.net.ns[host]) for host in ("hosta", "hostb")}
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            holders = tuple(h for h, ipr in self.ipr.items() if ipr.get_addr(address=netlab.VIP))
+            self.samples.append((time.monotonic(), holders))
+            time.sleep(0.05)
+
+    def __enter__(self) -> VipWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for ipr in self.ipr.values():
+            ipr.close()
+
+    @property
+    def overlaps(self) -> list:
+        return [(t, h) for t, h in self.samples if len(h) > 1]
+
+
+def test_a_host_cut_off_steps_down_before_host_b_takes_over(lab):
+    """Host A alive but cut off from the router: it cannot renew its lease, so it steps
+    down by its own timer (VIP removed, its client sockets dropped without a sound) before
+    the lease can expire; then host B takes over and its clients go on there. At no
+    sampled instant do both hosts hold the VIP."""
+    clients = [lab.connect(autocommit=True) for _ in range(3)]
+    for i, c in enumerate(clients):
+        c.execute(f"SET application_name = 'cut-{i}'")
+    with VipWatch(lab) as watch:
+        time.sleep(0.3)
+        cut_at = time.monotonic()
+        lab.net.set_port("hosta", False)
+        for i, c in enumerate(clients):
+            assert c.execute("SHOW application_name").fetchone() == (f"cut-{i}",)
+        time.sleep(0.5)
+    assert watch.overlaps == [], watch.overlaps
+    assert any(h == ("hosta",) for _t, h in watch.samples), "the watch never saw host A hold the VIP"
+    first_b = next(t for t, h in watch.samples if h == ("hostb",))
+    last_a = max(t for t, h in watch.samples if "hosta" in h)
+    assert last_a < first_b, "host B held the VIP before host A let it go"
+    assert last_a - cut_at < lab.lease_ttl, "host A held the VIP after its lease could have expired"
+    assert "stepping down" in lab.log("hosta")
+    assert "dropped without a sound" in lab.log("hosta")
+    for c in clients:
+        c.close()
+    lab.net.set_port("hosta", True)
