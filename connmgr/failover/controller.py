@@ -55,6 +55,7 @@ from connmgr.config import FailoverSection, parse_hostport
 from connmgr.errors import ClientError
 from connmgr.failover import reseed as reseeding
 from connmgr.failover.phases import FailoverEvent, FailoverPhase, next_phase
+from connmgr.failover.replay_order import ReplayOrder
 from connmgr.pair.sequence_sync import SequenceSync, set_past_columns
 from connmgr.pg.backend import BackendServer, BackendSession, Credentials, Route, open_backend
 from connmgr.pg.redo_monitor import RedoMonitor
@@ -153,15 +154,8 @@ class Failover:
         self.failed: str | None = None
         self.failed_over_at: float | None = None
         self._deciding: trio.Event | None = None
-        #: sessions whose commit was in flight at the decision: they move first
-        self._committers: set[int] = set()
-        #: committer -> (the committer before it, set when this one has moved)
-        self._turns: dict[int, tuple[int | None, trio.Event]] = {}
-        self._commits_settled = trio.Event()
-        #: the other sessions: each replays what its client has been answered, then waits
-        #: for all of them before sending what was still in flight
-        self._replaying: set[int] = set()
-        self._prefixes_done = trio.Event()
+        #: which session resolves and replays when (connmgr/failover/replay_order.py)
+        self.order = ReplayOrder(self.note, max_wait=self.config.max_wait, settle_timeout=_COMMIT_SETTLE_TIMEOUT)
         self._committed: dict[str, dict[int, int]] = {}
         self._committed_ready: dict[str, trio.Event] = {}
         #: the server whose replies are held back from clients (see :meth:`freeze`)
@@ -375,11 +369,11 @@ class Failover:
         """The re-seed re-arms the failover and resets the move's state: every session
         of this move must be on the new primary first (bounded by ``max_wait``)."""
         with trio.move_on_after(self.config.max_wait):
-            await self._commits_settled.wait()
-            await self._prefixes_done.wait()
+            await self.order.commits_settled_event.wait()
+            await self.order.prefixes_done_event.wait()
             while self.moving:
                 await trio.sleep(0.01)
-        if self.moving or not self._prefixes_done.is_set():
+        if self.moving or not self.order.prefixes_done_event.is_set():
             raise reseeding.ReseedError(f"{self.moving} session(s) are still moving to the new primary")
 
     def _rearm(self) -> None:
@@ -647,6 +641,7 @@ class Failover:
         never received. Those commits are replayed first, and every other session's
         replay waits for them, so it reads what it read on the primary."""
         committers = []
+        others = []
         for conn in self.sessions:
             relay = conn.relay
             if relay is None:
@@ -658,75 +653,32 @@ class Failover:
                     and session.phase is not Phase.COPY_IN and conn.id not in self._stuck:  # fmt: skip
                 committers.append((relay.injector.marker_at, conn.id))
             else:
-                self._replaying.add(conn.id)
-        # One after the other, in the order their commits were sent: a commit in flight
-        # may have read rows of an earlier one that committed locally.
-        previous = None
-        for _at, conn_id in sorted(committers):
-            self._committers.add(conn_id)
-            self._turns[conn_id] = (previous, trio.Event())
-            previous = conn_id
-        self.note(f"{len(self._committers)} session(s) with a commit in flight move first,"
-                  f" {len(self._replaying)} other(s) then")  # fmt: skip
-        if not self._committers:
-            self._commits_settled.set()
-        if not self._replaying:
-            self._prefixes_done.set()
+                others.append(conn.id)
+        # one after the other, in the order their commits were sent
+        self.order.arrange([conn_id for _at, conn_id in sorted(committers)], others)
+
+    # the move's order, for the sessions moving (connmgr/failover/session_move.py)
 
     def is_committer(self, conn_id: int) -> bool:
-        return conn_id in self._committers
+        return self.order.is_committer(conn_id)
 
     async def committer_turn(self, conn_id: int) -> None:
-        """Wait (bounded) until the committer before this one has moved."""
-        previous, _ = self._turns.get(conn_id, (None, None))
-        if previous is not None:
-            await self._bounded_wait(self._turns[previous][1])
+        await self.order.committer_turn(conn_id)
 
     def commit_settled(self, conn_id: int) -> None:
-        """A session with a commit in flight has moved (or failed to)."""
-        turn = self._turns.get(conn_id)
-        if turn is not None:
-            turn[1].set()
-        self._committers.discard(conn_id)
-        if not self._committers and not self._commits_settled.is_set():
-            self.note("every commit in flight is resolved; open transactions replay")
-            self._commits_settled.set()
+        self.order.commit_settled(conn_id)
 
     async def commits_settled(self) -> None:
-        """Wait (bounded) until every session with a commit in flight has moved."""
-        if not await self._bounded_wait(self._commits_settled):
-            self.note(f"sessions {sorted(self._committers)} did not resolve their commits within"
-                      f" {_COMMIT_SETTLE_TIMEOUT:g}s; replaying without them")  # fmt: skip
-            self._committers.clear()
-            self._commits_settled.set()
+        await self.order.commits_settled()
 
     def prefix_replayed(self, conn_id: int) -> None:
-        """A session has replayed what its client was answered (or gave up)."""
-        self._replaying.discard(conn_id)
-        if not self._replaying and not self._prefixes_done.is_set():
-            self.note("every open transaction is back where its client saw it; requests in flight go on")
-            self._prefixes_done.set()
+        self.order.prefix_replayed(conn_id)
 
     async def prefixes_replayed(self, conn_id: int) -> None:
-        """Report this session's prefix done and wait (bounded) for everyone else's. On the
-        primary the answered parts of all open transactions held their locks together; a
-        request still in flight may have been waiting for one of them, so it goes only
-        when all are back."""
-        self.prefix_replayed(conn_id)
-        await self.replays_done()
+        await self.order.prefixes_replayed(conn_id)
 
     async def replays_done(self) -> None:
-        """Wait (bounded) until every session has replayed what its client saw. A moved
-        session's client goes on only then: its new transactions could otherwise change
-        rows that a session still to be replayed had read on the primary (found by the
-        fault campaign: a committer's next transfer ran before a later committer's
-        replay, which then read another balance and had to be rolled back)."""
-        await self.commits_settled()
-        if not await self._bounded_wait(self._prefixes_done):
-            self.note(f"sessions {sorted(self._replaying)} did not finish replaying within"
-                      f" {_COMMIT_SETTLE_TIMEOUT:g}s; going on without them")  # fmt: skip
-            self._replaying.clear()
-            self._prefixes_done.set()
+        await self.order.replays_done()
 
     async def new_session_ready(self) -> None:
         """A new client session waits for a decision in progress (so it is not sent to a
@@ -735,15 +687,8 @@ class Failover:
             if event is not None:
                 with trio.move_on_after(self.config.max_wait):
                     await event.wait()
-        if self.failed_over and not self._prefixes_done.is_set():
+        if self.failed_over and not self.order.prefixes_done_event.is_set():
             await self.replays_done()
-
-    async def _bounded_wait(self, event: trio.Event) -> bool:
-        """Wait for ``event`` at most _COMMIT_SETTLE_TIMEOUT (and max_wait); False if it
-        did not come."""
-        with trio.move_on_after(min(self.config.max_wait, _COMMIT_SETTLE_TIMEOUT)):
-            await event.wait()
-        return event.is_set()
 
     async def _primary_answers(self) -> bool:
         """A fresh session on the primary within ``detect_timeout``."""
