@@ -90,6 +90,9 @@ class SessionReplica:
         #: where the raw bytes mirrored so far end, each direction
         self.client_raw_end: int | None = None
         self.server_raw_end: int | None = None
+        #: the mirror version of the last client batch (orders commits in flight across
+        #: sessions: the one sent first resolves first)
+        self.client_version = 0
         self.max_tail = max_tail
         self.tail = bytearray()
         self.tail_start = 0

@@ -6,32 +6,42 @@ the client's start-up parameters, restores what the session carries beyond a tra
 (prepared statements, settings, LISTEN: the same restore as the database failover's,
 connmgr/failover/session_move.py) and relays on.
 
-What moves today: a session idle between transactions (nothing in flight, no open
-transaction) whose replies the client has as whole messages -- the state of most pooled
-and idle connections. A session with an open transaction or a request in flight is ended
-with a clean FATAL 08006 naming the reason (the replay of open transactions from host B's
-memory is the next step of issue 14), as is a session whose replica says it cannot move.
-Connections whose reply stream was cut inside a message are closed without an
-ErrorResponse (one would garble the message the client is reading).
+A session idle between transactions is restored and goes on; requests it sent that the
+mirror never carried go on as new ones (after a marker check: host A may have run them).
+A session with an open transaction or requests in flight is moved exactly as the
+database failover moves one (``session_move._move``: interrupted commits resolved by
+the marker rows, the open transaction replayed and compared with what the client
+received, 40001 on a difference), from host B's replica instead of host A's journal,
+in the same order (connmgr/failover/replay_order.py: commits in flight first, in the
+order they were sent, then the open transactions, every client going on only when all
+are back). A session that cannot move ends with a clean FATAL 08006 naming why; one whose
+reply stream was cut inside a message is closed without an ErrorResponse (one would garble
+the message the client is reading).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import trio
 
 from connmgr.errors import BackendUnavailable, ClientError
-from connmgr.failover.session_move import _restore
+from connmgr.failover.replay_order import ReplayOrder
+from connmgr.failover.session_move import NotMovable, _move, _restore
 from connmgr.host.takeover import Rebuilt
 from connmgr.pg.backend import BackendServer, open_backend
 from connmgr.pg.transport import FastSocketStream
 from connmgr.pg.wire import PeerClosed
 from connmgr.proxy.client import ClientConnection, ClientContext, ClientState
 from connmgr.proxy.client_auth import _credentials
+from connmgr.proxy.relay import Carry
 from replay.import_queue import sql_text
+from replay.injection import InjectMode
+from shadow.session import TxStatus
 from shadow.sqltext import may_write, statement_count
 
 log = logging.getLogger("connmgr.host")
@@ -69,10 +79,16 @@ class SessionResumer:
         self.failed: dict[str, int] = {}
         self.stalls: list[float] = []
 
-    def __call__(self, rebuilt: Rebuilt) -> None:
-        self.nursery.start_soon(self._resume, rebuilt)
+    def __call__(self, rebuilt: list[Rebuilt]) -> None:
+        """Continue every session of one takeover, in the replay order."""
+        moves = HostMoves(self, {})
+        committers = sorted((r for r in rebuilt if r.replica.session.pending), key=lambda r: r.replica.client_version)
+        others = [r for r in rebuilt if not r.replica.session.pending]
+        moves.order.arrange([r.replica.session_id for r in committers], [r.replica.session_id for r in others])
+        for r in rebuilt:
+            self.nursery.start_soon(self._resume, r, moves)
 
-    async def _resume(self, r: Rebuilt) -> None:
+    async def _resume(self, r: Rebuilt, moves: HostMoves) -> None:
         replica = r.replica
         started = time.monotonic()
         stream = FastSocketStream(r.sock)
@@ -86,17 +102,45 @@ class SessionResumer:
         )  # fmt: skip
         self.ctx.registry.add(conn)
         backend = None
+        carry = None
+        sid = replica.session_id
+        moves.sessions[conn.id] = replica
+        order = moves.order
+        committer = order.is_committer(sid)
         try:
             self._check(r)
-            with trio.fail_after(self.ctx.config.failover.max_wait):
-                if r.forwarded:
-                    await self._check_forwarded(r)
-                backend = await open_backend(self.server, pairs, conn.creds,
-                                             max_message_size=conn.max_message_size)  # fmt: skip
-                conn.recorder = replica.recorder
-                await _restore(conn, backend, b"")
-                conn.recorder = None
-        except (NotResumable, BackendUnavailable, ClientError, PeerClosed, OSError, trio.TooSlowError) as e:
+            if _in_transaction(replica):  # moved as the database failover moves a session
+                relay = _ReplicaRelay(replica)
+                conn.journal, conn.recorder = replica.journal, replica.recorder
+                try:
+                    if committer:
+                        await order.committer_turn(sid)
+                    else:
+                        await order.commits_settled()
+                    with trio.fail_after(self.ctx.config.failover.max_wait):
+                        backend = await _move(conn, relay, moves, committer)
+                finally:
+                    if committer:
+                        order.commit_settled(sid)
+                    else:
+                        order.prefix_replayed(sid)
+                    conn.journal = conn.recorder = None
+                carry = Carry(pending_abort=relay.pending_abort)
+            else:
+                with trio.fail_after(self.ctx.config.failover.max_wait):
+                    if r.forwarded:
+                        await self._check_forwarded(r)
+                    backend = await open_backend(self.server, pairs, conn.creds,
+                                                 max_message_size=conn.max_message_size)  # fmt: skip
+                    conn.recorder = replica.recorder
+                    await _restore(conn, backend, b"")
+                    conn.recorder = None
+                order.prefix_replayed(sid)
+            await order.replays_done()  # the client goes on when every session is back
+        except (NotResumable, NotMovable, BackendUnavailable, ClientError, PeerClosed, OSError,
+                trio.TooSlowError) as e:  # fmt: skip
+            if not committer:
+                order.prefix_replayed(sid)
             kind = getattr(e, "kind", "restore failed")
             self.failed[kind] = self.failed.get(kind, 0) + 1
             log.warning("session %d (%s) not resumed: %s", replica.session_id, peer, e)
@@ -107,8 +151,9 @@ class SessionResumer:
             return
         self.resumed += 1
         self.stalls.append(time.monotonic() - started)
-        log.info("session %d (%s) continues here as client %d", replica.session_id, peer, conn.id)
-        await conn.run_resumed(backend, r.initial)
+        log.info("session %d (%s) continues here as client %d%s", replica.session_id, peer, conn.id,
+                 " (its open transaction moved)" if carry is not None else "")  # fmt: skip
+        await conn.run_resumed(backend, r.initial, carry)
 
     @staticmethod
     def _check(r: Rebuilt) -> None:
@@ -120,11 +165,6 @@ class SessionResumer:
         if replica.session.statements_not_kept:
             raise NotResumable("session not movable: prepared statements not kept: "
                                + ", ".join(replica.session.statements_not_kept), "session state")  # fmt: skip
-        if not replica.session.is_idle():
-            raise NotResumable("the host of this session failed while it had a transaction open or a request in"
-                               " flight; a host takeover continues only sessions idle between transactions so far,"
-                               " so the transaction is lost (it did not commit unless its commit was acknowledged)",
-                               "open transaction")  # fmt: skip
         if replica.server_end != replica.server_raw_end:
             raise NotResumable("the client was in the middle of a reply", "mid-message")
 
@@ -182,3 +222,82 @@ def _whole_messages(data: bytes) -> list[tuple[int, bytes]]:
         out.append((data[i], data[i + 5:i + 1 + length]))
         i += 1 + length
     return out
+
+
+class _NotStreaming:
+    streaming = False
+
+
+class _ReplicaRelay:
+    """What the database failover's move reads of a session's relay, taken from host B's
+    replica of it (``session_move._move``)."""
+
+    def __init__(self, replica) -> None:
+        self.tracking = replica.tracking
+        self.client_framer = _NotStreaming()
+        self.backend = SimpleNamespace(framer=_NotStreaming())
+        self.transactions = replica.transactions
+        self.markers = replica.markers
+        self.injector = _ReplicaInjector(replica)
+        self.carry_inject = InjectMode.NONE
+        self.pending_abort: bytes | None = None
+
+
+class _ReplicaInjector:
+    """The injector's state a move reads. Replies host A held back for an autocommit
+    write until its commit carry its marker's replies, which only its injection mode
+    can strip: if that write turns out committed, the session cannot move."""
+
+    def __init__(self, replica) -> None:
+        self.unmarked = replica.unmarked
+        self.marker_seq = replica.marker_seq
+        self.mode = InjectMode.NONE
+        self._held = bool(replica.stash)
+
+    @property
+    def stash(self) -> None:
+        if self._held:  # read only when the write committed
+            raise NotMovable("session not movable: a write in flight when its host failed had committed and its"
+                             " results, held for its commit, cannot be delivered from here", "reply unknown")  # fmt: skip
+        return None
+
+
+class HostMoves:
+    """What the database failover's move reads of the failover, for one host takeover:
+    this host's database, the marker rows of host A's sessions, the counters and the
+    replay order."""
+
+    def __init__(self, resumer: SessionResumer, sessions: dict) -> None:
+        self.resumer = resumer
+        self.server = resumer.server
+        self.config = resumer.ctx.config.failover
+        #: this host's client id -> the replica it continues
+        self.sessions = sessions
+        self.order = ReplayOrder(self.note, max_wait=self.config.max_wait)
+        self.commits_acknowledged = 0
+        self.transactions_replayed = 0
+        self.replies_compared = 0
+        self.transactions_rolled_back: Counter[str] = Counter()
+
+    def note(self, text: str) -> None:
+        log.warning("host takeover: %s", text)
+
+    async def committed_seq(self, database: str, conn_id: int) -> int:
+        replica = self.sessions[conn_id]
+        return await self.resumer.committed_seq(database, replica.origin, replica.session_id)
+
+    def commit_settled(self, conn_id: int) -> None:
+        self.order.commit_settled(self.sessions[conn_id].session_id)
+
+    async def replays_done(self) -> None:
+        await self.order.replays_done()
+
+    async def prefixes_replayed(self, conn_id: int) -> None:
+        await self.order.prefixes_replayed(self.sessions[conn_id].session_id)
+
+
+def _in_transaction(replica) -> bool:
+    """Anything to resolve or replay: requests in flight, or a transaction open (even
+    one idle in its block: its statements ran only on host A's database)."""
+    session = replica.session
+    return bool(session.pending) or session.tx_status is not TxStatus.IDLE or bool(replica.journal.requests)

@@ -120,13 +120,13 @@ class HostRole:
     """See the module docstring. ``imports`` is the secondary role's import process (None
     on a connmgr that starts as the primary); ``promote()`` makes this host's database
     stand alone; ``serve(sock)`` starts accepting clients on a bound listening socket;
-    ``resume(rebuilt)`` starts continuing one session (in the caller's nursery: its errors
-    are its own);
+    ``resume(rebuilt)`` starts continuing the sessions (in the caller's nursery: each
+    one's errors are its own);
     ``connections()`` gives the client sockets served now (dropped silently on a step-down)."""
 
     def __init__(self, config: HostSection, leader: Leader, *, imports: ImportProcess | None,
                  promote: Callable[[], Awaitable[None]], serve: Callable[[socket.socket], None],
-                 resume: Callable[[Rebuilt], None],
+                 resume: Callable[[list[Rebuilt]], None],
                  connections: Callable[[], list[socket.socket]]) -> None:  # fmt: skip
         self.config = config
         self.leader = leader
@@ -285,8 +285,8 @@ class HostRole:
             if added:
                 privileged.remove_address(self.config.interface, self.vip, self.prefixlen)
             raise
-        for r in rebuilt:
-            self.resume(r)
+        if rebuilt:
+            self.resume(rebuilt)
         self._fire(TakeoverEvent.RESUMED)
         self.note(f"serving as the primary (fencing token {token})")
 

@@ -196,6 +196,7 @@ class ImportProcess:
         if replica is not None:
             if r.direction == "c":
                 replica.client_raw(r.offset, len(r.payload))
+                replica.client_version = max(replica.client_version, r.version)
             else:
                 replica.server_raw(r.offset, r.payload)
             if self.on_mirrored is not None and replica.peer is not None:

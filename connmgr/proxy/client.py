@@ -163,16 +163,17 @@ class ClientConnection:
             ctx.registry.keys[key] = conn
         return conn
 
-    async def run_resumed(self, backend: BackendSession, initial: bytes = b"") -> None:
-        """Relay a :meth:`resumed` connection on ``backend`` (logged in and restored)
-        until it ends; errors are reported to this client alone, as in :meth:`run`."""
+    async def run_resumed(self, backend: BackendSession, initial: bytes = b"", carry: Carry | None = None) -> None:
+        """Relay a :meth:`resumed` connection on ``backend`` (logged in and restored;
+        ``backend.leftover`` are replies the client gets first) until it ends; errors are
+        reported to this client alone, as in :meth:`run`."""
         self.backend = backend
         self.ctx.registry.rebind(self, None, backend)
         framer = Framer(max_message_size=self.ctx.config.server.max_message_size, frontend=True)
         try:
             with self.cancel_scope:
                 self.state = ClientState.ACTIVE
-                await self._relay(initial, framer, False)
+                await self._relay(initial, framer, False, carry)
             if self._close_reason is not None:
                 await self._fail(self._close_reason)
         except ClientError as e:
@@ -253,11 +254,12 @@ class ClientConnection:
             self._close_streams()
             ctx.registry.forget(self)
 
-    async def _relay(self, initial: bytes, framer: Framer, markers_on: bool) -> None:
+    async def _relay(self, initial: bytes, framer: Framer, markers_on: bool, carry: Carry | None = None) -> None:
         """Relay until the session ends (``initial``: client bytes read already, cut by
-        ``framer``); with failover, a lost backend moves the session to the secondary
-        (connmgr/failover/session_move.py) and relaying goes on there."""
-        carry = Carry()
+        ``framer``; ``carry``: what a move left for the relay); with failover, a lost
+        backend moves the session to the secondary (connmgr/failover/session_move.py) and
+        relaying goes on there."""
+        carry = carry or Carry()
         failover = self.ctx.failover
         while True:
             mirrored = failover is None or not failover.failed_over
