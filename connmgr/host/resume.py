@@ -48,7 +48,7 @@ log = logging.getLogger("connmgr.host")
 
 __all__ = ["CONNMGR_PARAMS", "SessionResumer"]
 
-_F, _Q, _P = ord("F"), ord("Q"), ord("P")
+_F, _Q, _P, _B, _E = (ord(c) for c in "FQPBE")
 
 #: SessionOpened parameters that are connmgr's, not the client's start-up parameters
 CONNMGR_PARAMS = frozenset({"virtual_pid", "cancel_secret", "peer", "local", "origin", "markers"})
@@ -175,11 +175,34 @@ class SessionResumer:
         write that could not carry one cannot be judged."""
         replica = r.replica
         writes = False
+        statements = dict(replica.session.prepared_statements)  # name -> SQL ("" = unnamed)
+        portals: dict[str, str | None] = dict(replica.session.portals)
         for tag, body in _whole_messages(r.forwarded):
             if tag == _F:
                 raise NotResumable("session not movable: a function call was in flight when its host failed; whether"
                                    " it committed cannot be known", "unmarked commit")  # fmt: skip
-            sql = sql_text(tag, bytes([tag]) + (len(body) + 4).to_bytes(4, "big") + body) if tag in (_Q, _P) else None
+            sql: bytes | None = None
+            if tag in (_Q, _P):
+                raw = bytes([tag]) + (len(body) + 4).to_bytes(4, "big") + body
+                sql = sql_text(tag, raw)
+                if tag == _P:
+                    name = body[:body.find(0)].decode("utf-8", "replace")
+                    statements[name] = sql.decode("utf-8", "replace") if sql is not None else None
+                    continue  # parsing writes nothing: its Execute may
+            elif tag == _B:  # a prepared statement (psycopg prepares after 5 uses) bound to a portal
+                portal, _, rest = body.partition(b"\0")
+                name = rest[:rest.find(0)].decode("utf-8", "replace")
+                portals[portal.decode("utf-8", "replace")] = statements.get(name)
+                continue
+            elif tag == _E:
+                portal = body[:body.find(0)].decode("utf-8", "replace")
+                text = portals.get(portal)
+                sql = text.encode() if text is not None else None
+                if sql is None:  # what it runs is not known here: it may write
+                    writes = True
+                    continue
+            else:
+                continue
             if sql is None:
                 continue
             if may_write(bytes(sql)):

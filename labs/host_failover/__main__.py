@@ -70,7 +70,9 @@ def main() -> int:
     finally:
         b_log = lab.log("hostb")
         lab.close()
-        if not args.keep:
+        if args.keep:
+            print(f"the lab's directory (logs, configs): {base}")
+        else:
             import shutil
 
             shutil.rmtree(base, ignore_errors=True)
@@ -82,6 +84,7 @@ def _run(lab, args, note) -> dict:
     stop = threading.Event()
     acked: list[str] = []
     errors: Counter[str] = Counter()
+    messages: list[str] = []
     stalls: dict[str, float] = {}
     lock = threading.Lock()
     killed_at: list[float] = []
@@ -104,6 +107,7 @@ def _run(lab, args, note) -> dict:
             except psycopg.Error as e:
                 with lock:
                     errors[e.sqlstate or type(e).__name__] += 1
+                    messages.append(f"writer {i}, {note_text}: {e.sqlstate} {str(e).splitlines()[0][:200]}")
                 n += 1
                 if conn is not None:
                     conn.close()
@@ -147,7 +151,7 @@ def _run(lab, args, note) -> dict:
     lost = [n for n in acked if n not in counts]
     dup = [n for n, k in counts.items() if k > 1]
     return {"acked": len(acked), "lost": len(lost), "duplicated": len(dup), "errors": dict(errors),
-            "idle_kept": kept, "idle": len(idle), "stalls": stalls, "killed_wall": kill_wall}
+            "idle_kept": kept, "idle": len(idle), "stalls": stalls, "killed_wall": kill_wall, "messages": messages}
 
 
 def _report(r: dict, events, b_log: str, t0: float) -> None:
@@ -168,6 +172,8 @@ def _report(r: dict, events, b_log: str, t0: float) -> None:
     print(f"  duplicated             {r['duplicated']}")
     print(f"  idle sessions kept     {r['idle_kept']} of {r['idle']}")
     print(f"  client errors          {r['errors'] or 'none'}")
+    for text in r["messages"][:10]:
+        print(f"    {text}")
     stalls = sorted(r["stalls"].values())
     if stalls:
         print(f"  stall p50/max          {stalls[len(stalls) // 2]:.2f} s / {stalls[-1]:.2f} s ({len(stalls)} sessions)")

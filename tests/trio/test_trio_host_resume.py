@@ -45,6 +45,32 @@ async def test_a_write_goes_on_only_if_its_marker_row_says_it_did_not_commit(aut
         await coro
 
 
+def bind_execute(statement: str) -> bytes:
+    bind = b"\0" + statement.encode() + b"\0" + b"\0\0" + b"\0\0" + b"\0\0"
+    execute = b"\0" + b"\0\0\0\0"
+    return (b"B" + (len(bind) + 4).to_bytes(4, "big") + bind + b"E" + (len(execute) + 4).to_bytes(4, "big")
+            + execute + m.sync())  # fmt: skip
+
+
+async def test_a_prepared_write_is_known_by_its_statement(autojump_clock):
+    """psycopg prepares a statement after five uses and then sends only Bind/Execute/Sync:
+    the write is recognised through the statement the session prepared (found by the lab:
+    a committed insert sent again, and its client got 23505)."""
+    replica = SessionReplica(3, PARAMS)
+    replica.session.prepared_statements["_pg3_0"] = "INSERT INTO ledger (note) VALUES ($1)"
+    replica.session.prepared_statements["_pg3_1"] = "SELECT 1"
+
+    async def committed_seq(database, origin, sid):
+        return 1
+
+    fake = SimpleNamespace(committed_seq=committed_seq)
+    with pytest.raises(NotResumable, match="had committed"):
+        await SessionResumer._check_forwarded(fake, Rebuilt(replica, None, None, b"", bind_execute("_pg3_0")))
+    await SessionResumer._check_forwarded(fake, Rebuilt(replica, None, None, b"", bind_execute("_pg3_1")))
+    with pytest.raises(NotResumable, match="had committed"):  # a statement not known here may write
+        await SessionResumer._check_forwarded(fake, Rebuilt(replica, None, None, b"", bind_execute("_pg3_9")))
+
+
 @pytest.mark.parametrize(("forwarded", "markers", "message"), [
     (m.query("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)"), True, "multi-statement write"),
     (b"F\0\0\0\x0e" + b"\0" * 10, True, "function call"),
