@@ -76,6 +76,7 @@ class App:
                 lsn=lambda: redo.lsn,
                 two_phase=config.mirror.mode == "two-phase", two_phase_timeout=config.mirror.two_phase_timeout,
             )  # fmt: skip
+            self.mirror.eager = bool(config.host.vip)
             self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))
         # the secondary role: mirror listener, import process, poster, DDL, sequences
         self.secondary = Secondary(config, self.route.server) if config.mirror.listen else None

@@ -125,7 +125,7 @@ class SessionResumer:
                     else:
                         order.prefix_replayed(sid)
                     conn.journal = conn.recorder = None
-                carry = Carry(pending_abort=relay.pending_abort)
+                carry = Carry(pending_abort=relay.pending_abort, inject_mode=relay.carry_inject)
             else:
                 with trio.fail_after(self.ctx.config.failover.max_wait):
                     if r.forwarded:
@@ -267,22 +267,21 @@ class _ReplicaRelay:
 
 
 class _ReplicaInjector:
-    """The injector's state a move reads. Replies host A held back for an autocommit
-    write until its commit carry its marker's replies, which only its injection mode
-    can strip: if that write turns out committed, the session cannot move."""
+    """The injector's state a move reads. ``stash``: the replies host A held back for an
+    autocommit write until its commit (mirror direction ``h``), delivered if that write
+    committed; they still carry its marker's replies, which the next relay strips in the
+    injection mode the write had (``mode``: a simple Query's write carries its marker in
+    the same statement list, an extended one after its own messages)."""
 
     def __init__(self, replica) -> None:
         self.unmarked = replica.unmarked
         self.marker_seq = replica.marker_seq
+        self.stash = bytes(replica.stash) or None
+        pending = replica.session.pending
         self.mode = InjectMode.NONE
-        self._held = bool(replica.stash)
-
-    @property
-    def stash(self) -> None:
-        if self._held:  # read only when the write committed
-            raise NotMovable("session not movable: a write in flight when its host failed had committed and its"
-                             " results, held for its commit, cannot be delivered from here", "reply unknown")  # fmt: skip
-        return None
+        if self.stash and pending:
+            last = next((r for r in pending if r.kind in ("Q", "S")), None)
+            self.mode = InjectMode.NAMED if last is not None and last.kind == "Q" else InjectMode.EXT_TAIL
 
 
 class HostMoves:

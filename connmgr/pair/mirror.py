@@ -74,6 +74,8 @@ class MirrorLink:
         self._last_flush = 0.0
         #: longest a mirrored record waits for a coalesced send (one-phase mode)
         self.flush_delay = 0.002
+        #: send client batches and held replies at once (set with [host]; see session_data)
+        self.eager = False
         self._sock: socket.socket | None = None
         self._wake = trio.Event()
         self.connected = False
@@ -96,8 +98,14 @@ class MirrorLink:
         self._out(self.sender.session_opened(session_id, params))
 
     def session_data(self, session_id: int, direction: str, offset: int, payload: bytes) -> int:
-        """Mirror one batch; returns its version."""
+        """Mirror one batch; returns its version. With ``eager`` (host takeover), the
+        client's batches and held replies leave at once, ahead of the request they
+        mirror on its way to the database: a commit then cannot complete (it waits for
+        the secondary database, over the same wire) before host B knows the request and
+        its results."""
         self._out(self.sender.data(session_id, direction, self.lsn(), offset, payload))
+        if self.eager and direction != "b":
+            self.flush_nowait()
         return self.sender.latest_version
 
     def session_marker(self, session_id: int, seq: int) -> None:
