@@ -84,12 +84,14 @@ class SessionReplica:
         self.stash = bytearray()
         self.tracking = True
         self.problem: str | None = None
-        #: where the processed (whole-message) bytes of each direction end; None: none yet
-        self.client_end: int | None = None
-        self.server_end: int | None = None
-        #: where the raw bytes mirrored so far end, each direction
-        self.client_raw_end: int | None = None
-        self.server_raw_end: int | None = None
+        #: where the processed (whole-message) bytes of each direction end, and where the
+        #: raw bytes mirrored so far end; they start where the relay started (after the
+        #: start-up: the mirror carries nothing before it); None: not known
+        c0, b0 = params.get("client_offset", ""), params.get("server_offset", "")
+        self.client_end: int | None = int(c0) if c0.isdigit() else None
+        self.server_end: int | None = int(b0) if b0.isdigit() else None
+        self.client_raw_end: int | None = self.client_end
+        self.server_raw_end: int | None = self.server_end
         #: the mirror version of the last client batch (orders commits in flight across
         #: sessions: the one sent first resolves first)
         self.client_version = 0

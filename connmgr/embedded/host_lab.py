@@ -62,7 +62,8 @@ class HostLab:
     """See the module docstring. ``base_dir`` holds the clusters, configs and logs."""
 
     def __init__(self, base_dir: Path, *, mode: str = "two-phase", lease_ttl: float = 2.0,
-                 bindir: Path | None = None, accounts: int = 20) -> None:  # fmt: skip
+                 bindir: Path | None = None, accounts: int = 20, move_transactions: bool = False) -> None:  # fmt: skip
+        self.move_transactions = move_transactions
         self.base = Path(base_dir)
         self.mode = mode
         self.lease_ttl = lease_ttl
@@ -143,7 +144,8 @@ class HostLab:
             "auth": {"users_file": str(users)},
             "host": {"vip": f"{netlab.VIP}/{netlab.PREFIXLEN}", "interface": "eth0", "port": PORT,
                      "etcd": list(self.etcd.endpoints), "name": host, "lease_ttl": self.lease_ttl,
-                     "lease_margin": self.lease_ttl / 4, "renew_interval": self.lease_ttl / 4},
+                     "lease_margin": self.lease_ttl / 4, "renew_interval": self.lease_ttl / 4,
+                     "move_transactions": self.move_transactions},
         }  # fmt: skip
         if host == "hosta":
             return {**common,

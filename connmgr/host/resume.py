@@ -51,7 +51,8 @@ __all__ = ["CONNMGR_PARAMS", "SessionResumer"]
 _F, _Q, _P, _B, _E = (ord(c) for c in "FQPBE")
 
 #: SessionOpened parameters that are connmgr's, not the client's start-up parameters
-CONNMGR_PARAMS = frozenset({"virtual_pid", "cancel_secret", "peer", "local", "origin", "markers"})
+CONNMGR_PARAMS = frozenset({"virtual_pid", "cancel_secret", "peer", "local", "origin", "markers", "client_offset",
+                            "server_offset"})
 
 
 class NotResumable(ClientError):
@@ -109,7 +110,17 @@ class SessionResumer:
         committer = order.is_committer(sid)
         try:
             self._check(r)
+            if _in_transaction(replica) and not self.ctx.config.host.move_transactions:
+                raise NotResumable("the host of this session failed while it had a transaction open or a request in"
+                                   " flight, which this connmgr does not move ([host] move_transactions = false):"
+                                   " the transaction did not commit unless its commit had been acknowledged",
+                                   "open transaction")  # fmt: skip
             if _in_transaction(replica):  # moved as the database failover moves a session
+                log.info("session %d: moving its transaction %d: %s, pending %s, tx %s, %d request bytes, %d reply"
+                         " bytes, unmarked %d, held %d", sid, replica.transactions + 1,
+                         _summary(replica.journal.requests), [q.kind for q in replica.session.pending],
+                         replica.session.tx_status.name, len(replica.journal.requests), len(replica.journal.replies),
+                         replica.unmarked, len(replica.stash))  # fmt: skip
                 relay = _ReplicaRelay(replica)
                 conn.journal, conn.recorder = replica.journal, replica.recorder
                 try:
@@ -139,7 +150,11 @@ class SessionResumer:
             await order.replays_done()  # the client goes on when every session is back
         except (NotResumable, NotMovable, BackendUnavailable, ClientError, PeerClosed, OSError,
                 trio.TooSlowError) as e:  # fmt: skip
-            if not committer:
+            # (whatever failed, the others must not wait for this one: a committer's turn
+            # ends, the others' prefix is done; both are idempotent)
+            if committer:
+                order.commit_settled(sid)
+            else:
                 order.prefix_replayed(sid)
             kind = getattr(e, "kind", "restore failed")
             self.failed[kind] = self.failed.get(kind, 0) + 1
@@ -226,6 +241,11 @@ class SessionResumer:
             if r.replica.server_end == r.replica.server_raw_end:
                 with trio.move_on_after(1):
                     await conn.stream.send_all(error.to_message())
+                    # closing with the client's unread request in the socket would reset
+                    # the connection and the error with it: end our side, read theirs out
+                    await conn.stream.send_eof()
+                    while await conn.stream.receive_some(65536):
+                        pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
@@ -323,3 +343,8 @@ def _in_transaction(replica) -> bool:
     one idle in its block: its statements ran only on host A's database)."""
     session = replica.session
     return bool(session.pending) or session.tx_status is not TxStatus.IDLE or bool(replica.journal.requests)
+
+
+def _summary(requests: bytes | bytearray) -> str:
+    """The kinds of the messages in ``requests`` (SQL never logged: it may hold literals)."""
+    return "".join(chr(t) for t, _b in _whole_messages(bytes(requests)))

@@ -309,16 +309,17 @@ class HostRole:
 
     def _rebuild(self, replica: SessionReplica) -> Rebuilt:
         imports = self.imports
-        if replica.peer is None or replica.local is None:
-            raise NotRecoverable("the mirror did not say its addresses")
+        if replica.peer is None or replica.local is None or replica.client_raw_end is None \
+                or replica.server_raw_end is None:  # fmt: skip
+            raise NotRecoverable("the mirror did not say its addresses and where its streams start")
         conn = self.tracker.connection(replica.peer)
         if conn is None:
             raise NotRecoverable("no copied frame of it was seen (its handshake came before the capture)")
         sid = replica.session_id
-        c_from = replica.client_raw_end or 0
+        c_from = replica.client_raw_end
         c_end = conn.client_seen_end(c_from)
         client_extra = conn.client_data(c_from, c_end) if c_end > c_from else b""
-        s_from = replica.server_raw_end or 0
+        s_from = replica.server_raw_end
         server_extra = b""
         if conn.s.high > s_from:  # sent to the client but not mirrored yet
             server_extra = conn.server_data(s_from, conn.s.high)

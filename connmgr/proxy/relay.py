@@ -630,6 +630,8 @@ class Relay:
                 **c.startup_params, "virtual_pid": str(c.key[0]) if c.key else "",
                 "cancel_secret": str(c.key[1]) if c.key else "", "peer": c.peer, "local": _local_address(client),
                 "origin": str(self.ctx.origin), "markers": "1" if self.markers else "0",
+                # where the relayed bytes start in each direction (after the start-up)
+                "client_offset": str(self.upstream.offset), "server_offset": str(self.downstream.offset),
             })  # fmt: skip
         try:
             if engine is not None and type(client) is FastSocketStream and type(server) is FastSocketStream:

@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--after", type=float, default=4.0, help="seconds of workload after the kill")
     ap.add_argument("--mode", default="two-phase", choices=("one-phase", "two-phase"))
     ap.add_argument("--keep", action="store_true", help="keep the lab's directory (logs, configs)")
+    ap.add_argument("--move-transactions", action="store_true",
+                    help="[host] move_transactions = true (open transactions replayed on host B)")
     args = ap.parse_args()
     lacking = netlab.missing()
     from connmgr.embedded.etcd_cluster import etcd_binary
@@ -58,7 +60,7 @@ def main() -> int:
         events.append((time.time(), text))
         print(f"[{time.time() - t0:7.3f}] {text}", flush=True)
 
-    lab = HostLab(base, mode=args.mode)
+    lab = HostLab(base, mode=args.mode, move_transactions=args.move_transactions)
     try:
         note("building the lab")
         lab.start()

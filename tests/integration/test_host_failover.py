@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(etcd_binary() is None, reason="etcd is not insta
 
 @pytest.fixture
 def lab(pg_bindir, pg_base_dir, request):
-    with HostLab(pg_base_dir / f"host-{request.node.name[:30]}", bindir=pg_bindir) as lab:
+    move = request.node.get_closest_marker("move_transactions") is not None
+    with HostLab(pg_base_dir / f"host-{request.node.name[:30]}", bindir=pg_bindir, move_transactions=move) as lab:
         yield lab
 
 
@@ -51,6 +52,7 @@ def port_of(conn: psycopg.Connection) -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.move_transactions
 def test_sessions_survive_the_death_of_their_host(lab):
     """Sessions idle between transactions keep their connection, their settings and their
     prepared statements; a query sent after the death is answered by host B; sessions
@@ -174,3 +176,19 @@ def test_a_host_cut_off_steps_down_before_host_b_takes_over(lab):
     for c in clients:
         c.close()
     lab.net.set_port("hosta", True)
+
+
+def test_by_default_a_session_with_an_open_transaction_ends_with_08006(lab):
+    """Without [host] move_transactions, a session caught in a transaction gets a clean
+    08006 naming why (its transaction never committed), and an idle one goes on."""
+    idle = lab.connect(autocommit=True)
+    open_tx = lab.connect()
+    open_tx.execute("UPDATE accounts SET balance = balance - 1 WHERE id = 12")
+    time.sleep(0.3)
+    lab.kill_host_a()
+    assert idle.execute("SELECT 1").fetchone() == (1,)
+    with pytest.raises(psycopg.OperationalError) as err:
+        open_tx.execute("SELECT 1")
+    assert "move_transactions = false" in str(err.value)
+    assert lab.on_survivor("SELECT balance FROM accounts WHERE id = 12") == [(1000,)]
+    idle.close()

@@ -1,0 +1,251 @@
+"""Host-kill trials in the lab (issue 14, the proof): a bank workload, host A killed at a
+random moment, the invariants checked on host B's database.
+
+One trial (:func:`run_trial`) builds a fresh :class:`~connmgr.embedded.host_lab.HostLab`
+and runs from the client namespace:
+
+* ``transfers`` clients moving money between accounts in explicit transactions (two
+  UPDATEs and a ledger row, COMMIT), each acknowledged transfer recorded;
+* ``writers`` autocommit clients inserting ledger rows (psycopg prepares the statement
+  after five uses, so both the extended protocol and prepared statements are exercised);
+* ``idle`` sessions carrying a setting and a prepared statement, used after the kill.
+
+After a random delay host A dies (router port down + SIGKILL of everything in it); the
+workload goes on for ``after`` seconds. Then, on host B's database: money conserved,
+every acknowledged transfer and insert present exactly once, client errors by SQLSTATE,
+and, from the frames the client namespace received, any reset the VIP sent to a
+connection whose client got no error. A client that got an error reconnects and
+goes on (its unacknowledged transfer may or may not be there; money is conserved either
+way).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from connmgr.embedded import netlab
+from connmgr.embedded.host_lab import PORT, HostLab
+
+__all__ = ["TrialResult", "run_trial"]
+
+ACCOUNTS = 20
+
+
+@dataclass
+class TrialResult:
+    seed: int
+    transfers: int = 0
+    inserts: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    money: int = 0
+    money_expected: int = ACCOUNTS * 1000
+    errors: Counter = field(default_factory=Counter)
+    messages: list[str] = field(default_factory=list)
+    #: resets the VIP sent to connections whose client got no error
+    resets: int = 0
+    #: per connection alive at the kill: seconds from the kill to its first answer after it
+    stalls: list[float] = field(default_factory=list)
+    idle_kept: int = 0
+    idle: int = 0
+    #: seconds from the kill to host B's leader key, and to serving
+    detection: float | None = None
+    serving: float | None = None
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost and not self.duplicated and self.money == self.money_expected and self.resets == 0
+
+
+class _Clients:
+    """The workload's shared bookkeeping."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.acked: list[str] = []
+        self.inserts: list[str] = []
+        self.errors: Counter[str] = Counter()
+        self.messages: list[str] = []
+        self.killed_at: float | None = None
+        self.stalls: dict[str, float] = {}
+        self.ports_with_errors: set[int] = set()
+        self.ports: set[int] = set()
+
+    def error(self, who: str, e: psycopg.Error, port: int | None) -> None:
+        with self.lock:
+            self.errors[e.sqlstate or type(e).__name__] += 1
+            self.messages.append(f"{who}: {e.sqlstate} {str(e).splitlines()[0][:160]}")
+            if port is not None:
+                self.ports_with_errors.add(port)
+
+    def answered(self, who: str, sent: float) -> None:
+        """An operation sent at ``sent`` was answered now: its stall if it spanned the kill."""
+        k = self.killed_at
+        if k is not None and who not in self.stalls and time.monotonic() > k:
+            self.stalls[who] = time.monotonic() - max(sent, k)
+
+
+def _port(conn: psycopg.Connection) -> int | None:
+    import os
+    import socket
+
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as s:
+            return s.getsockname()[1]
+    except OSError:
+        return None
+
+
+def _transfer_client(lab: HostLab, c: _Clients, i: int, rng: random.Random) -> None:
+    conn = None
+    port = None
+    n = 0
+    while not c.stop.is_set():
+        tid = f"t{i}-{n}"
+        n += 1
+        try:
+            if conn is None:
+                conn = lab.connect()
+                port = _port(conn)
+                with c.lock:
+                    c.ports.add(port)
+            a, b = sorted(rng.sample(range(1, ACCOUNTS + 1), 2))  # locked in id order: no deadlock
+            amount = rng.randint(-50, 50)
+            sent = time.monotonic()
+            conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, a))
+            conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, b))
+            conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tid,))
+            conn.commit()
+            c.answered(f"transfer {i}", sent)
+            with c.lock:
+                c.acked.append(tid)
+        except psycopg.Error as e:
+            c.error(f"transfer {i} ({tid})", e, port)
+            if conn is not None:
+                conn.close()
+            conn = None
+            time.sleep(0.05)
+    if conn is not None:
+        conn.close()
+
+
+def _writer(lab: HostLab, c: _Clients, i: int) -> None:
+    conn = None
+    port = None
+    n = 0
+    while not c.stop.is_set():
+        note = f"w{i}-{n}"
+        n += 1
+        try:
+            if conn is None:
+                conn = lab.connect(autocommit=True)
+                port = _port(conn)
+                with c.lock:
+                    c.ports.add(port)
+            sent = time.monotonic()
+            conn.execute("INSERT INTO ledger (note) VALUES (%s)", (note,))
+            c.answered(f"writer {i}", sent)
+            with c.lock:
+                c.inserts.append(note)
+        except psycopg.Error as e:
+            c.error(f"writer {i} ({note})", e, port)
+            if conn is not None:
+                conn.close()
+            conn = None
+            time.sleep(0.05)
+    if conn is not None:
+        conn.close()
+
+
+def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: int = 4, writers: int = 2,
+              idle: int = 3, before: tuple[float, float] = (1.0, 3.0), after: float = 3.0,
+              mode: str = "two-phase", move_transactions: bool = False) -> TrialResult:  # fmt: skip
+    """One trial; see the module docstring."""
+    from connmgr.host import privileged
+    from replay.tcp_state import RST, parse_frame
+
+    rng = random.Random(seed)
+    result = TrialResult(seed)
+    with HostLab(base, mode=mode, bindir=bindir, accounts=ACCOUNTS, move_transactions=move_transactions) as lab:
+        with netlab.in_netns(lab.net.ns["client"]):
+            watch = privileged.open_capture("eth0")
+        c = _Clients()
+        idle_conns = []
+        for i in range(idle):
+            conn = lab.connect(autocommit=True)
+            conn.execute(f"SET application_name = 'idle-{i}'")
+            conn.execute("SELECT balance FROM accounts WHERE id = %s", (i + 1,), prepare=True)
+            idle_conns.append(conn)
+            c.ports.add(_port(conn))
+        threads = [threading.Thread(target=_transfer_client, args=(lab, c, i, random.Random(rng.random())),
+                                    daemon=True) for i in range(transfers)]  # fmt: skip
+        threads += [threading.Thread(target=_writer, args=(lab, c, i), daemon=True) for i in range(writers)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(*before))
+        c.killed_at = lab.kill_host_a()
+        kill_wall = time.time()
+        for i, conn in enumerate(idle_conns):
+            sent = time.monotonic()
+            try:
+                ok = conn.execute("SHOW application_name").fetchone() == (f"idle-{i}",)
+                conn.execute("SELECT balance FROM accounts WHERE id = %s", (i + 1,), prepare=True)
+                c.answered(f"idle {i}", sent)
+                result.idle_kept += ok
+            except psycopg.Error as e:
+                c.error(f"idle {i}", e, _port(conn))
+        result.idle = idle
+        time.sleep(after)
+        c.stop.set()
+        for t in threads:
+            t.join(30)
+        for conn in idle_conns:
+            conn.close()
+        # the frames the clients received: a reset of a connection whose client got no error
+        # (closes are not counted: every client closes its connection at the end)
+        going_on = c.ports - c.ports_with_errors
+        while True:
+            try:
+                frame = watch.recv(65536)
+            except BlockingIOError:
+                break
+            seg = parse_frame(frame)
+            if seg is not None and seg.src == (netlab.VIP, PORT) and seg.flags & RST and seg.dst[1] in going_on:
+                result.resets += 1
+        watch.close()
+        notes = Counter(n for (n,) in lab.on_survivor("SELECT note FROM ledger"))
+        result.money = lab.on_survivor("SELECT sum(balance) FROM accounts")[0][0]
+        result.transfers, result.inserts = len(c.acked), len(c.inserts)
+        result.lost = [n for n in (*c.acked, *c.inserts) if n not in notes]
+        result.duplicated = [n for n, k in notes.items() if k > 1]
+        result.errors, result.messages = c.errors, c.messages
+        result.stalls = sorted(c.stalls.values())
+        log = lab.log("hostb")
+    result.detection, result.serving = _times(log, kill_wall)
+    return result
+
+
+def _times(log: str, kill_wall: float) -> tuple[float | None, float | None]:
+    """Seconds from the kill to host B's leader key and to serving, from its log."""
+    import re
+
+    won = serving = None
+    for line in log.splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+        if not m:
+            continue
+        t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 - kill_wall
+        if won is None and "leader key won" in line:
+            won = t
+        if serving is None and "serving as the primary" in line:
+            serving = t
+    return won, serving

@@ -1,0 +1,82 @@
+"""Host-kill campaign (issue 14): ``sudo python labs/host_failover/campaign.py --trials 20``.
+
+Every trial builds the lab afresh (connmgr/embedded/host_lab.py), runs a bank workload
+(transfers in explicit transactions, autocommit inserts, idle sessions), kills host A at
+a random moment and checks on host B's database (connmgr/embedded/host_campaign.py).
+Prints one line per trial and the table: trials, acknowledged, lost, duplicated, money,
+client errors by SQLSTATE, resets, stall p50/p99/max, detection and serving times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from connmgr.embedded import netlab  # noqa: E402
+from connmgr.embedded.clusters import temp_base_dir  # noqa: E402
+from connmgr.embedded.etcd_cluster import etcd_binary  # noqa: E402
+from connmgr.embedded.host_campaign import run_trial  # noqa: E402
+
+
+def pct(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, int(p * len(values)))] if values else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--transfers", type=int, default=4)
+    ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--idle", type=int, default=3)
+    ap.add_argument("--mode", default="two-phase", choices=("one-phase", "two-phase"))
+    ap.add_argument("--move-transactions", action="store_true",
+                    help="[host] move_transactions = true (open transactions replayed on host B)")
+    args = ap.parse_args()
+    lacking = netlab.missing() + ([] if etcd_binary() else ["etcd (apt-get install etcd-server)"])
+    if lacking:
+        print("the lab needs: " + "; ".join(lacking), file=sys.stderr)
+        return 2
+    results = []
+    for i in range(args.trials):
+        base = temp_base_dir("host-trial-")
+        try:
+            r = run_trial(base, args.seed * 1000 + i, transfers=args.transfers, writers=args.writers, idle=args.idle,
+                          mode=args.mode, move_transactions=args.move_transactions)  # fmt: skip
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        results.append(r)
+        print(f"trial {i + 1:3d} seed {r.seed}: {'ok  ' if r.ok else 'FAIL'} transfers {r.transfers} inserts"
+              f" {r.inserts} lost {len(r.lost)} dup {len(r.duplicated)} money {r.money}/{r.money_expected}"
+              f" errors {dict(r.errors) or '-'} resets {r.resets} idle {r.idle_kept}/{r.idle}"
+              f" serving +{r.serving or float('nan'):.2f}s", flush=True)  # fmt: skip
+        for text in r.messages[:5]:
+            print(f"      {text}")
+        if r.lost:
+            print(f"      lost: {r.lost[:10]}")
+        if r.duplicated:
+            print(f"      duplicated: {r.duplicated[:10]}")
+    stalls = sorted(s for r in results for s in r.stalls)
+    errors: Counter = Counter()
+    for r in results:
+        errors.update(r.errors)
+    det = sorted(r.detection for r in results if r.detection is not None)
+    srv = sorted(r.serving for r in results if r.serving is not None)
+    print("\n| trials | ok | acknowledged | lost | duplicated | money conserved | client errors | resets |"
+          " stall p50 / p99 / max | leader key (p50) | serving (p50) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {len(results)} | {sum(r.ok for r in results)} | {sum(r.transfers + r.inserts for r in results)} |"
+          f" {sum(len(r.lost) for r in results)} | {sum(len(r.duplicated) for r in results)} |"
+          f" {sum(r.money == r.money_expected for r in results)}/{len(results)} | {dict(errors) or 0} |"
+          f" {sum(r.resets for r in results)} | {pct(stalls, .5):.2f} / {pct(stalls, .99):.2f} /"
+          f" {stalls[-1] if stalls else float('nan'):.2f} s | +{pct(det, .5):.2f} s | +{pct(srv, .5):.2f} s |")  # fmt: skip
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
