@@ -1,0 +1,36 @@
+"""The host-kill campaign, short form (the long form is labs/host_failover/campaign.py):
+a bank workload through the pair in the lab, host A killed at a random moment (router
+port down + SIGKILL of everything in it), the proof on host B's database -- see
+connmgr/embedded/host_campaign.py. With the default [host] move_transactions = false a
+session caught in a transaction ends with 08006 (its transaction never committed unless
+acknowledged); nothing acknowledged may be lost or doubled, money is conserved, and no
+connection whose client got no error is reset."""
+
+from __future__ import annotations
+
+import pytest
+
+from connmgr.embedded import netlab
+from connmgr.embedded.etcd_cluster import etcd_binary
+
+if netlab.missing() or etcd_binary() is None:
+    pytest.skip("the host-failover lab needs: " + "; ".join(netlab.missing() or ["etcd (apt-get install etcd-server)"]),
+                allow_module_level=True)  # fmt: skip
+
+from connmgr.embedded.host_campaign import run_trial  # noqa: E402
+
+TRIALS = 3
+
+
+@pytest.mark.parametrize("seed", range(TRIALS))
+def test_host_kill_trial(seed, pg_bindir, pg_base_dir):
+    r = run_trial(pg_base_dir / f"host-trial-{seed}", seed=1400 + seed, bindir=pg_bindir)
+    detail = f"{r}\nmessages: {r.messages}"
+    assert r.transfers > 0 and r.inserts > 0, detail
+    assert r.lost == [] and r.duplicated == [], detail
+    assert r.money == r.money_expected, detail
+    assert r.resets == 0, detail
+    assert r.idle_kept == r.idle, detail
+    assert set(r.errors) <= {"08006"}, detail  # only sessions caught in a transaction
+    assert all("move_transactions = false" in m for m in r.messages), detail
+    assert r.serving is not None and r.serving < 5, detail
