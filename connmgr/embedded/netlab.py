@@ -234,6 +234,9 @@ class NetLab:
         at the same instant (no FIN, no RST leaves it). Returns the time.monotonic() of
         the kill."""
         pids = self.pids_in(host)
+        for pid in pids:  # frozen first: none of them runs between the first kill and the last
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         self.set_port(host, False)
         at = time.monotonic()
         for pid in pids:

@@ -154,13 +154,24 @@ class Leader:
     async def _try_to_win(self) -> None:
         lease = self.lease
         created, revision, holder = await self.etcd.create(self.key, self.name, lease.lease_id)
+        if not created and holder is not None and holder.value == self.name and holder.lease == lease.lease_id:
+            # ours: an earlier attempt created it and its answer was lost (the client then
+            # asked another member, whose answer is this one)
+            created, revision = True, holder.create_revision
         if not created:
             if holder != self.holder:
                 log.info("the leader key is held by %s (lease %x, since revision %d)", holder.value if holder else "?",
                          holder.lease if holder else 0, holder.create_revision if holder else 0)  # fmt: skip
             self.holder = holder
             return
-        if trio.current_time() >= lease.valid_until:  # the lease ran out meanwhile: the key dies with it
+        if trio.current_time() >= lease.valid_until:
+            # the lease ran out by our clock while the transaction was on its way: we may not
+            # lead on it, and the key must not outlive it (renewing that lease would keep a
+            # key nobody serves under): give the lease up, revoke it, campaign again
+            log.warning("%s created the leader key after its lease's validity had passed; giving that lease up",
+                        self.name)  # fmt: skip
+            self._stale.append(lease.lease_id)
+            lease.lost("the lease ran out while the leader key was being created")
             return
         lease.won(revision)
         self.holder = KeyValue(self.key, self.name, revision, revision, lease.lease_id)

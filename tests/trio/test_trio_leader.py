@@ -223,3 +223,30 @@ async def test_resign_hands_over_at_once_and_campaign_off_never_wins(autojump_cl
 async def test_the_renew_interval_must_fit_in_the_lease(autojump_clock):
     with pytest.raises(ValueError, match="renew_interval"):
         Leader(View(Store()), "/k", "a", ttl=2.0, margin=0.5, renew_interval=1.5)
+
+
+async def test_a_create_whose_answer_was_lost_is_recognised_as_ours(autojump_clock):
+    """The create transaction succeeds but its answer is lost (the client times out and
+    asks another member): the next attempt finds the key held by this connmgr's own lease
+    and leads on it, instead of waiting for ever behind itself (found in the lab under
+    load: nobody led, the key held by the follower's own lease, which it kept renewing)."""
+    store = Store()
+    b = Node(store, "b")
+    real_create = b.view.create
+    lost = []
+
+    async def create(key, value, lease_id):
+        answer = await real_create(key, value, lease_id)
+        if not lost:
+            lost.append(answer)
+            raise EtcdUnavailable("answer lost")
+        return answer
+
+    b.view.create = create
+    async with trio.open_nursery() as n:
+        await n.start(b.leader.run)
+        await trio.sleep(2)
+        assert lost and lost[0][0], "the first create did succeed"
+        assert b.leader.may_serve(), b.events
+        assert b.leader.token == store.key.create_revision and store.key.lease == b.leader.lease.lease_id
+        n.cancel_scope.cancel()
