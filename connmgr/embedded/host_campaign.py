@@ -58,7 +58,9 @@ class TrialResult:
     #: seconds from the kill to host B's leader key, and to serving
     detection: float | None = None
     serving: float | None = None
-    timeline: list[tuple[float, str]] = field(default_factory=list)
+    #: host B's connmgr log, and the wall-clock time of the kill (for a timeline)
+    b_log: str = field(default="", repr=False)
+    killed_wall: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -230,6 +232,7 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
         result.errors, result.messages = c.errors, c.messages
         result.stalls = sorted(c.stalls.values())
         log = lab.log("hostb")
+    result.b_log, result.killed_wall = log, kill_wall
     result.detection, result.serving = _times(log, kill_wall)
     return result
 
