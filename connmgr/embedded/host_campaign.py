@@ -107,65 +107,54 @@ def _port(conn: psycopg.Connection) -> int | None:
         return None
 
 
-def _transfer_client(lab: HostLab, c: _Clients, i: int, rng: random.Random) -> None:
+def _client(lab: HostLab, c: _Clients, who: str, prefix: str, autocommit: bool, step, done: list[str]) -> None:
+    """One workload client: ``step(conn, key)`` does one operation named ``key`` (its
+    ledger note); acknowledged keys go to ``done``. An error is recorded, the connection
+    dropped and a new one made (the next key is new: an unacknowledged one is never retried)."""
     conn = None
     port = None
     n = 0
     while not c.stop.is_set():
-        tid = f"t{i}-{n}"
+        key = f"{prefix}-{n}"
         n += 1
         try:
             if conn is None:
-                conn = lab.connect()
+                conn = lab.connect(autocommit=autocommit)
                 port = _port(conn)
                 with c.lock:
                     c.ports.add(port)
-            a, b = sorted(rng.sample(range(1, ACCOUNTS + 1), 2))  # locked in id order: no deadlock
-            amount = rng.randint(-50, 50)
             sent = time.monotonic()
-            conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, a))
-            conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, b))
-            conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tid,))
-            conn.commit()
-            c.answered(f"transfer {i}", sent)
+            step(conn, key)
+            c.answered(who, sent)
             with c.lock:
-                c.acked.append(tid)
+                done.append(key)
         except psycopg.Error as e:
-            c.error(f"transfer {i} ({tid})", e, port)
+            c.error(f"{who} ({key})", e, port)
             if conn is not None:
                 conn.close()
             conn = None
             time.sleep(0.05)
     if conn is not None:
         conn.close()
+
+
+def _transfer_client(lab: HostLab, c: _Clients, i: int, rng: random.Random) -> None:
+    def transfer(conn: psycopg.Connection, tid: str) -> None:
+        a, b = sorted(rng.sample(range(1, ACCOUNTS + 1), 2))  # locked in id order: no deadlock
+        amount = rng.randint(-50, 50)
+        conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, a))
+        conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, b))
+        conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tid,))
+        conn.commit()
+
+    _client(lab, c, f"transfer {i}", f"t{i}", False, transfer, c.acked)
 
 
 def _writer(lab: HostLab, c: _Clients, i: int) -> None:
-    conn = None
-    port = None
-    n = 0
-    while not c.stop.is_set():
-        note = f"w{i}-{n}"
-        n += 1
-        try:
-            if conn is None:
-                conn = lab.connect(autocommit=True)
-                port = _port(conn)
-                with c.lock:
-                    c.ports.add(port)
-            sent = time.monotonic()
-            conn.execute("INSERT INTO ledger (note) VALUES (%s)", (note,))
-            c.answered(f"writer {i}", sent)
-            with c.lock:
-                c.inserts.append(note)
-        except psycopg.Error as e:
-            c.error(f"writer {i} ({note})", e, port)
-            if conn is not None:
-                conn.close()
-            conn = None
-            time.sleep(0.05)
-    if conn is not None:
-        conn.close()
+    def insert(conn: psycopg.Connection, note: str) -> None:
+        conn.execute("INSERT INTO ledger (note) VALUES (%s)", (note,))
+
+    _client(lab, c, f"writer {i}", f"w{i}", True, insert, c.inserts)
 
 
 def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: int = 4, writers: int = 2,
