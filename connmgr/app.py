@@ -146,16 +146,16 @@ class App:
         return HostRole(h, leader, imports=secondary.imports if secondary is not None else None, promote=promote,
                         serve=self._serve_listener, resume=lambda r: self.resumer(r), connections=connections)  # fmt: skip
 
-    async def _committed_seq(self, database: str, origin: int, session_id: int) -> int:
-        """Host takeover: the last transaction of host A's session ``session_id`` that
-        committed on this host's database (its marker row), 0 if none."""
+    async def _committed_seqs(self, database: str, origin: int) -> dict[int, int]:
+        """Host takeover: {session: the last transaction of it that committed on this host's
+        database (its marker row)} for every session of host A's connmgr ``origin``."""
         session = await self.secondary._open_ddl_session(database, "connmgr host takeover markers")
         try:
             rows = await session.query_rows(messages.query(
-                f"SELECT seq FROM connmgr.markers WHERE origin = {int(origin)} AND session = {int(session_id)}"))
+                f"SELECT session, seq FROM connmgr.markers WHERE origin = {int(origin)}"))
         finally:
             session.close()
-        return int(rows[0][0]) if rows else 0
+        return {int(sid): int(seq) for sid, seq in rows}
 
     def _serve_listener(self, sock) -> None:
         """Accept clients on ``sock`` (the VIP's listener the host role opened)."""
@@ -293,7 +293,7 @@ class App:
             if self.host is not None:
                 from connmgr.host.resume import SessionResumer
 
-                self.resumer = SessionResumer(self.client_context, self.route.server, nursery, self._committed_seq)
+                self.resumer = SessionResumer(self.client_context, self.route.server, nursery, self._committed_seqs)
                 await nursery.start(self.host.run)
             for ln in listeners:
                 nursery.start_soon(self._accept_loop, ln, nursery)

@@ -234,8 +234,10 @@ class _Bytes:
             self.held -= len(self.chunks.pop(self.starts.pop(0))) + _CHUNK_COST
 
     def contiguous_end(self, start: int) -> int:
-        """The end of the bytes held without a hole from ``start`` (``start`` if none)."""
-        pos = start
+        """The end of the bytes held without a hole from ``start`` (``start`` if none).
+        Bytes below the floor were trimmed because the mirror carries them: from a
+        ``start`` below it, the bytes count as held up to the floor."""
+        pos = max(start, self.floor)
         for s in self.starts:  # chunks may overlap (retransmissions with other bounds)
             if s > pos:
                 break

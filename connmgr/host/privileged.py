@@ -28,6 +28,7 @@ from replay.tcp_state import RepairState
 __all__ = [
     "PrivilegeError",
     "add_address",
+    "capture_drops",
     "gratuitous_arp",
     "leave_repair",
     "open_capture",
@@ -44,7 +45,11 @@ NO_QUEUE, RECV_QUEUE, SEND_QUEUE = 0, 1, 2
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 IP_TRANSPARENT = 19
 SOL_PACKET = 263
-PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 1, 1
+PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_STATISTICS = 1, 1, 6
+SO_RCVBUFFORCE = 33
+#: the capture's receive buffer: frames wait here while the secondary's Python parses;
+#: a full buffer drops frames (counted by :func:`capture_drops`)
+CAPTURE_BUFFER = 32 << 20
 ETH_P_ALL = 0x0003
 
 
@@ -216,9 +221,19 @@ def open_capture(interface: str) -> socket.socket:
         s.bind((interface, 0))
         mreq = struct.pack("iHH8s", socket.if_nametoindex(interface), PACKET_MR_PROMISC, 0, b"")
         s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        try:  # above net.core.rmem_max (CAP_NET_ADMIN)
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, CAPTURE_BUFFER)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CAPTURE_BUFFER)
         s.setblocking(False)
     except OSError as e:
         s.close()
         raise _fail(f"capturing on {interface}", e) from e
     return s
+
+
+def capture_drops(sock: socket.socket) -> tuple[int, int]:
+    """(frames received, frames dropped because the buffer was full) since the last call
+    (the kernel resets its counters when they are read)."""
+    packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+    return packets, drops

@@ -41,7 +41,7 @@ from connmgr.proxy.client_auth import _credentials
 from connmgr.proxy.relay import Carry
 from replay.import_queue import sql_text
 from replay.injection import InjectMode
-from shadow.session import TxStatus
+from shadow.session import Phase, TxStatus
 from shadow.sqltext import may_write, statement_count
 
 log = logging.getLogger("connmgr.host")
@@ -69,22 +69,35 @@ class SessionResumer:
     """Continues rebuilt sessions (``__call__`` schedules one in ``nursery``)."""
 
     def __init__(self, ctx: ClientContext, server: BackendServer, nursery: trio.Nursery,
-                 committed_seq: Callable[[str, int, int], Awaitable[int]]) -> None:  # fmt: skip
+                 committed_seqs: Callable[[str, int], Awaitable[dict[int, int]]]) -> None:  # fmt: skip
         self.ctx = ctx
         self.server = server
         self.nursery = nursery
-        #: (database, origin, session) -> the last transaction of that session of host A
-        #: that committed here (its marker row), 0 if none
-        self.committed_seq = committed_seq
+        #: (database, origin) -> {session: the last transaction of that session of host A
+        #: that committed here (its marker row)}, read once per takeover: the database has
+        #: reached the point of failure and host A writes nothing any more
+        self.committed_seqs = committed_seqs
+        self._seqs: dict[tuple[str, int], dict[int, int]] = {}
+        self._seqs_lock = trio.Lock()
         self.resumed = 0
         self.failed: dict[str, int] = {}
         self.stalls: list[float] = []
 
+    async def committed_seq(self, database: str, origin: int, session_id: int) -> int:
+        """The last transaction of host A's session ``session_id`` that committed here, 0
+        if none (one query per database for all the sessions of a takeover)."""
+        async with self._seqs_lock:
+            seqs = self._seqs.get((database, origin))
+            if seqs is None:
+                seqs = self._seqs[(database, origin)] = await self.committed_seqs(database, origin)
+        return seqs.get(session_id, 0)
+
     def __call__(self, rebuilt: list[Rebuilt]) -> None:
         """Continue every session of one takeover, in the replay order."""
+        self._seqs = {}
         moves = HostMoves(self, {})
-        committers = sorted((r for r in rebuilt if r.replica.session.pending), key=lambda r: r.replica.client_version)
-        others = [r for r in rebuilt if not r.replica.session.pending]
+        committers = sorted((r for r in rebuilt if _committing(r.replica)), key=lambda r: r.replica.client_version)
+        others = [r for r in rebuilt if not _committing(r.replica)]
         moves.order.arrange([r.replica.session_id for r in committers], [r.replica.session_id for r in others])
         for r in rebuilt:
             self.nursery.start_soon(self._resume, r, moves)
@@ -110,6 +123,8 @@ class SessionResumer:
         committer = order.is_committer(sid)
         try:
             self._check(r)
+            with trio.fail_after(self.ctx.config.failover.max_wait):
+                await self._check_unseen(r)
             if _in_transaction(replica) and not self.ctx.config.host.move_transactions:
                 raise NotResumable("the host of this session failed while it had a transaction open or a request in"
                                    " flight, which this connmgr does not move ([host] move_transactions = false):"
@@ -182,6 +197,28 @@ class SessionResumer:
                                + ", ".join(replica.session.statements_not_kept), "session state")  # fmt: skip
         if replica.server_end != replica.server_raw_end:
             raise NotResumable("the client was in the middle of a reply", "mid-message")
+
+    async def _check_unseen(self, r: Rebuilt) -> None:
+        """A commit host A ran that this host never saw: neither the mirror nor the copied
+        frames carried its request (a frame the capture dropped, not yet acknowledged by
+        host A's kernel, so the client sends it again to this host). Replaying the
+        transaction, or running the request again, would apply it twice; its marker row
+        tells. Without markers (``connmgr prepare-db``) a moved transaction cannot be
+        checked so, and is not moved."""
+        replica = r.replica
+        if not replica.markers:
+            if _in_transaction(replica) and self.ctx.config.host.move_transactions:
+                raise NotResumable("session not movable: the database has no connmgr markers to tell whether a"
+                                   " commit this host never saw ran on the failed host (run connmgr prepare-db)",
+                                   "no markers")  # fmt: skip
+            return
+        n = replica.transactions + 1
+        seq = await self.committed_seq(replica.database, replica.origin, replica.session_id)
+        if seq > n or (seq == n and not replica.session.pending and not r.forwarded):
+            raise NotResumable(f"session not movable: its transaction {seq} committed on the failed host, but"
+                               f" this host saw it only up to transaction {n - 1} (its commit was neither mirrored"
+                               " nor seen in the copied frames), so its reply is not known here",
+                               "unseen commit")  # fmt: skip
 
     async def _check_forwarded(self, r: Rebuilt) -> None:
         """Requests the client sent while idle that the mirror never carried: host A may
@@ -336,6 +373,17 @@ class HostMoves:
 
     async def prefixes_replayed(self, conn_id: int) -> None:
         await self.order.prefixes_replayed(self.sessions[conn_id].session_id)
+
+
+def _committing(replica) -> bool:
+    """A commit in flight: requests pending and the marker of the open transaction sent
+    (as the database failover judges it). A session waiting for a statement inside its
+    transaction is not one: ordered among the committers, its statement could wait for a
+    lock held by a transaction replayed behind it (found by the campaign: five seconds
+    lost until the order gave up)."""
+    session = replica.session
+    return bool(session.pending) and replica.marker_seq == replica.transactions + 1 \
+        and session.phase is not Phase.COPY_IN  # fmt: skip
 
 
 def _in_transaction(replica) -> bool:

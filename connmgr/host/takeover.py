@@ -149,6 +149,9 @@ class HostRole:
         self._elected = trio.Event()
         self._token: int | None = None
         self._capture: socket.socket | None = None
+        #: copied frames the capture's buffer dropped, and when the last was
+        self.frames_dropped = 0
+        self.last_drop: float | None = None
         leader.on_elected = self._on_elected
         leader.on_step_down = self._on_step_down
         if imports is not None:
@@ -227,12 +230,28 @@ class HostRole:
 
     async def _follow_frames(self, sock: socket.socket) -> None:
         tracker = self.tracker
+        checked = time.monotonic()
         try:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 self._drain(sock, tracker)
+                if time.monotonic() - checked >= 1.0:
+                    checked = time.monotonic()
+                    self._count_drops(sock)
         finally:
             sock.close()
+
+    def _count_drops(self, sock: socket.socket) -> None:
+        """The kernel's count of copied frames the capture's full buffer dropped: a session
+        whose frames were lost may have requests host A ran that nobody here has seen (the
+        marker check in the resume catches a commit among them)."""
+        _packets, drops = privileged.capture_drops(sock)
+        if drops:
+            self.frames_dropped += drops
+            self.last_drop = time.monotonic()
+            log.warning("host takeover: the capture dropped %d copied frame(s) (%d in all): this connmgr could"
+                        " not keep up with the frames; connections whose frames were lost may not be continued",
+                        drops, self.frames_dropped)  # fmt: skip
 
     @staticmethod
     def _drain(sock: socket.socket, tracker: TcpTracker) -> None:
@@ -295,6 +314,10 @@ class HostRole:
         imports = self.imports
         if self._capture is not None:  # every frame copied until now
             self._drain(self._capture, self.tracker)
+            self._count_drops(self._capture)
+            if self.frames_dropped:
+                self.note(f"the capture dropped {self.frames_dropped} copied frame(s) in all, the last"
+                          f" {time.monotonic() - self.last_drop:.1f}s ago")  # fmt: skip
         out = []
         for replica in list((imports.replicas or {}).values()):
             try:
@@ -334,7 +357,19 @@ class HostRole:
                 imports.recovered(sid, "c", c_from, client_extra)
             if server_extra:
                 imports.recovered(sid, "b", s_from, server_extra)
-        rs = conn.repair_state(c_from, time.monotonic(), mirrored=replica.tail, mirrored_from=replica.tail_start)
+        # the client bytes recovered above now count as mirrored (and the tracker has let
+        # them go): the socket continues after them, whatever the client sends again
+        rs = conn.repair_state(replica.client_raw_end, time.monotonic(), mirrored=replica.tail,
+                               mirrored_from=replica.tail_start)  # fmt: skip
+        if rs.client_end != c_end:
+            raise NotRecoverable(f"the client stream would continue at {rs.client_end}, not after the {c_end}"
+                                 " bytes host B holds")  # fmt: skip
+        log.info("session %d (%s): client bytes mirrored to %d, seen to %d (acknowledged by host A to %d); server"
+                 " bytes mirrored to %d, seen to %d (by the client to %d), %d resent; %s%s", sid,
+                 replica.params.get("peer"), c_from, c_end, conn.acked_by_server, s_from, conn.s.high,
+                 conn.acked_by_client, len(rs.unsent), "idle" if replica.session.is_idle() else "busy",
+                 f", forwarded {_kinds(forwarded)}" if forwarded else
+                 f", recovered {_kinds(client_extra)}" if client_extra else "")  # fmt: skip
         sock = privileged.rebuild(rs)
         return Rebuilt(replica, rs, sock, imports.pending_client_bytes(sid) + forwarded, forwarded)
 
@@ -355,3 +390,12 @@ class HostRole:
                 privileged.gratuitous_arp(self.config.interface, self.vip)
             except OSError as e:
                 log.warning("gratuitous ARP again: %s", e)
+
+
+def _kinds(data: bytes) -> str:
+    """The message types at the start of ``data`` (never their text: it may hold literals)."""
+    out, i = [], 0
+    while len(data) - i >= 5:
+        out.append(chr(data[i]))
+        i += 1 + int.from_bytes(data[i + 1:i + 5], "big")
+    return "".join(out) + ("+" if i < len(data) else "")

@@ -161,6 +161,24 @@ def test_client_bytes_acked_but_not_mirrored_are_recovered_and_later_ones_absorb
     assert rs.rcv_nxt == (1000 + 1 + len(b"mirrored;acked-not-mirrored;after-the-death;")) % 2**32
 
 
+def test_bytes_recovered_into_the_mirror_still_count_as_received():
+    """Found by the host-kill campaign: bytes recovered from the frames are fed to the
+    mirror, which trims them here; the repair computed from the old mirrored offset then
+    set rcv_nxt before them, host B acknowledged only up to there, and the client sent the
+    UPDATE again, which ran twice. Bytes trimmed because the mirror has them are held."""
+    t = tracker()
+    c = Conn(t)
+    c.client_send(b"mirrored;")
+    c.client_send(b"UPDATE a;")  # host A read it and died before acknowledging it
+    conn = t.connection(CLIENT)
+    t.trim(CLIENT, "c", 9)
+    t.trim(CLIENT, "c", 18)  # recovered: now in the mirror too
+    for client_from in (9, 18):
+        rs = conn.repair_state(client_from=client_from, now=0.0)
+        assert rs.client_end == 18
+        assert rs.rcv_nxt == (1000 + 1 + 18) % 2**32
+
+
 def test_a_lost_copy_below_the_dead_hosts_ack_is_not_recoverable():
     t = tracker()
     c = Conn(t)
