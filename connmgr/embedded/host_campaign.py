@@ -53,6 +53,8 @@ class TrialResult:
     resets: int = 0
     #: per connection alive at the kill: seconds from the kill to its first answer after it
     stalls: list[float] = field(default_factory=list)
+    #: (account, balance minus what the ledger's transfers explain) where they differ
+    accounts_off: list[tuple[int, int]] = field(default_factory=list)
     idle_kept: int = 0
     idle: int = 0
     #: seconds from the kill to host B's leader key, and to serving
@@ -60,11 +62,16 @@ class TrialResult:
     serving: float | None = None
     #: host B's connmgr log, and the wall-clock time of the kill (for a timeline)
     b_log: str = field(default="", repr=False)
+    #: host B's database server log (with every statement, when the trial logged them)
+    survivor_log: str = field(default="", repr=False)
+    #: the frames the client namespace saw (kept when the trial logged statements)
+    client_frames: list[bytes] = field(default_factory=list, repr=False)
     killed_wall: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.lost and not self.duplicated and self.money == self.money_expected and self.resets == 0
+        return (not self.lost and not self.duplicated and self.money == self.money_expected and self.resets == 0
+                and not self.accounts_off)  # fmt: skip
 
 
 class _Clients:
@@ -81,6 +88,8 @@ class _Clients:
         self.stalls: dict[str, float] = {}
         self.ports_with_errors: set[int] = set()
         self.ports: set[int] = set()
+        #: transfer -> (from, to, amount, when it started)
+        self.attempts: dict[str, tuple[int, int, int, float]] = {}
 
     def error(self, who: str, e: psycopg.Error, port: int | None) -> None:
         with self.lock:
@@ -142,9 +151,11 @@ def _transfer_client(lab: HostLab, c: _Clients, i: int, rng: random.Random) -> N
     def transfer(conn: psycopg.Connection, tid: str) -> None:
         a, b = sorted(rng.sample(range(1, ACCOUNTS + 1), 2))  # locked in id order: no deadlock
         amount = rng.randint(-50, 50)
+        with c.lock:
+            c.attempts[tid] = (a, b, amount, time.monotonic())
         conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", (amount, a))
         conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", (amount, b))
-        conn.execute("INSERT INTO ledger (note) VALUES (%s)", (tid,))
+        conn.execute("INSERT INTO ledger (note, src, dst, amount) VALUES (%s, %s, %s, %s)", (tid, a, b, amount))
         conn.commit()
 
     _client(lab, c, f"transfer {i}", f"t{i}", False, transfer, c.acked)
@@ -159,14 +170,16 @@ def _writer(lab: HostLab, c: _Clients, i: int) -> None:
 
 def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: int = 4, writers: int = 2,
               idle: int = 3, before: tuple[float, float] = (1.0, 3.0), after: float = 3.0,
-              mode: str = "two-phase", move_transactions: bool = False) -> TrialResult:  # fmt: skip
+              mode: str = "two-phase", move_transactions: bool = False,
+              log_statements: bool = False) -> TrialResult:  # fmt: skip
     """One trial; see the module docstring."""
     from connmgr.host import privileged
     from replay.tcp_state import RST, parse_frame
 
     rng = random.Random(seed)
     result = TrialResult(seed)
-    with HostLab(base, mode=mode, bindir=bindir, accounts=ACCOUNTS, move_transactions=move_transactions) as lab:
+    with HostLab(base, mode=mode, bindir=bindir, accounts=ACCOUNTS, move_transactions=move_transactions,
+                 log_statements=log_statements) as lab:
         with netlab.in_netns(lab.net.ns["client"]):
             watch = privileged.open_capture("eth0")
         c = _Clients()
@@ -209,18 +222,36 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
                 frame = watch.recv(65536)
             except BlockingIOError:
                 break
+            if log_statements:
+                result.client_frames.append(frame)
             seg = parse_frame(frame)
             if seg is not None and seg.src == (netlab.VIP, PORT) and seg.flags & RST and seg.dst[1] in going_on:
                 result.resets += 1
         watch.close()
         notes = Counter(n for (n,) in lab.on_survivor("SELECT note FROM ledger"))
         result.money = lab.on_survivor("SELECT sum(balance) FROM accounts")[0][0]
+        # each account's balance against the transfers the ledger holds: a transfer applied
+        # in part, or applied without its ledger row, shows on its accounts
+        result.accounts_off = [tuple(r) for r in lab.on_survivor(
+            "SELECT a.id, a.balance - 1000 - coalesce(sum(CASE WHEN l.dst = a.id THEN l.amount"
+            " ELSE -l.amount END), 0) AS off FROM accounts a LEFT JOIN ledger l ON a.id IN (l.src, l.dst)"
+            " GROUP BY a.id, a.balance HAVING a.balance - 1000 - coalesce(sum(CASE WHEN l.dst = a.id"
+            " THEN l.amount ELSE -l.amount END), 0) <> 0 ORDER BY a.id")]  # fmt: skip
+        for account, off in result.accounts_off:  # the transfers that would explain it
+            fits = [f"{tid} {a}->{b} {amount} at {t - c.killed_at:+.3f}s"
+                    f" ({'acknowledged' if tid in c.acked else 'not acknowledged'},"
+                    f" {'in' if tid in notes else 'not in'} the ledger)"
+                    for tid, (a, b, amount, t) in c.attempts.items()
+                    if account in (a, b) and abs(amount) == abs(off) and -3 < t - c.killed_at < 10]  # fmt: skip
+            c.messages.append(f"account {account} off by {off}: transfers of that amount near the kill: "
+                                   + ("; ".join(fits[-6:]) or "none"))  # fmt: skip
         result.transfers, result.inserts = len(c.acked), len(c.inserts)
         result.lost = [n for n in (*c.acked, *c.inserts) if n not in notes]
         result.duplicated = [n for n, k in notes.items() if k > 1]
         result.errors, result.messages = c.errors, c.messages
         result.stalls = sorted(c.stalls.values())
         log = lab.log("hostb")
+        result.survivor_log = lab.server_log() if log_statements else ""
     result.b_log, result.killed_wall = log, kill_wall
     result.detection, result.serving = _times(log, kill_wall)
     return result

@@ -39,7 +39,7 @@ PASSWORD = "postgres"
 PORT = 5432
 MIRROR_PORT = 7000
 SCHEMA = ("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
-          "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip
+          "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL, src int, dst int, amount int)")  # fmt: skip
 
 
 def _toml(sections: dict[str, dict]) -> str:
@@ -62,8 +62,12 @@ class HostLab:
     """See the module docstring. ``base_dir`` holds the clusters, configs and logs."""
 
     def __init__(self, base_dir: Path, *, mode: str = "two-phase", lease_ttl: float = 2.0,
-                 bindir: Path | None = None, accounts: int = 20, move_transactions: bool = False) -> None:  # fmt: skip
+                 bindir: Path | None = None, accounts: int = 20, move_transactions: bool = False,
+                 log_statements: bool = False) -> None:  # fmt: skip
         self.move_transactions = move_transactions
+        #: host B's database logs every statement (the campaign's --logs: what the
+        #: survivor ran, to explain a failed trial)
+        self.log_statements = log_statements
         self.base = Path(base_dir)
         self.mode = mode
         self.lease_ttl = lease_ttl
@@ -112,6 +116,11 @@ class HostLab:
         with self.pair.primary.connect(DB) as c:
             c.execute(f"INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, {self.accounts}) g")
         self.pair.wait_caught_up()
+        if self.log_statements:
+            with self.pair.secondary.connect(DB, autocommit=True) as c:
+                c.execute("ALTER SYSTEM SET log_statement = 'all'")
+                c.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] %a '")
+                c.execute("SELECT pg_reload_conf()")
         self.note("databases up, replicating")
         users = self.base / "users.txt"
         users.write_text(f'"postgres" "{PASSWORD}"\n')
@@ -168,6 +177,12 @@ class HostLab:
                                           stdout=log, stderr=subprocess.STDOUT,
                                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})  # fmt: skip
         log.close()
+
+    def server_log(self, which: str = "secondary") -> str:
+        try:
+            return getattr(self.pair, which).log_path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def log(self, host: str) -> str:
         try:

@@ -35,6 +35,8 @@ def main() -> int:
     ap.add_argument("--writers", type=int, default=2)
     ap.add_argument("--idle", type=int, default=3)
     ap.add_argument("--mode", default="two-phase", choices=("one-phase", "two-phase"))
+    ap.add_argument("--logs", type=Path, help="log every statement host B's database runs, and write host B's connmgr and"
+                    " database logs of every failed trial here")
     ap.add_argument("--move-transactions", action="store_true",
                     help="[host] move_transactions = true (open transactions replayed on host B)")
     args = ap.parse_args()
@@ -47,7 +49,8 @@ def main() -> int:
         base = temp_base_dir("host-trial-")
         try:
             r = run_trial(base, args.seed * 1000 + i, transfers=args.transfers, writers=args.writers, idle=args.idle,
-                          mode=args.mode, move_transactions=args.move_transactions)  # fmt: skip
+                          mode=args.mode, move_transactions=args.move_transactions,
+                          log_statements=args.logs is not None)  # fmt: skip
         finally:
             shutil.rmtree(base, ignore_errors=True)
         results.append(r)
@@ -55,12 +58,25 @@ def main() -> int:
               f" {r.inserts} lost {len(r.lost)} dup {len(r.duplicated)} money {r.money}/{r.money_expected}"
               f" errors {dict(r.errors) or '-'} resets {r.resets} idle {r.idle_kept}/{r.idle}"
               f" serving +{r.serving or float('nan'):.2f}s", flush=True)  # fmt: skip
-        for text in r.messages[:5]:
+        for text in r.messages[:12]:
             print(f"      {text}")
         if r.lost:
             print(f"      lost: {r.lost[:10]}")
         if r.duplicated:
             print(f"      duplicated: {r.duplicated[:10]}")
+        if r.accounts_off:
+            print(f"      accounts whose balance the ledger does not explain (account, off by): {r.accounts_off}")
+        if not r.ok and args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            path = args.logs / f"trial-{r.seed}-hostb.log"
+            path.write_text(r.b_log)
+            (args.logs / f"trial-{r.seed}-survivor.log").write_text(r.survivor_log)
+            if r.client_frames:
+                from scapy.all import Ether, wrpcap
+
+                wrpcap(str(args.logs / f"trial-{r.seed}-client.pcap"), [Ether(f) for f in r.client_frames])
+            print(f"      host B's logs: {path}, {path.with_name(f'trial-{r.seed}-survivor.log')}"
+                  f" (killed at {r.killed_wall:.3f})")  # fmt: skip
     stalls = sorted(s for r in results for s in r.stalls)
     errors: Counter = Counter()
     for r in results:
