@@ -258,10 +258,9 @@ class HostSection:
     #: how long one etcd request may take before the next member is asked
     etcd_timeout: float = 0.3
     #: move sessions with a transaction open or a request in flight to this host, as the
-    #: database failover does (replayed from host B's replica of them); off by default:
-    #: the host-kill campaign still finds money moved without an error in some trials
-    #: (issue 14's note), so such sessions end with 08006 instead
-    move_transactions: bool = False
+    #: database failover does (replayed from host B's replica of them); false: such
+    #: sessions end with 08006 (their transaction did not commit unless acknowledged)
+    move_transactions: bool = True
 
 
 @dataclass(frozen=True, slots=True)

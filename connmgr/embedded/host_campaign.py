@@ -170,7 +170,7 @@ def _writer(lab: HostLab, c: _Clients, i: int) -> None:
 
 def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: int = 4, writers: int = 2,
               idle: int = 3, before: tuple[float, float] = (1.0, 3.0), after: float = 3.0,
-              mode: str = "two-phase", move_transactions: bool = False,
+              mode: str = "two-phase", move_transactions: bool = True,
               log_statements: bool = False) -> TrialResult:  # fmt: skip
     """One trial; see the module docstring."""
     from connmgr.host import privileged

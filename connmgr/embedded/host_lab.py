@@ -62,7 +62,7 @@ class HostLab:
     """See the module docstring. ``base_dir`` holds the clusters, configs and logs."""
 
     def __init__(self, base_dir: Path, *, mode: str = "two-phase", lease_ttl: float = 2.0,
-                 bindir: Path | None = None, accounts: int = 20, move_transactions: bool = False,
+                 bindir: Path | None = None, accounts: int = 20, move_transactions: bool = True,
                  log_statements: bool = False) -> None:  # fmt: skip
         self.move_transactions = move_transactions
         #: host B's database logs every statement (the campaign's --logs: what the

@@ -160,6 +160,16 @@ class Etcd:
         })  # fmt: skip
         return bool(d.get("succeeded"))
 
+    async def put_if_held(self, key: str, value: str, leader_key: str, create_revision: int) -> bool:
+        """Set ``key`` (no lease) to ``value`` only while ``leader_key`` is the one created
+        at ``create_revision``: a write only the leader can make."""
+        k = _b64(leader_key)
+        d = await self.call("kv/txn", {
+            "compare": [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": str(create_revision)}],
+            "success": [{"request_put": {"key": _b64(key), "value": _b64(value)}}],
+        })  # fmt: skip
+        return bool(d.get("succeeded"))
+
     async def delete_if(self, key: str, create_revision: int) -> bool:
         """Delete ``key`` if it is still the one created at ``create_revision`` (resigning)."""
         k = _b64(key)

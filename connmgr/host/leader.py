@@ -11,6 +11,13 @@
   ``on_step_down(reason)`` at once, whatever the keeper is stuck in. etcd itself cannot
   expire the key before ``margin`` seconds later, so no other connmgr can have won yet.
 
+Beside the leader key, a lasting **primary record** (``<key>/primary``, no lease) names the
+connmgr whose database is the primary. The first primary claims it; a secondary that takes
+over writes its own name there (only while it holds the key) before it promotes its
+database. A host that comes back after a takeover finds another name there and does not
+campaign (:meth:`Leader.claim_primary`): its database was left behind, and leading on it
+would serve without every commit made since.
+
 A stepped-down leader forgets its lease (and revokes it if etcd answers), so a renewal
 that comes back late cannot make it believe it leads again. :meth:`Leader.check` is the
 fencing check (callers use it before the VIP is added, before ARP, before a commit):
@@ -60,6 +67,27 @@ class Leader:
         self._changed = trio.Event()
         #: leases given up on stepping down, revoked when etcd answers again
         self._stale: list[int] = []
+
+    @property
+    def primary_key(self) -> str:
+        return f"{self.key}/primary"
+
+    async def claim_primary(self) -> str:
+        """This connmgr's database is the primary: record it if no primary is recorded
+        yet. Returns the name recorded (another one: this connmgr must not lead).
+        Raises EtcdError."""
+        created, _rev, holder = await self.etcd.create(self.primary_key, self.name, 0)
+        return self.name if created or holder is None else holder.value
+
+    async def record_primary(self, token: int) -> bool:
+        """Record this connmgr as the primary's (after a takeover), while it holds the key
+        created at ``token``. Never raises; False if it could not."""
+        with trio.move_on_after(self.etcd.attempt_timeout * len(self.etcd.endpoints)):
+            try:
+                return await self.etcd.put_if_held(self.primary_key, self.name, self.key, token)
+            except EtcdError as e:
+                log.warning("could not record this connmgr as the primary's: %s", e)
+        return False
 
     @property
     def token(self) -> int | None:

@@ -53,6 +53,7 @@ import trio
 
 from connmgr.config import HostSection
 from connmgr.host import privileged
+from connmgr.host.etcd import EtcdError
 from connmgr.host.leader import Leader
 from connmgr.pair.import_process import ImportProcess
 from replay.session_replica import SessionReplica
@@ -154,11 +155,14 @@ class HostRole:
         self.last_drop: float | None = None
         leader.on_elected = self._on_elected
         leader.on_step_down = self._on_step_down
-        if imports is not None:
-            # the secondary campaigns only as a successor: once it has seen another connmgr
-            # hold the key and is following a primary's mirror (a secondary started first
-            # must not take the VIP from a primary still starting)
-            leader.campaign = False
+        # the secondary campaigns only as a successor: once it has seen another connmgr
+        # hold the key and is following a primary's mirror (a secondary started first must
+        # not take the VIP from a primary still starting); the primary only once the
+        # primary record names it (a host that comes back after a takeover must not lead
+        # on the database it left behind)
+        leader.campaign = False
+        #: why this connmgr does not campaign, when the primary record names another
+        self.barred: str | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -182,6 +186,8 @@ class HostRole:
             await nursery.start(self.leader.run)
             if self.imports is not None:
                 nursery.start_soon(self._become_successor)
+            else:
+                nursery.start_soon(self._claim_primary)
             task_status.started()
             while True:
                 await self._elected.wait()
@@ -201,6 +207,33 @@ class HostRole:
             await trio.sleep(0.1)
         leader.campaign = True
         self.note(f"following {leader.holder.value}: this connmgr takes over if its lease expires")
+
+    async def _claim_primary(self, recheck: float = 5.0) -> None:
+        """The primary's connmgr campaigns once the primary record names it (claimed if
+        none is recorded yet). Another name there means a takeover happened while this
+        host was away: it stays off the key until it is re-seeded as the secondary."""
+        leader = self.leader
+        while True:
+            try:
+                recorded = await leader.claim_primary()
+            except EtcdError as e:
+                log.warning("host takeover: cannot read the primary record yet (%s); not campaigning until etcd"
+                            " answers", e)  # fmt: skip
+                await trio.sleep(1.0)
+                continue
+            if recorded == leader.name:
+                self.barred = None
+                leader.campaign = True
+                self.note(f"the primary record names this connmgr ({leader.name}): campaigning for the leader key")
+                return
+            if self.barred is None:
+                self.barred = (f"{recorded} took over as the primary while this host was away (etcd {leader.primary_key}"
+                               f" = {recorded!r}): this host's database was left behind, so this connmgr does not"
+                               " lead; re-seed its database as the new secondary (connmgr reseed, on the new primary's"
+                               " connmgr) and start this connmgr as the secondary")  # fmt: skip
+                log.error("host takeover: %s", self.barred)
+                self.note(f"not campaigning: {recorded} is the primary now")
+            await trio.sleep(recheck)
 
     def _on_elected(self, token: int) -> None:
         self.note(f"leader key won (fencing token {token})")
@@ -275,6 +308,11 @@ class HostRole:
         try:
             await self._fence("promoting the database")
             if self.imports is not None:
+                # from now on this host's database is the primary's: a host A that comes back
+                # must find that recorded before it could lead on its own
+                if not await self.leader.record_primary(token):
+                    raise FencingLost("the primary record could not be written under the leader key")
+                self.note(f"primary record: {self.leader.name}")
                 await self.promote()
                 self.note("this host's database stands alone")
             self._fire(TakeoverEvent.PROMOTED)

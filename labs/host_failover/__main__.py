@@ -33,8 +33,8 @@ def main() -> int:
     ap.add_argument("--after", type=float, default=3.0, help="seconds of workload after the kill")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--mode", default="two-phase", choices=("one-phase", "two-phase"))
-    ap.add_argument("--move-transactions", action="store_true",
-                    help="[host] move_transactions = true (open transactions replayed on host B)")
+    ap.add_argument("--no-move-transactions", dest="move_transactions", action="store_false",
+                    help="[host] move_transactions = false (sessions caught in a transaction end with 08006)")
     args = ap.parse_args()
     from connmgr.embedded.clusters import temp_base_dir
     from connmgr.embedded.etcd_cluster import etcd_binary
@@ -68,6 +68,7 @@ def main() -> int:
     print(f"  acknowledged           {r.transfers} transfers, {r.inserts} inserts")
     print(f"  lost / duplicated      {len(r.lost)} / {len(r.duplicated)}")
     print(f"  money                  {r.money} of {r.money_expected}")
+    print(f"  balances vs ledger     {'every account explained' if not r.accounts_off else r.accounts_off}")
     print(f"  idle sessions kept     {r.idle_kept} of {r.idle}")
     print(f"  resets seen            {r.resets}")
     print(f"  client errors          {dict(r.errors) or 'none'}")

@@ -37,8 +37,8 @@ def main() -> int:
     ap.add_argument("--mode", default="two-phase", choices=("one-phase", "two-phase"))
     ap.add_argument("--logs", type=Path, help="log every statement host B's database runs, and write host B's connmgr and"
                     " database logs of every failed trial here")
-    ap.add_argument("--move-transactions", action="store_true",
-                    help="[host] move_transactions = true (open transactions replayed on host B)")
+    ap.add_argument("--no-move-transactions", dest="move_transactions", action="store_false",
+                    help="[host] move_transactions = false (sessions caught in a transaction end with 08006)")
     args = ap.parse_args()
     lacking = netlab.missing() + ([] if etcd_binary() else ["etcd (apt-get install etcd-server)"])
     if lacking:

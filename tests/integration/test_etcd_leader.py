@@ -101,3 +101,49 @@ async def test_a_leader_cut_off_from_etcd_steps_down_before_the_other_wins(etcd,
     assert t_down - cut_at <= 2.0 - 0.5 + 0.1, "a steps down TTL - margin after its last renewal at most"
     assert t_b > t_down, events
     assert overlaps == []
+
+
+async def test_a_host_that_comes_back_after_a_takeover_does_not_campaign(etcd, request):
+    """The primary record: host A claims it at its first start; host B, elected, records
+    itself before promoting; host A's connmgr restarted as the primary then finds host B
+    named there and stays off the leader key (its database was left behind)."""
+    from connmgr.config import HostSection
+    from connmgr.host.takeover import HostRole
+
+    key = f"/test/{request.node.name}"
+    clients = [Etcd(etcd.endpoints) for _ in range(3)]
+
+    def role(leader: Leader) -> HostRole:
+        async def nothing() -> None:
+            pass
+
+        return HostRole(HostSection(vip="198.18.0.100/24", etcd=tuple(etcd.endpoints)), leader, imports=None,
+                        promote=nothing, serve=lambda s: None, resume=lambda r: None,
+                        connections=lambda: [])  # fmt: skip
+
+    a = Leader(clients[0], key, "hosta", ttl=2, margin=0.5, renew_interval=0.5)
+    b = Leader(clients[1], key, "hostb", ttl=2, margin=0.5, renew_interval=0.5)
+    a_again = Leader(clients[2], key, "hosta", ttl=2, margin=0.5, renew_interval=0.5)
+    try:
+        first = role(a)
+        assert a.campaign is False  # not before the record says so
+        with trio.fail_after(5):
+            await first._claim_primary()
+        assert a.campaign is True and first.barred is None
+        assert (await clients[0].get(a.primary_key)).value == "hosta"
+        # host B wins the key (host A is gone) and records itself; a stale token cannot
+        lid, _ = await clients[1].grant(5)
+        created, token, _ = await clients[1].create(key, "hostb", lid)
+        assert created
+        assert not await b.record_primary(token + 1000)
+        assert await b.record_primary(token)
+        assert (await clients[1].get(b.primary_key)).value == "hostb"
+        back = role(a_again)
+        with trio.move_on_after(1.5):
+            await back._claim_primary(recheck=0.5)
+        assert a_again.campaign is False
+        assert back.barred is not None and "hostb took over" in back.barred and "re-seed" in back.barred
+        await clients[1].revoke(lid)
+    finally:
+        for c in clients:
+            await c.aclose()

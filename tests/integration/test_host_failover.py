@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(etcd_binary() is None, reason="etcd is not insta
 
 @pytest.fixture
 def lab(pg_bindir, pg_base_dir, request):
-    """The lab; ``[host] move_transactions`` as the test's indirect parameter says (off)."""
-    move = getattr(request, "param", False)
+    """The lab; ``[host] move_transactions`` as the test's indirect parameter says (on)."""
+    move = getattr(request, "param", True)
     with HostLab(pg_base_dir / f"host-{request.node.name[:30]}", bindir=pg_bindir, move_transactions=move) as lab:
         yield lab
 
@@ -53,9 +53,8 @@ def port_of(conn: psycopg.Connection) -> int:
         return s.getsockname()[1]
 
 
-# with move_transactions on (off by default: see README), a long test, run with --soak
-@pytest.mark.parametrize("lab", [False, pytest.param(True, marks=pytest.mark.soak, id="move_transactions")],
-                         indirect=True)  # fmt: skip
+@pytest.mark.parametrize("lab", [pytest.param(True, id="move_transactions"),
+                                 pytest.param(False, id="sessions_in_a_transaction_end")], indirect=True)  # fmt: skip
 def test_sessions_survive_the_death_of_their_host(lab):
     """Sessions idle between transactions keep their connection, their settings and their
     prepared statements; a query sent after the death is answered by host B; no client
