@@ -251,8 +251,12 @@ class HostSection:
     #: this connmgr's name in the leader key ("" = the host name)
     name: str = ""
     #: the lease behind the key, in seconds; a holder steps down lease_margin before it
-    #: can expire, and renews every renew_interval
-    lease_ttl: float = 2.0
+    #: can expire, and renews every renew_interval. lease_ttl - lease_margin must outlast
+    #: etcd electing a new raft leader (up to twice its --election-timeout) plus one
+    #: renew_interval, or the death of etcd's leader (the witness, say) makes the primary
+    #: step down and host B take over for nothing: 4 s suits etcd's default 1 s election
+    #: timeout; with --election-timeout 400 (a LAN; the lab's) 2 s does
+    lease_ttl: float = 4.0
     lease_margin: float = 0.5
     renew_interval: float = 0.5
     #: how long one etcd request may take before the next member is asked

@@ -4,8 +4,11 @@
 in a temporary directory removed at :meth:`EtcdCluster.stop`. A member may run inside a
 network namespace (``ip netns exec``; the lab puts one in ``hosta``, ``hostb`` and
 ``witness``) or on loopback (one member, for the tests of the client). Settings:
-heartbeat 100 ms, election timeout 1 s, ``--pre-vote`` (a member that cannot see the
-leader does not disrupt the others; off by default in 3.4).
+heartbeat 50 ms, election timeout 400 ms (a LAN's; the lab's 2 s leases must outlast a new
+raft leader's election, up to twice the timeout: with etcd's default 1 s the death of the
+witness, the raft leader, made host A step down -- found by the partition table),
+``--pre-vote`` (a member that cannot see the leader does not disrupt the others; off by
+default in 3.4).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class EtcdCluster:
     manager or call :meth:`start` and :meth:`stop`."""
 
     def __init__(self, members: list[EtcdMember], *, token: str = "connmgr-lab",
-                 election_timeout_ms: int = 1000, heartbeat_ms: int = 100) -> None:  # fmt: skip
+                 election_timeout_ms: int = 400, heartbeat_ms: int = 50) -> None:  # fmt: skip
         self.members = members
         self.token = token
         self.election_timeout_ms = election_timeout_ms

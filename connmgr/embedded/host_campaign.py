@@ -272,3 +272,54 @@ def _times(log: str, kill_wall: float) -> tuple[float | None, float | None]:
         if serving is None and "serving as the primary" in line:
             serving = t
     return won, serving
+
+
+#: host B's takeover steps as the picture marks them: (a phrase of its timeline note, mark)
+_STEPS = (("leader key won", "K"), ("stands alone", "P"), ("rebuilt in repair mode", "R"), ("VIP", "V"),
+          ("gratuitous ARP", "A"), ("serving as the primary", "S"))  # fmt: skip
+
+
+def timeline_picture(events: list[tuple[float, str]], stalls: list[float], width: int = 60) -> str:
+    """The takeover drawn on a time axis from the kill: host A, the lease running out in
+    etcd, host B's steps (``events``: seconds from the kill, host B's timeline note) and
+    the clients waiting (``stalls``: per connection, the kill to its first answer)."""
+    marks = [(t, mark) for t, text in events for phrase, mark in _STEPS if phrase in text and t >= 0]
+    end = max([*(t for t, _m in marks), *stalls, 1.0]) * 1.08
+    col = lambda t: min(width - 1, int(t / end * (width - 1)))  # noqa: E731
+    axis = [" "] * width
+    ruler = ["-"] * width
+    step = 0.5 if end <= 4 else 1.0
+    for i in range(int(end / step) + 1):
+        label = f"{i * step:g}s"
+        c = col(i * step)
+        ruler[c] = "|"
+        if c + len(label) <= width:
+            axis[c:c + len(label)] = label
+    host_a = ["X"] + ["."] * (width - 1)
+    won = next((t for t, m in marks if m == "K"), None)
+    etcd = [" "] * width
+    for c in range(col(won) if won is not None else width):
+        etcd[c] = "="
+    host_b = [" "] * width
+    for t, mark in sorted(marks):
+        c = col(t)
+        while c < width - 1 and host_b[c] != " ":
+            c += 1
+        host_b[c] = mark
+    clients = [" "] * width
+    if stalls:
+        first, last = min(stalls), max(stalls)
+        for c in range(col(last) + 1):
+            clients[c] = "~" if c < col(first) else "+"
+        for c in range(col(last) + 1, width):
+            clients[c] = ">"
+    lanes = [("", axis), ("", ruler), ("host A", host_a), ("etcd lease", etcd), ("host B", host_b),
+             ("clients", clients)]  # fmt: skip
+    out = [f"  {name:<11}{''.join(chars).rstrip()}" for name, chars in lanes]
+    out.append("  host A: X killed (port down, every process SIGKILLed), . dead;"
+               " etcd: = host A's lease running out")
+    out.append("  host B: K leader key won, P database stands alone, R connections rebuilt, V VIP added,"
+               " A ARP sent and sockets live, S serving")
+    out.append("  clients: ~ every connection waiting (retransmitting into the void), + the first answered,"
+               " > all going on")
+    return "\n".join(out)

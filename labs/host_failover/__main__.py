@@ -38,7 +38,7 @@ def main() -> int:
     args = ap.parse_args()
     from connmgr.embedded.clusters import temp_base_dir
     from connmgr.embedded.etcd_cluster import etcd_binary
-    from connmgr.embedded.host_campaign import run_trial
+    from connmgr.embedded.host_campaign import run_trial, timeline_picture
 
     lacking = netlab.missing() + ([] if etcd_binary() else ["etcd (apt-get install etcd-server)"])
     if lacking:
@@ -57,13 +57,17 @@ def main() -> int:
         shutil.rmtree(base, ignore_errors=True)
     print("\n== timeline (seconds from the kill) ==")
     print(f"  {0.0:+8.3f}  host A killed: router port down + SIGKILL of everything in its namespace")
+    events: list[tuple[float, str]] = []
     for line in r.b_log.splitlines():
         m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) connmgr\.\w+ \w+ (host takeover: .*)", line)
         if m:
             t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 - r.killed_wall
             if t > -1:
-                print(f"  {t:+8.3f}  host B: {m.group(3)[len('host takeover: '):]}")
+                events.append((t, m.group(3)[len("host takeover: "):]))
+                print(f"  {t:+8.3f}  host B: {events[-1][1]}")
     stalls = r.stalls
+    print("\n== the picture ==")
+    print(timeline_picture(events, stalls))
     print("\n== proof (read on host B's database) ==")
     print(f"  acknowledged           {r.transfers} transfers, {r.inserts} inserts")
     print(f"  lost / duplicated      {len(r.lost)} / {len(r.duplicated)}")

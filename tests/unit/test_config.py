@@ -30,7 +30,7 @@ def test_a_buffered_message_limit_too_small_to_stream_is_refused_by_name():
     ({"vip": "198.18.0.100/24", "etcd": ["http://e:2379"], "key": "leader"}, r"\[host\] key: must start with /"),
     ({"vip": "198.18.0.100/24", "etcd": ["http://e:2379"], "lease_ttl": 1.0, "lease_margin": 1.0},
      r"\[host\] lease_margin: must be below lease_ttl"),
-    ({"vip": "198.18.0.100/24", "etcd": ["http://e:2379"], "renew_interval": 1.5},
+    ({"vip": "198.18.0.100/24", "etcd": ["http://e:2379"], "lease_ttl": 2.0, "renew_interval": 1.5},
      r"\[host\] renew_interval: must be above 0 and below lease_ttl - lease_margin \(1.5 s\)"),
 ])  # fmt: skip
 def test_host_takeover_settings_that_cannot_work_are_refused_by_name(host, message):
@@ -41,4 +41,4 @@ def test_host_takeover_settings_that_cannot_work_are_refused_by_name(host, messa
 def test_host_takeover_is_off_by_default_and_takes_a_list_of_members():
     assert config_mod.load(None).host.vip == ""
     h = config_mod.load(None, host={"vip": "198.18.0.100/24", "etcd": ["http://a:2379", "http://w:2379"]}).host
-    assert h.etcd == ("http://a:2379", "http://w:2379") and h.lease_ttl == 2.0
+    assert h.etcd == ("http://a:2379", "http://w:2379") and h.lease_ttl == 4.0
