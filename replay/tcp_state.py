@@ -73,6 +73,9 @@ _TS = Struct("!II")
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 #: what a kept chunk costs beyond its bytes (its entries), counted against the bound
 _CHUNK_COST = 64
+#: how much of the start of each stream a connection keeps (see TrackedConnection.head)
+HEAD = 2048
+HEAD_LIMIT = 2 * HEAD + 64 * _CHUNK_COST
 _MOD = 1 << 32
 _HALF = 1 << 31
 
@@ -337,6 +340,16 @@ class TrackedConnection:
     server_mac: bytes = b""
     #: the server stream offset the mirror carries up to (see TcpTracker.trim)
     server_mirrored: int = 0
+    #: the first HEAD bytes of each stream, never trimmed: the start-up and the
+    #: authentication exchange, which the mirror does not carry (host B recovers a SCRAM
+    #: client's ClientKey from them, to log the session in again)
+    client_head: _Bytes = field(default_factory=lambda: _Bytes(HEAD_LIMIT), repr=False)
+    server_head: _Bytes = field(default_factory=lambda: _Bytes(HEAD_LIMIT), repr=False)
+
+    def head(self, direction: str) -> bytes:
+        """The contiguous start of the client's (``"c"``) or the server's stream kept."""
+        h = self.client_head if direction == "c" else self.server_head
+        return h.read(0, h.contiguous_end(0)) or b""
 
     def on(self, event: TcpEvent) -> None:
         self.state = _TRANSITIONS.get((self.state, event), self.state)
@@ -510,7 +523,7 @@ class TcpTracker:
                 if c.last_ack is None or conn.s.offset(seg.ack) >= conn.s.offset(c.last_ack):
                     c.last_ack = seg.ack
                 conn.server_bytes.trim(min(conn.s.offset(seg.ack), conn.server_mirrored))
-        self._sent(conn, c, seg, now, conn.client_bytes)
+        self._sent(conn, c, seg, now, conn.client_bytes, conn.client_head)
         return conn
 
     def _from_server(self, seg: Segment, now: float) -> TrackedConnection | None:
@@ -536,14 +549,17 @@ class TcpTracker:
         if seg.flags & ACK:
             if s.last_ack is None or conn.c.offset(seg.ack) >= conn.c.offset(s.last_ack):
                 s.last_ack = seg.ack
-        self._sent(conn, s, seg, now, conn.server_bytes)
+        self._sent(conn, s, seg, now, conn.server_bytes, conn.server_head)
         return conn
 
-    def _sent(self, conn: TrackedConnection, side: _Side, seg: Segment, now: float, data: _Bytes) -> None:
+    def _sent(self, conn: TrackedConnection, side: _Side, seg: Segment, now: float, data: _Bytes,
+              head: _Bytes) -> None:  # fmt: skip
         """A data or ACK segment from ``side``."""
         off = side.offset(seg.seq)
         if seg.payload:
             data.add(off, seg.payload)
+            if off < HEAD:
+                head.add(off, seg.payload[:HEAD - off])
         end = off + len(seg.payload)
         if end > side.high:
             side.high = end

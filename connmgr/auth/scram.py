@@ -74,6 +74,7 @@ __all__ = [
     "ScramServer",
     "ScramVerifier",
     "derived_salt",
+    "recover_client_key",
     "saslprep",
 ]
 
@@ -604,6 +605,29 @@ class ScramServer:
         self.client_key = client_key
         self._state = _ServerState.DONE
         return _encode("v=" + _b64(_hmac(v.server_key, auth_message)))
+
+
+def recover_client_key(user: str, verifier: ScramVerifier, mechanism: str, client_first: bytes,
+                       server_first: bytes, client_final: bytes) -> bytes | None:  # fmt: skip
+    """The ClientKey a client proved in an exchange another server ran (a host takeover:
+    host A's connmgr answered, host B saw the messages): the exchange is run again here
+    with that server's nonce and must give the same server-first message, with
+    ``verifier`` (the same as the other server's), and the proof must check. None
+    otherwise (another verifier, a failed or forged exchange)."""
+    try:
+        text = server_first.decode("ascii")
+        first = client_first.decode("utf-8")
+        client_nonce = first[first.index(",r=") + 3:].split(",", 1)[0] if ",r=" in first else ""
+        nonce = text[2:].split(",", 1)[0] if text.startswith("r=") else ""
+        if not client_nonce or not nonce.startswith(client_nonce) or len(nonce) == len(client_nonce):
+            return None
+        server = ScramServer(user, verifier, nonce=nonce[len(client_nonce):])
+        if server.client_first(mechanism, client_first) != server_first:
+            return None
+        server.client_final(client_final)
+    except (AuthError, ValueError, UnicodeDecodeError):
+        return None
+    return server.client_key
 
 
 # --------------------------------------------------------------------------- client

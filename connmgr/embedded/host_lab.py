@@ -122,8 +122,16 @@ class HostLab:
                 c.execute("ALTER SYSTEM SET log_line_prefix = '%m [%p] %a '")
                 c.execute("SELECT pg_reload_conf()")
         self.note("databases up, replicating")
+        # SCRAM pass-through, as a deployment without plaintext passwords has it: connmgr
+        # holds the user's verifier (the same on both databases: roles are not replicated)
+        # and logs in with the key the client proved; host B recovers that key from the
+        # copied frames of the connection's start (connmgr/host/resume.py)
+        with self.pair.primary.connect(DB) as c:
+            (verifier,) = c.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'").fetchone()
+        with self.pair.secondary.connect(DB, autocommit=True) as c:
+            c.execute(f"ALTER ROLE postgres PASSWORD '{verifier}'")
         users = self.base / "users.txt"
-        users.write_text(f'"postgres" "{PASSWORD}"\n')
+        users.write_text(f'"postgres" "{verifier}"\n')
         self._start_connmgr("hostb", users)
         self._wait_port("hostb", netlab.ADDRESSES["hostb"], MIRROR_PORT, "host B's mirror listener")
         self._start_connmgr("hosta", users)

@@ -29,6 +29,8 @@ from types import SimpleNamespace
 
 import trio
 
+from connmgr.auth.scram import ScramVerifier, recover_client_key
+from connmgr.auth.users import UserSecret
 from connmgr.errors import BackendUnavailable, ClientError
 from connmgr.failover.replay_order import ReplayOrder
 from connmgr.failover.session_move import NotMovable, _move, _restore
@@ -41,6 +43,7 @@ from connmgr.proxy.client_auth import _credentials
 from connmgr.proxy.relay import Carry
 from replay.import_queue import sql_text
 from replay.injection import InjectMode
+from replay.startup_exchange import sasl_exchange
 from shadow.session import Phase, TxStatus
 from shadow.sqltext import may_write, statement_count
 
@@ -110,9 +113,10 @@ class SessionResumer:
         pairs = tuple((k, v) for k, v in replica.params.items() if k not in CONNMGR_PARAMS)
         peer = f"{replica.peer[0]}:{replica.peer[1]}"
         secret = await self.ctx.secrets.lookup(replica.user) if self.ctx.secrets is not None else None
+        keys = _scram_keys(secret, replica.user, r.heads) if not self.ctx.config.primary.password else None
         conn = ClientConnection.resumed(
             self.ctx, stream, peer, user=replica.user, database=replica.database, startup_pairs=pairs,
-            session=replica.session, key=replica.key, creds=_credentials(self.ctx.config, secret, None),
+            session=replica.session, key=replica.key, creds=_credentials(self.ctx.config, secret, keys),
         )  # fmt: skip
         self.ctx.registry.add(conn)
         backend = None
@@ -123,6 +127,10 @@ class SessionResumer:
         committer = order.is_committer(sid)
         try:
             self._check(r)
+            if secret is not None and secret.kind == "scram" and keys is None and not self.ctx.config.primary.password:
+                raise NotResumable("the session logged in with SCRAM and this host could not recover its key from"
+                                   " the copied frames of its start (encrypted, not seen, or another verifier"
+                                   " than host A's), so it cannot log it in again", "credentials")  # fmt: skip
             with trio.fail_after(self.ctx.config.failover.max_wait):
                 await self._check_unseen(r)
             if _in_transaction(replica) and not self.ctx.config.host.move_transactions:
@@ -289,6 +297,22 @@ class SessionResumer:
             conn.state = ClientState.CLOSING
             conn._close_streams()
             self.ctx.registry.forget(conn)
+
+
+def _scram_keys(secret: UserSecret | None, user: str, heads: tuple[bytes, bytes]) -> tuple[bytes, bytes] | None:
+    """SCRAM pass-through on this host: the (ClientKey, ServerKey) the client proved to
+    host A's connmgr, recovered from the copied frames of its start and this host's
+    verifier of the user (no secret travels on the mirror). None if not SCRAM or not
+    recoverable."""
+    if secret is None or secret.kind != "scram":
+        return None
+    exchange = sasl_exchange(*heads)
+    if exchange is None:
+        return None
+    verifier = ScramVerifier.parse(secret.value)
+    key = recover_client_key(user, verifier, exchange.mechanism, exchange.client_first, exchange.server_first,
+                             exchange.client_final)  # fmt: skip
+    return (key, verifier.server_key) if key is not None else None
 
 
 def _whole_messages(data: bytes) -> list[tuple[int, bytes]]:

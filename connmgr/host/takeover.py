@@ -115,6 +115,9 @@ class Rebuilt:
     #: the requests in ``initial`` the mirror never carried: host A may have run them
     #: (a write there may have committed; connmgr/host/resume.py checks the marker)
     forwarded: bytes = b""
+    #: the first bytes of the client's and the server's stream as the frames showed them
+    #: (the start-up and the authentication: a SCRAM client's key is recovered from them)
+    heads: tuple[bytes, bytes] = (b"", b"")
 
 
 class HostRole:
@@ -409,7 +412,8 @@ class HostRole:
                  f", forwarded {_kinds(forwarded)}" if forwarded else
                  f", recovered {_kinds(client_extra)}" if client_extra else "")  # fmt: skip
         sock = privileged.rebuild(rs)
-        return Rebuilt(replica, rs, sock, imports.pending_client_bytes(sid) + forwarded, forwarded)
+        return Rebuilt(replica, rs, sock, imports.pending_client_bytes(sid) + forwarded, forwarded,
+                       (conn.head("c"), conn.head("b")))  # fmt: skip
 
     def _listen(self) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
