@@ -254,9 +254,10 @@ class HostSection:
     #: can expire, and renews every renew_interval. lease_ttl - lease_margin must outlast
     #: etcd electing a new raft leader (up to twice its --election-timeout) plus one
     #: renew_interval, or the death of etcd's leader (the witness, say) makes the primary
-    #: step down and host B take over for nothing: 4 s suits etcd's default 1 s election
-    #: timeout; with --election-timeout 400 (a LAN; the lab's) 2 s does
-    lease_ttl: float = 4.0
+    #: step down and host B take over for nothing (losslessly, a pause of about lease_ttl):
+    #: the default 2 s wants etcd electing within 0.5 s (--election-timeout 250..400 on a
+    #: LAN, as the lab runs it); with etcd's default 1 s election timeout use 4 s
+    lease_ttl: float = 2.0
     lease_margin: float = 0.5
     renew_interval: float = 0.5
     #: how long one etcd request may take before the next member is asked

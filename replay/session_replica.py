@@ -70,6 +70,9 @@ class SessionReplica:
         self.local = parse_address(params.get("local"))
         self.origin = int(params.get("origin") or 0)
         self.markers = params.get("markers") == "1"
+        #: a TLS session: the mirror carries its plaintext, whose offsets are not the TCP
+        #: stream's (host B cannot continue it, only close it: connmgr/host/takeover.py)
+        self.tls = params.get("tls") == "1"
         self.user = params.get("user", "")
         self.database = params.get("database") or self.user
         vpid, secret = params.get("virtual_pid", ""), params.get("cancel_secret", "")

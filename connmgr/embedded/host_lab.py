@@ -132,6 +132,11 @@ class HostLab:
             c.execute(f"ALTER ROLE postgres PASSWORD '{verifier}'")
         users = self.base / "users.txt"
         users.write_text(f'"postgres" "{verifier}"\n')
+        # TLS toward clients is allowed (the lab's clients ask for it only where a test
+        # wants it: such sessions are closed at a takeover, not continued)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=connmgr-lab",
+                        "-days", "2", "-keyout", str(self.base / "tls.key"), "-out", str(self.base / "tls.crt")],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
         self._start_connmgr("hostb", users)
         self._wait_port("hostb", netlab.ADDRESSES["hostb"], MIRROR_PORT, "host B's mirror listener")
         self._start_connmgr("hosta", users)
@@ -159,6 +164,7 @@ class HostLab:
         common = {
             "server": {"listen": ["127.0.0.1:6432"], "admin_users": ["postgres"], "shutdown_timeout": 2.0},
             "auth": {"users_file": str(users)},
+            "tls": {"mode": "allow", "cert_file": str(self.base / "tls.crt"), "key_file": str(self.base / "tls.key")},
             "host": {"vip": f"{netlab.VIP}/{netlab.PREFIXLEN}", "interface": "eth0", "port": PORT,
                      "etcd": list(self.etcd.endpoints), "name": host, "lease_ttl": self.lease_ttl,
                      "lease_margin": self.lease_ttl / 4, "renew_interval": self.lease_ttl / 4,
@@ -223,6 +229,7 @@ class HostLab:
     def connect(self, **kw) -> psycopg.Connection:
         """A psycopg connection from the client namespace to the VIP."""
         kw.setdefault("connect_timeout", 10)
+        kw.setdefault("sslmode", "disable")
         with netlab.in_netns(self.net.ns["client"]):
             return psycopg.connect(host=netlab.VIP, port=PORT, dbname=DB, user="postgres", password=PASSWORD, **kw)
 

@@ -55,7 +55,7 @@ _F, _Q, _P, _B, _E = (ord(c) for c in "FQPBE")
 
 #: SessionOpened parameters that are connmgr's, not the client's start-up parameters
 CONNMGR_PARAMS = frozenset({"virtual_pid", "cancel_secret", "peer", "local", "origin", "markers", "client_offset",
-                            "server_offset"})
+                            "server_offset", "tls"})
 
 
 class NotResumable(ClientError):

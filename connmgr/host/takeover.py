@@ -118,6 +118,9 @@ class Rebuilt:
     #: the first bytes of the client's and the server's stream as the frames showed them
     #: (the start-up and the authentication: a SCRAM client's key is recovered from them)
     heads: tuple[bytes, bytes] = (b"", b"")
+    #: a TLS session: its keys were in host A's connmgr, so it is only closed cleanly
+    #: (the bytes host A sent completed, then a FIN: the client reads an end, not a reset)
+    close_only: bool = False
 
 
 class HostRole:
@@ -155,6 +158,8 @@ class HostRole:
         self._capture: socket.socket | None = None
         #: copied frames the capture's buffer dropped, and when the last was
         self.frames_dropped = 0
+        #: TLS connections closed at a takeover (not continued: see Rebuilt.close_only)
+        self.tls_closed = 0
         self.last_drop: float | None = None
         leader.on_elected = self._on_elected
         leader.on_step_down = self._on_step_down
@@ -298,6 +303,29 @@ class HostRole:
                 return
             tracker.on_frame(frame, time.monotonic())
 
+    @staticmethod
+    async def _close_cleanly(socks: list[socket.socket], linger: float = 5.0) -> None:
+        """End connections this host cannot continue with a FIN, reading what the clients
+        still send (closing with unread bytes would reset them), for ``linger`` at most."""
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.setblocking(False)
+                s.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(linger):
+            pending = list(socks)
+            while pending:
+                for s in list(pending):
+                    try:
+                        if not s.recv(65536):
+                            pending.remove(s)
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        pending.remove(s)
+                await trio.sleep(0.05)
+        for s in socks:
+            s.close()
+
     async def _fence(self, before: str) -> None:
         if not await self.leader.check():
             raise FencingLost(f"the leader key is not ours any more (before {before})")
@@ -331,6 +359,12 @@ class HostRole:
             for r in rebuilt:
                 privileged.leave_repair(r.sock)
             self.note(f"gratuitous ARP sent, {len(rebuilt)} connection(s) live again")
+            closing = [r for r in rebuilt if r.close_only]
+            if closing:
+                rebuilt = [r for r in rebuilt if not r.close_only]
+                self.tls_closed += len(closing)
+                self.note(f"{len(closing)} TLS connection(s) closed: their keys were in host A's connmgr")
+                nursery.start_soon(self._close_cleanly, [r.sock for r in closing])
             nursery.start_soon(self._announce_again)
             self.serve(self.listener)
             self._fire(TakeoverEvent.ANNOUNCED)
@@ -373,6 +407,12 @@ class HostRole:
 
     def _rebuild(self, replica: SessionReplica) -> Rebuilt:
         imports = self.imports
+        if replica.tls:  # rebuilt only to be closed cleanly, from the frames alone
+            conn = self.tracker.connection(replica.peer) if replica.peer is not None else None
+            if conn is None:
+                raise NotRecoverable("a TLS session none of whose frames was seen")
+            rs = conn.repair_state(conn.acked_by_server, time.monotonic())
+            return Rebuilt(replica, rs, privileged.rebuild(rs), close_only=True)
         if replica.peer is None or replica.local is None or replica.client_raw_end is None \
                 or replica.server_raw_end is None:  # fmt: skip
             raise NotRecoverable("the mirror did not say its addresses and where its streams start")

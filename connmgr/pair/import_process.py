@@ -199,7 +199,7 @@ class ImportProcess:
                 replica.client_version = max(replica.client_version, r.version)
             else:
                 replica.server_raw(r.offset, r.payload)
-            if self.on_mirrored is not None and replica.peer is not None:
+            if self.on_mirrored is not None and replica.peer is not None and not replica.tls:
                 self.on_mirrored(replica.peer, r.direction, r.offset + len(r.payload))
         framer = self._framer(r)
         if framer is None:

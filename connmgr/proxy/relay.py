@@ -630,6 +630,7 @@ class Relay:
                 **c.startup_params, "virtual_pid": str(c.key[0]) if c.key else "",
                 "cancel_secret": str(c.key[1]) if c.key else "", "peer": c.peer, "local": _local_address(client),
                 "origin": str(self.ctx.origin), "markers": "1" if self.markers else "0",
+                "tls": "1" if c.tls else "0",
                 # where the relayed bytes start in each direction (after the start-up)
                 "client_offset": str(self.upstream.offset), "server_offset": str(self.downstream.offset),
             })  # fmt: skip
@@ -822,6 +823,8 @@ _GONE_CODES = (b"\0C57P01\0", b"\0C57P02\0", b"\0C57P03\0")
 def _local_address(stream) -> str:
     """host:port the client connected to (the VIP with host takeover), "" if unknown."""
     try:
+        if isinstance(stream, trio.SSLStream):  # TLS: the address of the TCP stream under it
+            stream = stream.transport_stream
         sock = stream.raw_socket if type(stream) is FastSocketStream else stream.socket
         host, port = sock.getsockname()[:2]
     except (AttributeError, OSError):

@@ -75,6 +75,9 @@ def test_sessions_survive_the_death_of_their_host(lab):
     assert open_tx.execute("SELECT balance FROM accounts WHERE id = 10").fetchone() == (999,)
     open_ins = lab.connect()
     open_ins.execute("INSERT INTO ledger (note) VALUES ('in-open-tx')")
+    tls = lab.connect(autocommit=True, sslmode="require")  # its keys die with host A
+    assert tls.pgconn.ssl_in_use and tls.execute("SELECT 1").fetchone() == (1,)
+    tls_port = port_of(tls)
     time.sleep(0.3)
     killed = lab.kill_host_a()
     answered = {}
@@ -91,6 +94,8 @@ def test_sessions_survive_the_death_of_their_host(lab):
     b_log = "\n".join(line for line in lab.log("hostb").splitlines() if "DEBUG" not in line)[-4000:]
     assert answered.get("r") == (42,), f"the query sent after the death was not answered: {answered}\n{b_log}"
     stall = answered["t"] - killed
+    with pytest.raises(psycopg.OperationalError):  # closed by host B: an end, not a reset
+        tls.execute("SELECT 1")
     for i, c in enumerate(idle):
         assert c.execute("SHOW application_name").fetchone() == (f"idle-{i}",)
         assert c.execute("SELECT balance FROM accounts WHERE id = %s", (i + 1,), prepare=True).fetchone() == (1000,)
@@ -113,10 +118,13 @@ def test_sessions_survive_the_death_of_their_host(lab):
     assert notes == sorted([f"before-{i}" for i in range(4)] + [f"after-{i}" for i in range(4)] + moved_notes)
     balances = lab.on_survivor("SELECT id, balance FROM accounts WHERE id IN (10, 11) ORDER BY id")
     assert balances == ([(10, 999), (11, 1001)] if move else [(10, 1000), (11, 1000)])
-    assert ends_seen(watch, {port_of(c) for c in idle}) == [], "a client saw its connection reset or closed"
+    ends = ends_seen(watch, {port_of(c) for c in idle} | {tls_port})
+    assert [s for s in ends if s.dst[1] != tls_port] == [], "a client saw its connection reset or closed"
+    assert [s for s in ends if s.dst[1] == tls_port and s.flags & RST] == [], "the TLS session was reset"
+    assert any(s.flags & FIN for s in ends if s.dst[1] == tls_port), "the TLS session was not closed with a FIN"
     assert stall < 6, f"stall {stall:.2f} s from the kill"
     watch.close()
-    for c in (*idle, open_tx, open_ins):
+    for c in (*idle, open_tx, open_ins, tls):
         c.close()
 
 

@@ -41,4 +41,4 @@ def test_host_takeover_settings_that_cannot_work_are_refused_by_name(host, messa
 def test_host_takeover_is_off_by_default_and_takes_a_list_of_members():
     assert config_mod.load(None).host.vip == ""
     h = config_mod.load(None, host={"vip": "198.18.0.100/24", "etcd": ["http://a:2379", "http://w:2379"]}).host
-    assert h.etcd == ("http://a:2379", "http://w:2379") and h.lease_ttl == 4.0
+    assert h.etcd == ("http://a:2379", "http://w:2379") and h.lease_ttl == 2.0
