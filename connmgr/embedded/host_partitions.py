@@ -223,6 +223,7 @@ def run_scenario(base: Path, scenario: Scenario, *, bindir: Path | None = None, 
         b_log, a_log = lab.log("hostb"), lab.log("hosta")
         result.took_over = "serving as the primary" in b_log
         result.a_stepped_down = "stepping down" in a_log
+        lab.net.heal_all()  # the teardown drops the subscriptions: the databases must meet
         if result.overlaps:
             result.notes.append(f"{result.overlaps} ARP request(s) answered by two hosts")
     return result

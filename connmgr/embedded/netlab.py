@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import shutil
 import signal
@@ -39,6 +40,7 @@ from collections.abc import Iterator
 __all__ = ["ADDRESSES", "HOSTS", "NetLab", "VIP", "in_netns", "missing"]
 
 HOSTS = ("client", "hosta", "hostb", "witness")
+_LABS = itertools.count()
 ADDRESSES = {"client": "198.18.0.10", "hosta": "198.18.0.1", "hostb": "198.18.0.2", "witness": "198.18.0.3"}
 VIP = "198.18.0.100"
 PREFIXLEN = 24
@@ -95,7 +97,10 @@ class NetLab:
     :meth:`close`."""
 
     def __init__(self, prefix: str | None = None, *, mirror: bool = True, vip_on: str | None = "hosta") -> None:
-        self.prefix = prefix or f"cm{os.getpid()}"
+        # a new name for every lab of a process: the kernel destroys a deleted namespace's
+        # links in the background, and a lab built at once under the same names found no
+        # eth0 in its namespaces (the partition table, whose labs end quickly)
+        self.prefix = prefix or f"cm{os.getpid()}{next(_LABS)}"
         self.ns = {role: f"{self.prefix}-{role}" for role in ("router", *HOSTS)}
         self.mirror = mirror
         self.vip_on = vip_on
@@ -260,6 +265,16 @@ class NetLab:
 
     def heal(self, a: str, b: str) -> None:
         self.run("router", ["nft", "delete", "table", "bridge", f"cut_{a}_{b}"])
+
+    def heal_all(self) -> None:
+        """Undo every cut and bring every host's port up (a dead host's stays dead)."""
+        listed = self.run("router", ["nft", "list", "tables"], check=False).stdout
+        for line in listed.splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1] == "bridge" and parts[2].startswith("cut_"):
+                self.run("router", ["nft", "delete", "table", "bridge", parts[2]], check=False)
+        for host in HOSTS:
+            self.set_port(host, True)
 
     def neighbour(self, host: str, address: str) -> str | None:
         """The MAC ``host`` has for ``address`` in its neighbour table (None: no entry)."""
