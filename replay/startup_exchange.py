@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SaslExchange", "sasl_exchange"]
+__all__ = ["SaslExchange", "sasl_exchange", "whole_messages"]
 
 SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
 _R, _P = ord("R"), ord("p")
@@ -29,7 +29,9 @@ class SaslExchange:
     client_final: bytes
 
 
-def _typed(data: bytes, start: int) -> list[tuple[int, bytes]]:
+def whole_messages(data: bytes, start: int = 0) -> list[tuple[int, bytes]]:
+    """The whole typed messages of ``data`` from ``start`` on, as (type byte, body); a
+    partial one at the end, or a bad length, ends the list."""
     out, i, n = [], start, len(data)
     while n - i >= 5:
         length = int.from_bytes(data[i + 1:i + 5], "big")
@@ -57,8 +59,8 @@ def sasl_exchange(client: bytes, server: bytes) -> SaslExchange | None:
             return None
         i += length
         break
-    responses = [body for tag, body in _typed(client, i) if tag == _P]
-    continues = [body for tag, body in _typed(server, s) if tag == _R]
+    responses = [body for tag, body in whole_messages(client, i) if tag == _P]
+    continues = [body for tag, body in whole_messages(server, s) if tag == _R]
     if len(responses) < 2 or not continues or int.from_bytes(continues[0][:4], "big") != SASL:
         return None
     server = [b[4:] for b in continues if int.from_bytes(b[:4], "big") == SASL_CONTINUE]

@@ -43,7 +43,7 @@ from connmgr.proxy.client_auth import _credentials
 from connmgr.proxy.relay import Carry
 from replay.import_queue import sql_text
 from replay.injection import InjectMode
-from replay.startup_exchange import sasl_exchange
+from replay.startup_exchange import sasl_exchange, whole_messages
 from shadow.session import Phase, TxStatus
 from shadow.sqltext import may_write, statement_count
 
@@ -237,7 +237,7 @@ class SessionResumer:
         writes = False
         statements = dict(replica.session.prepared_statements)  # name -> SQL ("" = unnamed)
         portals: dict[str, str | None] = dict(replica.session.portals)
-        for tag, body in _whole_messages(r.forwarded):
+        for tag, body in whole_messages(r.forwarded):
             if tag == _F:
                 raise NotResumable("session not movable: a function call was in flight when its host failed; whether"
                                    " it committed cannot be known", "unmarked commit")  # fmt: skip
@@ -314,18 +314,6 @@ def _scram_keys(secret: UserSecret | None, user: str, heads: tuple[bytes, bytes]
                              exchange.client_final)  # fmt: skip
     return (key, verifier.server_key) if key is not None else None
 
-
-def _whole_messages(data: bytes) -> list[tuple[int, bytes]]:
-    """The whole typed messages at the start of ``data`` (a partial one at the end is left)."""
-    out = []
-    i, n = 0, len(data)
-    while n - i >= 5:
-        length = int.from_bytes(data[i + 1:i + 5], "big")
-        if length < 4 or i + 1 + length > n:
-            break
-        out.append((data[i], data[i + 5:i + 1 + length]))
-        i += 1 + length
-    return out
 
 
 class _NotStreaming:
@@ -419,4 +407,4 @@ def _in_transaction(replica) -> bool:
 
 def _summary(requests: bytes | bytearray) -> str:
     """The kinds of the messages in ``requests`` (SQL never logged: it may hold literals)."""
-    return "".join(chr(t) for t, _b in _whole_messages(bytes(requests)))
+    return "".join(chr(t) for t, _b in whole_messages(bytes(requests)))

@@ -9,9 +9,10 @@ import pytest
 
 pytest.importorskip("httpx", reason="the [net] extra (httpx) is not installed")
 
-from connmgr.host.resume import NotResumable, SessionResumer, _whole_messages  # noqa: E402
+from connmgr.host.resume import NotResumable, SessionResumer  # noqa: E402
 from connmgr.host.takeover import _TRANSITIONS, Rebuilt, TakeoverEvent, TakeoverPhase  # noqa: E402
 from replay.session_replica import SessionReplica  # noqa: E402
+from replay.startup_exchange import whole_messages  # noqa: E402
 from shadow import messages as m  # noqa: E402
 
 PARAMS = {"user": "u", "database": "app", "peer": "198.18.0.10:1", "local": "198.18.0.100:5432",
@@ -84,7 +85,7 @@ async def test_what_cannot_be_judged_does_not_go_on(autojump_clock, forwarded, m
 
 async def test_whole_messages_stop_at_a_partial_one(autojump_clock):
     data = m.query("SELECT 1") + m.sync() + m.query("SELECT 2")[:-3]
-    assert [t for t, _b in _whole_messages(data)] == [ord("Q"), ord("S")]
+    assert [t for t, _b in whole_messages(data)] == [ord("Q"), ord("S")]
 
 
 async def test_the_takeover_phases_go_one_way_and_fail_back_to_waiting(autojump_clock):
