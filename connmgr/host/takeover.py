@@ -346,6 +346,20 @@ class HostRole:
                 self.note(f"primary record: {self.leader.name}")
                 await self.promote()
                 self.note("this host's database stands alone")
+            else:
+                # the primary's connmgr, elected again (after a step-down, say): only if no
+                # takeover happened meanwhile -- its database may have been left behind
+                try:
+                    recorded = await self.leader.claim_primary()
+                except EtcdError as e:
+                    raise FencingLost(f"the primary record could not be read: {e}") from None
+                if recorded != self.leader.name:
+                    self.leader.campaign = False
+                    self.barred = (f"{recorded} took over as the primary meanwhile (etcd {self.leader.primary_key}):"
+                                   " this host's database was left behind; re-seed it as the new secondary")  # fmt: skip
+                    log.error("host takeover: %s", self.barred)
+                    await self.leader.resign("the primary record names another connmgr")
+                    raise FencingLost(self.barred)
             self._fire(TakeoverEvent.PROMOTED)
             if self.imports is not None:
                 rebuilt = self._rebuild_all()

@@ -117,7 +117,7 @@ async def test_a_host_that_comes_back_after_a_takeover_does_not_campaign(etcd, r
         async def nothing() -> None:
             pass
 
-        return HostRole(HostSection(vip="198.18.0.100/24", etcd=tuple(etcd.endpoints)), leader, imports=None,
+        return HostRole(HostSection(vip="198.18.0.100/24", interface="lo", etcd=tuple(etcd.endpoints)), leader, imports=None,
                         promote=nothing, serve=lambda s: None, resume=lambda r: None,
                         connections=lambda: [])  # fmt: skip
 
@@ -147,3 +147,39 @@ async def test_a_host_that_comes_back_after_a_takeover_does_not_campaign(etcd, r
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_a_primary_elected_again_after_a_takeover_resigns(etcd, request):
+    """A primary's connmgr that claimed the record at its start, lost the key (cut off),
+    and wins it again after host B took over and died: it finds host B in the primary
+    record before it adds the VIP, gives the key up and stops campaigning."""
+    from connmgr.config import HostSection
+    from connmgr.host.takeover import FencingLost, HostRole
+
+    key = f"/test/{request.node.name}"
+    c = Etcd(etcd.endpoints)
+    a = Leader(c, key, "hosta", ttl=2, margin=0.5, renew_interval=0.5)
+
+    async def nothing() -> None:
+        pass
+
+    # (on lo: were the check to regress, the takeover would go on and add the VIP there,
+    # never on a real interface)
+    role = HostRole(HostSection(vip="198.18.0.100/24", interface="lo", etcd=tuple(etcd.endpoints)), a, imports=None,
+                    promote=nothing, serve=lambda s: None, resume=lambda r: None, connections=lambda: [])  # fmt: skip
+    try:
+        created, _rev, _ = await c.create(a.primary_key, "hostb", 0)  # host B took over meanwhile
+        assert created
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.run)
+            a.campaign = True  # as it was since its start, when the record named it
+            with trio.fail_after(5):
+                while a.token is None:
+                    await trio.sleep(0.05)
+            with pytest.raises(FencingLost, match="hostb took over"):
+                await role._take_over(a.token, nursery)
+            assert a.campaign is False and role.barred is not None
+            assert await c.get(key) is None  # the key given up at once
+            nursery.cancel_scope.cancel()
+    finally:
+        await c.aclose()
