@@ -62,7 +62,8 @@ class App:
         self.origin = time.time_ns() // 1000
         #: database -> (markers usable, when checked); see markers_enabled
         self._marker_dbs: dict[str, tuple[bool, float]] = {}
-        # the primary role of a pair: mirror link, redo monitor, SyncRep watch
+        # the primary role of a pair: mirror link, redo monitor, SyncRep watch (on a host
+        # pair's secondary with [mirror] peer: built now, run once it has taken over)
         self.mirror: MirrorLink | None = None
         self.redo: RedoMonitor | None = None
         self.syncrep: SyncRepWatch | None = None
@@ -80,6 +81,13 @@ class App:
             self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))
         # the secondary role: mirror listener, import process, poster, DDL, sequences
         self.secondary = Secondary(config, self.route.server) if config.mirror.listen else None
+        self._secondary_scope = trio.CancelScope()
+        #: a host pair's secondary: re-seeds the database its takeover left behind (RESEED)
+        self.rejoin = None
+        if config.host.vip and self.secondary is not None:
+            from connmgr.host.rejoin import Rejoin
+
+            self.rejoin = Rejoin(config)
         #: primary role with [failover]: moves live sessions to the secondary database
         self.failover: Failover | None = None
         if config.failover.secondary:
@@ -99,7 +107,8 @@ class App:
             idle_in_transaction_timeout=config.server.idle_in_transaction_timeout,
             max_buffered_message=config.server.max_buffered_message,
         )  # fmt: skip
-        admin = AdminContext(config, self.metrics, self.registry, self.route, self.shutdown, self.failover)
+        admin = AdminContext(config, self.metrics, self.registry, self.route, self.shutdown, self.failover,
+                             rejoin=self.rejoin)  # fmt: skip
         self.client_context = ClientContext(
             config, self.metrics, self.registry, self.route, self.secrets, relay, failover=self.failover,
             client_ssl_context=_client_ssl_context(config), accepting=lambda: self.accepting,
@@ -136,15 +145,40 @@ class App:
 
         async def promote() -> None:
             with trio.fail_after(self.config.failover.max_wait):
-                await point_of_failure(lambda db: secondary._open_ddl_session(db, "connmgr host takeover"),
-                                       self.config.poster.dbname, self.config.failover.sequence_lead,
-                                       lambda text: self.host.note(text))  # fmt: skip
+                stopped = await point_of_failure(lambda db: secondary._open_ddl_session(db, "connmgr host takeover"),
+                                                 self.config.poster.dbname, self.config.failover.sequence_lead,
+                                                 lambda text: self.host.note(text))  # fmt: skip
+            if stopped:  # (a takeover run again after a failed one finds them stopped already)
+                self.rejoin.subscriptions = stopped
 
         def connections() -> list:
             return [c.stream.raw_socket for c in self.registry if type(c.stream) is FastSocketStream]
 
         return HostRole(h, leader, imports=secondary.imports if secondary is not None else None, promote=promote,
-                        serve=self._serve_listener, resume=lambda r: self.resumer(r), connections=connections)  # fmt: skip
+                        lead=self._lead, serve=self._serve_listener,
+                        resume=lambda r: self.resumer(r), connections=connections,
+                        followed=lambda: secondary is not None and secondary.receiver.epoch is not None)  # fmt: skip
+
+    async def _lead(self) -> None:
+        """A host pair's secondary took over: its secondary role ends (the primary it
+        followed is gone) and, with ``[mirror] peer``, its primary role starts -- the redo
+        monitor on this host's database, then the mirror link, which connects once the
+        host left behind is back as the secondary (connmgr/host/rejoin.py). Sessions
+        opened from now on are mirrored; the moved ones are not."""
+        self._secondary_scope.cancel()
+        if self.mirror is None or self.mirror.running:
+            return
+        self._nursery.start_soon(self.redo.run, self._open_redo_session)
+        with trio.move_on_after(self.config.primary.connect_timeout):  # mirrored records carry its WAL position
+            while not self.redo.lsn:
+                await trio.sleep(0.005)
+        await self._nursery.start(self.syncrep.run)
+        # two-phase only once a secondary acknowledges: until then every commit would wait
+        # two_phase_timeout for nobody (MirrorLink.check_two_phase restores it)
+        self.mirror.two_phase = False
+        await self._nursery.start(self.mirror.run)
+        self.host.note(f"primary role: mirroring to {self.mirror.host}:{self.mirror.port} (the secondary connects"
+                       " there once re-seeded)")  # fmt: skip
 
     async def _committed_seqs(self, database: str, origin: int) -> dict[int, int]:
         """Host takeover: {session: the last transaction of it that committed on this host's
@@ -213,7 +247,7 @@ class App:
         once per database with the [redo] credentials; a negative answer is checked again
         after a minute). Without it, a marker would fail inside the client's transaction,
         so it is never injected; the gap is logged and counted."""
-        if self.mirror is None or not self.config.mirror.markers:
+        if self.mirror is None or not self.mirror.running or not self.config.mirror.markers:
             return False
         if self.failover is not None and self.failover.failed_over:
             return False
@@ -280,16 +314,14 @@ class App:
             self._nursery = nursery
             if self.engine is not None:
                 await nursery.start(self.engine.run)
-            if self.redo is not None:
+            if self.mirror is not None and self.rejoin is None:  # (a host pair's secondary: see _lead)
                 await nursery.start(self.redo.run, self._open_redo_session)
-            if self.syncrep is not None:
                 await nursery.start(self.syncrep.run)
-            if self.mirror is not None:
                 await nursery.start(self.mirror.run)
             if self.failover is not None:
                 await nursery.start(self.failover.run)
             if self.secondary is not None:
-                await nursery.start(self.secondary.run)
+                await nursery.start(self._run_secondary)
             if self.host is not None:
                 from connmgr.host.resume import SessionResumer
 
@@ -311,6 +343,10 @@ class App:
                 await ln.aclose()
             await self._drain()
             nursery.cancel_scope.cancel()
+
+    async def _run_secondary(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self._secondary_scope:
+            await self.secondary.run(task_status=task_status)
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         sock = listener.socket

@@ -87,26 +87,38 @@ class EtcdCluster:
         if binary is None:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
         self.dir = tempfile.mkdtemp(prefix="connmgr-etcd-")
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         try:
             for m in self.members:
-                argv = [binary, "--name", m.name, "--data-dir", os.path.join(self.dir, m.name),
-                        "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
-                        "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
-                        "--initial-cluster", initial, "--initial-cluster-state", "new",
-                        "--initial-cluster-token", self.token, "--heartbeat-interval", str(self.heartbeat_ms),
-                        "--election-timeout", str(self.election_timeout_ms), "--pre-vote", "--log-level", "warn"]  # fmt: skip
-                if m.netns:
-                    argv = ["ip", "netns", "exec", m.netns, *argv]
-                log = open(os.path.join(self.dir, f"{m.name}.log"), "wb")  # noqa: SIM115 - the process keeps it
-                m.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                log.close()
+                self._launch(binary, m)
             deadline = time.monotonic() + timeout
             for m in self.members:
                 self._wait_healthy(m, deadline)
         except BaseException:
             self.stop()
             raise
+
+    def _launch(self, binary: str, m: EtcdMember) -> None:
+        initial = ",".join(f"{x.name}={x.peer_url}" for x in self.members)
+        argv = [binary, "--name", m.name, "--data-dir", os.path.join(self.dir, m.name),
+                "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+                "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
+                "--initial-cluster", initial, "--initial-cluster-state", "new",
+                "--initial-cluster-token", self.token, "--heartbeat-interval", str(self.heartbeat_ms),
+                "--election-timeout", str(self.election_timeout_ms), "--pre-vote", "--log-level", "warn"]  # fmt: skip
+        if m.netns:
+            argv = ["ip", "netns", "exec", m.netns, *argv]
+        log = open(os.path.join(self.dir, f"{m.name}.log"), "ab")  # noqa: SIM115 - the process keeps it
+        m.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    def restart(self, name: str, timeout: float = 30) -> None:
+        """Start member ``name`` again after it died, from its data directory (it rejoins
+        the cluster it was in: the initial-cluster flags are ignored then)."""
+        (m,) = [m for m in self.members if m.name == name]
+        if m.process is not None and m.process.poll() is None:
+            return
+        self._launch(etcd_binary(), m)
+        self._wait_healthy(m, time.monotonic() + timeout)
 
     def _wait_healthy(self, m: EtcdMember, deadline: float) -> None:
         while True:

@@ -159,8 +159,12 @@ class HostLab:
         with netlab.in_netns(self.net.ns["witness"]):
             trio.run(move)
 
-    def _config(self, host: str, users: Path) -> dict[str, dict]:
-        a, b = netlab.ADDRESSES["hosta"], netlab.ADDRESSES["hostb"]
+    def _config(self, host: str, users: Path, role: str) -> dict[str, dict]:
+        """connmgr's configuration on ``host`` in ``role`` (primary, secondary). Both take
+        [mirror] peer, the other host's mirror listener: a secondary mirrors there once it
+        has taken over (connmgr/host/rejoin.py)."""
+        own = netlab.ADDRESSES[host]
+        other = netlab.ADDRESSES["hostb" if host == "hosta" else "hosta"]
         common = {
             "server": {"listen": ["127.0.0.1:6432"], "admin_users": ["postgres"], "shutdown_timeout": 2.0},
             "auth": {"users_file": str(users)},
@@ -170,23 +174,26 @@ class HostLab:
                      "lease_margin": self.lease_ttl / 4, "renew_interval": self.lease_ttl / 4,
                      "move_transactions": self.move_transactions},
         }  # fmt: skip
-        if host == "hosta":
+        mirror = {"peer": f"{other}:{MIRROR_PORT}", "heartbeat_interval": 0.05, "mode": self.mode}
+        if role == "primary":
             return {**common,
-                    "primary": {"host": a, "port": PORT, "name": "hosta"},
-                    "mirror": {"peer": f"{b}:{MIRROR_PORT}", "heartbeat_interval": 0.05, "mode": self.mode},
+                    "primary": {"host": own, "port": PORT, "name": host},
+                    "mirror": mirror,
                     "redo": {"password": PASSWORD},
-                    "failover": {"secondary": f"{b}:{PORT}", "password": PASSWORD, "failback": "manual"}}  # fmt: skip
+                    "failover": {"secondary": f"{other}:{PORT}", "password": PASSWORD, "failback": "manual"}}  # fmt: skip
         return {**common,
-                "primary": {"host": b, "port": PORT, "name": "hostb"},
-                "mirror": {"listen": f"{b}:{MIRROR_PORT}"},
-                "poster": {"host": a, "port": PORT, "password": PASSWORD, "dbname": DB, "slot": "lab_poster",
+                "primary": {"host": own, "port": PORT, "name": host},
+                "mirror": {**mirror, "listen": f"{own}:{MIRROR_PORT}"},
+                "redo": {"password": PASSWORD},
+                "poster": {"host": other, "port": PORT, "password": PASSWORD, "dbname": DB, "slot": "lab_poster",
                            "temporary": True, "sequence_interval": 0.2},
                 "failover": {"password": PASSWORD}}  # fmt: skip
 
-    def _start_connmgr(self, host: str, users: Path) -> None:
+    def _start_connmgr(self, host: str, users: Path, role: str | None = None) -> None:
+        role = role or ("primary" if host == "hosta" else "secondary")
         cfg = self.base / f"connmgr-{host}.toml"
-        cfg.write_text(_toml(self._config(host, users)))
-        log = open(self.base / f"connmgr-{host}.log", "wb")  # noqa: SIM115 - the process keeps it
+        cfg.write_text(_toml(self._config(host, users, role)))
+        log = open(self.base / f"connmgr-{host}.log", "ab")  # noqa: SIM115 - the process keeps it
         self.procs[host] = self.net.popen(host, [sys.executable, "-m", "connmgr", "-v", "serve", "-c", str(cfg)],
                                           stdout=log, stderr=subprocess.STDOUT,
                                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})  # fmt: skip
@@ -238,9 +245,49 @@ class HostLab:
         self.note("host A killed (port down + SIGKILL)")
         return t
 
-    def on_survivor(self, sql: str) -> list[tuple]:
-        with self.pair.secondary.connect(DB) as c:
+    def on_survivor(self, sql: str, which: str = "secondary") -> list[tuple]:
+        """Rows of ``sql`` on a database (host B's, the survivor of the first host failure)."""
+        with getattr(self.pair, which).connect(DB) as c:
             return c.execute(sql).fetchall()
+
+    def kill_host_b(self) -> float:
+        t = self.net.kill_host("hostb")
+        self.note("host B killed (port down + SIGKILL)")
+        return t
+
+    def admin_on(self, host: str, command: str) -> list[tuple]:
+        """``command`` on the admin console of ``host``'s connmgr (from inside that host)."""
+        with netlab.in_netns(self.net.ns[host]):
+            with psycopg.connect(host="127.0.0.1", port=6432, dbname="connmgr", user="postgres", password=PASSWORD,
+                                 sslmode="disable", autocommit=True, connect_timeout=10) as c:  # fmt: skip
+                return c.execute(command).fetchall()
+
+    def rejoin_host_a(self, timeout: float = 90) -> list[tuple]:
+        """After host A's death and host B's takeover: host A comes back (a reboot: a new
+        network namespace, its etcd member and its database restarted), its database is
+        re-seeded as host B's secondary (RESEED on host B's connmgr), host B's frames are
+        copied to it, and its connmgr starts as the secondary. Returns when host B's mirror
+        link is up to it and it follows host B; the RESEED timeline (ms, event)."""
+        self.net.reboot_host("hosta")
+        self.etcd.restart("a")
+        self.pair.primary.start()
+        self.note("host A back (rebooted: etcd and its database up again)")
+        timeline = self.admin_on("hostb", "RESEED")
+        self.note("host A's database re-seeded as host B's secondary")
+        self.net.copy_frames("hostb", "hosta")
+        self._start_connmgr("hosta", self.base / "users.txt", role="secondary")
+        deadline = time.monotonic() + timeout
+        while not ("mirror link up to" in self.log("hostb")
+                   and "host takeover: following hostb" in self.log("hosta")):  # fmt: skip
+            if self.procs["hosta"].poll() is not None:
+                raise RuntimeError(f"connmgr on hosta exited ({self.procs['hosta'].returncode}):\n"
+                                   f"{self.log('hosta')[-3000:]}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"host A did not join as the secondary within {timeout:g}s:\n--- hosta ---\n"
+                                   f"{self.log('hosta')[-3000:]}\n--- hostb ---\n{self.log('hostb')[-3000:]}")  # fmt: skip
+            time.sleep(0.1)
+        self.note("host A's connmgr follows host B")
+        return timeline
 
     def close(self) -> None:
         for p in self.procs.values():

@@ -148,26 +148,76 @@ class NetLab:
                     r.link("set", index=idx, ifname=f"r-{host}")
                     r.link("set", index=idx, master=br, state="up")
                 if self.mirror:
-                    a = r.link_lookup(ifname="r-hosta")[0]
-                    b = r.link_lookup(ifname="r-hostb")[0]
-                    r.tc("add", "clsact", a)
-                    for parent in (_TC_INGRESS, _TC_EGRESS):
-                        r.tc("add-filter", "u32", a, parent=parent, protocol=0x0003, prio=10, keys=["0x0/0x0+0"],
-                             target=0x10001, action={"kind": "mirred", "direction": "egress", "action": "mirror",
-                                                     "ifindex": b})  # fmt: skip
+                    self._copy_frames(r, "hosta", "hostb")
             for host in HOSTS:
-                with NetNS(self.ns[host]) as h:
-                    eth = h.link_lookup(ifname="eth0")[0]
-                    h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
-                    h.addr("add", index=eth, address=ADDRESSES[host], prefixlen=PREFIXLEN)
-                    if host == self.vip_on:
-                        h.addr("add", index=eth, address=VIP, prefixlen=PREFIXLEN)
-                    h.link("set", index=eth, state="up")
-                    self.mac[host] = h.get_links(eth)[0].get_attr("IFLA_ADDRESS")
+                self._bring_up(host, vip=host == self.vip_on)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _bring_up(self, host: str, vip: bool = False) -> None:
+        from pyroute2 import NetNS
+
+        with NetNS(self.ns[host]) as h:
+            eth = h.link_lookup(ifname="eth0")[0]
+            h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
+            h.addr("add", index=eth, address=ADDRESSES[host], prefixlen=PREFIXLEN)
+            if vip:
+                h.addr("add", index=eth, address=VIP, prefixlen=PREFIXLEN)
+            h.link("set", index=eth, state="up")
+            self.mac[host] = h.get_links(eth)[0].get_attr("IFLA_ADDRESS")
+
+    @staticmethod
+    def _copy_frames(r, src: str, dst: str) -> None:
+        """Copy every frame of ``src``'s router port, both directions, to ``dst``'s port."""
+        a = r.link_lookup(ifname=f"r-{src}")[0]
+        b = r.link_lookup(ifname=f"r-{dst}")[0]
+        r.tc("add", "clsact", a)
+        for parent in (_TC_INGRESS, _TC_EGRESS):
+            r.tc("add-filter", "u32", a, parent=parent, protocol=0x0003, prio=10, keys=["0x0/0x0+0"],
+                 target=0x10001, action={"kind": "mirred", "direction": "egress", "action": "mirror",
+                                         "ifindex": b})  # fmt: skip
+
+    def copy_frames(self, src: str, dst: str) -> None:
+        """From now on also copy ``src``'s frames to ``dst`` (the pair turned around: the
+        host that took over is copied to the one that follows it)."""
+        from pyroute2 import NetNS
+
+        with NetNS(self.ns["router"]) as r:
+            self._copy_frames(r, src, dst)
+
+    def reboot_host(self, host: str, timeout: float = 10) -> None:
+        """Host ``host`` comes back after :meth:`kill_host`, as after a reboot: nothing of its
+        old life (its kernel's orphaned connections of the VIP would otherwise send their
+        FINs to clients that moved, once its port is up). Its link is deleted (the old
+        namespace may linger while orphaned sockets hold it, but has no way out), and a new
+        namespace of the same name gets a new link on the bridge, its address and no VIP."""
+        from pyroute2 import IPRoute, NetNS, netns
+
+        name = self.ns[host]
+        self._kill_all_in(name)
+        with NetNS(name) as h:
+            h.link("del", index=h.link_lookup(ifname="eth0")[0])
+        netns.remove(name)
+        self._made.remove(name)
+        deadline = time.monotonic() + timeout
+        with NetNS(self.ns["router"]) as r:
+            while r.link_lookup(ifname=f"r-{host}"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the old link of {host} did not go away within {timeout:g}s")
+                time.sleep(0.05)
+        netns.create(name)
+        self._made.append(name)
+        tmp = f"{self.prefix}r{HOSTS.index(host)}"[-15:]
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=tmp, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
+            ipr.link("set", index=ipr.link_lookup(ifname=tmp)[0], net_ns_fd=self.ns["router"])
+        with NetNS(self.ns["router"]) as r:
+            idx = r.link_lookup(ifname=tmp)[0]
+            r.link("set", index=idx, ifname=f"r-{host}")
+            r.link("set", index=idx, master=r.link_lookup(ifname="br0")[0], state="up")
+        self._bring_up(host)
 
     def close(self) -> None:
         """Kill what runs in the lab and remove its namespaces (idempotent)."""

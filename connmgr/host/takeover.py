@@ -26,7 +26,9 @@ like the database failover's):
    alone and counted: its client times out.
 3. ANNOUNCING -- fencing check, the VIP added, fencing check, gratuitous ARP (again after
    100 ms and 1 s), every socket out of repair mode (its window probe makes the client
-   answer at once), the listener on the VIP opened for new clients.
+   answer at once), the pair's primary role started here (the mirror link to the
+   secondary that will follow this host: connmgr/host/rejoin.py), the listener on the
+   VIP opened for new clients.
 4. RESUMING -- every session continues on host B's database (:mod:`connmgr.host.resume`).
 5. SERVING.
 
@@ -126,19 +128,25 @@ class Rebuilt:
 class HostRole:
     """See the module docstring. ``imports`` is the secondary role's import process (None
     on a connmgr that starts as the primary); ``promote()`` makes this host's database
-    stand alone; ``serve(sock)`` starts accepting clients on a bound listening socket;
+    stand alone; ``lead()`` starts the pair's primary role on this connmgr (its mirror
+    link to the secondary that will follow it; connmgr/host/rejoin.py); ``followed()``
+    says whether a primary's mirror link has said hello to this secondary; ``serve(sock)`` starts accepting clients on a bound listening socket;
     ``resume(rebuilt)`` starts continuing the sessions (in the caller's nursery: each
     one's errors are its own);
     ``connections()`` gives the client sockets served now (dropped silently on a step-down)."""
 
     def __init__(self, config: HostSection, leader: Leader, *, imports: ImportProcess | None,
                  promote: Callable[[], Awaitable[None]], serve: Callable[[socket.socket], None],
+                 lead: Callable[[], Awaitable[None]] | None = None,
+                 followed: Callable[[], bool] = lambda: False,
                  resume: Callable[[list[Rebuilt]], None],
                  connections: Callable[[], list[socket.socket]]) -> None:  # fmt: skip
         self.config = config
         self.leader = leader
         self.imports = imports
         self.promote = promote
+        self.lead = lead
+        self.followed = followed
         self.serve = serve
         self.resume = resume
         self.connections = connections
@@ -211,7 +219,8 @@ class HostRole:
 
     async def _become_successor(self) -> None:
         leader, imports = self.leader, self.imports
-        while not (leader.holder is not None and leader.holder.value != leader.name and imports.records > 0):
+        while not (leader.holder is not None and leader.holder.value != leader.name
+                   and (imports.records > 0 or self.followed())):  # fmt: skip
             await trio.sleep(0.1)
         leader.campaign = True
         self.note(f"following {leader.holder.value}: this connmgr takes over if its lease expires")
@@ -380,6 +389,8 @@ class HostRole:
                 self.note(f"{len(closing)} TLS connection(s) closed: their keys were in host A's connmgr")
                 nursery.start_soon(self._close_cleanly, [r.sock for r in closing])
             nursery.start_soon(self._announce_again)
+            if self.imports is not None and self.lead is not None:
+                await self.lead()  # before any new client: new sessions are mirrored from their start
             self.serve(self.listener)
             self._fire(TakeoverEvent.ANNOUNCED)
         except BaseException:

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,6 +27,9 @@ from connmgr import __version__
 from connmgr.config import Config
 from connmgr.errors import ClientError
 from connmgr.failover.controller import Failover, FailoverError
+
+if TYPE_CHECKING:
+    from connmgr.host.rejoin import Rejoin
 from connmgr.metrics import Metrics
 from connmgr.pg.backend import Route
 from connmgr.pg.wire import MessageReader
@@ -77,6 +81,8 @@ class AdminContext:
     shutdown: Callable[[], None]
     #: SWITCHOVER, RESEED and PAIR CHECK act on it (primary with [failover])
     failover: Failover | None = None
+    #: RESEED after a host takeover (a host pair's secondary: connmgr/host/rejoin.py)
+    rejoin: Rejoin | None = None
 
 
 class AdminConsole:
@@ -231,6 +237,8 @@ class AdminConsole:
 
     async def _reseed(self, describe: bool) -> Result:
         columns = ["ms", "event"]
+        if self.ctx.failover is None and self.ctx.rejoin is not None:
+            return await self._rejoin(columns, describe)
         failover = self._failover_for("RESEED")
         if describe:
             return columns, [], "RESEED"
@@ -241,6 +249,22 @@ class AdminConsole:
             raise AdminError(f"reseed not done: {e}", "55000") from None
         rows = [[f"{at * 1e3:.1f}", what] for at, what in failover.timeline[start:]]
         return columns, rows, "RESEED"
+
+    async def _rejoin(self, columns: list[str], describe: bool) -> Result:
+        """RESEED on a connmgr that took over from another host: its database left behind
+        becomes the secondary (connmgr/host/rejoin.py)."""
+        from connmgr.host.rejoin import RejoinError
+
+        if not self.is_admin:
+            raise AdminError("RESEED is for users listed in [server] admin_users", "42501")
+        if describe:
+            return columns, [], "RESEED"
+        rejoin = self.ctx.rejoin
+        try:
+            await rejoin.reseed()
+        except RejoinError as e:
+            raise AdminError(f"reseed not done: {e}", "55000") from None
+        return columns, [[f"{at * 1e3:.1f}", what] for at, what in rejoin.timeline], "RESEED"
 
     async def _pair_check(self, describe: bool) -> Result:
         """``connmgr pair check`` from here: the primary the sessions are on now (as

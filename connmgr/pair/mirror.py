@@ -78,6 +78,9 @@ class MirrorLink:
         self.eager = False
         self._sock: socket.socket | None = None
         self._wake = trio.Event()
+        #: the link serves sessions: set by :meth:`run`; a host pair's secondary builds its
+        #: link at the start and runs it only once it has taken over (connmgr/app.py)
+        self.running = False
         self.connected = False
         self.connects = 0
         self.bytes_sent = 0
@@ -241,6 +244,7 @@ class MirrorLink:
         """Keep the link up until cancelled. Started at once: the link connects in the
         background (watch :attr:`connected`); sessions are mirrored into the buffer
         meanwhile and resent when it is up."""
+        self.running = True
         task_status.started()
         async with trio.open_nursery() as nursery:
             if self.two_phase_configured:

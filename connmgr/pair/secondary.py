@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -24,7 +25,7 @@ from connmgr.pair.sequence_sync import SequenceSync
 from connmgr.pg.backend import BackendServer, BackendSession, Credentials, open_own_session
 from connmgr.pg.replication import open_replication_stream
 from connmgr.pg.wire import PeerClosed
-from replay.mirror_protocol import Topology
+from replay.mirror_protocol import MirrorReceiver, Topology
 from shadow import messages
 from shadow.sqltext import quote_literal
 
@@ -60,6 +61,8 @@ class Secondary:
         if p.host and p.sequence_interval > 0:
             self.sequences = SequenceSync(self._open_poster_sql_session, self._open_local_admin_session,
                                           interval=p.sequence_interval, lead=p.sequence_lead)  # fmt: skip
+        #: the mirror's receiving end: a primary has said hello once its epoch is set
+        self.receiver = MirrorReceiver()
         #: where the mirror listener is bound, once running
         self.listen_address: tuple[str, int] | None = None
         self._nursery: trio.Nursery | None = None
@@ -70,7 +73,8 @@ class Secondary:
         host, port = parse_hostport(self.config.mirror.listen, allow_zero=True)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.listen_address = await nursery.start(serve_mirror, host, port, self._mirrored)
+            self.listen_address = await nursery.start(partial(serve_mirror, receiver=self.receiver), host, port,
+                                                      self._mirrored)  # fmt: skip
             if self.config.poster.host:
                 await nursery.start(self.imports.follow_poster, self._open_poster_stream)
                 if self.sequences is not None:

@@ -173,7 +173,9 @@ class ClientConnection:
         try:
             with self.cancel_scope:
                 self.state = ClientState.ACTIVE
-                await self._relay(initial, framer, False, carry)
+                # not mirrored: the secondary that would continue it never saw its start
+                # (its TCP handshake, its log-in); a second host failure cannot move it
+                await self._relay(initial, framer, False, carry, mirrored=False)
             if self._close_reason is not None:
                 await self._fail(self._close_reason)
         except ClientError as e:
@@ -231,7 +233,8 @@ class ClientConnection:
                         await ctx.console(self, reader)
                     return
                 markers_on = False
-                if ctx.relay.mirror is not None and ctx.markers_enabled is not None:
+                mirror = ctx.relay.mirror
+                if mirror is not None and mirror.running and ctx.markers_enabled is not None:
                     markers_on = await ctx.markers_enabled(self.database)
                 self.state = ClientState.ACTIVE
                 await self._relay(reader.take_buffered(), reader.framer, markers_on)
@@ -254,7 +257,8 @@ class ClientConnection:
             self._close_streams()
             ctx.registry.forget(self)
 
-    async def _relay(self, initial: bytes, framer: Framer, markers_on: bool, carry: Carry | None = None) -> None:
+    async def _relay(self, initial: bytes, framer: Framer, markers_on: bool, carry: Carry | None = None,
+                     mirrored: bool = True) -> None:
         """Relay until the session ends (``initial``: client bytes read already, cut by
         ``framer``; ``carry``: what a move left for the relay); with failover, a lost
         backend moves the session to the secondary (connmgr/failover/session_move.py) and
@@ -262,7 +266,7 @@ class ClientConnection:
         carry = carry or Carry()
         failover = self.ctx.failover
         while True:
-            mirrored = failover is None or not failover.failed_over
+            mirrored = mirrored and (failover is None or not failover.failed_over)
             self.relay = Relay(self, self.backend, framer, self.ctx.relay, markers_on and mirrored,
                                mirrored=mirrored, carry=carry)  # fmt: skip
             try:

@@ -415,8 +415,9 @@ class Relay:
         #: stream, startup_params, stats, session shadow, journal and recorder)
         self.conn = conn
         self.ctx = ctx
-        #: the mirror link this session's traffic is copied to (None: not mirrored)
-        self.mirror = ctx.mirror if mirrored else None
+        #: the mirror link this session's traffic is copied to (None: not mirrored; also
+        #: while the link does not run: a host pair's secondary before its takeover)
+        self.mirror = ctx.mirror if mirrored and ctx.mirror is not None and ctx.mirror.running else None
         #: set when the server went away (held-back FATAL); the carrier ends the relay with it
         self.lost: BackendLost | None = None
         #: the current transaction saw an error or a ROLLBACK (for the session recorder)
