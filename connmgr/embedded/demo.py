@@ -125,9 +125,11 @@ def _workload_client(conninfo: str, index: int, stop: threading.Event, tally: Cl
             tally.latencies.append(time.perf_counter() - t0)
 
 
-def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.0, mode: str = "two-phase") -> int:
-    """Run the demo; prints progress on stderr and the summary on stdout. Returns the exit
-    status: 0 when every check passed."""
+def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.0, mode: str = "two-phase",
+             picture: str | None = None) -> int:  # fmt: skip
+    """Run the demo; prints progress on stderr and the summary on stdout; with ``picture``,
+    draws the failover into that PNG (connmgr/embedded/timeline_image.py, needs the plot
+    extra). Returns the exit status: 0 when every check passed."""
     quiet = json_output
     t_start = time.perf_counter()
     base = temp_base_dir("connmgr-demo-")
@@ -277,7 +279,7 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
         summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
 
     if "failed" not in summary:
-        summary["failover"] = _failover_part(quiet=quiet)
+        summary["failover"] = _failover_part(quiet=quiet, picture=picture)
         summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
     k = summary.get("checks", {})
     f = summary.get("failover", {})
@@ -292,8 +294,9 @@ def run_demo(*, json_output: bool = False, clients: int = 8, seconds: float = 5.
     return 0 if ok else 1
 
 
-def _failover_part(*, quiet: bool) -> dict:
-    """One fault-campaign trial: kill -9 the primary mid-workload; the figures."""
+def _failover_part(*, quiet: bool, picture: str | None = None) -> dict:
+    """One fault-campaign trial: kill -9 the primary mid-workload; the figures (and, with
+    ``picture``, the move drawn into that PNG)."""
     from connmgr.embedded.fault_campaign import run_trial
 
     _say("\nfailover: a fresh pair, 6 clients (bank workload), the primary postmaster killed with SIGKILL"
@@ -316,6 +319,12 @@ def _failover_part(*, quiet: bool) -> dict:
     if not quiet:
         for at, what in r.timeline:
             _say(f"    +{at * 1e3:7.1f} ms  {what}", quiet=quiet)
+    drawn = None
+    if picture:
+        from connmgr.embedded.timeline_image import database_failover, render
+
+        drawn = str(render(database_failover(r.journal, r.lanes), picture))
+        _say(f"  the failover drawn: {drawn}", quiet=quiet)
     return {
         "ok": r.ok,
         "failed": r.failed,
@@ -337,6 +346,7 @@ def _failover_part(*, quiet: bool) -> dict:
         "stall_ms": {"p50": round(percentile(r.stalls, 0.5) * 1e3, 1), "p99": round(percentile(r.stalls, 0.99) * 1e3, 1),
                      "max": round(percentile(r.stalls, 1.0) * 1e3, 1)},  # fmt: skip
         "timeline": [[round(at * 1e3, 1), what] for at, what in r.timeline],
+        "picture": drawn,
     }
 
 

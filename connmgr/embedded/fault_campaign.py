@@ -109,6 +109,9 @@ class TrialResult:
     detect_seconds: float | None = None  #: kill -> suspicion
     failed_over_seconds: float | None = None  #: kill -> secondary ready
     stalls: list[float] = field(default_factory=list)  #: per moved session: backend lost -> live
+    #: per client answered after the kill, by name: (its last answer before the kill, or
+    #: 0.0 if none, its first answer after it), seconds from the kill, client order
+    lanes: dict[str, tuple[float, float]] = field(default_factory=dict)
     timeline: list[tuple[float, str]] = field(default_factory=list)
     failed: str = ""
     #: fail-back trials: restart of the old primary -> sessions home again, pair whole
@@ -156,6 +159,18 @@ class _Tally:
         self.rolled_back: list[str] = []  #: ids whose transaction the client saw fail with 40001
         self.errors: Counter[str] = Counter()
         self.texts: list[str] = []
+        self.killed_at: float | None = None
+        #: per client: its last answer before the kill, its first after it (time.monotonic())
+        self.last: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+
+    def answered(self, who: str) -> None:
+        """An operation of ``who`` was answered now."""
+        k, now = self.killed_at, time.monotonic()
+        if k is None or now <= k:
+            self.last[who] = now
+        else:
+            self.first.setdefault(who, now)
 
     def error(self, client: int, e: Exception) -> None:
         code = getattr(e, "sqlstate", None) or type(e).__name__
@@ -265,6 +280,8 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally, kin
                     conn.rollback()
                 except psycopg.Error:
                     return
+            else:
+                tally.answered(f"client {index}")
 
 
 def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple[float, float] = (0.5, 1.5),
@@ -322,7 +339,7 @@ def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, 
     if kind == "new-schema":  # the window opens with the first acknowledged write to a new table
         wait_until(lambda: tally.transfers or tally.ledger, 10)
     time.sleep(result.kill_after)
-    killed_at = time.monotonic()
+    killed_at = tally.killed_at = time.monotonic()
     pair.primary.kill()
     say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
     fo = primary.app.failover
@@ -357,6 +374,9 @@ def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, 
     result.held, result.held_dropped = fo.replies_held, fo.replies_dropped
     result.sessions_failed = Counter(fo.sessions_failed)
     result.stalls = list(fo.stalls)
+    last = {who: t - killed_at for who, t in tally.last.items()}
+    result.lanes = {who: (last.get(who, 0.0), tally.first[who] - killed_at)
+                    for who in sorted(tally.first, key=lambda w: int(w.split()[-1]))}  # fmt: skip
     result.timeline = list(fo.timeline)
     if secondary.app.imports is not None:
         result.not_replayable = len(secondary.app.imports.not_replayable)

@@ -53,6 +53,10 @@ class TrialResult:
     resets: int = 0
     #: per connection alive at the kill: seconds from the kill to its first answer after it
     stalls: list[float] = field(default_factory=list)
+    #: per client connection answered after the kill, by name: (its last answer before the
+    #: kill, or 0.0 (the kill itself) if it had none, its first answer after the kill),
+    #: seconds from the kill (the lanes of connmgr/embedded/timeline_image.py)
+    lanes: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: (account, balance minus what the ledger's transfers explain) where they differ
     accounts_off: list[tuple[int, int]] = field(default_factory=list)
     idle_kept: int = 0
@@ -86,6 +90,9 @@ class _Clients:
         self.messages: list[str] = []
         self.killed_at: float | None = None
         self.stalls: dict[str, float] = {}
+        #: per client: its last answer before the kill, its first after it (time.monotonic())
+        self.last: dict[str, float] = {}
+        self.first: dict[str, float] = {}
         self.ports_with_errors: set[int] = set()
         self.ports: set[int] = set()
         #: transfer -> (from, to, amount, when it started)
@@ -100,9 +107,19 @@ class _Clients:
 
     def answered(self, who: str, sent: float) -> None:
         """An operation sent at ``sent`` was answered now: its stall if it spanned the kill."""
+        k, now = self.killed_at, time.monotonic()
+        if k is None or now <= k:
+            self.last[who] = now
+        elif who not in self.stalls:
+            self.stalls[who] = now - max(sent, k)
+            self.first[who] = now
+
+    def lanes(self) -> dict[str, tuple[float, float]]:
+        """Per client answered after the kill: (last answer before it or 0.0, first after
+        it), seconds from the kill, in the order of the first answers."""
         k = self.killed_at
-        if k is not None and who not in self.stalls and time.monotonic() > k:
-            self.stalls[who] = time.monotonic() - max(sent, k)
+        last = {who: t - k for who, t in self.last.items()}
+        return {who: (last.get(who, 0.0), t - k) for who, t in self.first.items()}
 
 
 def _port(conn: psycopg.Connection) -> int | None:
@@ -197,7 +214,7 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
             t.start()
         time.sleep(rng.uniform(*before))
         c.killed_at = lab.kill_host_a()
-        kill_wall = time.time()
+        kill_wall = time.time() - (time.monotonic() - c.killed_at)  # the kill, not its return
         for i, conn in enumerate(idle_conns):
             sent = time.monotonic()
             try:
@@ -249,7 +266,7 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
         result.lost = [n for n in (*c.acked, *c.inserts) if n not in notes]
         result.duplicated = [n for n, k in notes.items() if k > 1]
         result.errors, result.messages = c.errors, c.messages
-        result.stalls = sorted(c.stalls.values())
+        result.stalls, result.lanes = sorted(c.stalls.values()), c.lanes()
         log = lab.log("hostb")
         result.survivor_log = lab.server_log() if log_statements else ""
     result.b_log, result.killed_wall = log, kill_wall

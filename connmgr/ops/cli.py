@@ -53,9 +53,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from connmgr.embedded.demo import run_demo
+    import importlib.util
 
-    return run_demo(json_output=args.json, clients=args.clients, seconds=args.seconds, mode=args.mode)
+    from connmgr.embedded.demo import run_demo
+    from connmgr.embedded.timeline_image import INSTALL_HINT
+
+    if args.picture and importlib.util.find_spec("matplotlib") is None:
+        print(f"connmgr demo: --picture needs matplotlib: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    return run_demo(json_output=args.json, clients=args.clients, seconds=args.seconds, mode=args.mode,
+                    picture=args.picture)  # fmt: skip
 
 
 def cmd_prepare_db(args: argparse.Namespace) -> int:
@@ -184,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=5.0, help="workload duration")
     d.add_argument("--mode", choices=config_mod.MIRROR_MODES, default="two-phase",
                    help="mirror mode of the pair (default two-phase)")
+    d.add_argument("--picture", metavar="PNG", help="draw the failover as an image (needs the plot extra)")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser(

@@ -14,6 +14,7 @@ many such trials and prints the table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import shutil
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from connmgr.embedded import netlab  # noqa: E402
+from connmgr.embedded.timeline_image import INSTALL_HINT  # noqa: E402
 
 
 def main() -> int:
@@ -33,6 +35,7 @@ def main() -> int:
     ap.add_argument("--after", type=float, default=3.0, help="seconds of workload after the kill")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--mode", default="two-phase", choices=("one-phase", "two-phase"))
+    ap.add_argument("--picture", metavar="PNG", help="also draw the timeline as an image (PNG; the plot extra)")
     ap.add_argument("--no-move-transactions", dest="move_transactions", action="store_false",
                     help="[host] move_transactions = false (sessions caught in a transaction end with 08006)")
     args = ap.parse_args()
@@ -40,6 +43,9 @@ def main() -> int:
     from connmgr.embedded.etcd_cluster import etcd_binary
     from connmgr.embedded.host_campaign import run_trial, timeline_picture
 
+    if args.picture and importlib.util.find_spec("matplotlib") is None:
+        print(f"--picture needs matplotlib: {INSTALL_HINT}", file=sys.stderr)
+        return 2
     lacking = netlab.missing() + ([] if etcd_binary() else ["etcd (apt-get install etcd-server)"])
     if lacking:
         print("the lab needs: " + "; ".join(lacking), file=sys.stderr)
@@ -68,6 +74,20 @@ def main() -> int:
     stalls = r.stalls
     print("\n== the picture ==")
     print(timeline_picture(events, stalls))
+    if args.picture:
+        from connmgr.embedded.timeline_image import host_takeover, render
+
+        kinds = {"transfer": 0, "writer": 1, "idle": 2}  # lanes by kind, then number
+
+        def order(name: str) -> tuple[int, int]:
+            kind, _, number = name.partition(" ")
+            return kinds.get(kind, 3), int(number) if number.isdigit() else 0
+
+        lanes = {name: r.lanes[name] for name in sorted(r.lanes, key=order)}
+        title = (f"Host A killed: host B takes over ({len(lanes)} client connections, stall p50"
+                 f" {stalls[len(stalls) // 2]:.2f} s, max {stalls[-1]:.2f} s; {sum(r.errors.values())} client"
+                 " errors)") if stalls else "Host A killed: host B takes over"  # fmt: skip
+        print(f"\n  the picture, drawn: {render(host_takeover(events, lanes, title=title), args.picture)}")
     print("\n== proof (read on host B's database) ==")
     print(f"  acknowledged           {r.transfers} transfers, {r.inserts} inserts")
     print(f"  lost / duplicated      {len(r.lost)} / {len(r.duplicated)}")

@@ -271,14 +271,20 @@ def test_a_host_cut_off_from_etcd_but_not_from_its_clients_never_answers_with_ho
     """The partition that could split the brain on the wire: host A alive and reachable by
     its clients but cut from host B and the witness (no etcd quorum). Sampled from the
     client namespace by ARP (who the clients would reach) every 50 ms: host A answers,
-    then no one, then host B; never both. The client session goes on, on host B's
+    then no one, then host B; never both. The same for which connmgr accepts connections
+    on the VIP, sampled from inside each host every 50 ms. The client session goes on, on host B's
     database (labs/host_failover/partitions.py runs the whole table)."""
     from connmgr.embedded.host_partitions import SCENARIOS, run_scenario
 
     scenario = next(s for s in SCENARIOS if s.name.startswith("A cut from B and witness"))
     r = run_scenario(pg_base_dir / "host-partition", scenario, bindir=pg_bindir)
-    detail = f"ARP {r.arp}; session {r.probe}; notes {r.notes}"
+    detail = f"ARP {r.arp}; accepting {r.accepting}; session {r.probe}; notes {r.notes}"
     assert r.took_over and r.a_stepped_down, detail
     assert r.overlaps == 0, detail
+    # which connmgr accepts connections on the VIP, sampled from inside each host every
+    # 50 ms: host A until it steps down, then host B, never both at one moment
+    assert r.accept_overlaps == 0, detail
+    assert r.accepting.startswith("hosta ") and r.accepting.split(" -> ")[-1].startswith("hostb "), detail
+    assert r.accepting_at_end == ("hostb",), detail
     assert r.arp.startswith("hosta ") and r.arp.split(" -> ")[-1].startswith("hostb "), detail
     assert r.session_kept and r.probe.startswith("db A") and r.probe.split(" -> ")[-1].startswith("db B"), detail
