@@ -83,6 +83,8 @@ class WorkloadResult:
     #: COPY in: acknowledged operations missing rows, and unacknowledged ones present in part
     copy_lost: list[str] = field(default_factory=list)
     copy_partial: list[str] = field(default_factory=list)
+    #: what each COPY in client was doing at the kill ("copy": in COPY IN, "commit", "other")
+    copy_in_at_kill: Counter = field(default_factory=Counter)
     #: the LISTEN session: None if there was none, else whether both notifications came
     listen: bool | None = None
     listen_detail: str = ""
@@ -108,6 +110,8 @@ class Workload:
         self.reference: bytes | None = None
         #: COPY in: operation -> acknowledged
         self.copies: dict[str, bool] = {}
+        #: COPY in client -> what it is doing
+        self.stage: dict[int, str] = {}
         self.listener: psycopg.Connection | None = None
         self.notified = threading.Event()
 
@@ -200,12 +204,15 @@ class Workload:
             op = f"ci{i}-{n}"
             with self.c.lock:
                 self.copies[op] = False
+            self.stage[i] = "copy"
             with conn.cursor() as cur, cur.copy("COPY ledger (note) FROM STDIN") as cp:
                 for j in range(COPY_IN_ROWS):
                     cp.write_row((f"{op}-{j}",))
                     if j % 20 == 19:
                         time.sleep(0.01)
+            self.stage[i] = "commit"
             conn.commit()
+            self.stage[i] = "other"
             with self.c.lock:
                 self.copies[op] = True
             return True
@@ -409,7 +416,8 @@ def start(lab, c, *, readers: int = 1, raw: int = 2, copy_out: int = 1, copy_in:
 
 
 def at_kill(w: Workload) -> None:
-    """Right after the kill: the notifier."""
+    """Right after the kill: the notifier; what the COPY in clients were doing."""
+    w.result.copy_in_at_kill.update(w.stage.values())
     if w.listener is not None and w.result.listen is None:
         t = threading.Thread(target=w.notify_after_kill, daemon=True, name="notifier")
         t.start()

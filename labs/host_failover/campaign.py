@@ -100,7 +100,8 @@ def print_workload(w) -> None:
     """One trial's reading, COPY and LISTEN clients (connmgr/embedded/host_workload.py)."""
     errors = {f"{kind} {state}": n for (kind, state), n in sorted(w.errors.items())}
     print(f"      reads/COPY/LISTEN: done {dict(w.done) or '-'} across the kill {dict(w.spanned) or '-'}"
-          f" raw rounds cut {[f'{a}/{b}' for a, b in w.cut] or '-'} errors {errors or '-'}"
+          f" raw rounds cut {[f'{a}/{b}' for a, b in w.cut] or '-'} copy in at the kill"
+          f" {dict(w.copy_in_at_kill) or '-'} errors {errors or '-'}"
           f" LISTEN {'-' if w.listen is None else 'ok' if w.listen else 'MISSED'}")  # fmt: skip
     for text in (*w.wrong[:6], *w.copy_lost[:4], *w.copy_partial[:4], *([w.listen_detail] if w.listen_detail else [])):
         print(f"      {text}")
@@ -122,6 +123,11 @@ def workload_table(ws: list) -> None:
         print(f"| {kind} | {done[kind]} ({spanned[kind]}) | {errs or 0} | {wrong[kind]} |")
     cut = [c for w in ws for c in w.cut]
     print(f"| raw rounds cut by the kill, continued byte-exact | {len(cut)} | | |")
+    at_kill = Counter()
+    for w in ws:
+        at_kill.update(w.copy_in_at_kill)
+    print(f"| copy in clients at the kill: in COPY IN / at COMMIT / between | {at_kill['copy']} /"
+          f" {at_kill['commit']} / {at_kill['other']} | | |")  # fmt: skip
     print(f"| copy in: acknowledged missing / present in part | {sum(len(w.copy_lost) for w in ws)} /"
           f" {sum(len(w.copy_partial) for w in ws)} | | |")  # fmt: skip
     listened = [w.listen for w in ws if w.listen is not None]
