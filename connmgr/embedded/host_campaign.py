@@ -8,7 +8,9 @@ and runs from the client namespace:
   UPDATEs and a ledger row, COMMIT), each acknowledged transfer recorded;
 * ``writers`` autocommit clients inserting ledger rows (psycopg prepares the statement
   after five uses, so both the extended protocol and prepared statements are exercised);
-* ``idle`` sessions carrying a setting and a prepared statement, used after the kill.
+* ``idle`` sessions carrying a setting and a prepared statement, used after the kill;
+* long reads, raw-protocol clients whose reply bytes are compared with a direct run's,
+  COPY out, COPY in and a LISTEN session (connmgr/embedded/host_workload.py).
 
 After a random delay host A dies (router port down + SIGKILL of everything in it); the
 workload goes on for ``after`` seconds. Then, on host B's database: money conserved,
@@ -30,8 +32,9 @@ from pathlib import Path
 
 import psycopg
 
-from connmgr.embedded import netlab
+from connmgr.embedded import host_workload, netlab
 from connmgr.embedded.host_lab import PORT, HostLab
+from connmgr.embedded.host_workload import WorkloadResult
 
 __all__ = ["TrialResult", "run_trial"]
 
@@ -71,11 +74,13 @@ class TrialResult:
     #: the frames the client namespace saw (kept when the trial logged statements)
     client_frames: list[bytes] = field(default_factory=list, repr=False)
     killed_wall: float = 0.0
+    #: the reading, COPY and LISTEN clients (connmgr/embedded/host_workload.py)
+    workload: WorkloadResult = field(default_factory=WorkloadResult)
 
     @property
     def ok(self) -> bool:
         return (not self.lost and not self.duplicated and self.money == self.money_expected and self.resets == 0
-                and not self.accounts_off)  # fmt: skip
+                and not self.accounts_off and self.workload.ok)  # fmt: skip
 
 
 class _Clients:
@@ -188,8 +193,10 @@ def _writer(lab: HostLab, c: _Clients, i: int) -> None:
 def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: int = 4, writers: int = 2,
               idle: int = 3, before: tuple[float, float] = (1.0, 3.0), after: float = 3.0,
               mode: str = "two-phase", move_transactions: bool = True,
-              log_statements: bool = False) -> TrialResult:  # fmt: skip
-    """One trial; see the module docstring."""
+              log_statements: bool = False, clients: dict | None = None) -> TrialResult:  # fmt: skip
+    """One trial; see the module docstring. ``clients``: the counts of the reading, COPY
+    and LISTEN clients (:func:`connmgr.embedded.host_workload.start`'s keywords; its
+    defaults if None)."""
     from connmgr.host import privileged
     from replay.tcp_state import RST, parse_frame
 
@@ -210,11 +217,13 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
         threads = [threading.Thread(target=_transfer_client, args=(lab, c, i, random.Random(rng.random())),
                                     daemon=True) for i in range(transfers)]  # fmt: skip
         threads += [threading.Thread(target=_writer, args=(lab, c, i), daemon=True) for i in range(writers)]
+        work = host_workload.start(lab, c, **(clients or {}))
         for t in threads:
             t.start()
         time.sleep(rng.uniform(*before))
         c.killed_at = lab.kill_host_a()
         kill_wall = time.time() - (time.monotonic() - c.killed_at)  # the kill, not its return
+        host_workload.at_kill(work)
         for i, conn in enumerate(idle_conns):
             sent = time.monotonic()
             try:
@@ -229,6 +238,7 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
         c.stop.set()
         for t in threads:
             t.join(30)
+        host_workload.join(work)
         for conn in idle_conns:
             conn.close()
         # the frames the clients received: a reset of a connection whose client got no error
@@ -246,6 +256,7 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
                 result.resets += 1
         watch.close()
         notes = Counter(n for (n,) in lab.on_survivor("SELECT note FROM ledger"))
+        result.workload = host_workload.finish(work, notes)
         result.money = lab.on_survivor("SELECT sum(balance) FROM accounts")[0][0]
         # each account's balance against the transfers the ledger holds: a transfer applied
         # in part, or applied without its ledger row, shows on its accounts

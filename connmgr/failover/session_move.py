@@ -64,6 +64,9 @@ _READY_IDLE = b"Z\0\0\0\x05I"
 _SYNC_POINTS = frozenset(b"QSF")
 _COPY_END = frozenset(b"cf")
 _Q, _G = ord("Q"), ord("G")
+#: a session moves between requests, while the server waits for its COPY data, or while it
+#: receives a COPY's data (the COPY is replayed and its rows compared, as a query's are)
+_MOVABLE_PHASES = frozenset({Phase.READY, Phase.COPY_IN, Phase.COPY_OUT})
 _E = ord("E")
 #: puts a fresh backend into a failed transaction block, like the client's
 _ABORTED_BLOCK = messages.query(
@@ -200,7 +203,7 @@ def _prefix_barrier(failover, conn_id: int):
 async def _move(conn: ClientConnection, relay: Relay, failover: Failover, committer: bool) -> BackendSession:
     journal = conn.journal
     shadow = conn.session
-    if shadow.phase not in (Phase.READY, Phase.COPY_IN):
+    if shadow.phase not in _MOVABLE_PHASES:
         raise NotMovable(f"session not movable: it is in phase {shadow.phase.value}", "phase")
     if not relay.tracking:  # its shadow no longer knows what is in flight: nothing to replay from
         raise NotMovable("session not movable: connmgr lost track of its protocol state earlier"
@@ -229,6 +232,11 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
         else:  # whatever is in flight may hold a commit nobody can judge
             raise NotMovable("session not movable: a commit was in flight and the database has no connmgr"
                              " markers to tell whether it committed (run connmgr prepare-db)", "no markers")  # fmt: skip
+    if committed and shadow.phase is Phase.COPY_OUT:
+        # (a COPY TO in autocommit carries a marker, run after its last row: it committed,
+        # and the rest of its rows died with the old server)
+        raise NotMovable("session not movable: its COPY TO STDOUT committed but the client had not received all"
+                         " of its data, which is not known here", "reply unknown")  # fmt: skip
     if committed and journal.overflow and len(groups) > 1:  # what follows the commit was not kept
         raise NotMovable("session not movable: requests pipelined behind a committed transaction too large"
                          " to keep", "too large")  # fmt: skip

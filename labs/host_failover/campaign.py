@@ -66,6 +66,7 @@ def main() -> int:
             print(f"      duplicated: {r.duplicated[:10]}")
         if r.accounts_off:
             print(f"      accounts whose balance the ledger does not explain (account, off by): {r.accounts_off}")
+        print_workload(r.workload)
         if not r.ok and args.logs is not None:
             args.logs.mkdir(parents=True, exist_ok=True)
             path = args.logs / f"trial-{r.seed}-hostb.log"
@@ -91,7 +92,46 @@ def main() -> int:
           f" {sum(r.money == r.money_expected for r in results)}/{len(results)} | {dict(errors) or 0} |"
           f" {sum(r.resets for r in results)} | {pct(stalls, .5):.2f} / {pct(stalls, .99):.2f} /"
           f" {stalls[-1] if stalls else float('nan'):.2f} s | +{pct(det, .5):.2f} s | +{pct(srv, .5):.2f} s |")  # fmt: skip
+    workload_table([r.workload for r in results])
     return 0 if all(r.ok for r in results) else 1
+
+
+def print_workload(w) -> None:
+    """One trial's reading, COPY and LISTEN clients (connmgr/embedded/host_workload.py)."""
+    errors = {f"{kind} {state}": n for (kind, state), n in sorted(w.errors.items())}
+    print(f"      reads/COPY/LISTEN: done {dict(w.done) or '-'} across the kill {dict(w.spanned) or '-'}"
+          f" raw rounds cut {[f'{a}/{b}' for a, b in w.cut] or '-'} copy in at the kill"
+          f" {dict(w.copy_in_at_kill) or '-'} errors {errors or '-'}"
+          f" LISTEN {'-' if w.listen is None else 'ok' if w.listen else 'MISSED'}")  # fmt: skip
+    for text in (*w.wrong[:6], *w.copy_lost[:4], *w.copy_partial[:4], *([w.listen_detail] if w.listen_detail else [])):
+        print(f"      {text}")
+
+
+def workload_table(ws: list) -> None:
+    """The reading, COPY and LISTEN clients over all trials: per kind, operations complete
+    and correct (of which in flight at the kill), errors by SQLSTATE, wrong results."""
+    done, spanned, errors = Counter(), Counter(), Counter()
+    for w in ws:
+        done.update(w.done)
+        spanned.update(w.spanned)
+        errors.update(w.errors)
+    wrong = Counter(text.split(" (")[0].rstrip("0123456789 ") for w in ws for text in w.wrong)
+    print("\n| client | correct (in flight at the kill) | errors by SQLSTATE | wrong |")
+    print("|---|---|---|---|")
+    for kind in ("reader", "raw", "copy out", "copy in"):
+        errs = {state: n for (k, state), n in errors.items() if k == kind}
+        print(f"| {kind} | {done[kind]} ({spanned[kind]}) | {errs or 0} | {wrong[kind]} |")
+    cut = [c for w in ws for c in w.cut]
+    print(f"| raw rounds cut by the kill, continued byte-exact | {len(cut)} | | |")
+    at_kill = Counter()
+    for w in ws:
+        at_kill.update(w.copy_in_at_kill)
+    print(f"| copy in clients at the kill: in COPY IN / at COMMIT / between | {at_kill['copy']} /"
+          f" {at_kill['commit']} / {at_kill['other']} | | |")  # fmt: skip
+    print(f"| copy in: acknowledged missing / present in part | {sum(len(w.copy_lost) for w in ws)} /"
+          f" {sum(len(w.copy_partial) for w in ws)} | | |")  # fmt: skip
+    listened = [w.listen for w in ws if w.listen is not None]
+    print(f"| LISTEN: notified after the kill | {sum(listened)}/{len(listened)} | | |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ a bank workload through the pair in the lab, host A killed at a random moment (r
 port down + SIGKILL of everything in it), the proof on host B's database -- see
 connmgr/embedded/host_campaign.py. With the default [host] move_transactions = true a
 session caught in a transaction goes on in it on host B; nothing acknowledged may be lost
-or doubled, money is conserved, every account's balance is what the ledger's transfers
+or doubled (COPY in rows included), money is conserved, long results, raw reply bytes and
+COPY out data are exactly what they must be, the LISTEN session gets a NOTIFY sent right
+after the kill, every account's balance is what the ledger's transfers
 explain, and no connection whose client got no error is reset. A client error is allowed
 only where the move itself refuses (08006: what the session is owed cannot be known on
 host B) or its replay differed from what the client saw (40001)."""
@@ -37,3 +39,9 @@ def test_host_kill_trial(seed, pg_bindir, pg_base_dir):
     # or its replay differed from what its client saw (40001)
     assert set(r.errors) <= {"08006", "40001"}, detail
     assert r.serving is not None and r.serving < 5, detail
+    # long reads, raw rounds (bytes equal to host B's direct run), COPY out and in, LISTEN
+    # (connmgr/embedded/host_workload.py): every kind went on, nothing wrong, nothing missed
+    w = r.workload
+    assert {"reader", "raw", "copy out", "copy in"} <= {k for k, n in w.done.items() if n > 0}, detail
+    assert w.wrong == [] and w.copy_lost == [] and w.copy_partial == [], detail
+    assert w.listen is True, f"{w.listen_detail}\n{detail}"
