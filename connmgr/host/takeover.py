@@ -164,6 +164,8 @@ class HostRole:
         self._elected = trio.Event()
         self._token: int | None = None
         self._capture: socket.socket | None = None
+        #: the gratuitous ARP frame, made at the start (privileged.warm_up)
+        self._arp_frame: bytes | None = None
         #: copied frames the capture's buffer dropped, and when the last was
         self.frames_dropped = 0
         #: TLS connections closed at a takeover (not continued: see Rebuilt.close_only)
@@ -195,6 +197,10 @@ class HostRole:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Follow the frames (when standing by as the secondary), keep the lease, and take
         over each time this connmgr is elected; until cancelled."""
+        try:
+            self._arp_frame = await trio.to_thread.run_sync(privileged.warm_up, self.config.interface, self.vip)
+        except OSError as e:
+            log.error("host takeover: %s; a takeover will fail until this is fixed", e)
         async with trio.open_nursery() as nursery:
             if self.imports is not None:
                 self._capture = privileged.open_capture(self.config.capture or self.config.interface)
@@ -378,7 +384,7 @@ class HostRole:
             self.note(f"VIP {self.vip} added" if added else f"VIP {self.vip} was here already")
             self.listener = self._listen()  # bound while the rebuilt sockets still allow it
             await self._fence("announcing the VIP")
-            privileged.gratuitous_arp(self.config.interface, self.vip)
+            privileged.gratuitous_arp(self.config.interface, self.vip, frame=self._arp_frame)
             for r in rebuilt:
                 privileged.leave_repair(r.sock)
             self.note(f"gratuitous ARP sent, {len(rebuilt)} connection(s) live again")
@@ -494,7 +500,7 @@ class HostRole:
             if not self.leader.may_serve():
                 return
             try:
-                privileged.gratuitous_arp(self.config.interface, self.vip)
+                privileged.gratuitous_arp(self.config.interface, self.vip, frame=self._arp_frame)
             except OSError as e:
                 log.warning("gratuitous ARP again: %s", e)
 
