@@ -67,6 +67,8 @@ class TrialResult:
     #: seconds from the kill to host B's leader key, and to serving
     detection: float | None = None
     serving: float | None = None
+    #: seconds from the kill to each of host B's steps (the names of STEP_PHRASES)
+    steps: dict[str, float] = field(default_factory=dict)
     #: host B's connmgr log, and the wall-clock time of the kill (for a timeline)
     b_log: str = field(default="", repr=False)
     #: host B's database server log (with every statement, when the trial logged them)
@@ -281,25 +283,34 @@ def run_trial(base: Path, seed: int, *, bindir: Path | None = None, transfers: i
         log = lab.log("hostb")
         result.survivor_log = lab.server_log() if log_statements else ""
     result.b_log, result.killed_wall = log, kill_wall
-    result.detection, result.serving = _times(log, kill_wall)
+    result.steps = step_times(log, kill_wall)
+    result.detection, result.serving = result.steps.get("leader key"), result.steps.get("serving")
     return result
 
 
-def _times(log: str, kill_wall: float) -> tuple[float | None, float | None]:
-    """Seconds from the kill to host B's leader key and to serving, from its log."""
+#: host B's takeover steps: (name, a phrase of its log line), in their order
+STEP_PHRASES = (("leader key", "leader key won"), ("database alone", "this host's database stands alone"),
+                ("repair", "rebuilt in repair mode"), ("VIP", "VIP "), ("ARP", "gratuitous ARP sent"),
+                ("serving", "serving as the primary"),
+                ("replays done", "every open transaction is back"))  # fmt: skip
+
+
+def step_times(log: str, kill_wall: float) -> dict[str, float]:
+    """Seconds from the kill to the first log line of each of host B's steps after it."""
     import re
 
-    won = serving = None
+    out: dict[str, float] = {}
     for line in log.splitlines():
-        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) connmgr\.host \w+ host takeover: ", line)
         if not m:
             continue
         t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000 - kill_wall
-        if won is None and "leader key won" in line:
-            won = t
-        if serving is None and "serving as the primary" in line:
-            serving = t
-    return won, serving
+        if t < 0:
+            continue
+        for name, phrase in STEP_PHRASES:
+            if name not in out and phrase in line:
+                out[name] = t
+    return out
 
 
 #: host B's takeover steps as the picture marks them: (a phrase of its timeline note, mark)

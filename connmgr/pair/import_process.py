@@ -46,7 +46,7 @@ from shadow.framing import STREAM_HEAD, Framer
 
 log = logging.getLogger("connmgr.import")
 
-_Q, _P = ord("Q"), ord("P")
+_Q, _P, _D = ord("Q"), ord("P"), ord("D")
 
 
 class ImportProcess:
@@ -221,6 +221,8 @@ class ImportProcess:
             else:
                 replica.server_batch(offset, buf, frames)
         q = self.queue
+        if r.direction != "c":
+            frames = _rows_as_one(frames)
         for tag, start, end in frames:
             if tag > 0xFF:  # a part of a streamed message: not kept, and the session with it
                 if tag & STREAM_HEAD:
@@ -369,3 +371,19 @@ class ImportProcess:
             if restarted:
                 continue
             await outage.back_off()  # restart_poster() ends it too
+
+
+def _rows_as_one(frames: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Each run of adjacent DataRows as one frame: the queue only holds and counts them (a
+    result's rows decide nothing), and one at a time they cost it a message object and its
+    accounting each -- most of a host takeover's rebuild, which feeds the megabytes of a
+    large result the mirror had not carried yet (profiled: 411 of 419 samples)."""
+    out: list[tuple[int, int, int]] = []
+    for frame in frames:
+        if frame[0] == _D and out:
+            last = out[-1]
+            if last[0] == _D and last[2] + 5 == frame[1]:
+                out[-1] = (_D, last[1], frame[2])
+                continue
+        out.append(frame)
+    return out

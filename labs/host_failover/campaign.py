@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from connmgr.embedded import netlab  # noqa: E402
 from connmgr.embedded.clusters import temp_base_dir  # noqa: E402
 from connmgr.embedded.etcd_cluster import etcd_binary  # noqa: E402
-from connmgr.embedded.host_campaign import run_trial  # noqa: E402
+from connmgr.embedded.host_campaign import STEP_PHRASES, run_trial  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -92,6 +92,14 @@ def main() -> int:
           f" {sum(r.money == r.money_expected for r in results)}/{len(results)} | {dict(errors) or 0} |"
           f" {sum(r.resets for r in results)} | {pct(stalls, .5):.2f} / {pct(stalls, .99):.2f} /"
           f" {stalls[-1] if stalls else float('nan'):.2f} s | +{pct(det, .5):.2f} s | +{pct(srv, .5):.2f} s |")  # fmt: skip
+    print("\nhost B's steps, seconds from the kill (p50 / max over the trials):\n")
+    print("| " + " | ".join(name for name, _ in STEP_PHRASES) + " |")
+    print("|" + "---|" * len(STEP_PHRASES))
+    cells = []
+    for name, _ in STEP_PHRASES:
+        ts = sorted(r.steps[name] for r in results if name in r.steps)
+        cells.append(f"{pct(ts, .5):.2f} / {ts[-1]:.2f}" if ts else "-")
+    print("| " + " | ".join(cells) + " |")
     workload_table([r.workload for r in results])
     return 0 if all(r.ok for r in results) else 1
 

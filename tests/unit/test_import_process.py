@@ -60,3 +60,24 @@ def test_after_a_resync_the_sessions_open_before_it_are_not_framed_mid_message()
     assert imp.import_errors == 0
     assert held(imp, 1) == []
     assert [x.raw for x in held(imp, 2)] == [m.Query("SELECT 2").encode()]
+
+
+def test_the_rows_of_a_result_are_held_as_one_message_with_every_byte_counted():
+    imp = ImportProcess(max_buffered_message=OVER)
+    query = m.Query("SELECT g FROM generate_series(1, 1000) g").encode()
+    rows = b"".join(m.DataRow([str(i).encode()]).encode() for i in range(1000))
+    head = m.RowDescription([m.FieldDescription("g", 0, 0, 23, 4, -1, 0)]).encode()
+    reply = head + rows + m.CommandComplete("SELECT 1000").encode()
+    imp.on_records([SessionOpened(1, 1, STARTUP), data(1, 0, query)])
+    # the reply in records cut mid-row, as the mirror may cut it
+    imp.on_records([data(1, i, reply[i:i + 777], "b") for i in range(0, len(reply), 777)])
+    (txn,) = imp.queue.open_transactions(1)
+    kinds = [chr(x.tag) for x in txn.responses]
+    assert kinds[0] == "T" and kinds[-1] == "C" and set(kinds[1:-1]) == {"D"}
+    assert len(kinds) < 1000 // 5  # every record's rows as one (777-byte records: a few rows each)
+    assert b"".join(x.raw for x in txn.responses) == reply  # every byte held, in order, at its offset
+    assert [x.offset for x in txn.responses] == [sum(len(y.raw) for y in txn.responses[:i])
+                                                  for i in range(len(txn.responses))]
+    assert txn.nbytes == len(query) + len(reply)
+    imp.on_records([data(1, len(reply), m.ReadyForQuery("I").encode(), "b")])
+    assert imp.queue.open_transactions(1) == [] and imp.import_errors == 0
