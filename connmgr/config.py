@@ -121,7 +121,9 @@ class MetricsSection:
 class MirrorSection:
     """``[mirror]``: the stream of every session's messages to the secondary connmgr."""
 
-    #: primary: host:port of the secondary's mirror listener ("" = not mirroring)
+    #: primary: host:port of the secondary's mirror listener ("" = not mirroring); on a
+    #: host pair's secondary (with [host] and listen), where it mirrors once it has taken
+    #: over: the other host's listener, for when that host joins again (connmgr/host/rejoin.py)
     peer: str = ""
     #: secondary: host:port to accept the primary's mirror stream on ("" = off)
     listen: str = ""

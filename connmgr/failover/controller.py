@@ -56,7 +56,7 @@ from connmgr.errors import ClientError
 from connmgr.failover import reseed as reseeding
 from connmgr.failover.phases import FailoverEvent, FailoverPhase, next_phase
 from connmgr.failover.replay_order import ReplayOrder
-from connmgr.pair.sequence_sync import SequenceSync, set_past_columns
+from connmgr.pair.sequence_sync import set_past_columns
 from connmgr.pg.backend import BackendServer, BackendSession, Credentials, Route, open_backend
 from connmgr.pg.redo_monitor import RedoMonitor
 from connmgr.pg.wire import PeerClosed
@@ -335,20 +335,12 @@ class Failover:
             self.note(f"re-seeding the old primary {old.address} as the secondary of {new.address}"
                       f" ({'copy of the data: it may hold commits never acknowledged' if copy else 'no copy'})")
             with trio.fail_after(cfg.reseed_timeout + 30):
-                self.sync_names = await reseeding.reseed(
+                self.sync_names, moved = await reseeding.reseed_and_sync(
                     lambda db, purpose: self._admin(db, purpose, old), lambda db, purpose: self._admin(db, purpose, new),
                     self.subscriptions, copy=copy, sync_names=self.sync_names, timeout=cfg.reseed_timeout,
                     connect=lambda db: reseeding.conninfo(new.host, new.port, cfg.user, cfg.password, db),
                     note=self.note,
                 )  # fmt: skip
-                moved = 0
-                for database in dict.fromkeys(sub.database for sub in self.subscriptions):
-                    sequences = SequenceSync(lambda db=database: self._admin(db, "connmgr reseed sequences", new),
-                                             lambda db=database: self._admin(db, "connmgr reseed sequences", old))
-                    try:
-                        moved += await sequences.sync_once()
-                    finally:
-                        sequences.close()
             done = True
         except Exception as e:  # a server refusing or gone, a timeout -- or a bug: it costs the re-seed only
             self.reseed_failures += 1

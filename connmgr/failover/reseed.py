@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import trio
 
+from connmgr.pair.sequence_sync import SequenceSync
 from connmgr.pg.backend import BackendSession
 from shadow import messages
 from shadow.sqltext import quote_ident, quote_literal
@@ -160,6 +161,26 @@ async def reseed(open_old: Opener, open_new: Opener, subscriptions: list[Subscri
     if sync_names:
         await _sync_effective(open_new, admin_db, sync_names)
     return sync_names
+
+
+async def reseed_and_sync(open_old: Opener, open_new: Opener, subscriptions: list[Subscription], *,
+                          connect: Callable[[str], str], copy: bool, sync_names: str | None,
+                          timeout: float, note: Callable[[str], None]) -> tuple[str, int]:  # fmt: skip
+    """:func:`reseed`, then the old primary's sequences brought ahead of the new one's
+    (one pass per database: sequences are not replicated). Returns the
+    synchronous_standby_names now set on the new primary and how many sequences moved.
+    The database failover's fail-back and a host takeover's rejoin both end a re-seed so."""
+    sync_names = await reseed(open_old, open_new, subscriptions, connect=connect, copy=copy, sync_names=sync_names,
+                              timeout=timeout, note=note)  # fmt: skip
+    moved = 0
+    for database in dict.fromkeys(sub.database for sub in subscriptions):
+        sequences = SequenceSync(lambda db=database: open_new(db, "connmgr reseed sequences"),
+                                 lambda db=database: open_old(db, "connmgr reseed sequences"))
+        try:
+            moved += await sequences.sync_once()
+        finally:
+            sequences.close()
+    return sync_names, moved
 
 
 async def _sync_effective(open_new: Opener, database: str, sync_names: str) -> None:

@@ -64,9 +64,13 @@ def _fail(step: str, e: OSError) -> PrivilegeError:
 
 
 def rebuild(rs: RepairState, *, sndbuf: int = 0, rcvbuf: int = 0) -> socket.socket:
-    """A socket continuing the connection ``rs`` describes, still in repair mode (nothing
-    sent yet): call :func:`leave_repair` once the address is held. The bytes the client
-    has not acknowledged (``rs.unsent``) are queued as never sent. Raises PrivilegeError."""
+    """A socket continuing the connection ``rs`` describes, left in repair mode: call
+    :func:`leave_repair` once the address is held. The bytes the client has not
+    acknowledged (``rs.unsent``: host A's, sent before it died) are queued as never sent,
+    and that sends them at once (IP_TRANSPARENT routes them before the VIP is here): the
+    only segments this host sends before the VIP, under the leader key the takeover
+    checked just before, and the same bytes at the same sequence numbers host A sent, so
+    a client that has them drops them. Raises PrivilegeError."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     step = "TCP_REPAIR on"
     try:

@@ -34,7 +34,6 @@ import trio
 from connmgr.config import Config
 from connmgr.errors import ClientError
 from connmgr.failover import reseed as reseeding
-from connmgr.pair.sequence_sync import SequenceSync
 from connmgr.pg.backend import BackendServer, BackendSession, Credentials, open_backend
 from connmgr.pg.wire import PeerClosed
 
@@ -92,20 +91,12 @@ class Rejoin:
             self.note(f"re-seeding {old.address} (left behind by the host takeover) as the secondary of"
                       f" {new.address}, with a copy of the data: it may hold commits never acknowledged")  # fmt: skip
             with trio.fail_after(cfg.reseed_timeout + 30):
-                self.sync_names = await reseeding.reseed(
+                self.sync_names, moved = await reseeding.reseed_and_sync(
                     lambda db, purpose: self._admin(db, purpose, old), lambda db, purpose: self._admin(db, purpose, new),
                     self.subscriptions, copy=True, sync_names=self.sync_names, timeout=cfg.reseed_timeout,
                     connect=lambda db: reseeding.conninfo(new.host, new.port, cfg.user, cfg.password, db),
                     note=self.note,
                 )  # fmt: skip
-                moved = 0
-                for database in dict.fromkeys(sub.database for sub in self.subscriptions):
-                    sequences = SequenceSync(lambda db=database: self._admin(db, "connmgr rejoin sequences", new),
-                                             lambda db=database: self._admin(db, "connmgr rejoin sequences", old))
-                    try:
-                        moved += await sequences.sync_once()
-                    finally:
-                        sequences.close()
         except Exception as e:  # a server refusing or gone, a timeout -- or a bug: it costs the re-seed only
             why = str(e) or type(e).__name__
             if not isinstance(e, reseeding.ReseedError | ClientError | OSError | PeerClosed | trio.TooSlowError):

@@ -21,9 +21,10 @@ like the database failover's):
    the server bytes it sent beyond the mirror are taken from the frames into the replica;
    then the socket is rebuilt in repair mode (:func:`~connmgr.host.privileged.rebuild`,
    with IP_TRANSPARENT: it owns the VIP's 4-tuple before the VIP is here, so no client
-   segment ever meets a closed port and a reset). A connection host B cannot continue
-   faithfully (its handshake was before the capture, a copied frame was lost) is left
-   alone and counted: its client times out.
+   segment ever meets a closed port and a reset; host A's unacknowledged bytes go out
+   again from here). A connection host B cannot continue faithfully (its handshake was
+   before the capture, a copied frame was lost) is left alone and counted: once the VIP
+   is here, this host's kernel answers its client's next segment with a reset.
 3. ANNOUNCING -- fencing check, the VIP added, fencing check, gratuitous ARP (again after
    100 ms and 1 s), every socket out of repair mode (its window probe makes the client
    answer at once), the pair's primary role started here (the mirror link to the
