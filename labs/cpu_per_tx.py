@@ -7,12 +7,22 @@ system time from /proc/PID/stat around a pgbench run), not what it waits for.
     python labs/cpu_per_tx.py --modes simple --targets connmgr --seconds 10
 
 Prints one line per run: tps, CPU us per transaction and the user part of it.
+
+``--callgrind`` counts instructions instead (repeatable where seconds are not: the issue-15
+measure). Each proxy runs under ``valgrind --tool=callgrind``, uninstrumented; it is
+switched on (``callgrind_control -i on``, counters zeroed) for exactly one pgbench run of ``--transactions``
+transactions per client and the proxy's instructions are divided by the transactions
+(valgrind serialises the proxy's threads; the kernel's work is not counted):
+
+    python labs/cpu_per_tx.py --callgrind --targets connmgr,connmgr-mirror,relay --transactions 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,25 +35,51 @@ from benchkit.targets import connmgr_argv, relay_argv  # noqa: E402
 from connmgr.embedded.clusters import Cluster, free_port, temp_base_dir  # noqa: E402
 
 
-def start(kind: str, pg_port: int, base: Path) -> list[Service]:
+def callgrind(kind: str, base: Path) -> list[str]:
+    """The launcher that runs a Python proxy under callgrind, not instrumented until asked
+    (so it also starts at a fraction of callgrind's cost)."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+            f"--callgrind-out-file={base / kind}.callgrind.%p", sys.executable]  # fmt: skip
+
+
+def instructions(pid: int, base: Path, kind: str) -> int:
+    """Dump the counts of ``pid`` (collected since the last dump) and read their total."""
+    for f in base.glob(f"{kind}.callgrind.{pid}*"):
+        f.unlink()
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True, timeout=300)
+    total = 0
+    for f in base.glob(f"{kind}.callgrind.{pid}.*"):  # the dump (the main file is written at exit)
+        m = re.search(r"^(?:summary|totals):\s+(\d+)", f.read_text(errors="replace"), re.M)
+        total += int(m.group(1)) if m else 0
+    return total
+
+
+def start(kind: str, pg_port: int, base: Path, launcher: list[str] | None = None) -> list[Service]:
     """Start one proxy; returns its services, the measured one last. ``connmgr-mirror`` is
     connmgr mirroring every session to a second connmgr (started here too, as the
     secondary) with the redo monitor tagging LSNs."""
     port = free_port()
     services = []
     if kind == "relay":
-        services.append(Service(kind, relay_argv(port, pg_port), port, base / "relay.log"))
+        argv = relay_argv(port, pg_port)
+        if launcher is not None:
+            argv = [*launcher, *argv[1:]]
+        services.append(Service(kind, argv, port, base / "relay.log"))
     elif kind == "connmgr-mirror":
         mport, sport = free_port(), free_port()
         (base / "secondary.toml").write_text(f'[mirror]\nlisten = "127.0.0.1:{mport}"\n')
         (base / "primary.toml").write_text(f'[mirror]\npeer = "127.0.0.1:{mport}"\n[redo]\nuser = "postgres"\n')
         services.append(Service("secondary", connmgr_argv(sport, pg_port, ["--config", str(base / "secondary.toml")]),
                                 sport, base / "secondary.log"))  # fmt: skip
-        services.append(Service(kind, connmgr_argv(port, pg_port, ["--config", str(base / "primary.toml")]),
+        services.append(Service(kind, connmgr_argv(port, pg_port, ["--config", str(base / "primary.toml")],
+                                                   launcher=launcher and [*launcher, "-m"]),
                                 port, base / "primary.log", markers=("listening on", "mirror link up")))  # fmt: skip
     else:
         extra = ["--relay", "tasks"] if kind == "connmgr-tasks" else []
-        services.append(Service(kind, connmgr_argv(port, pg_port, extra), port, base / f"{kind}.log"))
+        services.append(Service(kind, connmgr_argv(port, pg_port, extra, launcher=launcher and [*launcher, "-m"]),
+                                port, base / f"{kind}.log"))  # fmt: skip
+    if launcher is not None:
+        services[-1].ready_timeout = 600.0
     try:
         for service in services:
             service.start()
@@ -60,7 +96,12 @@ def main() -> None:
     ap.add_argument("--modes", default="simple,extended")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--callgrind", action="store_true", help="count the proxy's instructions per transaction")
+    ap.add_argument("--transactions", type=int, default=2000, help="per client, with --callgrind")
+    ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
+    if args.callgrind and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
     base = temp_base_dir("connmgr-cpu-")
     cluster = Cluster.create(base, "cpu", host_auth="trust")
     procs: dict[str, list[Service]] = {}
@@ -71,11 +112,14 @@ def main() -> None:
         if rc != 0:
             raise SystemExit(f"pgbench -i failed: {first_error_line(err + out)}")
         for kind in args.targets.split(","):
-            procs[kind] = start(kind, cluster.port, base)
+            procs[kind] = start(kind, cluster.port, base, callgrind(kind, base) if args.callgrind else None)
         for _ in range(args.rounds):
             for mode in args.modes.split(","):
                 for kind, services in procs.items():
                     proxy = services[-1]
+                    if args.callgrind:
+                        count_instructions(kind, proxy, pgbench, mode, args, base)
+                        continue
                     u0, s0 = cpu_times(proxy.pid()) or (0.0, 0.0)
                     rc, out, err = run_pgbench(
                         pgbench, proxy.port,
@@ -96,6 +140,30 @@ def main() -> None:
                 service.stop()
         cluster.destroy()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def count_instructions(kind: str, proxy: Service, pgbench: str, mode: str, args, base: Path) -> None:
+    """One pgbench run of ``args.transactions`` per client with collection on; prints the
+    proxy's instructions per transaction."""
+    pid = proxy.pid()
+    warm = ["-n", "-S", "-c", str(args.clients), "-j", "2", "-t", "50", "-M", mode]
+    run_pgbench(pgbench, proxy.port, warm, timeout=600, db="postgres")  # its code paths warm, not counted
+    subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True, timeout=60)
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True, timeout=60)
+    rc, out, err = run_pgbench(
+        pgbench, proxy.port,
+        ["-n", "-S", "-c", str(args.clients), "-j", "2", "-t", str(args.transactions), "-M", mode],
+        timeout=3600, db="postgres",
+    )  # fmt: skip
+    total = instructions(pid, base, kind)  # the dump holds what ran since the zeroing
+    subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True, timeout=60)
+    figures = parse_pgbench(out)
+    if rc != 0 or not figures.get("transactions"):
+        print(f"{mode:9s} {kind:14s} FAILED: {first_error_line(err + out)[:200]}", flush=True)
+        return
+    count = figures["transactions"]
+    print(f"{mode:9s} {kind:14s} instructions/tx {total / count:10,.0f}  ({count} transactions, {total:,} instructions)",
+          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

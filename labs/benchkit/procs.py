@@ -109,6 +109,8 @@ class Service:
     pythonpath: Path = REPO
     run_as: OsUser | None = None
     stop_timeout: float = STOP_TIMEOUT
+    #: how long it may take to be ready (longer under valgrind)
+    ready_timeout: float = READY_TIMEOUT
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     #: set once it was ready: a service that is ready and then not alive died on its own
     ready: bool = field(default=False, init=False)
@@ -139,7 +141,7 @@ class Service:
                 )  # fmt: skip
             except OSError as e:
                 raise TargetUnavailable(f"could not run {self.argv[0]}: {e}") from e
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 why = first_error_line(tail(self.log_path, 20))
@@ -153,7 +155,7 @@ class Service:
         self.stop()
         lacks = f" (log lacks {missing})" if missing else ""
         raise TargetUnavailable(
-            f"{self.name} not ready within {READY_TIMEOUT:g}s{lacks}; log: {self.log_path}"
+            f"{self.name} not ready within {self.ready_timeout:g}s{lacks}; log: {self.log_path}"
         )
 
     def _missing_markers(self) -> list[str]:
