@@ -131,7 +131,8 @@ class HostRole:
     on a connmgr that starts as the primary); ``promote()`` makes this host's database
     stand alone; ``lead()`` starts the pair's primary role on this connmgr (its mirror
     link to the secondary that will follow it; connmgr/host/rejoin.py); ``followed()``
-    says whether a primary's mirror link has said hello to this secondary; ``serve(sock)`` starts accepting clients on a bound listening socket;
+    says whether a primary's mirror link has said hello to this secondary;
+    ``serve(sock)`` starts accepting clients on a bound listening socket;
     ``resume(rebuilt)`` starts continuing the sessions (in the caller's nursery: each
     one's errors are its own);
     ``connections()`` gives the client sockets served now (dropped silently on a step-down)."""
@@ -397,7 +398,11 @@ class HostRole:
                 nursery.start_soon(self._close_cleanly, [r.sock for r in closing])
             nursery.start_soon(self._announce_again)
             if self.imports is not None and self.lead is not None:
-                await self.lead()  # before any new client: new sessions are mirrored from their start
+                try:  # before any new client: new sessions are mirrored from their start
+                    await self.lead()
+                except Exception as e:  # noqa: BLE001 - the clients are live here: serve them unmirrored
+                    log.exception("host takeover: the pair's primary role did not start")
+                    self.note(f"the pair's primary role did not start ({e!r}): serving without a secondary")
             self.serve(self.listener)
             self._fire(TakeoverEvent.ANNOUNCED)
         except BaseException:
