@@ -15,6 +15,11 @@ transactions per client and the proxy's instructions are divided by the transact
 (valgrind serialises the proxy's threads; the kernel's work is not counted):
 
     python labs/cpu_per_tx.py --callgrind --targets connmgr,connmgr-mirror,relay --transactions 2000
+
+``--strace`` counts the proxy's system calls per transaction instead (``strace -f -c``
+attached for one such run; strace slows the proxy, so only the counts mean anything):
+
+    python labs/cpu_per_tx.py --strace --targets connmgr --transactions 2000
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -99,6 +106,9 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="count the proxy's instructions per transaction")
     ap.add_argument("--transactions", type=int, default=2000, help="per client, with --callgrind")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--strace", action="store_true", help="count the proxy's system calls per transaction")
+    ap.add_argument("--keep", metavar="DIR", type=Path,
+                    help="with --callgrind: copy each counted dump there (for callgrind_annotate)")
     args = ap.parse_args()
     if args.callgrind and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--callgrind needs valgrind (apt-get install valgrind)")
@@ -119,6 +129,9 @@ def main() -> None:
                     proxy = services[-1]
                     if args.callgrind:
                         count_instructions(kind, proxy, pgbench, mode, args, base)
+                        continue
+                    if args.strace:
+                        count_syscalls(kind, proxy, pgbench, mode, args)
                         continue
                     u0, s0 = cpu_times(proxy.pid()) or (0.0, 0.0)
                     rc, out, err = run_pgbench(
@@ -156,6 +169,10 @@ def count_instructions(kind: str, proxy: Service, pgbench: str, mode: str, args,
         timeout=3600, db="postgres",
     )  # fmt: skip
     total = instructions(pid, base, kind)  # the dump holds what ran since the zeroing
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        for f in base.glob(f"{kind}.callgrind.{pid}.*"):
+            shutil.copy(f, args.keep / f"{kind}-{mode}.callgrind")
     subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True, timeout=60)
     figures = parse_pgbench(out)
     if rc != 0 or not figures.get("transactions"):
@@ -164,6 +181,36 @@ def count_instructions(kind: str, proxy: Service, pgbench: str, mode: str, args,
     count = figures["transactions"]
     print(f"{mode:9s} {kind:14s} instructions/tx {total / count:10,.0f}  ({count} transactions, {total:,} instructions)",
           flush=True)  # fmt: skip
+
+
+def count_syscalls(kind: str, proxy: Service, pgbench: str, mode: str, args) -> None:
+    """One pgbench run of ``args.transactions`` per client under ``strace -f -c``; prints
+    the proxy's system calls per transaction, by call."""
+    strace = subprocess.Popen(["strace", "-f", "-c", "-p", str(proxy.pid())],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(1.0)  # attached to every thread
+        rc, out, err = run_pgbench(
+            pgbench, proxy.port,
+            ["-n", "-S", "-c", str(args.clients), "-j", "2", "-t", str(args.transactions), "-M", mode],
+            timeout=3600, db="postgres",
+        )  # fmt: skip
+    finally:
+        strace.send_signal(signal.SIGINT)
+        _, report = strace.communicate(timeout=60)
+    figures = parse_pgbench(out)
+    if rc != 0 or not figures.get("transactions"):
+        print(f"{mode:9s} {kind:14s} FAILED: {first_error_line(err + out)[:200]}", flush=True)
+        return
+    count = figures["transactions"]
+    calls = {}
+    for line in report.splitlines():  # % time, seconds, usecs/call, calls, [errors,] syscall
+        fields = line.split()
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+            calls[fields[-1]] = int(fields[3])
+    total = sum(calls.values())
+    top = ", ".join(f"{name} {n / count:.2f}" for name, n in sorted(calls.items(), key=lambda kv: -kv[1])[:8])
+    print(f"{mode:9s} {kind:14s} syscalls/tx {total / count:6.2f}  ({top})", flush=True)
 
 
 if __name__ == "__main__":

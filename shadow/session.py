@@ -122,7 +122,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"  #: Terminate processed, FATAL error, or a CancelRequest connection
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PendingRequest:
     """An entry of :attr:`SessionState.pending`.
 
@@ -135,6 +135,9 @@ class PendingRequest:
     ``statement`` / ``portal`` name what the request acts on (Parse: statement; Bind: both;
     Execute: portal; Describe and Close: exactly one of them, by their kind). ``sql`` is the
     text of a Query or Parse. All three are None when the message was malformed.
+
+    Read-only by convention: not ``frozen``, because a frozen dataclass costs three times
+    as much to create, and one is created per request on the relay's hot path.
     """
 
     kind: str
@@ -273,10 +276,10 @@ def _first_state(req: PendingRequest) -> str:
         return _QUERY
     if kind == "S":
         return "Sync"
-    if kind == "F":
-        return _FUNCTION_CALL
     if kind == "E":
         return "Execute" if req.portal is not None else _MALFORMED
+    if kind == "F":
+        return _FUNCTION_CALL
     if kind == "P":
         return "Parse" if req.statement is not None else _MALFORMED
     if kind == "B":
@@ -627,11 +630,7 @@ class SessionState:
         pass
 
     def _f_query(self, tag: int, body: bytes) -> None:
-        try:
-            sql = decode_frontend(tag, body).sql
-        except RemoteProtocolError:
-            sql = None
-        self._append(PendingRequest("Q", sql=sql))
+        self._append(PendingRequest("Q", sql=_query_text(body)))
 
     # Parse, Bind, Describe, Close and Execute are on the hot path of every extended-protocol
     # request: the session needs only their names (and Parse's text), so they are cut at
@@ -734,28 +733,40 @@ class SessionState:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _b_reply(self, tag: int, body: bytes) -> None:
-        """A message answering the head request (normal phase)."""
-        if not self.pending:
+        """A message answering the head request (normal phase). The hot path of every
+        request: the common outcomes come first and are handled inline."""
+        pending = self.pending
+        if not pending:
             raise self._unexpected_reply(tag)
         act = _REPLIES[self._expect].get(tag)
         if act is _STAY:
-            if tag == _C:
+            if tag == _C and body[:1] == b"D":  # DEALLOCATE or DISCARD
                 self._check_command_tag(body)
-        elif act is _DONE:
-            if tag == _C:
-                self._check_command_tag(body)
-            self._complete(self.pending[0])
-            self._pop(synced=False)
         elif act is _READY:
-            status = self._tx_status(body)
+            status = _TX_BY_BYTE.get(body[0]) if len(body) == 1 else None
+            if status is None:
+                self._tx_status(body)  # raises the precise error
             self.tx_status = status
-            if self.pending[0].kind == "Q":
+            head = pending.popleft()
+            if head.kind == "Q":
                 # a simple Query drops the unnamed statement and portal
                 self._unnamed_sql = None
-                self.portals.pop("", None)
+                if self.portals:
+                    self.portals.pop("", None)
             if status is TxStatus.IDLE and self.portals:
                 self.portals.clear()  # transaction over: every portal is gone
-            self._pop(synced=True)
+            self._synced = True
+            if pending:
+                self._settle()
+        elif act is _DONE:
+            if tag == _C and body[:1] == b"D":
+                self._check_command_tag(body)
+            head = pending.popleft()
+            if head.kind != "E":  # an Execute's completion changes nothing the session keeps
+                self._complete(head)
+            self._synced = False
+            if pending:
+                self._settle()
         elif act is _Act.COPY_IN:
             self._set_phase(Phase.COPY_IN)
         elif act is _Act.COPY_OUT:
@@ -816,6 +827,18 @@ def _two_strings(body: bytes | bytearray | memoryview) -> tuple[str, str]:
     if j < 0:
         raise ValueError("missing NUL terminator")
     return _text(body, 0, i), _text(body, i + 1, j)
+
+
+def _query_text(body: bytes | bytearray | memoryview) -> str | None:
+    """A Query body's text: one NUL-terminated UTF-8 string (what ``decode_frontend``
+    checks, without building the message record); None if malformed."""
+    body = bytes(body)
+    if not body or body.find(0) != len(body) - 1:
+        return None
+    try:
+        return body[:-1].decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _text(body: bytes, start: int, end: int) -> str:
