@@ -96,7 +96,6 @@ from shadow.messages import (
     SSLRequest,
     StartupMessage,
     decode_backend,
-    decode_frontend,
     decode_startup,
 )
 
