@@ -86,13 +86,18 @@ import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from shadow.errors import RemoteProtocolError
+from shadow.framing import STREAM_HEAD
 from shadow.messages import (
     AuthenticationOk,
     BackendKeyData,
+    Body,
     CancelRequest,
+    ErrorResponse,
     GSSENCRequest,
+    ParameterStatus,
     SSLRequest,
     StartupMessage,
     decode_backend,
@@ -306,7 +311,7 @@ _DEALLOCATE_RE = re.compile(
     r'\bDEALLOCATE\s+(?:PREPARE\s+)?("(?:[^"]|"")+"|[^\s;"]+)', re.IGNORECASE
 )
 
-Handler = Callable[["SessionState", int, bytes], None]
+Handler = Callable[["SessionState", int, Body], None]
 
 
 class SessionState:
@@ -433,6 +438,70 @@ class SessionState:
             handler(self, tag, body)
         elif tag in _BACKEND_NAMES:
             raise self._illegal("server", _name(tag, _BACKEND_NAMES))
+
+    # The relay's hot path: a whole batch of messages in one call. The requests and replies
+    # of normal operation are handled inline; everything else goes through
+    # frontend_message / backend_message, so the tables stay the one definition of what is
+    # legal (tests/unit/test_session.py checks both ways give the same state).
+
+    def frontend_frames(self, buf: bytes | bytearray, frames: list, lo: int = 0, hi: int | None = None) -> None:
+        """Account for ``frames[lo:hi]`` of ``buf`` (the ``(tag, body_start, body_end)``
+        triples of :class:`~shadow.framing.Framer`) in order, as :meth:`frontend_message`
+        would one by one; CopyData is skipped and a streamed message is followed from its
+        head (:meth:`frontend_streamed`). Raises as they do, at the message concerned."""
+        pending = self.pending
+        for tag, start, end in frames if lo == 0 and hi is None else frames[lo:hi]:
+            if tag == _d:
+                continue
+            if tag > 0xFF:
+                if tag & STREAM_HEAD:
+                    self.frontend_streamed(tag & 0xFF, buf[start:end])
+                continue
+            if self._frontend_table is not _REQUESTS or self._skip_until_sync or self._client_terminated:
+                self.frontend_message(tag, buf[start:end])
+                continue
+            if tag == _S:
+                req = _SYNC
+            elif tag == _B:
+                req = _bind_request(buf, start, end)
+            elif tag == _E:
+                req = _execute_request(buf, start, end)
+            elif tag == _P:
+                req = _parse_request(buf, start, end)
+            elif tag == _Q:
+                req = _query_request(buf, start, end)
+            elif tag == _D:
+                req = _describe_or_close_request("D", buf, start, end)
+            else:
+                self.frontend_message(tag, buf[start:end])
+                continue
+            if not pending:
+                self._expect = _first_state(req)
+            pending.append(req)
+
+    def backend_frames(self, buf: bytes | bytearray, frames: list, lo: int = 0, hi: int | None = None) -> None:
+        """Account for ``frames[lo:hi]`` of ``buf`` in order, as :meth:`backend_message`
+        would one by one; DataRows and the parts of a streamed message are skipped (they
+        decide nothing). Raises as it does, at the message concerned."""
+        pending = self.pending
+        for tag, start, end in frames if lo == 0 and hi is None else frames[lo:hi]:
+            if tag == _D or tag > 0xFF:
+                continue
+            if pending and self._backend_table is _READY_BACKEND:
+                act = _REPLIES[self._expect].get(tag)
+                if act is _STAY:
+                    if tag != _C or start == end or buf[start] != 68:  # not DEALLOCATE/DISCARD
+                        continue
+                elif act is _READY:
+                    status = _TX_BY_BYTE.get(buf[start]) if end - start == 1 else None
+                    if status is not None:
+                        self._ready(status)
+                        continue
+                elif act is _DONE:
+                    if tag != _C or start == end or buf[start] != 68:
+                        self._done()
+                        continue
+            self.backend_message(tag, buf[start:end])
 
     def is_idle(self) -> bool:
         """True at a ReadyForQuery boundary: phase READY, transaction idle, nothing pending
@@ -615,7 +684,7 @@ class SessionState:
 
     # ------------------------------------------------------------------ frontend handlers
 
-    def _f_startup(self, tag: int, body: bytes) -> None:
+    def _f_startup(self, tag: int, body: Body) -> None:
         msg = decode_startup(body)
         if isinstance(msg, StartupMessage):
             self.startup_parameters = dict(msg.parameters)
@@ -625,105 +694,80 @@ class SessionState:
         else:
             assert isinstance(msg, (SSLRequest, GSSENCRequest))  # stay in STARTUP
 
-    def _f_ignore(self, tag: int, body: bytes) -> None:
+    def _f_ignore(self, tag: int, body: Body) -> None:
         pass
 
-    def _f_query(self, tag: int, body: bytes) -> None:
-        self._append(PendingRequest("Q", sql=_query_text(body)))
+    def _f_query(self, tag: int, body: Body) -> None:
+        b = bytes(body)
+        self._append(_query_request(b, 0, len(b)))
 
     # Parse, Bind, Describe, Close and Execute are on the hot path of every extended-protocol
     # request: the session needs only their names (and Parse's text), so they are cut at
-    # their NUL terminators instead of being fully decoded. A body that does not cut
-    # cleanly is still queued, without details: the server judges it (see _f_query).
+    # their NUL terminators instead of being fully decoded (the builders at the end of the
+    # module, shared with frontend_frames). A body that does not cut cleanly is still
+    # queued, without details: the server judges it.
 
-    def _f_parse(self, tag: int, body: bytes) -> None:
-        try:
-            name, sql = _two_strings(body)
-        except ValueError:
-            self._append(PendingRequest("P"))
-        else:
-            self._append(PendingRequest("P", statement=name, sql=sql, body=bytes(body) if name else None))
+    def _f_parse(self, tag: int, body: Body) -> None:
+        b = bytes(body)
+        self._append(_parse_request(b, 0, len(b)))
 
-    def _f_bind(self, tag: int, body: bytes) -> None:
-        try:
-            portal, statement = _two_strings(body)
-        except ValueError:
-            self._append(PendingRequest("B"))
-        else:
-            self._append(PendingRequest("B", statement=statement, portal=portal))
+    def _f_bind(self, tag: int, body: Body) -> None:
+        b = bytes(body)
+        self._append(_bind_request(b, 0, len(b)))
 
-    def _f_describe_or_close(self, tag: int, body: bytes) -> None:
-        kind = "D" if tag == _D else "C"
-        body = bytes(body)
-        try:
-            if len(body) < 2 or body[-1] != 0 or body.find(0, 1) != len(body) - 1:
-                raise ValueError
-            name = _text(body, 1, len(body) - 1)
-            which = body[0]
-            if which == _S:
-                self._append(PendingRequest(kind, statement=name))
-            elif which == _P:
-                self._append(PendingRequest(kind, portal=name))
-            else:
-                raise ValueError
-        except ValueError:
-            self._append(PendingRequest(kind))
+    def _f_describe_or_close(self, tag: int, body: Body) -> None:
+        b = bytes(body)
+        self._append(_describe_or_close_request("D" if tag == _D else "C", b, 0, len(b)))
 
-    def _f_execute(self, tag: int, body: bytes) -> None:
-        body = bytes(body)
-        i = body.find(0)
-        try:
-            if i < 0 or len(body) != i + 5:
-                raise ValueError
-            self._append(PendingRequest("E", portal=_text(body, 0, i)))
-        except ValueError:
-            self._append(PendingRequest("E"))
+    def _f_execute(self, tag: int, body: Body) -> None:
+        b = bytes(body)
+        self._append(_execute_request(b, 0, len(b)))
 
-    def _f_sync(self, tag: int, body: bytes) -> None:
+    def _f_sync(self, tag: int, body: Body) -> None:
         self._append(_SYNC)
 
-    def _f_function_call(self, tag: int, body: bytes) -> None:
+    def _f_function_call(self, tag: int, body: Body) -> None:
         self._append(_FUNCTION)
 
-    def _f_copy_done(self, tag: int, body: bytes) -> None:
+    def _f_copy_done(self, tag: int, body: Body) -> None:
         self._append(_COPY_DONE)
 
-    def _f_copy_fail(self, tag: int, body: bytes) -> None:
+    def _f_copy_fail(self, tag: int, body: Body) -> None:
         self._append(_COPY_FAIL)
 
-    def _f_terminate(self, tag: int, body: bytes) -> None:
+    def _f_terminate(self, tag: int, body: Body) -> None:
         self._client_terminated = True
         self._append(_TERMINATE)
 
     # ------------------------------------------------------------------- backend handlers
 
-    def _b_ignore(self, tag: int, body: bytes) -> None:
+    def _b_ignore(self, tag: int, body: Body) -> None:
         pass
 
-    def _b_parameter_status(self, tag: int, body: bytes) -> None:
-        msg = decode_backend(tag, body)
+    def _b_parameter_status(self, tag: int, body: Body) -> None:
+        msg = cast(ParameterStatus, decode_backend(tag, body))
         self.parameters[msg.name] = msg.value
 
-    def _b_fatal(self, tag: int, body: bytes) -> None:
+    def _b_fatal(self, tag: int, body: Body) -> None:
         """An ErrorResponse before normal operation always ends the connection."""
         decode_backend(tag, body)  # validates
         self._set_phase(Phase.CLOSED)
 
-    def _b_authentication(self, tag: int, body: bytes) -> None:
+    def _b_authentication(self, tag: int, body: Body) -> None:
         if isinstance(decode_backend(tag, body), AuthenticationOk):
             self._set_phase(Phase.INITIALIZING)
 
-    def _b_backend_key_data(self, tag: int, body: bytes) -> None:
-        msg: BackendKeyData = decode_backend(tag, body)
+    def _b_backend_key_data(self, tag: int, body: Body) -> None:
+        msg = cast(BackendKeyData, decode_backend(tag, body))
         self.backend_pid = msg.pid
         self.backend_secret = msg.secret
 
-    def _b_first_ready(self, tag: int, body: bytes) -> None:
+    def _b_first_ready(self, tag: int, body: Body) -> None:
         self.tx_status = self._tx_status(body)
         self._synced = True
         self._set_phase(Phase.READY)  # requests pipelined during startup stay queued
 
-    def _tx_status(self, body: bytes) -> TxStatus:
+    def _tx_status(self, body: Body) -> TxStatus:
         if len(body) == 1:
             status = _TX_BY_BYTE.get(body[0])
             if status is not None:
@@ -731,41 +775,20 @@ class SessionState:
         decode_backend(_Z, body)  # raises the precise error
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _b_reply(self, tag: int, body: bytes) -> None:
-        """A message answering the head request (normal phase). The hot path of every
-        request: the common outcomes come first and are handled inline."""
-        pending = self.pending
-        if not pending:
+    def _b_reply(self, tag: int, body: Body) -> None:
+        """A message answering the head request (normal phase)."""
+        if not self.pending:
             raise self._unexpected_reply(tag)
         act = _REPLIES[self._expect].get(tag)
         if act is _STAY:
             if tag == _C and body[:1] == b"D":  # DEALLOCATE or DISCARD
                 self._check_command_tag(body)
         elif act is _READY:
-            status = _TX_BY_BYTE.get(body[0]) if len(body) == 1 else None
-            if status is None:
-                self._tx_status(body)  # raises the precise error
-            self.tx_status = status
-            head = pending.popleft()
-            if head.kind == "Q":
-                # a simple Query drops the unnamed statement and portal
-                self._unnamed_sql = None
-                if self.portals:
-                    self.portals.pop("", None)
-            if status is TxStatus.IDLE and self.portals:
-                self.portals.clear()  # transaction over: every portal is gone
-            self._synced = True
-            if pending:
-                self._settle()
+            self._ready(self._tx_status(body))
         elif act is _DONE:
             if tag == _C and body[:1] == b"D":
                 self._check_command_tag(body)
-            head = pending.popleft()
-            if head.kind != "E":  # an Execute's completion changes nothing the session keeps
-                self._complete(head)
-            self._synced = False
-            if pending:
-                self._settle()
+            self._done()
         elif act is _Act.COPY_IN:
             self._set_phase(Phase.COPY_IN)
         elif act is _Act.COPY_OUT:
@@ -777,9 +800,35 @@ class SessionState:
         else:  # None: not a reply to this request
             raise self._unexpected_reply(tag)
 
-    def _b_error(self, tag: int, body: bytes) -> None:
+    def _ready(self, status: TxStatus) -> None:
+        """ReadyForQuery completes the head (a Query, Sync or FunctionCall)."""
+        self.tx_status = status
+        pending = self.pending
+        head = pending.popleft()
+        if head.kind == "Q":
+            # a simple Query drops the unnamed statement and portal
+            self._unnamed_sql = None
+            if self.portals:
+                self.portals.pop("", None)
+        if status is TxStatus.IDLE and self.portals:
+            self.portals.clear()  # transaction over: every portal is gone
+        self._synced = True
+        if pending:
+            self._settle()
+
+    def _done(self) -> None:
+        """The head request completed (not by ReadyForQuery)."""
+        pending = self.pending
+        head = pending.popleft()
+        if head.kind != "E":  # an Execute's completion changes nothing the session keeps
+            self._complete(head)
+        self._synced = False
+        if pending:
+            self._settle()
+
+    def _b_error(self, tag: int, body: Body) -> None:
         """ErrorResponse in normal operation."""
-        if decode_backend(tag, body).severity in _FATAL_SEVERITIES:
+        if cast(ErrorResponse, decode_backend(tag, body)).severity in _FATAL_SEVERITIES:
             self._set_phase(Phase.CLOSED)
             return
         if not self.pending:
@@ -792,55 +841,104 @@ class SessionState:
         else:
             raise self._unexpected_reply(tag)
 
-    def _b_copy_input_done(self, tag: int, body: bytes) -> None:
+    def _b_copy_input_done(self, tag: int, body: Body) -> None:
         """In COPY_IN (or COPY_BOTH) the server speaks again only when the COPY is over."""
         self._consume_copy_input(tag, success=True)
         self._set_phase(Phase.READY)
         self.backend_message(tag, body)
 
-    def _b_copy_input_error(self, tag: int, body: bytes) -> None:
-        if decode_backend(tag, body).severity in _FATAL_SEVERITIES:
+    def _b_copy_input_error(self, tag: int, body: Body) -> None:
+        if cast(ErrorResponse, decode_backend(tag, body)).severity in _FATAL_SEVERITIES:
             self._set_phase(Phase.CLOSED)
             return
         self._consume_copy_input(tag, success=False)
         self._set_phase(Phase.READY)
         self._b_error(tag, body)
 
-    def _b_copy_out_done(self, tag: int, body: bytes) -> None:
+    def _b_copy_out_done(self, tag: int, body: Body) -> None:
         self._set_phase(Phase.READY)
 
-    def _b_copy_out_error(self, tag: int, body: bytes) -> None:
+    def _b_copy_out_error(self, tag: int, body: Body) -> None:
         self._set_phase(Phase.READY)
         self._b_error(tag, body)
 
-    def _b_copy_both_server_done(self, tag: int, body: bytes) -> None:
+    def _b_copy_both_server_done(self, tag: int, body: Body) -> None:
         self._set_phase(Phase.COPY_IN)  # only the client's copy stream is left
 
 
-def _two_strings(body: bytes | bytearray | memoryview) -> tuple[str, str]:
-    """The two NUL-terminated strings a Parse or Bind body starts with; ValueError if it
-    does not start with two, or they are not UTF-8."""
-    body = bytes(body)
-    i = body.find(0)
-    j = body.find(0, i + 1) if i >= 0 else -1
-    if j < 0:
-        raise ValueError("missing NUL terminator")
-    return _text(body, 0, i), _text(body, i + 1, j)
+# ------------------------------------------------------------------ request builders
+#
+# What the session keeps of a request, cut from ``buf[start:end]`` (its body) at the NUL
+# terminators; ``buf`` is bytes or bytearray (``find`` with bounds). A body that does not
+# cut cleanly, or a name that is not UTF-8, gives a request without details.
 
 
-def _query_text(body: bytes | bytearray | memoryview) -> str | None:
-    """A Query body's text: one NUL-terminated UTF-8 string (what ``decode_frontend``
-    checks, without building the message record); None if malformed."""
-    body = bytes(body)
-    if not body or body.find(0) != len(body) - 1:
-        return None
+def _query_request(buf: bytes | bytearray, start: int, end: int) -> PendingRequest:
+    """A Query: one NUL-terminated UTF-8 string (what ``decode_frontend`` checks, without
+    building the message record)."""
+    if end == start or buf.find(0, start, end) != end - 1:
+        return PendingRequest("Q")
     try:
-        return body[:-1].decode()
-    except UnicodeDecodeError:
-        return None
+        return PendingRequest("Q", None, None, _text(buf, start, end - 1))
+    except ValueError:
+        return PendingRequest("Q")
 
 
-def _text(body: bytes, start: int, end: int) -> str:
+def _parse_request(buf: bytes | bytearray, start: int, end: int) -> PendingRequest:
+    """A Parse: statement name and text; a named one keeps its body (to re-create it
+    elsewhere)."""
+    i = buf.find(0, start, end)
+    j = buf.find(0, i + 1, end) if i >= 0 else -1
+    if j < 0:
+        return PendingRequest("P")
+    try:
+        name = _text(buf, start, i)
+        sql = _text(buf, i + 1, j)
+    except ValueError:
+        return PendingRequest("P")
+    return PendingRequest("P", name, None, sql, bytes(buf[start:end]) if name else None)
+
+
+def _bind_request(buf: bytes | bytearray, start: int, end: int) -> PendingRequest:
+    """A Bind: portal and statement names."""
+    i = buf.find(0, start, end)
+    j = buf.find(0, i + 1, end) if i >= 0 else -1
+    if j < 0:
+        return PendingRequest("B")
+    try:
+        return PendingRequest("B", _text(buf, i + 1, j), _text(buf, start, i))
+    except ValueError:
+        return PendingRequest("B")
+
+
+def _describe_or_close_request(kind: str, buf: bytes | bytearray, start: int, end: int) -> PendingRequest:
+    """A Describe or Close (``kind``): 'S' or 'P', then one name."""
+    if end - start < 2 or buf[end - 1] != 0 or buf.find(0, start + 1, end) != end - 1:
+        return PendingRequest(kind)
+    try:
+        name = _text(buf, start + 1, end - 1)
+    except ValueError:
+        return PendingRequest(kind)
+    which = buf[start]
+    if which == _S:
+        return PendingRequest(kind, statement=name)
+    if which == _P:
+        return PendingRequest(kind, portal=name)
+    return PendingRequest(kind)
+
+
+def _execute_request(buf: bytes | bytearray, start: int, end: int) -> PendingRequest:
+    """An Execute: portal name, then the int32 row limit."""
+    i = buf.find(0, start, end)
+    if i < 0 or end != i + 5:
+        return PendingRequest("E")
+    try:
+        return PendingRequest("E", portal=_text(buf, start, i))
+    except ValueError:
+        return PendingRequest("E")
+
+
+def _text(body: bytes | bytearray, start: int, end: int) -> str:
     """``body[start:end]`` as text; the empty name (the common case) without decoding.
     Raises ValueError (UnicodeDecodeError) for invalid UTF-8."""
     return "" if start == end else body[start:end].decode()
@@ -948,4 +1046,5 @@ _BACKEND: dict[Phase, dict[int, Handler]] = {
     # be in flight
     Phase.CLOSED: {**_ASYNC, _E: _S_._b_ignore},
 }
+_READY_BACKEND = _BACKEND[Phase.READY]
 del _S_

@@ -72,13 +72,12 @@ _FLUSHING = frozenset("QSF")
 class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
-    __slots__ = ("relay", "shadow", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session",
+    __slots__ = ("relay", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session",
                  "injector", "journal", "recorder", "last_tag")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.session = relay.conn.session
-        self.shadow = relay.conn.session.frontend_message
         #: embed purge markers and capture DDL (see replay/markers.py); decided per session
         #: by the client (the database must have the marker function)
         self.markers = relay.markers
@@ -112,7 +111,9 @@ class Upstream:
         unmarked = injector.unmarked
         plan = None
         syncs = None
-        for tag, start, end in frames:
+        markers = self.markers
+        shown = 0  # frames[:shown] were shown to the session's shadow
+        for k, (tag, start, end) in enumerate(frames):
             if tag == _d:
                 continue
             if tag > 0xFF:  # a part of a message too long to hold whole (shadow/framing.py)
@@ -125,6 +126,11 @@ class Upstream:
                         syncs.append(end)
                     starts.append(now)
                 continue
+            if markers and shown < k and (tag == _Q or tag == _S or tag == _F or tag == _P or tag == _B):
+                # the injector plans from the shadow's state before this message
+                if relay.tracking:
+                    self._show(buf, frames, shown, k)
+                shown = k
             if tag == _Q or tag == _S or tag == _F:
                 if syncs is None:
                     syncs = [end]
@@ -159,11 +165,8 @@ class Upstream:
                 if syncs is None:
                     syncs = []
                 syncs.append(-end)
-            if relay.tracking:
-                try:
-                    self.shadow(tag, buf[start:end])
-                except RemoteProtocolError as e:
-                    relay.untrack("client", e)
+        if relay.tracking:
+            self._show(buf, frames, shown, len(frames))
         last = frames[-1][0]
         self.last_tag = last & 0xFF if last & STREAM_LAST else last
         stats = self.stats
@@ -180,10 +183,17 @@ class Upstream:
             return injector.apply(buf, plan)
         return buf
 
+    def _show(self, buf: bytes, frames: list, lo: int, hi: int) -> None:
+        """Show ``frames[lo:hi]`` to the session's shadow (all at once: the hot path)."""
+        try:
+            self.session.frontend_frames(buf, frames, lo, hi)
+        except RemoteProtocolError as e:
+            self.relay.untrack("client", e)
+
     def _streamed(self, tag: int, head: bytes) -> None:
-        """The head of a client message too long to hold whole: the shadow and the
-        recorder see its first bytes; a Query or FunctionCall that may commit cannot carry
-        a marker (see replay/injection.py)."""
+        """The head of a client message too long to hold whole: the recorder sees its
+        first bytes (the shadow gets it with the batch); a Query or FunctionCall that may
+        commit cannot carry a marker (see replay/injection.py)."""
         relay = self.relay
         log.debug("client %d: streaming a %r message longer than [server] max_buffered_message",
                   relay.conn.id, chr(tag))  # fmt: skip
@@ -192,24 +202,18 @@ class Upstream:
             self.recorder.on_streamed(tag, head)
         if self.markers and (tag == _Q or tag == _F):
             self.injector.unmarkable()
-        if relay.tracking:
-            try:
-                self.session.frontend_streamed(tag, head)
-            except RemoteProtocolError as e:
-                relay.untrack("client", e)
 
 
 class Downstream:
     """Server to client: the same for the server's messages."""
 
-    __slots__ = ("relay", "shadow", "session", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid",
+    __slots__ = ("relay", "session", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid",
                  "journal", "recorder", "injector")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.injector = relay.injector
         self.session = relay.conn.session
-        self.shadow = relay.conn.session.backend_message
         self.stats = relay.conn.stats
         self.starts = relay.starts
         self.latency = self.stats.latency
@@ -284,12 +288,11 @@ class Downstream:
                     self.latency.observe(now - starts.popleft())
                     self.stats.requests += 1
                     relay.last_activity = now
-            if track:
-                try:
-                    self.shadow(tag, buf[start:end])
-                except RemoteProtocolError as e:
-                    relay.untrack("server", e)
-                    track = False
+        if track:
+            try:
+                self.session.backend_frames(buf, frames)
+            except RemoteProtocolError as e:
+                relay.untrack("server", e)
         self.last_tag = frames[-1][0]
         if notified:
             buf = relay.virtualise_notification_pids(buf, frames)

@@ -820,3 +820,121 @@ def test_a_streamed_message_after_terminate_is_refused() -> None:
     fe(s, m.Terminate())
     with pytest.raises(RemoteProtocolError, match="after Terminate"):
         s.frontend_streamed(ord("Q"), b"SELECT 1")
+
+
+# ------------------------------------------------- whole batches (the relay's hot path)
+
+# the conversation, plus what the batch methods treat specially: DEALLOCATE and DISCARD
+# command tags, malformed requests, a notice between replies
+BATCHED = CONVERSATION[:-1] + [
+    (F, m.Parse("s4", "select 4")),
+    (F, m.Bind("p4", "s4")),
+    (F, m.Describe("P", "p4")),
+    (F, m.Execute("p4", 1)),
+    (F, m.Sync()),
+    (B, m.ParseComplete()),
+    (B, m.BindComplete()),
+    (B, ROWS[0]),
+    (B, NOTICE),
+    (B, ROWS[1]),
+    (B, m.PortalSuspended()),
+    (B, RFQ_I),
+    (F, m.Query("deallocate s3")),
+    (B, m.CommandComplete("DEALLOCATE")),
+    (B, RFQ_I),
+    (F, m.Unknown(ord("E"), b"no terminator")),
+    (F, m.Unknown(ord("P"), b"x")),
+    (F, m.Sync()),
+    (B, ERROR),
+    (B, RFQ_I),
+    (F, m.Unknown(ord("Q"), b"")),
+    (B, ERROR),
+    (B, RFQ_I),
+    (F, m.Query("begin")),
+    (B, m.CommandComplete("BEGIN")),
+    (B, RFQ_T),
+    (F, m.Query("discard all")),
+    (B, m.CommandComplete("DISCARD ALL")),
+    (B, RFQ_T),
+    (F, m.Terminate()),
+]
+
+
+def frames_of(msgs: list) -> tuple[bytes, list]:
+    """The bytes of ``msgs`` back to back and their frames, as shadow.framing.Framer cuts them."""
+    buf, frames = b"", []
+    for msg in msgs:
+        raw = msg.encode()
+        head = 4 if isinstance(msg, _UNTYPED) else 5
+        frames.append((0 if head == 4 else raw[0], len(buf) + head, len(buf) + len(raw)))
+        buf += raw
+    return buf, frames
+
+
+def replay_batched(conversation: list, data: st.DataObject) -> SessionState:
+    """As replay, but every turn shows a batch of one or more messages of one direction
+    through frontend_frames / backend_frames."""
+    front = [msg for d, msg in conversation if d == F]
+    back, sent = [], 0
+    for d, msg in conversation:
+        sent += d == F
+        if d == B:
+            back.append((sent, msg))
+    s = SessionState()
+    fi = bi = 0
+    while fi < len(front) or bi < len(back):
+        server_may = bi < len(back) and back[bi][0] <= fi
+        if fi < len(front) and (not server_may or data.draw(st.booleans())):
+            n = data.draw(st.integers(1, len(front) - fi))
+            s.frontend_frames(*frames_of(front[fi:fi + n]))
+            fi += n
+        else:
+            ready = sum(1 for i in range(bi, len(back)) if back[i][0] <= fi)
+            n = data.draw(st.integers(1, ready))
+            buf, frames = frames_of([msg for _, msg in back[bi:bi + n]])
+            lo = data.draw(st.integers(0, 1)) if n > 1 else 0  # a batch may start inside the frames
+            if lo:
+                s.backend_frames(buf, frames, 0, lo)
+            s.backend_frames(buf, frames, lo)
+            bi += n
+    return s
+
+
+def test_batched_conversation_covers_what_it_should() -> None:
+    s = replay(BATCHED)
+    assert s.phase is Phase.CLOSED
+    assert s.prepared_statements == {}  # DEALLOCATE s3, then DISCARD ALL
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_batches_give_the_same_state_as_one_message_at_a_time(data: st.DataObject) -> None:
+    assert snapshot(replay_batched(BATCHED, data)) == snapshot(replay(BATCHED))
+
+
+@pytest.mark.parametrize("requests, reply", [
+    ([m.Query("select 1")], m.ParseComplete()),
+    ([m.Parse("", "select 1"), m.Sync()], m.BindComplete()),
+    ([m.Query("select 1")], m.ReadyForQuery("I")),  # fine: then the next one has nothing to answer
+])
+def test_batches_raise_where_one_message_at_a_time_raises(requests: list, reply: object) -> None:
+    one, batched = connected(), connected()
+    fe(one, *requests)
+    batched.frontend_frames(*frames_of(requests))
+    replies = [reply, m.ReadyForQuery("I")]
+    for msg in replies:
+        try:
+            be(one, msg)
+        except RemoteProtocolError as e:
+            expected = e.message
+            break
+    else:
+        expected = None
+    buf, frames = frames_of(replies)
+    if expected is None:
+        batched.backend_frames(buf, frames)
+        assert snapshot(batched) == snapshot(one)
+    else:
+        with pytest.raises(RemoteProtocolError) as raised:
+            batched.backend_frames(buf, frames)
+        assert raised.value.message == expected
