@@ -39,6 +39,7 @@ from connmgr.proxy.registry import Registry
 from connmgr.proxy.relay import RelayContext
 from replay import markers
 from shadow import messages
+from shadow.compiled import hot_path
 
 log = logging.getLogger("connmgr")
 
@@ -335,7 +336,7 @@ class App:
             if handle_signals:
                 nursery.start_soon(self._signals)
             for host, port in self.listen_addresses:
-                log.info("listening on %s:%d, backend %s", host, port, self.server.address)
+                log.info("listening on %s:%d, backend %s (hot path: %s)", host, port, self.server.address, hot_path())
             task_status.started(self.listen_addresses)
             await self._shutdown.wait()
             self.accepting = False

@@ -169,8 +169,18 @@ def _pair_subcommand(sub, name: str, func, **text: str) -> argparse.ArgumentPars
     return a
 
 
+def _version() -> str:
+    """``connmgr 0.1.0 (hot path: compiled)``: the version, and whether the relay's hot
+    modules run compiled (see shadow/compiled.py)."""
+    from connmgr import __version__
+    from shadow.compiled import hot_path
+
+    return f"connmgr {__version__} (hot path: {hot_path()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
+    p.add_argument("--version", action="version", version=_version())
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -192,14 +192,14 @@ def test_a_message_the_shadow_cannot_follow_is_relayed_untracked_and_counted_onc
     from shadow.errors import RemoteProtocolError
     from shadow.session import SessionState
 
-    original = SessionState.frontend_message
+    original = SessionState.frontend_frames  # what the relay shows each batch to
 
-    def refusing(self, tag, body):
-        if b"untrack me" in bytes(body):
+    def refusing(self, buf, frames, lo=0, hi=None):
+        if b"untrack me" in bytes(buf):
             raise RemoteProtocolError("injected: a message the shadow cannot follow")
-        return original(self, tag, body)
+        return original(self, buf, frames, lo, hi)
 
-    monkeypatch.setattr(SessionState, "frontend_message", refusing)
+    monkeypatch.setattr(SessionState, "frontend_frames", refusing)
     with login(cm) as c:
         for _ in range(3):
             assert data_values(c.query("select 'untrack me'")) == [(b"untrack me",)]

@@ -1,0 +1,43 @@
+"""The compiled hot path (setup.py, shadow/compiled.py): built by pip install -e ., and
+CONNMGR_PURE_PYTHON=1 runs the same modules from source."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from shadow.compiled import MODULES, PURE_ENV, pure_requested, report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _files(env_value: str) -> dict[str, str]:
+    env = {**os.environ, PURE_ENV: env_value}
+    code = "import importlib,sys\nfor m in sys.argv[1:]: print(m, importlib.import_module(m).__file__)"
+    out = subprocess.run([sys.executable, "-c", code, *MODULES], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=True).stdout  # fmt: skip
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_the_hot_path_runs_the_way_the_environment_says() -> None:
+    compiled = report()
+    if pure_requested():
+        assert not any(compiled.values()), compiled
+    else:  # CI and the README install with pip install -e ., which compiles
+        assert all(compiled.values()), f"not compiled: {compiled} (rebuild with pip install -e .)"
+
+
+def test_pure_python_imports_the_sources_whatever_was_built() -> None:
+    files = _files("1")
+    assert sorted(files) == sorted(MODULES)
+    for name, path in files.items():
+        assert path.endswith(name.rpartition(".")[2] + ".py"), (name, path)
+
+
+def test_without_the_switch_an_extension_beside_the_source_is_preferred() -> None:
+    files = _files("")
+    for name, path in files.items():
+        built = list(Path(path).parent.glob(name.rpartition(".")[2] + ".*.so"))
+        assert path.endswith(".so") == bool(built), (name, path, built)
