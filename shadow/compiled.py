@@ -1,7 +1,8 @@
 """Which of the relay's hot modules run compiled, and the switch that runs them as Python.
 
-``pip install -e .`` compiles :data:`MODULES` with Cython where it can (setup.py); the
-extension sits beside the source and Python's import system prefers it. The source stays
+``pip install -e .`` compiles :data:`MODULES` with Cython (the ``ext-modules`` of
+pyproject.toml); the extension sits beside the source and Python's import system prefers
+it. The source stays
 the definition -- the compiled module is the same code -- and must keep working on its own:
 with ``CONNMGR_PURE_PYTHON=1`` in the environment (read when :mod:`shadow` is first
 imported) the sources are imported instead; CI runs the suite both ways.
@@ -19,7 +20,7 @@ import sys
 
 __all__ = ["MODULES", "PURE_ENV", "hot_path", "is_compiled", "prefer_sources", "pure_requested", "report"]
 
-#: the modules setup.py compiles (the relay's per-message path)
+#: the modules pyproject.toml compiles (the relay's per-message path)
 MODULES = ("shadow.framing", "shadow.session", "connmgr.proxy.relay", "connmgr.proxy.engine")
 PURE_ENV = "CONNMGR_PURE_PYTHON"
 

@@ -1,4 +1,4 @@
-"""The compiled hot path (setup.py, shadow/compiled.py): built by pip install -e ., and
+"""The compiled hot path (pyproject.toml ext-modules, shadow/compiled.py): built by pip install -e ., and
 CONNMGR_PURE_PYTHON=1 runs the same modules from source."""
 
 from __future__ import annotations
