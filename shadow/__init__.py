@@ -1,7 +1,7 @@
 """The protocol shadow: a sans-IO codec for the Postgres v3 protocol and the session state
 it implies. Nothing in this package does I/O or imports trio, socket, scapy or pyroute2."""
 
-from shadow.compiled import prefer_sources, pure_requested
+from shadow.compiled import install, pure_requested
 
-if pure_requested():  # CONNMGR_PURE_PYTHON=1: the hot modules from source (shadow/compiled.py)
-    prefer_sources()
+# the hot modules compiled when built and current, from source with CONNMGR_PURE_PYTHON=1
+install(pure=pure_requested())

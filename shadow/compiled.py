@@ -5,7 +5,9 @@ pyproject.toml); the extension sits beside the source and Python's import system
 it. The source stays
 the definition -- the compiled module is the same code -- and must keep working on its own:
 with ``CONNMGR_PURE_PYTHON=1`` in the environment (read when :mod:`shadow` is first
-imported) the sources are imported instead; CI runs the suite both ways.
+imported) the sources are imported instead; CI runs the suite both ways. A source newer
+than its extension (edited or checked out since the build) is imported as source too, with
+a warning, so a stale build never runs old code.
 
 ``connmgr serve`` logs which way they run at start (``hot path: compiled`` or
 ``hot path: pure Python``), and ``connmgr --version`` says it too.
@@ -17,8 +19,9 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import warnings
 
-__all__ = ["MODULES", "PURE_ENV", "hot_path", "is_compiled", "prefer_sources", "pure_requested", "report"]
+__all__ = ["MODULES", "PURE_ENV", "extension_of", "hot_path", "install", "is_compiled", "pure_requested", "report"]
 
 #: the modules pyproject.toml compiles (the relay's per-message path)
 MODULES = ("shadow.framing", "shadow.session", "connmgr.proxy.relay", "connmgr.proxy.engine")
@@ -26,29 +29,53 @@ PURE_ENV = "CONNMGR_PURE_PYTHON"
 
 
 class _SourceFirst:
-    """A meta-path finder that loads :data:`MODULES` from their ``.py`` files."""
+    """A meta-path finder for :data:`MODULES`: the ``.py`` file when pure Python is asked
+    for, when nothing was compiled, or when the source is newer than its extension (a stale
+    build: an edit or a checkout since the last ``pip install -e .``, said once per module);
+    otherwise it steps aside and the extension is imported as usual."""
 
-    @staticmethod
-    def find_spec(name: str, path=None, target=None):
+    pure = False
+
+    @classmethod
+    def find_spec(cls, name: str, path=None, target=None):
         if name not in MODULES or not path:
             return None
         leaf = name.rpartition(".")[2]
         for folder in path:
             source = os.path.join(folder, leaf + ".py")
-            if os.path.exists(source):
-                loader = importlib.machinery.SourceFileLoader(name, source)
-                return importlib.util.spec_from_file_location(name, source, loader=loader)
+            if not os.path.exists(source):
+                continue
+            if not cls.pure:
+                built = extension_of(source)
+                if built is not None and os.path.getmtime(built) >= os.path.getmtime(source):
+                    return None  # the extension is current: the usual machinery loads it
+                if built is not None:
+                    warnings.warn(f"{built} is older than {source}: running the source (pip install -e . rebuilds)",
+                                  RuntimeWarning, stacklevel=2)  # fmt: skip
+            loader = importlib.machinery.SourceFileLoader(name, source)
+            return importlib.util.spec_from_file_location(name, source, loader=loader)
         return None
+
+
+def extension_of(source: str) -> str | None:
+    """The compiled extension beside ``source`` (a .py path), or None."""
+    stem = source[:-3]
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(stem + suffix):
+            return stem + suffix
+    return None
 
 
 def pure_requested() -> bool:
     return os.environ.get(PURE_ENV, "") not in ("", "0")
 
 
-def prefer_sources() -> None:
-    """Import :data:`MODULES` from source from now on (idempotent)."""
-    if not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SourceFirst())
+def install(pure: bool) -> None:
+    """Put the finder in front of the import system (idempotent); ``pure``: always the
+    sources."""
+    _SourceFirst.pure = _SourceFirst.pure or pure
+    if _SourceFirst not in sys.meta_path:
+        sys.meta_path.insert(0, _SourceFirst)
 
 
 def is_compiled(module: object) -> bool:
