@@ -9,6 +9,10 @@ imported) the sources are imported instead; CI runs the suite both ways. A sourc
 than its extension (edited or checked out since the build) is imported as source too, with
 a warning, so a stale build never runs old code.
 
+Each compiled module starts with ``# cython: annotation_typing=False``: its annotations stay
+documentation, as in Python (Cython would otherwise enforce ``bytes`` and reject the
+bytearray a caller may pass). C types come only from the ``.pxd`` beside a module.
+
 ``connmgr serve`` logs which way they run at start (``hot path: compiled`` or
 ``hot path: pure Python``), and ``connmgr --version`` says it too.
 """

@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The state of one client/server conversation, derived from both directions of its stream.
 
 How it works

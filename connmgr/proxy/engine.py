@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The relay engine: every plain-TCP session pumped by one task over one epoll set.
 
 Why
@@ -43,6 +44,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+from functools import partial
 
 import trio
 
@@ -179,7 +181,7 @@ class Link:
             d.pending = memoryview(buf)
             d.held = True
             self._interest()
-            relay.mirror.hold(version, lambda: self._release(d))
+            relay.mirror.hold(version, partial(self._release, d))
             return
         self._send(d, buf)
         if not self.attached:

@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The relay: a client's session forwarded to its backend and back.
 
 How it works

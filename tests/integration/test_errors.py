@@ -161,17 +161,17 @@ def test_a_bug_in_a_sessions_trio_pump_costs_that_session_alone(start_connmgr, m
     """The trio pumps (TLS sessions; forced here with relay = "tasks"): an unexpected
     exception while relaying one session's replies ends that session with XX000; another
     session on the same connmgr goes on, and new ones are accepted."""
-    from connmgr.proxy.relay import Downstream
+    from shadow.session import SessionState
 
     cm = start_connmgr(server={"relay": "tasks"})
-    original = Downstream.process
+    original = SessionState.backend_frames  # what the relay shows each batch of replies to
 
-    def broken(self, buf, frames):
+    def broken(self, buf, frames, lo=0, hi=None):
         if b"boom" in bytes(buf):
             raise RuntimeError("injected bug")
-        return original(self, buf, frames)
+        return original(self, buf, frames, lo, hi)
 
-    monkeypatch.setattr(Downstream, "process", broken)
+    monkeypatch.setattr(SessionState, "backend_frames", broken)
     with Bystander(cm) as bystander:
         victim = psycopg.connect(cm.conninfo(password="postgres"), autocommit=True, connect_timeout=5)
         with pytest.raises(psycopg.Error, match="internal error in connmgr"):
