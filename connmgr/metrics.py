@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """Counters, gauges and a latency histogram, rendered for Prometheus.
 
 The hot path never touches a shared structure per message: each client connection counts

@@ -127,7 +127,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"  #: Terminate processed, FATAL error, or a CancelRequest connection
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class PendingRequest:
     """An entry of :attr:`SessionState.pending`.
 
@@ -142,15 +142,25 @@ class PendingRequest:
     text of a Query or Parse. All three are None when the message was malformed.
 
     Read-only by convention: not ``frozen``, because a frozen dataclass costs three times
-    as much to create, and one is created per request on the relay's hot path.
+    as much to create, and one is created per request on the relay's hot path (which is
+    also why ``__init__`` is written out: it is compiled with the module, the generated one
+    would not be).
     """
 
     kind: str
-    statement: str | None = None
-    portal: str | None = None
-    sql: str | None = field(default=None, repr=False)
+    statement: str | None
+    portal: str | None
+    sql: str | None = field(repr=False)
     #: a named Parse's body as sent (to re-create the statement elsewhere)
-    body: bytes | None = field(default=None, repr=False)
+    body: bytes | None = field(repr=False)
+
+    def __init__(self, kind: str, statement: str | None = None, portal: str | None = None,
+                 sql: str | None = None, body: bytes | None = None) -> None:  # fmt: skip
+        self.kind = kind
+        self.statement = statement
+        self.portal = portal
+        self.sql = sql
+        self.body = body
 
 
 # Type bytes, as plain ints for cheap comparison.
