@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The import queue of the secondary connection manager (seed 004, Fig. 4 and 8).
 
 How it works

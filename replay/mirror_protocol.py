@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The mirror stream between the primary and the secondary connmgr, sans-IO (seed 003).
 
 How it works

@@ -27,9 +27,13 @@ import warnings
 
 __all__ = ["MODULES", "PURE_ENV", "extension_of", "hot_path", "install", "is_compiled", "pure_requested", "report"]
 
-#: the modules pyproject.toml compiles (the relay's per-message path, and the latency
-#: histogram it feeds per request)
-MODULES = ("shadow.framing", "shadow.session", "connmgr.proxy.relay", "connmgr.proxy.engine", "connmgr.metrics")
+#: the modules pyproject.toml compiles: the relay's per-message path and the latency
+#: histogram it feeds per request; the mirror's records on the primary and their import on
+#: the secondary
+MODULES = (
+    "shadow.framing", "shadow.session", "connmgr.proxy.relay", "connmgr.proxy.engine", "connmgr.metrics",
+    "replay.mirror_protocol", "connmgr.pair.mirror", "replay.import_queue", "connmgr.pair.import_process",
+)  # fmt: skip
 PURE_ENV = "CONNMGR_PURE_PYTHON"
 
 

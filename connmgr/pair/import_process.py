@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The secondary connmgr's import process (seed 004 Fig. 2): mirrored records in, import
 queue maintained, commits from the poster queue purged.
 

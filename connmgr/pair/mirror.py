@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """The mirror link: the primary connmgr's connection to the secondary, and the
 secondary's listener (trio side of :mod:`replay.mirror_protocol`).
 
