@@ -70,7 +70,7 @@ class App:
         self.syncrep: SyncRepWatch | None = None
         if config.mirror.peer:
             host, port = parse_hostport(config.mirror.peer, what="[mirror] peer")
-            self.redo = redo = RedoMonitor(interval=config.redo.interval)
+            self.redo = redo = RedoMonitor(interval=config.redo.interval, idle_interval=config.redo.idle_interval)
             self.route.on_move(lambda _server: redo.retarget())
             self.mirror = MirrorLink(
                 host, port, max_buffer_bytes=config.mirror.max_buffer_bytes,
@@ -79,6 +79,8 @@ class App:
                 two_phase=config.mirror.mode == "two-phase", two_phase_timeout=config.mirror.two_phase_timeout,
             )  # fmt: skip
             self.mirror.eager = bool(config.host.vip)
+            sender = self.mirror.sender
+            redo.activity = lambda: sender.latest_version  # idle: sample slowly
             self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))
         # the secondary role: mirror listener, import process, poster, DDL, sequences
         self.secondary = Secondary(config, self.route.server) if config.mirror.listen else None

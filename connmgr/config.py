@@ -157,6 +157,8 @@ class RedoSection:
     dbname: str = "postgres"
     #: seconds between two samples of pg_current_wal_insert_lsn()
     interval: float = 0.005
+    #: seconds between two samples while no session is active (redo_monitor.py)
+    idle_interval: float = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +444,9 @@ def _check(config: Config, source: str) -> None:
                           f" ({config.mirror.heartbeat_interval:g} s): the secondary answers at each heartbeat")
     if config.redo.interval <= 0:
         raise ConfigError(f"{source}: [redo] interval: must be > 0")
+    if config.redo.idle_interval < config.redo.interval:
+        raise ConfigError(f"{source}: [redo] idle_interval: must be at least interval ({config.redo.interval:g} s),"
+                          f" got {config.redo.idle_interval:g}")  # fmt: skip
     if config.metrics.listen:
         parse_hostport(config.metrics.listen, what=f"{source}: [metrics] listen", allow_zero=True)
     f = config.failover

@@ -73,6 +73,25 @@ async def test_one_sample_per_interval_and_started_after_the_first(autojump_cloc
     assert primary.opens == [0.0] and primary.closes == [pytest.approx(10.1)]
 
 
+async def test_while_nothing_is_mirrored_samples_slow_down_and_activity_wakes_them(autojump_clock):
+    primary = FakePrimary(0x3_0000_0000)
+    monitor = RedoMonitor(interval=0.01, idle_interval=1.0, clock=trio.current_time)
+    records = [0]
+    monitor.activity = lambda: records[0]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(monitor.run, primary.connect)
+        await trio.sleep(10.2)  # idle: one sample a second (give or take an interval)
+        assert monitor.samples == 11
+        records[0] += 1  # a record was mirrored: the next sample within one interval
+        await trio.sleep(0.011)
+        assert monitor.samples == 12
+        for _ in range(100):  # busy: one sample per interval
+            records[0] += 1
+            await trio.sleep(0.01)
+        assert monitor.samples == pytest.approx(112, abs=1)
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_position_never_goes_back(autojump_clock):
     primary = FakePrimary(0, script=[0x500, 0x300, 0x900, 0x900, 0x100])
     monitor = RedoMonitor(interval=1.0, clock=trio.current_time)
