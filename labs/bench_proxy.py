@@ -87,7 +87,7 @@ from benchkit.targets import Target, connmgr_argv, relay_argv  # noqa: E402
 
 from connmgr.embedded.clusters import Cluster, free_port  # noqa: E402
 
-ALL_TARGETS = ("direct", "connmgr", "connmgr-tasks", "connmgr-base", "pgbouncer", "relay")
+ALL_TARGETS = ("direct", "connmgr", "connmgr-pure", "connmgr-tasks", "connmgr-base", "pgbouncer", "relay")
 
 CLUSTER_SETTINGS: dict[str, str | int] = {
     "fsync": "off",
@@ -128,7 +128,8 @@ class ProxyBench(Bench):
 
     def make_target(self, name: str) -> Target:
         """``connmgr-tasks`` is connmgr with ``--relay tasks`` (two trio tasks per session
-        instead of the epoll relay engine); ``connmgr-base`` runs the code of another
+        instead of the epoll relay engine); ``connmgr-pure`` is connmgr with its hot path
+        run from the Python source (CONNMGR_PURE_PYTHON=1); ``connmgr-base`` runs the code of another
         checkout (``--baseline DIR``), to compare two commits in one interleaved run."""
         pg_port = self.cluster.port
         if name == "direct":
@@ -156,6 +157,8 @@ class ProxyBench(Bench):
                 root = Path(self.args.baseline).resolve()
             service = Service(name, connmgr_argv(port, pg_port, extra), port,
                               self.logs / f"{name}.log", cwd=root, pythonpath=root)  # fmt: skip
+            if name == "connmgr-pure":
+                service.env["CONNMGR_PURE_PYTHON"] = "1"
         service.start()
         return Target(name, port, service=service)
 

@@ -85,6 +85,8 @@ def start(kind: str, pg_port: int, base: Path, launcher: list[str] | None = None
         extra = ["--relay", "tasks"] if kind == "connmgr-tasks" else []
         services.append(Service(kind, connmgr_argv(port, pg_port, extra, launcher=launcher and [*launcher, "-m"]),
                                 port, base / f"{kind}.log"))  # fmt: skip
+        if kind == "connmgr-pure":  # the hot path from the Python source
+            services[-1].env["CONNMGR_PURE_PYTHON"] = "1"
     if launcher is not None:
         services[-1].ready_timeout = 600.0
     try:
@@ -99,7 +101,7 @@ def start(kind: str, pg_port: int, base: Path, launcher: list[str] | None = None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--targets", default="connmgr,connmgr-tasks,relay", help="any of connmgr, connmgr-tasks, connmgr-mirror, relay")
+    ap.add_argument("--targets", default="connmgr,connmgr-tasks,relay", help="any of connmgr, connmgr-pure, connmgr-tasks, connmgr-mirror, relay")
     ap.add_argument("--modes", default="simple,extended")
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)

@@ -111,6 +111,8 @@ class Service:
     stop_timeout: float = STOP_TIMEOUT
     #: how long it may take to be ready (longer under valgrind)
     ready_timeout: float = READY_TIMEOUT
+    #: more environment (CONNMGR_PURE_PYTHON=1 for connmgr-pure)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     #: set once it was ready: a service that is ready and then not alive died on its own
     ready: bool = field(default=False, init=False)
@@ -127,6 +129,7 @@ class Service:
                 p for p in (str(self.pythonpath), os.environ.get("PYTHONPATH", "")) if p
             ),
         )
+        env.update(self.env)
         kw: dict = {}
         if self.run_as is not None:
             kw.update(user=self.run_as.uid, group=self.run_as.gid, extra_groups=self.run_as.groups)
