@@ -16,6 +16,9 @@ transactions per client and the proxy's instructions are divided by the transact
 
     python labs/cpu_per_tx.py --callgrind --targets connmgr,connmgr-mirror,relay --transactions 2000
 
+(``connmgr-mirror`` prints its secondary's instructions per transaction too: the records it
+takes in, frames and holds.)
+
 ``--strace`` counts the proxy's system calls per transaction instead (``strace -f -c``
 attached for one such run; strace slows the proxy, so only the counts mean anything):
 
@@ -76,7 +79,8 @@ def start(kind: str, pg_port: int, base: Path, launcher: list[str] | None = None
         mport, sport = free_port(), free_port()
         (base / "secondary.toml").write_text(f'[mirror]\nlisten = "127.0.0.1:{mport}"\n')
         (base / "primary.toml").write_text(f'[mirror]\npeer = "127.0.0.1:{mport}"\n[redo]\nuser = "postgres"\n')
-        services.append(Service("secondary", connmgr_argv(sport, pg_port, ["--config", str(base / "secondary.toml")]),
+        services.append(Service("secondary", connmgr_argv(sport, pg_port, ["--config", str(base / "secondary.toml")],
+                                                         launcher=launcher and [*callgrind("secondary", base), "-m"]),
                                 sport, base / "secondary.log"))  # fmt: skip
         services.append(Service(kind, connmgr_argv(port, pg_port, ["--config", str(base / "primary.toml")],
                                                    launcher=launcher and [*launcher, "-m"]),
@@ -88,7 +92,8 @@ def start(kind: str, pg_port: int, base: Path, launcher: list[str] | None = None
         if kind == "connmgr-pure":  # the hot path from the Python source
             services[-1].env["CONNMGR_PURE_PYTHON"] = "1"
     if launcher is not None:
-        services[-1].ready_timeout = 600.0
+        for service in services:
+            service.ready_timeout = 600.0
     try:
         for service in services:
             service.start()
@@ -130,7 +135,7 @@ def main() -> None:
                 for kind, services in procs.items():
                     proxy = services[-1]
                     if args.callgrind:
-                        count_instructions(kind, proxy, pgbench, mode, args, base)
+                        count_instructions(kind, services, pgbench, mode, args, base)
                         continue
                     if args.strace:
                         count_syscalls(kind, proxy, pgbench, mode, args)
@@ -157,32 +162,37 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def count_instructions(kind: str, proxy: Service, pgbench: str, mode: str, args, base: Path) -> None:
+def count_instructions(kind: str, services: list[Service], pgbench: str, mode: str, args, base: Path) -> None:
     """One pgbench run of ``args.transactions`` per client with collection on; prints the
-    proxy's instructions per transaction."""
-    pid = proxy.pid()
+    proxy's instructions per transaction (and its secondary's, for ``connmgr-mirror``)."""
+    proxy = services[-1]
+    pids = {(kind if s is proxy else s.name): s.pid() for s in services}
     warm = ["-n", "-S", "-c", str(args.clients), "-j", "2", "-t", "50", "-M", mode]
     run_pgbench(pgbench, proxy.port, warm, timeout=600, db="postgres")  # its code paths warm, not counted
-    subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True, timeout=60)
-    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True, timeout=60)
+    for pid in pids.values():
+        subprocess.run(["callgrind_control", "-i", "on", str(pid)], check=True, capture_output=True, timeout=60)
+        subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True, timeout=60)
     rc, out, err = run_pgbench(
         pgbench, proxy.port,
         ["-n", "-S", "-c", str(args.clients), "-j", "2", "-t", str(args.transactions), "-M", mode],
         timeout=3600, db="postgres",
     )  # fmt: skip
-    total = instructions(pid, base, kind)  # the dump holds what ran since the zeroing
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        for f in base.glob(f"{kind}.callgrind.{pid}.*"):
-            shutil.copy(f, args.keep / f"{kind}-{mode}.callgrind")
-    subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True, timeout=60)
+    totals = {}
+    for name, pid in pids.items():
+        totals[name] = instructions(pid, base, name)  # the dump holds what ran since the zeroing
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for f in base.glob(f"{name}.callgrind.{pid}.*"):
+                shutil.copy(f, args.keep / f"{name}-{mode}.callgrind")
+        subprocess.run(["callgrind_control", "-i", "off", str(pid)], check=True, capture_output=True, timeout=60)
     figures = parse_pgbench(out)
     if rc != 0 or not figures.get("transactions"):
         print(f"{mode:9s} {kind:14s} FAILED: {first_error_line(err + out)[:200]}", flush=True)
         return
     count = figures["transactions"]
-    print(f"{mode:9s} {kind:14s} instructions/tx {total / count:10,.0f}  ({count} transactions, {total:,} instructions)",
-          flush=True)  # fmt: skip
+    for name, total in totals.items():
+        print(f"{mode:9s} {name:14s} instructions/tx {total / count:10,.0f}  ({count} transactions, {total:,} instructions)",
+              flush=True)  # fmt: skip
 
 
 def count_syscalls(kind: str, proxy: Service, pgbench: str, mode: str, args) -> None:

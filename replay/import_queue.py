@@ -129,7 +129,7 @@ SERIALIZATION_FAILURE = "40001"
 # ------------------------------------------------------------------------------ records
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class MirroredMessage:
     """One protocol message as the primary forwarded it.
 
@@ -137,6 +137,10 @@ class MirroredMessage:
     published WAL insert position when it passed (a lower bound); ``offset`` its byte
     offset in its direction's TCP stream; ``tag`` its type byte (0 for the untyped start-up
     packet); ``raw`` the complete message as sent (type byte, length, body).
+
+    Read-only by convention, not ``frozen``: the secondary makes one per mirrored message,
+    and a frozen dataclass's generated ``__init__`` cost 28% of its instructions per select
+    (labs/cpu_per_tx.py --callgrind); this one is compiled with the module.
     """
 
     session_id: int
@@ -146,6 +150,16 @@ class MirroredMessage:
     offset: int
     tag: int
     raw: bytes = field(repr=False)
+
+    def __init__(self, session_id: int, version: int, direction: Literal["c", "b"], lsn: int, offset: int,
+                 tag: int, raw: bytes) -> None:  # fmt: skip
+        self.session_id = session_id
+        self.version = version
+        self.direction = direction
+        self.lsn = lsn
+        self.offset = offset
+        self.tag = tag
+        self.raw = raw
 
 
 class Outcome(enum.Enum):

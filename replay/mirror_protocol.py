@@ -69,7 +69,12 @@ class SessionOpened:
     params: tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True, slots=True)
+# The records made per relayed batch (Data, Marker, Unmarked) are read-only by convention,
+# not frozen: a frozen dataclass's generated __init__ costs several times a written one,
+# which is compiled with the module (see MirroredMessage in replay/import_queue.py).
+
+
+@dataclass(slots=True, init=False)
 class Data:
     version: int
     session_id: int
@@ -78,19 +83,38 @@ class Data:
     offset: int
     payload: bytes
 
+    def __init__(self, version: int, session_id: int, direction: str, lsn: int, offset: int,
+                 payload: bytes) -> None:  # fmt: skip
+        self.version = version
+        self.session_id = session_id
+        self.direction = direction
+        self.lsn = lsn
+        self.offset = offset
+        self.payload = payload
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, init=False)
 class Marker:
     version: int
     session_id: int
     seq: int
 
+    def __init__(self, version: int, session_id: int, seq: int) -> None:
+        self.version = version
+        self.session_id = session_id
+        self.seq = seq
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True, init=False)
 class Unmarked:
     version: int
     session_id: int
     count: int
+
+    def __init__(self, version: int, session_id: int, count: int) -> None:
+        self.version = version
+        self.session_id = session_id
+        self.count = count
 
 
 @dataclass(frozen=True, slots=True)

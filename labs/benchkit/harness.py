@@ -31,6 +31,7 @@ import psycopg
 
 from connmgr.embedded.clusters import Cluster, ClusterError, free_port, temp_base_dir
 
+from . import profile
 from .pgbench import Run, Workload, find_pgbench, measure_run, run_pgbench
 from .procs import HOST, Service, TargetUnavailable, first_error_line, log
 from .report import Row, print_table, summarize
@@ -180,9 +181,16 @@ class Bench:
         return run
 
     def measure(self, target: Target, wl: Workload, run: Run) -> None:
-        """The measured run of ``wl`` against ``target``, into ``run``."""
-        measure_run(run, self.pgbench, target.port, list(wl.args), self.args.seconds,
-                    db=self.db, password=self.password, pids=target.proxy_pids())  # fmt: skip
+        """The measured run of ``wl`` against ``target``, into ``run`` (with ``--profile``,
+        py-spy on each proxy process during it: labs/benchkit/profile.py)."""
+        pids = target.proxy_pids()
+        recorder = contextlib.nullcontext()
+        if getattr(self.args, "profile", None) is not None and pids:
+            recorder = profile.recording(pids, self.args.seconds, self.args.profile,
+                                         f"r{run.round}-{wl.name}-{target.name}")  # fmt: skip
+        with recorder:
+            measure_run(run, self.pgbench, target.port, list(wl.args), self.args.seconds,
+                        db=self.db, password=self.password, pids=pids)  # fmt: skip
 
     @staticmethod
     def _release(target: Target) -> list[str]:
@@ -282,6 +290,9 @@ def add_arguments(p: argparse.ArgumentParser, *, rounds: int, targets: Sequence[
                    help=f"comma-separated subset of {','.join(workloads)}")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data, logs, configs)")
+    p.add_argument("--profile", metavar="DIR", type=Path,
+                   help="py-spy on the proxies during each measured run: collapsed stacks into DIR and"
+                   " the top functions printed (distorts the figures; labs/benchkit/profile.py)")  # fmt: skip
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
@@ -292,6 +303,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
     args.workloads = split_choices(p, "--workloads", args.workloads, workloads)
     if args.seconds < 1 or args.rounds < 1 or args.scale < 1:
         p.error("--seconds, --rounds and --scale must be at least 1")
+    if args.profile is not None and (why := profile.available()):
+        p.error(f"--profile: {why}")
     return args
 
 

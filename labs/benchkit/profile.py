@@ -1,0 +1,108 @@
+"""Where a proxy's CPU goes during a measured run: ``py-spy record`` attached to each proxy
+process, and a summary of the samples by function.
+
+``--profile DIR`` on a benchmark records, for every measured run, one collapsed-stack file
+per proxy process (``DIR/<round>-<workload>-<target>-<process>.txt``; py-spy's ``raw``
+format, one ``frame;frame;... count`` line per distinct stack, viewable with any
+flame-graph tool) and prints the top functions of each. ``--native`` is on, so the compiled
+modules (shadow/compiled.py) show as their C functions (``__pyx_pf_...``) instead of being
+folded into their Python caller. Sampling costs the proxy a few percent: the figures of a
+profiled run are not comparable with an unprofiled one (py-spy pauses the process for
+each sample: native stacks need it).
+
+    python -m labs.benchkit.profile DIR/*.txt          # the summary of files already made
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+#: samples per second (py-spy's default is 100; the runs are short)
+RATE = 250
+
+
+def available() -> str | None:
+    """None if py-spy can be used, else why not."""
+    if shutil.which("py-spy") is None:
+        return "py-spy is not installed (pip install py-spy)"
+    return None
+
+
+@contextmanager
+def recording(pids: dict[str, int], seconds: float, out_dir: Path, stem: str):
+    """py-spy on every process of ``pids`` for ``seconds`` (the measured run); yields, then
+    waits for the recorders and prints each summary. A recorder that fails costs the
+    benchmark nothing: its error is printed instead."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, pid in pids.items():
+        path = out_dir / f"{stem}-{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.txt"
+        argv = ["py-spy", "record", "--native", "-r", str(RATE), "-f", "raw",
+                "-d", str(int(seconds)), "-p", str(pid), "-o", str(path)]  # fmt: skip
+        procs[name] = (path, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        yield
+    finally:
+        for name, (path, proc) in procs.items():
+            try:
+                _, err = proc.communicate(timeout=seconds + 60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if not path.exists():
+                print(f"profile {name}: py-spy made no file: {err.strip().splitlines()[-1:]}", flush=True)
+                continue
+            print(f"profile {name} ({path}):", flush=True)
+            for line in summary(path.read_text()):
+                print("  " + line, flush=True)
+
+
+def parse(text: str) -> Counter[tuple[str, ...]]:
+    """Collapsed stacks (``a;b;c 12`` lines, outermost frame first) as stack: samples."""
+    stacks: Counter[tuple[str, ...]] = Counter()
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[tuple(stack.split(";"))] += int(count)
+    return stacks
+
+
+def function(frame: str) -> str:
+    """A frame without its line number: ``process (connmgr/proxy/relay.py:105)`` ->
+    ``process (connmgr/proxy/relay.py)``."""
+    return re.sub(r":\d+\)$", ")", frame)
+
+
+def summary(text: str, top: int = 20) -> list[str]:
+    """The ``top`` functions by samples on CPU in them (self) and under them (total)."""
+    stacks = parse(text)
+    total = sum(stacks.values())
+    if not total:
+        return ["no samples (the process was idle?)"]
+    own: Counter[str] = Counter()
+    under: Counter[str] = Counter()
+    for stack, n in stacks.items():
+        funcs = [function(f) for f in stack]
+        own[funcs[-1]] += n
+        for f in set(funcs):
+            under[f] += n
+    lines = [f"{total} samples;  self %  total %  function"]
+    for f, n in own.most_common(top):
+        lines.append(f"{'':>18}{100 * n / total:6.1f}  {100 * under[f] / total:7.1f}  {f}")
+    lines.append("by total (the callers):")
+    for f, n in under.most_common(top):
+        lines.append(f"{'':>18}{100 * own[f] / total:6.1f}  {100 * n / total:7.1f}  {f}")
+    return lines
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:]:
+        print(f"{arg}:")
+        for line in summary(Path(arg).read_text(), top=30):
+            print("  " + line)
