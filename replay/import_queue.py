@@ -191,7 +191,7 @@ class Event(enum.Enum):
     RECORD = "poster record"
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, init=False)
 class Transaction:
     """One transaction of one session, as long as the queue holds it.
 
@@ -205,15 +205,33 @@ class Transaction:
     session_id: int
     seq: int
     first_lsn: int
-    requests: list[MirroredMessage] = field(default_factory=list, repr=False)
-    responses: list[MirroredMessage] = field(default_factory=list, repr=False)
-    ack_lsn: int | None = None
-    outcome: Outcome = Outcome.OPEN
-    marked: bool = False
-    xid: int | None = None
-    commit_lsn: int | None = None
-    in_block: bool = False
-    nbytes: int = 0
+    requests: list[MirroredMessage] = field(repr=False)
+    responses: list[MirroredMessage] = field(repr=False)
+    ack_lsn: int | None
+    outcome: Outcome
+    marked: bool
+    xid: int | None
+    commit_lsn: int | None
+    in_block: bool
+    nbytes: int
+
+    def __init__(self, session_id: int, seq: int, first_lsn: int, requests: list[MirroredMessage] | None = None,
+                 responses: list[MirroredMessage] | None = None, ack_lsn: int | None = None,
+                 outcome: Outcome = Outcome.OPEN, marked: bool = False, xid: int | None = None,
+                 commit_lsn: int | None = None, in_block: bool = False, nbytes: int = 0) -> None:  # fmt: skip
+        # written out (compiled with the module): one is made per transaction
+        self.session_id = session_id
+        self.seq = seq
+        self.first_lsn = first_lsn
+        self.requests = [] if requests is None else requests
+        self.responses = [] if responses is None else responses
+        self.ack_lsn = ack_lsn
+        self.outcome = outcome
+        self.marked = marked
+        self.xid = xid
+        self.commit_lsn = commit_lsn
+        self.in_block = in_block
+        self.nbytes = nbytes
 
     @property
     def nmessages(self) -> int:

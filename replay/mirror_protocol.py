@@ -181,6 +181,7 @@ class Resync:
 
 
 Versioned = SessionOpened | Data | Marker | Unmarked | SessionClosed | Topology
+_VERSIONED = (Data, Marker, Unmarked, SessionOpened, SessionClosed, Topology)  # for isinstance, built once
 Record = Versioned | Heartbeat | Hello | HelloAck | Ack | AckRequest | DeltaRequest | Resync
 
 
@@ -440,20 +441,20 @@ class MirrorReceiver:
         """Returns (records to deliver, in order; control records to send back). A
         delivered :class:`Resync` means history before it was lost: trust no session's
         past (see the module docstring)."""
-        if isinstance(rec, Heartbeat):
-            if rec.latest_version >= self.expected:
-                return [], self._ask(self.expected)
-            return [], []
-        if isinstance(rec, AckRequest):
-            self.ack_wanted = max(self.ack_wanted, rec.version)
-            return [], []
-        if isinstance(rec, Resync):
-            self.resyncs += 1
-            self.expected = rec.next_version
-            self._held = {v: r for v, r in self._held.items() if v >= self.expected}
-            self._asked_for = None
-            return [rec], []
-        if not isinstance(rec, SessionOpened | Data | Marker | Unmarked | SessionClosed | Topology):
+        if not isinstance(rec, _VERSIONED):
+            if isinstance(rec, Heartbeat):
+                if rec.latest_version >= self.expected:
+                    return [], self._ask(self.expected)
+                return [], []
+            if isinstance(rec, AckRequest):
+                self.ack_wanted = max(self.ack_wanted, rec.version)
+                return [], []
+            if isinstance(rec, Resync):
+                self.resyncs += 1
+                self.expected = rec.next_version
+                self._held = {v: r for v, r in self._held.items() if v >= self.expected}
+                self._asked_for = None
+                return [rec], []
             raise MirrorProtocolError(f"unexpected {type(rec).__name__} on the secondary side")
         v = rec.version
         if v < self.expected or v in self._held:

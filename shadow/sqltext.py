@@ -34,8 +34,6 @@ __all__ = [
     "enforce_synchronous_commit",
 ]
 
-_SPACE = frozenset(b" \t\r\n\f\v")
-
 
 def quote_ident(name: str) -> str:
     """``name`` as an SQL identifier: always in double quotes, inner ones doubled. Raises
@@ -56,27 +54,31 @@ def quote_literal(text: str) -> str:
     return quoted
 
 
+#: a word (a letter, then letters and underscores) after optional blanks
+_WORD = re.compile(rb"[ \t\r\n\f\v]*([A-Za-z][A-Za-z_]*)")
+_BLANKS = re.compile(rb"[ \t\r\n\f\v]*")
+
+
 def leading_words(sql: bytes, limit: int = 2) -> list[bytes]:
-    """The first ``limit`` words of ``sql``, upper-cased, skipping blanks and comments
-    (a linear scan; a regex with nested repetition could backtrack badly)."""
+    """The first ``limit`` words of ``sql``, upper-cased, skipping blanks and comments;
+    the first other character ends them. Each word and the blanks before it are one
+    compiled match (no nested repetition: linear), comments are skipped by ``find``: a
+    relayed statement costs a few calls, not a Python step per character."""
     words: list[bytes] = []
     i, n = 0, len(sql)
-    while i < n and len(words) < limit:
-        c = sql[i]
-        if c in _SPACE:
-            i += 1
-        elif sql.startswith(b"--", i):
+    while len(words) < limit:
+        m = _WORD.match(sql, i)
+        if m is not None:
+            words.append(m.group(1).upper())
+            i = m.end()
+            continue
+        i = _BLANKS.match(sql, i).end()
+        if sql.startswith(b"--", i):
             j = sql.find(b"\n", i)
             i = n if j < 0 else j + 1
         elif sql.startswith(b"/*", i):
             j = sql.find(b"*/", i + 2)
             i = n if j < 0 else j + 2
-        elif 65 <= c <= 90 or 97 <= c <= 122:
-            j = i
-            while j < n and (65 <= sql[j] <= 90 or 97 <= sql[j] <= 122 or sql[j] == 95):
-                j += 1
-            words.append(sql[i:j].upper())
-            i = j
         else:
             break
     return words

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shadow.sqltext import DdlKind, created_table, ddl_kind, enforce_synchronous_commit, quote_ident
+from shadow.sqltext import (
+    DdlKind,
+    created_table,
+    ddl_kind,
+    enforce_synchronous_commit,
+    leading_words,
+    quote_ident,
+)
 
 
 @pytest.mark.parametrize("sql, name", [
@@ -86,3 +93,53 @@ def test_quote_ident_refuses_what_no_identifier_can_be(name):
 def test_quote_ident_round_trips(name):
     quoted = quote_ident(name)
     assert quoted[0] == quoted[-1] == '"' and quoted[1:-1].replace('""', '"') == name
+
+
+def _leading_words_by_character(sql: bytes, limit: int) -> list[bytes]:
+    """The scanner leading_words replaced (one Python step per character): the oracle."""
+    words: list[bytes] = []
+    i, n = 0, len(sql)
+    while i < n and len(words) < limit:
+        c = sql[i]
+        if c in b" \t\r\n\f\v":
+            i += 1
+        elif sql.startswith(b"--", i):
+            j = sql.find(b"\n", i)
+            i = n if j < 0 else j + 1
+        elif sql.startswith(b"/*", i):
+            j = sql.find(b"*/", i + 2)
+            i = n if j < 0 else j + 2
+        elif 65 <= c <= 90 or 97 <= c <= 122:
+            j = i
+            while j < n and (65 <= sql[j] <= 90 or 97 <= sql[j] <= 122 or sql[j] == 95):
+                j += 1
+            words.append(sql[i:j].upper())
+            i = j
+        else:
+            break
+    return words
+
+
+@pytest.mark.parametrize("sql, limit, words", [
+    (b"begin", 2, [b"BEGIN"]),
+    (b"  \n\tCommit prepared 'x'", 2, [b"COMMIT", b"PREPARED"]),
+    (b"/* a */ -- b\n end -- c\n work;", 3, [b"END", b"WORK"]),
+    (b"SELECT(1)", 2, [b"SELECT"]),
+    (b"select/**/x_1", 3, [b"SELECT", b"X_"]),
+    (b"-- only a comment", 2, []),
+    (b"/* unterminated", 2, []),
+    (b"1 select", 2, []),
+    (b"", 2, []),
+    (b"_x", 2, []),
+    (b"a b c d", 3, [b"A", b"B", b"C"]),
+])
+def test_leading_words(sql: bytes, limit: int, words: list[bytes]) -> None:
+    assert leading_words(sql, limit) == words
+
+
+@given(st.lists(st.sampled_from([b" ", b"\n", b"\t", b"--", b"/*", b"*/", b"-", b"/", b"*", b"_", b"x", b"Ab",
+                                 b"begin", b"1", b";", b"(", b"\xc3\xa9", b"\v"]), max_size=14),
+       st.integers(1, 4))  # fmt: skip
+def test_leading_words_is_the_character_scan(parts: list[bytes], limit: int) -> None:
+    sql = b"".join(parts)
+    assert leading_words(sql, limit) == _leading_words_by_character(sql, limit)
