@@ -59,8 +59,12 @@ def recording(pids: dict[str, int], seconds: float, out_dir: Path, stem: str):
                 print(f"profile {name}: py-spy made no file: {err.strip().splitlines()[-1:]}", flush=True)
                 continue
             print(f"profile {name} ({path}):", flush=True)
-            for line in summary(path.read_text()):
+            text = path.read_text()
+            for line in summary(text):
                 print("  " + line, flush=True)
+            print("  by component:", flush=True)
+            for line in by_component(text, top=12):
+                print("    " + line, flush=True)
 
 
 def parse(text: str) -> Counter[tuple[str, ...]]:
@@ -101,8 +105,49 @@ def summary(text: str, top: int = 20) -> list[str]:
     return lines
 
 
+_SYSCALLS = frozenset({"send", "recv", "sendto", "recvfrom", "epoll_wait", "epoll_ctl", "__send", "__recv"})
+_FILE = re.compile(r"\(([^():]+\.py)(?::\d+)?\)$")
+
+
+def component(stack: tuple[str, ...]) -> str:
+    """Where one sample's CPU went: ``syscall <name>`` when the innermost frame is a socket
+    or epoll call; else the innermost frame's module if it is ours (``replay/injection.py``),
+    or ``trio`` for the event loop, or ``other (<innermost file>)`` (the Python runtime,
+    the standard library)."""
+    leaf = stack[-1].split(" ")[0]
+    if leaf in _SYSCALLS:
+        return f"syscall {leaf.strip('_')}"
+    for frame in reversed(stack):
+        m = _FILE.search(frame)
+        if m is None:
+            continue
+        path = m.group(1)
+        if path.startswith(("connmgr/", "shadow/", "replay/")):
+            return path
+        if path.startswith(("trio/", "outcome/")):
+            return "trio"
+        return f"other ({path})"
+    return "other (native)"
+
+
+def by_component(text: str, top: int = 25) -> list[str]:
+    """The samples by :func:`component`, largest first."""
+    stacks = parse(text)
+    total = sum(stacks.values())
+    if not total:
+        return ["no samples"]
+    parts: Counter[str] = Counter()
+    for stack, n in stacks.items():
+        parts[component(stack)] += n
+    return [f"{100 * n / total:6.1f}%  {name}" for name, n in parts.most_common(top)]
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         print(f"{arg}:")
-        for line in summary(Path(arg).read_text(), top=30):
+        text = Path(arg).read_text()
+        for line in summary(text, top=30):
             print("  " + line)
+        print("  by component (the innermost frame of ours, or the event loop, or a system call):")
+        for line in by_component(text):
+            print("    " + line)
