@@ -99,3 +99,8 @@ marker rows). In order:
    session to live relaying. A difference rolls the transaction back and gives the client
    40001 with the reason.
 """
+
+# Before any module of this package loads: shadow's import makes the compiled-or-source
+# choice (shadow/compiled.py) for the compiled modules here too, whichever package a
+# program imports first.
+import shadow  # noqa: E402, F401

@@ -176,6 +176,10 @@ class Outcome(enum.Enum):
     #: PREPARE TRANSACTION: now the server's, not the session's; it cannot move
     PREPARED = "prepared"
 
+    # the transition table is looked up per message: Enum's own __hash__ is Python code;
+    # members are singletons compared by identity, so the identity hash is the same contract
+    __hash__ = object.__hash__
+
 
 class Event(enum.Enum):
     """What can happen to a transaction (the columns of ``_TRANSITIONS``)."""
@@ -189,6 +193,8 @@ class Event(enum.Enum):
     ACK_PREPARED = "ack: prepared"
     MARKER = "marker sent"
     RECORD = "poster record"
+
+    __hash__ = object.__hash__  # as Outcome's
 
 
 @dataclass(slots=True, eq=False, init=False)
@@ -409,14 +415,16 @@ def _sql_of(msg: MirroredMessage) -> bytes | None:
 
 
 def _classify(sql: bytes) -> tuple[bool, bool]:
-    """(opens a block, asks to commit) for one statement's leading words."""
-    words = leading_words(sql)
+    """(opens a block, asks to commit) for one statement's leading words (the second only
+    for a COMMIT: most statements cost one word)."""
+    words = leading_words(sql, 1)
     if not words:
         return False, False
     first = words[0]
     if first == b"BEGIN" or first == b"START":
         return True, False
     if first == b"COMMIT" or first == b"END":
+        words = leading_words(sql, 2)
         return False, not (len(words) > 1 and words[1] == b"PREPARED")
     return False, False
 

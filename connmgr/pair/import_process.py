@@ -222,30 +222,34 @@ class ImportProcess:
             else:
                 replica.server_batch(offset, buf, frames)
         q = self.queue
-        if r.direction != "c":
+        sid, version, direction, lsn = r.session_id, r.version, r.direction, r.lsn
+        client = direction == "c"
+        if not client:
             frames = _rows_as_one(frames)
         for tag, start, end in frames:
             if tag > 0xFF:  # a part of a streamed message: not kept, and the session with it
                 if tag & STREAM_HEAD:
                     offset += 5
-                    rec = self.session_state.get(r.session_id) if r.direction == "c" else None
+                    rec = self.session_state.get(sid) if client else None
                     if rec is not None:
                         rec.on_streamed(tag & 0xFF, bytes(buf[start:end]))
-                    q.on_message_too_large(r.session_id, f"a {chr(tag & 0xFF)!r} message over [server]"
-                                                         f" max_buffered_message ({self.max_buffered_message} bytes)")
+                    q.on_message_too_large(sid, f"a {chr(tag & 0xFF)!r} message over [server]"
+                                                f" max_buffered_message ({self.max_buffered_message} bytes)")
                     if replica is not None:
                         replica.lose("a message over [server] max_buffered_message was relayed without being kept")
                 offset += end - start
                 continue
             raw = buf[start - 5:end]
-            msg = MirroredMessage(r.session_id, r.version, r.direction, r.lsn, offset, tag, raw)
+            msg = MirroredMessage(sid, version, direction, lsn, offset, tag, raw)
             offset += len(raw)
-            if r.direction == "c":
+            if client:
                 q.on_client_message(msg)
                 if tag == _Q or tag == _P:
-                    self._sql(r.session_id, tag, raw)
+                    self._sql(sid, tag, raw)
             else:
-                self._purged(q.on_backend_message(msg))
+                txs = q.on_backend_message(msg)
+                if txs:
+                    self._purged(txs)
 
     def _sql(self, sid: int, tag: int, raw: bytes) -> None:
         rec = self.session_state.get(sid)
