@@ -496,14 +496,26 @@ def _dec_type(r: _Reader, xid: int | None) -> Type:
 
 def _dec_insert(r: _Reader, xid: int | None) -> Insert:
     oid = r.read_uint32("relation oid")
+    return Insert(oid, _insert_tuple(r), xid)
+
+
+def _insert_tuple(r: _Reader) -> TupleData:
+    """An Insert's new tuple, the reader past the relation oid."""
     marker = r.read_byte("new tuple marker")
     if marker != 0x4E:  # 'N'
         raise r.error(f"new tuple marker is {_show(marker)}, not 'N'")
-    return Insert(oid, _read_tuple(r, "the new tuple"), xid)
+    return _read_tuple(r, "the new tuple")
 
 
 def _dec_update(r: _Reader, xid: int | None) -> Update:
     oid = r.read_uint32("relation oid")
+    new, old, old_kind = _update_tuples(r)
+    return Update(oid, new, old, old_kind, xid)
+
+
+def _update_tuples(r: _Reader) -> tuple[TupleData, TupleData | None, Literal["K", "O"] | None]:
+    """An Update's (new tuple, old tuple or key, "K"/"O"/None), the reader past the
+    relation oid."""
     marker = r.read_byte("tuple marker")
     old: TupleData | None = None
     old_kind: Literal["K", "O"] | None = None
@@ -515,7 +527,7 @@ def _dec_update(r: _Reader, xid: int | None) -> Update:
             raise r.error(f"new tuple marker is {_show(marker)}, not 'N'")
     elif marker != 0x4E:
         raise r.error(f"tuple marker is {_show(marker)} (not 'K', 'O' or 'N')")
-    return Update(oid, _read_tuple(r, "the new tuple"), old, old_kind, xid)
+    return _read_tuple(r, "the new tuple"), old, old_kind
 
 
 def _dec_delete(r: _Reader, xid: int | None) -> Delete:
@@ -882,20 +894,23 @@ class TransactionAssembler:
             name = rel.qualified_name
             tx.relations[name] = None
             if name == MARKER_TABLE and (tag == 0x49 or tag == 0x55):
-                self._marker_row(tx, rel, data, xid is not None)
+                self._marker_row(tx, rel, r, tag)
         tx.n_changes += 1
         if len(tx.change_lsns) < self.max_change_lsns:
             tx.change_lsns.append(wal_start)
         else:
             tx.truncated = True
 
-    def _marker_row(self, tx: _Builder, rel: Relation, data: bytes, in_stream: bool) -> None:
+    def _marker_row(self, tx: _Builder, rel: Relation, r: _Reader, tag: int) -> None:
         """A purge marker is a row of ``connmgr.markers`` (see :mod:`replay.markers`):
-        report it as the message ``("connmgr", b"origin:session:seq")``."""
-        msg = decode_pgoutput(data, in_stream=in_stream)
+        report it as the message ``("connmgr", b"origin:session:seq")``. ``r``: the
+        change's reader, past the relation oid (one per commit: read once, no message
+        object)."""
+        new = _insert_tuple(r) if tag == 0x49 else _update_tuples(r)[0]
+        r.finish()
         names = [c.name for c in rel.columns]
         try:
-            row = dict(zip(names, msg.new, strict=True))  # type: ignore[union-attr]
+            row = dict(zip(names, new, strict=True))
             values = [int(row[k]) for k in ("origin", "session", "seq")]  # type: ignore[arg-type]
         except (KeyError, ValueError, TypeError):
             raise PgoutputError(f"malformed row of {MARKER_TABLE}: columns {names}") from None
