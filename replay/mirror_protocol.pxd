@@ -8,3 +8,4 @@ cdef class MirrorSender:
 
     cpdef long long _next(self)
     cpdef bytes _keep(self, long long version, bytes wire)
+    cpdef bytes data(self, session_id, direction, lsn, offset, payload)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,14 @@ def test_a_stale_extension_is_not_run(tmp_path: Path) -> None:
                        timeout=60, env={**os.environ, PURE_ENV: ""})  # fmt: skip
     assert r.stdout.strip() == "source", r.stderr
     assert "is older than" in r.stderr
+
+
+def test_no_compiled_module_cimports_another() -> None:
+    """A stale build is judged per module (the source runs instead of an old extension), so
+    a compiled module must not depend at C level on another: its import would fail
+    whenever that one runs from source."""
+    ours = re.compile(r"^\s*(from\s+(shadow|replay|connmgr)\S*\s+cimport|cimport\s+(shadow|replay|connmgr))", re.M)
+    for module in MODULES:
+        pxd = ROOT / (module.replace(".", "/") + ".pxd")
+        if pxd.exists():
+            assert not ours.search(pxd.read_text()), f"{pxd} cimports another compiled module"
