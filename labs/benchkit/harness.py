@@ -181,12 +181,12 @@ class Bench:
         return run
 
     def measure(self, target: Target, wl: Workload, run: Run) -> None:
-        """The measured run of ``wl`` against ``target``, into ``run`` (with ``--profile``,
+        """The measured run of ``wl`` against ``target``, into ``run`` (with ``--py-spy``,
         py-spy on each proxy process during it: labs/benchkit/profile.py)."""
         pids = target.proxy_pids()
         recorder = contextlib.nullcontext()
-        if getattr(self.args, "profile", None) is not None and pids:
-            recorder = profile.recording(pids, self.args.seconds, self.args.profile,
+        if getattr(self.args, "py_spy", None) is not None and pids:
+            recorder = profile.recording(pids, self.args.seconds, self.args.py_spy,
                                          f"r{run.round}-{wl.name}-{target.name}")  # fmt: skip
         with recorder:
             measure_run(run, self.pgbench, target.port, list(wl.args), self.args.seconds,
@@ -290,7 +290,7 @@ def add_arguments(p: argparse.ArgumentParser, *, rounds: int, targets: Sequence[
                    help=f"comma-separated subset of {','.join(workloads)}")  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="also write all figures as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (data, logs, configs)")
-    p.add_argument("--profile", metavar="DIR", type=Path,
+    p.add_argument("--py-spy", metavar="DIR", type=Path, dest="py_spy",
                    help="py-spy on the proxies during each measured run: collapsed stacks into DIR and"
                    " the top functions printed (distorts the figures; labs/benchkit/profile.py)")  # fmt: skip
 
@@ -303,8 +303,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
     args.workloads = split_choices(p, "--workloads", args.workloads, workloads)
     if args.seconds < 1 or args.rounds < 1 or args.scale < 1:
         p.error("--seconds, --rounds and --scale must be at least 1")
-    if args.profile is not None and (why := profile.available()):
-        p.error(f"--profile: {why}")
+    if args.py_spy is not None and (why := profile.available()):
+        p.error(f"--py-spy: {why}")
     return args
 
 

@@ -1,7 +1,7 @@
 """Where a proxy's CPU goes during a measured run: ``py-spy record`` attached to each proxy
 process, and a summary of the samples by function.
 
-``--profile DIR`` on a benchmark records, for every measured run, one collapsed-stack file
+``--py-spy DIR`` on a benchmark records, for every measured run, one collapsed-stack file
 per proxy process (``DIR/<round>-<workload>-<target>-<process>.txt``; py-spy's ``raw``
 format, one ``frame;frame;... count`` line per distinct stack, viewable with any
 flame-graph tool) and prints the top functions of each. ``--native`` is on, so the compiled
