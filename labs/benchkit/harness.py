@@ -185,7 +185,7 @@ class Bench:
         py-spy on each proxy process during it: labs/benchkit/profile.py)."""
         pids = target.proxy_pids()
         recorder = contextlib.nullcontext()
-        if getattr(self.args, "py_spy", None) is not None and pids:
+        if self.args.py_spy is not None and pids:
             recorder = profile.recording(pids, self.args.seconds, self.args.py_spy,
                                          f"r{run.round}-{wl.name}-{target.name}")  # fmt: skip
         with recorder:

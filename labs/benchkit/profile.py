@@ -59,12 +59,8 @@ def recording(pids: dict[str, int], seconds: float, out_dir: Path, stem: str):
                 print(f"profile {name}: py-spy made no file: {err.strip().splitlines()[-1:]}", flush=True)
                 continue
             print(f"profile {name} ({path}):", flush=True)
-            text = path.read_text()
-            for line in summary(text):
+            for line in report(path.read_text()):
                 print("  " + line, flush=True)
-            print("  by component:", flush=True)
-            for line in by_component(text, top=12):
-                print("    " + line, flush=True)
 
 
 def parse(text: str) -> Counter[tuple[str, ...]]:
@@ -83,12 +79,19 @@ def function(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
 
-def summary(text: str, top: int = 20) -> list[str]:
-    """The ``top`` functions by samples on CPU in them (self) and under them (total)."""
+def report(text: str, top: int = 20, components: int = 12) -> list[str]:
+    """The lines printed for one file of collapsed stacks: :func:`summary` and
+    :func:`by_component`."""
     stacks = parse(text)
     total = sum(stacks.values())
     if not total:
         return ["no samples (the process was idle?)"]
+    return [*summary(stacks, total, top), "by component (the innermost frame of ours, or the event loop, or a"
+            " system call):", *("  " + line for line in by_component(stacks, total, components))]  # fmt: skip
+
+
+def summary(stacks: Counter[tuple[str, ...]], total: int, top: int) -> list[str]:
+    """The ``top`` functions by samples on CPU in them (self) and under them (total)."""
     own: Counter[str] = Counter()
     under: Counter[str] = Counter()
     for stack, n in stacks.items():
@@ -130,12 +133,8 @@ def component(stack: tuple[str, ...]) -> str:
     return "other (native)"
 
 
-def by_component(text: str, top: int = 25) -> list[str]:
+def by_component(stacks: Counter[tuple[str, ...]], total: int, top: int) -> list[str]:
     """The samples by :func:`component`, largest first."""
-    stacks = parse(text)
-    total = sum(stacks.values())
-    if not total:
-        return ["no samples"]
     parts: Counter[str] = Counter()
     for stack, n in stacks.items():
         parts[component(stack)] += n
@@ -145,9 +144,5 @@ def by_component(text: str, top: int = 25) -> list[str]:
 if __name__ == "__main__":
     for arg in sys.argv[1:]:
         print(f"{arg}:")
-        text = Path(arg).read_text()
-        for line in summary(text, top=30):
+        for line in report(Path(arg).read_text(), top=30, components=25):
             print("  " + line)
-        print("  by component (the innermost frame of ours, or the event loop, or a system call):")
-        for line in by_component(text):
-            print("    " + line)
