@@ -14,16 +14,18 @@ import logging
 import resource
 import signal
 import ssl
+import sys
 import time
 
 import trio
 
+from connmgr import config as config_mod
 from connmgr.config import Config, parse_hostport
 from connmgr.errors import AdminShutdown, ClientError
 from connmgr.failover.controller import Failover
 from connmgr.metrics import Metrics
-from connmgr.ops.admin import AdminConsole, AdminContext
-from connmgr.ops.prometheus import Exported, serve_metrics
+from connmgr.ops.admin import AdminConsole, AdminContext, local_show
+from connmgr.ops.prometheus import Exported, render, serve_metrics
 from connmgr.pair.import_process import ImportProcess
 from connmgr.pair.mirror import MirrorLink
 from connmgr.pair.secondary import Secondary
@@ -37,6 +39,9 @@ from connmgr.proxy.client_auth import SecretStore
 from connmgr.proxy.engine import RelayEngine
 from connmgr.proxy.registry import Registry
 from connmgr.proxy.relay import RelayContext
+from connmgr.workers.link import WorkerLink, open_link
+from connmgr.workers.sockets import open_shared_listeners
+from connmgr.workers.supervisor import Supervisor
 from replay import markers
 from shadow import messages
 from shadow.compiled import hot_path
@@ -48,11 +53,16 @@ class App:
     """The composition root: builds every part of a connmgr from its :class:`Config`,
     hands each one what it uses, and runs them in one nursery (:meth:`serve`)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerLink | None = None) -> None:
         self.config = config
         p = config.primary
         self.metrics = Metrics()
-        self.registry = Registry(self.metrics)
+        #: with [server] workers > 1: this process is one worker (connmgr/workers/)
+        self.worker = worker
+        if worker is not None:
+            self.registry = Registry(self.metrics, worker.index, worker.count, forward=worker.forward_cancel)
+        else:
+            self.registry = Registry(self.metrics)
         #: where new sessions log in: the primary (a failover moves it)
         self.route = Route(BackendServer(p.name, p.host, p.port, p.connect_timeout, p.tls, p.tls_ca_file))
         self.secrets = SecretStore(config, self.route.server)
@@ -110,8 +120,11 @@ class App:
             idle_in_transaction_timeout=config.server.idle_in_transaction_timeout,
             max_buffered_message=config.server.max_buffered_message,
         )  # fmt: skip
-        admin = AdminContext(config, self.metrics, self.registry, self.route, self.shutdown, self.failover,
-                             rejoin=self.rejoin)  # fmt: skip
+        self.admin = admin = AdminContext(
+            config, self.metrics, self.registry, self.route,
+            worker.request_shutdown if worker is not None else self.shutdown, self.failover, rejoin=self.rejoin,
+            fleet=worker.fleet if worker is not None else None,
+        )  # fmt: skip
         self.client_context = ClientContext(
             config, self.metrics, self.registry, self.route, self.secrets, relay, failover=self.failover,
             client_ssl_context=_client_ssl_context(config), accepting=lambda: self.accepting,
@@ -311,7 +324,10 @@ class App:
         listeners = []
         for addr in cfg.server.listen:
             host, port = parse_hostport(addr, allow_zero=True)
-            listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=4096))
+            if self.worker is not None:  # the supervisor reserved it: shared with the other workers
+                listeners.extend(open_shared_listeners(host, port))
+            else:
+                listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=4096))
         self.listen_addresses = [ln.socket.getsockname()[:2] for ln in listeners]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -334,11 +350,14 @@ class App:
                 nursery.start_soon(self._accept_loop, ln, nursery)
             if cfg.metrics.listen:
                 host, port = parse_hostport(cfg.metrics.listen, allow_zero=True)
-                self.metrics_address = await nursery.start(serve_metrics, self.exported, host, port)
+                self.metrics_address = await nursery.start(serve_metrics, self._render_metrics, host, port)
             if handle_signals:
                 nursery.start_soon(self._signals)
             for host, port in self.listen_addresses:
                 log.info("listening on %s:%d, backend %s (hot path: %s)", host, port, self.server.address, hot_path())
+            if self.worker is not None:
+                await nursery.start(self.worker.run, self._control_handlers(), self.shutdown)
+                await self.worker.ready(self.listen_addresses)
             task_status.started(self.listen_addresses)
             await self._shutdown.wait()
             self.accepting = False
@@ -346,6 +365,29 @@ class App:
                 await ln.aclose()
             await self._drain()
             nursery.cancel_scope.cancel()
+
+    def _control_handlers(self) -> dict:
+        """What a worker answers its supervisor (connmgr/workers/link.py)."""
+
+        async def cancel(frame: dict) -> None:
+            await self.registry.cancel(int(frame["pid"]), int(frame["secret"]))
+
+        async def show(frame: dict) -> dict:
+            columns, rows = local_show(self.admin, frame["what"])
+            return {"columns": columns, "rows": rows}
+
+        async def metrics(_frame: dict) -> dict:
+            return {"text": render(self.exported)}
+
+        async def shutdown(frame: dict) -> None:
+            if frame.get("fast"):
+                self.fast_shutdown()
+            self.shutdown()
+
+        return {"cancel": cancel, "show": show, "metrics": metrics, "shutdown": shutdown}
+
+    async def _render_metrics(self) -> str:
+        return render(self.exported)
 
     async def _run_secondary(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with self._secondary_scope:
@@ -411,6 +453,21 @@ def _client_ssl_context(config: Config) -> ssl.SSLContext | None:
 
 
 async def serve(config: Config, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run a connection manager with ``config`` until SIGTERM/SIGINT."""
+    """Run a connection manager with ``config`` until SIGTERM/SIGINT: this process serves
+    the clients, or with ``[server] workers`` > 1 supervises that many worker processes."""
+    if config.server.workers > 1:
+        await Supervisor(config).serve(task_status=task_status)
+        return
     app = App(config)
     await app.serve(task_status=task_status)
+
+
+async def serve_worker(fd: int) -> None:
+    """``connmgr _worker FD``: one worker of a supervisor, its control channel on ``fd``
+    (connmgr/workers/)."""
+    link, spec = await open_link(fd)
+    logging.basicConfig(level=spec.get("log_level", logging.INFO), force=True, stream=sys.stderr,
+                        format=f"%(asctime)s %(name)s[worker {link.index}] %(levelname)s %(message)s")  # fmt: skip
+    config = config_mod.load(None, **spec["config"])
+    app = App(config, worker=link)
+    await app.serve()

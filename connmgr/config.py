@@ -65,6 +65,14 @@ class ServerSection:
     #: users allowed into the admin console (database "connmgr"); empty = any user that
     #: authenticates (read-only SHOW commands only)
     admin_users: tuple[str, ...] = ()
+    #: processes serving clients, sharing the listen port (SO_REUSEPORT; connmgr/workers/).
+    #: 1 = this process serves them itself. With N > 1 a supervisor process runs N
+    #: workers and owns the metrics endpoint; max_clients is split between the workers
+    workers: int = 1
+
+
+#: the most [server] workers: a worker's number lives in the top bits of its virtual pids
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +412,18 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [server] relay: must be one of {', '.join(RELAY_MODES)}, got {s.relay!r}")
     if not s.listen:
         raise ConfigError(f"{source}: [server] listen: at least one address is required")
+    if not 1 <= s.workers <= MAX_WORKERS:
+        raise ConfigError(f"{source}: [server] workers: must be 1-{MAX_WORKERS}, got {s.workers}")
+    if s.workers > s.max_clients:
+        raise ConfigError(f"{source}: [server] workers: {s.workers} workers cannot share max_clients = {s.max_clients}"
+                          " (each takes an equal share)")  # fmt: skip
+    if s.workers > 1:
+        roles = [name for name, on in (("[mirror] peer", config.mirror.peer), ("[mirror] listen", config.mirror.listen),
+                                       ("[failover] secondary", config.failover.secondary), ("[host] vip", config.host.vip)) if on]  # fmt: skip
+        if roles:
+            raise ConfigError(f"{source}: [server] workers = {s.workers} with {', '.join(roles)}: a connmgr of a pair"
+                              " runs one worker (the mirror, the import queue and the failover are not split"
+                              " across processes yet); set workers = 1")  # fmt: skip
     for addr in s.listen:
         parse_hostport(addr, what=f"{source}: [server] listen", allow_zero=True)
     p = config.primary

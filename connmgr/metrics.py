@@ -107,6 +107,8 @@ class Metrics:
     backend_connects: int = 0
     backend_connect_errors: int = 0
     cancels: int = 0
+    #: cancel requests for a key of another worker, sent on to it ([server] workers)
+    cancels_forwarded: int = 0
     auth_failures: int = 0
     #: database -> whether its sessions are marked (App.markers_enabled)
     marker_databases: dict = field(default_factory=dict)
@@ -180,6 +182,8 @@ class Metrics:
                 family.add_metric([printable(db)], 1 if ok else 0)  # a name in another encoding
             out.append(family)
         counter("cancels_total", "cancel requests routed", self.cancels)
+        counter("cancels_forwarded_total", "cancel requests for a session of another worker, sent on to it",
+                self.cancels_forwarded)  # fmt: skip
         counter("sessions_untracked_total", "sessions whose protocol state connmgr lost track of (relayed"
                 " untracked: no markers, and they cannot move at a failover)", self.sessions_untracked)  # fmt: skip
         counter("messages_streamed_total", "client messages longer than [server] max_buffered_message, relayed"

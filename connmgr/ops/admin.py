@@ -16,8 +16,9 @@ columns. Unknown commands get ERROR 42601 and the session continues.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ from connmgr.pg.backend import Route
 from connmgr.pg.wire import MessageReader
 from connmgr.proxy.client import ClientConnection, ClientState
 from connmgr.proxy.registry import Registry
+from connmgr.workers import WORKER_COLUMNS
 from shadow import messages as m
 from shadow.messages import FrontendTag
 
@@ -83,6 +85,9 @@ class AdminContext:
     failover: Failover | None = None
     #: RESEED after a host takeover (a host pair's secondary: connmgr/host/rejoin.py)
     rejoin: Rejoin | None = None
+    #: with [server] workers > 1: SHOW subject -> every worker's answer, as
+    #: [[worker, columns, rows], ...] (connmgr/workers/); None: this process is all
+    fleet: Callable[[str], Awaitable[list]] | None = None
 
 
 class AdminConsole:
@@ -190,11 +195,15 @@ class AdminConsole:
         if words[0].upper() != "SHOW" or len(words) != 2:
             raise AdminError(f"unknown command {sql.strip()!r}; try SHOW HELP")
         what = words[1].upper()
-        handler = getattr(self, f"_show_{what.lower()}", None)
-        if handler is None:
+        if what == "HELP":
+            cols, rows = self._show_help()
+        elif what in FLEET_SHOWS and self.ctx.fleet is not None:
+            cols, rows = merge_fleet(what, await self.ctx.fleet(what))
+        elif what in _SHOWS:
+            cols, rows = _SHOWS[what](self.ctx)
+        else:
             raise AdminError(f"unknown SHOW subject {words[1]!r}; try SHOW HELP")
-        cols, rows = handler()
-        return cols, rows, "SHOW" if what != "STATS" else "SHOW"
+        return cols, rows, "SHOW"
 
     def _show_help(self):
         return ["command", "description"], [
@@ -203,6 +212,7 @@ class AdminConsole:
             ["SHOW STATS", "totals: clients, bytes, messages, requests, latency"],
             ["SHOW CONFIG", "the configuration in effect (secrets hidden)"],
             ["SHOW VERSION", "connmgr version"],
+            ["SHOW WORKERS", "one row per worker process ([server] workers)"],
             ["SHUTDOWN", "graceful shutdown (admin_users only)"],
             ["SWITCHOVER [drain_seconds]", "move every session to the secondary database, planned (admin_users only)"],
             ["RESEED", "after a move: make the old primary the secondary of the new one (admin_users only)"],
@@ -293,59 +303,104 @@ class AdminConsole:
             raise AdminError(f"pair check did not finish within {PAIR_CHECK_TIMEOUT:.0f} s", "57014")
         return columns, [[f.level, f.what, f.detail, f.fix] for f in findings], "PAIR CHECK"
 
-    def _show_version(self):
-        return ["version"], [[f"connmgr {__version__}"]]
 
-    def _show_clients(self):
-        now = time.time()
-        rows = []
-        for c in list(self.ctx.registry):
-            rows.append([
-                c.id, c.user, c.database, c.peer, c.application_name, c.state,
-                c.session.tx_status.value if c.state is ClientState.ACTIVE else "",
-                len(c.session.pending), "yes" if c.tls else "no", f"{now - c.connected_at:.1f}",
-                c.stats.bytes_from_client, c.stats.bytes_to_client, c.stats.requests,
-                c.key[0] if c.key else None,
-            ])
-        return [
-            "id", "user", "database", "address", "application_name", "state", "tx", "pending",
-            "tls", "connected_s", "bytes_in", "bytes_out", "requests", "virtual_pid",
-        ], rows
+def _show_version(ctx: AdminContext):
+    return ["version"], [[f"connmgr {__version__}"]]
 
-    def _show_servers(self):
-        rows = []
-        for c in list(self.ctx.registry):
-            b = c.backend
-            if b is None:
-                continue
-            rows.append([c.id, b.server.name, b.server.address, b.pid, c.user, c.database, c.session.tx_status.value])
-        return ["client_id", "server", "address", "backend_pid", "user", "database", "tx"], rows
+def _show_clients(ctx: AdminContext):
+    now = time.time()
+    rows = []
+    for c in list(ctx.registry):
+        rows.append([
+            c.id, c.user, c.database, c.peer, c.application_name, c.state,
+            c.session.tx_status.value if c.state is ClientState.ACTIVE else "",
+            len(c.session.pending), "yes" if c.tls else "no", f"{now - c.connected_at:.1f}",
+            c.stats.bytes_from_client, c.stats.bytes_to_client, c.stats.requests,
+            c.key[0] if c.key else None,
+        ])
+    return [
+        "id", "user", "database", "address", "application_name", "state", "tx", "pending",
+        "tls", "connected_s", "bytes_in", "bytes_out", "requests", "virtual_pid",
+    ], rows
 
-    def _show_stats(self):
-        ctx = self.ctx
-        t = ctx.metrics.totals(c.stats for c in list(ctx.registry))
-        mt = ctx.metrics
-        lat = t.latency
-        avg_us = (lat.total / lat.count * 1e6) if lat.count else 0
-        return [
-            "clients_active", "clients_accepted", "clients_rejected", "auth_failures", "backend_connects",
-            "backend_connect_errors", "cancels", "requests", "bytes_in", "bytes_out", "messages_in",
-            "messages_out", "avg_latency_us", "p99_latency_us_le", "uptime_s",
-        ], [[
-            len(ctx.registry), mt.clients_accepted, sum(mt.clients_rejected.values()), mt.auth_failures,
-            mt.backend_connects, mt.backend_connect_errors, mt.cancels, t.requests,
-            t.bytes_from_client, t.bytes_to_client, t.messages_from_client, t.messages_to_client,
-            f"{avg_us:.0f}", f"{lat.quantile(0.99) * 1e6:.0f}", f"{time.time() - mt.started:.0f}",
-        ]]
+def _show_servers(ctx: AdminContext):
+    rows = []
+    for c in list(ctx.registry):
+        b = c.backend
+        if b is None:
+            continue
+        rows.append([c.id, b.server.name, b.server.address, b.pid, c.user, c.database, c.session.tx_status.value])
+    return ["client_id", "server", "address", "backend_pid", "user", "database", "tx"], rows
 
-    def _show_config(self):
-        rows = []
-        cfg = self.ctx.config
-        for section in dataclasses.fields(cfg):
-            values = getattr(cfg, section.name)
-            for f in dataclasses.fields(values):
-                value = getattr(values, f.name)
-                if "password" in f.name or f.name == "mock_key":
-                    value = "********" if value else ""
-                rows.append([section.name, f.name, str(value)])
-        return ["section", "key", "value"], rows
+def _show_stats(ctx: AdminContext):
+    t = ctx.metrics.totals(c.stats for c in list(ctx.registry))
+    mt = ctx.metrics
+    lat = t.latency
+    avg_us = (lat.total / lat.count * 1e6) if lat.count else 0
+    return [
+        "clients_active", "clients_accepted", "clients_rejected", "auth_failures", "backend_connects",
+        "backend_connect_errors", "cancels", "requests", "bytes_in", "bytes_out", "messages_in",
+        "messages_out", "avg_latency_us", "p99_latency_us_le", "uptime_s",
+    ], [[
+        len(ctx.registry), mt.clients_accepted, sum(mt.clients_rejected.values()), mt.auth_failures,
+        mt.backend_connects, mt.backend_connect_errors, mt.cancels, t.requests,
+        t.bytes_from_client, t.bytes_to_client, t.messages_from_client, t.messages_to_client,
+        f"{avg_us:.0f}", f"{lat.quantile(0.99) * 1e6:.0f}", f"{time.time() - mt.started:.0f}",
+    ]]
+
+def _show_config(ctx: AdminContext):
+    rows = []
+    cfg = ctx.config
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if "password" in f.name or f.name == "mock_key":
+                value = "********" if value else ""
+            rows.append([section.name, f.name, str(value)])
+    return ["section", "key", "value"], rows
+
+
+def _show_workers(ctx: AdminContext):
+    """One process serves everything (with workers, the supervisor answers instead)."""
+    return WORKER_COLUMNS, [[0, os.getpid(), len(ctx.registry), f"{time.time() - ctx.metrics.started:.0f}", 0]]
+
+_SHOWS = {"VERSION": _show_version, "CLIENTS": _show_clients, "SERVERS": _show_servers, "STATS": _show_stats,
+          "CONFIG": _show_config, "WORKERS": _show_workers}  # fmt: skip
+
+#: the SHOW subjects that, with workers, are answered for all of them
+FLEET_SHOWS = ("CLIENTS", "SERVERS", "STATS", "WORKERS")
+
+
+def local_show(ctx: AdminContext, what: str) -> tuple[list[str], list[list[str | None]]]:
+    """This process's answer to ``SHOW what`` (one of :data:`FLEET_SHOWS`), as text: what
+    a worker sends the supervisor. KeyError for another subject."""
+    cols, rows = _SHOWS[what](ctx)
+    return cols, [[None if v is None else str(v) for v in row] for row in rows]
+
+
+def merge_fleet(what: str, answers: list) -> tuple[list[str], list[list]]:
+    """Every worker's answer to ``SHOW what`` as one table: CLIENTS and SERVERS with a
+    ``worker`` column first; STATS one row per worker under a row ``all`` (counts added,
+    the average latency weighted by requests, the p99 bound and uptime the largest);
+    WORKERS as the supervisor gave it."""
+    answers = sorted(answers, key=lambda a: a[0])
+    if what == "WORKERS":
+        (_index, cols, rows), = answers
+        return cols, rows
+    cols = ["worker", *answers[0][1]] if answers else ["worker"]
+    rows = [[str(index), *row] for index, _cols, part in answers for row in part]
+    if what != "STATS" or not rows:
+        return cols, rows
+    total: list[str | None] = ["all"]
+    for i, name in enumerate(cols[1:], start=1):
+        values = [float(r[i] or 0) for r in rows]
+        if name == "avg_latency_us":
+            weights = [float(r[cols.index("requests")] or 0) for r in rows]
+            value = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights) if sum(weights) else 0.0
+        elif name in ("p99_latency_us_le", "uptime_s"):
+            value = max(values)
+        else:
+            value = sum(values)
+        total.append(f"{value:.0f}")
+    return cols, [total, *rows]

@@ -23,6 +23,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, dict]:
         server["max_clients"] = args.max_clients
     if args.relay:
         server["relay"] = args.relay
+    if args.workers is not None:
+        server["workers"] = args.workers
     if args.primary:
         host, port = config_mod.parse_hostport(args.primary, default_port=5432, what="--primary")
         primary.update(host=host, port=port)
@@ -38,6 +40,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from connmgr.app import serve
+    from connmgr.workers.supervisor import WorkerStartError
 
     try:
         cfg = config_mod.load(args.config, **_serve_overrides(args))
@@ -48,6 +51,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trio.run(serve, cfg)
     except OSError as e:
         print(f"connmgr: cannot listen: {e}", file=sys.stderr)
+        return 1
+    except WorkerStartError as e:
+        print(f"connmgr: {e}; its log lines above say why", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``connmgr _worker FD``: started by a supervisor ([server] workers), not by hand."""
+    from connmgr.app import serve_worker
+
+    try:
+        trio.run(serve_worker, args.fd)
+    except ConfigError as e:
+        print(f"connmgr worker: configuration error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"connmgr worker: cannot listen: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -193,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-clients", type=int, help="most client connections at once")
     s.add_argument("--relay", choices=config_mod.RELAY_MODES, help="relay carrier (default engine)")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    s.add_argument("--workers", type=int, help="processes serving clients on the same port (default 1)")
     s.set_defaults(func=cmd_serve)
+
+    wk = sub.add_parser("_worker")  # a worker of `serve` with [server] workers > 1 (connmgr/workers/)
+    wk.add_argument("fd", type=int, help="the control socket the supervisor passed")
+    wk.set_defaults(func=cmd_worker)
 
     d = sub.add_parser("demo", help="create local clusters, run a workload through connmgr, report")
     d.add_argument("--json", action="store_true", help="print the summary as JSON")

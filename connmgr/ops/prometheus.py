@@ -8,11 +8,13 @@ per connection, bounded in size and time; anything else gets 404 or 400.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from connmgr.failover.controller import Failover
@@ -168,7 +170,23 @@ class _Families:
         return iter(self._families)
 
 
-async def _handle(app: Exported, stream: trio.SocketStream) -> None:
+def merge_workers(texts: dict[int, str], extra: list | None = None) -> str:
+    """One exposition of several workers' (``{worker: text}``): each family once, every
+    sample labelled ``worker``; ``extra`` families (the supervisor's own) added as they are."""
+    merged: dict[str, Metric] = {}
+    for index, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            into = merged.get(family.name)
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                into.samples.append(sample._replace(labels={**sample.labels, "worker": str(index)}))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*merged.values(), *(extra or [])]))
+    return generate_latest(registry).decode()
+
+
+async def _handle(render: Callable[[], Awaitable[str]], stream: trio.SocketStream) -> None:
     try:
         with trio.move_on_after(5):
             request = b""
@@ -187,7 +205,7 @@ async def _handle(app: Exported, stream: trio.SocketStream) -> None:
                 await stream.send_all(b"HTTP/1.0 404 Not Found\r\n\r\n")
             else:
                 try:
-                    body = render(app).encode()
+                    body = (await render()).encode()
                 except Exception:  # noqa: BLE001 - a bug in one figure must not stop connmgr
                     log.exception("rendering the metrics failed")
                     await stream.send_all(b"HTTP/1.0 500 Internal Server Error\r\n\r\n")
@@ -203,11 +221,13 @@ async def _handle(app: Exported, stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def serve_metrics(app: Exported, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the endpoint on ``host:port`` until cancelled; ``task_status.started`` gets
-    the bound (host, port)."""
+async def serve_metrics(render: Callable[[], Awaitable[str]], host: str, port: int, *,
+                        task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+    """Serve the endpoint on ``host:port`` until cancelled, each scrape answered with what
+    ``render()`` returns (:func:`render` of a process, :func:`merge_workers` of a
+    supervisor); ``task_status.started`` gets the bound (host, port)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     address = listeners[0].socket.getsockname()[:2]
     log.info("metrics on http://%s:%d/metrics", *address)
     task_status.started(address)
-    await trio.serve_listeners(lambda s: _handle(app, s), listeners)
+    await trio.serve_listeners(lambda s: _handle(render, s), listeners)

@@ -15,21 +15,32 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from connmgr.metrics import Metrics
 from connmgr.pg.backend import BackendSession, send_cancel
 
 log = logging.getLogger("connmgr")
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "WORKER_SHIFT"]
+
+#: with [server] workers > 1, a virtual pid is ``worker << WORKER_SHIFT | n``: any worker
+#: that receives a CancelRequest knows whose key it is (64 workers stay below 2**30)
+WORKER_SHIFT = 24
 
 
 class Registry:
     """See the module docstring."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, worker: int = 0, workers: int = 1,
+                 forward: Callable[[int, int, int], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self.metrics = metrics
+        #: this process's number among ``workers`` ([server] workers; connmgr/workers/):
+        #: with more than one, it is the top bits of every virtual pid handed out here
+        self.worker = worker
+        self.workers = workers
+        #: ``forward(worker, pid, secret)``: a cancel key of another worker, sent to it
+        self.forward = forward
         #: connection id -> connection, while it lives
         self.clients: dict[int, object] = {}
         #: virtual (pid, secret) -> connection
@@ -37,6 +48,8 @@ class Registry:
         #: (server address, real backend pid) -> virtual pid, for NotificationResponse
         self.virtual_pids: dict[tuple[str, int], int] = {}
         self._next_pid = 10_000 + secrets.randbelow(50_000)
+        self._pid_top = (worker << WORKER_SHIFT) if workers > 1 else 0
+        self._pid_limit = (1 << WORKER_SHIFT) - 1 if workers > 1 else 2**31 - 1
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -50,8 +63,8 @@ class Registry:
 
     def register_key(self, conn) -> tuple[int, int]:
         """A virtual (pid, secret) for ``conn``'s BackendKeyData, unique while it lives."""
-        self._next_pid = self._next_pid + 1 if self._next_pid < 2**31 - 1 else 10_000
-        key = (self._next_pid, secrets.randbits(32))
+        self._next_pid = self._next_pid + 1 if self._next_pid < self._pid_limit else 10_000
+        key = (self._pid_top | self._next_pid, secrets.randbits(32))
         self.keys[key] = conn
         if conn.backend is not None:
             self.virtual_pids[(conn.backend.server.address, conn.backend.pid)] = key[0]
@@ -77,7 +90,13 @@ class Registry:
 
     async def cancel(self, pid: int, secret: int | bytes) -> None:
         """Route a client's CancelRequest to the backend session its key belongs to now
-        (an unknown key is logged and ignored, as Postgres does)."""
+        (an unknown key is logged and ignored, as Postgres does). With workers, a key
+        another worker handed out goes to that worker."""
+        owner = pid >> WORKER_SHIFT if self.workers > 1 else self.worker
+        if owner != self.worker and self.forward is not None and owner < self.workers and isinstance(secret, int):
+            self.metrics.cancels_forwarded += 1
+            await self.forward(owner, pid, secret)
+            return
         conn = self.keys.get((pid, secret)) if isinstance(secret, int) else None
         if conn is None or conn.backend is None:
             log.info("cancel request for unknown key (pid %d) ignored", pid)
