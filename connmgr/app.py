@@ -41,7 +41,7 @@ from connmgr.proxy.registry import Registry
 from connmgr.proxy.relay import RelayContext
 from connmgr.workers.link import WorkerLink, open_link
 from connmgr.workers.sockets import open_shared_listeners
-from connmgr.workers.supervisor import Supervisor
+from connmgr.workers.supervisor import Supervisor, worker_share
 from replay import markers
 from shadow import messages
 from shadow.compiled import hot_path
@@ -468,6 +468,8 @@ async def serve_worker(fd: int) -> None:
     link, spec = await open_link(fd)
     logging.basicConfig(level=spec.get("log_level", logging.INFO), force=True, stream=sys.stderr,
                         format=f"%(asctime)s %(name)s[worker {link.index}] %(levelname)s %(message)s")  # fmt: skip
-    config = config_mod.load(None, **spec["config"])
+    config = worker_share(config_mod.load(None, **spec["config"]))
+    log.info("worker %d of %d: up to %d clients (its share of max_clients)", link.index, link.count,
+             config.server.max_clients)  # fmt: skip
     app = App(config, worker=link)
     await app.serve()

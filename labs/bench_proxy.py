@@ -17,6 +17,11 @@ What it does
 
    ``direct``     Postgres itself, over TCP (the reference every ratio is taken against);
    ``connmgr``    ``python -m connmgr serve --listen ... --primary ...``;
+   ``connmgr-wN`` the same with ``--workers N`` (N = 2, 3, 4): a supervisor and N worker
+                  processes sharing the port; after the table, a scaling table compares
+                  each with ``connmgr`` (N = 1): tps ratio, efficiency (ratio / N, the
+                  issue's target is >= 0.7), and the CPU of all its processes per
+                  transaction;
    ``pgbouncer``  PgBouncer (if installed), session pooling unless ``--pgbouncer-mode``;
    ``relay``      labs/naive_relay.py: trio, two pumps, parses nothing.
 
@@ -65,6 +70,7 @@ import importlib.util
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -87,7 +93,8 @@ from benchkit.targets import Target, connmgr_argv, relay_argv  # noqa: E402
 
 from connmgr.embedded.clusters import Cluster, free_port  # noqa: E402
 
-ALL_TARGETS = ("direct", "connmgr", "connmgr-pure", "connmgr-tasks", "connmgr-base", "pgbouncer", "relay")
+ALL_TARGETS = ("direct", "connmgr", "connmgr-w2", "connmgr-w3", "connmgr-w4", "connmgr-pure", "connmgr-tasks",
+               "connmgr-base", "pgbouncer", "relay")  # fmt: skip
 
 CLUSTER_SETTINGS: dict[str, str | int] = {
     "fsync": "off",
@@ -149,6 +156,8 @@ class ProxyBench(Bench):
             root = REPO
             if name == "connmgr-tasks":
                 extra.extend(["--relay", "tasks"])
+            if name.startswith("connmgr-w"):  # [server] workers = N behind one port
+                extra.extend(["--workers", name.removeprefix("connmgr-w")])
             if name == "connmgr-base":
                 if not self.args.baseline:
                     raise TargetUnavailable(
@@ -173,7 +182,42 @@ class ProxyBench(Bench):
             self.profile()
 
     def json_more(self) -> dict:
-        return {"profile": self.profile_path}
+        return {"profile": self.profile_path, "workers": self.scaling()}
+
+    def scaling(self) -> list[dict]:
+        """Per workload and ``connmgr-wN`` target: the median tps against ``connmgr``'s
+        (one process) in the same rounds, and the CPU per transaction of all its processes."""
+        out = []
+        for wl in (w.name for w in self.workloads):
+            base = [r for r in self.runs if r.workload == wl and r.target == "connmgr" and r.ok]
+            for t in (t.name for t in self.targets):
+                if not t.startswith("connmgr-w"):
+                    continue
+                mine = [r for r in self.runs if r.workload == wl and r.target == t and r.ok]
+                if not mine:
+                    continue
+                n = int(t.removeprefix("connmgr-w"))
+                tps = statistics.median(r.tps for r in mine)
+                row = {"workload": wl, "target": t, "workers": n, "tps": tps,
+                       "cpu_us_per_tx": statistics.median(sum(r.cpu_us_per_tx.values()) for r in mine)}  # fmt: skip
+                if base:
+                    one = statistics.median(r.tps for r in base)
+                    row.update(tps_1=one, ratio=tps / one, efficiency=tps / one / n,
+                               cpu_us_per_tx_1=statistics.median(sum(r.cpu_us_per_tx.values()) for r in base))
+                out.append(row)
+        return out
+
+    def report_more(self) -> None:
+        rows = self.scaling()
+        if not rows:
+            return
+        print("\nworkers (connmgr-wN against connmgr, one process, in the same rounds):")
+        print(f"{'workload':<16} {'target':<11} {'tps':>9} {'tps N=1':>9} {'× N=1':>6} {'eff.':>5}"
+              f" {'cpu µs/tx':>9} {'N=1':>6}")  # fmt: skip
+        for r in rows:
+            print(f"{r['workload']:<16} {r['target']:<11} {r['tps']:>9,.0f} {r.get('tps_1', 0):>9,.0f}"
+                  f" {r.get('ratio', 0):>5.2f}× {r.get('efficiency', 0):>5.2f} {r['cpu_us_per_tx']:>9.1f}"
+                  f" {r.get('cpu_us_per_tx_1', 0):>6.1f}")  # fmt: skip
 
     # ------------------------------------------------------------ profile
 

@@ -28,7 +28,7 @@ from connmgr.workers.sockets import format_address, reserve
 
 log = logging.getLogger("connmgr.workers")
 
-__all__ = ["Supervisor", "WorkerStartError", "worker_config"]
+__all__ = ["Supervisor", "WorkerStartError", "worker_config", "worker_share"]
 
 #: how long the supervisor waits for a worker's answer (SHOW, metrics)
 ASK_TIMEOUT = 5.0
@@ -56,15 +56,22 @@ class _Worker:
         return self.process is not None and self.process.returncode is None and self.ready.is_set()
 
 
-def worker_config(config: Config, addresses: list[str], workers: int) -> dict[str, dict[str, Any]]:
+def worker_config(config: Config, addresses: list[str]) -> dict[str, dict[str, Any]]:
     """What a worker is configured with, as ``config.load`` overrides: the supervisor's
-    configuration with the reserved addresses (``host:port``, port 0 resolved), no metrics
-    endpoint of its own, and its share of ``max_clients``."""
+    configuration with the reserved addresses (``host:port``, port 0 resolved) and no
+    metrics endpoint of its own. (The worker takes its share of the limits itself:
+    :func:`worker_share`.)"""
     sections = dataclasses.asdict(config)
     sections["server"]["listen"] = list(addresses)
-    sections["server"]["max_clients"] = math.ceil(config.server.max_clients / workers)
     sections["metrics"]["listen"] = ""
     return sections
+
+
+def worker_share(config: Config) -> Config:
+    """A worker's own limits: ``ceil(max_clients / workers)`` clients. (Not checked again:
+    the total was.)"""
+    share = math.ceil(config.server.max_clients / config.server.workers)
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, max_clients=share))
 
 
 class Supervisor:
@@ -114,7 +121,7 @@ class Supervisor:
                 host, port = parse_hostport(addr, allow_zero=True)
                 reserved.extend(reserve(host, port))
             self.listen_addresses = [s.getsockname()[:2] for s in reserved]
-            spec = worker_config(self.config, [format_address(s) for s in reserved], self.count)
+            spec = worker_config(self.config, [format_address(s) for s in reserved])
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if handle_signals:

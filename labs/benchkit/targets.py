@@ -43,13 +43,27 @@ class Target:
         return [death] if death else []
 
     def proxy_pids(self) -> dict[str, int]:
-        """Proxy processes whose CPU per transaction is measured: {name: pid}."""
+        """Proxy processes whose CPU per transaction is measured: {name: pid} (with
+        connmgr's ``[server] workers``, the supervisor and each worker, ``NAME/wI``)."""
         pid = self.service.pid() if self.service is not None else None
-        return {} if pid is None else {self.service.name: pid}
+        if pid is None:
+            return {}
+        return {self.service.name: pid, **{f"{self.service.name}/w{i}": c for i, c in enumerate(children(pid))}}
 
     def stop(self) -> None:
         if self.service is not None:
             self.service.stop()
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (of all its threads: trio starts processes from one)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return sorted(int(c) for c in found)
 
 
 def connmgr_serve(*args: str, launcher: list[str] | None = None) -> list[str]:
