@@ -49,6 +49,7 @@ from functools import partial
 import trio
 
 from connmgr.errors import ClientError
+from connmgr.proxy.idle_wait import open_idle_wait
 from connmgr.proxy.relay import Relay, lost
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
@@ -305,6 +306,8 @@ class RelayEngine:
         self._links: dict[int, Link] = {}
         self.batches = 0
         self.events = 0
+        #: connmgr/proxy/idle_wait.py, while run() runs (None: waits through trio)
+        self.idle_wait = None
 
     @property
     def sessions(self) -> int:
@@ -350,18 +353,24 @@ class RelayEngine:
                 link._end(None)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Pump until cancelled."""
+        """Pump until cancelled. While trio has nothing else to run, the engine waits in
+        its place (connmgr/proxy/idle_wait.py) instead of going through its scheduler."""
         epoll = self._epoll
         poll = epoll.poll
         links = self._links
+        idle, why = open_idle_wait(epoll.fileno())
+        self.idle_wait = idle
+        if idle is None:
+            log.info("relay engine: waits through trio's scheduler (%s)", why)
         task_status.started()
         try:
             while True:
                 # Waiting for the epoll descriptor is also the checkpoint between rounds.
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                # Under load the next batch is usually ready by the time one is done:
-                # take a few before going back to trio (bounded, for fairness).
-                for _ in range(_BATCHES_PER_WAKEUP):
+                if idle is not None:
+                    idle.step()
+                rounds = 0
+                while True:
                     events = poll(0, _BATCH)
                     if not events:
                         break
@@ -378,5 +387,16 @@ class RelayEngine:
                             link._end(ClientError("internal error in the relay engine", sqlstate="XX000"))
                     if self.after_batch is not None:
                         self.after_batch()
+                    # Drained and trio has nothing to do: wait here, in its place.
+                    if len(events) < _BATCH and idle is not None and idle.wait():
+                        rounds = 0
+                        continue
+                    # Otherwise, under load the next batch is usually ready by the time one
+                    # is done: take a few before going back to trio (bounded, for fairness).
+                    rounds += 1
+                    if rounds >= _BATCHES_PER_WAKEUP:
+                        break
         finally:
+            if idle is not None:
+                idle.close()
             epoll.close()

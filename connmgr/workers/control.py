@@ -31,7 +31,8 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 class ControlError(Exception):
-    """The other end sent a malformed frame, closed the channel, or answered an error."""
+    """The other end sent a malformed frame, closed the channel, or answered an error.
+    Internal: between connmgr's own processes, never sent to a client."""
 
 
 def encode(obj: dict[str, Any]) -> bytes:

@@ -39,7 +39,8 @@ MAX_BACKOFF = 10.0
 
 
 class WorkerStartError(Exception):
-    """A worker could not start (its own log lines above say why): the supervisor stops."""
+    """A worker could not start (its own log lines above say why): the supervisor stops.
+    Internal: ``connmgr serve`` reports it and exits 1; no client is connected yet."""
 
 
 @dataclasses.dataclass(eq=False)
