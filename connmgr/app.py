@@ -90,7 +90,8 @@ class App:
             )  # fmt: skip
             self.mirror.eager = bool(config.host.vip)
             sender = self.mirror.sender
-            redo.activity = lambda: sender.latest_version  # idle: sample slowly
+            redo.activity = lambda: sender.latest_version  # idle: sample slowly,
+            self.mirror.on_activity = redo.wake  # until records flow again
             self.syncrep = SyncRepWatch(lambda: self._open_redo_session(None, "connmgr syncrep watch"))
         # the secondary role: mirror listener, import process, poster, DDL, sequences
         self.secondary = Secondary(config, self.route.server) if config.mirror.listen else None

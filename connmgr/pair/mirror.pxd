@@ -6,7 +6,7 @@
 # process, but a stale build is per module: shadow/compiled.py).
 
 cdef class MirrorLink:
-    cdef public object host, port, _clock, _lost_reason, node, lsn, _sock, _wake, _holds, sender
+    cdef public object host, port, _clock, _lost_reason, node, lsn, _sock, _wake, _holds, sender, on_activity
     cdef public list _outbox
     cdef public long long _outbox_bytes, _failed_attempts, peer_silent, connects, bytes_sent, delta_requests
     cdef public long long holds_total, degradations

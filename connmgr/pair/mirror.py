@@ -72,6 +72,8 @@ class MirrorLink:
         self.lsn = lsn
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
+        #: called when records start to flow again (the redo monitor wakes from its idle pause)
+        self.on_activity = None
         self._last_flush = 0.0
         #: longest a mirrored record waits for a coalesced send (one-phase mode)
         self.flush_delay = 0.002
@@ -194,6 +196,10 @@ class MirrorLink:
 
     def _out(self, wire: bytes) -> None:
         if self.connected:
+            if not self._outbox:  # the link task waits for the first record, with no timer
+                self._wake.set()
+                if self.on_activity is not None:
+                    self.on_activity()
             self._outbox.append(wire)
             self._outbox_bytes += len(wire)
 
@@ -325,10 +331,9 @@ class MirrorLink:
                     except (trio.ClosedResourceError, OSError):
                         break
                     self.flush_nowait()
-                else:
+                else:  # (an idle link wakes for nothing: _out, a drop or a partial send wake it)
                     self._wake = trio.Event()
-                    with trio.move_on_after(self.flush_delay):
-                        await self._wake.wait()
+                    await self._wake.wait()
             nursery.cancel_scope.cancel()
         reason, self._lost_reason = self._lost_reason, "mirror link lost"
         raise ConnectionError(reason)

@@ -82,13 +82,18 @@ async def test_while_nothing_is_mirrored_samples_slow_down_and_activity_wakes_th
         await nursery.start(monitor.run, primary.connect)
         await trio.sleep(10.2)  # idle: one sample a second (give or take an interval)
         assert monitor.samples == 11
-        records[0] += 1  # a record was mirrored: the next sample within one interval
+        records[0] += 1  # a record was mirrored (the mirror link wakes the monitor):
+        monitor.wake()  # the next sample within one interval
         await trio.sleep(0.011)
         assert monitor.samples == 12
         for _ in range(100):  # busy: one sample per interval
             records[0] += 1
+            monitor.wake()
             await trio.sleep(0.01)
         assert monitor.samples == pytest.approx(112, abs=1)
+        records[0] += 1  # moved without a wake: seen at the end of the pause at the latest
+        await trio.sleep(1.02)
+        assert monitor.samples == pytest.approx(113, abs=1)
         nursery.cancel_scope.cancel()
 
 
