@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="connmgr", description=__doc__)
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{serve,demo,prepare-db,pair,switchover,reseed}")  # (not _worker)
 
     s = sub.add_parser("serve", help="run the connection manager")
     s.add_argument("-c", "--config", help="TOML configuration file")

@@ -278,3 +278,10 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(supervised, tmp_path):
     time.sleep(0.2)
     assert re.search(r"worker \d \(pid \d+\) exited with code 1 before it listened", s.log()), s.log()
     assert "no-cert.pem" in s.log() or "No such file" in s.log(), s.log()
+
+
+def test_the_workers_flag_is_checked_like_the_file():
+    r = subprocess.run([sys.executable, "-m", "connmgr", "serve", "--workers", "65"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "[server] workers: must be 1-64, got 65" in r.stderr
