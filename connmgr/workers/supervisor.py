@@ -90,6 +90,7 @@ class Supervisor:
         self.started = time.time()
         self._shutdown = trio.Event()
         self._fast = False
+        self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -229,7 +230,7 @@ class Supervisor:
 
     def _tell(self, w: _Worker, op: str, **args: Any) -> None:
         """A notification to ``w``, sent in the background (lost if ``w`` is gone)."""
-        if w.channel is not None:
+        if w.channel is not None and self._nursery is not None:
             self._nursery.start_soon(_notify, w.channel, op, args)
 
     async def _signals(self) -> None:
@@ -247,10 +248,13 @@ class Supervisor:
                 return None
             if op == "cancel":
                 owner = frame.get("worker")
-                if isinstance(owner, int) and 0 <= owner < self.count and self.workers[owner].channel is not None:
-                    await self.workers[owner].channel.notify("cancel", pid=frame["pid"], secret=frame["secret"])
-                else:
-                    log.info("cancel request for worker %r, which is not running, ignored", owner)
+                target = self.workers[owner].channel if isinstance(owner, int) and 0 <= owner < self.count else None
+                try:
+                    if target is None:
+                        raise ControlError("not running")
+                    await target.notify("cancel", pid=frame["pid"], secret=frame["secret"])
+                except ControlError as e:
+                    log.info("cancel request for worker %r ignored: %s", owner, e)
                 return None
             if op == "show":
                 return {"answers": await self.show(frame["what"])}
