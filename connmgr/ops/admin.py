@@ -37,6 +37,7 @@ from connmgr.pg.wire import MessageReader
 from connmgr.proxy.client import ClientConnection, ClientState
 from connmgr.proxy.registry import Registry
 from connmgr.workers import WORKER_COLUMNS
+from connmgr.workers.control import ControlError
 from shadow import messages as m
 from shadow.messages import FrontendTag
 
@@ -44,6 +45,8 @@ Result = tuple[list[str], list[list[object]], str]  # columns, rows, command tag
 
 #: how long PAIR CHECK may ask the two servers
 PAIR_CHECK_TIMEOUT = 30.0
+#: how long a worker's console waits for every worker's SHOW answer (through the supervisor)
+FLEET_TIMEOUT = 10.0
 
 _PARAMS = {
     "server_version": "15.0 (connmgr)",
@@ -198,7 +201,12 @@ class AdminConsole:
         if what == "HELP":
             cols, rows = self._show_help()
         elif what in FLEET_SHOWS and self.ctx.fleet is not None:
-            cols, rows = merge_fleet(what, await self.ctx.fleet(what))
+            try:
+                with trio.fail_after(FLEET_TIMEOUT):
+                    answers = await self.ctx.fleet(what)
+            except (ControlError, trio.TooSlowError) as e:
+                raise AdminError(f"SHOW {what}: the supervisor did not answer: {e or 'timed out'}", "08006") from None
+            cols, rows = merge_fleet(what, answers)
         elif what in _SHOWS:
             cols, rows = _SHOWS[what](self.ctx)
         else:

@@ -40,35 +40,36 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from connmgr.app import serve
-    from connmgr.workers.supervisor import WorkerStartError
 
     try:
         cfg = config_mod.load(args.config, **_serve_overrides(args))
     except ConfigError as e:
         print(f"connmgr: configuration error: {e}", file=sys.stderr)
         return 2
-    try:
-        trio.run(serve, cfg)
-    except OSError as e:
-        print(f"connmgr: cannot listen: {e}", file=sys.stderr)
-        return 1
-    except WorkerStartError as e:
-        print(f"connmgr: {e}; its log lines above say why", file=sys.stderr)
-        return 1
-    return 0
+    return _run_server("connmgr", serve, cfg)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """``connmgr _worker FD``: started by a supervisor ([server] workers), not by hand."""
     from connmgr.app import serve_worker
 
+    return _run_server("connmgr worker", serve_worker, args.fd)
+
+
+def _run_server(name: str, main, *args) -> int:
+    """``trio.run(main, *args)``, its start-up failures as one line and an exit code."""
+    from connmgr.workers.supervisor import WorkerStartError
+
     try:
-        trio.run(serve_worker, args.fd)
-    except ConfigError as e:
-        print(f"connmgr worker: configuration error: {e}", file=sys.stderr)
+        trio.run(main, *args)
+    except ConfigError as e:  # (a worker loads its configuration inside the run)
+        print(f"{name}: configuration error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"connmgr worker: cannot listen: {e}", file=sys.stderr)
+        print(f"{name}: cannot listen: {e}", file=sys.stderr)
+        return 1
+    except WorkerStartError as e:
+        print(f"{name}: {e}; its log lines above say why", file=sys.stderr)
         return 1
     return 0
 

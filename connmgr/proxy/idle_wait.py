@@ -123,14 +123,14 @@ def open_idle_wait(engine_fd: int) -> tuple[IdleWait | None, str]:
 
         runner = _run.GLOBAL_RUN_CONTEXT.runner
         trio_fd = runner.io_manager._epoll.fileno()
-        checks = (runner.runq, runner.deadlines.next_deadline, runner.clock.deadline_to_sleep_time,
-                  runner.waiting_for_idle)  # fmt: skip
         loop_code = _run.unrolled_run.__code__
+        known = (runner.runq is not None and runner.waiting_for_idle is not None
+                 and callable(runner.deadlines.next_deadline) and callable(runner.clock.deadline_to_sleep_time)
+                 and "batch" in loop_code.co_varnames)  # fmt: skip
     except (ImportError, AttributeError) as e:
         return None, f"trio's run loop is not as this connmgr knows it ({e})"
-    del checks
-    if "batch" not in loop_code.co_varnames:
-        return None, "trio's run loop has no local batch"
+    if not known:
+        return None, "trio's run loop is not as this connmgr knows it"
     if type(runner.clock) is not _run.SystemClock:
         return None, f"trio runs with {type(runner.clock).__name__}, not its system clock"
     if runner.is_guest:

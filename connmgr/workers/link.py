@@ -38,9 +38,9 @@ class WorkerLink:
             log.warning("cancel request for worker %d not forwarded: %s", owner, e)
 
     async def fleet(self, what: str) -> list:
-        """Every worker's answer to ``SHOW what`` ([[worker, columns, rows], ...])."""
-        with trio.fail_after(10):
-            reply = await self.channel.call("show", what=what)
+        """Every worker's answer to ``SHOW what`` ([[worker, columns, rows], ...]);
+        ControlError if the supervisor cannot be asked. The caller bounds the wait."""
+        reply = await self.channel.call("show", what=what)
         return reply["answers"]
 
     def request_shutdown(self) -> None:
