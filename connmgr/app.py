@@ -23,6 +23,7 @@ from connmgr import config as config_mod
 from connmgr.config import Config, parse_hostport
 from connmgr.errors import AdminShutdown, ClientError
 from connmgr.failover.controller import Failover
+from connmgr.failover.fleet import Member
 from connmgr.metrics import Metrics
 from connmgr.ops.admin import AdminConsole, AdminContext, local_show
 from connmgr.ops.prometheus import Exported, render, serve_metrics
@@ -69,8 +70,11 @@ class App:
         self.accepting = True
         self.listen_addresses: list[tuple[str, int]] = []
         self.metrics_address: tuple[str, int] | None = None
-        #: this connmgr instance's number: names its sessions' marker rows (replay/markers.py)
+        #: this connmgr instance's number: names its sessions' marker rows (replay/markers.py);
+        #: a worker's carries its index, so two workers started in the same microsecond differ
         self.origin = time.time_ns() // 1000
+        if worker is not None:
+            self.origin = self.origin << 6 | worker.index
         #: database -> (markers usable, when checked); see markers_enabled
         self._marker_dbs: dict[str, tuple[bool, float]] = {}
         # the primary role of a pair: mirror link, redo monitor, SyncRep watch (on a host
@@ -83,7 +87,8 @@ class App:
             self.redo = redo = RedoMonitor(interval=config.redo.interval, idle_interval=config.redo.idle_interval)
             self.route.on_move(lambda _server: redo.retarget())
             self.mirror = MirrorLink(
-                host, port, max_buffer_bytes=config.mirror.max_buffer_bytes,
+                host, port, node="primary" if worker is None else f"primary worker {worker.index}",
+                max_buffer_bytes=config.mirror.max_buffer_bytes,
                 heartbeat_interval=config.mirror.heartbeat_interval, peer_timeout=config.mirror.peer_timeout,
                 lsn=lambda: redo.lsn,
                 two_phase=config.mirror.mode == "two-phase", two_phase_timeout=config.mirror.two_phase_timeout,
@@ -104,14 +109,20 @@ class App:
             self.rejoin = Rejoin(config)
         #: primary role with [failover]: moves live sessions to the secondary database
         self.failover: Failover | None = None
+        #: with workers: this worker's link to the failover the supervisor decides (connmgr/failover/fleet.py)
+        self.member: Member | None = None
         if config.failover.secondary:
             mirror = self.mirror
+            if worker is not None:
+                self.member = Member(worker.channel.call, worker.notify_soon, worker.flag)
             self.failover = Failover(
                 config.failover, self.route, self.registry, origin=self.origin, redo=self.redo,
                 open_primary=lambda purpose: self._open_redo_session(None, purpose),
                 markers_enabled=self.markers_enabled,
-                on_rearm=mirror.topology if mirror is not None else None,
+                on_rearm=mirror.topology if mirror is not None else None, coordinator=self.member,
             )  # fmt: skip
+            if worker is not None:
+                self.failover.adopt(worker.failover_state)
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
             self.engine = RelayEngine(self.mirror.flush_soon if self.mirror is not None else None)
@@ -174,7 +185,7 @@ class App:
         return HostRole(h, leader, imports=secondary.imports if secondary is not None else None, promote=promote,
                         lead=self._lead, serve=self._serve_listener,
                         resume=lambda r: self.resumer(r), connections=connections,
-                        followed=lambda: secondary is not None and secondary.receiver.epoch is not None)  # fmt: skip
+                        followed=lambda: secondary is not None and secondary.followed)  # fmt: skip
 
     async def _lead(self) -> None:
         """A host pair's secondary took over: its secondary role ends (the primary it
@@ -357,7 +368,8 @@ class App:
             for host, port in self.listen_addresses:
                 log.info("listening on %s:%d, backend %s (hot path: %s)", host, port, self.server.address, hot_path())
             if self.worker is not None:
-                await nursery.start(self.worker.run, self._control_handlers(), self.shutdown)
+                inline = self.member.inline_handlers() if self.member is not None else {}
+                await nursery.start(self.worker.run, self._control_handlers(), self.shutdown, inline)
                 await self.worker.ready(self.listen_addresses)
             task_status.started(self.listen_addresses)
             await self._shutdown.wait()
@@ -385,7 +397,10 @@ class App:
                 self.fast_shutdown()
             self.shutdown()
 
-        return {"cancel": cancel, "show": show, "metrics": metrics, "shutdown": shutdown}
+        handlers = {"cancel": cancel, "show": show, "metrics": metrics, "shutdown": shutdown}
+        if self.member is not None:
+            handlers.update(self.member.handlers())
+        return handlers
 
     async def _render_metrics(self) -> str:
         return render(self.exported)

@@ -418,12 +418,11 @@ def _check(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: [server] workers: {s.workers} workers cannot share max_clients = {s.max_clients}"
                           " (each takes an equal share)")  # fmt: skip
     if s.workers > 1:
-        roles = [name for name, on in (("[mirror] peer", config.mirror.peer), ("[mirror] listen", config.mirror.listen),
-                                       ("[failover] secondary", config.failover.secondary), ("[host] vip", config.host.vip)) if on]  # fmt: skip
+        roles = [name for name, on in (("[mirror] listen", config.mirror.listen), ("[host] vip", config.host.vip)) if on]
         if roles:
-            raise ConfigError(f"{source}: [server] workers = {s.workers} with {', '.join(roles)}: a connmgr of a pair"
-                              " runs one worker (the mirror, the import queue and the failover are not split"
-                              " across processes yet); set workers = 1")  # fmt: skip
+            raise ConfigError(f"{source}: [server] workers = {s.workers} with {', '.join(roles)}: the secondary"
+                              " connmgr of a pair and a host pair's connmgr run one worker (the import queue and"
+                              " the host takeover are not split across processes); set workers = 1")  # fmt: skip
     for addr in s.listen:
         parse_hostport(addr, what=f"{source}: [server] listen", allow_zero=True)
     p = config.primary

@@ -125,9 +125,32 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     from connmgr import config as config_mod
 
     started = [] if started is None else started
-    common = {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout, "admin_users": ["postgres"],
-                         **(server_options or {})},
-              "auth": {"users_file": users_file}}  # fmt: skip
+    common = common_sections(users_file, shutdown_timeout, server_options)
+    secondary = start_secondary_connmgr(pair, database=database, password=password, poster_slot=poster_slot,
+                                        common=common, sequence_interval=sequence_interval, started=started)  # fmt: skip
+    sections = primary_sections(pair, secondary, password=password, mode=mode, failover=failover, max_wait=max_wait,
+                                failover_options=failover_options)  # fmt: skip
+    sections.update(primary_extra or {})
+    primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
+    started.append(primary)
+    if not wait_until(lambda: primary.app.mirror.connected, 15):
+        raise OSError("the mirror link between the connection managers did not come up")
+    return primary, secondary
+
+
+def common_sections(users_file: str, shutdown_timeout: float = 5.0, server_options: dict | None = None) -> dict:
+    """The configuration both connection managers of a test pair share."""
+    return {"server": {"listen": ["127.0.0.1:0"], "shutdown_timeout": shutdown_timeout, "admin_users": ["postgres"],
+                       **(server_options or {})},
+            "auth": {"users_file": users_file}}  # fmt: skip
+
+
+def start_secondary_connmgr(pair, *, database: str, password: str, poster_slot: str, common: dict,
+                            sequence_interval: float = 1.0, started: list | None = None) -> EmbeddedConnmgr:  # fmt: skip
+    """The secondary connmgr of ``pair`` (in front of the secondary database, mirror
+    listener, poster slot on the primary), running once its poster slot is open."""
+    from connmgr import config as config_mod
+
     p, s = pair.primary, pair.secondary
     secondary = EmbeddedConnmgr(config_mod.load(
         None, **common,
@@ -136,9 +159,18 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
         poster={"host": p.host, "port": p.port, "password": password, "dbname": database,
                 "slot": poster_slot, "temporary": True, "sequence_interval": sequence_interval},
     )).start()  # fmt: skip
-    started.append(secondary)
+    if started is not None:
+        started.append(secondary)
     if not wait_until(lambda: secondary.app.imports.poster_connected, 15):
         raise OSError("the secondary connmgr could not open its poster slot on the primary")
+    return secondary
+
+
+def primary_sections(pair, secondary: EmbeddedConnmgr, *, password: str, mode: str = "one-phase",
+                     failover: bool = False, max_wait: float = 20.0, failover_options: dict | None = None) -> dict:  # fmt: skip
+    """The primary connmgr's own sections: mirroring to ``secondary`` and, with
+    ``failover``, moving sessions to the secondary database."""
+    p, s = pair.primary, pair.secondary
     host, port = secondary.app.mirror_listen_address
     sections = {
         "primary": {"host": p.host, "port": p.port},
@@ -148,12 +180,25 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     if failover:
         sections["failover"] = {"secondary": f"{s.host}:{s.port}", "password": password, "max_wait": max_wait,
                                 **(failover_options or {})}  # fmt: skip
-    sections.update(primary_extra or {})
-    primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
-    started.append(primary)
-    if not wait_until(lambda: primary.app.mirror.connected, 15):
-        raise OSError("the mirror link between the connection managers did not come up")
-    return primary, secondary
+    return sections
+
+
+def toml_text(sections: dict[str, dict]) -> str:
+    """A TOML document of ``sections`` (strings, numbers, booleans, lists of strings)."""
+    import json
+
+    out = []
+    for name, values in sections.items():
+        out.append(f"[{name}]")
+        for k, v in values.items():
+            if isinstance(v, bool):
+                out.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, int | float):
+                out.append(f"{k} = {v}")
+            else:  # a JSON string or list of strings is a TOML one
+                out.append(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}")
+        out.append("")
+    return "\n".join(out)
 
 
 @contextlib.contextmanager

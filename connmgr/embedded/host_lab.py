@@ -18,7 +18,6 @@ Clients run in ``client`` (:meth:`HostLab.connect` gives a psycopg connection ma
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -31,6 +30,7 @@ import psycopg
 from connmgr.embedded import netlab
 from connmgr.embedded.cluster_pair import ClusterPair
 from connmgr.embedded.etcd_cluster import EtcdCluster, EtcdMember
+from connmgr.embedded.harness import toml_text
 
 __all__ = ["HostLab", "PASSWORD", "DB"]
 
@@ -40,22 +40,6 @@ PORT = 5432
 MIRROR_PORT = 7000
 SCHEMA = ("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
           "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL, src int, dst int, amount int)")  # fmt: skip
-
-
-def _toml(sections: dict[str, dict]) -> str:
-    """A TOML document of ``sections`` (strings, numbers, booleans, lists of strings)."""
-    out = []
-    for name, values in sections.items():
-        out.append(f"[{name}]")
-        for k, v in values.items():
-            if isinstance(v, bool):
-                out.append(f"{k} = {'true' if v else 'false'}")
-            elif isinstance(v, int | float):
-                out.append(f"{k} = {v}")
-            else:  # a JSON string or list of strings is a TOML one
-                out.append(f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}")
-        out.append("")
-    return "\n".join(out)
 
 
 class HostLab:
@@ -192,7 +176,7 @@ class HostLab:
     def _start_connmgr(self, host: str, users: Path, role: str | None = None) -> None:
         role = role or ("primary" if host == "hosta" else "secondary")
         cfg = self.base / f"connmgr-{host}.toml"
-        cfg.write_text(_toml(self._config(host, users, role)))
+        cfg.write_text(toml_text(self._config(host, users, role)))
         log = open(self.base / f"connmgr-{host}.log", "ab")  # noqa: SIM115 - the process keeps it
         self.procs[host] = self.net.popen(host, [sys.executable, "-m", "connmgr", "-v", "serve", "-c", str(cfg)],
                                           stdout=log, stderr=subprocess.STDOUT,

@@ -54,13 +54,15 @@ import trio
 from connmgr.config import FailoverSection, parse_hostport
 from connmgr.errors import ClientError
 from connmgr.failover import reseed as reseeding
-from connmgr.failover.phases import FailoverEvent, FailoverPhase, next_phase
+from connmgr.failover.fleet import Coordinator, Member, RemoteOrder
+from connmgr.failover.phases import FailoverError, FailoverEvent, FailoverPhase, next_phase
 from connmgr.failover.replay_order import ReplayOrder
 from connmgr.pair.sequence_sync import set_past_columns
 from connmgr.pg.backend import BackendServer, BackendSession, Credentials, Route, open_backend
 from connmgr.pg.redo_monitor import RedoMonitor
 from connmgr.pg.wire import PeerClosed
 from connmgr.proxy.registry import Registry
+from connmgr.workers.control import ControlError
 from shadow import messages
 from shadow.session import Phase
 from shadow.sqltext import quote_ident, quote_literal
@@ -75,13 +77,6 @@ _COMMIT_SETTLE_TIMEOUT = 5.0
 _STUCK_AFTER = 0.05
 
 
-class FailoverError(Exception):
-    """The secondary could not be made ready, or a switchover or re-seed not done (the
-    message says why). Internal: a client never gets it as such -- a session waiting for
-    its move gets :class:`~connmgr.failover.session_move.NotMovable` (08006), the admin
-    console 55000 (object_not_in_prerequisite_state)."""
-
-
 class Failover:
     """See the module docstring. One per primary connmgr with ``[failover] secondary``."""
 
@@ -89,15 +84,30 @@ class Failover:
                  open_primary: Callable[[str], Awaitable[BackendSession]], origin: int,
                  redo: RedoMonitor | None = None,
                  markers_enabled: Callable[[str], Awaitable[bool]] | None = None,
-                 on_rearm: Callable[[str, str], None] | None = None) -> None:  # fmt: skip
+                 on_rearm: Callable[[str, str], None] | None = None,
+                 members: Coordinator | None = None, coordinator: Member | None = None) -> None:  # fmt: skip
         """``route`` is where new sessions log in (moved to the secondary at a failover);
         ``sessions`` the live clients (each with ``relay``, ``session``, ``database``);
         ``open_primary(purpose)`` opens connmgr's own session on the current primary (the
         probe, the fence, the drain); ``origin`` names this connmgr's marker rows;
         ``redo`` is watched for staleness; ``markers_enabled(database)`` says whether a
         session there may be marked; ``on_rearm(primary, secondary)`` tells the secondary
-        connmgr that the pair turned around."""
+        connmgr that the pair turned around.
+
+        With ``[server] workers`` (connmgr/failover/fleet.py): the supervisor's Failover
+        decides for all and reaches the workers through ``members``; a worker's follows
+        the ``coordinator``."""
         self.config = config
+        #: the supervisor's side of a fleet: every phase change goes to the workers
+        self.members = members
+        #: a worker's side of a fleet: decisions are the coordinator's
+        self.coordinator = coordinator
+        if members is not None:
+            members.failover = self
+        if coordinator is not None:
+            coordinator.failover = self
+        #: a worker's: set by any worker that suspects the primary (Relay.freezing)
+        self.fleet_flag = coordinator.flag if coordinator is not None else None
         self.route = route
         self.sessions = sessions
         self.open_primary = open_primary
@@ -154,8 +164,12 @@ class Failover:
         self.failed: str | None = None
         self.failed_over_at: float | None = None
         self._deciding: trio.Event | None = None
-        #: which session resolves and replays when (connmgr/failover/replay_order.py)
-        self.order = ReplayOrder(self.note, max_wait=self.config.max_wait, settle_timeout=_COMMIT_SETTLE_TIMEOUT)
+        #: which session resolves and replays when (connmgr/failover/replay_order.py); a
+        #: worker's are the coordinator's
+        if self.coordinator is not None:
+            self.order = RemoteOrder(self.coordinator, bound=self.config.max_wait)
+        else:
+            self.order = ReplayOrder(self.note, max_wait=self.config.max_wait, settle_timeout=_COMMIT_SETTLE_TIMEOUT)
         self._committed: dict[str, dict[int, int]] = {}
         self._committed_ready: dict[str, trio.Event] = {}
         #: the server whose replies are held back from clients (see :meth:`freeze`)
@@ -168,9 +182,12 @@ class Failover:
 
     # ------------------------------------------------------------------ phase
 
-    def _fire(self, event: FailoverEvent) -> None:
-        """Go to the phase ``event`` leads to (PhaseError, naming both, if none)."""
+    def _fire(self, event: FailoverEvent, **details) -> None:
+        """Go to the phase ``event`` leads to (PhaseError, naming both, if none). In a
+        fleet's coordinator, every worker follows (``details`` go with it)."""
         self.phase = next_phase(self.phase, event)
+        if self.members is not None:
+            self.members.fired(event, details)
 
     @property
     def failed_over(self) -> bool:
@@ -194,10 +211,31 @@ class Failover:
         and synchronous, so sessions pumped later in the same batch are already held."""
         # (while a switchover drains, a session stuck behind paused ones that the drain
         # ended waits for the switchover's decision instead: see decide)
-        if self.phase is not FailoverPhase.ARMED or server is not self.route.server or self._nursery is None:
+        if self.phase is not FailoverPhase.ARMED or server is not self.route.server:
+            return
+        if self.coordinator is not None:  # a worker: every worker freezes, the coordinator decides
+            self._begin(why, planned=False)
+            self.coordinator.suspect(why)
+            return
+        if self._nursery is None:
             return
         self._begin(why, planned=False)
         self._nursery.start_soon(self._decide, why, False)
+
+    def freeze_fleet(self, why: str) -> None:
+        """The coordinator of a fleet: a worker suspects the primary (it has frozen its
+        sessions and set the shared flag); a decision begins unless one runs."""
+        if self.phase is FailoverPhase.ARMED and self._nursery is not None:
+            self._begin(why, planned=False)
+            self._nursery.start_soon(self._decide, why, False)
+
+    def frozen_by_fleet(self) -> BackendServer | None:
+        """A worker's relay found the fleet's freeze flag set (another worker suspects
+        the primary): this worker freezes too, at once, before the coordinator's SUSPECT
+        arrives. Returns the frozen server."""
+        if self.phase is FailoverPhase.ARMED and self.coordinator is not None:
+            self._begin("another worker suspects the primary", planned=False)
+        return self.frozen
 
     def hold(self, relay, link=None) -> None:
         """``relay`` holds replies of the frozen server (``relay.frozen``). An engine
@@ -255,7 +293,9 @@ class Failover:
             task_status.started()
             try:
                 while True:
-                    if self.failed_over:
+                    if self.failed_over and self.coordinator is not None:
+                        await self._rearmed.wait()  # (the coordinator re-seeds; follow() re-arms)
+                    elif self.failed_over:
                         await self._failback()
                     else:
                         await self._health_check()
@@ -320,7 +360,11 @@ class Failover:
         """Make the old primary the secondary of the new one (:mod:`connmgr.failover.reseed`): without
         a copy after a planned switchover, with one after a crash. Then its sequences are
         brought ahead, the failover is armed again in the other direction and the
-        secondary connmgr is told (mirror Topology). Raises FailoverError with the reason."""
+        secondary connmgr is told (mirror Topology). Raises FailoverError with the reason.
+        (A worker of a fleet has its coordinator do it, for every worker.)"""
+        if self.coordinator is not None:
+            self.timeline.extend(await self._on_coordinator("failover.reseed", self.config.reseed_timeout + 60))
+            return
         old, new = self.previous, self.server
         if not self.failed_over or old is None:
             raise FailoverError("nothing to re-seed: connmgr has not moved to the secondary")
@@ -357,6 +401,19 @@ class Failover:
         self.note(f"{moved} sequence(s) of the new secondary set ahead")
         self._rearm()
 
+    async def _on_coordinator(self, op: str, bound: float, **args) -> list[tuple[float, str]]:
+        """A worker's SWITCHOVER or RESEED, run by the coordinator: its timeline, or
+        FailoverError with its reason."""
+        try:
+            with trio.fail_after(bound):
+                reply = await self.coordinator.call(op, **args)
+        except (ControlError, trio.TooSlowError) as e:
+            raise FailoverError(f"the supervisor did not answer: {e or type(e).__name__}") from None
+        timeline = [(float(at), str(what)) for at, what in reply.get("timeline", [])]
+        if "failed" in reply:
+            raise FailoverError(reply["failed"])
+        return timeline
+
     async def _moves_finished(self) -> None:
         """The re-seed re-arms the failover and resets the move's state: every session
         of this move must be on the new primary first (bounded by ``max_wait``)."""
@@ -365,8 +422,13 @@ class Failover:
             await self.order.prefixes_done_event.wait()
             while self.moving:
                 await trio.sleep(0.01)
-        if self.moving or not self.order.prefixes_done_event.is_set():
-            raise reseeding.ReseedError(f"{self.moving} session(s) are still moving to the new primary")
+        moving = self.moving
+        if self.members is not None:  # the coordinator: the workers' sessions
+            with trio.move_on_after(self.config.max_wait):
+                while moving := await self.members.moving():
+                    await trio.sleep(0.05)
+        if moving or not self.order.prefixes_done_event.is_set():
+            raise reseeding.ReseedError(f"{moving} session(s) are still moving to the new primary")
 
     def _rearm(self) -> None:
         """The pair is whole again, turned around: the old primary is the secondary."""
@@ -408,15 +470,30 @@ class Failover:
             await self._switched.wait()
             return self.failed_over
         if phase in (FailoverPhase.DECIDING, FailoverPhase.SWITCHING):
+            if self.coordinator is not None:
+                return await self._coordinator_decided()
             await self._deciding.wait()
             return self.failed_over
+        if self.coordinator is not None:  # a worker: the coordinator decides for all
+            self._begin(why, planned)
+            self.coordinator.suspect(why)
+            return await self._coordinator_decided()
         self._begin(why, planned)
         return await self._decide(why, planned)
+
+    async def _coordinator_decided(self) -> bool:
+        """A worker waits for the coordinator's decision (its probe, point of failure and
+        the workers' gathering are bounded; this bounds a coordinator that is gone)."""
+        deciding = self._deciding
+        if deciding is not None:
+            with trio.move_on_after(self.config.detect_timeout + 2 * self.config.max_wait):
+                await deciding.wait()
+        return self.failed_over
 
     def _begin(self, why: str, planned: bool) -> None:
         """ARMED -> DECIDING, or DRAINING -> SWITCHING: from now on the primary's replies
         are held (see :meth:`freeze`) and callers of :meth:`decide` wait for this one."""
-        self._fire(FailoverEvent.FENCED if planned else FailoverEvent.SUSPECT)
+        self._fire(FailoverEvent.FENCED if planned else FailoverEvent.SUSPECT, why=why)
         self._deciding = trio.Event()
         self.decisions += 1
         if not planned:
@@ -445,23 +522,121 @@ class Failover:
             except (FailoverError, ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
                 self.failed = str(e)
                 self.note(f"FAILED: the secondary cannot take over: {e}")
-                self._fire(FailoverEvent.FAILED)
+                self._fire(FailoverEvent.FAILED, failed=self.failed)
                 return False
             if planned:
                 await self._prepare_reverse()
-            self._gather_committers()
+            committers = await self._arrange()
             self.failed_over_at = time.monotonic()
             self.previous = self.route.server
             self.route.move(self.server)
-            self._fire(FailoverEvent.MOVED)
+            self._fire(FailoverEvent.MOVED, committers=committers, planned=planned)
             self.note("secondary is the primary now; sessions move")
             return True
         finally:
             if self.phase in (FailoverPhase.DECIDING, FailoverPhase.SWITCHING):
-                self._fire(FailoverEvent.FAILED)  # cut short (cancelled, or a bug): nothing moved
+                # cut short (cancelled, or a bug): nothing moved
+                self._fire(FailoverEvent.FAILED, failed="the decision was cut short")
             event, self._deciding = self._deciding, None
             self._unfreeze(self.failed_over, planned)
             event.set()
+
+    # ------------------------------------------------------------------ a worker of a fleet
+
+    def follow(self, event: FailoverEvent, details: dict) -> None:
+        """A worker follows its coordinator's phase change (connmgr/failover/fleet.py),
+        with the side effects the coordinator's own change has on sessions: SUSPECT and
+        FENCED freeze, MOVED moves, ALIVE and FAILED thaw, SWITCHOVER pauses input,
+        ABANDONED resumes it, REARMED arms again. A worker may have begun a decision
+        itself (its own sessions' signs, or the shared flag): an event it anticipated
+        changes nothing, and one its phase does not take is logged and ignored."""
+        E, P = FailoverEvent, FailoverPhase
+        phase = self.phase
+        planned = bool(details.get("planned"))
+        if event is E.SUSPECT and phase is P.ARMED:
+            self._begin(str(details.get("why", "the coordinator suspects the primary")), planned=False)
+        elif event is E.SWITCHOVER and phase is P.ARMED:
+            self.timeline = []
+            self.suspected_at = None
+            self._stuck.clear()
+            self._fire(E.SWITCHOVER)
+            self._switched = trio.Event()
+            self.note("switchover requested: client input pauses at each session's next request boundary")
+        elif event is E.FENCED and phase is P.DRAINING:
+            self._begin("switchover", planned=True)
+        elif event in (E.ALIVE, E.FAILED) and phase in (P.DECIDING, P.SWITCHING):
+            planned = phase is P.SWITCHING
+            if event is E.ALIVE:
+                self.false_alarms += 1
+                self.note("primary answers: no failover")
+            else:
+                self.failed = str(details.get("failed") or "the secondary could not take over")
+                self.note(f"FAILED: {self.failed}")
+            self._fire(event)
+            self.suspected_at = None
+            self._concluded(planned)
+        elif event is E.ABANDONED and phase is P.DRAINING:
+            self._fire(event)
+            self._concluded(planned=True)
+        elif event is E.MOVED and phase in (P.ARMED, P.DRAINING, P.DECIDING, P.SWITCHING):
+            if phase in (P.ARMED, P.DRAINING):  # (started after the suspicion, or missed it)
+                self._begin("the coordinator moved", planned=phase is P.DRAINING)
+            mine = {conn.id for conn in self.sessions}
+            self.order.committers = {int(i) for i in details.get("committers", ()) if int(i) in mine}
+            self.failed_over_at = time.monotonic()
+            self.previous = self.route.server
+            self.route.move(self.server)
+            self._fire(E.MOVED)
+            self.note("secondary is the primary now; sessions move")
+            if planned:
+                self.switchovers += 1
+            self._concluded(planned)
+        elif event is E.RESEED and phase is P.MOVED:
+            self._fire(event)
+        elif event is E.RESEED_FAILED and phase is P.RESEEDING:
+            self._fire(event)
+        elif event is E.REARMED and phase is P.RESEEDING:
+            self._rearm()
+        elif not (event in (E.SUSPECT, E.FENCED) and phase in (P.DECIDING, P.SWITCHING)):
+            log.warning("failover: the coordinator's '%s' does not apply in this worker's phase '%s'; ignored",
+                        event, phase)  # fmt: skip
+
+    def adopt(self, state: dict) -> None:
+        """A worker started while its coordinator is failed over: its [primary] is the new
+        primary already (the supervisor configured it so); it takes the phase and the old
+        primary as they are. (The one change of phase not made by an event: the worker
+        joins a move made before it existed.)"""
+        phase = FailoverPhase(state.get("phase", FailoverPhase.ARMED))
+        if phase in (FailoverPhase.MOVED, FailoverPhase.RESEEDING) and state.get("previous"):
+            host, port = state["previous"]
+            self.previous = BackendServer("old primary", host, int(port), self.route.server.connect_timeout)
+            self.failed_over_at = time.monotonic()
+            self.phase = phase
+            self.note(f"joined the fleet's failover in phase '{phase}' (old primary {self.previous.address})")
+
+    def _concluded(self, planned: bool) -> None:
+        """A worker: the coordinator's decision (or switchover) ended; sessions waiting for
+        it go on (moved, or thawed where they were)."""
+        event, self._deciding = self._deciding, None
+        self._unfreeze(self.failed_over, planned)
+        if event is not None:
+            event.set()
+        if planned:
+            if not self.failed_over:
+                for relay in self._primary_relays():
+                    relay.resume_input()
+            if self._switched is not None:
+                self._switched.set()
+                self._switched = None
+
+    async def drain_local(self, timeout: float) -> list:
+        """A worker's part of its coordinator's switchover: this worker's sessions drained."""
+        return await self._drain(timeout)
+
+    @property
+    def stuck(self) -> set[int]:
+        """Sessions a switchover's drain ended while they waited for paused sessions' locks."""
+        return self._stuck
 
     # ------------------------------------------------------------------ switchover
 
@@ -472,7 +647,12 @@ class Failover:
         abandoned and everything goes on as before), a synchronous fence commit on the
         primary proves the secondary has applied every commit, and the sessions move as in
         a failover -- open transactions are replayed there, with nothing in flight.
-        Raises FailoverError with the reason if it cannot be done."""
+        Raises FailoverError with the reason if it cannot be done. (A worker of a fleet
+        has its coordinator do it, for every worker.)"""
+        if self.coordinator is not None:
+            self.timeline = await self._on_coordinator("failover.switchover", drain_timeout + 3 * self.config.max_wait,
+                                                       timeout=drain_timeout)  # fmt: skip
+            return
         if self.failed_over:
             raise FailoverError("connmgr has moved to the secondary and the old primary is not re-seeded yet"
                                 " (RESEED, or wait for the fail-back policy)")  # fmt: skip
@@ -486,9 +666,13 @@ class Failover:
         moved = False
         try:
             self.note("switchover requested: client input pauses at each session's next request boundary")
-            relays = await self._drain(drain_timeout)
+            if self.members is not None:  # the coordinator: every worker drains its sessions
+                quiet, stuck_ids = await self.members.drain(drain_timeout)
+                self._stuck.update(stuck_ids)
+            else:
+                quiet = len(await self._drain(drain_timeout))
             stuck = f", {len(self._stuck)} of them ended while waiting for a lock" if self._stuck else ""
-            self.note(f"{len(relays)} session(s) quiet, nothing in flight{stuck}")
+            self.note(f"{quiet} session(s) quiet, nothing in flight{stuck}")
             await self._fence()
             self.note("fence committed: the secondary has applied every commit")
             if not await self.decide("switchover", planned=True):
@@ -625,13 +809,26 @@ class Failover:
 
     # ------------------------------------------------------------------ move order
 
-    def _gather_committers(self) -> None:
+    async def _arrange(self) -> list[int]:
+        """The order of the move (:meth:`gather`, of every worker in a fleet's
+        coordinator); returns the committers, in order."""
+        if self.members is not None:
+            committers, others = await self.members.gather()
+        else:
+            found, others = self.gather()
+            committers = [conn_id for _at, conn_id in sorted(found)]
+        # one after the other, in the order their commits were sent
+        self.order.arrange(committers, others)
+        return committers
+
+    def gather(self) -> tuple[list[tuple[float, int]], list[int]]:
         """Sessions with a marked commit in flight (the marker for their open transaction
-        was sent and requests are pending). Postgres releases a transaction's locks and
-        shows its rows when it commits *locally*, before the synchronous standby
-        confirms: another open transaction may have read rows of a commit the secondary
-        never received. Those commits are replayed first, and every other session's
-        replay waits for them, so it reads what it read on the primary."""
+        was sent and requests are pending), with when it was sent; and the others.
+        Postgres releases a transaction's locks and shows its rows when it commits
+        *locally*, before the synchronous standby confirms: another open transaction may
+        have read rows of a commit the secondary never received. Those commits are
+        replayed first, and every other session's replay waits for them, so it reads what
+        it read on the primary."""
         committers = []
         others = []
         for conn in self.sessions:
@@ -646,8 +843,7 @@ class Failover:
                 committers.append((relay.injector.marker_at, conn.id))
             else:
                 others.append(conn.id)
-        # one after the other, in the order their commits were sent
-        self.order.arrange([conn_id for _at, conn_id in sorted(committers)], others)
+        return committers, others
 
     # the move's order, for the sessions moving (connmgr/failover/session_move.py)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["FailoverEvent", "FailoverPhase", "PhaseError", "TRANSITIONS", "next_phase"]
+__all__ = ["FailoverError", "FailoverEvent", "FailoverPhase", "PhaseError", "TRANSITIONS", "next_phase"]
 
 
 class FailoverPhase(enum.StrEnum):
@@ -65,6 +65,13 @@ TRANSITIONS: dict[FailoverPhase, dict[FailoverEvent, FailoverPhase]] = {
 }
 
 del P, E
+
+
+class FailoverError(Exception):
+    """The secondary could not be made ready, or a switchover or re-seed not done (the
+    message says why). Internal: a client never gets it as such -- a session waiting for
+    its move gets :class:`~connmgr.failover.session_move.NotMovable` (08006), the admin
+    console 55000 (object_not_in_prerequisite_state)."""
 
 
 class PhaseError(RuntimeError):

@@ -15,7 +15,8 @@ Primary side (:class:`MirrorLink`)
     be told to Resync (the policy in :mod:`replay.mirror_protocol`).
 
 Secondary side (:func:`serve_mirror`)
-    Accepts one primary at a time, answers Hello, delivers records in order through a
+    Accepts each primary (by the name in its Hello: a connmgr, or each of its workers)
+    once at a time, answers Hello, delivers records in order through a
     :class:`~replay.mirror_protocol.MirrorReceiver` to a consumer callback, acknowledges
     what it has after each delivery batch and asks for deltas on gaps.
 """
@@ -388,53 +389,71 @@ async def serve_mirror(
     port: int,
     deliver: Callable[[list], None],
     *,
-    receiver: MirrorReceiver | None = None,
+    receivers: dict[str, MirrorReceiver] | None = None,
     ack_interval: float = 0.01,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The secondary's listener: deliver every versioned record, in order, exactly once,
     to ``deliver(records)``. Acks are coalesced: at most one per ``ack_interval``, and
     one at every heartbeat (so the primary's buffer drains even when traffic stops).
-    ``task_status.started`` gets the bound (host, port)."""
-    receiver = receiver or MirrorReceiver()
+    ``task_status.started`` gets the bound (host, port).
+
+    Each primary -- a connmgr, or each worker of one with ``[server] workers`` -- is
+    named by its Hello and has its own :class:`MirrorReceiver` in ``receivers`` (by
+    name): its own versions, its own order. One connection per name at a time: a primary
+    that reconnects waits until its old connection has ended."""
+    receivers = {} if receivers is None else receivers
+    locks: dict[str, trio.Lock] = {}
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[:2])
-    limiter = trio.Semaphore(1)  # one primary at a time
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with limiter:
-            decoder = MirrorDecoder()
-            last_ack = 0.0
-            try:
-                while True:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    replies: list = []
-                    delivered: list = []
-                    heartbeat = False
-                    for rec in decoder.feed(data):
-                        if isinstance(rec, Hello):
-                            replies.append(receiver.on_hello(rec))
-                            continue
-                        heartbeat = heartbeat or isinstance(rec, Heartbeat)
-                        out, back = receiver.on_record(rec)
-                        delivered.extend(out)
-                        replies.extend(back)
-                    if delivered:
-                        deliver(delivered)
-                    now = trio.current_time()
-                    urgent = receiver.ack_wanted and receiver.acked >= receiver.ack_wanted
-                    if urgent:
-                        receiver.ack_wanted = 0
-                    if (delivered and now - last_ack >= ack_interval) or heartbeat or urgent:
-                        replies.append(Ack(receiver.acked))
-                        last_ack = now
-                    if replies:
-                        await stream.send_all(b"".join(encode(r) for r in replies))
-            except (trio.BrokenResourceError, MirrorProtocolError) as e:
-                log.info("mirror link from primary: %s", e)  # the primary logs its own side loudly
-            finally:
-                await stream.aclose()
+        decoder = MirrorDecoder()
+        last_ack = 0.0
+        receiver: MirrorReceiver | None = None
+        lock: trio.Lock | None = None
+        try:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                replies: list = []
+                delivered: list = []
+                heartbeat = False
+                for rec in decoder.feed(data):
+                    if isinstance(rec, Hello):
+                        if lock is None:
+                            lock = locks.setdefault(rec.node, trio.Lock())
+                            await lock.acquire()  # (released below, by this task)
+                            receiver = receivers.setdefault(rec.node, MirrorReceiver())
+                        elif receivers.get(rec.node) is not receiver:
+                            raise MirrorProtocolError(f"a second Hello names another primary ({rec.node!r})")
+                        replies.append(receiver.on_hello(rec))
+                        continue
+                    if receiver is None:
+                        raise MirrorProtocolError(f"{type(rec).__name__} before Hello")
+                    heartbeat = heartbeat or isinstance(rec, Heartbeat)
+                    out, back = receiver.on_record(rec)
+                    delivered.extend(out)
+                    replies.extend(back)
+                if delivered:
+                    deliver(delivered)
+                if receiver is None:
+                    continue
+                now = trio.current_time()
+                urgent = receiver.ack_wanted and receiver.acked >= receiver.ack_wanted
+                if urgent:
+                    receiver.ack_wanted = 0
+                if (delivered and now - last_ack >= ack_interval) or heartbeat or urgent:
+                    replies.append(Ack(receiver.acked))
+                    last_ack = now
+                if replies:
+                    await stream.send_all(b"".join(encode(r) for r in replies))
+        except (trio.BrokenResourceError, MirrorProtocolError) as e:
+            log.info("mirror link from primary: %s", e)  # the primary logs its own side loudly
+        finally:
+            if lock is not None:
+                lock.release()
+            await stream.aclose()
 
     await trio.serve_listeners(handle, listeners)

@@ -61,8 +61,9 @@ class Secondary:
         if p.host and p.sequence_interval > 0:
             self.sequences = SequenceSync(self._open_poster_sql_session, self._open_local_admin_session,
                                           interval=p.sequence_interval, lead=p.sequence_lead)  # fmt: skip
-        #: the mirror's receiving end: a primary has said hello once its epoch is set
-        self.receiver = MirrorReceiver()
+        #: the mirror's receiving ends, one per primary (a connmgr, or each of its workers),
+        #: by the name in its Hello
+        self.receivers: dict[str, MirrorReceiver] = {}
         #: where the mirror listener is bound, once running
         self.listen_address: tuple[str, int] | None = None
         self._nursery: trio.Nursery | None = None
@@ -73,13 +74,18 @@ class Secondary:
         host, port = parse_hostport(self.config.mirror.listen, allow_zero=True)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.listen_address = await nursery.start(partial(serve_mirror, receiver=self.receiver), host, port,
+            self.listen_address = await nursery.start(partial(serve_mirror, receivers=self.receivers), host, port,
                                                       self._mirrored)  # fmt: skip
             if self.config.poster.host:
                 await nursery.start(self.imports.follow_poster, self._open_poster_stream)
                 if self.sequences is not None:
                     await nursery.start(self.sequences.run)
             task_status.started(self.listen_address)
+
+    @property
+    def followed(self) -> bool:
+        """A primary has said Hello."""
+        return any(r.epoch is not None for r in self.receivers.values())
 
     def _mirrored(self, records: list) -> None:
         for consumer in self.consumers:
@@ -119,11 +125,14 @@ class Secondary:
     def retarget(self, topology: Topology) -> None:
         """The pair turned around (a mirrored Topology record). The poster queue is read
         from the new primary, DDL and sequences go to the new secondary. A permanent
-        poster slot left on the old primary is dropped (it would keep WAL there for ever)."""
+        poster slot left on the old primary is dropped (it would keep WAL there for ever).
+        The same topology again changes nothing."""
         old = self.poster_address
         host, port = parse_hostport(topology.primary, what="topology primary")
-        self.poster_address = (host, port)
         s_host, s_port = parse_hostport(topology.secondary, what="topology secondary")
+        if (host, port) == old and (s_host, s_port) == (self.replica_server.host, self.replica_server.port):
+            return  # told already (with [server] workers, each worker's mirror says it)
+        self.poster_address = (host, port)
         self.replica_server = BackendServer("secondary", s_host, s_port, self.config.primary.connect_timeout)
         self.topology_changes += 1
         log.warning("the pair turned around: the poster queue is read from %s:%d, sequences and DDL go to"

@@ -22,7 +22,6 @@ the counters.
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import ssl
 import time
@@ -64,7 +63,6 @@ log = logging.getLogger("connmgr.client")
 _DYING = frozenset({"57P01", "57P02", "57P03"})
 
 ADMIN_DATABASE = "connmgr"
-_ids = itertools.count(1)
 
 
 class ClientState(enum.StrEnum):
@@ -117,7 +115,7 @@ class ClientConnection:
 
     def __init__(self, ctx: ClientContext, stream: trio.abc.Stream, peer: str) -> None:
         self.ctx = ctx
-        self.id = next(_ids)
+        self.id = ctx.registry.new_id()
         self.stream = stream
         self.peer = peer
         self.stats = ConnStats()

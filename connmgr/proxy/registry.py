@@ -13,6 +13,7 @@ The registry holds connections by duck type: it uses ``id``, ``key``, ``backend`
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +28,9 @@ __all__ = ["Registry", "WORKER_SHIFT"]
 #: with [server] workers > 1, a virtual pid is ``worker << WORKER_SHIFT | n``: any worker
 #: that receives a CancelRequest knows whose key it is (64 workers stay below 2**30)
 WORKER_SHIFT = 24
+
+#: connection ids of a single process (shared by every connmgr in it: the tests' pairs)
+_ids = itertools.count(1)
 
 
 class Registry:
@@ -50,6 +54,20 @@ class Registry:
         self._next_pid = 10_000 + secrets.randbelow(50_000)
         self._pid_top = (worker << WORKER_SHIFT) if workers > 1 else 0
         self._pid_limit = (1 << WORKER_SHIFT) - 1 if workers > 1 else 2**31 - 1
+        self._next_id = 0
+
+    def new_id(self) -> int:
+        """A number for a new connection. It names the session in logs, in the console and
+        on the mirror (where the secondary keys its import queue by it), so with workers it
+        must be unique across all of them: ``worker << WORKER_SHIFT | n``, ``n`` wrapping
+        within the worker's range and skipping the ids still alive."""
+        if self.workers <= 1:
+            return next(_ids)
+        while True:
+            self._next_id = self._next_id + 1 if self._next_id < self._pid_limit else 1
+            ident = self._pid_top | self._next_id
+            if ident not in self.clients:
+                return ident
 
     def __len__(self) -> int:
         return len(self.clients)

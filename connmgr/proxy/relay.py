@@ -357,8 +357,12 @@ class Freezer(Protocol):
 
     frozen: BackendServer | None
     switching: bool
+    #: with workers: the fleet's shared freeze flag (``is_set``), else None
+    fleet_flag: object
 
     def freeze(self, server: BackendServer, why: str) -> None: ...
+
+    def frozen_by_fleet(self) -> BackendServer | None: ...
 
     def hold(self, relay: Relay, link: object = None) -> None: ...
 
@@ -542,9 +546,19 @@ class Relay:
         return True
 
     def freezing(self) -> bool:
-        """Are this session's server replies to be held (see Failover.freeze)?"""
+        """Are this session's server replies to be held (see Failover.freeze)? With
+        workers, also once another worker has set the fleet's freeze flag
+        (connmgr/failover/fleet.py)."""
         freezer = self.freezer
-        return freezer is not None and freezer.frozen is not None and freezer.frozen is self.backend.server
+        if freezer is None:
+            return False
+        frozen = freezer.frozen
+        if frozen is None:
+            flag = freezer.fleet_flag
+            if flag is None or not flag.is_set:
+                return False
+            frozen = freezer.frozen_by_fleet()
+        return frozen is not None and frozen is self.backend.server
 
     def pause_input(self) -> None:
         """Stop taking client requests at the next boundary (switchover)."""

@@ -28,6 +28,8 @@ MAX_FRAME = 16 << 20
 _LENGTH = struct.Struct(">I")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
+#: an op handled in the reading task itself, in the order the frames came (see Channel.run)
+InlineHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 class ControlError(Exception):
@@ -79,7 +81,9 @@ class Decoder:
 class Channel:
     """One end of a control connection. :meth:`run` reads frames until EOF: replies wake
     their :meth:`call`, requests and notifications go to the handler (each in a task of
-    its own, so a slow one holds up nothing else)."""
+    its own, so a slow one holds up nothing else) -- or, for the ops given as ``inline``,
+    to a synchronous handler called at once, so they take effect in the order they were
+    sent (trio runs tasks started together in no fixed order)."""
 
     def __init__(self, stream: trio.abc.Stream, name: str) -> None:
         self.stream = stream
@@ -134,9 +138,10 @@ class Channel:
             raise ControlError(f"{self.name}: {op}: {reply['error']}")
         return reply
 
-    async def run(self, handler: Handler) -> None:
+    async def run(self, handler: Handler, inline: dict[str, InlineHandler] | None = None) -> None:
         """Read until EOF (or a malformed frame: :class:`ControlError`). Calls still
         waiting when it ends fail with :class:`ControlError`."""
+        inline = inline or {}
         try:
             async with trio.open_nursery() as nursery:
                 while True:
@@ -153,6 +158,8 @@ class Channel:
                             if waiting is not None:
                                 waiting[1].append(frame)
                                 waiting[0].set()
+                        elif frame.get("op") in inline:
+                            self._answer_inline(nursery, inline[frame["op"]], frame)
                         elif isinstance(frame.get("op"), str):
                             nursery.start_soon(self._answer, handler, frame)
                         else:
@@ -161,6 +168,24 @@ class Channel:
             self.closed = True
             for done, _box in list(self._waiting.values()):
                 done.set()
+
+    def _answer_inline(self, nursery: trio.Nursery, handler: InlineHandler, frame: dict[str, Any]) -> None:
+        ident = frame.get("id")
+        try:
+            reply = handler(frame) or {}
+        except Exception as e:  # noqa: BLE001 - the asker gets the error; this end goes on
+            if ident is None:
+                log.exception("%s: control notification %s failed", self.name, frame.get("op"))
+                return
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        if ident is not None:
+            nursery.start_soon(self._reply, ident, reply)
+
+    async def _reply(self, ident: int, reply: dict[str, Any]) -> None:
+        try:
+            await self.send({"re": ident, **reply})
+        except ControlError:
+            pass
 
     async def _answer(self, handler: Handler, frame: dict[str, Any]) -> None:
         ident = frame.get("id")
@@ -172,7 +197,4 @@ class Channel:
                 return
             reply = {"error": f"{type(e).__name__}: {e}"}
         if ident is not None:
-            try:
-                await self.send({"re": ident, **reply})
-            except ControlError:
-                pass
+            await self._reply(ident, reply)

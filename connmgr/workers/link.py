@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from connmgr.workers.control import Channel, ControlError
+from connmgr.workers.control import Channel, ControlError, InlineHandler
 
 log = logging.getLogger("connmgr.workers")
 
@@ -29,6 +29,21 @@ class WorkerLink:
         self.index = index
         self.count = count
         self._nursery: trio.Nursery | None = None
+        #: with the pair's failover: the fleet's freeze flag and the failover's state when
+        #: this worker started (connmgr/failover/fleet.py)
+        self.flag = None
+        self.failover_state: dict[str, Any] = {}
+
+    def notify_soon(self, op: str, **args: Any) -> None:
+        """A notification to the supervisor, sent in the background."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._notify, op, args)
+
+    async def _notify(self, op: str, args: dict[str, Any]) -> None:
+        try:
+            await self.channel.notify(op, **args)
+        except ControlError as e:
+            log.warning("%s not passed to the supervisor: %s", op, e)
 
     async def forward_cancel(self, owner: int, pid: int, secret: int) -> None:
         """A CancelRequest for worker ``owner``'s session: the supervisor passes it on."""
@@ -45,23 +60,18 @@ class WorkerLink:
 
     def request_shutdown(self) -> None:
         """The console's SHUTDOWN: the supervisor shuts every worker down."""
-        if self._nursery is not None:
-            self._nursery.start_soon(self._notify_shutdown)
-
-    async def _notify_shutdown(self) -> None:
-        try:
-            await self.channel.notify("shutdown")
-        except ControlError as e:
-            log.warning("SHUTDOWN not passed to the supervisor: %s", e)
+        self.notify_soon("shutdown")
 
     async def ready(self, listen: list[tuple[str, int]]) -> None:
         """Tell the supervisor this worker listens."""
         await self.channel.notify("ready", listen=[list(a) for a in listen])
 
     async def run(self, handlers: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]],
-                  on_lost: Callable[[], None], *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
+                  on_lost: Callable[[], None], inline: dict[str, InlineHandler] | None = None, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:  # fmt: skip
         """Answer the supervisor until the channel closes, then call ``on_lost`` (the
-        supervisor is gone: the worker shuts down)."""
+        supervisor is gone: the worker shuts down). ``inline`` ops are handled in order
+        (:meth:`Channel.run`)."""
 
         async def handle(frame: dict[str, Any]) -> dict[str, Any] | None:
             handler = handlers.get(frame["op"])
@@ -73,7 +83,7 @@ class WorkerLink:
             self._nursery = nursery
             task_status.started()
             try:
-                await self.channel.run(handle)
+                await self.channel.run(handle, inline)
             except ControlError as e:
                 log.error("control channel to the supervisor failed: %s", e)
             log.warning("worker %d: the supervisor is gone; shutting down", self.index)
@@ -82,7 +92,8 @@ class WorkerLink:
 
 async def open_link(fd: int) -> tuple[WorkerLink, dict[str, Any]]:
     """The channel on inherited descriptor ``fd`` and the spec the supervisor sent first:
-    ``{"index", "count", "config": {section: {key: value}}, "log_level"}``."""
+    ``{"index", "count", "config": {section: {key: value}}, "log_level"}`` and, with the
+    pair's failover, ``"freeze_fd"`` and ``"failover_state"`` (connmgr/failover/fleet.py)."""
     sock = socket.socket(fileno=fd)
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     channel = Channel(stream, "supervisor")
@@ -90,4 +101,10 @@ async def open_link(fd: int) -> tuple[WorkerLink, dict[str, Any]]:
     if spec.get("op") != "spec":
         raise ControlError(f"expected the worker spec first, got {spec.get('op')!r}")
     channel.name = f"worker {spec['index']}"
-    return WorkerLink(channel, int(spec["index"]), int(spec["count"])), spec
+    link = WorkerLink(channel, int(spec["index"]), int(spec["count"]))
+    if "freeze_fd" in spec:
+        from connmgr.failover.fleet import FreezeFlag
+
+        link.flag = FreezeFlag(int(spec["freeze_fd"]))
+        link.failover_state = spec.get("failover_state") or {}
+    return link, spec

@@ -21,6 +21,7 @@ import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from connmgr.config import Config, parse_hostport
+from connmgr.failover.fleet import Coordinator, FreezeFlag
 from connmgr.ops.prometheus import merge_workers, serve_metrics
 from connmgr.workers import WORKER_COLUMNS
 from connmgr.workers.control import Channel, ControlError
@@ -91,6 +92,39 @@ class Supervisor:
         self._shutdown = trio.Event()
         self._fast = False
         self._nursery: trio.Nursery | None = None
+        #: with [failover] secondary: the pair's failover, decided here for every worker
+        #: (connmgr/failover/fleet.py)
+        self.flag: FreezeFlag | None = None
+        self.coordinator: Coordinator | None = None
+        if config.failover.secondary:
+            self._coordinate()
+
+    def _coordinate(self) -> None:
+        from connmgr.failover.controller import Failover
+        from connmgr.pg.backend import BackendServer, Route, open_own_session
+
+        p, r = self.config.primary, self.config.redo
+        route = Route(BackendServer(p.name, p.host, p.port, p.connect_timeout, p.tls, p.tls_ca_file))
+        self.flag = FreezeFlag.create()
+        self.coordinator = Coordinator(self._send_to, self._call, self._running, self.flag)
+        Failover(self.config.failover, route, (), origin=0, members=self.coordinator,
+                 open_primary=lambda purpose: open_own_session(route.server, r.user, r.password, r.dbname, purpose))  # fmt: skip
+
+    async def _send_to(self, index: int, frame: dict[str, Any]) -> None:
+        channel = self.workers[index].channel
+        if channel is None:
+            raise ControlError("not running")
+        await channel.send(frame)
+
+    async def _call(self, index: int, op: str, within: float, /, **args: Any) -> dict[str, Any]:
+        channel = self.workers[index].channel
+        if channel is None:
+            raise ControlError("not running")
+        with trio.fail_after(within):
+            return await channel.call(op, **args)
+
+    def _running(self) -> list[int]:
+        return [w.index for w in self.workers if w.alive]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,6 +162,9 @@ class Supervisor:
                 self._nursery = nursery
                 if handle_signals:
                     nursery.start_soon(self._signals)
+                if self.coordinator is not None:
+                    await nursery.start(self.coordinator.run)
+                    await nursery.start(self.coordinator.failover.run)
                 async with trio.open_nursery() as starting:
                     for w in self.workers:
                         starting.start_soon(self._start_kept, nursery, w, spec)
@@ -145,6 +182,8 @@ class Supervisor:
         finally:
             for s in reserved:
                 s.close()
+            if self.flag is not None:
+                self.flag.close()
 
     async def _start_kept(self, nursery: trio.Nursery, w: _Worker, spec: dict) -> None:
         await nursery.start(self._keep, w, spec)
@@ -170,9 +209,9 @@ class Supervisor:
         """One life of worker ``w``: returns how long it ran; raises WorkerStartError if
         it is the first life (``task_status`` given) and it never listened."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = (child.fileno(),) if self.flag is None else (child.fileno(), self.flag.fd)
         try:
-            process = await trio.lowlevel.open_process([*self.command, str(child.fileno())],
-                                                       pass_fds=(child.fileno(),))  # fmt: skip
+            process = await trio.lowlevel.open_process([*self.command, str(child.fileno())], pass_fds=fds)
         except BaseException:
             parent.close()
             raise
@@ -183,8 +222,8 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen_to, w, channel)
-                await channel.send({"op": "spec", "index": w.index, "count": self.count, "config": spec,
-                                    "log_level": logging.getLogger().level})  # fmt: skip
+                await channel.send({"op": "spec", "index": w.index, "count": self.count, "log_level": logging.getLogger().level,
+                                    **self._fleet_spec(spec)})  # fmt: skip
                 with trio.CancelScope() as waiting:
                     nursery.start_soon(_cancel_when_set, w.ready, waiting)
                     await process.wait()
@@ -212,6 +251,17 @@ class Supervisor:
                 process.kill()
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await process.wait()
+
+    def _fleet_spec(self, spec: dict) -> dict[str, Any]:
+        """The configuration of a worker starting now and, with the pair's failover, the
+        shared freeze flag and the failover's state: a worker started after a failover
+        gets the servers as they are now."""
+        if self.coordinator is None:
+            return {"config": spec}
+        state = self.coordinator.worker_state()
+        config = {**spec, "primary": {**spec["primary"], "host": state["primary"][0], "port": state["primary"][1]},
+                  "failover": {**spec["failover"], "secondary": _hostport(*state["secondary"])}}  # fmt: skip
+        return {"config": config, "freeze_fd": self.flag.fd, "failover_state": state}
 
     async def _stop_workers(self) -> None:
         """Tell every worker to shut down; kill those still running after shutdown_timeout
@@ -264,8 +314,18 @@ class Supervisor:
                 return None
             raise ControlError(f"unknown op {op!r}")
 
+        if self.coordinator is not None:
+            coordinated = self.coordinator.handlers()
+            inline = self.coordinator.inline_handlers()
+        else:
+            coordinated, inline = {}, {}
+
+        async def handle_all(frame: dict[str, Any]) -> dict[str, Any] | None:
+            handler = coordinated.get(frame["op"])
+            return await (handler(frame) if handler is not None else handle(frame))
+
         try:
-            await channel.run(handle)
+            await channel.run(handle_all, inline)
         except ControlError as e:
             log.error("worker %d: %s", w.index, e)
 
@@ -317,6 +377,10 @@ class Supervisor:
         restarts = CounterMetricFamily("connmgr_worker_restarts", "workers started again after they died",
                                        value=self.restarts)  # fmt: skip
         return merge_workers({i: r["text"] for i, r in replies.items()}, [workers, running, answered, restarts])
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

@@ -15,77 +15,27 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from connmgr_fixtures import USERS_TEXT, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from connmgr_fixtures import USERS_TEXT, Supervised, wait_for, worker_pids
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class Supervised:
-    """``python -m connmgr serve -c FILE`` with workers; stderr collected by a thread."""
-
-    def __init__(self, pg, tmp_path: Path, server: str = "", extra: str = "") -> None:
-        users = tmp_path / "users.txt"
-        users.write_text(USERS_TEXT)
-        conf = tmp_path / f"connmgr-{uuid.uuid4().hex[:6]}.toml"
-        conf.write_text(
-            f'[server]\nlisten = ["127.0.0.1:0"]\nshutdown_timeout = 3\nadmin_users = ["postgres"]\n{server}\n'
-            f'[primary]\nhost = "{pg.host}"\nport = {pg.port}\n[auth]\nusers_file = "{users}"\n'
-            f'[metrics]\nlisten = "127.0.0.1:0"\n{extra}'
-        )
-        self.lines: list[str] = []
-        self.port = 0
-        self.metrics_port = 0
-        self._listening = threading.Event()
-        self.proc = subprocess.Popen([sys.executable, "-m", "connmgr", "serve", "-c", str(conf)], cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if found := re.search(r"metrics on http://[\d.]+:(\d+)/", line):
-                self.metrics_port = int(found[1])
-            if found := re.search(r"listening on [\d.]+:(\d+) with \d+ workers", line):
-                self.port = int(found[1])
-                self._listening.set()
-
-    def wait_listening(self) -> Supervised:
-        if not self._listening.wait(30):
-            self.stop()
-            raise AssertionError("connmgr did not start:\n" + "".join(self.lines))
-        return self
-
-    def conninfo(self, dbname: str = "app") -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres password=postgres dbname={dbname} connect_timeout=10"
-
-    def connect(self, **kw) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo(), autocommit=True, **kw)
-
-    def show(self, what: str) -> tuple[list[str], list[tuple]]:
-        with psycopg.connect(self.conninfo("connmgr"), autocommit=True) as admin:
-            cur = admin.execute(f"SHOW {what}")
-            return [d.name for d in cur.description], cur.fetchall()
-
-    def metrics(self) -> dict[str, list]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        return {f.name: f.samples for f in text_string_to_metric_families(text)}, text
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+def _config_text(pg, tmp_path: Path, server: str, extra: str) -> Path:
+    users = tmp_path / "users.txt"
+    users.write_text(USERS_TEXT)
+    conf = tmp_path / f"connmgr-{uuid.uuid4().hex[:6]}.toml"
+    conf.write_text(
+        f'[server]\nlisten = ["127.0.0.1:0"]\nshutdown_timeout = 3\nadmin_users = ["postgres"]\n{server}\n'
+        f'[primary]\nhost = "{pg.host}"\nport = {pg.port}\n[auth]\nusers_file = "{users}"\n'
+        f'[metrics]\nlisten = "127.0.0.1:0"\n{extra}'
+    )
+    return conf
 
 
 @pytest.fixture
@@ -93,30 +43,19 @@ def supervised(pg, tmp_path):
     started: list[Supervised] = []
 
     def start(server: str = "workers = 2", extra: str = "", wait: bool = True) -> Supervised:
-        s = Supervised(pg, tmp_path, server, extra)
+        s = Supervised(_config_text(pg, tmp_path, server, extra))
         started.append(s)
         return s.wait_listening() if wait else s
 
     yield start
     for s in started:
-        pids = _worker_pids(s.proc.pid)
+        pids = worker_pids(s.proc.pid)
         s.stop()
         for pid in pids:  # never leave a worker behind, also when a test failed
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def _worker_pids(parent: int) -> list[int]:
-    """Children of ``parent`` (trio starts processes from a thread: every thread's list)."""
-    children = []
-    for task in Path(f"/proc/{parent}/task").glob("*"):
-        try:
-            children += (task / "children").read_text().split()
-        except OSError:
-            pass
-    return sorted(int(c) for c in children)
 
 
 @pytest.fixture
@@ -156,7 +95,7 @@ def test_clients_land_on_every_worker_and_their_rows_arrive(supervised, pg, fres
     cols, workers = s.show("WORKERS")
     assert cols == ["worker", "pid", "clients", "uptime_s", "restarts"]
     assert [w[0] for w in workers] == ["0", "1"]
-    assert len({w[1] for w in workers}) == 2 and all(int(w[1]) in _worker_pids(s.proc.pid) for w in workers)
+    assert len({w[1] for w in workers}) == 2 and all(int(w[1]) in worker_pids(s.proc.pid) for w in workers)
 
 
 def test_cancel_reaches_the_worker_of_the_session(supervised):
@@ -256,7 +195,7 @@ def test_max_clients_is_the_total_over_the_workers(supervised):
 
 def test_sigterm_stops_the_supervisor_and_every_worker(supervised):
     s = supervised()
-    pids = _worker_pids(s.proc.pid)
+    pids = worker_pids(s.proc.pid)
     assert len(pids) == 2
     with s.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
@@ -292,7 +231,7 @@ def test_the_workers_flag_is_checked_like_the_file():
 
 def test_workers_end_when_the_supervisor_is_killed(supervised):
     s = supervised()
-    pids = _worker_pids(s.proc.pid)
+    pids = worker_pids(s.proc.pid)
     assert len(pids) == 2
     s.proc.kill()
     s.proc.wait(10)

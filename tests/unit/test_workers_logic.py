@@ -297,10 +297,16 @@ def test_workers_out_of_range_are_refused(workers: int) -> None:
         config_mod.load(None, server={"workers": workers})
 
 
-def test_workers_with_a_mirror_peer_are_refused() -> None:
+def test_workers_of_a_secondary_connmgr_are_refused() -> None:
     with pytest.raises(ConfigError) as err:
-        config_mod.load(None, server={"workers": 2}, mirror={"peer": "127.0.0.1:6433"})
-    assert "[mirror] peer" in str(err.value) and "workers = 1" in str(err.value)
+        config_mod.load(None, server={"workers": 2}, mirror={"listen": "127.0.0.1:0"})
+    assert "[mirror] listen" in str(err.value) and "workers = 1" in str(err.value)
+
+
+def test_workers_of_a_pair_primary_with_failover_are_taken() -> None:
+    config = config_mod.load(None, server={"workers": 2}, mirror={"peer": "127.0.0.1:6433"},
+                             failover={"secondary": "127.0.0.1:5433"})  # fmt: skip
+    assert config.server.workers == 2 and config.failover.secondary == "127.0.0.1:5433"
 
 
 def test_more_workers_than_max_clients_are_refused() -> None:
