@@ -3,10 +3,14 @@ per trial, the primary postmaster killed with SIGKILL at a random moment), then 
 trials, client errors by SQLSTATE, lost and duplicated commits, detection time and the
 stall of every moved session (p50/p99/max).
 
-    python labs/fault_campaign.py --trials 100 [--clients 6] [--failback] [--kinds bank,new-schema,...] [--json]
+    python labs/fault_campaign.py --trials 100 [--clients 6] [--failback] [--kinds bank,new-schema,...]
+                                  [--workers N] [--json]
 
 ``--kinds``: the trial kinds to rotate through (connmgr/embedded/fault_campaign.py: bank, new-schema,
 serial, sync-off, large; default all of them).
+
+``--workers N``: the primary connmgr runs N worker processes (``[server] workers``; its
+figures then come from its metrics and log, and the stalls are each worker's longest).
 
 ``--failback``: every trial then restarts the killed primary under load and waits for
 connmgr to re-seed it, switch the sessions home and re-seed the other side; the proof is
@@ -36,6 +40,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--failback", action="store_true", help="restart the old primary and go home (failback = return)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="trial kinds to rotate through")
+    ap.add_argument("--workers", type=int, default=1, help="the primary connmgr's [server] workers")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     kinds = args.kinds.split(",")
@@ -47,7 +52,7 @@ def main() -> int:
     try:
         for i in range(args.trials):
             results.append(run_trial(base / f"t{i}", seed=args.seed + i, clients=args.clients, failback=args.failback,
-                                     kind=kinds[i % len(kinds)]))
+                                     kind=kinds[i % len(kinds)], workers=args.workers))
             _report(i, args.trials, results[-1])
     finally:
         stop_leftovers(base)  # an interrupted trial's servers

@@ -8,23 +8,16 @@ look at its ``App`` (metrics, registry).
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from connmgr import config as config_mod
 from connmgr.embedded.cluster_pair import ClusterPair
-from connmgr.embedded.harness import EmbeddedConnmgr, running_pair
+from connmgr.embedded.harness import EmbeddedConnmgr, SupervisedConnmgr, running_pair
 
 #: the database and superuser password of the failover pairs (live_pair_of)
 DB = "app"
@@ -147,81 +140,16 @@ def live_pair_of(pg_bindir, base, tmp_path, *, primary_extra: dict | None = None
         yield LivePair(pair, primary, secondary)
 
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-class Supervised:
-    """``python -m connmgr serve -c CONF`` with ``[server] workers`` (a supervisor and its
-    worker processes), stderr collected by a thread."""
+class Supervised(SupervisedConnmgr):
+    """``connmgr serve -c CONF`` with workers, as the tests start it: waits until it listens."""
 
     def __init__(self, conf: Path) -> None:
-        self.lines: list[str] = []
-        self.port = 0
-        self.metrics_port = 0
-        self._listening = threading.Event()
-        self.proc = subprocess.Popen([sys.executable, "-m", "connmgr", "serve", "-c", str(conf)], cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if found := re.search(r"metrics on http://[\d.]+:(\d+)/", line):
-                self.metrics_port = int(found[1])
-            if found := re.search(r"listening on [\d.]+:(\d+) with \d+ workers", line):
-                self.port = int(found[1])
-                self._listening.set()
+        super().__init__(conf, password="postgres", dbname="app")
 
     def wait_listening(self) -> Supervised:
-        if not self._listening.wait(30):
-            self.stop()
-            raise AssertionError("connmgr did not start:\n" + "".join(self.lines))
-        return self
-
-    def conninfo(self, dbname: str = "app") -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres password=postgres dbname={dbname} connect_timeout=10"
-
-    def connect(self, **kw) -> psycopg.Connection:
-        return psycopg.connect(self.conninfo(), **{"autocommit": True, **kw})
-
-    def show(self, what: str) -> tuple[list[str], list[tuple]]:
-        return self.console(f"SHOW {what}")
-
-    def console(self, command: str) -> tuple[list[str], list[tuple]]:
-        """A command on the admin console (database ``connmgr``): (columns, rows)."""
-        with psycopg.connect(self.conninfo("connmgr"), autocommit=True) as admin:
-            cur = admin.execute(command)
-            return [d.name for d in cur.description], cur.fetchall()
-
-    def metrics(self) -> dict[str, list]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        return {f.name: f.samples for f in text_string_to_metric_families(text)}, text
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def kill_all(self) -> None:
-        """The supervisor and every worker, also when a test failed."""
-        pids = worker_pids(self.proc.pid)
-        self.stop()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def worker_pids(parent: int) -> list[int]:
-    """Children of ``parent`` (trio starts processes from a thread: every thread's list)."""
-    children = []
-    for task in Path(f"/proc/{parent}/task").glob("*"):
         try:
-            children += (task / "children").read_text().split()
-        except OSError:
-            pass
-    return sorted(int(c) for c in children)
+            self.start()
+        except OSError as e:
+            raise AssertionError(str(e)) from None
+        return self

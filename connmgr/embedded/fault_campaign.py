@@ -54,7 +54,9 @@ the same rows.
 
 from __future__ import annotations
 
+import datetime
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -63,7 +65,7 @@ from pathlib import Path
 
 import psycopg
 
-from connmgr.embedded.harness import running_pair, wait_until
+from connmgr.embedded.harness import SupervisedConnmgr, running_pair, wait_until
 
 __all__ = ["TrialResult", "run_trial", "ACCOUNTS", "INITIAL_BALANCE", "KINDS"]
 
@@ -286,9 +288,10 @@ def _client(conninfo: str, index: int, stop: threading.Event, tally: _Tally, kin
 
 def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple[float, float] = (0.5, 1.5),
               after: float = 1.0, bindir: Path | None = None, log=None, failback: bool = False,
-              kind: str = "bank") -> TrialResult:  # fmt: skip
+              kind: str = "bank", workers: int = 1) -> TrialResult:  # fmt: skip
     """One trial of ``kind`` (:data:`KINDS`) in ``base_dir`` (created and removed); see
-    the module docstring. ``log(text)`` gets progress lines."""
+    the module docstring. ``log(text)`` gets progress lines. With ``workers`` > 1 the
+    primary connmgr runs that many worker processes (``[server] workers``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown trial kind {kind!r} (one of {', '.join(KINDS)})")
     say = log or (lambda _text: None)
@@ -303,7 +306,7 @@ def run_trial(base_dir: Path, *, seed: int, clients: int = 6, kill_window: tuple
                           failover_options={"failback": "return" if failback else "manual", "reseed_interval": 0.2,
                                             **({"max_replay_bytes": 256 << 10} if kind == "large" else {})},
                           server_options={"max_buffered_message": 64 << 10} if kind == "large" else None,
-                          ) as (pair, primary, secondary):  # fmt: skip
+                          workers=workers) as (pair, primary, secondary):  # fmt: skip
             _trial(pair, primary, secondary, result, say, clients=clients, after=after, failback=failback, kind=kind)
     except Exception as e:  # noqa: BLE001 - a trial that cannot run is a failed trial, with the reason
         result.failed = f"{type(e).__name__}: {e}"
@@ -314,6 +317,7 @@ def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, 
            kind: str) -> None:  # fmt: skip
     """The trial itself, on the running pair (see run_trial)."""
     conninfo = primary.conninfo("postgres", DB, PASSWORD)
+    view = _FleetView(primary) if isinstance(primary, SupervisedConnmgr) else _AppView(primary.app.failover)
     if kind == "new-schema":  # through connmgr, right before the writes: each table is fenced
         with psycopg.connect(conninfo, autocommit=True) as c:
             accounts, *others = SCHEMA.split(";")
@@ -340,21 +344,17 @@ def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, 
         wait_until(lambda: tally.transfers or tally.ledger, 10)
     time.sleep(result.kill_after)
     killed_at = tally.killed_at = time.monotonic()
+    view.killed(killed_at)
     pair.primary.kill()
     say(f"  primary postmaster killed (SIGKILL) {result.kill_after:.2f}s into the workload")
-    fo = primary.app.failover
-    wait_until(lambda: fo.failed_over or fo.failed is not None, 15)
-    if fo.suspected_at is not None:
-        result.detect_seconds = fo.suspected_at - killed_at
-    if fo.failed_over_at is not None:
-        result.failed_over_seconds = fo.failed_over_at - killed_at
+    wait_until(view.decided, 15)
+    result.detect_seconds, result.failed_over_seconds = view.timing()
     time.sleep(after)
     if failback:
         restarted = time.monotonic()
         pair.primary.start()
-        if not wait_until(lambda: fo.reseeds == 2 and not fo.failed_over and fo.previous is None
-                          and primary.app.server is fo.home, 60):  # fmt: skip
-            raise RuntimeError(f"fail-back did not complete within 60 s: {fo.timeline[-5:]}")
+        if not wait_until(view.home_again, 60):
+            raise RuntimeError(f"fail-back did not complete within 60 s: {view.timeline()[-5:]}")
         result.failback_seconds = time.monotonic() - restarted
         say(f"  old primary restarted, re-seeded, sessions home again in {result.failback_seconds:.2f}s")
         time.sleep(after)
@@ -367,25 +367,133 @@ def _trial(pair, primary, secondary, result: TrialResult, say, *, clients: int, 
     result.reads = tally.reads
     result.errors = tally.errors
     result.error_texts = tally.texts
-    result.moved = fo.sessions_moved
-    result.commits_acknowledged = fo.commits_acknowledged
-    result.replayed = fo.transactions_replayed
-    result.rolled_back = Counter(fo.transactions_rolled_back)
-    result.held, result.held_dropped = fo.replies_held, fo.replies_dropped
-    result.sessions_failed = Counter(fo.sessions_failed)
-    result.stalls = list(fo.stalls)
+    view.counts(result)
     last = {who: t - killed_at for who, t in tally.last.items()}
     result.lanes = {who: (last.get(who, 0.0), tally.first[who] - killed_at)
                     for who in sorted(tally.first, key=lambda w: int(w.split()[-1]))}  # fmt: skip
-    result.timeline = list(fo.timeline)
+    result.timeline = view.timeline()
     if secondary.app.imports is not None:
         result.not_replayable = len(secondary.app.imports.not_replayable)
-    result.journal = [(round(t - killed_at, 4), what) for t, what in fo.journal]
+    result.journal = view.journal(killed_at)
     _check(pair.primary if failback else pair.secondary, tally, result, killed_at)
     if failback:
         pair.wait_caught_up()
         result.replicas_equal = all(_digest(pair.primary, t) == _digest(pair.secondary, t)
                                     for t in ("accounts", "transfers", "ledger", "connmgr.markers"))  # fmt: skip
+
+
+class _AppView:
+    """What a trial reads of an embedded primary connmgr: its Failover."""
+
+    def __init__(self, failover) -> None:
+        self.fo = failover
+        self.killed_at = 0.0
+
+    def killed(self, at: float) -> None:
+        self.killed_at = at
+
+    def decided(self) -> bool:
+        return self.fo.failed_over or self.fo.failed is not None
+
+    def timing(self) -> tuple[float | None, float | None]:
+        """(kill -> suspicion, kill -> secondary ready), seconds."""
+        fo = self.fo
+        return (None if fo.suspected_at is None else fo.suspected_at - self.killed_at,
+                None if fo.failed_over_at is None else fo.failed_over_at - self.killed_at)  # fmt: skip
+
+    def home_again(self) -> bool:
+        fo = self.fo
+        return fo.reseeds == 2 and not fo.failed_over and fo.previous is None and fo.route.server is fo.home
+
+    def counts(self, result: TrialResult) -> None:
+        fo = self.fo
+        result.moved = fo.sessions_moved
+        result.commits_acknowledged = fo.commits_acknowledged
+        result.replayed = fo.transactions_replayed
+        result.rolled_back = Counter(fo.transactions_rolled_back)
+        result.held, result.held_dropped = fo.replies_held, fo.replies_dropped
+        result.sessions_failed = Counter(fo.sessions_failed)
+        result.stalls = list(fo.stalls)
+
+    def timeline(self) -> list[tuple[float, str]]:
+        return list(self.fo.timeline)
+
+    def journal(self, killed_at: float) -> list[tuple[float, str]]:
+        return [(round(t - killed_at, 4), what) for t, what in self.fo.journal]
+
+
+class _FleetView:
+    """What a trial reads of a primary connmgr with ``[server] workers``: its merged
+    metrics (summed over the workers) and its log (the supervisor's failover notes give
+    the decision's times; every process's notes make the journal). Stalls are each
+    worker's longest (the metrics keep only that)."""
+
+    _NOTE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) connmgr\.failover(\[worker \d+\])? WARNING"
+                       r" failover: \+[\d.]+s (.*)$")  # fmt: skip
+
+    def __init__(self, primary: SupervisedConnmgr) -> None:
+        self.primary = primary
+        self.killed_wall = 0.0
+        self.killed_at = 0.0
+
+    def killed(self, at: float) -> None:
+        self.killed_at, self.killed_wall = at, time.time()
+
+    def _sum(self, name: str) -> float:
+        return sum(self.primary.per_worker(name).values())
+
+    def decided(self) -> bool:
+        moved = self.primary.per_worker("connmgr_failover_failed_over")
+        return (bool(moved) and all(moved.values())) or any("FAILED" in what for _t, what in self._notes(False))
+
+    def _notes(self, workers: bool) -> list[tuple[float, str]]:
+        """(wall time, text) of the failover notes: the supervisor's, and the workers' too."""
+        out = []
+        for line in self.primary.log().splitlines():
+            found = self._NOTE.match(line)
+            if found and (workers or not found[2]):
+                stamp = datetime.datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                out.append((stamp, f"{found[2].strip('[]') + ': ' if found[2] else ''}{found[3]}"))
+        return out
+
+    def timing(self) -> tuple[float | None, float | None]:
+        notes = self._notes(False)
+        suspected = next((t for t, what in notes if what.startswith("primary suspected")), None)
+        moved = next((t for t, what in notes if what.startswith("secondary is the primary now")), None)
+        return (None if suspected is None else suspected - self.killed_wall,
+                None if moved is None else moved - self.killed_wall)  # fmt: skip
+
+    def home_again(self) -> bool:
+        reseeds = self.primary.per_worker("connmgr_failover_reseeds")
+        return (bool(reseeds) and all(n == 2 for n in reseeds.values())
+                and not self._sum("connmgr_failover_failed_over")
+                and not self._sum("connmgr_failover_old_primary_pending"))  # fmt: skip
+
+    def counts(self, result: TrialResult) -> None:
+        samples, _text = self.primary.metrics()
+
+        def labelled(name: str) -> Counter[str]:
+            out: Counter[str] = Counter()
+            for sample in samples.get(name, []):
+                if "reason" in sample.labels:
+                    out[sample.labels["reason"]] += int(sample.value)
+            return +out
+
+        result.moved = int(self._sum("connmgr_failover_sessions_moved"))
+        result.commits_acknowledged = int(self._sum("connmgr_failover_commits_acknowledged"))
+        result.replayed = int(self._sum("connmgr_failover_transactions_replayed"))
+        result.rolled_back = labelled("connmgr_failover_transactions_rolled_back")
+        result.held = int(self._sum("connmgr_failover_sessions_held"))
+        result.held_dropped = int(self._sum("connmgr_failover_held_replies_dropped"))
+        result.sessions_failed = labelled("connmgr_failover_sessions_not_moved")
+        result.stalls = [v for v in self.primary.per_worker("connmgr_failover_stall_seconds_max").values() if v]
+
+    def timeline(self) -> list[tuple[float, str]]:
+        notes = self._notes(False)
+        return [(round(t - notes[0][0], 4), what) for t, what in notes] if notes else []
+
+    def journal(self, killed_at: float) -> list[tuple[float, str]]:
+        return [(round(t - self.killed_wall, 4), what) for t, what in self._notes(True)]
 
 
 def _digest(cluster, table: str) -> str:

@@ -85,6 +85,154 @@ class EmbeddedConnmgr:
             raise self._error
 
 
+class SupervisedConnmgr:
+    """``python -m connmgr serve -c CONF`` as a child process: with ``[server] workers``,
+    a supervisor and its worker processes (which cannot run in a thread). Its stderr is
+    collected by a thread (:meth:`log`); the listen and metrics ports are read from it.
+    ``password`` and ``dbname`` are the defaults of :meth:`connect` and :meth:`console`."""
+
+    def __init__(self, conf, *, password: str = "postgres", dbname: str = "app") -> None:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.password = password
+        self.dbname = dbname
+        self.lines: list[str] = []
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.metrics_port = 0
+        self._listening = threading.Event()
+        self.proc = subprocess.Popen([sys.executable, "-m", "connmgr", "serve", "-c", str(conf)],
+                                     cwd=Path(__file__).resolve().parents[2],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        import re
+
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if found := re.search(r"metrics on http://[\d.]+:(\d+)/", line):
+                self.metrics_port = int(found[1])
+            if found := re.search(r"listening on ([\d.]+):(\d+) with \d+ workers", line):
+                self.host, self.port = found[1], int(found[2])
+                self._listening.set()
+
+    def start(self, timeout: float = 30) -> SupervisedConnmgr:
+        """Wait until every worker listens; OSError (with the log) if it does not."""
+        if not self._listening.wait(timeout):
+            self.kill_all()
+            raise OSError("connmgr did not start:\n" + self.log())
+        return self
+
+    def conninfo(self, user: str = "postgres", dbname: str | None = None, password: str | None = None,
+                 **extra: str) -> str:  # fmt: skip
+        parts = {"host": self.host, "port": str(self.port), "user": user, "dbname": dbname or self.dbname,
+                 "password": password or self.password, "connect_timeout": "10", **extra}  # fmt: skip
+        return " ".join(f"{k}='{v}'" for k, v in parts.items())
+
+    def connect(self, **kw):
+        import psycopg
+
+        return psycopg.connect(self.conninfo(), **{"autocommit": True, **kw})
+
+    def show(self, what: str) -> tuple[list[str], list[tuple]]:
+        return self.console(f"SHOW {what}")
+
+    def console(self, command: str) -> tuple[list[str], list[tuple]]:
+        """A command on the admin console (database ``connmgr``): (columns, rows)."""
+        import psycopg
+
+        with psycopg.connect(self.conninfo(dbname="connmgr"), autocommit=True) as admin:
+            cur = admin.execute(command)
+            return [d.name for d in cur.description], cur.fetchall()
+
+    def metrics(self) -> tuple[dict[str, list], str]:
+        """({family: samples}, the exposition text) of the metrics endpoint."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return {f.name: f.samples for f in text_string_to_metric_families(text)}, text
+
+    def per_worker(self, name: str) -> dict[str, float]:
+        """{worker: value} of metric family ``name`` (summed over its other labels)."""
+        samples, _text = self.metrics()
+        out: dict[str, float] = {}
+        for sample in samples.get(name, []):
+            if "worker" in sample.labels:
+                out[sample.labels["worker"]] = out.get(sample.labels["worker"], 0.0) + sample.value
+        return out
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's children (trio starts processes from a thread: every thread's list)."""
+        from pathlib import Path
+
+        children = []
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                children += (task / "children").read_text().split()
+            except OSError:
+                pass
+        return sorted(int(c) for c in children)
+
+    def kill_worker(self, index: int, timeout: float = 20) -> int:
+        """SIGKILL worker ``index`` and wait until the supervisor has started it again;
+        returns the killed pid (RuntimeError if it is not started again)."""
+        import os
+        import signal
+
+        import psycopg
+
+        _cols, before = self.show("WORKERS")
+        victim = int(before[index][1])
+        os.kill(victim, signal.SIGKILL)
+
+        def restarted() -> bool:
+            try:
+                _cols, rows = self.show("WORKERS")
+            except psycopg.OperationalError:  # it landed in the dead worker's accept queue (see README)
+                return False
+            w = rows[index]
+            return int(w[4]) >= 1 and w[1] not in (None, str(victim)) and w[3] is not None
+
+        if not wait_until(restarted, timeout):
+            raise RuntimeError(f"worker {index} was not started again within {timeout:g}s")
+        return victim
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM (graceful, every worker), then SIGKILL what is left after ``timeout``."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        """SIGKILL the supervisor and every worker (also when a test failed)."""
+        import os
+        import signal
+
+        pids = self.worker_pids() if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def wait_until(predicate, timeout: float) -> bool:
     """Poll ``predicate`` every 20 ms for up to ``timeout`` seconds; its last answer."""
     import time
@@ -112,7 +260,7 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
                        max_wait: float = 20.0, shutdown_timeout: float = 5.0,
                        started: list | None = None, primary_extra: dict | None = None,
                        failover_options: dict | None = None, server_options: dict | None = None,
-                       ) -> tuple[EmbeddedConnmgr, EmbeddedConnmgr]:  # fmt: skip
+                       workers: int = 1, config_dir=None) -> tuple:  # fmt: skip
     """The connection managers of a :class:`~connmgr.embedded.cluster_pair.ClusterPair`, as the demo, the
     tests and the fault campaign run them: the secondary one (in front of the secondary
     database, mirror listener, poster slot ``poster_slot`` on the primary) is started first,
@@ -121,7 +269,9 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     soon as it runs, so the caller can stop them even if the other does not come up
     (OSError). ``primary_extra``: more config sections for the primary one (e.g. ``tls``);
     ``failover_options``: more keys of its ``[failover]`` section (e.g. ``failback``);
-    ``server_options``: more keys of both ``[server]`` sections (e.g. ``max_buffered_message``)."""
+    ``server_options``: more keys of both ``[server]`` sections (e.g. ``max_buffered_message``).
+    With ``workers`` > 1 the primary one is ``connmgr serve`` with that many worker
+    processes (a :class:`SupervisedConnmgr`, its configuration written in ``config_dir``)."""
     from connmgr import config as config_mod
 
     started = [] if started is None else started
@@ -131,6 +281,20 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     sections = primary_sections(pair, secondary, password=password, mode=mode, failover=failover, max_wait=max_wait,
                                 failover_options=failover_options)  # fmt: skip
     sections.update(primary_extra or {})
+    if workers > 1:
+        from pathlib import Path
+
+        conf = Path(config_dir or Path(users_file).parent) / "primary-connmgr.toml"
+        conf.write_text(toml_text({**common, "server": {**common["server"], "workers": workers}, **sections,
+                                   "metrics": {"listen": "127.0.0.1:0"}}))  # fmt: skip
+        primary = SupervisedConnmgr(conf, password=password, dbname=database)
+        started.append(primary)
+        primary.start()
+        receivers = secondary.app.secondary.receivers
+        if not wait_until(lambda: len(receivers) == workers and all(r.epoch is not None for r in receivers.values()),
+                          15):  # fmt: skip
+            raise OSError(f"the mirror links of the {workers} workers did not all come up ({sorted(receivers)})")
+        return primary, secondary
     primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
     started.append(primary)
     if not wait_until(lambda: primary.app.mirror.connected, 15):

@@ -102,18 +102,18 @@ class RemoteOrder:
         return conn_id in self.committers
 
     async def committer_turn(self, conn_id: int) -> None:
-        await self.member.ask("order.turn", self.bound, id=conn_id)
+        await self.member.ask("order.turn", self.bound, session=conn_id)
 
     def commit_settled(self, conn_id: int) -> None:
         self.committers.discard(conn_id)
-        self.member.tell("order.settled", id=conn_id)
+        self.member.tell("order.settled", session=conn_id)
 
     async def commits_settled(self) -> None:
         await self.member.ask("order.commits_settled", self.bound)
         self.commits_settled_event.set()
 
     def prefix_replayed(self, conn_id: int) -> None:
-        self.member.tell("order.prefix", id=conn_id)
+        self.member.tell("order.prefix", session=conn_id)
 
     async def prefixes_replayed(self, conn_id: int) -> None:
         # (one request: the prefix counts before the wait, whatever order frames run in)
@@ -302,10 +302,10 @@ class Coordinator:
             f.freeze_fleet(str(frame.get("why", "a worker suspects the primary")))
 
         def settled(frame: dict[str, Any]) -> None:
-            f.order.commit_settled(int(frame["id"]))
+            f.order.commit_settled(int(frame["session"]))
 
         def prefix(frame: dict[str, Any]) -> None:
-            f.order.prefix_replayed(int(frame["id"]))
+            f.order.prefix_replayed(int(frame["session"]))
 
         return {"failover.suspect": suspect, "order.settled": settled, "order.prefix": prefix}
 
@@ -313,7 +313,7 @@ class Coordinator:
         f = self.failover
 
         async def turn(frame: dict[str, Any]) -> None:
-            await f.order.committer_turn(int(frame["id"]))
+            await f.order.committer_turn(int(frame["session"]))
 
         async def commits_settled(_frame: dict[str, Any]) -> None:
             await f.order.commits_settled()

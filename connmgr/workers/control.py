@@ -78,6 +78,14 @@ class Decoder:
         return len(self._buffer)
 
 
+def _check_args(op: str, args: dict[str, Any]) -> None:
+    """``id``, ``re`` and ``op`` are the frame's own keys: an argument of that name would
+    turn a notification into a request, or send a reply nobody waits for."""
+    clash = {"id", "re", "op"} & args.keys()
+    if clash:
+        raise ValueError(f"control {op}: {', '.join(sorted(clash))} is a key of the frame itself, not an argument")
+
+
 class Channel:
     """One end of a control connection. :meth:`run` reads frames until EOF: replies wake
     their :meth:`call`, requests and notifications go to the handler (each in a task of
@@ -117,11 +125,13 @@ class Channel:
 
     async def notify(self, op: str, **args: Any) -> None:
         """Send a notification (no reply)."""
+        _check_args(op, args)
         await self.send({"op": op, **args})
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send a request and return its reply; :class:`ControlError` if the other end
         answers an error or the channel closes first. The caller bounds the wait."""
+        _check_args(op, args)
         if self.closed:
             raise ControlError(f"{self.name}: control channel closed")
         ident = next(self._ids)

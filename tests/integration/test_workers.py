@@ -10,7 +10,6 @@ SIGTERM stops every worker; a worker that cannot start stops the supervisor with
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from connmgr_fixtures import USERS_TEXT, Supervised, wait_for, worker_pids
+from connmgr_fixtures import USERS_TEXT, Supervised, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,13 +48,7 @@ def supervised(pg, tmp_path):
 
     yield start
     for s in started:
-        pids = worker_pids(s.proc.pid)
-        s.stop()
-        for pid in pids:  # never leave a worker behind, also when a test failed
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        s.kill_all()  # never leave a worker behind, also when a test failed
 
 
 @pytest.fixture
@@ -95,7 +88,7 @@ def test_clients_land_on_every_worker_and_their_rows_arrive(supervised, pg, fres
     cols, workers = s.show("WORKERS")
     assert cols == ["worker", "pid", "clients", "uptime_s", "restarts"]
     assert [w[0] for w in workers] == ["0", "1"]
-    assert len({w[1] for w in workers}) == 2 and all(int(w[1]) in worker_pids(s.proc.pid) for w in workers)
+    assert len({w[1] for w in workers}) == 2 and all(int(w[1]) in s.worker_pids() for w in workers)
 
 
 def test_cancel_reaches_the_worker_of_the_session(supervised):
@@ -155,18 +148,7 @@ def test_metrics_endpoint_speaks_for_every_worker(supervised):
 
 def test_a_killed_worker_is_started_again(supervised, fresh_table):
     s = supervised()
-    _cols, before = s.show("WORKERS")
-    victim = int(before[0][1])
-    os.kill(victim, signal.SIGKILL)
-
-    def restarted() -> bool:
-        try:
-            _cols, rows = s.show("WORKERS")
-        except psycopg.OperationalError:  # it landed in the dead worker's accept queue (see README)
-            return False
-        return rows[0][4] == "1" and rows[0][1] not in (None, str(victim)) and rows[0][3] is not None
-
-    wait_for(restarted, timeout=20, what="worker 0 to be started again")
+    s.kill_worker(0)
     assert "worker 0" in s.log() and "exited with code -9" in s.log()
     for i in range(16):  # every new client is served, whichever worker it lands on
         with s.connect() as c:
@@ -195,7 +177,7 @@ def test_max_clients_is_the_total_over_the_workers(supervised):
 
 def test_sigterm_stops_the_supervisor_and_every_worker(supervised):
     s = supervised()
-    pids = worker_pids(s.proc.pid)
+    pids = s.worker_pids()
     assert len(pids) == 2
     with s.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
@@ -207,7 +189,7 @@ def test_sigterm_stops_the_supervisor_and_every_worker(supervised):
 
 def test_console_shutdown_stops_every_worker(supervised):
     s = supervised()
-    with psycopg.connect(s.conninfo("connmgr"), autocommit=True) as admin:
+    with psycopg.connect(s.conninfo(dbname="connmgr"), autocommit=True) as admin:
         admin.execute("SHUTDOWN")
     assert s.proc.wait(20) == 0, s.log()
     assert "SHUTDOWN from the console of worker" in s.log()
@@ -231,7 +213,7 @@ def test_the_workers_flag_is_checked_like_the_file():
 
 def test_workers_end_when_the_supervisor_is_killed(supervised):
     s = supervised()
-    pids = worker_pids(s.proc.pid)
+    pids = s.worker_pids()
     assert len(pids) == 2
     s.proc.kill()
     s.proc.wait(10)

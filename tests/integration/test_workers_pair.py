@@ -11,80 +11,55 @@ every worker.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import psycopg
 import pytest
-from connmgr_fixtures import DB, PASSWORD, Supervised, wait_for
+from connmgr_fixtures import DB, PASSWORD, wait_for
 
 from connmgr.embedded.cluster_pair import ClusterPair
-from connmgr.embedded.harness import (
-    common_sections,
-    primary_sections,
-    start_secondary_connmgr,
-    toml_text,
-    write_users_file,
-)
+from connmgr.embedded.harness import SupervisedConnmgr, running_pair
 
 WORKER_SHIFT = 24
 
 
 class WorkerPair:
-    def __init__(self, pair: ClusterPair, primary: Supervised, secondary) -> None:
+    def __init__(self, pair: ClusterPair, primary: SupervisedConnmgr, secondary) -> None:
         self.pair = pair
         self.primary = primary
         self.secondary = secondary
 
     def connect(self, **kw) -> psycopg.Connection:
-        return psycopg.connect(self.primary.conninfo(DB), **kw)
+        return psycopg.connect(self.primary.conninfo(), **kw)
 
     def on(self, cluster, sql: str):
         with cluster.connect(DB) as c:
             return c.execute(sql).fetchall()
 
     def metric(self, name: str) -> dict[str, float]:
-        """{worker: value} of a worker family (summed over other labels)."""
-        samples, _text = self.primary.metrics()
-        out: dict[str, float] = {}
-        for s in samples.get(name, []):
-            if "worker" in s.labels:
-                out[s.labels["worker"]] = out.get(s.labels["worker"], 0.0) + s.value
-        return out
+        return self.primary.per_worker(name)
 
 
 @pytest.fixture
 def worker_pair(pg_bindir, pg_base_dir, tmp_path, request):
-    pair = ClusterPair.create(pg_base_dir / f"wpair-{request.node.name[:30]}", databases=(DB,), password=PASSWORD,
-                              bindir=pg_bindir)  # fmt: skip
-    started = []
-    primary = None
-    try:
-        common = common_sections(write_users_file(tmp_path, PASSWORD), shutdown_timeout=3.0)
-        secondary = start_secondary_connmgr(pair, database=DB, password=PASSWORD, poster_slot="workers_poster",
-                                            common=common, sequence_interval=0.1, started=started)  # fmt: skip
-        sections = primary_sections(pair, secondary, password=PASSWORD, failover=True,
-                                    failover_options={"failback": "manual"})  # fmt: skip
-        conf = tmp_path / "primary.toml"
-        conf.write_text(toml_text({**common, "server": {**common["server"], "workers": 2}, **sections,
-                                   "metrics": {"listen": "127.0.0.1:0"}}))  # fmt: skip
-        primary = Supervised(conf).wait_listening()
-        receivers = secondary.app.secondary.receivers
-        wait_for(lambda: sorted(receivers) == ["primary worker 0", "primary worker 1"]
-                 and all(r.epoch is not None for r in receivers.values()), 15,
-                 "both workers' mirror links")  # fmt: skip
+    with running_pair(pg_base_dir / f"wpair-{request.node.name[:30]}", database=DB, password=PASSWORD,
+                      poster_slot="workers_poster", bindir=pg_bindir, users_dir=tmp_path, sequence_interval=0.1,
+                      failover=True, failover_options={"failback": "manual"}, shutdown_timeout=3.0,
+                      workers=2) as (pair, primary, secondary):  # fmt: skip
+        assert sorted(secondary.app.secondary.receivers) == ["primary worker 0", "primary worker 1"]
         pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
         with pair.primary.connect(DB) as c:
             c.execute("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 40) g")
         pair.wait_caught_up()
         yield WorkerPair(pair, primary, secondary)
-    finally:
-        if primary is not None:
-            primary.kill_all()
-        for cm in started:
-            with contextlib.suppress(Exception):
-                cm.stop()
-        pair.destroy()
+
+
+def _no_wait_ran_out(wp: WorkerPair) -> None:
+    """Every step of the move was signalled: no bounded wait of the order ran out, and the
+    coordinator answered every worker."""
+    log = wp.primary.log()
+    for words in ("did not resolve their commits", "did not finish replaying", "did not answer", "Traceback"):
+        assert words not in log, log[-6000:]
 
 
 def _on_both_workers(wp: WorkerPair, n: int, **kw) -> list[psycopg.Connection]:
@@ -117,8 +92,58 @@ def test_a_kill_moves_the_sessions_of_every_worker(worker_pair):
     # one decision: the point of failure was made once (the supervisor's log says so once)
     assert wp.primary.log().count("point of failure reached") == 1, wp.primary.log()[-4000:]
     assert not sum(wp.metric("connmgr_failover_transactions_rolled_back").values())
+    _no_wait_ran_out(wp)
     for c in (*conns, idle):
         c.close()
+    # a worker started again after the move joins it: its new sessions go to the survivor
+    wp.primary.kill_worker(1)
+    assert wp.metric("connmgr_failover_failed_over") == {"0": 1.0, "1": 1.0}
+    late = _on_both_workers(wp, 4, autocommit=True)
+    for i, c in enumerate(late, 1):
+        c.execute("UPDATE accounts SET balance = %s WHERE id = %s", (-i, 40 - i))
+    assert wp.on(wp.pair.secondary, "SELECT count(*) FROM accounts WHERE balance < 0") == [(len(late),)]
+    for c in late:
+        c.close()
+
+
+def test_a_terminated_backend_is_one_false_alarm_for_every_worker(worker_pair):
+    """pg_terminate_backend of one session's backend (worker A) while a session of worker
+    B waits for its row lock: both workers freeze, the coordinator's probe finds the
+    primary alive, both thaw. The victim gets the server's 57P01; the waiting session's
+    reply arrives intact (held or not, depending on which came first) and nothing moves."""
+    wp = worker_pair
+    conns = _on_both_workers(wp, 4)
+    victim = next(c for c in conns if c.info.backend_pid >> WORKER_SHIFT == 0)
+    other = next(c for c in conns if c.info.backend_pid >> WORKER_SHIFT == 1)
+    victim.execute("SET application_name = 'victim'")
+    victim.execute("UPDATE accounts SET balance = balance + 100 WHERE id = 7")
+    box: dict = {}
+
+    def blocked_update() -> None:
+        box["row"] = other.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance").fetchone()
+
+    t = threading.Thread(target=blocked_update)
+    t.start()
+    with wp.pair.primary.connect(DB) as admin:
+        wait_for(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                       ).fetchone() == (1,), 5, "the second update waiting")  # fmt: skip
+        assert admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                             " WHERE application_name = 'victim'").fetchone() == (1,)  # fmt: skip
+    with pytest.raises(psycopg.errors.AdminShutdown) as err:
+        victim.execute("SELECT 1")
+    assert err.value.sqlstate == "57P01"
+    t.join(10)
+    assert box["row"] == (1001,)
+    other.commit()
+    wait_for(lambda: wp.metric("connmgr_failover_false_alarms") == {"0": 1.0, "1": 1.0}, 10, "a false alarm in both")
+    assert wp.metric("connmgr_failover_freezes") == {"0": 1.0, "1": 1.0}
+    assert wp.metric("connmgr_failover_failed_over") == {"0": 0.0, "1": 0.0}
+    assert sum(wp.metric("connmgr_failover_sessions_moved").values()) == 0
+    assert wp.on(wp.pair.primary, "SELECT balance FROM accounts WHERE id = 7") == [(1001,)]
+    assert other.execute("SELECT 2").fetchone() == (2,)
+    for c in conns:
+        if c is not victim:
+            c.close()
 
 
 def test_a_bank_workload_on_both_workers_survives_a_kill(worker_pair):
@@ -172,6 +197,7 @@ def test_a_bank_workload_on_both_workers_survives_a_kill(worker_pair):
     assert wp.on(wp.pair.secondary, "SELECT sum(balance) FROM accounts") == [(40000,)]
     moved = wp.metric("connmgr_failover_sessions_moved")
     assert moved.get("0", 0) >= 2 and moved.get("1", 0) >= 2, moved
+    _no_wait_ran_out(wp)
     for c in conns:
         c.close()
 
