@@ -399,7 +399,7 @@ class Failover:
         self.reseeds += 1
         self.reseed_copies += copy
         self.note(f"{moved} sequence(s) of the new secondary set ahead")
-        self._rearm()
+        self._rearm(copy)
 
     async def _on_coordinator(self, op: str, bound: float, **args) -> list[tuple[float, str]]:
         """A worker's SWITCHOVER or RESEED, run by the coordinator: its timeline, or
@@ -430,14 +430,15 @@ class Failover:
         if moving or not self.order.prefixes_done_event.is_set():
             raise reseeding.ReseedError(f"{moving} session(s) are still moving to the new primary")
 
-    def _rearm(self) -> None:
-        """The pair is whole again, turned around: the old primary is the secondary."""
+    def _rearm(self, copy: bool) -> None:
+        """The pair is whole again, turned around: the old primary is the secondary (a
+        copy of the data was made for it, or not)."""
         new_secondary = self.previous
         primary = self.route.server
         rearmed = self._rearmed
         self.server, self.previous = new_secondary, None
         self.reverse_slots = False
-        self._fire(FailoverEvent.REARMED)
+        self._fire(FailoverEvent.REARMED, copy=copy)
         self._new_move()
         if self.on_rearm is not None:
             self.on_rearm(_hostport(primary), _hostport(new_secondary))
@@ -594,9 +595,12 @@ class Failover:
         elif event is E.RESEED and phase is P.MOVED:
             self._fire(event)
         elif event is E.RESEED_FAILED and phase is P.RESEEDING:
+            self.reseed_failures += 1
             self._fire(event)
         elif event is E.REARMED and phase is P.RESEEDING:
-            self._rearm()
+            self.reseeds += 1
+            self.reseed_copies += bool(details.get("copy"))
+            self._rearm(bool(details.get("copy")))
         elif not (event in (E.SUSPECT, E.FENCED) and phase in (P.DECIDING, P.SWITCHING)):
             log.warning("failover: the coordinator's '%s' does not apply in this worker's phase '%s'; ignored",
                         event, phase)  # fmt: skip

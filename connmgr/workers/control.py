@@ -79,9 +79,9 @@ class Decoder:
 
 
 def _check_args(op: str, args: dict[str, Any]) -> None:
-    """``id``, ``re`` and ``op`` are the frame's own keys: an argument of that name would
+    """``id`` and ``re`` are keys of the frame itself: an argument of that name would
     turn a notification into a request, or send a reply nobody waits for."""
-    clash = {"id", "re", "op"} & args.keys()
+    clash = {"id", "re"} & args.keys()
     if clash:
         raise ValueError(f"control {op}: {', '.join(sorted(clash))} is a key of the frame itself, not an argument")
 

@@ -5,7 +5,8 @@ moment, and the proof on the survivor -- see connmgr/embedded/fault_campaign.py.
 The last FAILBACK_TRIALS trials are fail-back trials (``failback=True``): the killed
 primary is restarted under load, re-seeded with a copy, the sessions switch home and the
 other side is re-seeded without one; the proof is made on the original primary and both
-databases must hold the same rows. A failure prints the missing ids, the balances the
+databases must hold the same rows. Two more trials run the primary connmgr with two worker
+processes. A failure prints the missing ids, the balances the
 transfers do not explain and the journal of every move."""
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def test_trial_of_kind(kind, pg_bindir, pg_base_dir):
     synchronous_commit off; and issue 13's long messages and transactions too large to
     replay."""
     check_trial(run_trial(pg_base_dir / f"campaign-{kind}", seed=100, bindir=pg_bindir, kind=kind), False)
+
+
+@pytest.mark.parametrize("failback", [False, True], ids=["kill", "failback"])
+def test_trial_with_workers(failback, pg_bindir, pg_base_dir):
+    """The primary connmgr with ``[server] workers = 2``: one decision for both workers,
+    the move's order over both, and (fail-back) the return switchover drained in both."""
+    check_trial(run_trial(pg_base_dir / f"campaign-workers-{failback}", seed=300 + failback, bindir=pg_bindir,
+                          failback=failback, workers=2), failback)  # fmt: skip
 
 
 def check_trial(r, failback: bool) -> None:

@@ -126,6 +126,40 @@ async def test_notify_reaches_the_handler_and_gets_no_reply(autojump_clock) -> N
     assert back == b""
 
 
+async def test_inline_ops_take_effect_in_the_order_sent_and_requests_get_their_reply(autojump_clock) -> None:
+    """The fleet's failover events must apply in order: trio runs tasks started together
+    in no fixed order, so inline ops are handled in the reading task itself."""
+    a, b = trio.testing.memory_stream_pair()
+    sender, receiver = Channel(a, "supervisor"), Channel(b, "worker 0")
+    seen: list[int] = []
+
+    def event(frame):
+        seen.append(frame["n"])
+
+    def gather(frame):
+        return {"seen": list(seen)}
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver.run, _ignore, {"event": event, "gather": gather})
+            nursery.start_soon(sender.run, _ignore)
+            for n in range(200):
+                await sender.notify("event", n=n)
+            reply = await sender.call("gather")
+            nursery.cancel_scope.cancel()
+    assert seen == list(range(200)) and reply["seen"] == list(range(200))
+
+
+@pytest.mark.parametrize("key", ["id", "re"])  # (op is the first parameter: Python refuses it twice)
+async def test_an_argument_named_like_a_frame_key_is_refused(key, autojump_clock) -> None:
+    a, _b = trio.testing.memory_stream_pair()
+    channel = Channel(a, "worker 0")
+    with pytest.raises(ValueError, match=f"{key} is a key of the frame itself"):
+        await channel.call("order.turn", **{key: 5})
+    with pytest.raises(ValueError, match=f"{key} is a key of the frame itself"):
+        await channel.notify("order.settled", **{key: 5})
+
+
 async def test_a_pending_call_fails_when_the_other_end_closes(autojump_clock) -> None:
     a, raw = trio.testing.memory_stream_pair()
     channel = Channel(a, "worker 2")
