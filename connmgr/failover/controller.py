@@ -723,7 +723,9 @@ class Failover:
 
     async def _end_stuck(self, busy: list, relays: list) -> bool:
         """Are the busy sessions all waiting for locks that only paused sessions hold
-        (directly, or through each other)? They cannot finish before those move: end
+        (directly, or through each other; with workers, sessions idle in their
+        transactions count as paused: those of other workers are). They cannot finish
+        before those move: end
         their backends on the primary (``pg_terminate_backend`` waits until they are gone,
         their transactions rolled back, nothing of theirs committed) and let them move
         with their requests in flight, which are replayed on the secondary after the
@@ -741,6 +743,15 @@ class Failover:
                 waiting = {int(pid): {int(b) for b in (blockers or b"").decode().split(",") if b} for pid, blockers in rows}
                 if set(waiting) != set(busy_pids):
                     return False
+                others = set().union(*waiting.values()) - quiet_pids - set(waiting)
+                if others and self.coordinator is not None:
+                    # a worker of a fleet: another worker's paused sessions are not in this
+                    # one's lists; paused, they are idle in their transactions
+                    idle = await session.query_rows(messages.query(
+                        "SELECT pid FROM pg_catalog.pg_stat_activity WHERE state = 'idle in transaction'"
+                        f" AND pid IN ({', '.join(str(int(p)) for p in others)})"
+                    ))  # fmt: skip
+                    quiet_pids = quiet_pids | {int(pid) for (pid,) in idle}
                 if not all(blockers and blockers <= quiet_pids | set(waiting) for blockers in waiting.values()):
                     return False
                 ended = await session.query_rows(messages.query(

@@ -46,6 +46,7 @@ from typing import Any
 import trio
 
 from connmgr.failover.phases import FailoverError, FailoverEvent, FailoverPhase
+from connmgr.workers.control import ControlError
 
 log = logging.getLogger("connmgr.failover")
 
@@ -244,8 +245,10 @@ class Coordinator:
         async def one(index: int) -> None:
             try:
                 replies[index] = await self.call(index, "failover.drain", timeout + 5.0, timeout=timeout)
-            except Exception as e:  # noqa: BLE001 - ControlError or TooSlowError: the switchover is abandoned
-                errors.append(f"worker {index}: {e or type(e).__name__}")
+            except ControlError as e:  # (its text names the worker)
+                errors.append(str(e))
+            except trio.TooSlowError:
+                errors.append(f"worker {index}: no answer within {timeout + 5.0:g}s")
 
         async with trio.open_nursery() as nursery:
             for index in self.running():

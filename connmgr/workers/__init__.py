@@ -26,8 +26,12 @@ worker's number is in the top bits of every virtual pid it hands out
 another sends it to the supervisor, which passes it to the owner.
 
 Limits. ``max_clients`` is the total: each worker takes ``ceil(max_clients / N)``.
-The roles of a pair (mirror, import queue, failover, host takeover) run in one process for
-now; the configuration refuses ``workers > 1`` with them.
+
+The pair. On the pair's primary connmgr every worker mirrors its own sessions, and the
+failover is decided once, by the supervisor, for all workers
+(:mod:`connmgr.failover.fleet`). The secondary connmgr's roles (one import queue and
+poster slot for the pair) and the host takeover run in one process: the configuration
+refuses ``workers > 1`` with ``[mirror] listen`` or ``[host]``.
 
 The control protocol (:mod:`connmgr.workers.control`) is length-prefixed JSON over a Unix
 socket pair, one per worker: requests carry an ``id`` and get one reply with ``re`` set

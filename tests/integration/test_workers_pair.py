@@ -228,3 +228,43 @@ def test_switchover_and_reseed_from_one_console_act_on_every_worker(worker_pair)
              "the commit on the re-seeded old primary")  # fmt: skip
     for c in conns:
         c.close()
+
+
+def test_switchover_with_a_session_waiting_for_another_workers_paused_lock(worker_pair):
+    """An autocommit UPDATE on worker 1 waits for a row lock that a transaction on worker 0
+    holds, left open (paused at its boundary by the switchover): worker 1's drain sees
+    its blocker idle in its transaction, ends the waiting backend on the old primary and
+    lets it move with its request in flight; on the secondary it waits for the replayed
+    lock holder again and completes when that commits."""
+    wp = worker_pair
+    conns = _on_both_workers(wp, 4)
+    holder = next(c for c in conns if c.info.backend_pid >> WORKER_SHIFT == 0)
+    waiter = next(c for c in conns if c.info.backend_pid >> WORKER_SHIFT == 1)
+    waiter.autocommit = True
+    holder.execute("UPDATE accounts SET balance = balance - 100 WHERE id = 7")
+    box: dict = {}
+
+    def wait_for_lock() -> None:
+        try:
+            box["row"] = waiter.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance").fetchone()
+        except Exception as e:  # noqa: BLE001 - the finding
+            box["error"] = f"{type(e).__name__}: {e}"
+
+    t = threading.Thread(target=wait_for_lock)
+    t.start()
+    with wp.pair.primary.connect(DB) as c:
+        wait_for(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                   " AND datname = 'app'").fetchone() == (1,), 5, "the update waiting")  # fmt: skip
+    _cols, rows = wp.primary.console("SWITCHOVER 5")
+    events = [r[1] for r in rows]
+    assert any("1 of them ended while waiting for a lock" in e for e in events), events
+    assert "row" not in box and "error" not in box  # still waiting: now for the replayed lock holder
+    holder.commit()
+    t.join(10)
+    assert box == {"row": (901,)}
+    assert wp.on(wp.pair.secondary, "SELECT balance FROM accounts WHERE id = 7") == [(901,)]
+    assert wp.on(wp.pair.primary, "SELECT balance FROM accounts WHERE id = 7") == [(1000,)]  # committed neither
+    assert not sum(wp.metric("connmgr_failover_transactions_rolled_back").values())
+    _no_wait_ran_out(wp)
+    for c in conns:
+        c.close()
