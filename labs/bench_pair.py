@@ -37,7 +37,9 @@ What it does
    ``direct-logical``  (opt-in, not in the default set) pgbench straight to the pair's
                        primary, no connmgr: what synchronous logical replication alone costs;
    ``pair-failover``   (opt-in) ``pair-2phase`` with ``[failover]`` configured (every
-                       session keeps its replay journal and session recorder).
+                       session keeps its replay journal and session recorder);
+   ``pair-failover-w2`` (opt-in) ``pair-failover`` with the primary connmgr's
+                       ``[server] workers = 2`` (each worker mirrors its own sessions).
 
    The two connmgrs run as subprocesses (``python -m connmgr serve -c FILE``), started
    before and stopped after *each* run, so that their idle work (the redo monitor polls the
@@ -110,7 +112,7 @@ DEFAULT_TARGETS = ("direct", "direct-syncrep", "pgbouncer", "pair-1phase", "pair
 #: cost of synchronous logical replication alone. ``pair-failover`` (opt-in): ``pair-2phase``
 #: plus ``[failover]`` -- the per-message cost of the replay journal, the session recorder
 #: and the freeze check.
-ALL_TARGETS = (*DEFAULT_TARGETS, "direct-logical", "pair-failover")
+ALL_TARGETS = (*DEFAULT_TARGETS, "direct-logical", "pair-failover", "pair-failover-w2")
 ALL_WORKLOADS = ("select", "tpcb")
 LAG_INTERVAL = 0.1
 
@@ -272,6 +274,7 @@ class PairTarget(Target):
     pair: ClusterPair | None = None
     mode: str | None = None  # [mirror] mode; None: this connmgr has no such key
     failover: bool = False  # with [failover] (secondary = the pair's secondary)
+    workers: int = 1  # the primary connmgr's [server] workers
     base: Path = Path("/nonexistent")
     users_file: Path = Path("/nonexistent")
     services: list[Service] = field(default_factory=list)
@@ -296,7 +299,8 @@ class PairTarget(Target):
         if self.mode is not None:
             mirror["mode"] = self.mode
         primary = write_toml(self.base / f"{self.name}-primary.toml", {
-            "server": {"listen": [f"{HOST}:{self.port}"], **common},
+            "server": {"listen": [f"{HOST}:{self.port}"], **common,
+                       **({"workers": self.workers} if self.workers > 1 else {})},
             "primary": {"host": pair.primary.host, "port": pair.primary.port},
             "auth": {"users_file": str(self.users_file)},
             "mirror": mirror,
@@ -338,7 +342,7 @@ class PairTarget(Target):
             if warnings:
                 notes.append(f"{service.name}: {len(warnings)} warning(s), first: {warnings[0][-160:]}")
             ups = service.log_text().count("mirror link up")
-            if ups > 1:
+            if ups > self.workers:
                 notes.append(f"{service.name}: mirror link came up {ups} times")
         self.services.clear()
         with contextlib.suppress(ClusterError):
@@ -351,8 +355,12 @@ class PairTarget(Target):
         self.services.clear()
 
     def proxy_pids(self) -> dict[str, int]:
+        """The two connmgrs (with workers, the primary's supervisor and each worker, ``/wI``)."""
         names = ("secondary connmgr", "primary connmgr")
-        return {n: s.pid() for n, s in zip(names, self.services, strict=False) if s.alive()}
+        pids = {n: s.pid() for n, s in zip(names, self.services, strict=False) if s.alive()}
+        if self.workers > 1 and "primary connmgr" in pids:
+            pids.update({f"primary connmgr/w{i}": c for i, c in enumerate(kit.children(pids["primary connmgr"]))})
+        return pids
 
 
 def replication_rows(cluster: Cluster, names: list[str]) -> list[tuple]:
@@ -456,7 +464,7 @@ class PairBench(Bench):
             self.direct = self._plain_cluster("direct")
         if "direct-syncrep" in wanted:
             self._setup_syncrep()
-        if wanted & {"pair-1phase", "pair-2phase", "direct-logical", "pair-failover"}:
+        if wanted & {"pair-1phase", "pair-2phase", "direct-logical", "pair-failover", "pair-failover-w2"}:
             self._setup_pair()
         every = [*self.clusters, *([self.pair.primary, self.pair.secondary] if self.pair else [])]
         for cluster in every:
@@ -561,7 +569,8 @@ class PairBench(Bench):
         supported, why = mirror_mode_support()
         self.environment["mirror_mode_supported"] = supported
         wanted_mode = "one-phase" if name == "pair-1phase" else "two-phase"
-        failover = name == "pair-failover"
+        failover = name.startswith("pair-failover")
+        workers = 2 if name.endswith("-w2") else 1
         if not supported and wanted_mode == "two-phase":
             raise TargetUnavailable(why)
         desc = (
@@ -573,10 +582,12 @@ class PairBench(Bench):
             "no [mirror] mode key in this connmgr: its only (one-phase) behaviour")
         if failover:
             desc += "; [failover] secondary = the pair's secondary (replay journal, session recorder)"
+        if workers > 1:
+            desc += f"; the primary connmgr with [server] workers = {workers} (one failover for all)"
         target = PairTarget(name, 0, desc, lag_cluster=self.pair.primary,
                             lag_names=self.pair.subscription_names, pair=self.pair,
                             mode=wanted_mode if supported else None, base=self.base,
-                            users_file=self.users_file, failover=failover)  # fmt: skip
+                            users_file=self.users_file, failover=failover, workers=workers)  # fmt: skip
         # Catch a refused configuration (or a connmgr that cannot start) now, not per run.
         try:
             target.prepare("check")
