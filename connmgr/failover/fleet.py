@@ -187,11 +187,12 @@ class Coordinator:
     """The supervisor's side: it owns the fleet's :class:`Failover` (``failover``, built
     by the supervisor with ``members=`` this) and reaches the workers through
     ``send(worker, frame)`` (a notification, in order), ``call(worker, op, within,
-    **args)`` (a reply, or ControlError/TooSlowError after ``within`` seconds) and ``running()`` (the workers that
-    listen now)."""
+    **args)`` (a reply, or ControlError/TooSlowError after ``within`` seconds) and
+    ``running(ready)`` (the workers that get events: every one started with a spec; with
+    ``ready``, those serving clients, which are asked about their sessions)."""
 
     def __init__(self, send: Callable[[int, dict[str, Any]], Awaitable[None]],
-                 call: Callable[..., Awaitable[dict[str, Any]]], running: Callable[[], list[int]],
+                 call: Callable[..., Awaitable[dict[str, Any]]], running: Callable[[bool], list[int]],
                  flag: FreezeFlag) -> None:  # fmt: skip
         self.send = send
         self.call = call
@@ -251,7 +252,7 @@ class Coordinator:
                 errors.append(f"worker {index}: no answer within {timeout + 5.0:g}s")
 
         async with trio.open_nursery() as nursery:
-            for index in self.running():
+            for index in self.running(True):
                 nursery.start_soon(one, index)
         if errors:
             raise FailoverError("; ".join(errors))
@@ -272,7 +273,7 @@ class Coordinator:
                 log.warning("failover: worker %d did not answer %s: %s", index, op, e or type(e).__name__)
 
         async with trio.open_nursery() as nursery:
-            for index in self.running():
+            for index in self.running(True):
                 nursery.start_soon(one, index)
         return replies
 
@@ -288,7 +289,7 @@ class Coordinator:
             self._wake = trio.Event()
             while self._outbox:
                 frame = self._outbox.pop(0)
-                for index in self.running():
+                for index in self.running(False):
                     with trio.move_on_after(5.0):
                         try:
                             await self.send(index, frame)

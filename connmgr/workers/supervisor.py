@@ -52,6 +52,8 @@ class _Worker:
     ready: trio.Event = dataclasses.field(default_factory=trio.Event)
     started_at: float = 0.0
     restarts: int = 0
+    #: its spec is sent (or queued first on its channel): the failover's events go to it
+    joined: bool = False
 
     @property
     def alive(self) -> bool:
@@ -123,8 +125,10 @@ class Supervisor:
         with trio.fail_after(within):
             return await channel.call(op, **args)
 
-    def _running(self) -> list[int]:
-        return [w.index for w in self.workers if w.alive]
+    def _running(self, ready: bool) -> list[int]:
+        """The workers the failover's events go to: those with their spec, ready or not;
+        with ``ready``, those that serve clients (asked what their sessions are doing)."""
+        return [w.index for w in self.workers if w.joined and w.channel is not None and (w.alive or not ready)]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -222,8 +226,12 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen_to, w, channel)
-                await channel.send({"op": "spec", "index": w.index, "count": self.count, "log_level": logging.getLogger().level,
-                                    **self._fleet_spec(spec)})  # fmt: skip
+                frame = {"op": "spec", "index": w.index, "count": self.count, "log_level": logging.getLogger().level,
+                         **self._fleet_spec(spec)}  # fmt: skip
+                # From the state in its spec on, a starting worker gets every failover event:
+                # the channel's FIFO send lock, taken now, puts them behind the spec.
+                w.joined = True
+                await channel.send(frame)
                 with trio.CancelScope() as waiting:
                     nursery.start_soon(_cancel_when_set, w.ready, waiting)
                     await process.wait()
@@ -245,7 +253,7 @@ class Supervisor:
                           w.index, process.pid, process.returncode, ran)  # fmt: skip
             return ran
         finally:
-            w.channel = None
+            w.channel, w.joined = None, False
             await channel.stream.aclose()
             if process.returncode is None:  # cancelled: never leave a worker behind
                 process.kill()

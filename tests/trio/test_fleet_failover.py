@@ -54,7 +54,7 @@ class Fleet:
                 raise OSError("connection refused")
             return _Session()
 
-        self.coordinator = Coordinator(self._send, self._call, lambda: list(range(n)), self.flag)
+        self.coordinator = Coordinator(self._send, self._call, lambda _ready: list(range(n)), self.flag)
         self.fleet = Failover(self.config, self._route(), (), open_primary=open_primary, origin=0,
                               members=self.coordinator)  # fmt: skip
         self.members = [self._member(i) for i in range(n)]
