@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 import time
+from collections import Counter
 
 import trio
 
@@ -46,6 +47,9 @@ from connmgr.workers.supervisor import Supervisor, worker_share
 from replay import markers
 from shadow import messages
 from shadow.compiled import hot_path
+from shadow.policy.decision import Refusal
+from shadow.policy.guard import Guard
+from shadow.policy.rules import load_policy
 
 log = logging.getLogger("connmgr")
 
@@ -123,6 +127,11 @@ class App:
             )  # fmt: skip
             if worker is not None:
                 self.failover.adopt(worker.failover_state)
+        #: [policy] file: who may do what (shadow/policy/); refusals by class
+        self.policy = load_policy(config.policy.file) if config.policy.file else None
+        self.policy_refusals: Counter[str] = Counter()
+        if self.policy is not None:
+            log.info("policy %s: %d client class(es)", config.policy.file, len(self.policy.classes))
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
             self.engine = RelayEngine(self.mirror.flush_soon if self.mirror is not None else None)
@@ -142,11 +151,13 @@ class App:
             client_ssl_context=_client_ssl_context(config), accepting=lambda: self.accepting,
             markers_enabled=self.markers_enabled,
             console=lambda conn, reader: AdminConsole(admin, conn, reader).run(),
+            guard_for=self.guard_for if self.policy is not None else None,
         )  # fmt: skip
         #: what the metrics endpoint reports on
         self.exported = Exported(self.metrics, self.registry, lambda: self.accepting, mirror=self.mirror,
                                  redo=self.redo, syncrep=self.syncrep, secondary=self.secondary,
-                                 failover=self.failover, engine=self.engine)  # fmt: skip
+                                 failover=self.failover, engine=self.engine,
+                                 policy_refusals=self.policy_refusals if self.policy is not None else None)  # fmt: skip
         self._shutdown = trio.Event()
         self._drain_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -268,6 +279,21 @@ class App:
         except Exception:  # noqa: BLE001 - run() reports its own errors; a bug left in it costs this client only
             log.exception("client %d: internal error after its connection ended; the others go on", conn.id)
             self.registry.forget(conn)
+
+    def guard_for(self, conn: ClientConnection) -> Guard | None:
+        """The guard of a session that just logged in: its policy class, if one takes it."""
+        host = conn.peer.rsplit(":", 1)[0].strip("[]") if conn.peer not in ("?", "") else None
+        cls = self.policy.classify(conn.user, conn.database, conn.application_name, host)
+        if cls is None:
+            return None
+
+        def refused(refusal: Refusal) -> None:
+            self.policy_refusals[cls.name] += 1
+            log.warning("client %d user=%s db=%s class %s: refused %s (%s), statement %s: %s", conn.id, conn.user,
+                        conn.database, cls.name, refusal.what, refusal.rule, refusal.statement.digest,
+                        refusal.statement.shape[:200])  # fmt: skip
+
+        return Guard(cls, refused)
 
     async def markers_enabled(self, database: str) -> bool:
         """Whether sessions on ``database`` get purge markers and DDL capture: mirroring

@@ -281,6 +281,14 @@ class HostSection:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySection:
+    """``[policy]``: the access rules of the analysis layer (shadow/policy/): a TOML file of
+    client classes and what each may not do (empty = no policy)."""
+
+    file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     primary: BackendSection = field(default_factory=BackendSection)
@@ -292,6 +300,7 @@ class Config:
     poster: PosterSection = field(default_factory=PosterSection)
     failover: FailoverSection = field(default_factory=FailoverSection)
     host: HostSection = field(default_factory=HostSection)
+    policy: PolicySection = field(default_factory=PolicySection)
 
     @property
     def auth_type(self) -> str:
@@ -483,6 +492,13 @@ def _check(config: Config, source: str) -> None:
     if f.sequence_lead < 1:
         raise ConfigError(f"{source}: [failover] sequence_lead: must be >= 1")
     _check_host(config, source)
+    if config.policy.file:
+        from shadow.policy.rules import PolicyError, load_policy
+
+        try:
+            load_policy(config.policy.file)
+        except PolicyError as e:
+            raise ConfigError(f"{source}: [policy] file: {e}") from None
     if f.failback not in FAILBACK_MODES:
         raise ConfigError(f"{source}: [failover] failback: must be one of {', '.join(FAILBACK_MODES)},"
                           f" got {f.failback!r}")  # fmt: skip

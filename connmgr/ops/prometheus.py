@@ -45,6 +45,8 @@ class Exported:
     secondary: Secondary | None = None
     failover: Failover | None = None
     engine: RelayEngine | None = None
+    #: with [policy] file: statements refused, by client class
+    policy_refusals: dict[str, int] | None = None
 
 
 def render(app: Exported) -> str:
@@ -151,6 +153,9 @@ def render(app: Exported) -> str:
         labeled["failover_transactions_rolled_back_total"] = (
             "reason", "open transactions rolled back with 40001 at a move, by reason",
             dict(fo.transactions_rolled_back))
+    if app.policy_refusals is not None:
+        labeled["policy_refusals_total"] = ("class", "statements the policy refused (42501), by client class",
+                                            dict(app.policy_refusals))  # fmt: skip
     if app.engine is not None:
         gauges["relay_engine_sessions"] = float(app.engine.sessions)
         gauges["relay_engine_batches"] = float(app.engine.batches)

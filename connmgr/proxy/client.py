@@ -108,6 +108,9 @@ class ClientContext:
     markers_enabled: Callable[[str], Awaitable[bool]] | None = None
     #: runs the admin console for a client of database ``connmgr`` after its login
     console: Callable[[ClientConnection, MessageReader], Awaitable[None]] | None = None
+    #: with [policy] file: the session's guard, given its login (None: unrestricted);
+    #: see :meth:`connmgr.app.App.guard_for`
+    guard_for: Callable[[ClientConnection], object] | None = None
 
 
 class ClientConnection:
@@ -123,6 +126,8 @@ class ClientConnection:
         self.user = ""
         self.database = ""
         self.application_name = ""
+        #: the policy's guard of this session, set at login (shadow/policy/guard.py)
+        self.guard = None
         self.tls = False
         self.connected_at = time.time()
         self._state = ClientState.HANDSHAKE
@@ -234,6 +239,8 @@ class ClientConnection:
                 mirror = ctx.relay.mirror
                 if mirror is not None and mirror.running and ctx.markers_enabled is not None:
                     markers_on = await ctx.markers_enabled(self.database)
+                if ctx.guard_for is not None:
+                    self.guard = ctx.guard_for(self)
                 self.state = ClientState.ACTIVE
                 await self._relay(reader.take_buffered(), reader.framer, markers_on)
             if self._close_reason is not None:  # close_with() cancelled us

@@ -5,7 +5,7 @@ cimport cython
 cdef int _Q, _S, _F, _X, _D, _Z, _E, _d, _A, _N, _I, _P, _B, _T, _CC, _c, _f
 
 cdef class Upstream:
-    cdef public object relay, stats, starts, mirror, sid, session, injector, journal, recorder
+    cdef public object relay, stats, starts, mirror, sid, session, injector, journal, recorder, guard
     cdef public bint terminated, markers
     cdef public long long offset
     cdef public int last_tag

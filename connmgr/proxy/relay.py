@@ -74,7 +74,7 @@ class Upstream:
     """Client to server: what each batch of complete messages means to the session."""
 
     __slots__ = ("relay", "stats", "starts", "terminated", "mirror", "offset", "sid", "markers", "session",
-                 "injector", "journal", "recorder", "last_tag")  # fmt: skip
+                 "injector", "journal", "recorder", "last_tag", "guard")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -90,6 +90,9 @@ class Upstream:
         self.journal = relay.conn.journal
         self.recorder = relay.conn.recorder
         self.sid = relay.conn.id
+        #: with a policy that restricts this client (shadow/policy/guard.py): refused
+        #: statements are replaced before anything else sees the batch
+        self.guard = relay.guard
         #: offset of the next byte in the client-to-server TCP stream (set by Relay.run)
         self.offset = 0
         #: type of the last message relayed (0: none yet)
@@ -104,6 +107,8 @@ class Upstream:
 
     def process(self, buf: bytes, frames: list) -> bytes:
         """Account for ``frames`` of ``buf``; returns the bytes to forward."""
+        if self.guard is not None:  # (the server, the mirror and the journal see the replacement)
+            buf, frames = self.guard.filter(buf, frames)
         relay = self.relay
         now = time.perf_counter()
         relay.last_activity = now
@@ -447,8 +452,11 @@ class Relay:
         self._pump_waiting = False
         self.backend = backend
         self.client_framer = client_framer
-        if ctx.max_buffered_message:
+        #: the client's policy class, if one restricts it (shadow/policy/guard.py)
+        self.guard = conn.guard
+        if ctx.max_buffered_message and self.guard is None:  # (a guard must see every statement whole)
             client_framer.stream(ctx.max_buffered_message, STREAMED_FROM_CLIENT)
+        if ctx.max_buffered_message:
             backend.framer.stream(ctx.max_buffered_message, STREAMED_FROM_SERVER)
         self.tracking = True
         self.starts: deque[float] = deque()

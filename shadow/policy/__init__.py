@@ -1,0 +1,21 @@
+"""The analysis layer (issue 16): what a client may do, decided per statement before the
+statement reaches the database. Free of I/O: text in, decisions out.
+
+* :mod:`shadow.policy.rules` -- the policy: client classes (matched by user, database,
+  application_name and source network) with the request kinds and objects each may not
+  (or may only) touch; loaded from TOML and validated, every error naming its key and
+  the fix.
+* :mod:`shadow.policy.analysis` -- a Query's text split into its statements (sqlglot's
+  tokenizer: quotes, dollar quotes and comments respected), each classified (kind) and
+  parsed with sqlglot (postgres) for the tables and functions it names; a digest of its
+  shape without literals for logs.
+* :mod:`shadow.policy.decision` -- a statement against a class: allowed, or refused with
+  the object or kind and the rule; fail closed (a class that restricts objects refuses a
+  statement it cannot analyse, and dynamic SQL); the refused statement's replacement, a
+  ``DO`` block that makes the server itself raise 42501, so the client's transaction ends
+  up exactly as a Postgres permission error leaves it (aborted: 25P02 afterwards).
+
+Resolution against the database's catalog (views and their definitions, functions that
+read tables, search_path), masks on the result rows, rewrites and maintenance delays
+build on this.
+"""

@@ -1,0 +1,208 @@
+"""A Query's text as statements: where each is, what kind of request it is, which tables
+and functions it names.
+
+:func:`statements` splits the text at its top-level semicolons with sqlglot's Postgres
+tokenizer (so a semicolon in a string, a dollar-quoted body, a quoted identifier or a
+comment does not split), classifies each statement by its first words, and parses it
+with sqlglot (postgres) for the objects it names. A statement sqlglot cannot parse (or
+only as an opaque command) is *not analysed*: its objects are unknown, and a class that
+restricts objects refuses it (shadow/policy/decision.py).
+
+The wrappers that run another statement are looked through: ``EXPLAIN [ANALYZE] stmt``
+(ANALYZE executes it), ``PREPARE name AS stmt``, ``DECLARE c CURSOR FOR query``,
+``CREATE TABLE ... AS query``; a writable CTE (``WITH d AS (DELETE ...) SELECT``) counts
+as the writes it holds. ``DO`` bodies are dynamic SQL: never analysed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
+
+__all__ = ["Statement", "statements"]
+
+# sqlglot says "falling back to parsing as a Command" for every VACUUM or CALL it meets
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+_DIALECT = Postgres()
+
+#: statements that name no table or function (nothing to analyse), by first word
+_NO_OBJECTS = {
+    "BEGIN": "TRANSACTION", "START": "TRANSACTION", "COMMIT": "TRANSACTION", "END": "TRANSACTION",
+    "ROLLBACK": "TRANSACTION", "ABORT": "TRANSACTION", "SAVEPOINT": "TRANSACTION", "RELEASE": "TRANSACTION",
+    "SET": "SET", "RESET": "SET", "DISCARD": "SET", "SHOW": "SHOW", "LISTEN": "LISTEN", "UNLISTEN": "LISTEN",
+    "NOTIFY": "NOTIFY", "FETCH": "CURSOR", "MOVE": "CURSOR", "CLOSE": "CURSOR", "DEALLOCATE": "PREPARE",
+    "EXECUTE": "EXECUTE", "CHECKPOINT": "MAINTENANCE",
+}  # fmt: skip
+#: the kind of a statement by its first word (when its tree does not say more)
+_FIRST_WORD = {
+    "SELECT": "SELECT", "VALUES": "SELECT", "TABLE": "SELECT", "WITH": "SELECT", "INSERT": "INSERT",
+    "UPDATE": "UPDATE", "DELETE": "DELETE", "MERGE": "MERGE", "COPY": "COPY", "CALL": "CALL", "DO": "DO",
+    "CREATE": "DDL", "ALTER": "DDL", "DROP": "DDL", "COMMENT": "DDL", "REINDEX": "DDL", "CLUSTER": "DDL",
+    "REFRESH": "DDL", "SECURITY": "DDL", "IMPORT": "DDL", "TRUNCATE": "TRUNCATE", "GRANT": "GRANT",
+    "REVOKE": "GRANT", "VACUUM": "MAINTENANCE", "ANALYZE": "MAINTENANCE", "ANALYSE": "MAINTENANCE",
+    "LOCK": "LOCK", "EXPLAIN": "EXPLAIN", "PREPARE": "PREPARE", "DECLARE": "CURSOR", "LOAD": "OTHER",
+}  # fmt: skip
+#: where the statement an EXPLAIN runs may start
+_EXPLAINABLE = {"SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES", "MERGE", "TABLE", "CREATE", "EXECUTE",
+                "DECLARE"}  # fmt: skip
+_WRITES = ((exp.Insert, "INSERT"), (exp.Update, "UPDATE"), (exp.Delete, "DELETE"), (exp.Merge, "MERGE"))
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One statement of a Query: ``text[start:end]`` (without its semicolon)."""
+
+    start: int
+    end: int
+    kinds: frozenset[str]
+    #: (schema or None when not written, name), lower case
+    tables: frozenset[tuple[str | None, str]] = frozenset()
+    functions: frozenset[tuple[str | None, str]] = frozenset()
+    #: the objects are known (parsed); False: ``why`` says why not
+    analysed: bool = True
+    why: str = ""
+    #: the statement's shape with every literal replaced by ``?`` (for logs: no values)
+    shape: str = ""
+
+    @property
+    def digest(self) -> str:
+        """12 hex digits naming the shape (the same for the same statement with other values)."""
+        return hashlib.sha1(self.shape.encode()).hexdigest()[:12]
+
+
+def statements(sql: str) -> list[Statement]:
+    """The statements of Query text ``sql`` (none for blank text)."""
+    try:
+        tokens = _DIALECT.tokenize(sql)
+    except Exception as e:  # noqa: BLE001 - sqlglot's TokenError, or a bug of its: the text is not analysed
+        return [Statement(0, len(sql), frozenset({"OTHER"}), analysed=False, why=f"cannot be tokenized: {e}",
+                          shape=_opaque(sql))] if sql.strip() else []  # fmt: skip
+    out = []
+    group: list = []
+    for token in [*tokens, None]:
+        if token is None or token.token_type == sqlglot.TokenType.SEMICOLON:
+            if group:
+                out.append(_statement(sql, group))
+            group = []
+        else:
+            group.append(token)
+    return out
+
+
+def _statement(sql: str, tokens: list) -> Statement:
+    start, end = tokens[0].start, tokens[-1].end + 1
+    first = tokens[0].text.upper()
+    # (sqlglot's tokenizer takes the rest of an EXPLAIN, PREPARE, CALL, ... as one string)
+    words, offsets = [first], [start]
+    if tokens[0].token_type == sqlglot.TokenType.COMMAND and len(tokens) > 1:
+        rest = tokens[0].end + 1  # (that string token's own start is not where it starts)
+        try:
+            tail = _DIALECT.tokenize(sql[rest:end])
+        except Exception:  # noqa: BLE001 - as below: not analysed
+            tail = []
+        words += [t.text.upper() for t in tail]
+        offsets += [rest + t.start for t in tail]
+    else:
+        words += [t.text.upper() for t in tokens[1:]]
+        offsets += [t.start for t in tokens[1:]]
+    if first in _NO_OBJECTS:
+        return Statement(start, end, frozenset({_NO_OBJECTS[first]}), shape=_opaque(sql[start:end]))
+    kind = _FIRST_WORD.get(first)
+    if kind is None:
+        return _opaque_statement(sql, start, end, {"OTHER"}, f"{first[:40]!r} is not a statement the analyser knows")
+    kinds = {kind}
+    inner = 0
+    text = sql[start:end]
+    if first == "EXPLAIN":
+        inner = next((i for i, w in enumerate(words) if i and w in _EXPLAINABLE), 0)
+    elif first == "PREPARE":
+        if len(words) > 1 and words[1] == "TRANSACTION":
+            return Statement(start, end, frozenset({"TRANSACTION"}), shape="PREPARE TRANSACTION …")
+        inner = next((i + 1 for i, w in enumerate(words) if w == "AS" and i + 1 < len(words)), 0)
+    elif first == "DECLARE":
+        inner = next((i + 1 for i, w in enumerate(words) if w == "FOR" and i + 1 < len(words)), 0)
+    elif first == "CALL":
+        text = "SELECT " + sql[offsets[1]:end] if len(offsets) > 1 else ""  # the call as an expression
+    elif first == "DO":
+        return _opaque_statement(sql, start, end, kinds, "a DO block is dynamic SQL")
+    if first in ("EXPLAIN", "PREPARE", "DECLARE"):
+        if not inner:
+            return _opaque_statement(sql, start, end, kinds, f"no statement found in its {first}")
+        text = sql[offsets[inner]:end]
+        kinds.add(_FIRST_WORD.get(words[inner], "OTHER"))
+    try:
+        trees = [t for t in sqlglot.parse(text, read="postgres") if t is not None]
+    except Exception as e:  # noqa: BLE001 - ParseError, or a bug of sqlglot's: not analysed, never a crash
+        return _opaque_statement(sql, start, end, kinds, f"cannot be parsed ({_first_line(e)})")
+    if len(trees) != 1 or isinstance(trees[0], exp.Command):
+        return _opaque_statement(sql, start, end, kinds, "not understood by the analyser")
+    tree = trees[0]
+    kinds.update(kind for cls, kind in _WRITES if any(True for _ in tree.find_all(cls)))
+    if isinstance(tree, exp.Select) and tree.args.get("into") is not None:
+        kinds.add("DDL")  # SELECT ... INTO makes a table
+    return Statement(start, end, frozenset(kinds), frozenset(_tables(tree)), frozenset(_functions(tree)),
+                     shape=_shape(tree) if first != "CALL" else "CALL " + _shape(tree).removeprefix("SELECT "))  # fmt: skip
+
+
+def _opaque_statement(sql: str, start: int, end: int, kinds: set[str], why: str) -> Statement:
+    return Statement(start, end, frozenset(kinds), analysed=False, why=why, shape=_opaque(sql[start:end]))
+
+
+def _tables(tree: exp.Expression):
+    for table in tree.find_all(exp.Table):
+        if not isinstance(table.this, exp.Identifier):
+            continue  # a function in FROM (its name is among the functions)
+        name, schema = table.name.lower(), (table.db or "").lower() or None
+        if schema is None and _is_cte(table, name):
+            continue
+        yield schema, name
+
+
+def _is_cte(table: exp.Table, name: str) -> bool:
+    """Is an unqualified ``name`` a CTE of a WITH around ``table`` (not a table)?"""
+    node = table.parent
+    while node is not None:
+        args = node.args if isinstance(node, exp.Expression) else {}
+        with_ = args.get("with_") or args.get("with")  # (the key's name changed in sqlglot 26)
+        if isinstance(with_, exp.With) and any(cte.alias_or_name.lower() == name for cte in with_.expressions):
+            return True
+        node = node.parent
+    return False
+
+
+def _functions(tree: exp.Expression):
+    for func in tree.find_all(exp.Func):
+        if isinstance(func, exp.Anonymous):
+            name = func.name.lower()
+        else:
+            name = func.sql_name().lower()
+        schema = None
+        if isinstance(func.parent, exp.Dot) and func.parent.expression is func:
+            schema = func.parent.this.name.lower() or None
+        yield schema, name
+
+
+def _shape(tree: exp.Expression) -> str:
+    def blank(node: exp.Expression) -> exp.Expression:
+        return exp.var("?") if isinstance(node, exp.Literal) else node
+
+    try:
+        return tree.transform(blank).sql(dialect="postgres")[:500]
+    except Exception:  # noqa: BLE001 - a shape is for logs only
+        return type(tree).__name__
+
+
+def _opaque(text: str) -> str:
+    """A shape for text that was not parsed: its first word only (it may hold values)."""
+    words = text.split(None, 1)
+    return f"{words[0].upper()} …" if words else ""
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

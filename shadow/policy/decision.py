@@ -1,0 +1,88 @@
+"""A statement against a client's class: allowed, or refused with what and by which rule.
+
+The order of the checks: the kinds (``allow_kinds``, then ``refuse_kinds``), then, for a
+class that restricts objects, whether the statement could be analysed at all (fail
+closed: its objects are unknown), then every table and function it names (``allow_objects``,
+then ``refuse_objects``). The first finding refuses.
+
+A refused statement is not dropped: it is *replaced* in the Query by a ``DO`` block that
+raises 42501 (insufficient_privilege) on the server, naming the object or kind and the
+rule (:func:`refusal_sql`). The server then answers exactly as it answers any error:
+the statements before it ran, the ones after it do not, an open transaction is aborted
+(25P02 until ROLLBACK), ReadyForQuery says so; nothing of the refused statement ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shadow.policy.analysis import Statement, statements
+from shadow.policy.rules import ClientClass
+from shadow.sqltext import quote_literal
+
+__all__ = ["Refusal", "check", "refusal_sql", "rewrite_query"]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    statement: Statement
+    #: what is refused: "table hr.salaries", "request kind DELETE", ...
+    what: str
+    #: the rule: 'class "reporting": refuse_objects "hr.*"'
+    rule: str
+
+    @property
+    def message(self) -> str:
+        return f"permission denied for {self.what} (connmgr policy)"
+
+    @property
+    def detail(self) -> str:
+        why = f" The statement {self.statement.why}." if not self.statement.analysed and self.statement.why else ""
+        return f"Refused by {self.rule}.{why}"
+
+
+def check(cls: ClientClass, st: Statement) -> Refusal | None:
+    """The refusal of ``st`` for a client of ``cls``, or None if it may run."""
+    where = f"class {cls.name!r}"
+    if cls.allow_kinds is not None:
+        for kind in sorted(st.kinds - cls.allow_kinds):
+            return Refusal(st, f"request kind {kind}", f"{where}: allow_kinds (it is not among them)")
+    for kind in sorted(st.kinds & cls.refuse_kinds):
+        return Refusal(st, f"request kind {kind}", f"{where}: refuse_kinds")
+    if not cls.restricts_objects:
+        return None
+    if not st.analysed:
+        return Refusal(st, "a statement connmgr cannot analyse", f"{where}: it restricts objects (fail closed)")
+    objects = [("table", s, n) for s, n in sorted(st.tables, key=str)] + \
+        [("function", s, n) for s, n in sorted(st.functions, key=str)]  # fmt: skip
+    for kind, schema, name in objects:
+        label = f"{kind} {schema + '.' if schema else ''}{name}"
+        if cls.allow_objects is not None and not any(p.matches(kind, schema, name) for p in cls.allow_objects):
+            if kind == "function" and not any(p.kind == "function" for p in cls.allow_objects):
+                continue  # an allow-list of tables says nothing of functions
+            return Refusal(st, label, f"{where}: allow_objects (it is not among them)")
+        for pattern in cls.refuse_objects:
+            if pattern.matches(kind, schema, name):
+                return Refusal(st, label, f"{where}: refuse_objects {pattern.text!r}")
+    return None
+
+
+def refusal_sql(refusal: Refusal) -> str:
+    """A statement that makes the server raise 42501 with the refusal's message and detail."""
+    body = (f"BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = {quote_literal(refusal.message)},"
+            f" DETAIL = {quote_literal(refusal.detail)}; END")  # fmt: skip
+    tag = "connmgr_refused"
+    while f"${tag}$" in body:
+        tag += "_"
+    return f"DO ${tag}${body}${tag}$"
+
+
+def rewrite_query(sql: str, cls: ClientClass) -> tuple[str | None, Refusal | None]:
+    """Query text ``sql`` for a client of ``cls``: (None, None) when every statement may run;
+    else (the text with its first refused statement replaced by :func:`refusal_sql`,
+    the refusal). The statements after it stay as they were: the server never runs them."""
+    for st in statements(sql):
+        refusal = check(cls, st)
+        if refusal is not None:
+            return sql[:st.start] + refusal_sql(refusal) + sql[st.end:], refusal
+    return None, None

@@ -1,0 +1,201 @@
+"""The policy: which client is in which class, and what each class may not do.
+
+A policy file is TOML: a list of classes, the first whose match holds takes the client
+(a client no class matches is unrestricted)::
+
+    [[class]]
+    name = "reporting"
+    users = ["report_*"]              # globs; absent: any
+    databases = ["app"]
+    application_names = ["metabase*"]
+    networks = ["10.0.0.0/8"]          # the client's address
+    refuse_kinds = ["INSERT", "UPDATE", "DELETE", "DDL", "COPY"]
+    refuse_objects = ["hr.salaries", "audit.*", "function:pg_read_file"]
+    # allow_kinds / allow_objects: when given, everything else is refused
+
+Objects: ``schema.table`` (globs in either part; a name with no schema matches in every
+schema) and ``function:name`` (or ``function:schema.name``). A statement names a table
+without its schema: it matches a pattern whose table part it matches, in any schema (the
+search path is the database's; until the catalog is read, connmgr assumes the worst).
+
+:func:`load_policy` raises :class:`PolicyError` naming the file, the class and the key,
+and how to fix it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+
+__all__ = ["KINDS", "ClientClass", "ObjectPattern", "Policy", "PolicyError", "load_policy", "parse_policy"]
+
+#: the request kinds a rule may name (shadow/policy/analysis.py assigns them)
+KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "DDL", "TRUNCATE", "GRANT", "CALL", "DO", "SET",
+         "SHOW", "LISTEN", "NOTIFY", "TRANSACTION", "CURSOR", "PREPARE", "EXECUTE", "EXPLAIN", "LOCK", "MAINTENANCE",
+         "OTHER")  # fmt: skip
+
+_CLASS_KEYS = {"name", "users", "databases", "application_names", "networks", "refuse_kinds", "refuse_objects",
+               "allow_kinds", "allow_objects"}  # fmt: skip
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used (the message names the key and the fix).
+    Internal: refused at load; a client never sees it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectPattern:
+    """``kind`` is "table" or "function"; ``schema`` None matches every schema."""
+
+    kind: str
+    schema: str | None
+    name: str
+    text: str
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> ObjectPattern:
+        raw = text.strip()
+        kind = "table"
+        if raw.lower().startswith("function:"):
+            kind, raw = "function", raw[len("function:"):].strip()
+        parts = raw.lower().split(".")
+        if not raw or len(parts) > 2 or not all(parts):
+            raise PolicyError(f"{where}: {text!r} is not an object: write \"schema.table\", \"table\","
+                              " \"schema.*\" or \"function:name\"")  # fmt: skip
+        schema, name = (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+        return cls(kind, None if schema == "*" else schema, name, text)
+
+    def matches(self, kind: str, schema: str | None, name: str) -> bool:
+        """Does a ``kind`` object ``schema.name`` (schema None: not written) match? An
+        object named without its schema matches in any schema."""
+        if kind != self.kind or not fnmatch.fnmatchcase(name, self.name):
+            return False
+        return self.schema is None or schema is None or fnmatch.fnmatchcase(schema, self.schema)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClass:
+    name: str
+    users: tuple[str, ...] | None = None
+    databases: tuple[str, ...] | None = None
+    application_names: tuple[str, ...] | None = None
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    refuse_kinds: frozenset[str] = frozenset()
+    refuse_objects: tuple[ObjectPattern, ...] = ()
+    allow_kinds: frozenset[str] | None = None
+    allow_objects: tuple[ObjectPattern, ...] | None = None
+
+    def holds(self, user: str, database: str, application_name: str, address: str | None) -> bool:
+        """Does this class take a client with these properties (``address`` an IP, or
+        None for a Unix socket: then no ``networks`` class takes it)?"""
+        for patterns, value in ((self.users, user), (self.databases, database),
+                                (self.application_names, application_name)):  # fmt: skip
+            if patterns is not None and not any(fnmatch.fnmatchcase(value, p) for p in patterns):
+                return False
+        if self.networks is not None:
+            try:
+                ip = ipaddress.ip_address(address) if address else None
+            except ValueError:
+                ip = None
+            if ip is None or not any(ip in net for net in self.networks):
+                return False
+        return True
+
+    @property
+    def restricts_objects(self) -> bool:
+        """Does this class refuse some objects (so a statement it cannot analyse is refused)?"""
+        return bool(self.refuse_objects) or self.allow_objects is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    classes: tuple[ClientClass, ...]
+    #: where it was read from (for log lines)
+    source: str = "policy"
+
+    def classify(self, user: str, database: str, application_name: str, address: str | None) -> ClientClass | None:
+        """The first class that takes this client, or None (unrestricted)."""
+        for cls in self.classes:
+            if cls.holds(user, database, application_name, address):
+                return cls
+        return None
+
+
+def load_policy(path: str) -> Policy:
+    """The policy in TOML file ``path``; PolicyError if it cannot be used."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read the policy file: {e.strerror or e}") from None
+    return parse_policy(raw.decode("utf-8", "replace"), path)
+
+
+def parse_policy(text: str, source: str = "policy") -> Policy:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise PolicyError(f"{source}: not valid TOML: {e}") from None
+    unknown = set(doc) - {"class"}
+    if unknown:
+        raise PolicyError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}: a policy holds [[class]] tables only")
+    entries = doc.get("class", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise PolicyError(f"{source}: class: write each class as a [[class]] table")
+    classes = []
+    names: set[str] = set()
+    for i, entry in enumerate(entries, 1):
+        cls = _client_class(entry, f"{source}: [[class]] {i}")
+        if cls.name in names:
+            raise PolicyError(f"{source}: [[class]] {i}: name {cls.name!r} is used twice: give each class its own name")
+        names.add(cls.name)
+        classes.append(cls)
+    return Policy(tuple(classes), source)
+
+
+def _client_class(entry: dict, where: str) -> ClientClass:
+    unknown = set(entry) - _CLASS_KEYS
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (a class takes"
+                          f" {', '.join(sorted(_CLASS_KEYS))})")  # fmt: skip
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise PolicyError(f"{where}: name: every class needs a name (a non-empty string), used in refusals and logs")
+    where = f"{where} ({name!r})"
+
+    def strings(key: str) -> tuple[str, ...] | None:
+        value = entry.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise PolicyError(f"{where}: {key}: expected a list of non-empty strings, got {value!r}")
+        return tuple(value)
+
+    def kinds(key: str) -> frozenset[str] | None:
+        value = strings(key)
+        if value is None:
+            return None
+        upper = [v.upper() for v in value]
+        bad = [v for v in upper if v not in KINDS]
+        if bad:
+            raise PolicyError(f"{where}: {key}: unknown kind(s) {', '.join(bad)} (one of {', '.join(KINDS)})")
+        return frozenset(upper)
+
+    def objects(key: str) -> tuple[ObjectPattern, ...] | None:
+        value = strings(key)
+        return None if value is None else tuple(ObjectPattern.parse(v, f"{where}: {key}") for v in value)
+
+    networks = None
+    if (nets := strings("networks")) is not None:
+        try:
+            networks = tuple(ipaddress.ip_network(n, strict=False) for n in nets)
+        except ValueError as e:
+            raise PolicyError(f"{where}: networks: {e} (write an address or a network: \"10.0.0.0/8\")") from None
+    return ClientClass(
+        name=name, users=strings("users"), databases=strings("databases"),
+        application_names=strings("application_names"), networks=networks,
+        refuse_kinds=kinds("refuse_kinds") or frozenset(), refuse_objects=objects("refuse_objects") or (),
+        allow_kinds=kinds("allow_kinds"), allow_objects=objects("allow_objects"),
+    )  # fmt: skip
