@@ -359,7 +359,7 @@ class PairTarget(Target):
         names = ("secondary connmgr", "primary connmgr")
         pids = {n: s.pid() for n, s in zip(names, self.services, strict=False) if s.alive()}
         if self.workers > 1 and "primary connmgr" in pids:
-            pids.update({f"primary connmgr/w{i}": c for i, c in enumerate(kit.children(pids["primary connmgr"]))})
+            pids.update({f"primary connmgr/w{i}": c for i, c in enumerate(kit.child_pids(pids["primary connmgr"]))})
         return pids
 
 

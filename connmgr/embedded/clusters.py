@@ -55,6 +55,7 @@ from psycopg.conninfo import make_conninfo
 __all__ = [
     "Cluster",
     "ClusterError",
+    "child_pids",
     "find_bindir",
     "wheel_bindir",
     "free_port",
@@ -889,3 +890,14 @@ def stop_leftovers(base_dir: Path) -> list[Path]:
              cwd=datadir.parent, check=False)  # fmt: skip
         stopped.append(datadir)
     return stopped
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (of all its threads: trio starts processes from one)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return sorted(int(c) for c in found)

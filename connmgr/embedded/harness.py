@@ -170,16 +170,10 @@ class SupervisedConnmgr:
         return "".join(self.lines)
 
     def worker_pids(self) -> list[int]:
-        """The supervisor's children (trio starts processes from a thread: every thread's list)."""
-        from pathlib import Path
+        """The supervisor's children: its workers."""
+        from connmgr.embedded.clusters import child_pids
 
-        children = []
-        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
-            try:
-                children += (task / "children").read_text().split()
-            except OSError:
-                pass
-        return sorted(int(c) for c in children)
+        return child_pids(self.proc.pid)
 
     def kill_worker(self, index: int, timeout: float = 20) -> int:
         """SIGKILL worker ``index`` and wait until the supervisor has started it again;

@@ -180,16 +180,19 @@ class Channel:
                 done.set()
 
     def _answer_inline(self, nursery: trio.Nursery, handler: InlineHandler, frame: dict[str, Any]) -> None:
-        ident = frame.get("id")
         try:
             reply = handler(frame) or {}
         except Exception as e:  # noqa: BLE001 - the asker gets the error; this end goes on
-            if ident is None:
-                log.exception("%s: control notification %s failed", self.name, frame.get("op"))
-                return
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        if ident is not None:
-            nursery.start_soon(self._reply, ident, reply)
+            reply = self._failed(frame, e)
+        if frame.get("id") is not None and reply is not None:
+            nursery.start_soon(self._reply, frame["id"], reply)
+
+    def _failed(self, frame: dict[str, Any], e: Exception) -> dict[str, Any] | None:
+        """The reply to a request whose handler raised ``e`` (None for a notification: logged)."""
+        if frame.get("id") is None:
+            log.exception("%s: control notification %s failed", self.name, frame.get("op"), exc_info=e)
+            return None
+        return {"error": f"{type(e).__name__}: {e}"}
 
     async def _reply(self, ident: int, reply: dict[str, Any]) -> None:
         try:
@@ -198,13 +201,9 @@ class Channel:
             pass
 
     async def _answer(self, handler: Handler, frame: dict[str, Any]) -> None:
-        ident = frame.get("id")
         try:
             reply = await handler(frame) or {}
         except Exception as e:  # noqa: BLE001 - the asker gets the error; this end goes on
-            if ident is None:
-                log.exception("%s: control notification %s failed", self.name, frame.get("op"))
-                return
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        if ident is not None:
-            await self._reply(ident, reply)
+            reply = self._failed(frame, e)
+        if frame.get("id") is not None and reply is not None:
+            await self._reply(frame["id"], reply)

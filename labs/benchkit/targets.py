@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from connmgr.embedded.clusters import server_os_user
+from connmgr.embedded.clusters import child_pids, server_os_user
 
 from .procs import HOST, REPO, Service, TargetUnavailable, log
 
@@ -48,22 +48,11 @@ class Target:
         pid = self.service.pid() if self.service is not None else None
         if pid is None:
             return {}
-        return {self.service.name: pid, **{f"{self.service.name}/w{i}": c for i, c in enumerate(children(pid))}}
+        return {self.service.name: pid, **{f"{self.service.name}/w{i}": c for i, c in enumerate(child_pids(pid))}}
 
     def stop(self) -> None:
         if self.service is not None:
             self.service.stop()
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (of all its threads: trio starts processes from one)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += (task / "children").read_text().split()
-        except OSError:
-            pass
-    return sorted(int(c) for c in found)
 
 
 def connmgr_serve(*args: str, launcher: list[str] | None = None) -> list[str]:
