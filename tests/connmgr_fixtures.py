@@ -104,6 +104,26 @@ def pair(start_connmgr):
     return primary, secondary, received
 
 
+def update_behind_a_lock(conn: psycopg.Connection, cluster, sql: str) -> tuple[threading.Thread, dict]:
+    """Run ``sql`` (a statement that will wait for a row lock another session holds) on
+    ``conn`` in a thread, and return once ``cluster`` shows it waiting; the box gets
+    "row" (its first row) or "error" when it ends."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["row"] = conn.execute(sql).fetchone()
+        except Exception as e:  # noqa: BLE001 - the finding
+            box["error"] = f"{type(e).__name__}: {e}"
+
+    t = threading.Thread(target=run)
+    t.start()
+    with cluster.connect(DB) as c:
+        wait_for(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                   " AND datname = %s", (DB,)).fetchone() == (1,), 5, "the statement waiting")  # fmt: skip
+    return t, box
+
+
 class LivePair:
     def __init__(self, pair: ClusterPair, primary: EmbeddedConnmgr, secondary: EmbeddedConnmgr) -> None:
         self.pair = pair

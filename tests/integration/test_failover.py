@@ -10,7 +10,7 @@ import time
 
 import psycopg
 import pytest
-from connmgr_fixtures import DB, PASSWORD, live_pair_of, wait_for
+from connmgr_fixtures import DB, PASSWORD, live_pair_of, update_behind_a_lock, wait_for
 
 from connmgr.ops.cli import main
 
@@ -348,19 +348,7 @@ def test_switchover_with_a_session_waiting_for_a_paused_sessions_lock(live_pair)
     holder = lp.connect()
     holder.execute("UPDATE accounts SET balance = balance - 100 WHERE id = 7")
     waiter = lp.connect(autocommit=True)
-    box: dict = {}
-
-    def wait_for_lock() -> None:
-        try:
-            box["row"] = waiter.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance").fetchone()
-        except Exception as e:  # noqa: BLE001 - the finding
-            box["error"] = f"{type(e).__name__}: {e}"
-
-    t = threading.Thread(target=wait_for_lock)
-    t.start()
-    with lp.pair.primary.connect(DB) as c:
-        assert wait_for(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                          " AND datname = 'app'").fetchone() == (1,), 5)  # fmt: skip
+    t, box = update_behind_a_lock(waiter, lp.pair.primary, "UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance")
     with _admin(lp) as admin:
         events = [e for _ms, e in admin.execute("SWITCHOVER 5").fetchall()]
     assert any("waited for locks of paused sessions" in e for e in events), events

@@ -15,7 +15,7 @@ import threading
 
 import psycopg
 import pytest
-from connmgr_fixtures import DB, PASSWORD, wait_for
+from connmgr_fixtures import DB, PASSWORD, update_behind_a_lock, wait_for
 
 from connmgr.embedded.cluster_pair import ClusterPair
 from connmgr.embedded.harness import SupervisedConnmgr, running_pair
@@ -242,19 +242,7 @@ def test_switchover_with_a_session_waiting_for_another_workers_paused_lock(worke
     waiter = next(c for c in conns if c.info.backend_pid >> WORKER_SHIFT == 1)
     waiter.autocommit = True
     holder.execute("UPDATE accounts SET balance = balance - 100 WHERE id = 7")
-    box: dict = {}
-
-    def wait_for_lock() -> None:
-        try:
-            box["row"] = waiter.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance").fetchone()
-        except Exception as e:  # noqa: BLE001 - the finding
-            box["error"] = f"{type(e).__name__}: {e}"
-
-    t = threading.Thread(target=wait_for_lock)
-    t.start()
-    with wp.pair.primary.connect(DB) as c:
-        wait_for(lambda: c.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                   " AND datname = 'app'").fetchone() == (1,), 5, "the update waiting")  # fmt: skip
+    t, box = update_behind_a_lock(waiter, wp.pair.primary, "UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance")
     _cols, rows = wp.primary.console("SWITCHOVER 5")
     events = [r[1] for r in rows]
     assert any("1 of them ended while waiting for a lock" in e for e in events), events
