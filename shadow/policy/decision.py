@@ -20,7 +20,18 @@ from shadow.policy.analysis import Statement, statements
 from shadow.policy.rules import ClientClass
 from shadow.sqltext import quote_literal
 
-__all__ = ["Refusal", "check", "refusal_sql", "rewrite_query"]
+__all__ = ["DYNAMIC_FUNCTIONS", "Refusal", "check", "refusal_sql", "rewrite_query"]
+
+#: functions that run SQL given as text or read a table given by name (built in, and of
+#: common extensions): what they touch cannot be seen in the statement, so a class that
+#: restricts objects refuses them (fail closed)
+DYNAMIC_FUNCTIONS = frozenset({
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema",
+    "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema", "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+    "dblink", "dblink_exec", "dblink_open", "dblink_fetch", "dblink_send_query", "dblink_get_result",
+    "ts_stat", "pg_stat_statements", "xpath_table", "crosstab", "crosstab2", "crosstab3", "crosstab4", "connectby",
+})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,10 @@ def check(cls: ClientClass, st: Statement) -> Refusal | None:
         return None
     if not st.analysed:
         return Refusal(st, "a statement connmgr cannot analyse", f"{where}: it restricts objects (fail closed)")
+    for schema, name in sorted(st.functions, key=str):
+        if name in DYNAMIC_FUNCTIONS and schema in (None, "pg_catalog", "public"):
+            return Refusal(st, f"function {name} (it runs SQL or reads a table named in its arguments)",
+                           f"{where}: it restricts objects (fail closed)")  # fmt: skip
     objects = [("table", s, n) for s, n in sorted(st.tables, key=str)] + \
         [("function", s, n) for s, n in sorted(st.functions, key=str)]  # fmt: skip
     for kind, schema, name in objects:
