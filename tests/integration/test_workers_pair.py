@@ -117,16 +117,9 @@ def test_a_terminated_backend_is_one_false_alarm_for_every_worker(worker_pair):
     other = next(c for c in conns if c.info.backend_pid >> WORKER_SHIFT == 1)
     victim.execute("SET application_name = 'victim'")
     victim.execute("UPDATE accounts SET balance = balance + 100 WHERE id = 7")
-    box: dict = {}
-
-    def blocked_update() -> None:
-        box["row"] = other.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance").fetchone()
-
-    t = threading.Thread(target=blocked_update)
-    t.start()
+    t, box = update_behind_a_lock(other, wp.pair.primary,
+                                  "UPDATE accounts SET balance = balance + 1 WHERE id = 7 RETURNING balance")
     with wp.pair.primary.connect(DB) as admin:
-        wait_for(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                       ).fetchone() == (1,), 5, "the second update waiting")  # fmt: skip
         assert admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                              " WHERE application_name = 'victim'").fetchone() == (1,)  # fmt: skip
     with pytest.raises(psycopg.errors.AdminShutdown) as err:
