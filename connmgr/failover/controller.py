@@ -232,9 +232,12 @@ class Failover:
     def frozen_by_fleet(self) -> BackendServer | None:
         """A worker's relay found the fleet's freeze flag set (another worker suspects
         the primary): this worker freezes too, at once, before the coordinator's SUSPECT
-        arrives. Returns the frozen server."""
+        arrives; it tells the coordinator too (should the worker that set the flag die
+        before it could, a decision still comes and ends the freeze). Returns the frozen
+        server."""
         if self.phase is FailoverPhase.ARMED and self.coordinator is not None:
             self._begin("another worker suspects the primary", planned=False)
+            self.coordinator.suspect("another worker suspects the primary (the shared flag is set)")
         return self.frozen
 
     def hold(self, relay, link=None) -> None:

@@ -181,3 +181,17 @@ async def test_the_flag_is_set_by_a_decision_and_cleared_before_its_end_is_sent(
         c.fired(event, {})
         assert f.flag.is_set is flag, event
     assert [frame["event"] for frame in c._outbox] == ["suspect", "alive", "suspect", "moved", "reseed", "rearmed"]
+
+
+async def test_a_flag_left_by_a_worker_that_died_still_gets_a_decision(fleet_of, autojump_clock):
+    """The worker that set the flag died before it told the coordinator: the first other
+    worker that finds the flag tells it, so the freeze ends with a decision."""
+    f = fleet_of()
+    _a, b = f.members
+    async with trio.open_nursery() as nursery:
+        await f.start(nursery)
+        f.flag.set()  # (and nothing else: its worker is gone)
+        assert b.frozen_by_fleet() is b.route.server
+        assert await b.decide("client 9: waiting for the outcome") is False
+        assert (b.phase, b.frozen, f.flag.is_set, f.probes) == (P.ARMED, None, False, 1)
+        nursery.cancel_scope.cancel()
