@@ -216,7 +216,8 @@ class Coordinator:
         elif event in (FailoverEvent.ALIVE, FailoverEvent.FAILED, FailoverEvent.ABANDONED, FailoverEvent.REARMED):
             self.flag.clear()
         self._outbox.append({"op": "failover.event", "event": str(event), "details": details})
-        self._sent = trio.Event()
+        if self._sent.is_set():  # (an unset one stays: whoever waits on it is woken once all are sent)
+            self._sent = trio.Event()
         self._wake.set()
 
     async def sent(self) -> None:

@@ -195,3 +195,26 @@ async def test_a_flag_left_by_a_worker_that_died_still_gets_a_decision(fleet_of,
         assert await b.decide("client 9: waiting for the outcome") is False
         assert (b.phase, b.frozen, f.flag.is_set, f.probes) == (P.ARMED, None, False, 1)
         nursery.cancel_scope.cancel()
+
+
+async def test_sent_waits_for_every_event_fired_before_and_while_it_waits(fleet_of, autojump_clock):
+    f = fleet_of()
+    c = f.coordinator
+    c.fired(FailoverEvent.SUSPECT, {"why": "test"})
+    woke = []
+
+    async def wait_sent() -> None:
+        await c.sent()
+        woke.append(len(c._outbox))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_sent)
+        await trio.sleep(0.1)  # the waiter waits; no sender runs yet
+        c.fired(FailoverEvent.ALIVE, {})
+        await nursery.start(c.run)
+        with trio.fail_after(5):
+            while not woke:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert woke == [0] and [m.phase for m in f.members] == [P.ARMED, P.ARMED]
+    assert [m.false_alarms for m in f.members] == [1, 1]
