@@ -16,7 +16,6 @@ import signal
 import ssl
 import sys
 import time
-from collections import Counter
 
 import trio
 
@@ -39,6 +38,7 @@ from connmgr.pg.wire import PeerClosed
 from connmgr.proxy.client import ClientConnection, ClientContext, ClientState
 from connmgr.proxy.client_auth import SecretStore
 from connmgr.proxy.engine import RelayEngine
+from connmgr.proxy.policy import PolicyRuntime
 from connmgr.proxy.registry import Registry
 from connmgr.proxy.relay import RelayContext
 from connmgr.workers.link import WorkerLink, open_link
@@ -47,8 +47,6 @@ from connmgr.workers.supervisor import Supervisor, worker_share
 from replay import markers
 from shadow import messages
 from shadow.compiled import hot_path
-from shadow.policy.decision import Refusal
-from shadow.policy.guard import Guard
 from shadow.policy.rules import load_policy
 
 log = logging.getLogger("connmgr")
@@ -127,11 +125,13 @@ class App:
             )  # fmt: skip
             if worker is not None:
                 self.failover.adopt(worker.failover_state)
-        #: [policy] file: who may do what (shadow/policy/); refusals by class
-        self.policy = load_policy(config.policy.file) if config.policy.file else None
-        self.policy_refusals: Counter[str] = Counter()
-        if self.policy is not None:
-            log.info("policy %s: %d client class(es)", config.policy.file, len(self.policy.classes))
+        #: [policy] file: who may do what (shadow/policy/, connmgr/proxy/policy.py)
+        self.policy: PolicyRuntime | None = None
+        if config.policy.file:
+            policy = load_policy(config.policy.file)
+            self.policy = PolicyRuntime(policy, lambda db, purpose: self._open_redo_session(db, purpose),
+                                        refresh=config.policy.catalog_refresh, timeout=p.connect_timeout + 10)  # fmt: skip
+            log.info("policy %s: %d client class(es)", config.policy.file, len(policy.classes))
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
             self.engine = RelayEngine(self.mirror.flush_soon if self.mirror is not None else None)
@@ -151,13 +151,13 @@ class App:
             client_ssl_context=_client_ssl_context(config), accepting=lambda: self.accepting,
             markers_enabled=self.markers_enabled,
             console=lambda conn, reader: AdminConsole(admin, conn, reader).run(),
-            guard_for=self.guard_for if self.policy is not None else None,
+            guard_for=self.policy.guard_for if self.policy is not None else None,
         )  # fmt: skip
         #: what the metrics endpoint reports on
         self.exported = Exported(self.metrics, self.registry, lambda: self.accepting, mirror=self.mirror,
                                  redo=self.redo, syncrep=self.syncrep, secondary=self.secondary,
                                  failover=self.failover, engine=self.engine,
-                                 policy_refusals=self.policy_refusals if self.policy is not None else None)  # fmt: skip
+                                 policy_refusals=self.policy.refusals if self.policy is not None else None)  # fmt: skip
         self._shutdown = trio.Event()
         self._drain_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -280,21 +280,6 @@ class App:
             log.exception("client %d: internal error after its connection ended; the others go on", conn.id)
             self.registry.forget(conn)
 
-    def guard_for(self, conn: ClientConnection) -> Guard | None:
-        """The guard of a session that just logged in: its policy class, if one takes it."""
-        host = conn.peer.rsplit(":", 1)[0].strip("[]") if conn.peer not in ("?", "") else None
-        cls = self.policy.classify(conn.user, conn.database, conn.application_name, host)
-        if cls is None:
-            return None
-
-        def refused(refusal: Refusal) -> None:
-            self.policy_refusals[cls.name] += 1
-            log.warning("client %d user=%s db=%s class %s: refused %s (%s), statement %s: %s", conn.id, conn.user,
-                        conn.database, cls.name, refusal.what, refusal.rule, refusal.statement.digest,
-                        refusal.statement.shape[:200])  # fmt: skip
-
-        return Guard(cls, refused)
-
     async def markers_enabled(self, database: str) -> bool:
         """Whether sessions on ``database`` get purge markers and DDL capture: mirroring
         is on, ``[mirror] markers`` too, and the database has ``connmgr.mark`` (checked
@@ -377,6 +362,8 @@ class App:
                 await nursery.start(self.mirror.run)
             if self.failover is not None:
                 await nursery.start(self.failover.run)
+            if self.policy is not None:
+                await nursery.start(self.policy.run)
             if self.secondary is not None:
                 await nursery.start(self._run_secondary)
             if self.host is not None:

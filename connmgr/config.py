@@ -286,6 +286,9 @@ class PolicySection:
     client classes and what each may not do (empty = no policy)."""
 
     file: str = ""
+    #: seconds between two reads of a database's catalog (views, SQL functions) while
+    #: restricted clients use it
+    catalog_refresh: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +495,8 @@ def _check(config: Config, source: str) -> None:
     if f.sequence_lead < 1:
         raise ConfigError(f"{source}: [failover] sequence_lead: must be >= 1")
     _check_host(config, source)
+    if config.policy.catalog_refresh <= 0:
+        raise ConfigError(f"{source}: [policy] catalog_refresh: must be > 0, got {config.policy.catalog_refresh}")
     if config.policy.file:
         from shadow.policy.rules import PolicyError, load_policy
 

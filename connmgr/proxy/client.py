@@ -109,8 +109,8 @@ class ClientContext:
     #: runs the admin console for a client of database ``connmgr`` after its login
     console: Callable[[ClientConnection, MessageReader], Awaitable[None]] | None = None
     #: with [policy] file: the session's guard, given its login (None: unrestricted);
-    #: see :meth:`connmgr.app.App.guard_for`
-    guard_for: Callable[[ClientConnection], object] | None = None
+    #: see :meth:`connmgr.proxy.policy.PolicyRuntime.guard_for`
+    guard_for: Callable[[ClientConnection], Awaitable[object]] | None = None
 
 
 class ClientConnection:
@@ -240,7 +240,7 @@ class ClientConnection:
                 if mirror is not None and mirror.running and ctx.markers_enabled is not None:
                     markers_on = await ctx.markers_enabled(self.database)
                 if ctx.guard_for is not None:
-                    self.guard = ctx.guard_for(self)
+                    self.guard = await ctx.guard_for(self)
                 self.state = ClientState.ACTIVE
                 await self._relay(reader.take_buffered(), reader.framer, markers_on)
             if self._close_reason is not None:  # close_with() cancelled us

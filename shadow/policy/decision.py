@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shadow.policy.analysis import Statement, statements
+from shadow.policy.catalog import Catalog
 from shadow.policy.rules import ClientClass
 from shadow.sqltext import quote_literal
 
@@ -92,11 +93,14 @@ def refusal_sql(refusal: Refusal) -> str:
     return f"DO ${tag}${body}${tag}$"
 
 
-def rewrite_query(sql: str, cls: ClientClass) -> tuple[str | None, Refusal | None]:
+def rewrite_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> tuple[str | None, Refusal | None]:
     """Query text ``sql`` for a client of ``cls``: (None, None) when every statement may run;
     else (the text with its first refused statement replaced by :func:`refusal_sql`,
-    the refusal). The statements after it stay as they were: the server never runs them."""
+    the refusal). The statements after it stay as they were: the server never runs them.
+    With the database's ``catalog``, what views and SQL functions read counts too."""
     for st in statements(sql):
+        if catalog is not None and cls.restricts_objects:
+            st = catalog.expand(st)
         refusal = check(cls, st)
         if refusal is not None:
             return sql[:st.start] + refusal_sql(refusal) + sql[st.end:], refusal

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable
 from functools import lru_cache
 
+from shadow.policy.catalog import Catalog
 from shadow.policy.decision import Refusal, refusal_sql, rewrite_query
 from shadow.policy.rules import ClientClass
 
@@ -30,21 +31,24 @@ _I = struct.Struct("!i")
 
 
 @lru_cache(maxsize=8192)
-def decide(cls: ClientClass, text: bytes) -> tuple[bytes | None, Refusal | None]:
+def decide(cls: ClientClass, catalog: Catalog | None, text: bytes) -> tuple[bytes | None, Refusal | None]:
     """(the statement text to send instead, the refusal) or (None, None)."""
     sql = text.decode("utf-8", "surrogateescape")  # (bytes of another client_encoding come back unchanged)
-    new, refusal = rewrite_query(sql, cls)
+    new, refusal = rewrite_query(sql, cls, catalog)
     return (None, None) if new is None else (new.encode("utf-8", "surrogateescape"), refusal)
 
 
 class Guard:
     """``on_refusal(refusal)`` is told of every refused statement (logs, metrics)."""
 
-    __slots__ = ("cls", "on_refusal", "refused")
+    __slots__ = ("cls", "on_refusal", "refused", "catalog")
 
-    def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None]) -> None:
+    def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None],
+                 catalog: Callable[[], Catalog | None] = lambda: None) -> None:  # fmt: skip
         self.cls = cls
         self.on_refusal = on_refusal
+        #: the database's catalog as it is now (refreshed by connmgr/proxy/policy.py)
+        self.catalog = catalog
         #: names of prepared statements replaced by a refusal (b"" the unnamed one)
         self.refused: set[bytes] = set()
 
@@ -55,7 +59,7 @@ class Guard:
         done = 0
         for tag, start, end in frames:
             if tag == _Q:
-                new, refusal = decide(self.cls, bytes(buf[start:end - 1]))
+                new, refusal = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
                 if new is None:
                     continue
                 message = b"Q" + _LEN.pack(len(new) + 5) + new + b"\0"
@@ -65,7 +69,7 @@ class Guard:
                 if name_end < 0 or text_end < 0:
                     continue  # malformed: the server refuses it (08P01)
                 name = bytes(buf[start:name_end])
-                new, refusal = decide(self.cls, bytes(buf[name_end + 1:text_end]))
+                new, refusal = decide(self.cls, self.catalog(), bytes(buf[name_end + 1:text_end]))
                 if new is None:
                     self.refused.discard(name)  # (the name now holds an allowed statement)
                     continue

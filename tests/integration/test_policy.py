@@ -12,6 +12,7 @@ refusals are counted by class.
 from __future__ import annotations
 
 import subprocess
+import time
 import urllib.request
 import uuid
 
@@ -46,7 +47,8 @@ def guarded(start_connmgr, tmp_path, tables):
         'refuse_kinds = ["TRUNCATE", "DDL"]\n'
         'refuse_objects = ["public.secret_*", "function:pg_read_file"]\n'
     )
-    return start_connmgr(policy={"file": str(policy)}, metrics={"listen": "127.0.0.1:0"})
+    return start_connmgr(policy={"file": str(policy), "catalog_refresh": 0.2}, metrics={"listen": "127.0.0.1:0"},
+                         redo={"user": "postgres", "password": "postgres"})
 
 
 def _connect(cm, user: str = CLASS_USER, password: str = CLASS_PASSWORD, **kw) -> psycopg.Connection:
@@ -66,7 +68,7 @@ def test_a_refused_table_gets_42501_naming_it_and_the_rule(guarded, tables):
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
             c.execute(f"SELECT v FROM {secret_t} WHERE id = %s", (1,))  # extended protocol, a parameter
         assert err.value.sqlstate == "42501"
-        assert f"table {secret_t}" in str(err.value) and "connmgr policy" in str(err.value)
+        assert f"table public.{secret_t}" in str(err.value) and "connmgr policy" in str(err.value)
         assert "refuse_objects 'public.secret_*'" in err.value.diag.message_detail
         # the session goes on; the refused name is a CTE's here, not the table: allowed
         assert c.execute(f"WITH {secret_t} AS (SELECT 7 AS v) SELECT v FROM {secret_t}").fetchall() == [(7,)]
@@ -131,3 +133,41 @@ def test_a_client_no_class_takes_is_not_restricted_and_refusals_are_counted(guar
     host, port = guarded.app.metrics_address
     text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     assert 'connmgr_policy_refusals_total{class="restricted"} 3.0' in text, text[-2000:]
+
+
+def test_views_and_functions_are_read_through(guarded, tables, pg):
+    """A view over a refused table, an SQL function that reads one, a view made after the
+    client logged in (the catalog is read again): refused as the table is. A function in
+    plpgsql reads what it likes: refused (fail closed). A view over the open table passes."""
+    open_t, secret_t = tables
+    names = {k: f"{k}_{secret_t}" for k in ("v", "vv", "f", "g", "late", "ok")}
+    with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as admin:
+        admin.execute(f"CREATE VIEW {names['v']} AS SELECT id FROM {secret_t}")
+        admin.execute(f"CREATE VIEW {names['vv']} AS SELECT * FROM {names['v']}")  # a view over the view
+        admin.execute(f"CREATE VIEW {names['ok']} AS SELECT v FROM {open_t}")
+        admin.execute(f"CREATE FUNCTION {names['f']}() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM {secret_t}'")
+        admin.execute(f"CREATE FUNCTION {names['g']}() RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN 1; END'")
+        for n in ("v", "vv", "ok"):
+            admin.execute(f"GRANT SELECT ON {names[n]} TO {CLASS_USER}")
+    try:
+        with _connect(guarded, autocommit=True) as c:
+            assert c.execute(f"SELECT v FROM {names['ok']}").fetchall() == [("one",)]
+            for sql in (f"SELECT * FROM {names['v']}", f"SELECT * FROM public.{names['vv']}",
+                        f"SELECT {names['f']}()"):  # fmt: skip
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                    c.execute(sql)
+                assert f"table public.{secret_t}" in str(err.value), str(err.value)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+                c.execute(f"SELECT {names['g']}()")
+            assert "not written in SQL" in err.value.diag.message_detail
+            with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as admin:
+                admin.execute(f"CREATE VIEW {names['late']} AS SELECT v FROM {secret_t}")
+                admin.execute(f"GRANT SELECT ON {names['late']} TO {CLASS_USER}")
+            time.sleep(1.0)  # [policy] catalog_refresh is 0.2 s here
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(f"SELECT * FROM {names['late']}")
+    finally:
+        with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as admin:
+            for n in ("late", "vv", "v", "ok"):
+                admin.execute(f"DROP VIEW IF EXISTS {names[n]}")
+            admin.execute(f"DROP FUNCTION IF EXISTS {names['f']}(), {names['g']}()")

@@ -212,3 +212,39 @@ def test_the_guard_always_yields_whole_messages(policy, parts, extended) -> None
     again, again_frames = Framer(frontend=True).feed(out)
     assert again == out and [tuple(f) for f in again_frames] == [tuple(f) for f in out_frames]
     assert (b"hr.salaries" in out or b"audit.x" in out or b"DELETE" in out) <= (b"connmgr_refused" in out)
+
+
+# ---------------------------------------------------------------------- the catalog
+
+
+def _catalog():
+    from shadow.policy.catalog import Catalog
+
+    return Catalog.from_rows([
+        ("r", "hr", "salaries", None), ("r", "public", "people", None), ("r", "audit", "log", None),
+        ("r", "public", "log", None),
+        ("v", "public", "pay", "SELECT id FROM hr.salaries"),
+        ("v", b"public", b"pay2", b"SELECT * FROM pay"),  # (rows come as bytes from the wire)
+        ("v", "public", "loop1", "SELECT * FROM loop2"),
+        ("v", "public", "loop2", "SELECT * FROM loop1"),
+        ("v", "other", "pay", "SELECT 1"),
+        ("f", "public", "total", "SELECT sum(x) FROM pay2"),
+        ("f", "public", "opaque", None),
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(("sql", "refused"), [
+    ("SELECT * FROM pay2", "table hr.salaries"),  # view -> view -> table
+    ("SELECT total()", "table hr.salaries"),  # SQL function -> view -> view -> table
+    ("SELECT * FROM other.pay", None),  # the other schema's pay reads nothing refused
+    ("SELECT * FROM loop1", None),  # a cycle ends
+    ("SELECT opaque()", "a statement connmgr cannot analyse"),
+    ("SELECT * FROM people", None),  # only public has one: audit.* does not take it
+    ("SELECT * FROM log", "table audit.log"),  # audit has one: it may be that one
+    ("SELECT * FROM nowhere", "table nowhere"),  # no schema has it: audit.* takes it (fail closed)
+])  # fmt: skip
+def test_views_and_functions_are_read_through(policy, sql, refused) -> None:
+    new, r = rewrite_query(sql, policy.classes[0], _catalog())
+    assert (r.what if r else None) == refused
+    if refused == "a statement connmgr cannot analyse":
+        assert "function public.opaque, not written in SQL" in r.detail
