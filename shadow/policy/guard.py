@@ -5,7 +5,10 @@ It looks at the messages that carry SQL: Query (``Q``: every statement in it) an
 (``P``: the statement prepared). A refused Parse prepares the raising ``DO`` instead, with
 no parameters; every Bind to that statement is sent with no parameters either (its result
 formats kept), so the Execute raises 42501 where Postgres raises a permission error: after
-ParseComplete and BindComplete, at execution. Decisions are cached per (class, text): a
+ParseComplete and BindComplete, at execution. A FunctionCall (``F``: a function called by
+its OID, no SQL to read) is refused to a class that restricts objects or refuses CALL: it
+is sent as a Query of the raising ``DO``, and the client gets the ErrorResponse and
+ReadyForQuery a failed FunctionCall gets. Decisions are cached per (class, text): a
 repeated statement costs a lookup.
 
 The relay holds a guarded client's messages whole (no streaming of long ones), so the
@@ -18,13 +21,14 @@ import struct
 from collections.abc import Callable
 from functools import lru_cache
 
+from shadow.policy.analysis import Statement
 from shadow.policy.catalog import Catalog
 from shadow.policy.decision import Refusal, refusal_sql, rewrite_query
 from shadow.policy.rules import ClientClass
 
 __all__ = ["Guard", "decide"]
 
-_Q, _P, _B = ord("Q"), ord("P"), ord("B")
+_Q, _P, _B, _F = ord("Q"), ord("P"), ord("B"), ord("F")
 _LEN = struct.Struct("!I")
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")
@@ -77,6 +81,14 @@ class Guard:
                 new = refusal_sql(refusal).encode()
                 body = name + b"\0" + new + b"\0" + b"\0\0"  # no parameter types
                 message = b"P" + _LEN.pack(len(body) + 4) + body
+            elif tag == _F and (self.cls.restricts_objects or "CALL" in self.cls.refuse_kinds
+                                or (self.cls.allow_kinds is not None and "CALL" not in self.cls.allow_kinds)):
+                refusal = Refusal(Statement(0, 0, frozenset({"CALL"}), analysed=False,
+                                            why="a FunctionCall message names its function by OID"),
+                                  "a function call by OID (FunctionCall message)",
+                                  f"class {self.cls.name!r}: it restricts objects or calls (fail closed)")  # fmt: skip
+                new = refusal_sql(refusal).encode()
+                message = b"Q" + _LEN.pack(len(new) + 5) + new + b"\0"
             elif tag == _B and self.refused:
                 message = _unbound(buf, start, end, self.refused)
                 if message is None:
@@ -126,8 +138,8 @@ def _reframe(buf: bytes, old: list) -> tuple[bytes, list]:
     from the length of each."""
     frames = []
     pos = 0
-    for tag, _start, _end in old:
+    for _frame in old:
         (length,) = _LEN.unpack_from(buf, pos + 1)
-        frames.append((tag, pos + 5, pos + 1 + length))
+        frames.append((buf[pos], pos + 5, pos + 1 + length))  # (a FunctionCall became a Query)
         pos += 1 + length
     return buf, frames

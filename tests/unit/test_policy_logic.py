@@ -248,3 +248,19 @@ def test_views_and_functions_are_read_through(policy, sql, refused) -> None:
     assert (r.what if r else None) == refused
     if refused == "a statement connmgr cannot analyse":
         assert "function public.opaque, not written in SQL" in r.detail
+
+
+def test_a_function_call_by_oid_is_refused_to_a_restricting_class(policy) -> None:
+    """FunctionCall names its function by OID: nothing to analyse, so it is sent as a Query
+    of the raising DO (the client gets ErrorResponse and ReadyForQuery, as for a failed
+    FunctionCall); an unrestricted class's goes through."""
+    from shadow.policy.rules import ClientClass
+
+    call = b"F" + struct.pack("!I", 4 + 4 + 2 + 2 + 4 + 1 + 2) + struct.pack("!Ihhi", 764, 0, 1, 1) + b"x" + struct.pack("!h", 0)
+    buf, frames = _batch(_q("SELECT 1"), call)
+    refused = []
+    out, out_frames = Guard(policy.classes[0], refused.append).filter(buf, frames)
+    again, again_frames = Framer(frontend=True).feed(out)
+    assert [f[0] for f in again_frames] == [f[0] for f in out_frames] == [ord("Q"), ord("Q")]
+    assert b"FunctionCall" in out and len(refused) == 1 and refused[0].what.startswith("a function call by OID")
+    assert Guard(ClientClass("free"), refused.append).filter(buf, frames) == (buf, frames)
