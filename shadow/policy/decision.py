@@ -21,7 +21,12 @@ from shadow.policy.catalog import Catalog
 from shadow.policy.rules import ClientClass
 from shadow.sqltext import quote_literal
 
-__all__ = ["DYNAMIC_FUNCTIONS", "Refusal", "check", "refusal_sql", "rewrite_query"]
+__all__ = ["DYNAMIC_FUNCTIONS", "STATISTICS_VIEWS", "Refusal", "check", "refusal_sql", "rewrite_query"]
+
+#: catalog relations that show values of other tables' columns (most common values,
+#: histogram bounds): a class that restricts objects may not read them
+STATISTICS_VIEWS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
+                              "pg_statistic_ext_data"})  # fmt: skip
 
 #: functions that run SQL given as text or read a table given by name (built in, and of
 #: common extensions): what they touch cannot be seen in the statement, so a class that
@@ -65,6 +70,10 @@ def check(cls: ClientClass, st: Statement) -> Refusal | None:
         return None
     if not st.analysed:
         return Refusal(st, "a statement connmgr cannot analyse", f"{where}: it restricts objects (fail closed)")
+    for schema, name in sorted(st.tables, key=str):
+        if name in STATISTICS_VIEWS and schema in (None, "pg_catalog"):
+            return Refusal(st, f"view pg_catalog.{name} (it shows values of every table's columns)",
+                           f"{where}: it restricts objects (fail closed)")  # fmt: skip
     for schema, name in sorted(st.functions, key=str):
         if name in DYNAMIC_FUNCTIONS and schema in (None, "pg_catalog", "public"):
             return Refusal(st, f"function {name} (it runs SQL or reads a table named in its arguments)",

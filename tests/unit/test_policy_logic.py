@@ -124,6 +124,8 @@ def test_the_shape_holds_no_literal() -> None:
      "function query_to_xml (it runs SQL or reads a table named in its arguments)"),
     ("reporting", "SELECT table_to_xml('hr.salaries'::regclass, true, false, '')",
      "function table_to_xml (it runs SQL or reads a table named in its arguments)"),
+    ("reporting", "SELECT most_common_vals FROM pg_stats WHERE tablename = 'salaries'",
+     "view pg_catalog.pg_stats (it shows values of every table's columns)"),
     ("app", "SELECT * FROM public.t", None),
     ("app", "SELECT * FROM other.t", "table other.t"),
     ("app", "COPY public.t TO STDOUT", "request kind COPY"),
