@@ -124,3 +124,40 @@ def test_no_query_of_the_corpus_leaks_the_canary(corpus_db, binary):
             refused += "42501" in got and "connmgr policy" in got
     assert not leaks, f"{len(leaks)} of {len(CORPUS)} queries leaked the canary:\n" + "\n".join(leaks)
     assert refused >= len(CORPUS) - 10, refused  # nearly every one is refused by the policy itself
+
+
+#: (statement, the SQLSTATE the client of the allow-list class gets; None: it runs)
+RIGHTS = [
+    ("SELECT v FROM {o}", None), ("SELECT v FROM public.{o}", None), ("INSERT INTO {o} VALUES (7, 'x')", None),
+    ("UPDATE {o} SET v = 'y' WHERE id = 7", None), ("DELETE FROM {o} WHERE id = 7", None),
+    ("SET work_mem = '8MB'", None), ("SHOW work_mem", None), ("BEGIN", None), ("COMMIT", None),
+    ("SELECT * FROM {s}", "42501"), ("SELECT * FROM {view}", "42501"), ("COPY {o} TO STDOUT", "42501"),
+    ("TRUNCATE {o}", "42501"), ("CREATE TABLE x_{u} (a int)", "42501"), ("DROP TABLE {o}", "42501"),
+    ("LISTEN ch", "42501"), ("NOTIFY ch", "42501"), ("DO $$BEGIN END$$", "42501"), ("VACUUM {o}", "42501"),
+    ("SELECT * FROM pg_class", "42501"), ("SELECT {func}()", "42501"), ("GRANT SELECT ON {o} TO PUBLIC", "42501"),
+    ("SELEC 1", "42501"), ("SELECT 1 +", "42501"),
+]  # fmt: skip
+
+
+def test_an_allow_list_class_gets_the_sqlstate_of_its_table(corpus_db, tmp_path, start_connmgr):
+    """A class with allow_kinds and allow_objects: what is listed runs, anything else is
+    refused with 42501 -- also what the analyser cannot read (a typo, a half statement):
+    fail closed, where Postgres itself would have answered 42601."""
+    _cm, names = corpus_db
+    policy = tmp_path / "allow.toml"
+    policy.write_text(f'[[class]]\nname = "app"\nusers = ["{CLASS_USER}"]\n'
+                      'allow_kinds = ["SELECT", "INSERT", "UPDATE", "DELETE", "SET", "SHOW", "TRANSACTION"]\n'
+                      f'allow_objects = ["public.{names["o"]}"]\n')  # fmt: skip
+    cm = start_connmgr(policy={"file": str(policy)}, redo={"user": "postgres", "password": "postgres"})
+    got = []
+    with psycopg.connect(cm.conninfo(CLASS_USER, "app", CLASS_PASSWORD), autocommit=True) as c:
+        for template, _want in RIGHTS:
+            try:
+                c.execute(template.format(**names))
+                got.append(None)
+            except psycopg.Error as e:
+                got.append(e.sqlstate)
+    table = list(zip([t for t, _ in RIGHTS], got, strict=True))
+    assert got == [want for _t, want in RIGHTS], table
+    with psycopg.connect(cm.conninfo("postgres", "app", "postgres"), autocommit=True) as c:
+        assert c.execute(f"SELECT count(*) FROM {names['o']}").fetchone() == (1,)  # the insert was deleted again
