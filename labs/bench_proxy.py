@@ -22,6 +22,9 @@ What it does
                   each with ``connmgr`` (N = 1): tps ratio, efficiency (ratio / N, the
                   issue's target is >= 0.7), and the CPU of all its processes per
                   transaction;
+   ``connmgr-policy`` the same with ``--policy``: a class takes every client and refuses
+                  objects and kinds pgbench never uses (issue 16: the analysis's cost,
+                  each statement split, classified, parsed and checked, decisions cached);
    ``pgbouncer``  PgBouncer (if installed), session pooling unless ``--pgbouncer-mode``;
    ``relay``      labs/naive_relay.py: trio, two pumps, parses nothing.
 
@@ -94,7 +97,7 @@ from benchkit.targets import Target, connmgr_argv, relay_argv  # noqa: E402
 from connmgr.embedded.clusters import Cluster, free_port  # noqa: E402
 
 ALL_TARGETS = ("direct", "connmgr", "connmgr-w2", "connmgr-w3", "connmgr-w4", "connmgr-pure", "connmgr-tasks",
-               "connmgr-base", "pgbouncer", "relay")  # fmt: skip
+               "connmgr-base", "connmgr-policy", "pgbouncer", "relay")  # fmt: skip
 
 CLUSTER_SETTINGS: dict[str, str | int] = {
     "fsync": "off",
@@ -158,6 +161,11 @@ class ProxyBench(Bench):
                 extra.extend(["--relay", "tasks"])
             if name.startswith("connmgr-w"):  # [server] workers = N behind one port
                 extra.extend(["--workers", name.removeprefix("connmgr-w")])
+            if name == "connmgr-policy":  # a class takes pgbench's user; nothing it reads is refused
+                policy = self.base / "policy.toml"
+                policy.write_text('[[class]]\nname = "bench"\nusers = ["*"]\nrefuse_kinds = ["TRUNCATE"]\n'
+                                  'refuse_objects = ["secret.*", "function:query_to_xml"]\n')  # fmt: skip
+                extra.extend(["--policy", str(policy)])
             if name == "connmgr-base":
                 if not self.args.baseline:
                     raise TargetUnavailable(

@@ -35,6 +35,8 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, dict]:
         out.setdefault("auth", {})["type"] = args.auth_type
     if args.metrics_listen:
         out["metrics"] = {"listen": args.metrics_listen}
+    if args.policy:
+        out["policy"] = {"file": args.policy}
     return {k: v for k, v in out.items() if v}
 
 
@@ -217,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--relay", choices=config_mod.RELAY_MODES, help="relay carrier (default engine)")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics here")
     s.add_argument("--workers", type=int, help="processes serving clients on the same port (default 1)")
+    s.add_argument("--policy", metavar="FILE", help="the access policy of client classes ([policy] file)")
     s.set_defaults(func=cmd_serve)
 
     wk = sub.add_parser("_worker")  # a worker of `serve` with [server] workers > 1 (connmgr/workers/)
