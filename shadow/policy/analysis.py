@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 
 import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
 
-__all__ = ["Statement", "statements"]
+__all__ = ["Statement", "shape_key", "span", "statements", "token_groups"]
 
 # sqlglot says "falling back to parsing as a Command" for every VACUUM or CALL it meets
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
@@ -79,24 +80,52 @@ class Statement:
 def statements(sql: str) -> list[Statement]:
     """The statements of Query text ``sql`` (none for blank text)."""
     try:
-        tokens = _DIALECT.tokenize(sql)
+        groups = token_groups(sql)
     except Exception as e:  # noqa: BLE001 - sqlglot's TokenError, or a bug of its: the text is not analysed
         return [Statement(0, len(sql), frozenset({"OTHER"}), analysed=False, why=f"cannot be tokenized: {e}",
                           shape=_opaque(sql))] if sql.strip() else []  # fmt: skip
+    return [_statement(sql, group) for group in groups]
+
+
+def token_groups(sql: str) -> list[list]:
+    """The tokens of each statement of ``sql`` (split at top-level semicolons); raises
+    what sqlglot's tokenizer raises for text it cannot read."""
     out = []
     group: list = []
-    for token in [*tokens, None]:
+    for token in [*_DIALECT.tokenize(sql), None]:
         if token is None or token.token_type == sqlglot.TokenType.SEMICOLON:
             if group:
-                out.append(_statement(sql, group))
+                out.append(group)
             group = []
         else:
             group.append(token)
     return out
 
 
+def span(tokens: list) -> tuple[int, int]:
+    """Where a statement's tokens are in its text (without the semicolon)."""
+    return tokens[0].start, tokens[-1].end + 1
+
+
+#: token types whose text is a value: a statement's kinds and objects do not depend on it
+_LITERALS = frozenset({sqlglot.TokenType.STRING, sqlglot.TokenType.NUMBER, sqlglot.TokenType.HEREDOC_STRING,
+                       sqlglot.TokenType.BYTE_STRING, sqlglot.TokenType.BIT_STRING, sqlglot.TokenType.HEX_STRING,
+                       sqlglot.TokenType.NATIONAL_STRING, sqlglot.TokenType.RAW_STRING})  # fmt: skip
+
+
+def shape_key(tokens: list) -> tuple | None:
+    """A statement's tokens with every literal's value left out: two statements with the
+    same key name the same kinds, tables and functions, so one decision serves both
+    (``SELECT ... WHERE aid = 1`` and ``... = 2``). None where a literal is not a value:
+    after a keyword sqlglot reads as a command (``EXPLAIN``, ``PREPARE``, ``CALL``,
+    ``DO``, ...), the rest of the statement is one string token."""
+    if tokens[0].token_type == sqlglot.TokenType.COMMAND:
+        return None
+    return tuple((t.token_type, "" if t.token_type in _LITERALS else t.text) for t in tokens)
+
+
 def _statement(sql: str, tokens: list) -> Statement:
-    start, end = tokens[0].start, tokens[-1].end + 1
+    start, end = span(tokens)
     first = tokens[0].text.upper()
     # (sqlglot's tokenizer takes the rest of an EXPLAIN, PREPARE, CALL, ... as one string)
     words, offsets = [first], [start]
@@ -205,4 +234,7 @@ def _opaque(text: str) -> str:
 
 
 def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    """sqlglot's reason, without where in the text it stopped (that moves with the values
+    of literals, and a decision is shared by statements that differ only in them)."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return re.sub(r"\.? *Line \d+, Col: \d+\.?", "", text)[:200]

@@ -14,14 +14,16 @@ the statements before it ran, the ones after it do not, an open transaction is a
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from shadow.policy.analysis import Statement, statements
+from shadow.policy.analysis import Statement, shape_key, span, statements, token_groups
 from shadow.policy.catalog import Catalog
 from shadow.policy.rules import ClientClass
 from shadow.sqltext import quote_literal
 
-__all__ = ["DYNAMIC_FUNCTIONS", "STATISTICS_VIEWS", "Refusal", "check", "refusal_sql", "rewrite_query"]
+__all__ = ["DYNAMIC_FUNCTIONS", "STATISTICS_VIEWS", "Refusal", "check", "refusal_sql", "rewrite_query",
+           "rewrite_query_by_shape"]
 
 #: catalog relations that show values of other tables' columns (most common values,
 #: histogram bounds): a class that restricts objects may not read them
@@ -113,4 +115,40 @@ def rewrite_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) ->
         refusal = check(cls, st)
         if refusal is not None:
             return sql[:st.start] + refusal_sql(refusal) + sql[st.end:], refusal
+    return None, None
+
+
+#: (class, catalog, shape key) -> the refusal (or None) of a statement of that shape
+_BY_SHAPE: OrderedDict = OrderedDict()
+_BY_SHAPE_LIMIT = 16384
+
+
+def rewrite_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> tuple[str | None, Refusal | None]:
+    """:func:`rewrite_query`, with each statement's decision cached by its shape (its
+    tokens without the literals' values, :func:`~shadow.policy.analysis.shape_key`): a
+    statement repeated with other values costs a tokenization, not a parse."""
+    try:
+        groups = token_groups(sql)
+    except Exception:  # noqa: BLE001 - text the tokenizer cannot read: the full path says why
+        return rewrite_query(sql, cls, catalog)
+    for tokens in groups:
+        start, end = span(tokens)
+        key = shape_key(tokens)
+        cached = key is not None and (cls, catalog, key) in _BY_SHAPE
+        if cached:
+            refusal = _BY_SHAPE[(cls, catalog, key)]
+            _BY_SHAPE.move_to_end((cls, catalog, key))
+        else:
+            (st,) = statements(sql[start:end]) or (None,)
+            if st is None:
+                continue
+            if catalog is not None and cls.restricts_objects:
+                st = catalog.expand(st)
+            refusal = check(cls, st)
+            if key is not None:
+                _BY_SHAPE[(cls, catalog, key)] = refusal
+                if len(_BY_SHAPE) > _BY_SHAPE_LIMIT:
+                    _BY_SHAPE.popitem(last=False)
+        if refusal is not None:
+            return sql[:start] + refusal_sql(refusal) + sql[end:], refusal
     return None, None

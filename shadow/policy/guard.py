@@ -8,8 +8,9 @@ formats kept), so the Execute raises 42501 where Postgres raises a permission er
 ParseComplete and BindComplete, at execution. A FunctionCall (``F``: a function called by
 its OID, no SQL to read) is refused to a class that restricts objects or refuses CALL: it
 is sent as a Query of the raising ``DO``, and the client gets the ErrorResponse and
-ReadyForQuery a failed FunctionCall gets. Decisions are cached per (class, text): a
-repeated statement costs a lookup.
+ReadyForQuery a failed FunctionCall gets. Decisions are cached per (class, catalog,
+text), and per statement shape (its tokens without the literals' values): a repeated
+Query costs a lookup, a statement repeated with other values a tokenization.
 
 The relay holds a guarded client's messages whole (no streaming of long ones), so the
 guard sees every statement entire.
@@ -23,7 +24,7 @@ from functools import lru_cache
 
 from shadow.policy.analysis import Statement
 from shadow.policy.catalog import Catalog
-from shadow.policy.decision import Refusal, refusal_sql, rewrite_query
+from shadow.policy.decision import Refusal, refusal_sql, rewrite_query_by_shape
 from shadow.policy.rules import ClientClass
 
 __all__ = ["Guard", "decide"]
@@ -38,7 +39,7 @@ _I = struct.Struct("!i")
 def decide(cls: ClientClass, catalog: Catalog | None, text: bytes) -> tuple[bytes | None, Refusal | None]:
     """(the statement text to send instead, the refusal) or (None, None)."""
     sql = text.decode("utf-8", "surrogateescape")  # (bytes of another client_encoding come back unchanged)
-    new, refusal = rewrite_query(sql, cls, catalog)
+    new, refusal = rewrite_query_by_shape(sql, cls, catalog)
     return (None, None) if new is None else (new.encode("utf-8", "surrogateescape"), refusal)
 
 

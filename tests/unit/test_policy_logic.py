@@ -266,3 +266,38 @@ def test_a_function_call_by_oid_is_refused_to_a_restricting_class(policy) -> Non
     assert [f[0] for f in again_frames] == [f[0] for f in out_frames] == [ord("Q"), ord("Q")]
     assert b"FunctionCall" in out and len(refused) == 1 and refused[0].what.startswith("a function call by OID")
     assert Guard(ClientClass("free"), refused.append).filter(buf, frames) == (buf, frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    st.sampled_from([
+        "SELECT {v} FROM people WHERE id = {v}", "SELECT * FROM hr.salaries WHERE ssn = {v}",
+        "EXPLAIN SELECT {v}", "EXPLAIN DELETE FROM hr.salaries WHERE id = {v}", "DO $$BEGIN PERFORM {v}; END$$",
+        "SELECT query_to_xml({v}, true, false, '')", "UPDATE people SET a = {v}", "CALL p({v})",
+        "PREPARE q AS SELECT * FROM hr.salaries WHERE a = {v}", "SELECT {v}::regclass",
+        "SELECT * FROM audit.log LIMIT {v}", "SELECT $x${v}$x$ FROM people",
+    ]),
+    st.sampled_from(["1", "'x'", "'it''s'", "E'\\\\''", "$q$;$q$", "-2.5e3", "'hr.salaries'", "X'ff'",
+                     "'SELECT * FROM hr.salaries'"]),
+), min_size=1, max_size=4))  # fmt: skip
+def test_the_shape_cache_decides_as_the_full_analysis(policy, parts) -> None:
+    """A decision cached by a statement's shape (its tokens without the literals' values)
+    is the decision the full analysis makes for the same statement with other values."""
+    from shadow.policy.decision import rewrite_query_by_shape
+
+    sql = "; ".join(template.format(v=value) for template, value in parts)
+    for cls in policy.classes:
+        full_text, full = rewrite_query(sql, cls, _catalog())
+        by_shape_text, by_shape = rewrite_query_by_shape(sql, cls, _catalog_once())
+        assert by_shape_text == full_text
+        assert (by_shape.what if by_shape else None) == (full.what if full else None)
+
+
+_CATALOG = []
+
+
+def _catalog_once():
+    """One catalog object for all examples (the shape cache keys on it, as in a session)."""
+    if not _CATALOG:
+        _CATALOG.append(_catalog())
+    return _CATALOG[0]
