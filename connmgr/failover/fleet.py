@@ -45,7 +45,7 @@ from typing import Any
 
 import trio
 
-from connmgr.failover.phases import FailoverError, FailoverEvent, FailoverPhase
+from connmgr.failover.phases import FailoverError, FailoverEvent
 from connmgr.workers.control import ControlError
 
 log = logging.getLogger("connmgr.failover")
@@ -361,8 +361,3 @@ class Coordinator:
 
 def _hostport(server) -> list:
     return [server.host, server.port]
-
-
-def moved_phase(phase: str) -> bool:
-    """A coordinator phase in which the pair is failed over."""
-    return FailoverPhase(phase) in (FailoverPhase.MOVED, FailoverPhase.RESEEDING)
