@@ -22,7 +22,7 @@ from connmgr.errors import ClientError
 from connmgr.pg.backend import BackendSession
 from connmgr.pg.wire import PeerClosed
 from shadow import messages
-from shadow.policy.catalog import CATALOG_SQL, Catalog
+from shadow.policy.catalog import CATALOG_SQL, COLUMNS_SQL, Catalog
 from shadow.policy.decision import Refusal
 from shadow.policy.guard import Guard
 from shadow.policy.rules import Policy
@@ -48,6 +48,8 @@ class PolicyRuntime:
         self.refusals: Counter[str] = Counter()
         self.catalog_reads = 0
         self.catalog_failures = 0
+        #: some class masks columns (the catalog's columns are read too)
+        self.masks = any(cls.masks for cls in policy.classes)
 
     async def guard_for(self, conn) -> Guard | None:
         """The guard of a session that just logged in (``conn``: its user, database,
@@ -92,9 +94,10 @@ class PolicyRuntime:
             session = await self.open_session(database, "connmgr policy catalog")
             try:
                 rows = await session.query_rows(messages.query(CATALOG_SQL))
+                columns = await session.query_rows(messages.query(COLUMNS_SQL)) if self.masks else ()
             finally:
                 session.close()
-        self.catalogs[database] = Catalog.from_rows(rows)
+        self.catalogs[database] = Catalog.from_rows(rows, columns)
         self.catalog_reads += 1
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -16,7 +16,7 @@ cdef class Upstream:
     cpdef _show(self, buf, list frames, Py_ssize_t lo, Py_ssize_t hi)
 
 cdef class Downstream:
-    cdef public object relay, session, stats, starts, latency, mirror, sid, journal, recorder, injector
+    cdef public object relay, session, stats, starts, latency, mirror, sid, journal, recorder, injector, results
     cdef public long long offset
     cdef public int last_tag
 

@@ -214,7 +214,7 @@ class Downstream:
     """Server to client: the same for the server's messages."""
 
     __slots__ = ("relay", "session", "stats", "starts", "latency", "last_tag", "mirror", "offset", "sid",
-                 "journal", "recorder", "injector")  # fmt: skip
+                 "journal", "recorder", "injector", "results")  # fmt: skip
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -230,6 +230,8 @@ class Downstream:
         self.sid = relay.conn.id
         #: offset of the next byte in the server-to-client TCP stream (set by Relay.run)
         self.offset = 0
+        #: a client whose class masks columns: its rows masked (shadow/policy/results.py)
+        self.results = relay.guard.results if relay.guard is not None else None
 
     def process(self, buf: bytes, frames: list) -> bytes:
         relay = self.relay
@@ -254,6 +256,8 @@ class Downstream:
             track = False  # strip() fed the shadow
             if not frames:
                 return b""
+        if self.results is not None:  # (what the client gets: the mirror and journal see it masked)
+            buf, frames, _masked = self.results.filter(buf, frames)
         notified = False
         hold = False
         readies = None
@@ -456,8 +460,8 @@ class Relay:
         self.guard = conn.guard
         if ctx.max_buffered_message and self.guard is None:  # (a guard must see every statement whole)
             client_framer.stream(ctx.max_buffered_message, STREAMED_FROM_CLIENT)
-        if ctx.max_buffered_message:
-            backend.framer.stream(ctx.max_buffered_message, STREAMED_FROM_SERVER)
+        if ctx.max_buffered_message and (self.guard is None or self.guard.results is None):
+            backend.framer.stream(ctx.max_buffered_message, STREAMED_FROM_SERVER)  # (masked rows: whole)
         self.tracking = True
         self.starts: deque[float] = deque()
         self.last_activity = time.perf_counter()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlglot
 from sqlglot import exp
@@ -70,6 +70,12 @@ class Statement:
     why: str = ""
     #: the statement's shape with every literal replaced by ``?`` (for logs: no values)
     shape: str = ""
+    #: its sqlglot tree (of the statement an EXPLAIN, PREPARE or DECLARE runs), if parsed
+    tree: exp.Expression | None = field(default=None, compare=False, repr=False)
+    #: ("prepare" or "cursor", name) this statement makes (PREPARE, DECLARE) or uses
+    #: (EXECUTE, FETCH, MOVE): what it returns is the named statement's result
+    binds: tuple[str, str] | None = None
+    uses: tuple[str, str] | None = None
 
     @property
     def digest(self) -> str:
@@ -119,9 +125,15 @@ def shape_key(tokens: list) -> tuple | None:
     (``SELECT ... WHERE aid = 1`` and ``... = 2``). None where a literal is not a value:
     after a keyword sqlglot reads as a command (``EXPLAIN``, ``PREPARE``, ``CALL``,
     ``DO``, ...), the rest of the statement is one string token."""
-    if tokens[0].token_type == sqlglot.TokenType.COMMAND:
+    if tokens[0].token_type == sqlglot.TokenType.COMMAND or tokens[0].text.upper() in _NAMING:
         return None
-    return tuple((t.token_type, "" if t.token_type in _LITERALS else t.text) for t in tokens)
+    out = []
+    by = False  # (after ORDER BY, GROUP BY: a number names an output column, and is kept)
+    for t in tokens:
+        kind = t.token_type
+        by = by or kind == sqlglot.TokenType.GROUP_BY or kind == sqlglot.TokenType.ORDER_BY or t.text.upper() == "BY"
+        out.append((kind, "" if kind in _LITERALS and not (by and kind == sqlglot.TokenType.NUMBER) else t.text))
+    return tuple(out)
 
 
 def _statement(sql: str, tokens: list) -> Statement:
@@ -141,7 +153,12 @@ def _statement(sql: str, tokens: list) -> Statement:
         words += [t.text.upper() for t in tokens[1:]]
         offsets += [t.start for t in tokens[1:]]
     if first in _NO_OBJECTS:
-        return Statement(start, end, frozenset({_NO_OBJECTS[first]}), shape=_opaque(sql[start:end]))
+        uses = None
+        if first == "EXECUTE" and (name := _name(sql[start:end], _SECOND)) is not None:
+            uses = ("prepare", name)
+        elif first in ("FETCH", "MOVE") and (name := _name(sql[start:end], _LAST)) is not None:
+            uses = ("cursor", name)
+        return Statement(start, end, frozenset({_NO_OBJECTS[first]}), shape=_opaque(sql[start:end]), uses=uses)
     kind = _FIRST_WORD.get(first)
     if kind is None:
         return _opaque_statement(sql, start, end, {"OTHER"}, f"{first[:40]!r} is not a statement the analyser knows")
@@ -175,8 +192,30 @@ def _statement(sql: str, tokens: list) -> Statement:
     kinds.update(kind for cls, kind in _WRITES if any(True for _ in tree.find_all(cls)))
     if isinstance(tree, exp.Select) and tree.args.get("into") is not None:
         kinds.add("DDL")  # SELECT ... INTO makes a table
+    binds = None
+    if first in ("PREPARE", "DECLARE") and (name := _name(sql[start:end], _SECOND)) is not None:
+        binds = ("prepare" if first == "PREPARE" else "cursor", name)
     return Statement(start, end, frozenset(kinds), frozenset(_tables(tree)), frozenset(_functions(tree)),
-                     shape=_shape(tree) if first != "CALL" else "CALL " + _shape(tree).removeprefix("SELECT "))  # fmt: skip
+                     shape=_shape(tree) if first != "CALL" else "CALL " + _shape(tree).removeprefix("SELECT "),
+                     tree=tree, binds=binds)  # fmt: skip
+
+
+_IDENT = r'("(?:[^"]|"")+"|[^\s"(),;]+)'
+#: the name a statement makes or uses: its second word (PREPARE, DECLARE, EXECUTE), its last (FETCH, MOVE)
+_SECOND = re.compile(r"\s*\w+\s+" + _IDENT)
+_LAST = re.compile(_IDENT + r"\s*$")
+#: first words of statements that make or use a name (their decision is not shared by shape)
+_NAMING = frozenset({"EXECUTE", "FETCH", "MOVE", "PREPARE", "DECLARE", "CLOSE", "DEALLOCATE"})
+
+
+def _name(text: str, pattern: re.Pattern) -> str | None:
+    """The identifier ``pattern`` finds in ``text`` as Postgres folds it (lower case unless
+    quoted), None if there is none (comments are not looked through: then no name)."""
+    match = pattern.search(text) if pattern is _LAST else pattern.match(text)
+    if match is None:
+        return None
+    word = match.group(1)
+    return word[1:-1].replace('""', '"') if word.startswith('"') else word.lower()
 
 
 def _opaque_statement(sql: str, start: int, end: int, kinds: set[str], why: str) -> Statement:

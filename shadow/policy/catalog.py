@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 from shadow.policy.analysis import Statement, statements
 
-__all__ = ["CATALOG_SQL", "Catalog"]
+__all__ = ["CATALOG_SQL", "COLUMNS_SQL", "Catalog"]
 
 #: (kind 'r' table, 'v' view or 'f' function, schema, name, SQL text: a view's definition
 #: or an SQL function's body; NULL for a table and for a function in another language)
@@ -47,6 +47,16 @@ CATALOG_SQL = (
     " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')"
 )
 
+#: (schema, table or view, column, type OID) of every column, in order (the masks need them)
+COLUMNS_SQL = (
+    "SELECT n.nspname, c.relname, a.attname, a.atttypid::int"
+    " FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f', 'v', 'm')"
+    " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'"
+    " ORDER BY c.oid, a.attnum"
+)
+
 #: how deep views and functions may nest before the statement is taken as not analysed
 _MAX_DEPTH = 32
 
@@ -61,9 +71,12 @@ class Catalog:
     functions: dict[str, list[tuple[str, str | None]]]
     #: table or view name -> the schemas that have one
     schemas: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    #: (schema, table or view) -> ((column, type OID), ...) in order
+    columns: dict[tuple[str, str], tuple[tuple[str, int], ...]] = dataclasses.field(default_factory=dict)
+    _reached: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple]) -> Catalog:
+    def from_rows(cls, rows: Iterable[tuple], column_rows: Iterable[tuple] = ()) -> Catalog:
         views: dict[str, list] = defaultdict(list)
         functions: dict[str, list] = defaultdict(list)
         schemas: dict[str, list] = defaultdict(list)
@@ -74,7 +87,21 @@ class Catalog:
                 schemas[name].append(schema)
             if kind in ("v", "f"):
                 (views if kind == "v" else functions)[name].append((schema, body))
-        return cls(dict(views), dict(functions), dict(schemas))
+        columns: dict[tuple[str, str], list] = defaultdict(list)
+        for schema, table, column, oid in column_rows:
+            columns[(_text(schema).lower(), _text(table).lower())].append((_text(column).lower(), int(oid)))
+        return cls(dict(views), dict(functions), dict(schemas), {k: tuple(v) for k, v in columns.items()})
+
+    def reached(self, schema: str, name: str, *, view: bool = False) -> frozenset[tuple[str | None, str]]:
+        """The tables function (or view) ``schema.name`` reads, through its views and
+        functions."""
+        key = (schema, name, view)
+        found = self._reached.get(key)
+        if found is None:
+            st = Statement(0, 0, frozenset({"SELECT"}), tables=frozenset({(schema, name)}) if view else frozenset(),
+                           functions=frozenset() if view else frozenset({(schema, name)}))  # fmt: skip
+            found = self._reached[key] = self.expand(st).tables
+        return found
 
     def _resolved(self, tables: Iterable[tuple[str | None, str]]) -> set[tuple[str | None, str]]:
         """Unqualified names, each in every schema that has it (as is where none does)."""

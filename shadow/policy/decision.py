@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 from shadow.policy.analysis import Statement, shape_key, span, statements, token_groups
 from shadow.policy.catalog import Catalog
-from shadow.policy.rules import ClientClass
+from shadow.policy.lineage import Unmaskable, result_masks
+from shadow.policy.rules import ClientClass, ColumnMask
 from shadow.sqltext import quote_literal
 
-__all__ = ["DYNAMIC_FUNCTIONS", "STATISTICS_VIEWS", "Refusal", "check", "refusal_sql", "rewrite_query",
-           "rewrite_query_by_shape"]
+__all__ = ["DYNAMIC_FUNCTIONS", "STATISTICS_VIEWS", "UNKNOWN", "Decision", "Outcome", "Refusal", "Shown", "check",
+           "decide_query", "judge", "refusal_sql", "rewrite_query", "rewrite_query_by_shape"]
 
 #: catalog relations that show values of other tables' columns (most common values,
 #: histogram bounds): a class that restricts objects may not read them
@@ -94,6 +95,63 @@ def check(cls: ClientClass, st: Statement) -> Refusal | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Shown:
+    """What a client is shown of a statement's rows: each output column's mask (None: as
+    is) and the type of the masked column it shows as is (0: computed, or unknown)."""
+
+    masks: tuple[ColumnMask | None, ...]
+    oids: tuple[int, ...]
+
+
+#: the rows of a cursor or prepared statement connmgr did not see made: every value masked
+UNKNOWN = Shown((), ())
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """For a class with masks: what one allowed statement's rows show (``shown``), and for
+    PREPARE/DECLARE the name it makes and what its later EXECUTE/FETCH will show
+    (``binds``, ``bound``), for EXECUTE/FETCH the name whose rows it returns (``uses``)."""
+
+    shown: Shown | None = None
+    binds: tuple[str, str] | None = None
+    bound: Shown | None = None
+    uses: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A Query's decision: ``text`` the text to send instead (None: as it is), the refusal,
+    and the outcome of each statement that runs (a class with masks), in order."""
+
+    text: str | None
+    refusal: Refusal | None
+    outcomes: tuple[Outcome | None, ...] = ()
+
+
+def judge(cls: ClientClass, st: Statement, catalog: Catalog | None) -> tuple[Refusal | None, Outcome | None]:
+    """:func:`check`, and for a class with masks what the statement's rows show."""
+    refusal = check(cls, st)
+    if refusal is not None or not cls.masks:
+        return refusal, None
+    if st.tree is None or not st.tables:
+        return None, Outcome(binds=st.binds, uses=st.uses) if st.binds or st.uses else None
+    where = f"class {cls.name!r}"
+    if catalog is None:
+        return Refusal(st, "a statement over tables before the catalog is read", f"{where}: masks (fail closed)"), None
+    try:
+        found = result_masks(st.tree, st.tables, catalog, cls)
+    except Unmaskable as e:
+        return Refusal(st, "a masked column", f"{where}: mask ({e})"), None
+    shown = None if found is None else Shown(*found)
+    if "EXPLAIN" in st.kinds:
+        return None, None  # (a plan shows no values; the probes of what it runs were refused above)
+    if st.binds is not None:
+        return None, Outcome(binds=st.binds, bound=shown)
+    return None, None if shown is None else Outcome(shown=shown)
+
+
 def refusal_sql(refusal: Refusal) -> str:
     """A statement that makes the server raise 42501 with the refusal's message and detail."""
     body = (f"BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = {quote_literal(refusal.message)},"
@@ -109,13 +167,21 @@ def rewrite_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) ->
     else (the text with its first refused statement replaced by :func:`refusal_sql`,
     the refusal). The statements after it stay as they were: the server never runs them.
     With the database's ``catalog``, what views and SQL functions read counts too."""
+    decision = decide_query(sql, cls, catalog)
+    return decision.text, decision.refusal
+
+
+def decide_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> Decision:
+    """:func:`rewrite_query` with the outcome of each statement (:class:`Decision`)."""
+    outcomes = []
     for st in statements(sql):
         if catalog is not None and cls.restricts_objects:
             st = catalog.expand(st)
-        refusal = check(cls, st)
+        refusal, outcome = judge(cls, st, catalog)
         if refusal is not None:
-            return sql[:st.start] + refusal_sql(refusal) + sql[st.end:], refusal
-    return None, None
+            return Decision(sql[:st.start] + refusal_sql(refusal) + sql[st.end:], refusal, tuple(outcomes))
+        outcomes.append(outcome)
+    return Decision(None, None, tuple(outcomes) if any(outcomes) else ())
 
 
 #: (class, catalog, shape key) -> the refusal (or None) of a statement of that shape
@@ -124,19 +190,26 @@ _BY_SHAPE_LIMIT = 16384
 
 
 def rewrite_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> tuple[str | None, Refusal | None]:
-    """:func:`rewrite_query`, with each statement's decision cached by its shape (its
+    """:func:`rewrite_query` by way of :func:`decide_query_by_shape`."""
+    decision = decide_query_by_shape(sql, cls, catalog)
+    return decision.text, decision.refusal
+
+
+def decide_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> Decision:
+    """:func:`decide_query`, with each statement's decision cached by its shape (its
     tokens without the literals' values, :func:`~shadow.policy.analysis.shape_key`): a
     statement repeated with other values costs a tokenization, not a parse."""
     try:
         groups = token_groups(sql)
     except Exception:  # noqa: BLE001 - text the tokenizer cannot read: the full path says why
-        return rewrite_query(sql, cls, catalog)
+        return decide_query(sql, cls, catalog)
+    outcomes = []
     for tokens in groups:
         start, end = span(tokens)
         key = shape_key(tokens)
         cached = key is not None and (cls, catalog, key) in _BY_SHAPE
         if cached:
-            refusal = _BY_SHAPE[(cls, catalog, key)]
+            refusal, outcome = _BY_SHAPE[(cls, catalog, key)]
             _BY_SHAPE.move_to_end((cls, catalog, key))
         else:
             (st,) = statements(sql[start:end]) or (None,)
@@ -144,11 +217,12 @@ def rewrite_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None =
                 continue
             if catalog is not None and cls.restricts_objects:
                 st = catalog.expand(st)
-            refusal = check(cls, st)
+            refusal, outcome = judge(cls, st, catalog)
             if key is not None:
-                _BY_SHAPE[(cls, catalog, key)] = refusal
+                _BY_SHAPE[(cls, catalog, key)] = refusal, outcome
                 if len(_BY_SHAPE) > _BY_SHAPE_LIMIT:
                     _BY_SHAPE.popitem(last=False)
         if refusal is not None:
-            return sql[:start] + refusal_sql(refusal) + sql[end:], refusal
-    return None, None
+            return Decision(sql[:start] + refusal_sql(refusal) + sql[end:], refusal, tuple(outcomes))
+        outcomes.append(outcome)
+    return Decision(None, None, tuple(outcomes) if any(outcomes) else ())

@@ -14,6 +14,12 @@ Query costs a lookup, a statement repeated with other values a tokenization.
 
 The relay holds a guarded client's messages whole (no streaming of long ones), so the
 guard sees every statement entire.
+
+For a class with masks, the guard also tells the session's :class:`Results` what each
+message it lets through will be answered with and what the rows of each statement show
+(shadow/policy/results.py masks them on their way back); it follows the names of prepared
+statements and cursors, so an EXECUTE or FETCH shows what the PREPARE or DECLARE it names
+was found to show (a name it never saw made: every value masked).
 """
 
 from __future__ import annotations
@@ -24,29 +30,40 @@ from functools import lru_cache
 
 from shadow.policy.analysis import Statement
 from shadow.policy.catalog import Catalog
-from shadow.policy.decision import Refusal, refusal_sql, rewrite_query_by_shape
+from shadow.policy.decision import (
+    UNKNOWN,
+    Outcome,
+    Refusal,
+    Shown,
+    decide_query_by_shape,
+    refusal_sql,
+)
+from shadow.policy.results import Results
 from shadow.policy.rules import ClientClass
 
 __all__ = ["Guard", "decide"]
 
-_Q, _P, _B, _F = ord("Q"), ord("P"), ord("B"), ord("F")
+_Q, _P, _B, _F, _D, _E, _C, _S = (ord(c) for c in "QPBFDECS")
 _LEN = struct.Struct("!I")
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 
 
 @lru_cache(maxsize=8192)
-def decide(cls: ClientClass, catalog: Catalog | None, text: bytes) -> tuple[bytes | None, Refusal | None]:
-    """(the statement text to send instead, the refusal) or (None, None)."""
+def decide(cls: ClientClass, catalog: Catalog | None,
+           text: bytes) -> tuple[bytes | None, Refusal | None, tuple[Outcome | None, ...]]:  # fmt: skip
+    """(the statement text to send instead or None, the refusal or None, the outcome of
+    each statement that runs)."""
     sql = text.decode("utf-8", "surrogateescape")  # (bytes of another client_encoding come back unchanged)
-    new, refusal = rewrite_query_by_shape(sql, cls, catalog)
-    return (None, None) if new is None else (new.encode("utf-8", "surrogateescape"), refusal)
+    decision = decide_query_by_shape(sql, cls, catalog)
+    new = None if decision.text is None else decision.text.encode("utf-8", "surrogateescape")
+    return new, decision.refusal, decision.outcomes
 
 
 class Guard:
     """``on_refusal(refusal)`` is told of every refused statement (logs, metrics)."""
 
-    __slots__ = ("cls", "on_refusal", "refused", "catalog")
+    __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named")
 
     def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None],
                  catalog: Callable[[], Catalog | None] = lambda: None) -> None:  # fmt: skip
@@ -56,15 +73,22 @@ class Guard:
         self.catalog = catalog
         #: names of prepared statements replaced by a refusal (b"" the unnamed one)
         self.refused: set[bytes] = set()
+        #: a class with masks: the server's answers to mask (None: nothing is masked)
+        self.results = Results() if cls.masks else None
+        #: ("prepare" or "cursor", name) -> what its rows show
+        self.named: dict[tuple[str, str], Shown | None] = {}
 
     def filter(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """``frames`` ((tag, start, end) of ``buf``) with refused statements replaced; the
         same objects when nothing is."""
         out: list[bytes] | None = None
         done = 0
+        results = self.results
         for tag, start, end in frames:
             if tag == _Q:
-                new, refusal = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
+                new, refusal, outcomes = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
+                if results is not None:
+                    results.query(tuple(self._shown(o) for o in outcomes))
                 if new is None:
                     continue
                 message = b"Q" + _LEN.pack(len(new) + 5) + new + b"\0"
@@ -72,9 +96,15 @@ class Guard:
                 name_end = buf.find(0, start, end)
                 text_end = buf.find(0, name_end + 1, end)
                 if name_end < 0 or text_end < 0:
+                    if results is not None:
+                        results.parse(b"\0", UNKNOWN)  # (the server refuses it: 08P01)
                     continue  # malformed: the server refuses it (08P01)
                 name = bytes(buf[start:name_end])
-                new, refusal = decide(self.cls, self.catalog(), bytes(buf[name_end + 1:text_end]))
+                new, refusal, outcomes = decide(self.cls, self.catalog(), bytes(buf[name_end + 1:text_end]))
+                if results is not None:
+                    shown = self._shown(outcomes[0]) if len(outcomes) == 1 else None
+                    results.parse(name, shown)
+                    self.named[("prepare", name.decode("utf-8", "replace"))] = shown
                 if new is None:
                     self.refused.discard(name)  # (the name now holds an allowed statement)
                     continue
@@ -90,12 +120,18 @@ class Guard:
                                   f"class {self.cls.name!r}: it restricts objects or calls (fail closed)")  # fmt: skip
                 new = refusal_sql(refusal).encode()
                 message = b"Q" + _LEN.pack(len(new) + 5) + new + b"\0"
-            elif tag == _B and self.refused:
+            elif tag == _B:
+                if results is not None:
+                    _bound(results, buf, start, end)
+                if not self.refused:
+                    continue
                 message = _unbound(buf, start, end, self.refused)
                 if message is None:
                     continue
                 refusal = None
             else:
+                if results is not None and tag in _ANSWERED:
+                    _ANSWERED[tag](results, buf, start, end)
                 continue
             if refusal is not None:
                 self.on_refusal(refusal)
@@ -108,6 +144,56 @@ class Guard:
             return buf, frames
         out.append(bytes(buf[done:]))
         return _reframe(b"".join(out), frames)
+
+    def _shown(self, outcome: Outcome | None) -> Shown | None:
+        """What a statement's rows show, its names followed (in the order the server runs them)."""
+        if outcome is None:
+            return None
+        if outcome.binds is not None:
+            self.named[outcome.binds] = outcome.bound
+            if outcome.binds[0] == "prepare":
+                self.results.statements[outcome.binds[1].encode()] = outcome.bound
+            return None
+        if outcome.uses is not None:
+            return self.named.get(outcome.uses, UNKNOWN)
+        return outcome.shown
+
+
+def _bound(results: Results, buf, start: int, end: int) -> None:
+    """Tell ``results`` of a Bind: its portal, statement and result formats."""
+    portal_end = buf.find(0, start, end)
+    name_end = buf.find(0, portal_end + 1, end)
+    formats: tuple[int, ...] = ()
+    try:
+        pos = name_end + 1
+        (nfmt,) = _H.unpack_from(buf, pos)
+        pos += 2 + 2 * nfmt
+        (nparams,) = _H.unpack_from(buf, pos)
+        pos += 2
+        for _ in range(nparams):
+            (length,) = _I.unpack_from(buf, pos)
+            pos += 4 + max(length, 0)
+        (nresult,) = _H.unpack_from(buf, pos)
+        formats = struct.unpack_from(f"!{nresult}h", buf, pos + 2) if nresult > 0 else ()
+    except struct.error:
+        formats = (1,)  # (malformed: the server refuses it; binary is the stricter reading)
+    results.bind(bytes(buf[start:portal_end]), bytes(buf[portal_end + 1:name_end]), formats)
+
+
+def _named(buf, start: int, end: int) -> tuple[int, bytes]:
+    kind = buf[start] if start < end else 0
+    stop = buf.find(0, start + 1, end)
+    return kind, bytes(buf[start + 1:stop if stop >= 0 else end])
+
+
+#: the other messages the server answers, and how ``Results`` is told of them
+_ANSWERED = {
+    _D: lambda results, buf, start, end: results.describe(*_named(buf, start, end)),
+    _E: lambda results, buf, start, end: results.execute(
+        bytes(buf[start:buf.find(0, start, end) if buf.find(0, start, end) >= 0 else end])),
+    _C: lambda results, buf, start, end: results.close(*_named(buf, start, end)),
+    _S: lambda results, buf, start, end: results.sync(),
+}  # fmt: skip
 
 
 def _unbound(buf: bytes, start: int, end: int, refused: set[bytes]) -> bytes | None:

@@ -13,6 +13,19 @@ A policy file is TOML: a list of classes, the first whose match holds takes the 
     refuse_objects = ["hr.salaries", "audit.*", "function:pg_read_file"]
     # allow_kinds / allow_objects: when given, everything else is refused
 
+    [[class.mask]]                      # what the class may read, but not see
+    column = "public.person.ssn"        # schema.table.column or table.column (globs)
+    mask = "last"                       # full | last | hash | null | constant
+    keep = 4                            # (last) the characters kept
+    # value = "n/a"                     # (constant) the value shown
+    # key_env = "CONNMGR_MASK_KEY"      # (hash) the environment variable holding the key
+    # allow_predicates = false          # WHERE/ORDER BY/GROUP BY/DISTINCT on it refused
+
+A mask keeps the column's type (shadow/policy/masking.py says how per type): ``full``
+shows ``****`` (a number 0, a date 1970-01-01, ...), ``last`` the last ``keep`` characters
+(the others ``*``), ``hash`` a keyed HMAC (the same value always gives the same hash, so
+joins and counts by it still work), ``null`` NULL, ``constant`` ``value``.
+
 Objects: ``schema.table`` (globs in either part; a name with no schema matches in every
 schema) and ``function:name`` (or ``function:schema.name``). A statement names a table
 without its schema: it matches a pattern whose table part it matches, in any schema (the
@@ -26,10 +39,11 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["KINDS", "ClientClass", "ObjectPattern", "Policy", "PolicyError", "load_policy", "parse_policy"]
+__all__ = ["KINDS", "MASKS", "ClientClass", "ColumnMask", "ObjectPattern", "Policy", "PolicyError", "load_policy", "parse_policy"]
 
 #: the request kinds a rule may name (shadow/policy/analysis.py assigns them)
 KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "DDL", "TRUNCATE", "GRANT", "CALL", "DO", "SET",
@@ -37,7 +51,10 @@ KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "DDL", "TRUNCA
          "OTHER")  # fmt: skip
 
 _CLASS_KEYS = {"name", "users", "databases", "application_names", "networks", "refuse_kinds", "refuse_objects",
-               "allow_kinds", "allow_objects"}  # fmt: skip
+               "allow_kinds", "allow_objects", "mask"}  # fmt: skip
+#: what a mask shows instead of a value
+MASKS = ("full", "last", "hash", "null", "constant")
+_MASK_KEYS = {"column", "mask", "keep", "value", "key_env", "allow_predicates"}
 
 
 class PolicyError(Exception):
@@ -76,6 +93,32 @@ class ObjectPattern:
 
 
 @dataclass(frozen=True, slots=True)
+class ColumnMask:
+    """A mask on the columns ``schema.table.column`` matches (``schema`` None: any)."""
+
+    schema: str | None
+    table: str
+    column: str
+    mask: str
+    text: str
+    keep: int = 0
+    value: str = ""
+    key: bytes = field(default=b"", repr=False)
+    #: WHERE, ORDER BY, GROUP BY, DISTINCT, joins on it are allowed (the operator accepts
+    #: that a client can learn the value by probing)
+    allow_predicates: bool = False
+
+    def matches(self, schema: str | None, table: str, column: str) -> bool:
+        if not fnmatch.fnmatchcase(column, self.column) or not fnmatch.fnmatchcase(table, self.table):
+            return False
+        return self.schema is None or schema is None or fnmatch.fnmatchcase(schema, self.schema)
+
+    @property
+    def label(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
 class ClientClass:
     name: str
     users: tuple[str, ...] | None = None
@@ -86,6 +129,7 @@ class ClientClass:
     refuse_objects: tuple[ObjectPattern, ...] = ()
     allow_kinds: frozenset[str] | None = None
     allow_objects: tuple[ObjectPattern, ...] | None = None
+    masks: tuple[ColumnMask, ...] = ()
 
     def holds(self, user: str, database: str, application_name: str, address: str | None) -> bool:
         """Does this class take a client with these properties (``address`` an IP, or
@@ -106,7 +150,14 @@ class ClientClass:
     @property
     def restricts_objects(self) -> bool:
         """Does this class refuse some objects (so a statement it cannot analyse is refused)?"""
-        return bool(self.refuse_objects) or self.allow_objects is not None
+        return bool(self.refuse_objects) or self.allow_objects is not None or bool(self.masks)
+
+    def mask_of(self, schema: str | None, table: str, column: str) -> ColumnMask | None:
+        """The first mask on column ``schema.table.column`` (lower case), or None."""
+        for mask in self.masks:
+            if mask.matches(schema, table, column):
+                return mask
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,4 +249,57 @@ def _client_class(entry: dict, where: str) -> ClientClass:
         application_names=strings("application_names"), networks=networks,
         refuse_kinds=kinds("refuse_kinds") or frozenset(), refuse_objects=objects("refuse_objects") or (),
         allow_kinds=kinds("allow_kinds"), allow_objects=objects("allow_objects"),
+        masks=_masks(entry.get("mask"), where),
     )  # fmt: skip
+
+
+def _masks(value, where: str) -> tuple[ColumnMask, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise PolicyError(f"{where}: mask: write each mask as a [[class.mask]] table under its class")
+    return tuple(_mask(entry, f"{where}: mask {i}") for i, entry in enumerate(value, 1))
+
+
+def _mask(entry: dict, where: str) -> ColumnMask:
+    unknown = set(entry) - _MASK_KEYS
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (a mask takes"
+                          f" {', '.join(sorted(_MASK_KEYS))})")  # fmt: skip
+    column = entry.get("column")
+    parts = column.strip().lower().split(".") if isinstance(column, str) else []
+    if len(parts) not in (2, 3) or not all(parts):
+        raise PolicyError(f"{where}: column: write \"schema.table.column\" or \"table.column\" (globs allowed:"
+                          f" \"*.ssn\"), got {column!r}")  # fmt: skip
+    schema, table, name = (None, *parts) if len(parts) == 2 else parts
+    kind = entry.get("mask")
+    if kind not in MASKS:
+        raise PolicyError(f"{where} ({column}): mask: one of {', '.join(MASKS)}, got {kind!r}")
+    allowed = {"column", "mask", "allow_predicates"} | {"last": {"keep"}, "constant": {"value"},
+                                                         "hash": {"key_env"}}.get(kind, set())  # fmt: skip
+    stray = set(entry) - allowed
+    if stray:
+        raise PolicyError(f"{where} ({column}): {', '.join(sorted(stray))}: not a setting of mask {kind!r}")
+    keep = entry.get("keep", 4)
+    if kind == "last" and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
+        raise PolicyError(f"{where} ({column}): keep: the number of last characters shown (0 or more), got {keep!r}")
+    value = entry.get("value")
+    if kind == "constant" and not isinstance(value, str):
+        raise PolicyError(f"{where} ({column}): value: the text shown instead (a string; it must read as the"
+                          f" column's type), got {value!r}")  # fmt: skip
+    key = b""
+    if kind == "hash":
+        env = entry.get("key_env")
+        if not isinstance(env, str) or not env:
+            raise PolicyError(f"{where} ({column}): key_env: the environment variable that holds the hash's key"
+                              " (a hash without a secret key can be reversed by hashing guesses)")  # fmt: skip
+        secret = os.environ.get(env, "")
+        if len(secret) < 16:
+            raise PolicyError(f"{where} ({column}): key_env: environment variable {env} must hold a key of at least"
+                              f" 16 characters ({'it is not set' if not secret else 'it is shorter'})")  # fmt: skip
+        key = secret.encode()
+    allow = entry.get("allow_predicates", False)
+    if not isinstance(allow, bool):
+        raise PolicyError(f"{where} ({column}): allow_predicates: true or false, got {allow!r}")
+    return ColumnMask(None if schema == "*" else schema, table, name, kind, column, keep=keep if kind == "last" else 0,
+                      value=value if kind == "constant" else "", key=key, allow_predicates=allow)  # fmt: skip

@@ -1,0 +1,214 @@
+"""A masked session's server-to-client stream: which statement each row belongs to, and the
+rows with their masked values replaced. No I/O.
+
+The guard (shadow/policy/guard.py) tells :class:`Results` what each client message it lets
+through will be answered with (:meth:`Results.expect`), in order; the server answers in
+that order, so each RowDescription and DataRow is matched to its statement:
+
+* a Query: each statement's result in turn (CommandComplete ends one; an ErrorResponse ends
+  the Query; ReadyForQuery ends it);
+* Parse, Bind, Describe, Execute, Close, Sync: ParseComplete, BindComplete, the
+  description (ParameterDescription, RowDescription or NoData), the rows up to
+  CommandComplete/PortalSuspended/EmptyQueryResponse, CloseComplete, ReadyForQuery; an
+  ErrorResponse makes the server skip to the Sync, and so does this.
+
+A row's columns are masked by the server's description of them (type, format): from the
+RowDescription of a Query's statement or of a Describe of the portal, else from the Bind's
+result formats and the types the catalog gives. A description whose column count differs
+from what the analysis expected has every column masked: never a value unmasked because
+the statement was not the one analysed.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+
+from shadow.policy.decision import UNKNOWN, Shown
+from shadow.policy.masking import FULL, mask_data_row
+
+__all__ = ["Results"]
+
+_D, _T, _C, _E, _Z, _I, _s, _n, _1, _2, _3, _t = (ord(c) for c in "DTCEZIsn123t")
+_H = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_FIELD_TAIL = struct.Struct("!ihihih")  # table oid, attnum, type oid, typlen, typmod, format
+
+
+class _Item:
+    """One client message (or Query) the server will answer."""
+
+    __slots__ = ("tag", "shown", "index", "columns", "name", "kind")
+
+    def __init__(self, tag: int, shown=None, name: bytes = b"", kind: int = 0) -> None:
+        self.tag = tag
+        #: a Query: the Shown of each statement (None: nothing masked); Execute: the portal's
+        self.shown = shown
+        self.index = 0
+        #: the columns being masked now: index -> (mask, type OID, binary)
+        self.columns: dict | None = None
+        self.name = name
+        self.kind = kind
+
+
+class _Portal:
+    __slots__ = ("shown", "formats", "columns")
+
+    def __init__(self, shown: Shown | None, formats: tuple[int, ...]) -> None:
+        self.shown = shown
+        self.formats = formats
+        self.columns: dict | None = None
+
+
+def columns_of(shown: Shown | None, described: list[tuple[int, int]] | None, formats=()) -> dict | None:
+    """index -> (mask, type OID, binary) of the columns to mask; None when none is.
+    ``described``: (type OID, format) per column, from a RowDescription (None: not seen;
+    then ``formats`` are the Bind's result formats and the types the analysis found)."""
+    if shown is None:
+        return None
+    if described is not None:
+        if shown is UNKNOWN or len(described) != len(shown.masks):
+            return {i: (FULL, oid, fmt == 1) for i, (oid, fmt) in enumerate(described)}
+        return {i: (m, described[i][0], described[i][1] == 1) for i, m in enumerate(shown.masks) if m is not None}
+    if shown is UNKNOWN:
+        return {i: (FULL, 0, False) for i in range(1600)}  # (every column a row can have: NULL)
+    out = {}
+    for i, mask in enumerate(shown.masks):
+        if mask is not None:
+            fmt = formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
+            out[i] = (mask, shown.oids[i] if i < len(shown.oids) else 0, fmt == 1)
+    return out
+
+
+def read_description(buf, start: int, end: int) -> list[tuple[int, int]] | None:
+    """(type OID, format) of each column of a RowDescription; None if it cannot be read."""
+    try:
+        (count,) = _H.unpack_from(buf, start)
+        pos = start + 2
+        out = []
+        for _ in range(count):
+            pos = buf.index(0, pos, end) + 1
+            _table, _attnum, oid, _len, _mod, fmt = _FIELD_TAIL.unpack_from(buf, pos)
+            pos += _FIELD_TAIL.size
+            out.append((oid, fmt))
+        return out
+    except (struct.error, ValueError):
+        return None
+
+
+class Results:
+    """The server's answers of one masked session (see the module docstring)."""
+
+    __slots__ = ("items", "statements", "portals", "masked_rows")
+
+    def __init__(self) -> None:
+        self.items: deque[_Item] = deque()
+        #: prepared statement name -> what its rows show
+        self.statements: dict[bytes, Shown | None] = {}
+        self.portals: dict[bytes, _Portal] = {}
+        #: rows with a value masked (connmgr_policy_masked_rows_total)
+        self.masked_rows = 0
+
+    # -- what the guard lets through
+
+    def query(self, shown: tuple) -> None:
+        self.items.append(_Item(ord("Q"), shown))
+
+    def parse(self, name: bytes, shown: Shown | None) -> None:
+        self.statements[name] = shown
+        self.items.append(_Item(ord("P")))
+
+    def bind(self, portal: bytes, statement: bytes, formats: tuple[int, ...]) -> None:
+        self.portals[portal] = _Portal(self.statements.get(statement, UNKNOWN), formats)
+        self.items.append(_Item(ord("B")))
+
+    def describe(self, kind: int, name: bytes) -> None:
+        self.items.append(_Item(ord("D"), name=name, kind=kind))
+
+    def execute(self, portal: bytes) -> None:
+        self.items.append(_Item(ord("E"), name=portal))
+
+    def close(self, kind: int, name: bytes) -> None:
+        (self.portals if kind == ord("P") else self.statements).pop(name, None)
+        self.items.append(_Item(ord("C")))
+
+    def sync(self) -> None:
+        self.items.append(_Item(ord("S")))
+
+    # -- the server's answers
+
+    def filter(self, buf: bytes, frames: list) -> tuple[bytes, list, bool]:
+        """``frames`` of ``buf`` with masked rows replaced; (buf, frames, changed)."""
+        out: list[bytes] | None = None
+        done = 0
+        items = self.items
+        for tag, start, end in frames:
+            item = items[0] if items else None
+            if tag == _D:
+                columns = None
+                if item is not None:
+                    if item.tag == ord("Q"):
+                        columns = item.columns
+                    elif item.tag == ord("E"):
+                        portal = self.portals.get(item.name)
+                        if portal is not None:
+                            if portal.columns is None:
+                                portal.columns = columns_of(portal.shown, None, portal.formats)
+                            columns = portal.columns
+                if columns:
+                    if out is None:
+                        out = []
+                    out.append(bytes(buf[done:start - 5]))
+                    out.append(mask_data_row(buf, start, end, columns))
+                    done = end
+                    self.masked_rows += 1
+                continue
+            if item is None:
+                continue
+            if tag == _T:
+                described = read_description(buf, start, end)
+                if item.tag == ord("Q"):
+                    shown = item.shown[item.index] if item.index < len(item.shown) else None
+                    item.columns = columns_of(shown, described) if described is not None else \
+                        columns_of(UNKNOWN, None)  # fmt: skip
+                elif item.tag == ord("D"):
+                    if item.kind == ord("P") and item.name in self.portals:
+                        portal = self.portals[item.name]
+                        portal.columns = columns_of(portal.shown, described, portal.formats) \
+                            if described is not None else columns_of(UNKNOWN, None)  # fmt: skip
+                    items.popleft()
+            elif tag == _C:
+                if item.tag == ord("Q"):
+                    item.index += 1
+                    item.columns = None
+                elif item.tag == ord("E"):
+                    items.popleft()
+            elif tag == _E:
+                if item.tag == ord("Q"):
+                    item.index = len(item.shown) if item.shown else 0
+                    item.columns = None
+                else:
+                    while items and items[0].tag not in (ord("S"), ord("Q")):
+                        items.popleft()
+            elif tag == _Z:
+                while items:
+                    if items.popleft().tag in (ord("S"), ord("Q")):
+                        break
+            elif tag == _1 or tag == _2 or tag == _3 or tag == _n or tag == _s or tag == _I:
+                if item.tag != ord("Q"):
+                    items.popleft()
+        if out is None:
+            return buf, frames, False
+        out.append(bytes(buf[done:]))
+        buf, frames = _reframe(b"".join(out), len(frames))
+        return buf, frames, True
+
+
+def _reframe(buf: bytes, count: int) -> tuple[bytes, list]:
+    frames = []
+    pos = 0
+    for _ in range(count):
+        (length,) = _I32.unpack_from(buf, pos + 1)
+        frames.append((buf[pos], pos + 5, pos + 1 + length))
+        pos += 1 + length
+    return buf, frames

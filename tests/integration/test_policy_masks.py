@@ -1,0 +1,246 @@
+"""Column masks (issue 16) through a real connmgr in front of the session's Postgres, with
+real clients: psql (simple protocol) and psycopg (extended, text and binary formats,
+prepared statements, server-side cursors).
+
+What must hold: a masked column's values are replaced on the wire in the column's type
+(the driver parses them: a number stays a number); what a client could learn a masked
+value by (a predicate, ORDER BY, GROUP BY, DISTINCT, a cast that can fail, a copy into a
+table) is refused with 42501 naming the column; a masked value never appears in any byte
+the client receives, which a tap between client and connmgr checks on the raw wire.
+"""
+
+from __future__ import annotations
+
+import decimal
+import socket
+import struct
+import subprocess
+import threading
+import uuid
+
+import psycopg
+import pytest
+
+CLASS_USER, CLASS_PASSWORD = "scram_user", "scram-pw"
+SSN = "SSN-CANARY-5d1e-6789"
+EMAIL = "canary.5d1e@example.com"
+SALARY = decimal.Decimal("987654321.25")
+PIN = 24681357
+NOTE = "NOTE-CANARY-5d1e"
+#: what must never reach a masked client, as text and as binary values
+SECRETS = [SSN[:-4].encode(), EMAIL.encode(), b"987654321", b"2468135", NOTE.encode(), struct.pack("!i", PIN)]
+KEY = "k" * 24
+
+
+class Tap:
+    """A TCP forwarder on loopback in front of connmgr that keeps every byte connmgr
+    sends to the client (the raw wire, whatever the client's driver makes of it)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        self.closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target, timeout=30)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, keep: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if keep:
+                    with self.lock:
+                        self.received += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def leaks(self) -> list[bytes]:
+        with self.lock:
+            return [s for s in SECRETS if s in self.received]
+
+    def close(self) -> None:
+        self.closing = True
+        self.listener.close()
+
+
+@pytest.fixture
+def masked_db(pg, start_connmgr, tmp_path, monkeypatch):
+    u = uuid.uuid4().hex[:8]
+    names = {"p": f"person_{u}", "o": f"other_{u}", "v": f"pview_{u}", "f": f"pfunc_{u}", "u": u}
+    with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as c:
+        c.execute(f"CREATE TABLE {names['p']} (id int PRIMARY KEY, name text, ssn text, salary numeric,"
+                  " email text, pin int, note text)")  # fmt: skip
+        c.execute(f"INSERT INTO {names['p']} SELECT g, 'name ' || g, %s, %s, %s, %s, %s"
+                  " FROM generate_series(1, 5) g", (SSN, SALARY, EMAIL, PIN, NOTE))  # fmt: skip
+        c.execute(f"CREATE TABLE {names['o']} (id int, v text)")
+        c.execute(f"CREATE VIEW {names['v']} AS SELECT id, ssn AS s, name FROM {names['p']}")
+        c.execute(f"CREATE FUNCTION {names['f']}() RETURNS text LANGUAGE sql AS 'SELECT ssn FROM {names['p']} LIMIT 1'")
+        for t in ("p", "o", "v"):
+            c.execute(f"GRANT ALL ON {names[t]} TO {CLASS_USER}")
+    monkeypatch.setenv("CONNMGR_TEST_MASK_KEY", KEY)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"""
+[[class]]
+name = "support"
+users = ["{CLASS_USER}"]
+[[class.mask]]
+column = "person_*.ssn"
+mask = "last"
+keep = 4
+[[class.mask]]
+column = "person_*.salary"
+mask = "full"
+[[class.mask]]
+column = "person_*.email"
+mask = "hash"
+key_env = "CONNMGR_TEST_MASK_KEY"
+allow_predicates = true
+[[class.mask]]
+column = "person_*.pin"
+mask = "last"
+keep = 2
+[[class.mask]]
+column = "person_*.note"
+mask = "constant"
+value = "(hidden)"
+""")
+    cm = start_connmgr(policy={"file": str(policy), "catalog_refresh": 0.2},
+                       redo={"user": "postgres", "password": "postgres"})  # fmt: skip
+    tap = Tap(cm.host, cm.port)
+    yield cm, tap, names
+    tap.close()
+    with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as c:
+        c.execute(f"DROP FUNCTION IF EXISTS {names['f']}()")
+        c.execute(f"DROP VIEW IF EXISTS {names['v']}")
+        c.execute(f"DROP TABLE IF EXISTS {names['o']}, {names['p']}")
+
+
+def _conninfo(tap: Tap) -> str:
+    return f"host=127.0.0.1 port={tap.port} user={CLASS_USER} password={CLASS_PASSWORD} dbname=app"
+
+
+def _masked_ssn() -> str:
+    return "*" * (len(SSN) - 4) + SSN[-4:]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_masked_values_keep_their_type_in_text_and_binary(masked_db, binary):
+    _cm, tap, names = masked_db
+    with psycopg.connect(_conninfo(tap), autocommit=True) as c:
+        cur = c.cursor(binary=binary)
+        rows = cur.execute(f"SELECT * FROM {names['p']} WHERE id = %s", (2,)).fetchall()
+        assert len(rows) == 1
+        id_, name, ssn, salary, email, pin, note = rows[0]
+        assert (id_, name) == (2, "name 2")  # not masked
+        assert ssn == _masked_ssn()
+        assert salary == decimal.Decimal(0) and isinstance(salary, decimal.Decimal)
+        assert len(email) == 32 and int(email, 16) >= 0  # a keyed hash: hex, the same for the same value
+        assert pin == 57 and isinstance(pin, int)
+        assert note == "(hidden)"
+        # the same value always hashes the same: a count by it still works
+        emails = {r[0] for r in cur.execute(f"SELECT email FROM {names['p']}").fetchall()}
+        assert emails == {email}
+        # an expression over a masked column is masked in full (text: ****)
+        assert cur.execute(f"SELECT ssn || '', upper(ssn), name FROM {names['p']} WHERE id = 1").fetchall() == \
+            [("****", "****", "name 1")]  # fmt: skip
+        # through a view, a CTE, a subquery, UNION ALL, a prepared statement
+        assert cur.execute(f"SELECT s FROM {names['v']} WHERE id = 3").fetchall() == [(_masked_ssn(),)]
+        assert cur.execute(f"WITH x AS (SELECT ssn AS y FROM {names['p']}) SELECT y FROM x LIMIT 1").fetchall() == \
+            [(_masked_ssn(),)]  # fmt: skip
+        assert cur.execute(f"SELECT (SELECT ssn FROM {names['p']} LIMIT 1), 'z'").fetchall() == [(_masked_ssn(), "z")]
+        for _ in range(3):  # (psycopg prepares a statement run often: Parse once, Bind/Execute after)
+            got = cur.execute(f"SELECT ssn, salary FROM {names['p']} WHERE id = %s", (4,), prepare=True).fetchall()
+            assert got == [(_masked_ssn(), decimal.Decimal(0))]
+    assert tap.leaks() == []
+
+
+def test_psql_simple_protocol_and_sql_prepare_and_cursors(masked_db):
+    cm, tap, names = masked_db
+    p = names["p"]
+    sql = (f"SELECT ssn, pin, name FROM {p} WHERE id = 1;"
+           f" PREPARE q_{names['u']} AS SELECT ssn FROM {p} WHERE id = $1; EXECUTE q_{names['u']}(2);"
+           f" BEGIN; DECLARE c_{names['u']} CURSOR FOR SELECT note, salary FROM {p};"
+           f" FETCH 2 FROM c_{names['u']}; COMMIT;")  # fmt: skip
+    out = subprocess.run(["psql", "-X", "-At", "-c", sql, _conninfo(tap)], capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"{_masked_ssn()}|57|name 1" in lines
+    assert _masked_ssn() in lines
+    assert lines.count("(hidden)|0") == 2, lines
+    assert tap.leaks() == []
+
+
+#: probes: (statement, the column the refusal names)
+PROBES = [
+    "SELECT id FROM {p} WHERE ssn = 'x'", "SELECT id FROM {p} WHERE ssn LIKE 'S%'", "SELECT ssn FROM {p} ORDER BY ssn",
+    "SELECT ssn FROM {p} ORDER BY 1", "SELECT count(*) FROM {p} GROUP BY ssn", "SELECT DISTINCT ssn FROM {p}",
+    "SELECT ssn FROM {p} UNION SELECT 'x'", "SELECT ssn::int FROM {p}", "SELECT salary + 1 FROM {p}",
+    "SELECT a.id FROM {p} a JOIN {o} b ON b.v = a.ssn", "SELECT CASE WHEN ssn > 'M' THEN 1 END FROM {p}",
+    "SELECT ssn = 'x' FROM {p}", "SELECT s FROM {v} WHERE s LIKE 'S%'", "SELECT id FROM {p} WHERE pin > 1000",
+    "SELECT lag(id) OVER (ORDER BY ssn) FROM {p}", "INSERT INTO {o} SELECT id, ssn FROM {p}",
+    "CREATE TABLE copy_{u} AS SELECT ssn FROM {p}", "SELECT ssn INTO copy2_{u} FROM {p}",
+    "UPDATE {p} SET name = ssn WHERE id = 1", "UPDATE {p} SET name = 'x' WHERE ssn = 'y'", "SELECT {f}()",
+    "EXPLAIN ANALYZE SELECT id FROM {p} WHERE ssn = 'x'", "COPY {p} TO STDOUT",
+]  # fmt: skip
+
+
+def test_probes_on_a_masked_column_are_refused_naming_it(masked_db):
+    _cm, tap, names = masked_db
+    got = {}
+    with psycopg.connect(_conninfo(tap), autocommit=True) as c:
+        for template in PROBES:
+            sql = template.format(**names)
+            try:
+                c.execute(sql)
+                got[sql] = None
+            except psycopg.Error as e:
+                got[sql] = (e.sqlstate, str(e), e.diag.message_detail or "")
+        not_refused = {s: g for s, g in got.items() if g is None or g[0] != "42501"}
+        assert not not_refused, not_refused
+        unnamed = {s: g for s, g in got.items() if "mask (" not in g[2] or ("person_" not in g[2] and "pfunc_" not in g[2])}
+        assert not unnamed, unnamed  # (the column, or the function that reads it)
+        # allowed: the email mask has allow_predicates; other columns as usual
+        assert c.execute(f"SELECT count(*) FROM {names['p']} WHERE email = %s", (EMAIL,)).fetchone() == (5,)
+        assert c.execute(f"SELECT id FROM {names['p']} WHERE name = 'name 3' ORDER BY id").fetchall() == [(3,)]
+        assert c.execute(f"UPDATE {names['p']} SET ssn = 'new-0001' WHERE id = 5 RETURNING ssn").fetchall() == \
+            [("****0001",)]  # fmt: skip
+    with psycopg.connect(_conninfo(tap)) as c:  # in a transaction: aborted as by a Postgres error
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute(f"SELECT id FROM {names['p']} ORDER BY ssn")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            c.execute("SELECT 1")
+        c.rollback()
+    assert tap.leaks() == []
+
+
+def test_a_server_side_cursor_and_pipelined_statements(masked_db):
+    _cm, tap, names = masked_db
+    with psycopg.connect(_conninfo(tap)) as c:
+        with c.cursor(name=f"sc_{names['u']}") as cur:  # DECLARE ... then FETCH through the extended protocol
+            cur.execute(f"SELECT id, ssn, salary FROM {names['p']} ORDER BY id")
+            assert cur.fetchmany(2) == [(1, _masked_ssn(), 0), (2, _masked_ssn(), 0)]
+            assert [r[1] for r in cur.fetchall()] == [_masked_ssn()] * 3
+        c.rollback()
+        with c.pipeline():
+            curs = [c.execute(f"SELECT pin, name FROM {names['p']} WHERE id = %s", (i,)) for i in (1, 2)]
+            curs.append(c.execute("SELECT %s::text", (SSN[-8:],)))  # (a value the client sent: not masked)
+        assert [cur.fetchall() for cur in curs] == [[(57, "name 1")], [(57, "name 2")], [(SSN[-8:],)]]
+    assert tap.leaks() == []
