@@ -25,6 +25,8 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.postgres import Postgres
 
+from shadow.policy.copying import CopyStatement, parse_copy
+
 __all__ = ["Statement", "shape_key", "span", "statements", "token_groups"]
 
 # sqlglot says "falling back to parsing as a Command" for every VACUUM or CALL it meets
@@ -76,6 +78,8 @@ class Statement:
     #: (EXECUTE, FETCH, MOVE): what it returns is the named statement's result
     binds: tuple[str, str] | None = None
     uses: tuple[str, str] | None = None
+    #: a COPY: what it reads or writes, in which format (``tree`` is its query's, if any)
+    copy: CopyStatement | None = None
 
     @property
     def digest(self) -> str:
@@ -182,6 +186,16 @@ def _statement(sql: str, tokens: list) -> Statement:
             return _opaque_statement(sql, start, end, kinds, f"no statement found in its {first}")
         text = sql[offsets[inner]:end]
         kinds.add(_FIRST_WORD.get(words[inner], "OTHER"))
+    copy = None
+    if first == "COPY":
+        copy = parse_copy(sql, tokens)
+        if copy is None:
+            return _opaque_statement(sql, start, end, kinds, "its COPY cannot be read")
+        if copy.query is None:
+            assert copy.table is not None
+            shape = f"COPY {'.'.join(p for p in copy.table if p)} {'TO' if copy.to else 'FROM'} …"
+            return Statement(start, end, frozenset(kinds), frozenset({copy.table}), shape=shape, copy=copy)
+        text = copy.query  # (its writes count, as a writable CTE's do)
     try:
         trees = [t for t in sqlglot.parse(text, read="postgres") if t is not None]
     except Exception as e:  # noqa: BLE001 - ParseError, or a bug of sqlglot's: not analysed, never a crash
@@ -195,9 +209,13 @@ def _statement(sql: str, tokens: list) -> Statement:
     binds = None
     if first in ("PREPARE", "DECLARE") and (name := _name(sql[start:end], _SECOND)) is not None:
         binds = ("prepare" if first == "PREPARE" else "cursor", name)
+    shape = _shape(tree)
+    if first == "CALL":
+        shape = "CALL " + shape.removeprefix("SELECT ")
+    elif first == "COPY":
+        shape = f"COPY ({shape}) TO …"
     return Statement(start, end, frozenset(kinds), frozenset(_tables(tree)), frozenset(_functions(tree)),
-                     shape=_shape(tree) if first != "CALL" else "CALL " + _shape(tree).removeprefix("SELECT "),
-                     tree=tree, binds=binds)  # fmt: skip
+                     shape=shape, tree=tree, binds=binds, copy=copy)  # fmt: skip
 
 
 _IDENT = r'("(?:[^"]|"")+"|[^\s"(),;]+)'
@@ -205,7 +223,7 @@ _IDENT = r'("(?:[^"]|"")+"|[^\s"(),;]+)'
 _SECOND = re.compile(r"\s*\w+\s+" + _IDENT)
 _LAST = re.compile(_IDENT + r"\s*$")
 #: first words of statements that make or use a name (their decision is not shared by shape)
-_NAMING = frozenset({"EXECUTE", "FETCH", "MOVE", "PREPARE", "DECLARE", "CLOSE", "DEALLOCATE"})
+_NAMING = frozenset({"EXECUTE", "FETCH", "MOVE", "PREPARE", "DECLARE", "CLOSE", "DEALLOCATE", "COPY"})
 
 
 def _name(text: str, pattern: re.Pattern) -> str | None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from shadow.policy.analysis import Statement, shape_key, span, statements, token_groups
 from shadow.policy.catalog import Catalog
-from shadow.policy.lineage import Unmaskable, result_masks
+from shadow.policy.copying import CopyFormat
+from shadow.policy.lineage import Unmaskable, copied_masks, result_masks
 from shadow.policy.rules import ClientClass, ColumnMask
 from shadow.sqltext import quote_literal
 
@@ -102,6 +103,8 @@ class Shown:
 
     masks: tuple[ColumnMask | None, ...]
     oids: tuple[int, ...]
+    #: a COPY TO STDOUT: the format of its rows
+    copy: CopyFormat | None = None
 
 
 #: the rows of a cursor or prepared statement connmgr did not see made: every value masked
@@ -135,16 +138,23 @@ def judge(cls: ClientClass, st: Statement, catalog: Catalog | None) -> tuple[Ref
     refusal = check(cls, st)
     if refusal is not None or not cls.masks:
         return refusal, None
-    if st.tree is None or not st.tables:
+    if st.copy is not None and not st.copy.to:
+        return None, None  # COPY FROM: a write (a masked column may be written to)
+    if (st.tree is None and st.copy is None) or not st.tables:
         return None, Outcome(binds=st.binds, uses=st.uses) if st.binds or st.uses else None
     where = f"class {cls.name!r}"
     if catalog is None:
         return Refusal(st, "a statement over tables before the catalog is read", f"{where}: masks (fail closed)"), None
     try:
-        found = result_masks(st.tree, st.tables, catalog, cls)
+        found = result_masks(st.tree, st.tables, catalog, cls) if st.tree is not None else \
+            copied_masks(st.copy.table, st.copy.columns, catalog, cls)  # fmt: skip
     except Unmaskable as e:
         return Refusal(st, "a masked column", f"{where}: mask ({e})"), None
-    shown = None if found is None else Shown(*found)
+    shown = None if found is None else Shown(*found, copy=st.copy.format if st.copy is not None else None)
+    if shown is not None and st.copy is not None and not st.copy.stdout:
+        labels = ", ".join(sorted({m.label for m in shown.masks if m is not None}))
+        return Refusal(st, "a masked column", f"{where}: mask (COPY TO a file or program would write masked column"
+                                              f" {labels} unmasked)"), None  # fmt: skip
     if "EXPLAIN" in st.kinds:
         return None, None  # (a plan shows no values; the probes of what it runs were refused above)
     if st.binds is not None:

@@ -47,7 +47,7 @@ from sqlglot.optimizer.scope import Scope, build_scope
 from shadow.policy.masking import FULL
 from shadow.policy.rules import ClientClass, ColumnMask
 
-__all__ = ["TOTAL", "Unmaskable", "masked_tables", "result_masks"]
+__all__ = ["TOTAL", "Unmaskable", "copied_masks", "masked_tables", "result_masks"]
 
 #: a flow: (mask, type OID, shown as is) for each masked column an expression shows (the
 #: type of the column shown as is; 0 for a value computed from it)
@@ -119,6 +119,26 @@ def result_masks(tree: exp.Expression, tables: Iterable[tuple[str | None, str]],
     except (SqlglotError, KeyError, ValueError) as e:
         raise Unmaskable(f"its columns cannot be resolved against the catalog ({_first_line(e)})") from None
     return _Tracer(tree, masked, catalog).run()
+
+
+def copied_masks(table: tuple[str | None, str], columns: tuple[str, ...] | None, catalog,
+                 cls: ClientClass) -> tuple[tuple[ColumnMask | None, ...], tuple[int, ...]] | None:  # fmt: skip
+    """The masks of ``COPY table [(columns)] TO``: each column's (None if none is masked)."""
+    masked = masked_tables(catalog, cls)
+    schema, name = table
+    schemas = [schema] if schema is not None else catalog.schemas.get(name, [])
+    if not any((s, name) in masked for s in schemas):
+        return None
+    if len(schemas) > 1:
+        raise Unmaskable(f"table name {name} is in schemas {', '.join(sorted(schemas))}, one with masked columns:"
+                         " write its schema")  # fmt: skip
+    key = (schemas[0], name)
+    known = dict(catalog.columns.get(key, ()))
+    names = columns if columns is not None else tuple(c for c, _ in catalog.columns.get(key, ()))
+    if any(c not in known for c in names):
+        raise Unmaskable(f"COPY names a column {name} does not have (in the catalog read last)")
+    masks = tuple(masked[key].get(c) for c in names)
+    return masks, tuple(known[c] if m is not None else 0 for c, m in zip(names, masks, strict=True))
 
 
 def _first_line(e: Exception) -> str:
@@ -425,7 +445,7 @@ class _Tracer:
                 if any(flows):
                     raise Unmaskable(f"it writes masked column {_names(frozenset().union(*flows))} into a table,"
                                      " where no mask would hide it")  # fmt: skip
-        names = set(target_masks)
+        names = dict(target_masks)
         for table in tree.find_all(exp.Table):  # (a FROM/USING table's masked columns, by name: fail closed)
             names.update(self._table_masks(table))
         for column in tree.find_all(exp.Column):
@@ -433,8 +453,9 @@ class _Tracer:
                 continue
             if _is_set_target(column):
                 continue
-            raise Unmaskable(f"{type(tree).__name__.upper()} reads masked column {column.name.lower()} (outside"
-                             " RETURNING): the rows it changes, or the values it writes, would tell its value")  # fmt: skip
+            raise Unmaskable(f"{type(tree).__name__.upper()} reads masked column {names[column.name.lower()].label}"
+                             " (outside RETURNING): the rows it changes, or the values it writes, would tell its"
+                             " value")  # fmt: skip
         if returning is None:
             return None
         masks: list[ColumnMask | None] = []
@@ -452,7 +473,8 @@ class _Tracer:
                 oids.append(types.get(inner.name.lower(), 0))
             elif any(c.name.lower() in names for c in inner.find_all(exp.Column)):
                 if not all(isinstance(n, TOTAL) or _total(n) for n in inner.walk()):
-                    raise Unmaskable(f"RETURNING computes with masked column: {e.sql('postgres')[:80]}")
+                    raise Unmaskable("RETURNING computes with a masked column what could fail or compare on its"
+                                     " value")  # fmt: skip
                 masks.append(FULL)
                 oids.append(0)
             else:

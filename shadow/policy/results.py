@@ -24,12 +24,13 @@ from __future__ import annotations
 import struct
 from collections import deque
 
+from shadow.policy.copying import CopyFormat, CopyMasker
 from shadow.policy.decision import UNKNOWN, Shown
 from shadow.policy.masking import FULL, mask_data_row
 
 __all__ = ["Results"]
 
-_D, _T, _C, _E, _Z, _I, _s, _n, _1, _2, _3, _t = (ord(c) for c in "DTCEZIsn123t")
+_D, _T, _C, _E, _Z, _I, _s, _n, _1, _2, _3, _t, _H_, _d, _c = (ord(c) for c in "DTCEZIsn123tHdc")
 _H = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _FIELD_TAIL = struct.Struct("!ihihih")  # table oid, attnum, type oid, typlen, typmod, format
@@ -38,17 +39,21 @@ _FIELD_TAIL = struct.Struct("!ihihih")  # table oid, attnum, type oid, typlen, t
 class _Item:
     """One client message (or Query) the server will answer."""
 
-    __slots__ = ("tag", "shown", "index", "columns", "name", "kind")
+    __slots__ = ("tag", "shown", "index", "columns", "portal", "kind", "copy")
 
-    def __init__(self, tag: int, shown=None, name: bytes = b"", kind: int = 0) -> None:
+    def __init__(self, tag: int, shown=None, portal: _Portal | None = None, kind: int = 0) -> None:
         self.tag = tag
         #: a Query: the Shown of each statement (None: nothing masked); Execute: the portal's
         self.shown = shown
         self.index = 0
         #: the columns being masked now: index -> (mask, type OID, binary)
         self.columns: dict | None = None
-        self.name = name
+        #: Describe (of a portal), Execute: the portal as it was when the client sent it (a
+        #: pipeline binds the unnamed portal again before the server has answered)
+        self.portal = portal
         self.kind = kind
+        #: a COPY TO STDOUT under way whose rows are masked
+        self.copy: CopyMasker | None = None
 
 
 class _Portal:
@@ -78,6 +83,24 @@ def columns_of(shown: Shown | None, described: list[tuple[int, int]] | None, for
             fmt = formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0
             out[i] = (mask, shown.oids[i] if i < len(shown.oids) else 0, fmt == 1)
     return out
+
+
+def copy_masker(shown: Shown | None, buf, start: int, end: int) -> CopyMasker | None:
+    """The masker of a COPY TO STDOUT whose CopyOutResponse is ``buf[start:end]``."""
+    if shown is None:
+        return None
+    try:
+        binary = buf[start] == 1
+        (count,) = _H.unpack_from(buf, start + 1)
+    except (IndexError, struct.error):
+        binary, count = False, 0
+    fmt = shown.copy
+    if shown is UNKNOWN or fmt is None or len(shown.masks) != count or (fmt.kind == "binary") != binary:
+        # not the COPY analysed: every field NULL (the format as the server says)
+        fmt = fmt if fmt is not None and (fmt.kind == "binary") == binary else \
+            CopyFormat(kind="binary" if binary else "text")  # fmt: skip
+        return CopyMasker(fmt, {i: (FULL, 0) for i in range(count)}, count)
+    return CopyMasker(fmt, {i: (m, shown.oids[i]) for i, m in enumerate(shown.masks) if m is not None}, count)
 
 
 def read_description(buf, start: int, end: int) -> list[tuple[int, int]] | None:
@@ -123,10 +146,10 @@ class Results:
         self.items.append(_Item(ord("B")))
 
     def describe(self, kind: int, name: bytes) -> None:
-        self.items.append(_Item(ord("D"), name=name, kind=kind))
+        self.items.append(_Item(ord("D"), portal=self.portals.get(name) if kind == ord("P") else None, kind=kind))
 
     def execute(self, portal: bytes) -> None:
-        self.items.append(_Item(ord("E"), name=portal))
+        self.items.append(_Item(ord("E"), portal=self.portals.get(portal) or _Portal(UNKNOWN, (1,))))
 
     def close(self, kind: int, name: bytes) -> None:
         (self.portals if kind == ord("P") else self.statements).pop(name, None)
@@ -144,17 +167,26 @@ class Results:
         items = self.items
         for tag, start, end in frames:
             item = items[0] if items else None
+            if tag == _d:
+                if item is not None and item.copy is not None:
+                    if out is None:
+                        out = []
+                    data = item.copy.row(bytes(buf[start:end]))
+                    out.append(bytes(buf[done:start - 5]))
+                    out.append(b"d" + _I32.pack(len(data) + 4) + data)
+                    done = end
+                    self.masked_rows += 1
+                continue
             if tag == _D:
                 columns = None
                 if item is not None:
                     if item.tag == ord("Q"):
                         columns = item.columns
                     elif item.tag == ord("E"):
-                        portal = self.portals.get(item.name)
-                        if portal is not None:
-                            if portal.columns is None:
-                                portal.columns = columns_of(portal.shown, None, portal.formats)
-                            columns = portal.columns
+                        portal = item.portal
+                        if portal.columns is None:
+                            portal.columns = columns_of(portal.shown, None, portal.formats)
+                        columns = portal.columns
                 if columns:
                     if out is None:
                         out = []
@@ -165,15 +197,25 @@ class Results:
                 continue
             if item is None:
                 continue
-            if tag == _T:
+            if tag == _H_:
+                if item.tag == ord("Q"):
+                    shown = item.shown[item.index] if item.index < len(item.shown) else None
+                elif item.tag == ord("E"):
+                    shown = item.portal.shown
+                else:
+                    shown = None
+                item.copy = copy_masker(shown, buf, start, end)
+            elif tag == _c:
+                item.copy = None
+            elif tag == _T:
                 described = read_description(buf, start, end)
                 if item.tag == ord("Q"):
                     shown = item.shown[item.index] if item.index < len(item.shown) else None
                     item.columns = columns_of(shown, described) if described is not None else \
                         columns_of(UNKNOWN, None)  # fmt: skip
                 elif item.tag == ord("D"):
-                    if item.kind == ord("P") and item.name in self.portals:
-                        portal = self.portals[item.name]
+                    if item.portal is not None:
+                        portal = item.portal
                         portal.columns = columns_of(portal.shown, described, portal.formats) \
                             if described is not None else columns_of(UNKNOWN, None)  # fmt: skip
                     items.popleft()

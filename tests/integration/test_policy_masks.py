@@ -198,7 +198,8 @@ PROBES = [
     "SELECT lag(id) OVER (ORDER BY ssn) FROM {p}", "INSERT INTO {o} SELECT id, ssn FROM {p}",
     "CREATE TABLE copy_{u} AS SELECT ssn FROM {p}", "SELECT ssn INTO copy2_{u} FROM {p}",
     "UPDATE {p} SET name = ssn WHERE id = 1", "UPDATE {p} SET name = 'x' WHERE ssn = 'y'", "SELECT {f}()",
-    "EXPLAIN ANALYZE SELECT id FROM {p} WHERE ssn = 'x'", "COPY {p} TO STDOUT",
+    "EXPLAIN ANALYZE SELECT id FROM {p} WHERE ssn = 'x'", "COPY (SELECT ssn FROM {p} ORDER BY ssn) TO STDOUT",
+    "COPY {p} TO '/tmp/never_{u}'",
 ]  # fmt: skip
 
 
@@ -243,4 +244,28 @@ def test_a_server_side_cursor_and_pipelined_statements(masked_db):
             curs = [c.execute(f"SELECT pin, name FROM {names['p']} WHERE id = %s", (i,)) for i in (1, 2)]
             curs.append(c.execute("SELECT %s::text", (SSN[-8:],)))  # (a value the client sent: not masked)
         assert [cur.fetchall() for cur in curs] == [[(57, "name 1")], [(57, "name 2")], [(SSN[-8:],)]]
+    assert tap.leaks() == []
+
+
+@pytest.mark.parametrize("options", ["", "(FORMAT csv)", "(FORMAT csv, HEADER, DELIMITER ';', QUOTE '|')",
+                                     "(FORMAT text, DELIMITER '|', NULL 'nil')", "(FORMAT binary)"])
+@pytest.mark.parametrize("source", ["{p}", "{p} (id, ssn, note)", "(SELECT id, ssn, note, salary FROM {p})"])
+def test_copy_to_stdout_is_masked_in_every_format(masked_db, options, source):
+    _cm, tap, names = masked_db
+    sql = f"COPY {source.format(**names)} TO STDOUT {options}"
+    with psycopg.connect(_conninfo(tap), autocommit=True) as c:
+        c.execute(f"UPDATE {names['p']} SET note = NULL WHERE id = 5")  # (a NULL stays NULL)
+        with c.cursor() as cur, cur.copy(sql) as copy:
+            data = b"".join(bytes(block) for block in copy)
+    assert data, sql
+    if "binary" in options:
+        assert data.startswith(b"PGCOPY\n\xff\r\n\0") and data.endswith(b"\xff\xff")
+        assert _masked_ssn().encode() in data
+    else:
+        text = data.decode()
+        lines = text.splitlines()
+        assert len(lines) == 5 + ("HEADER" in options)
+        assert _masked_ssn() in text and "(hidden)" in text
+        if "nil" in options:
+            assert "|nil" in text
     assert tap.leaks() == []
