@@ -282,8 +282,24 @@ class _Tracer:
             return out
         if isinstance(expression, exp.Select):
             trusted = self._trusted(expression)
+            for e in expression.expressions:  # (left by qualify: the columns of a source it cannot list)
+                if isinstance(e, exp.Star) or (isinstance(e, exp.Column) and isinstance(e.this, exp.Star)):
+                    names = [e.table.lower()] if isinstance(e, exp.Column) and e.table else list(scope.sources)
+                    sources = [self._source(scope, n) for n in names]
+                    flow = frozenset().union(*(self._whole(src) for src in sources if src is not None))
+                    if flow or None in sources:
+                        raise Unmaskable(f"* over a source whose columns connmgr cannot list, with masked column"
+                                         f" {_names(flow) if flow else '(unknown)'}")  # fmt: skip
             return [(e.alias_or_name.lower(), self.flow(e, scope, trusted)) for e in expression.expressions]
-        return []  # VALUES: no columns of tables
+        if isinstance(expression, exp.Lateral | exp.Unnest | exp.Values) or isinstance(expression, exp.Func):
+            inner = expression.this if isinstance(expression, exp.Lateral) else None
+            if isinstance(inner, exp.Subquery) and id(inner.this) in self.scope_of:
+                return self.outputs(self.scope_of[id(inner.this)])
+            flow = self.flow(expression, scope, False)  # (raises for a function that is not total)
+            if flow:
+                raise Unmaskable(f"a set-returning function or VALUES over masked column {_names(flow)}")
+            return []  # (nothing masked: every column of it shows as is)
+        raise Unmaskable(f"a {expression.key.upper()} in FROM over masked columns is not understood")
 
     # -- flows
 
@@ -334,9 +350,12 @@ class _Tracer:
         if isinstance(source, exp.Table):
             mask = self._table_masks(source).get(name)
             return frozenset({(mask, self._oid(source, name), True)}) if mask is not None else frozenset()
-        for out_name, flow in self.outputs(source):
+        outputs = self.outputs(source)
+        for out_name, flow in outputs:
             if out_name == name:
                 return flow
+        if any(flow for _, flow in outputs):  # (a column not found where masked ones are: fail closed)
+            raise Unmaskable(f"column {table}.{name} cannot be traced")
         return frozenset()
 
     def _source(self, scope: Scope, name: str):
@@ -378,9 +397,10 @@ class _Tracer:
         if self._trusted(select):
             return
         if isinstance(select, exp.SetOperation):
-            if select.args.get("distinct") and any(f for _, f in self.outputs(scope)):
+            compares = select.args.get("distinct") or not isinstance(select, exp.Union)
+            if compares and any(f for _, f in self.outputs(scope)):
                 self._probe(frozenset().union(*(f for _, f in self.outputs(scope))),
-                            f"{select.key.upper()} (without ALL it compares rows)")  # fmt: skip
+                            f"{select.key.upper()} (it compares rows, as UNION without ALL does)")  # fmt: skip
             return
         if not isinstance(select, exp.Select):
             return
@@ -394,8 +414,12 @@ class _Tracer:
                     value = join.args[key]
                     for part in value if isinstance(value, list) else [value]:
                         self._probe(self._clause_flow(part, scope), "JOIN ... " + key.upper())
-        if select.args.get("distinct") is not None:
+        distinct = select.args.get("distinct")
+        if distinct is not None:
             self._probe(frozenset().union(*(f for _, f in self.outputs(scope))), "DISTINCT")
+            on = distinct.args.get("on")
+            if on is not None:
+                self._probe(self._clause_flow(on, scope), "DISTINCT ON")
         for window in select.find_all(exp.Window):
             if self.scope_of.get(id(_enclosing_select(window))) is not scope:
                 continue

@@ -269,3 +269,146 @@ def test_copy_to_stdout_is_masked_in_every_format(masked_db, options, source):
         if "nil" in options:
             assert "|nil" in text
     assert tap.leaks() == []
+
+
+#: the bypass corpus for masks: each template with {c} is run for every masked column
+MASK_CORPUS = [
+    # shown as is, through names
+    "SELECT {c} FROM {p}", "SELECT * FROM {p}", "SELECT p.* FROM {p} p", "TABLE {p}", "SELECT {c} AS x FROM {p}",
+    "SELECT x FROM (SELECT {c} AS x FROM {p}) s", "SELECT s.x FROM (SELECT {c} FROM {p}) AS s(x)",
+    "WITH w AS (SELECT {c} FROM {p}) SELECT * FROM w", "WITH w(x) AS (SELECT {c} FROM {p}) SELECT x FROM w",
+    "WITH RECURSIVE r(n, x) AS (SELECT 1, {c} FROM {p} UNION ALL SELECT n + 1, x FROM r WHERE n < 2) SELECT x FROM r",
+    "SELECT (SELECT {c} FROM {p} LIMIT 1)", "SELECT id, (SELECT {c} FROM {p} q WHERE q.id = p.id) FROM {p} p",
+    "SELECT {c} FROM {p} UNION ALL SELECT {c} FROM {p}", "SELECT id, name FROM {p} UNION ALL SELECT id, {c}::text FROM {p}",
+    "SELECT NULL UNION ALL SELECT {c}::text FROM {p}", "SELECT * FROM {o}, LATERAL (SELECT {c} FROM {p}) l",
+    "SELECT l.* FROM {p} p, LATERAL (SELECT p.{c}) l", "SELECT * FROM {p} CROSS JOIN {o}", "SELECT * FROM {v}",
+    "SELECT s FROM {v}", "SELECT * FROM (SELECT * FROM {v}) vv", "SELECT {c} FROM {p} WHERE id = 1",
+    "SELECT {c} FROM {p} WHERE name = 'name 1' ORDER BY id LIMIT 2", "SELECT {c} FROM ONLY {p}",
+    "SELECT {c} FROM {p} FOR UPDATE", "SELECT {c} FROM {p} TABLESAMPLE SYSTEM (100)",
+    # computed from a masked column: masked in full
+    "SELECT {c}::text FROM {p}", "SELECT CAST({c} AS varchar) FROM {p}", "SELECT {c}::text || '' FROM {p}",
+    "SELECT concat({c}) FROM {p}", "SELECT concat_ws(',', {c}, name) FROM {p}", "SELECT format('%s', {c}) FROM {p}",
+    "SELECT substr({c}::text, 1, 5) FROM {p}", "SELECT upper({c}::text) FROM {p}", "SELECT lower({c}::text) FROM {p}",
+    "SELECT left({c}::text, 3) FROM {p}", "SELECT right({c}::text, 8) FROM {p}", "SELECT reverse({c}::text) FROM {p}",
+    "SELECT md5({c}::text) FROM {p}", "SELECT length({c}::text) FROM {p}", "SELECT coalesce({c}::text, name) FROM {p}",
+    "SELECT string_agg({c}::text, ',') FROM {p}", "SELECT array_agg({c}) FROM {p}", "SELECT max({c}) FROM {p}",
+    "SELECT min({c}) FROM {p}", "SELECT count({c}) FROM {p}", "SELECT count(DISTINCT {c}) FROM {p}",
+    "SELECT json_agg({c}) FROM {p}", "SELECT jsonb_agg({c}) FROM {p}", "SELECT to_json({c}) FROM {p}",
+    "SELECT to_jsonb({c}) FROM {p}", "SELECT json_build_object('k', {c}) FROM {p}", "SELECT ARRAY[{c}] FROM {p}",
+    "SELECT ROW({c}, id) FROM {p}", "SELECT xmlelement(name x, {c}) FROM {p}", "SELECT xmlforest({c}) FROM {p}",
+    "SELECT xmlagg(xmlelement(name x, {c})) FROM {p}", "SELECT lag({c}) OVER (ORDER BY id) FROM {p}",
+    "SELECT first_value({c}) OVER () FROM {p}", "SELECT lead({c}) OVER (PARTITION BY name) FROM {p}",
+    "SELECT quote_literal({c}::text) FROM {p}", "SELECT lpad({c}::text, 40, 'x') FROM {p}",
+    # whole rows
+    "SELECT p FROM {p} p", "SELECT {p} FROM {p}", "SELECT row_to_json(p) FROM {p} p", "SELECT to_jsonb(p) FROM {p} p",
+    "SELECT to_json(p.*) FROM {p} p", "SELECT json_agg(p) FROM {p} p", "SELECT jsonb_agg(p) FROM {p} p",
+    "SELECT array_agg(p) FROM {p} p", "SELECT p::text FROM {p} p", "SELECT (p).* FROM {p} p", "SELECT (p).{c} FROM {p} p",
+    "SELECT t FROM (SELECT {c} FROM {p}) t", "SELECT row_to_json(t) FROM (SELECT * FROM {v}) t",
+    # probes: refused
+    "SELECT id FROM {p} WHERE {c} IS NOT NULL", "SELECT id FROM {p} WHERE {c}::text LIKE 'S%'",
+    "SELECT id FROM {p} WHERE {c}::text > 'M'", "SELECT id FROM {p} WHERE {c}::text IN ('a', 'b')",
+    "SELECT id FROM {p} WHERE {c}::text BETWEEN 'A' AND 'T'", "SELECT id FROM {p} WHERE {c}::text ~ '^S'",
+    "SELECT id FROM {p} WHERE {c}::text SIMILAR TO 'S%'", "SELECT id FROM {p} WHERE position('C' in {c}::text) > 0",
+    "SELECT id FROM {p} WHERE length({c}::text) = 20", "SELECT {c} FROM {p} ORDER BY {c}", "SELECT {c} FROM {p} ORDER BY 1",
+    "SELECT id FROM {p} ORDER BY {c} DESC", "SELECT {c} AS z FROM {p} ORDER BY z", "SELECT count(*) FROM {p} GROUP BY {c}",
+    "SELECT {c}, count(*) FROM {p} GROUP BY 1", "SELECT count(*) FROM {p} GROUP BY ROLLUP ({c})",
+    "SELECT count(*) FROM {p} HAVING max({c}::text) > 'M'", "SELECT DISTINCT {c} FROM {p}",
+    "SELECT DISTINCT ON ({c}) id FROM {p}", "SELECT {c}::text FROM {p} UNION SELECT 'x'",
+    "SELECT {c}::text FROM {p} INTERSECT SELECT 'x'", "SELECT {c}::text FROM {p} EXCEPT ALL SELECT 'x'",
+    "SELECT a.id FROM {p} a JOIN {p} b ON a.{c} = b.{c}", "SELECT a.id FROM {p} a JOIN {o} b ON b.v = a.{c}::text",
+    "SELECT rank() OVER (ORDER BY {c}) FROM {p}", "SELECT count(*) OVER (PARTITION BY {c}) FROM {p}",
+    "SELECT CASE WHEN {c}::text LIKE 'S%' THEN 1 ELSE 0 END FROM {p}", "SELECT {c}::text = 'x' FROM {p}",
+    "SELECT nullif({c}::text, 'x') FROM {p}", "SELECT greatest({c}::text, 'M') FROM {p}",
+    "SELECT {c}::int FROM {p}", "SELECT {c}::text::int FROM {p}", "SELECT to_number({c}::text, '999') FROM {p}",
+    "SELECT 1 / (length({c}::text) - 20) FROM {p}", "SELECT {c}::text::date FROM {p}",
+    "SELECT string_agg({c}::text, ',' ORDER BY {c}) FROM {p}", "SELECT id FROM {p} LIMIT (SELECT count({c}) FROM {p})",
+    "SELECT id FROM {p} WHERE EXISTS (SELECT 1 FROM {p} q WHERE q.{c}::text = 'x')",
+    "SELECT id FROM {p} WHERE id IN (SELECT length({c}::text) FROM {p})", "SELECT * FROM (SELECT id FROM {p} WHERE {c} IS NULL) s",
+    "SELECT * FROM {v} WHERE s LIKE 'S%'", "SELECT s FROM {v} ORDER BY s", "SELECT id FROM {p} p WHERE p IS NOT NULL",
+    "SELECT generate_series(1, length({c}::text)) FROM {p}", "SELECT regexp_replace({c}::text, 'C', 'x') FROM {p}",
+    "SELECT translate({c}::text, 'S', 'x') FROM {p}", "SELECT split_part({c}::text, '-', 2) FROM {p}",
+    "SELECT encode(convert_to({c}::text, 'UTF8'), 'hex') FROM {p}", "SELECT pg_typeof({c}) FROM {p}",
+    # writes that would copy a masked value where no mask hides it
+    "INSERT INTO {o} SELECT id, {c}::text FROM {p}", "INSERT INTO {o} (id, v) SELECT 1, max({c}::text) FROM {p}",
+    "UPDATE {o} SET v = (SELECT {c}::text FROM {p} LIMIT 1)", "UPDATE {p} SET name = {c}::text WHERE id = 1",
+    "UPDATE {p} SET name = 'n' WHERE {c} IS NOT NULL", "DELETE FROM {p} WHERE {c} IS NULL",
+    "CREATE TEMP TABLE t_{u} AS SELECT {c} FROM {p}", "SELECT {c} INTO TEMP t2_{u} FROM {p}",
+    "CREATE TEMP VIEW tv_{u} AS SELECT {c} FROM {p}", "WITH d AS (UPDATE {o} SET v = 'x' RETURNING v) SELECT {c} FROM {p}",
+    "COPY (SELECT {c} FROM {p}) TO '/tmp/never_{u}'", "UPDATE {p} SET name = name WHERE id = 1 RETURNING {c}",
+    "DELETE FROM {o} WHERE id = -1 RETURNING *",
+    # named and dynamic: cursors, prepared statements, functions, DO
+    "DECLARE c_{u} CURSOR WITH HOLD FOR SELECT {c} FROM {p}", "FETCH ALL FROM c_{u}", "CLOSE c_{u}",
+    "PREPARE q_{u} AS SELECT {c} FROM {p}", "EXECUTE q_{u}", "DEALLOCATE q_{u}", "EXECUTE never_prepared_{u}",
+    "FETCH ALL FROM never_declared_{u}", "SELECT {f}()", "SELECT * FROM {f}()",
+    "DO $$ BEGIN RAISE NOTICE '%', (SELECT {c} FROM {p} LIMIT 1); END $$",
+    "DO $$ BEGIN RAISE EXCEPTION '%', (SELECT {c} FROM {p} LIMIT 1); END $$",
+    "SELECT query_to_xml('select {c} from {p}', true, false, '')", "SELECT table_to_xml('{p}', true, false, '')",
+    "SELECT cursor_to_xml('c_{u}', 10, true, false, '')", "SELECT * FROM pg_stats WHERE tablename = '{p}'",
+    "SELECT most_common_vals::text FROM pg_stats WHERE tablename = '{p}'",
+    "SELECT current_setting('search_path'), {c} FROM {p}", "EXPLAIN ANALYZE SELECT {c} FROM {p}",
+    "EXPLAIN (VERBOSE) SELECT {c} FROM {p}", "EXPLAIN ANALYZE SELECT id FROM {p} WHERE {c} IS NULL",
+    "COPY {p} TO STDOUT", "COPY (SELECT {c} FROM {p}) TO STDOUT CSV", "COPY {p} ({c}) TO STDOUT (FORMAT binary)",
+    "SELECT {c} FROM {p}; SELECT {c} FROM {p} WHERE {c} IS NULL", "SELECT 1; SELECT * FROM {p}",
+    "/* x */ SELECT {c} FROM {p} -- y", "select/**/{c}/**/from/**/{p}", 'SELECT "{c}" FROM "{p}"',
+    "SELECT {c} FROM public.{p}", 'SELECT * FROM "public"."{p}"',
+]  # fmt: skip
+#: the masked columns a {c} template runs for
+MASKED_COLUMNS = ("ssn", "salary", "pin", "note")
+
+
+def _corpus(names: dict) -> list[str]:
+    out = []
+    for template in MASK_CORPUS:
+        for column in MASKED_COLUMNS if "{c}" in template else (None,):
+            sql = template.format(c=column, **names)
+            if sql not in out:
+                out.append(sql)
+    return out
+
+
+def _run_all(conn: psycopg.Connection, sql: str, binary: bool, prepare: bool | None) -> str:
+    got = []
+    try:
+        if sql.startswith("COPY") and "STDOUT" in sql:
+            with conn.cursor() as cur, cur.copy(sql) as copy:
+                for block in copy:
+                    got.append(bytes(block))
+            return "copied"
+        cur = conn.cursor(binary=binary)
+        cur.execute(sql, prepare=prepare)
+        while True:
+            if cur.description is not None:
+                got.extend(cur.fetchall())
+            if not cur.nextset():
+                break
+        return "ran"
+    except psycopg.Error as e:
+        return e.sqlstate or "error"
+
+
+@pytest.mark.parametrize("path", ["simple", "extended", "binary", "prepared"])
+def test_no_query_of_the_mask_corpus_shows_a_masked_value_on_the_wire(masked_db, path):
+    """The masked client's corpus, with a canary in every masked column: 0 canaries in any
+    byte connmgr sends it (the tap sees the raw wire), whatever each query's outcome."""
+    _cm, tap, names = masked_db
+    names = {**names, "c": None}
+    corpus = _corpus({k: v for k, v in names.items() if k != "c"})
+    assert len(corpus) >= 200, len(corpus)
+    outcomes: dict[str, int] = {}
+    leaks = []
+    cursor_factory = psycopg.ClientCursor if path == "simple" else psycopg.Cursor
+    with psycopg.connect(_conninfo(tap), autocommit=True, cursor_factory=cursor_factory) as c:
+        c.add_notice_handler(lambda d: None)
+        for sql in corpus:
+            before = len(tap.received)
+            outcome = _run_all(c, sql, path == "binary", True if path == "prepared" else None)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            c.execute("SELECT 1")  # (the replies to sql have all arrived at the tap)
+            with tap.lock:
+                wire = bytes(tap.received[before:])
+            found = [s for s in SECRETS if s in wire]
+            if found:
+                leaks.append(f"{sql}: {outcome}, {found}")
+    assert not leaks, f"{len(leaks)} of {len(corpus)} leaked:\n" + "\n".join(leaks)
+    print(f"{path}: {len(corpus)} queries, outcomes {outcomes}, 0 leaks")
+    assert outcomes.get("42501", 0) >= 100 and outcomes.get("ran", 0) >= 60, outcomes
