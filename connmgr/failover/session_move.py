@@ -55,6 +55,7 @@ from replay.resume import (
 )
 from replay.session_recorder import SessionRecorder
 from shadow import messages
+from shadow.framing import Framer
 from shadow.session import Phase, SessionState, TxStatus
 
 log = logging.getLogger("connmgr.move")
@@ -283,7 +284,7 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
                 cut = journal.answered
                 prefix, rest = requests[:cut], requests[cut:]
                 between = _prefix_barrier(failover, conn.id)
-            leftover += await _replay(backend, prefix, rest, expected, failover, between, commit)
+            leftover += await _replay(backend, prefix, rest, expected, failover, between, commit, conn.guard)
             failover.transactions_replayed += 1
     except _Rollback as rb:
         backend.close()
@@ -362,13 +363,16 @@ def _parses(requests: bytes | bytearray) -> dict[str, bytes]:
 
 
 async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected: bytes, failover,
-                  between=None, commit: bytes = b"") -> bytes:  # fmt: skip
+                  between=None, commit: bytes = b"", guard=None) -> bytes:  # fmt: skip
     """Replay ``prefix`` (requests whose replies the client has in full), then ``commit``
     (a commit in flight: sent only once the prefix matched), then -- after ``await
     between()``, if given -- ``rest`` (requests still in flight); swallow the replies
     that match ``expected``; return what follows them (live). Raises _Rollback on a
-    difference."""
+    difference. With a ``guard`` that masks columns (shadow/policy/), the client received
+    its rows masked: the replay's are masked the same way before they are compared (the
+    live ones are returned as the server sent them; the session's own guard masks them)."""
     matcher = ReplayMatcher(expected)
+    masks = guard.replica() if guard is not None and guard.results is not None else None
     framer = backend.framer
     data = backend.leftover
     backend.leftover = b""
@@ -382,6 +386,8 @@ async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected:
         if i == 1 and not matcher.matched:
             raise _Rollback("result differs", "replaying it on the secondary gave fewer replies than the client"
                                               " received")  # fmt: skip
+        if masks is not None:
+            masks.filter(*Framer(frontend=True).feed(requests))
         await backend.stream.send_all(requests)
         while not matcher.matched if readies is None else readies > 0:
             if not data:
@@ -398,7 +404,14 @@ async def _replay(backend: BackendSession, prefix: bytes, rest: bytes, expected:
                         readies -= 1
                     elif tag == _G and open_copy and readies == 1:
                         readies = 0  # the COPY waits for the client's data: the stage is over
-            live += matcher.feed(buf)
+            if masks is None:
+                live += matcher.feed(buf)
+            else:  # compared masked; what is live goes on as sent (the same messages, unmasked)
+                seen, seen_frames, _changed = masks.results.filter(buf, frames)
+                after = matcher.feed(seen)
+                if after:
+                    count = len(split_messages(after))
+                    live += bytes(buf[frames[len(frames) - count][1] - 5:])
             if matcher.difference is not None:
                 failover.replies_compared += matcher.compared
                 raise _Rollback("result differs",

@@ -127,6 +127,10 @@ class SessionResumer:
         committer = order.is_committer(sid)
         try:
             self._check(r)
+            if self.ctx.guard_for is not None:  # the policy holds here too: the class, masks and names in flight
+                conn.guard = await self.ctx.guard_for(conn)
+                if conn.guard is not None:
+                    conn.guard.resume(replica.session)
             if secret is not None and secret.kind == "scram" and keys is None and not self.ctx.config.primary.password:
                 raise NotResumable("the session logged in with SCRAM and this host could not recover its key from"
                                    " the copied frames of its start (encrypted, not seen, or another verifier"

@@ -145,6 +145,59 @@ class Guard:
         out.append(bytes(buf[done:]))
         return _reframe(b"".join(out), frames)
 
+    def replica(self) -> Guard:
+        """A guard in this one's state (its class, the names it knows) that tells nobody of
+        refusals: a session's replay on another server masks its replies with it, to
+        compare them with the masked ones the client received."""
+        other = Guard(self.cls, lambda refusal: None, self.catalog)
+        other.refused = set(self.refused)
+        other.named = dict(self.named)
+        if other.results is not None and self.results is not None:
+            other.results.statements = dict(self.results.statements)
+        return other
+
+    def resume(self, state) -> None:
+        """A session that continues on this connmgr (its host died): the prepared
+        statements it had made and the requests the server still owes replies to, from the
+        shadow's copy of it (``state``: shadow.session.SessionState). Its cursors and
+        portals were not copied: their rows are masked in full."""
+        results = self.results
+        if results is None:
+            return
+        for name, sql in state.prepared_statements.items():
+            shown = self._decided(sql)
+            results.statements[name.encode()] = shown
+            self.named[("prepare", name)] = shown
+        for request in state.pending:
+            kind = request.kind
+            if kind == "Q":
+                results.query(None if request.sql is None else
+                              tuple(self._shown(o) for o in self._outcomes(request.sql)))  # fmt: skip
+            elif kind == "F":
+                results.query(None)
+            elif kind == "P":
+                results.parse((request.statement or "").encode(), None if request.sql is None else
+                              self._decided(request.sql))  # fmt: skip
+            elif kind == "B":
+                results.bind((request.portal or "").encode(), (request.statement or "").encode(), None)
+            elif kind == "D":
+                results.describe(ord("S") if request.statement is not None else ord("P"),
+                                 (request.statement or request.portal or "").encode())  # fmt: skip
+            elif kind == "E":
+                results.execute((request.portal or "").encode())
+            elif kind == "C":
+                results.close(ord("S") if request.statement is not None else ord("P"),
+                              (request.statement or request.portal or "").encode())  # fmt: skip
+            elif kind == "S":
+                results.sync()
+
+    def _outcomes(self, sql: str) -> tuple[Outcome | None, ...]:
+        return decide(self.cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[2]
+
+    def _decided(self, sql: str) -> Shown | None:
+        outcomes = self._outcomes(sql)
+        return self._shown(outcomes[0]) if len(outcomes) == 1 else None
+
     def _shown(self, outcome: Outcome | None) -> Shown | None:
         """What a statement's rows show, its names followed (in the order the server runs them)."""
         if outcome is None:

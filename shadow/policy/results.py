@@ -134,15 +134,18 @@ class Results:
 
     # -- what the guard lets through
 
-    def query(self, shown: tuple) -> None:
+    def query(self, shown: tuple | None) -> None:
+        """A Query whose statements show ``shown`` (None: not known, every row masked)."""
         self.items.append(_Item(ord("Q"), shown))
 
     def parse(self, name: bytes, shown: Shown | None) -> None:
         self.statements[name] = shown
         self.items.append(_Item(ord("P")))
 
-    def bind(self, portal: bytes, statement: bytes, formats: tuple[int, ...]) -> None:
-        self.portals[portal] = _Portal(self.statements.get(statement, UNKNOWN), formats)
+    def bind(self, portal: bytes, statement: bytes, formats: tuple[int, ...] | None) -> None:
+        """(``formats`` None: not known; every row of the portal masked.)"""
+        shown = self.statements.get(statement, UNKNOWN) if formats is not None else UNKNOWN
+        self.portals[portal] = _Portal(shown, formats or ())
         self.items.append(_Item(ord("B")))
 
     def describe(self, kind: int, name: bytes) -> None:
@@ -168,10 +171,10 @@ class Results:
         for tag, start, end in frames:
             item = items[0] if items else None
             if tag == _d:
-                if item is not None and item.copy is not None:
+                if item is None or item.copy is not None:
                     if out is None:
                         out = []
-                    data = item.copy.row(bytes(buf[start:end]))
+                    data = item.copy.row(bytes(buf[start:end])) if item is not None else b""
                     out.append(bytes(buf[done:start - 5]))
                     out.append(b"d" + _I32.pack(len(data) + 4) + data)
                     done = end
@@ -179,7 +182,9 @@ class Results:
                 continue
             if tag == _D:
                 columns = None
-                if item is not None:
+                if item is None:  # (a row of no request the guard saw: every value masked)
+                    columns = columns_of(UNKNOWN, None)
+                else:
                     if item.tag == ord("Q"):
                         columns = item.columns
                     elif item.tag == ord("E"):
@@ -199,7 +204,7 @@ class Results:
                 continue
             if tag == _H_:
                 if item.tag == ord("Q"):
-                    shown = item.shown[item.index] if item.index < len(item.shown) else None
+                    shown = _statement_shown(item)
                 elif item.tag == ord("E"):
                     shown = item.portal.shown
                 else:
@@ -210,7 +215,7 @@ class Results:
             elif tag == _T:
                 described = read_description(buf, start, end)
                 if item.tag == ord("Q"):
-                    shown = item.shown[item.index] if item.index < len(item.shown) else None
+                    shown = _statement_shown(item)
                     item.columns = columns_of(shown, described) if described is not None else \
                         columns_of(UNKNOWN, None)  # fmt: skip
                 elif item.tag == ord("D"):
@@ -227,7 +232,7 @@ class Results:
                     items.popleft()
             elif tag == _E:
                 if item.tag == ord("Q"):
-                    item.index = len(item.shown) if item.shown else 0
+                    item.index = len(item.shown) if item.shown else 1 << 30
                     item.columns = None
                 else:
                     while items and items[0].tag not in (ord("S"), ord("Q")):
@@ -244,6 +249,12 @@ class Results:
         out.append(bytes(buf[done:]))
         buf, frames = _reframe(b"".join(out), len(frames))
         return buf, frames, True
+
+
+def _statement_shown(item: _Item) -> Shown | None:
+    if item.shown is None:
+        return UNKNOWN
+    return item.shown[item.index] if item.index < len(item.shown) else None
 
 
 def _reframe(buf: bytes, count: int) -> tuple[bytes, list]:

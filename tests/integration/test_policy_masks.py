@@ -412,3 +412,34 @@ def test_no_query_of_the_mask_corpus_shows_a_masked_value_on_the_wire(masked_db,
     assert not leaks, f"{len(leaks)} of {len(corpus)} leaked:\n" + "\n".join(leaks)
     print(f"{path}: {len(corpus)} queries, outcomes {outcomes}, 0 leaks")
     assert outcomes.get("42501", 0) >= 100 and outcomes.get("ran", 0) >= 60, outcomes
+
+
+def test_masks_and_refusals_hold_after_a_failover_to_the_secondary(pg_bindir, pg_base_dir, tmp_path):
+    """A masked client inside a transaction when the primary database is killed: its
+    transaction moves to the secondary, and there its rows are still masked and its probes
+    still refused; a client that connects after the failover is masked too."""
+    from connmgr_fixtures import DB, PASSWORD, live_pair_of, wait_for
+
+    policy = tmp_path / "pair-policy.toml"
+    policy.write_text('[[class]]\nname = "masked"\napplication_names = ["masked*"]\n'
+                      '[[class.mask]]\ncolumn = "accounts.balance"\nmask = "full"\n')  # fmt: skip
+    extra = {"policy": {"file": str(policy), "catalog_refresh": 0.2}}
+    with live_pair_of(pg_bindir, pg_base_dir / "policy-masks-failover", tmp_path, primary_extra=extra,
+                      failover_options={"failback": "manual"}) as lp:  # fmt: skip
+        conninfo = lp.primary.conninfo("postgres", DB, PASSWORD, application_name="masked-app")
+        with psycopg.connect(conninfo) as c:
+            assert c.execute("SELECT id, balance FROM accounts WHERE id <= 2 ORDER BY id").fetchall() == [(1, 0), (2, 0)]
+            c.execute("UPDATE accounts SET balance = 1007 WHERE id = 3")  # (writing a masked column: allowed)
+            lp.pair.primary.kill()
+            assert wait_for(lambda: lp.failover.failed_over, 15), lp.failover.timeline
+            assert c.execute("SELECT id, balance FROM accounts WHERE id = 3").fetchall() == [(3, 0)]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute("SELECT id FROM accounts ORDER BY balance")
+            c.rollback()
+            c.execute("UPDATE accounts SET balance = 1007 WHERE id = 3")
+            c.commit()
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            assert c.execute("SELECT balance FROM accounts WHERE id = 3").fetchall() == [(0,)]
+        assert lp.on_secondary("SELECT balance FROM accounts WHERE id = 3") == [(1007,)]  # the write is there once
+        with lp.connect(autocommit=True) as c:  # another class (none): as is
+            assert c.execute("SELECT balance FROM accounts WHERE id = 3").fetchall() == [(1007,)]
