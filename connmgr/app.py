@@ -157,7 +157,8 @@ class App:
         self.exported = Exported(self.metrics, self.registry, lambda: self.accepting, mirror=self.mirror,
                                  redo=self.redo, syncrep=self.syncrep, secondary=self.secondary,
                                  failover=self.failover, engine=self.engine,
-                                 policy_refusals=self.policy.refusals if self.policy is not None else None)  # fmt: skip
+                                 policy_refusals=self.policy.refusals if self.policy is not None else None,
+                                 policy_masked_rows=self.policy.masked_rows if self.policy is not None else None)  # fmt: skip
         self._shutdown = trio.Event()
         self._drain_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None

@@ -25,6 +25,11 @@ What it does
    ``connmgr-policy`` the same with ``--policy``: a class takes every client and refuses
                   objects and kinds pgbench never uses (issue 16: the analysis's cost,
                   each statement split, classified, parsed and checked, decisions cached);
+   ``connmgr-masks`` the same with a mask on pgbench_accounts.filler, which pgbench never
+                  reads (each statement's output columns traced; nothing masked);
+   ``connmgr-masked`` a mask on pgbench_accounts.abalance: every row select-only gets is
+                  masked on the wire (tpcb's ``SET abalance = abalance + d`` is refused:
+                  a write that reads a masked column);
    ``pgbouncer``  PgBouncer (if installed), session pooling unless ``--pgbouncer-mode``;
    ``relay``      labs/naive_relay.py: trio, two pumps, parses nothing.
 
@@ -97,7 +102,7 @@ from benchkit.targets import Target, connmgr_argv, relay_argv  # noqa: E402
 from connmgr.embedded.clusters import Cluster, free_port  # noqa: E402
 
 ALL_TARGETS = ("direct", "connmgr", "connmgr-w2", "connmgr-w3", "connmgr-w4", "connmgr-pure", "connmgr-tasks",
-               "connmgr-base", "connmgr-policy", "pgbouncer", "relay")  # fmt: skip
+               "connmgr-base", "connmgr-policy", "connmgr-masks", "connmgr-masked", "pgbouncer", "relay")  # fmt: skip
 
 CLUSTER_SETTINGS: dict[str, str | int] = {
     "fsync": "off",
@@ -165,6 +170,14 @@ class ProxyBench(Bench):
                 policy = self.base / "policy.toml"
                 policy.write_text('[[class]]\nname = "bench"\nusers = ["*"]\nrefuse_kinds = ["TRUNCATE"]\n'
                                   'refuse_objects = ["secret.*", "function:query_to_xml"]\n')  # fmt: skip
+                extra.extend(["--policy", str(policy)])
+            if name in ("connmgr-masks", "connmgr-masked"):
+                # masks: a column of the table pgbench reads, not one it reads (each statement's
+                # output traced, none masked); masked: the balance every select returns
+                column = "filler" if name == "connmgr-masks" else "abalance"
+                policy = self.base / f"{name}.toml"
+                policy.write_text('[[class]]\nname = "bench"\nusers = ["*"]\n[[class.mask]]\n'
+                                  f'column = "pgbench_accounts.{column}"\nmask = "full"\n')  # fmt: skip
                 extra.extend(["--policy", str(policy)])
             if name == "connmgr-base":
                 if not self.args.baseline:

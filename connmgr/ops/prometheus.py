@@ -47,6 +47,8 @@ class Exported:
     engine: RelayEngine | None = None
     #: with [policy] file: statements refused, by client class
     policy_refusals: dict[str, int] | None = None
+    #: with [policy] masks: rows with a value masked, by client class
+    policy_masked_rows: dict[str, int] | None = None
 
 
 def render(app: Exported) -> str:
@@ -156,6 +158,9 @@ def render(app: Exported) -> str:
     if app.policy_refusals is not None:
         labeled["policy_refusals_total"] = ("class", "statements the policy refused (42501), by client class",
                                             dict(app.policy_refusals))  # fmt: skip
+    if app.policy_masked_rows is not None:
+        labeled["policy_masked_rows_total"] = ("class", "rows (and COPY rows) sent with values masked, by client"
+                                               " class", dict(app.policy_masked_rows))  # fmt: skip
     if app.engine is not None:
         gauges["relay_engine_sessions"] = float(app.engine.sessions)
         gauges["relay_engine_batches"] = float(app.engine.batches)

@@ -6,7 +6,9 @@ The catalog (views, SQL functions; shadow/policy/catalog.py) of a database is re
 its first restricted client logs in -- that login fails (08006) if it cannot be read:
 without it a view over a refused table would pass -- and again every
 ``[policy] catalog_refresh`` seconds while connmgr runs, with connmgr's own session ([redo]
-credentials). A refresh that fails keeps the catalog it had, with a warning.
+credentials). A refresh that fails keeps the catalog it had, with a warning; one that finds
+it unchanged keeps the same object, so the decisions cached for it stay (they are keyed on
+it). With masks, the columns of every table and view are read too.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ class PolicyRuntime:
         #: database -> its catalog as last read
         self.catalogs: dict[str, Catalog] = {}
         self._loading: dict[str, trio.Event] = {}
+        #: database -> the rows its catalog was made of
+        self._read_rows: dict[str, tuple] = {}
         #: statements refused, by class (connmgr_policy_refusals_total)
         self.refusals: Counter[str] = Counter()
+        #: rows sent with values masked, by class (connmgr_policy_masked_rows_total)
+        self.masked_rows: Counter[str] = Counter()
         self.catalog_reads = 0
         self.catalog_failures = 0
         #: some class masks columns (the catalog's columns are read too)
@@ -68,8 +74,11 @@ class PolicyRuntime:
                         database, cls.name, refusal.what, refusal.rule, refusal.statement.digest,
                         refusal.statement.shape[:200])  # fmt: skip
 
+        def masked(rows: int) -> None:
+            self.masked_rows[cls.name] += rows
+
         catalogs = self.catalogs
-        return Guard(cls, refused, lambda: catalogs.get(database))
+        return Guard(cls, refused, lambda: catalogs.get(database), on_masked=masked)
 
     async def _first_read(self, database: str) -> None:
         loading = self._loading.get(database)
@@ -97,7 +106,10 @@ class PolicyRuntime:
                 columns = await session.query_rows(messages.query(COLUMNS_SQL)) if self.masks else ()
             finally:
                 session.close()
-        self.catalogs[database] = Catalog.from_rows(rows, columns)
+        key = (tuple(map(tuple, rows)), tuple(map(tuple, columns)))
+        if self._read_rows.get(database) != key:  # (unchanged: the same object, so every decision cached stays)
+            self._read_rows[database] = key
+            self.catalogs[database] = Catalog.from_rows(rows, columns)
         self.catalog_reads += 1
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

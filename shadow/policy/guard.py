@@ -66,7 +66,8 @@ class Guard:
     __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named")
 
     def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None],
-                 catalog: Callable[[], Catalog | None] = lambda: None) -> None:  # fmt: skip
+                 catalog: Callable[[], Catalog | None] = lambda: None,
+                 on_masked: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.cls = cls
         self.on_refusal = on_refusal
         #: the database's catalog as it is now (refreshed by connmgr/proxy/policy.py)
@@ -74,7 +75,7 @@ class Guard:
         #: names of prepared statements replaced by a refusal (b"" the unnamed one)
         self.refused: set[bytes] = set()
         #: a class with masks: the server's answers to mask (None: nothing is masked)
-        self.results = Results() if cls.masks else None
+        self.results = Results(on_masked) if cls.masks else None
         #: ("prepare" or "cursor", name) -> what its rows show
         self.named: dict[tuple[str, str], Shown | None] = {}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 
 from shadow.policy.copying import CopyFormat, CopyMasker
 from shadow.policy.decision import UNKNOWN, Shown
@@ -122,15 +123,16 @@ def read_description(buf, start: int, end: int) -> list[tuple[int, int]] | None:
 class Results:
     """The server's answers of one masked session (see the module docstring)."""
 
-    __slots__ = ("items", "statements", "portals", "masked_rows")
+    __slots__ = ("items", "statements", "portals", "masked_rows", "on_masked")
 
-    def __init__(self) -> None:
+    def __init__(self, on_masked: Callable[[int], None] | None = None) -> None:
         self.items: deque[_Item] = deque()
         #: prepared statement name -> what its rows show
         self.statements: dict[bytes, Shown | None] = {}
         self.portals: dict[bytes, _Portal] = {}
-        #: rows with a value masked (connmgr_policy_masked_rows_total)
+        #: rows with a value masked; ``on_masked(n)`` is told of each batch's
         self.masked_rows = 0
+        self.on_masked = on_masked
 
     # -- what the guard lets through
 
@@ -168,6 +170,7 @@ class Results:
         out: list[bytes] | None = None
         done = 0
         items = self.items
+        rows_before = self.masked_rows
         for tag, start, end in frames:
             item = items[0] if items else None
             if tag == _d:
@@ -246,6 +249,8 @@ class Results:
                     items.popleft()
         if out is None:
             return buf, frames, False
+        if self.on_masked is not None:
+            self.on_masked(self.masked_rows - rows_before)
         out.append(bytes(buf[done:]))
         buf, frames = _reframe(b"".join(out), len(frames))
         return buf, frames, True

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import threading
+import urllib.request
 import uuid
 
 import psycopg
@@ -121,7 +122,7 @@ column = "person_*.note"
 mask = "constant"
 value = "(hidden)"
 """)
-    cm = start_connmgr(policy={"file": str(policy), "catalog_refresh": 0.2},
+    cm = start_connmgr(policy={"file": str(policy), "catalog_refresh": 0.2}, metrics={"listen": "127.0.0.1:0"},
                        redo={"user": "postgres", "password": "postgres"})  # fmt: skip
     tap = Tap(cm.host, cm.port)
     yield cm, tap, names
@@ -169,6 +170,10 @@ def test_masked_values_keep_their_type_in_text_and_binary(masked_db, binary):
             got = cur.execute(f"SELECT ssn, salary FROM {names['p']} WHERE id = %s", (4,), prepare=True).fetchall()
             assert got == [(_masked_ssn(), decimal.Decimal(0))]
     assert tap.leaks() == []
+    host, port = _cm.app.metrics_address
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    counted = [line for line in text.splitlines() if line.startswith('connmgr_policy_masked_rows_total{class="support"}')]
+    assert counted and float(counted[0].split()[-1]) >= 9, counted  # (the rows above, each with a value masked)
 
 
 def test_psql_simple_protocol_and_sql_prepare_and_cursors(masked_db):
