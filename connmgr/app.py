@@ -158,7 +158,8 @@ class App:
                                  redo=self.redo, syncrep=self.syncrep, secondary=self.secondary,
                                  failover=self.failover, engine=self.engine,
                                  policy_refusals=self.policy.refusals if self.policy is not None else None,
-                                 policy_masked_rows=self.policy.masked_rows if self.policy is not None else None)  # fmt: skip
+                                 policy_masked_rows=self.policy.masked_rows if self.policy is not None else None,
+                                 policy_rewrites=self.policy.rewrites if self.policy is not None else None)  # fmt: skip
         self._shutdown = trio.Event()
         self._drain_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None

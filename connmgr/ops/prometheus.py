@@ -49,6 +49,8 @@ class Exported:
     policy_refusals: dict[str, int] | None = None
     #: with [policy] masks: rows with a value masked, by client class
     policy_masked_rows: dict[str, int] | None = None
+    #: with [policy] rewrites: statements rewritten, by client class
+    policy_rewrites: dict[str, int] | None = None
 
 
 def render(app: Exported) -> str:
@@ -161,6 +163,9 @@ def render(app: Exported) -> str:
     if app.policy_masked_rows is not None:
         labeled["policy_masked_rows_total"] = ("class", "rows (and COPY rows) sent with values masked, by client"
                                                " class", dict(app.policy_masked_rows))  # fmt: skip
+    if app.policy_rewrites is not None:
+        labeled["policy_rewrites_total"] = ("class", "statements a rewrite of the policy changed, by client class",
+                                            dict(app.policy_rewrites))  # fmt: skip
     if app.engine is not None:
         gauges["relay_engine_sessions"] = float(app.engine.sessions)
         gauges["relay_engine_batches"] = float(app.engine.batches)

@@ -52,6 +52,8 @@ class PolicyRuntime:
         self.refusals: Counter[str] = Counter()
         #: rows sent with values masked, by class (connmgr_policy_masked_rows_total)
         self.masked_rows: Counter[str] = Counter()
+        #: statements a rewrite changed, by class (connmgr_policy_rewrites_total)
+        self.rewrites: Counter[str] = Counter()
         self.catalog_reads = 0
         self.catalog_failures = 0
         #: some class masks columns (the catalog's columns are read too)
@@ -77,8 +79,11 @@ class PolicyRuntime:
         def masked(rows: int) -> None:
             self.masked_rows[cls.name] += rows
 
+        def rewritten(count: int) -> None:
+            self.rewrites[cls.name] += count
+
         catalogs = self.catalogs
-        return Guard(cls, refused, lambda: catalogs.get(database), on_masked=masked)
+        return Guard(cls, refused, lambda: catalogs.get(database), on_masked=masked, on_rewrite=rewritten)
 
     async def _first_read(self, database: str) -> None:
         loading = self._loading.get(database)

@@ -314,9 +314,13 @@ def _unescape(raw: str) -> str:
     return "".join(out)
 
 
+_ESCAPES = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
 def _escape(value: str, delimiter: str) -> str:
-    out = value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-    return out.replace(delimiter, "\\" + delimiter) if delimiter not in ("\\",) else out
+    """A value as Postgres writes it in COPY's text format (its control characters and the
+    delimiter escaped with a backslash)."""
+    return "".join(_ESCAPES.get(ch) or ("\\" + ch if ch == delimiter else ch) for ch in value)
 
 
 def _csv_field(value: str, fmt: CopyFormat) -> str:

@@ -131,6 +131,11 @@ class Decision:
     text: str | None
     refusal: Refusal | None
     outcomes: tuple[Outcome | None, ...] = ()
+    #: statements a rewrite changed
+    rewritten: int = 0
+    #: decided by shape alone (every statement had one, none was rewritten): a text that
+    #: differs only in its values gets the same decision
+    shared: bool = False
 
 
 def judge(cls: ClientClass, st: Statement, catalog: Catalog | None) -> tuple[Refusal | None, Outcome | None]:
@@ -182,16 +187,29 @@ def rewrite_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) ->
 
 
 def decide_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> Decision:
-    """:func:`rewrite_query` with the outcome of each statement (:class:`Decision`)."""
+    """:func:`rewrite_query` with the outcome of each statement (:class:`Decision`); a
+    class's rewrites (shadow/policy/rewrite.py) apply first, and the statement as
+    rewritten is what is judged."""
     outcomes = []
+    pieces: list[str] = []
+    done = rewritten = 0
     for st in statements(sql):
+        new = cls.rewrites.rewrite(sql[st.start:st.end]) if cls.rewrites and st.tree is not None else None
+        judged = st
+        if new is not None:
+            (judged,) = statements(new)[:1] or (st,)
+            rewritten += 1
         if catalog is not None and cls.restricts_objects:
-            st = catalog.expand(st)
-        refusal, outcome = judge(cls, st, catalog)
+            judged = catalog.expand(judged)
+        refusal, outcome = judge(cls, judged, catalog)
+        if refusal is not None or new is not None:
+            pieces += [sql[done:st.start], refusal_sql(refusal) if refusal is not None else new]
+            done = st.end
         if refusal is not None:
-            return Decision(sql[:st.start] + refusal_sql(refusal) + sql[st.end:], refusal, tuple(outcomes))
+            return Decision("".join(pieces) + sql[done:], refusal, tuple(outcomes), rewritten)
         outcomes.append(outcome)
-    return Decision(None, None, tuple(outcomes) if any(outcomes) else ())
+    text = "".join(pieces) + sql[done:] if pieces else None
+    return Decision(text, None, tuple(outcomes) if any(outcomes) else (), rewritten)
 
 
 #: (class, catalog, shape key) -> the refusal (or None) of a statement of that shape
@@ -208,31 +226,50 @@ def rewrite_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None =
 def decide_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> Decision:
     """:func:`decide_query`, with each statement's decision cached by its shape (its
     tokens without the literals' values, :func:`~shadow.policy.analysis.shape_key`): a
-    statement repeated with other values costs a tokenization, not a parse."""
+    statement repeated with other values costs a tokenization, not a parse. A statement
+    a rewrite changes is decided in full each time (its values go into the new text)."""
+    if cls.rewrites and not cls.rewrites.by_shape:
+        return decide_query(sql, cls, catalog)
     try:
         groups = token_groups(sql)
     except Exception:  # noqa: BLE001 - text the tokenizer cannot read: the full path says why
         return decide_query(sql, cls, catalog)
     outcomes = []
+    pieces: list[str] = []
+    done = rewritten = 0
+    shared = True
     for tokens in groups:
         start, end = span(tokens)
         key = shape_key(tokens)
-        cached = key is not None and (cls, catalog, key) in _BY_SHAPE
-        if cached:
-            refusal, outcome = _BY_SHAPE[(cls, catalog, key)]
+        shared = shared and key is not None
+        cached = _BY_SHAPE.get((cls, catalog, key)) if key is not None else None
+        if cached is not None and cached is not _REWRITTEN:
+            refusal, outcome = cached
             _BY_SHAPE.move_to_end((cls, catalog, key))
+            new = None
         else:
-            (st,) = statements(sql[start:end]) or (None,)
-            if st is None:
-                continue
-            if catalog is not None and cls.restricts_objects:
-                st = catalog.expand(st)
-            refusal, outcome = judge(cls, st, catalog)
+            one = decide_query(sql[start:end], cls, catalog)
+            refusal, outcome = one.refusal, (one.outcomes[0] if one.outcomes else None)
+            new = one.text if one.rewritten else None
             if key is not None:
-                _BY_SHAPE[(cls, catalog, key)] = refusal, outcome
+                _BY_SHAPE[(cls, catalog, key)] = _REWRITTEN if one.rewritten else (refusal, outcome)
                 if len(_BY_SHAPE) > _BY_SHAPE_LIMIT:
                     _BY_SHAPE.popitem(last=False)
+            if new is not None:
+                rewritten += 1
+                pieces += [sql[done:start], new]
+                done = end
+                if refusal is not None:
+                    return Decision("".join(pieces) + sql[done:], refusal, tuple(outcomes), rewritten)
+                outcomes.append(outcome)
+                continue
         if refusal is not None:
-            return Decision(sql[:start] + refusal_sql(refusal) + sql[end:], refusal, tuple(outcomes))
+            pieces += [sql[done:start], refusal_sql(refusal)]
+            return Decision("".join(pieces) + sql[end:], refusal, tuple(outcomes), rewritten)
         outcomes.append(outcome)
-    return Decision(None, None, tuple(outcomes) if any(outcomes) else ())
+    text = "".join(pieces) + sql[done:] if pieces else None
+    return Decision(text, None, tuple(outcomes) if any(outcomes) else (), rewritten, shared and not rewritten)
+
+
+#: a shape whose statements a rewrite changes (decided in full each time)
+_REWRITTEN = object()

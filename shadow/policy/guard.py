@@ -24,6 +24,7 @@ was found to show (a name it never saw made: every value masked).
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from functools import lru_cache
@@ -49,27 +50,58 @@ _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 
 
-@lru_cache(maxsize=8192)
 def decide(cls: ClientClass, catalog: Catalog | None,
-           text: bytes) -> tuple[bytes | None, Refusal | None, tuple[Outcome | None, ...]]:  # fmt: skip
+           text: bytes) -> tuple[bytes | None, Refusal | None, tuple[Outcome | None, ...], int]:  # fmt: skip
     """(the statement text to send instead or None, the refusal or None, the outcome of
-    each statement that runs)."""
+    each statement that runs, how many statements a rewrite changed).
+
+    Cached three ways: by the text (:func:`_decided`); by the text with its numbers'
+    values left out (``_BY_VALUES``), for a text that passes as it is and was decided by
+    shape -- a digit run that starts a token (not one inside a name: ``t1``, ``$1``,
+    ``x.5``) is a value, and one after ``BY`` could be a column's position, so a text with
+    ``by``, a quote of a name or a ``$``/backslash is not shared that way -- and by each
+    statement's shape (shadow/policy/decision.py)."""
+    key = None
+    if _NOT_BY_VALUES.search(text) is None:
+        key = (cls, catalog, _VALUE_DIGITS.sub(b"0", text))
+        outcomes = _BY_VALUES.get(key)
+        if outcomes is not None:
+            return None, None, outcomes, 0
+    new, refusal, outcomes, rewritten, shared = _decided(cls, catalog, text)
+    if key is not None and shared and new is None:
+        _BY_VALUES[key] = outcomes
+        if len(_BY_VALUES) > _BY_VALUES_LIMIT:
+            _BY_VALUES.pop(next(iter(_BY_VALUES)))
+    return new, refusal, outcomes, rewritten
+
+
+_VALUE_DIGITS = re.compile(rb"(?<![A-Za-z0-9_.\x80-\xff])[0-9]+")
+_NOT_BY_VALUES = re.compile(rb'["$\\]|[bB][yY]')
+_BY_VALUES: dict = {}
+_BY_VALUES_LIMIT = 16384
+
+
+@lru_cache(maxsize=8192)
+def _decided(cls: ClientClass, catalog: Catalog | None, text: bytes) -> tuple:
     sql = text.decode("utf-8", "surrogateescape")  # (bytes of another client_encoding come back unchanged)
     decision = decide_query_by_shape(sql, cls, catalog)
     new = None if decision.text is None else decision.text.encode("utf-8", "surrogateescape")
-    return new, decision.refusal, decision.outcomes
+    return new, decision.refusal, decision.outcomes, decision.rewritten, decision.shared
 
 
 class Guard:
     """``on_refusal(refusal)`` is told of every refused statement (logs, metrics)."""
 
-    __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named")
+    __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named", "on_rewrite")
 
     def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None],
                  catalog: Callable[[], Catalog | None] = lambda: None,
-                 on_masked: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                 on_masked: Callable[[int], None] | None = None,
+                 on_rewrite: Callable[[int], None] | None = None) -> None:  # fmt: skip
         self.cls = cls
         self.on_refusal = on_refusal
+        #: told how many statements of a message a rewrite changed
+        self.on_rewrite = on_rewrite
         #: the database's catalog as it is now (refreshed by connmgr/proxy/policy.py)
         self.catalog = catalog
         #: names of prepared statements replaced by a refusal (b"" the unnamed one)
@@ -87,7 +119,9 @@ class Guard:
         results = self.results
         for tag, start, end in frames:
             if tag == _Q:
-                new, refusal, outcomes = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
+                new, refusal, outcomes, rewritten = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
+                if rewritten and self.on_rewrite is not None:
+                    self.on_rewrite(rewritten)
                 if results is not None:
                     results.query(tuple(self._shown(o) for o in outcomes))
                 if new is None:
@@ -101,17 +135,22 @@ class Guard:
                         results.parse(b"\0", UNKNOWN)  # (the server refuses it: 08P01)
                     continue  # malformed: the server refuses it (08P01)
                 name = bytes(buf[start:name_end])
-                new, refusal, outcomes = decide(self.cls, self.catalog(), bytes(buf[name_end + 1:text_end]))
+                new, refusal, outcomes, rewritten = decide(self.cls, self.catalog(), bytes(buf[name_end + 1:text_end]))
+                if rewritten and self.on_rewrite is not None:
+                    self.on_rewrite(rewritten)
                 if results is not None:
                     shown = self._shown(outcomes[0]) if len(outcomes) == 1 else None
                     results.parse(name, shown)
                     self.named[("prepare", name.decode("utf-8", "replace"))] = shown
-                if new is None:
+                if new is None or refusal is None:
                     self.refused.discard(name)  # (the name now holds an allowed statement)
-                    continue
-                self.refused.add(name)
-                new = refusal_sql(refusal).encode()
-                body = name + b"\0" + new + b"\0" + b"\0\0"  # no parameter types
+                    if new is None:
+                        continue
+                    body = name + b"\0" + new + b"\0" + bytes(buf[text_end + 1:end])  # rewritten: types kept
+                else:
+                    self.refused.add(name)
+                    new = refusal_sql(refusal).encode()
+                    body = name + b"\0" + new + b"\0" + b"\0\0"  # no parameter types
                 message = b"P" + _LEN.pack(len(body) + 4) + body
             elif tag == _F and (self.cls.restricts_objects or "CALL" in self.cls.refuse_kinds
                                 or (self.cls.allow_kinds is not None and "CALL" not in self.cls.allow_kinds)):

@@ -43,6 +43,8 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
+from shadow.policy.rewrite import RULES, Rewrites, Rule, TableEntry
+
 __all__ = ["KINDS", "MASKS", "ClientClass", "ColumnMask", "ObjectPattern", "Policy", "PolicyError", "load_policy", "parse_policy"]
 
 #: the request kinds a rule may name (shadow/policy/analysis.py assigns them)
@@ -51,7 +53,7 @@ KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "DDL", "TRUNCA
          "OTHER")  # fmt: skip
 
 _CLASS_KEYS = {"name", "users", "databases", "application_names", "networks", "refuse_kinds", "refuse_objects",
-               "allow_kinds", "allow_objects", "mask"}  # fmt: skip
+               "allow_kinds", "allow_objects", "mask", "rewrite", "rule"}  # fmt: skip
 #: what a mask shows instead of a value
 MASKS = ("full", "last", "hash", "null", "constant")
 _MASK_KEYS = {"column", "mask", "keep", "value", "key_env", "allow_predicates"}
@@ -130,6 +132,7 @@ class ClientClass:
     allow_kinds: frozenset[str] | None = None
     allow_objects: tuple[ObjectPattern, ...] | None = None
     masks: tuple[ColumnMask, ...] = ()
+    rewrites: Rewrites = Rewrites()
 
     def holds(self, user: str, database: str, application_name: str, address: str | None) -> bool:
         """Does this class take a client with these properties (``address`` an IP, or
@@ -249,8 +252,40 @@ def _client_class(entry: dict, where: str) -> ClientClass:
         application_names=strings("application_names"), networks=networks,
         refuse_kinds=kinds("refuse_kinds") or frozenset(), refuse_objects=objects("refuse_objects") or (),
         allow_kinds=kinds("allow_kinds"), allow_objects=objects("allow_objects"),
-        masks=_masks(entry.get("mask"), where),
+        masks=_masks(entry.get("mask"), where), rewrites=_rewrites(entry, where),
     )  # fmt: skip
+
+
+def _rewrites(entry: dict, where: str) -> Rewrites:
+    table, rules = entry.get("rewrite", []), entry.get("rule", [])
+    for key, value in (("rewrite", table), ("rule", rules)):
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise PolicyError(f"{where}: {key}: write each as a [[class.{key}]] table under its class")
+    entries = []
+    for i, item in enumerate(table, 1):
+        stray = set(item) - {"match", "replace"}
+        if stray or not isinstance(item.get("match"), str) or not isinstance(item.get("replace"), str):
+            raise PolicyError(f"{where}: rewrite {i}: a rewrite has match and replace (statements as strings)"
+                              + (f"; unknown key(s) {', '.join(sorted(stray))}" if stray else ""))  # fmt: skip
+        try:
+            entries.append(TableEntry.parse(item["match"], item["replace"]))
+        except ValueError as e:
+            raise PolicyError(f"{where}: rewrite {i}: {e}") from None
+    keys = [e.key for e in entries]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise PolicyError(f"{where}: rewrite {i + 1}: its match is rewrite {keys.index(key) + 1}'s (normalized,"
+                              " they are the same statement): keep one")  # fmt: skip
+    loaded = []
+    for i, item in enumerate(rules, 1):
+        name = item.get("rule")
+        if name not in RULES:
+            raise PolicyError(f"{where}: rule {i}: rule: one of {', '.join(RULES)}, got {name!r}")
+        try:
+            loaded.append(Rule.load(name, {k: v for k, v in item.items() if k != "rule"}))
+        except ValueError as e:
+            raise PolicyError(f"{where}: rule {i} ({name}): {e}") from None
+    return Rewrites(tuple(entries), tuple(loaded))
 
 
 def _masks(value, where: str) -> tuple[ColumnMask, ...]:

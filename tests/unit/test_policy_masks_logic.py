@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shadow.framing import Framer
@@ -214,8 +214,8 @@ _TEXT_FIELD = st.one_of(st.none(), st.text(st.characters(blacklist_categories=("
 
 def _pg_text(fields, delimiter: str, null: str) -> bytes:
     def esc(v: str) -> str:
-        v = v.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-        return v.replace(delimiter, "\\" + delimiter)
+        escapes = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+        return "".join(escapes.get(c) or ("\\" + c if c == delimiter else c) for c in v)  # (as CopyAttributeOutText)
 
     return (delimiter.join(null if f is None else esc(f) for f in fields) + "\n").encode()
 
@@ -410,3 +410,27 @@ def test_a_resumed_session_masks_the_replies_it_is_still_owed(cls) -> None:
     stray = _data_row(b"123456789")
     buf, frames = Framer().feed(stray)
     assert guard.results.filter(buf, frames)[0] == _data_row(None)  # a row of nothing it saw sent
+
+
+_SHARED = ["SELECT ssn, id FROM person WHERE id = 1", "SELECT * FROM card WHERE pid = 12 AND num = '34'",
+           "SELECT ssn FROM person ORDER BY 1", "SELECT ssn, id FROM person ORDER BY 2", "SELECT * FROM pv2",
+           "SELECT s1.ssn FROM person s1 WHERE s1.id = 3", "SELECT num FROM card LIMIT 5",
+           "SELECT salary + 1 FROM person WHERE id = 7", 'SELECT "ssn" FROM person WHERE id = 1']  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=st.lists(st.tuples(st.sampled_from(_SHARED), st.integers(0, 99)), min_size=1, max_size=12))
+def test_the_cache_by_values_decides_as_the_full_analysis(cls, picks) -> None:
+    """Texts that differ in their numbers share a decision only where that cannot change
+    it: every text decided through the guard's caches gets what the full analysis gives."""
+    import re
+
+    from shadow.policy.guard import decide
+
+    catalog = _catalog()
+    for template, n in picks:
+        text = re.sub(r"(?<![A-Za-z0-9_.])[0-9]+", lambda m, n=n: str(n + len(m.group(0))), template)
+        want = decide_query(text, cls, catalog)
+        new, refusal, outcomes, _ = decide(cls, catalog, text.encode())
+        assert (new.decode() if new is not None else None) == want.text, text
+        assert (refusal is None) == (want.refusal is None) and outcomes == want.outcomes, text

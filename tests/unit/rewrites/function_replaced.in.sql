@@ -1,0 +1,1 @@
+SELECT random() * 10 AS r LIMIT 1

@@ -1,0 +1,3 @@
+/* app */ SELECT *
+  FROM orders -- by id
+ WHERE id = 7

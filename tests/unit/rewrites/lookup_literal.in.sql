@@ -1,0 +1,1 @@
+select *  from ORDERS where id=42

@@ -1,0 +1,1 @@
+SELECT * FROM "Orders" WHERE id = 1 LIMIT 1

@@ -1,0 +1,1 @@
+SELECT customers.name FROM public.customers LIMIT 1

@@ -1,0 +1,1 @@
+SELECT customers.name FROM safe.customers_v AS customers LIMIT 1
