@@ -132,12 +132,28 @@ def shape_key(tokens: list) -> tuple | None:
     if tokens[0].token_type == sqlglot.TokenType.COMMAND or tokens[0].text.upper() in _NAMING:
         return None
     out = []
-    by = False  # (after ORDER BY, GROUP BY: a number names an output column, and is kept)
+    listing = False  # (in an ORDER BY or GROUP BY list: a number there names an output column)
+    previous = None
     for t in tokens:
         kind = t.token_type
-        by = by or kind == sqlglot.TokenType.GROUP_BY or kind == sqlglot.TokenType.ORDER_BY or t.text.upper() == "BY"
-        out.append((kind, "" if kind in _LITERALS and not (by and kind == sqlglot.TokenType.NUMBER) else t.text))
+        if kind in _BY or t.text.upper() == "BY":
+            listing = True
+        elif kind in _ENDS_LIST:
+            listing = False
+        position = listing and kind == sqlglot.TokenType.NUMBER and (previous in _BY or previous in _BEFORE_POSITION
+                                                                     or previous == "BY")  # fmt: skip
+        out.append((kind, "" if kind in _LITERALS and not position else t.text))
+        previous = "BY" if t.text.upper() == "BY" else kind
     return tuple(out)
+
+
+_BY = frozenset({sqlglot.TokenType.ORDER_BY, sqlglot.TokenType.GROUP_BY})
+_BEFORE_POSITION = frozenset({sqlglot.TokenType.COMMA, sqlglot.TokenType.L_PAREN})
+_ENDS_LIST = frozenset({sqlglot.TokenType.WHERE, sqlglot.TokenType.HAVING, sqlglot.TokenType.LIMIT,
+                        sqlglot.TokenType.OFFSET, sqlglot.TokenType.FETCH, sqlglot.TokenType.WINDOW,
+                        sqlglot.TokenType.UNION, sqlglot.TokenType.INTERSECT, sqlglot.TokenType.EXCEPT,
+                        sqlglot.TokenType.R_PAREN, sqlglot.TokenType.FOR, sqlglot.TokenType.QUALIFY,
+                        sqlglot.TokenType.SELECT, sqlglot.TokenType.FROM})  # fmt: skip
 
 
 def _statement(sql: str, tokens: list) -> Statement:

@@ -155,6 +155,8 @@ def judge(cls: ClientClass, st: Statement, catalog: Catalog | None) -> tuple[Ref
             copied_masks(st.copy.table, st.copy.columns, catalog, cls)  # fmt: skip
     except Unmaskable as e:
         return Refusal(st, "a masked column", f"{where}: mask ({e})"), None
+    if found is not None and not any(m is not None for m in found[0]):
+        found = None  # (it reads a table with masks, but none of its masked columns)
     shown = None if found is None else Shown(*found, copy=st.copy.format if st.copy is not None else None)
     if shown is not None and st.copy is not None and not st.copy.stdout:
         labels = ", ".join(sorted({m.label for m in shown.masks if m is not None}))

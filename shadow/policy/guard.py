@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
-from functools import lru_cache
 
 from shadow.policy.analysis import Statement
 from shadow.policy.catalog import Catalog
@@ -55,38 +54,43 @@ def decide(cls: ClientClass, catalog: Catalog | None,
     """(the statement text to send instead or None, the refusal or None, the outcome of
     each statement that runs, how many statements a rewrite changed).
 
-    Cached three ways: by the text (:func:`_decided`); by the text with its numbers'
+    Cached three ways: by the text; by the text with its numbers'
     values left out (``_BY_VALUES``), for a text that passes as it is and was decided by
     shape -- a digit run that starts a token (not one inside a name: ``t1``, ``$1``,
     ``x.5``) is a value, and one after ``BY`` could be a column's position, so a text with
     ``by``, a quote of a name or a ``$``/backslash is not shared that way -- and by each
     statement's shape (shadow/policy/decision.py)."""
+    found = _BY_TEXT.get((cls, catalog, text))
+    if found is not None:
+        return found
     key = None
     if _NOT_BY_VALUES.search(text) is None:
         key = (cls, catalog, _VALUE_DIGITS.sub(b"0", text))
         outcomes = _BY_VALUES.get(key)
         if outcomes is not None:
             return None, None, outcomes, 0
-    new, refusal, outcomes, rewritten, shared = _decided(cls, catalog, text)
-    if key is not None and shared and new is None:
-        _BY_VALUES[key] = outcomes
-        if len(_BY_VALUES) > _BY_VALUES_LIMIT:
-            _BY_VALUES.pop(next(iter(_BY_VALUES)))
-    return new, refusal, outcomes, rewritten
+    sql = text.decode("utf-8", "surrogateescape")  # (bytes of another client_encoding come back unchanged)
+    decision = decide_query_by_shape(sql, cls, catalog)
+    new = None if decision.text is None else decision.text.encode("utf-8", "surrogateescape")
+    found = (new, decision.refusal, decision.outcomes, decision.rewritten)
+    if key is not None and decision.shared and new is None:
+        _remember(_BY_VALUES, key, decision.outcomes)
+    _remember(_BY_TEXT, (cls, catalog, text), found)
+    return found
+
+
+def _remember(cache: dict, key, value) -> None:
+    cache[key] = value
+    if len(cache) > _LIMIT:  # (the oldest goes: dicts keep their order)
+        cache.pop(next(iter(cache)))
 
 
 _VALUE_DIGITS = re.compile(rb"(?<![A-Za-z0-9_.\x80-\xff])[0-9]+")
 _NOT_BY_VALUES = re.compile(rb'["$\\]|[bB][yY]')
+#: (class, catalog, text) -> the decision; (class, catalog, text with its values left out) -> outcomes
+_BY_TEXT: dict = {}
 _BY_VALUES: dict = {}
-_BY_VALUES_LIMIT = 16384
-
-
-@lru_cache(maxsize=8192)
-def _decided(cls: ClientClass, catalog: Catalog | None, text: bytes) -> tuple:
-    sql = text.decode("utf-8", "surrogateescape")  # (bytes of another client_encoding come back unchanged)
-    decision = decide_query_by_shape(sql, cls, catalog)
-    new = None if decision.text is None else decision.text.encode("utf-8", "surrogateescape")
-    return new, decision.refusal, decision.outcomes, decision.rewritten, decision.shared
+_LIMIT = 16384
 
 
 class Guard:
@@ -253,10 +257,15 @@ class Guard:
 
 
 def _bound(results: Results, buf, start: int, end: int) -> None:
-    """Tell ``results`` of a Bind: its portal, statement and result formats."""
+    """Tell ``results`` of a Bind: its portal, statement and result formats (read only
+    for a statement whose rows are masked)."""
     portal_end = buf.find(0, start, end)
     name_end = buf.find(0, portal_end + 1, end)
     formats: tuple[int, ...] = ()
+    statement = bytes(buf[portal_end + 1:name_end])
+    if statement in results.statements and results.statements[statement] is None:
+        results.bind(bytes(buf[start:portal_end]), statement, formats)
+        return
     try:
         pos = name_end + 1
         (nfmt,) = _H.unpack_from(buf, pos)
@@ -270,7 +279,7 @@ def _bound(results: Results, buf, start: int, end: int) -> None:
         formats = struct.unpack_from(f"!{nresult}h", buf, pos + 2) if nresult > 0 else ()
     except struct.error:
         formats = (1,)  # (malformed: the server refuses it; binary is the stricter reading)
-    results.bind(bytes(buf[start:portal_end]), bytes(buf[portal_end + 1:name_end]), formats)
+    results.bind(bytes(buf[start:portal_end]), statement, formats)
 
 
 def _named(buf, start: int, end: int) -> tuple[int, bytes]:

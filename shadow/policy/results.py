@@ -66,6 +66,12 @@ class _Portal:
         self.columns: dict | None = None
 
 
+#: a portal whose rows show as they are
+_AS_IS = _Portal(None, ())
+_PARSED, _BOUND, _DESCRIBED, _CLOSED, _SYNCED = (_Item(ord(c)) for c in "PBDCS")
+_EXECUTED = _Item(ord("E"), portal=_AS_IS)
+
+
 def columns_of(shown: Shown | None, described: list[tuple[int, int]] | None, formats=()) -> dict | None:
     """index -> (mask, type OID, binary) of the columns to mask; None when none is.
     ``described``: (type OID, format) per column, from a RowDescription (None: not seen;
@@ -140,28 +146,36 @@ class Results:
         """A Query whose statements show ``shown`` (None: not known, every row masked)."""
         self.items.append(_Item(ord("Q"), shown))
 
+    # (the items of requests with nothing to mask are shared: only a tag is read of them)
+
     def parse(self, name: bytes, shown: Shown | None) -> None:
         self.statements[name] = shown
-        self.items.append(_Item(ord("P")))
+        self.items.append(_PARSED)
 
     def bind(self, portal: bytes, statement: bytes, formats: tuple[int, ...] | None) -> None:
         """(``formats`` None: not known; every row of the portal masked.)"""
         shown = self.statements.get(statement, UNKNOWN) if formats is not None else UNKNOWN
-        self.portals[portal] = _Portal(shown, formats or ())
-        self.items.append(_Item(ord("B")))
+        self.portals[portal] = _Portal(shown, formats or ()) if shown is not None else _AS_IS
+        self.items.append(_BOUND)
 
     def describe(self, kind: int, name: bytes) -> None:
-        self.items.append(_Item(ord("D"), portal=self.portals.get(name) if kind == ord("P") else None, kind=kind))
+        portal = self.portals.get(name) if kind == ord("P") else None
+        self.items.append(_Item(ord("D"), portal=portal, kind=kind) if portal is not None and portal is not _AS_IS
+                          else _DESCRIBED)  # fmt: skip
 
     def execute(self, portal: bytes) -> None:
-        self.items.append(_Item(ord("E"), portal=self.portals.get(portal) or _Portal(UNKNOWN, (1,))))
+        found = self.portals.get(portal)
+        if found is _AS_IS:
+            self.items.append(_EXECUTED)
+        else:
+            self.items.append(_Item(ord("E"), portal=found or _Portal(UNKNOWN, (1,))))
 
     def close(self, kind: int, name: bytes) -> None:
         (self.portals if kind == ord("P") else self.statements).pop(name, None)
-        self.items.append(_Item(ord("C")))
+        self.items.append(_CLOSED)
 
     def sync(self) -> None:
-        self.items.append(_Item(ord("S")))
+        self.items.append(_SYNCED)
 
     # -- the server's answers
 

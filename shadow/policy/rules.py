@@ -120,8 +120,11 @@ class ColumnMask:
         return self.text
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ClientClass:
+    """(Compared and hashed by identity: each is made once, when the policy is loaded, and
+    is a key of every decision cached.)"""
+
     name: str
     users: tuple[str, ...] | None = None
     databases: tuple[str, ...] | None = None

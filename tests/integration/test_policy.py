@@ -171,3 +171,27 @@ def test_views_and_functions_are_read_through(guarded, tables, pg):
             for n in ("late", "vv", "v", "ok"):
                 admin.execute(f"DROP VIEW IF EXISTS {names[n]}")
             admin.execute(f"DROP FUNCTION IF EXISTS {names['f']}(), {names['g']}()")
+
+
+def test_a_rewrite_runs_instead_over_both_protocols(start_connmgr, tmp_path, tables):
+    """The lookup table through a real connmgr: psql's literal and psycopg's parameter
+    both get the replacement's rows; a statement of another shape runs as sent."""
+    open_t, _secret_t = tables
+    policy = tmp_path / "rewrite.toml"
+    policy.write_text(f'[[class]]\nname = "rewritten"\nusers = ["{CLASS_USER}"]\n'
+                      f'[[class.rewrite]]\nmatch = "SELECT v FROM {open_t} WHERE id = ?"\n'
+                      f'replace = "SELECT upper(v) AS v, $1::int * 10 AS id FROM {open_t} WHERE id = $1"\n'
+                      '[[class.rule]]\nrule = "limit"\nmax_rows = 1\n')  # fmt: skip
+    cm = start_connmgr(policy={"file": str(policy)}, metrics={"listen": "127.0.0.1:0"})
+    out = _psql(cm, f"select v from {open_t} where id=1")
+    assert out.stdout.split() == ["ONE|10"], out
+    with _connect(cm, autocommit=True) as c:
+        assert c.execute(f"SELECT v FROM {open_t} WHERE id = %s", (1,)).fetchall() == [("ONE", 10)]
+        assert c.execute(f"SELECT v FROM {open_t} WHERE id = %s", (1,), prepare=True).fetchall() == [("ONE", 10)]
+        c.execute(f"INSERT INTO {open_t} VALUES (2, 'two')")
+        assert len(c.execute(f"SELECT v FROM {open_t}").fetchall()) == 1  # the limit rule
+    with psycopg.connect(cm.conninfo("postgres", "app", "postgres"), autocommit=True) as c:  # no class: as sent
+        assert c.execute(f"SELECT v FROM {open_t} WHERE id = 1").fetchall() == [("one",)]
+    host, port = cm.app.metrics_address
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    assert 'connmgr_policy_rewrites_total{class="rewritten"}' in text
