@@ -47,7 +47,7 @@ from connmgr.workers.supervisor import Supervisor, worker_share
 from replay import markers
 from shadow import messages
 from shadow.compiled import hot_path
-from shadow.policy.rules import load_policy
+from shadow.policy.rules import Policy, load_policy
 
 log = logging.getLogger("connmgr")
 
@@ -125,12 +125,13 @@ class App:
             )  # fmt: skip
             if worker is not None:
                 self.failover.adopt(worker.failover_state)
-        #: [policy] file: who may do what (shadow/policy/, connmgr/proxy/policy.py)
-        self.policy: PolicyRuntime | None = None
+        #: [policy] file: who may do what (shadow/policy/, connmgr/proxy/policy.py); and the
+        #: objects under maintenance (always: MAINTENANCE BEGIN on the admin console)
+        policy = load_policy(config.policy.file) if config.policy.file else Policy(())
+        self.policy = PolicyRuntime(policy, lambda db, purpose: self._open_redo_session(db, purpose),
+                                    refresh=config.policy.catalog_refresh, timeout=p.connect_timeout + 10,
+                                    maintenance_wait=config.policy.maintenance_wait)  # fmt: skip
         if config.policy.file:
-            policy = load_policy(config.policy.file)
-            self.policy = PolicyRuntime(policy, lambda db, purpose: self._open_redo_session(db, purpose),
-                                        refresh=config.policy.catalog_refresh, timeout=p.connect_timeout + 10)  # fmt: skip
             log.info("policy %s: %d client class(es)", config.policy.file, len(policy.classes))
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
@@ -144,7 +145,7 @@ class App:
         self.admin = admin = AdminContext(
             config, self.metrics, self.registry, self.route,
             worker.request_shutdown if worker is not None else self.shutdown, self.failover, rejoin=self.rejoin,
-            fleet=worker.fleet if worker is not None else None,
+            fleet=worker.fleet if worker is not None else None, policy=self.policy,
         )  # fmt: skip
         self.client_context = ClientContext(
             config, self.metrics, self.registry, self.route, self.secrets, relay, failover=self.failover,
@@ -157,9 +158,9 @@ class App:
         self.exported = Exported(self.metrics, self.registry, lambda: self.accepting, mirror=self.mirror,
                                  redo=self.redo, syncrep=self.syncrep, secondary=self.secondary,
                                  failover=self.failover, engine=self.engine,
-                                 policy_refusals=self.policy.refusals if self.policy is not None else None,
-                                 policy_masked_rows=self.policy.masked_rows if self.policy is not None else None,
-                                 policy_rewrites=self.policy.rewrites if self.policy is not None else None)  # fmt: skip
+                                 policy_refusals=self.policy.refusals if config.policy.file else None,
+                                 policy_masked_rows=self.policy.masked_rows if config.policy.file else None,
+                                 policy_rewrites=self.policy.rewrites if config.policy.file else None)  # fmt: skip
         self._shutdown = trio.Event()
         self._drain_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None

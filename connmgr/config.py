@@ -289,6 +289,8 @@ class PolicySection:
     #: seconds between two reads of a database's catalog (views, SQL functions) while
     #: restricted clients use it
     catalog_refresh: float = 2.0
+    #: seconds a statement on an object under maintenance waits before it fails (55P03)
+    maintenance_wait: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,6 +497,9 @@ def _check(config: Config, source: str) -> None:
     if f.sequence_lead < 1:
         raise ConfigError(f"{source}: [failover] sequence_lead: must be >= 1")
     _check_host(config, source)
+    if config.policy.maintenance_wait <= 0:
+        raise ConfigError(f"{source}: [policy] maintenance_wait: must be > 0 (seconds a statement on an object under"
+                          f" maintenance waits before it fails with 55P03), got {config.policy.maintenance_wait}")
     if config.policy.catalog_refresh <= 0:
         raise ConfigError(f"{source}: [policy] catalog_refresh: must be > 0, got {config.policy.catalog_refresh}")
     if config.policy.file:

@@ -284,7 +284,8 @@ async def _move(conn: ClientConnection, relay: Relay, failover: Failover, commit
                 cut = journal.answered
                 prefix, rest = requests[:cut], requests[cut:]
                 between = _prefix_barrier(failover, conn.id)
-            leftover += await _replay(backend, prefix, rest, expected, failover, between, commit, conn.guard)
+            leftover += await _replay(backend, prefix, rest, expected, failover, between, commit,
+                                      getattr(conn, "guard", None))
             failover.transactions_replayed += 1
     except _Rollback as rb:
         backend.close()

@@ -35,11 +35,14 @@ from connmgr.metrics import Metrics
 from connmgr.pg.backend import Route
 from connmgr.pg.wire import MessageReader
 from connmgr.proxy.client import ClientConnection, ClientState
+from connmgr.proxy.policy import PolicyRuntime
 from connmgr.proxy.registry import Registry
 from connmgr.workers import WORKER_COLUMNS
 from connmgr.workers.control import ControlError
 from shadow import messages as m
 from shadow.messages import FrontendTag
+from shadow.policy.maintenance import DEFAULT_BY
+from shadow.policy.rules import PolicyError
 
 Result = tuple[list[str], list[list[object]], str]  # columns, rows, command tag
 
@@ -91,6 +94,8 @@ class AdminContext:
     #: with [server] workers > 1: SHOW subject -> every worker's answer, as
     #: [[worker, columns, rows], ...] (connmgr/workers/); None: this process is all
     fleet: Callable[[str], Awaitable[list]] | None = None
+    #: MAINTENANCE BEGIN/END, SHOW MAINTENANCE (connmgr/proxy/policy.py)
+    policy: PolicyRuntime | None = None
 
 
 class AdminConsole:
@@ -195,6 +200,8 @@ class AdminConsole:
             return await self._reseed(describe)
         if cmd == "PAIR CHECK":
             return await self._pair_check(describe)
+        if words[0].upper() == "MAINTENANCE":
+            return self._maintenance(words[1:], describe)
         if words[0].upper() != "SHOW" or len(words) != 2:
             raise AdminError(f"unknown command {sql.strip()!r}; try SHOW HELP")
         what = words[1].upper()
@@ -225,7 +232,40 @@ class AdminConsole:
             ["SWITCHOVER [drain_seconds]", "move every session to the secondary database, planned (admin_users only)"],
             ["RESEED", "after a move: make the old primary the secondary of the new one (admin_users only)"],
             ["PAIR CHECK", "does the pair keep its guarantee right now: settings, tables, sequences (admin_users only)"],
+            ["MAINTENANCE BEGIN object [BY application_name]", "statements on the object wait until END or"
+             " [policy] maintenance_wait, then 55P03; the job's sessions (application_name, default"
+             " connmgr-maintenance*) go on (admin_users only)"],
+            ["MAINTENANCE END object", "the statements held on it go on (admin_users only)"],
+            ["SHOW MAINTENANCE", "the objects under maintenance"],
         ]
+
+    def _maintenance(self, words: list[str], describe: bool) -> Result:
+        columns = ["object", "by", "since"]
+        usage = "MAINTENANCE BEGIN object [BY application_name] | MAINTENANCE END object"
+        if not self.is_admin:
+            raise AdminError("MAINTENANCE is for users listed in [server] admin_users", "42501")
+        if self.ctx.policy is None:
+            raise AdminError("MAINTENANCE: this connmgr has no policy runtime", "55000")
+        if self.ctx.fleet is not None:
+            raise AdminError("MAINTENANCE: not yet with [server] workers > 1 (each worker holds its own sessions)",
+                             "0A000")  # fmt: skip
+        action = words[0].upper() if words else ""
+        if action == "BEGIN" and len(words) in (2, 4) and (len(words) == 2 or words[2].upper() == "BY"):
+            if describe:
+                return columns, [], "MAINTENANCE"
+            try:
+                entry = self.ctx.policy.begin(words[1], words[3] if len(words) == 4 else DEFAULT_BY)
+            except PolicyError as e:
+                raise AdminError(f"MAINTENANCE BEGIN: {e}") from None
+            return columns, [[entry.text, entry.by, _when(entry.since)]], "MAINTENANCE BEGIN"
+        if action == "END" and len(words) == 2:
+            if describe:
+                return columns, [], "MAINTENANCE"
+            entry = self.ctx.policy.end(words[1])
+            if entry is None:
+                raise AdminError(f"MAINTENANCE END: {words[1]!r} is not under maintenance (SHOW MAINTENANCE)", "42704")
+            return columns, [[entry.text, entry.by, _when(entry.since)]], "MAINTENANCE END"
+        raise AdminError(f"usage: {usage}")
 
     def _failover_for(self, command: str):
         """The failover a command acts on, if this user may run it here."""
@@ -312,6 +352,16 @@ class AdminConsole:
         return columns, [[f.level, f.what, f.detail, f.fix] for f in findings], "PAIR CHECK"
 
 
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+def _show_maintenance(ctx: AdminContext):
+    entries = ctx.policy.maintenance.entries.values() if ctx.policy is not None else ()
+    return ["object", "by", "since", "seconds"], [
+        [e.text, e.by, _when(e.since), f"{time.time() - e.since:.1f}"] for e in entries]
+
+
 def _show_version(ctx: AdminContext):
     return ["version"], [[f"connmgr {__version__}"]]
 
@@ -374,7 +424,7 @@ def _show_workers(ctx: AdminContext):
     return WORKER_COLUMNS, [[0, os.getpid(), len(ctx.registry), f"{time.time() - ctx.metrics.started:.0f}", 0]]
 
 _SHOWS = {"VERSION": _show_version, "CLIENTS": _show_clients, "SERVERS": _show_servers, "STATS": _show_stats,
-          "CONFIG": _show_config, "WORKERS": _show_workers}  # fmt: skip
+          "CONFIG": _show_config, "WORKERS": _show_workers, "MAINTENANCE": _show_maintenance}  # fmt: skip
 
 #: the SHOW subjects that, with workers, are answered for all of them
 FLEET_SHOWS = ("CLIENTS", "SERVERS", "STATS", "WORKERS")

@@ -140,6 +140,32 @@ def cmd_reseed(args: argparse.Namespace) -> int:
     return _admin_command(args, "reseed", "RESEED")
 
 
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    """MAINTENANCE BEGIN|END on a connmgr's admin console; prints the entry."""
+    import psycopg
+
+    if not args.object.strip() or any(c.isspace() for c in args.object.strip()):
+        print(f"connmgr maintenance: {args.object!r} is not an object (schema.table, table, function:name)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    sql = f"MAINTENANCE {args.action.upper()} {args.object.strip()}"
+    if args.action == "begin" and args.by:
+        sql += f" BY {args.by}"
+    host, port = config_mod.parse_hostport(args.connmgr, default_port=6432, what="connmgr address")
+    try:
+        with psycopg.connect(host=host, port=port, user=args.user, dbname="connmgr", autocommit=True,
+                             connect_timeout=10) as conn:  # fmt: skip
+            rows = conn.execute(sql).fetchall()
+    except psycopg.Error as e:
+        code = getattr(e, "sqlstate", None) or "connect"
+        print(f"connmgr maintenance: {code}: {str(e).strip()}", file=sys.stderr)
+        return 1
+    for obj, by, since in rows:
+        verb = "under maintenance since" if args.action == "begin" else "no longer under maintenance (since"
+        print(f"{obj}: {verb} {since}{')' if args.action == 'end' else ''}; the job's sessions: {by}")
+    return 0
+
+
 def cmd_pair_check(args: argparse.Namespace) -> int:
     """Check that a pair keeps its guarantee now; exit 1 on any failed check."""
     import psycopg
@@ -207,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{serve,demo,prepare-db,pair,switchover,reseed}")  # (not _worker)
+                           metavar="{serve,demo,prepare-db,pair,switchover,reseed,maintenance}")  # (not _worker)
 
     s = sub.add_parser("serve", help="run the connection manager")
     s.add_argument("-c", "--config", help="TOML configuration file")
@@ -266,6 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--mirror", default="", help="HOST:PORT of the secondary connmgr's mirror listener"
                     " (default: the secondary's host, port 6433)")  # fmt: skip
 
+    mt = sub.add_parser(
+        "maintenance", help="hold the statements on an object while it is maintained",
+        description="Runs MAINTENANCE BEGIN|END on the connmgr admin console (a user in [server] admin_users)."
+        " From BEGIN on, a statement that touches the object (a table, view or function: schema.table, table,"
+        " function:name; globs) waits, its connection kept, until END or [policy] maintenance_wait (then"
+        " 55P03 naming the object); other objects and clients are not affected; a transaction begun before"
+        " goes on; the maintenance job's own sessions (application_name matching --by) never wait.",
+    )  # fmt: skip
+    mt.add_argument("action", choices=["begin", "end"])
+    mt.add_argument("object", help="schema.table, table, schema.*, function:name")
+    mt.add_argument("connmgr", nargs="?", default="127.0.0.1:6432", help="HOST:PORT of the connmgr")
+    mt.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
+    mt.add_argument("--by", default="", help="application_name (a glob) of the maintenance job's sessions"
+                    " (default connmgr-maintenance*)")  # fmt: skip
+    mt.set_defaults(func=cmd_maintenance)
     w = _admin_subcommand(
         sub, "switchover", cmd_switchover,
         help="move every session of a primary connmgr to the secondary database (planned)",

@@ -3,7 +3,7 @@
 cimport cython
 
 cdef class _Direction:
-    cdef public object src, dst, framer, process, pending
+    cdef public object src, dst, framer, process, pending, waiting
     cdef public int src_fd, dst_fd
     cdef public bint upstream, held
 

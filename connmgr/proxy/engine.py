@@ -53,6 +53,7 @@ from connmgr.proxy.idle_wait import open_idle_wait
 from connmgr.proxy.relay import Relay, lost
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
+from shadow.session import TxStatus
 
 log = logging.getLogger("connmgr.engine")
 
@@ -68,7 +69,7 @@ _FROZEN_LIMIT = 8 << 20
 class _Direction:
     """One direction of one session: where from, where to, and what is still unsent."""
 
-    __slots__ = ("src", "dst", "src_fd", "dst_fd", "framer", "process", "pending", "upstream", "held")
+    __slots__ = ("src", "dst", "src_fd", "dst_fd", "framer", "process", "pending", "upstream", "held", "waiting")
 
     def __init__(self, src: socket.socket, dst: socket.socket, framer: Framer, process, upstream: bool) -> None:
         self.src = src
@@ -81,6 +82,9 @@ class _Direction:
         self.upstream = upstream
         #: two-phase: ``pending`` holds a commit's acknowledgement until the mirror releases it
         self.held = False
+        #: client to server: a batch held while what it touches is under maintenance
+        #: (buf, frames), not read further until it goes on (shadow/policy/maintenance.py)
+        self.waiting = None
 
 
 class Link:
@@ -161,6 +165,14 @@ class Link:
                 buf, frames = e.before
                 closing = ClientError(e.message, sqlstate=e.sqlstate)
             if frames:
+                guard = self.relay.guard
+                if d.upstream and closing is None and guard is not None and guard.maintenance is not None:
+                    entries = guard.must_wait(buf, frames, self.relay.upstream.session.tx_status is not TxStatus.IDLE)
+                    if entries:  # on hold: the client is not read until it goes on
+                        d.waiting = (buf, frames)
+                        self._interest()
+                        guard.hold(entries, partial(self._unhold, d))
+                        return
                 buf = d.process(buf, frames)
             elif closing is None:
                 return
@@ -168,6 +180,26 @@ class Link:
             return self._end(e)
         except RemoteProtocolError as e:
             return self._end(ClientError(e.message, sqlstate=e.sqlstate))
+        self._forward(d, buf, frames, closing)
+
+    def _unhold(self, d: _Direction) -> None:
+        """What a held batch waited for is over (or its limit came): on it goes."""
+        if d.waiting is None:
+            return
+        (buf, frames), d.waiting = d.waiting, None
+        if not self.attached:
+            return
+        try:
+            buf = d.process(buf, frames)
+        except ClientError as e:
+            return self._end(e)
+        except RemoteProtocolError as e:
+            return self._end(ClientError(e.message, sqlstate=e.sqlstate))
+        self._forward(d, buf, frames, None)
+        if self.attached:
+            self._interest()
+
+    def _forward(self, d: _Direction, buf, frames: list, closing: ClientError | None) -> None:
         relay = self.relay
         if closing is not None:
             if frames:
@@ -266,7 +298,7 @@ class Link:
         direction has nothing pending; wait for writability where something is."""
         up, down = self.up, self.down
         relay = self.relay
-        read_client = up.pending is None and not relay.input_done \
+        read_client = up.pending is None and up.waiting is None and not relay.input_done \
             and not (relay.pause_requested and relay.upstream.at_boundary())  # fmt: skip
         want = {
             self.client_fd: (_IN if read_client else 0) | (_OUT if down.pending is not None and not down.held else 0),

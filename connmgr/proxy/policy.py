@@ -26,7 +26,8 @@ from connmgr.pg.wire import PeerClosed
 from shadow import messages
 from shadow.policy.catalog import CATALOG_SQL, COLUMNS_SQL, Catalog
 from shadow.policy.decision import Refusal
-from shadow.policy.guard import Guard
+from shadow.policy.guard import UNRESTRICTED, Guard
+from shadow.policy.maintenance import DEFAULT_BY, Entry, Maintenance
 from shadow.policy.rules import Policy
 
 log = logging.getLogger("connmgr.policy")
@@ -38,8 +39,17 @@ class PolicyRuntime:
     """``open_session(database, purpose)`` opens connmgr's own session on the primary."""
 
     def __init__(self, policy: Policy, open_session: Callable[[str, str], Awaitable[BackendSession]], *,
-                 refresh: float, timeout: float) -> None:  # fmt: skip
+                 refresh: float, timeout: float, maintenance_wait: float = 30.0) -> None:  # fmt: skip
         self.policy = policy
+        #: the objects under maintenance (shadow/policy/maintenance.py) and how long a
+        #: statement on one waits; ``_changed`` is set (and replaced) at every change
+        self.maintenance = Maintenance()
+        self.maintenance_wait = maintenance_wait
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        #: statements held (connmgr_maintenance_held_total), and failed at the limit
+        self.held = 0
+        self.held_expired = 0
         self.open_session = open_session
         self.refresh = refresh
         self.timeout = timeout
@@ -64,9 +74,10 @@ class PolicyRuntime:
         application_name and peer); None if no class takes it."""
         host = conn.peer.rsplit(":", 1)[0].strip("[]") if conn.peer not in ("?", "") else None
         cls = self.policy.classify(conn.user, conn.database, conn.application_name, host)
-        if cls is None:
-            return None
         database = conn.database
+        if cls is None:  # not restricted: its guard only holds statements on objects under maintenance
+            return self._maintained(Guard(UNRESTRICTED, lambda refusal: None, lambda: self.catalogs.get(database)),
+                                    conn)  # fmt: skip
         if cls.restricts_objects and database not in self.catalogs:
             await self._first_read(database)
 
@@ -83,7 +94,63 @@ class PolicyRuntime:
             self.rewrites[cls.name] += count
 
         catalogs = self.catalogs
-        return Guard(cls, refused, lambda: catalogs.get(database), on_masked=masked, on_rewrite=rewritten)
+        return self._maintained(Guard(cls, refused, lambda: catalogs.get(database), on_masked=masked,
+                                      on_rewrite=rewritten), conn)  # fmt: skip
+
+    # ------------------------------------------------------------------ maintenance
+
+    def _maintained(self, guard: Guard, conn) -> Guard:
+        guard.maintenance = self.maintenance
+        guard.application_name = conn.application_name
+        guard.wait_out = lambda entries: self.wait_out(guard, entries)
+        guard.hold = lambda entries, then: self._hold(guard, entries, then)
+        return guard
+
+    def begin(self, text: str, by: str = DEFAULT_BY) -> Entry:
+        """``text`` is under maintenance from now (PolicyError for text that is not an object)."""
+        entry = self.maintenance.begin(text, by, time.time())
+        self._change()
+        log.warning("maintenance begins on %s: statements on it wait (up to %g s); sessions of %r go on",
+                    entry.text, self.maintenance_wait, entry.by)  # fmt: skip
+        return entry
+
+    def end(self, text: str) -> Entry | None:
+        """``text`` is no longer under maintenance: the statements held on it go on."""
+        entry = self.maintenance.end(text)
+        if entry is not None:
+            self._change()
+            log.warning("maintenance ends on %s after %.1f s", entry.text, time.time() - entry.since)
+        return entry
+
+    def _change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_out(self, guard: Guard, entries: tuple[Entry, ...]) -> None:
+        """Until ``entries`` have ended, or the limit (then the guard's next batch fails
+        with 55P03 on what is still under maintenance)."""
+        self.held += 1
+        started = time.monotonic()
+        with trio.move_on_after(self.maintenance_wait):
+            while any(self.maintenance.entries.get(e.text.strip().lower()) is e for e in entries):
+                await self._changed.wait()
+            return
+        self.held_expired += 1
+        guard.expired = (entries, round(time.monotonic() - started, 1))
+
+    def _hold(self, guard: Guard, entries: tuple[Entry, ...], then: Callable[[], None]) -> None:
+        """The relay engine's wait: ``then()`` once :meth:`wait_out` is over."""
+
+        async def waiting() -> None:
+            try:
+                await self.wait_out(guard, entries)
+            finally:
+                then()
+
+        if self._nursery is None:  # (not running: nothing to wait with)
+            then()
+            return
+        self._nursery.start_soon(waiting)
 
     async def _first_read(self, database: str) -> None:
         loading = self._loading.get(database)
@@ -118,8 +185,14 @@ class PolicyRuntime:
         self.catalog_reads += 1
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Read every catalog in use again, every ``refresh`` seconds."""
-        task_status.started()
+        """Read every catalog in use again, every ``refresh`` seconds; own the waits of
+        the relay engine's held sessions."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         warned: dict[str, float] = {}
         while True:
             await trio.sleep(self.refresh)

@@ -458,7 +458,7 @@ class Relay:
         self.client_framer = client_framer
         #: the client's policy class, if one restricts it (shadow/policy/guard.py)
         self.guard = conn.guard
-        if ctx.max_buffered_message and self.guard is None:  # (a guard must see every statement whole)
+        if ctx.max_buffered_message and (self.guard is None or self.guard.unrestricted):  # (a guard sees them whole)
             client_framer.stream(ctx.max_buffered_message, STREAMED_FROM_CLIENT)
         if ctx.max_buffered_message and (self.guard is None or self.guard.results is None):
             backend.framer.stream(ctx.max_buffered_message, STREAMED_FROM_SERVER)  # (masked rows: whole)
@@ -780,6 +780,11 @@ class Relay:
                 self.input_ended(ClientError(e.message, sqlstate=e.sqlstate))
                 await trio.sleep_forever()  # the backend pump or the grace ends the relay
             if frames:
+                guard = self.guard
+                if guard is not None and guard.maintenance is not None:
+                    entries = guard.must_wait(buf, frames, self.upstream.session.tx_status is not TxStatus.IDLE)
+                    if entries:  # what it touches is under maintenance: it waits (the others go on)
+                        await guard.wait_out(entries)
                 await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)
                 if self.upstream.mirror is not None:
                     self.upstream.mirror.flush_soon()

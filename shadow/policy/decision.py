@@ -136,6 +136,10 @@ class Decision:
     #: decided by shape alone (every statement had one, none was rewritten): a text that
     #: differs only in its values gets the same decision
     shared: bool = False
+    #: what the statements that run name, views and SQL functions looked through where
+    #: the catalog is known: (schema or None, name) (objects under maintenance)
+    tables: frozenset = frozenset()
+    functions: frozenset = frozenset()
 
 
 def judge(cls: ClientClass, st: Statement, catalog: Catalog | None) -> tuple[Refusal | None, Outcome | None]:
@@ -195,23 +199,29 @@ def decide_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> 
     outcomes = []
     pieces: list[str] = []
     done = rewritten = 0
+    tables: set = set()
+    functions: set = set()
     for st in statements(sql):
         new = cls.rewrites.rewrite(sql[st.start:st.end]) if cls.rewrites and st.tree is not None else None
         judged = st
         if new is not None:
             (judged,) = statements(new)[:1] or (st,)
             rewritten += 1
-        if catalog is not None and cls.restricts_objects:
+        if catalog is not None:
             judged = catalog.expand(judged)
         refusal, outcome = judge(cls, judged, catalog)
         if refusal is not None or new is not None:
             pieces += [sql[done:st.start], refusal_sql(refusal) if refusal is not None else new]
             done = st.end
         if refusal is not None:
-            return Decision("".join(pieces) + sql[done:], refusal, tuple(outcomes), rewritten)
+            return Decision("".join(pieces) + sql[done:], refusal, tuple(outcomes), rewritten, False,
+                            frozenset(tables), frozenset(functions))  # fmt: skip
+        tables.update(judged.tables)
+        functions.update(judged.functions)
         outcomes.append(outcome)
     text = "".join(pieces) + sql[done:] if pieces else None
-    return Decision(text, None, tuple(outcomes) if any(outcomes) else (), rewritten)
+    return Decision(text, None, tuple(outcomes) if any(outcomes) else (), rewritten, False, frozenset(tables),
+                    frozenset(functions))  # fmt: skip
 
 
 #: (class, catalog, shape key) -> the refusal (or None) of a statement of that shape
@@ -240,21 +250,24 @@ def decide_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None = 
     pieces: list[str] = []
     done = rewritten = 0
     shared = True
+    tables: set = set()
+    functions: set = set()
     for tokens in groups:
         start, end = span(tokens)
         key = shape_key(tokens)
         shared = shared and key is not None
         cached = _BY_SHAPE.get((cls, catalog, key)) if key is not None else None
         if cached is not None and cached is not _REWRITTEN:
-            refusal, outcome = cached
+            refusal, outcome, named, called = cached
             _BY_SHAPE.move_to_end((cls, catalog, key))
             new = None
         else:
             one = decide_query(sql[start:end], cls, catalog)
             refusal, outcome = one.refusal, (one.outcomes[0] if one.outcomes else None)
+            named, called = one.tables, one.functions
             new = one.text if one.rewritten else None
             if key is not None:
-                _BY_SHAPE[(cls, catalog, key)] = _REWRITTEN if one.rewritten else (refusal, outcome)
+                _BY_SHAPE[(cls, catalog, key)] = _REWRITTEN if one.rewritten else (refusal, outcome, named, called)
                 if len(_BY_SHAPE) > _BY_SHAPE_LIMIT:
                     _BY_SHAPE.popitem(last=False)
             if new is not None:
@@ -262,15 +275,22 @@ def decide_query_by_shape(sql: str, cls: ClientClass, catalog: Catalog | None = 
                 pieces += [sql[done:start], new]
                 done = end
                 if refusal is not None:
-                    return Decision("".join(pieces) + sql[done:], refusal, tuple(outcomes), rewritten)
+                    return Decision("".join(pieces) + sql[done:], refusal, tuple(outcomes), rewritten, False,
+                                    frozenset(tables), frozenset(functions))  # fmt: skip
+                tables.update(named)
+                functions.update(called)
                 outcomes.append(outcome)
                 continue
         if refusal is not None:
             pieces += [sql[done:start], refusal_sql(refusal)]
-            return Decision("".join(pieces) + sql[end:], refusal, tuple(outcomes), rewritten)
+            return Decision("".join(pieces) + sql[end:], refusal, tuple(outcomes), rewritten, False,
+                            frozenset(tables), frozenset(functions))  # fmt: skip
+        tables.update(named)
+        functions.update(called)
         outcomes.append(outcome)
     text = "".join(pieces) + sql[done:] if pieces else None
-    return Decision(text, None, tuple(outcomes) if any(outcomes) else (), rewritten, shared and not rewritten)
+    return Decision(text, None, tuple(outcomes) if any(outcomes) else (), rewritten, shared and not rewritten,
+                    frozenset(tables), frozenset(functions))  # fmt: skip
 
 
 #: a shape whose statements a rewrite changes (decided in full each time)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from shadow.policy.analysis import Statement
 from shadow.policy.catalog import Catalog
@@ -38,10 +38,15 @@ from shadow.policy.decision import (
     decide_query_by_shape,
     refusal_sql,
 )
+from shadow.policy.maintenance import Entry, Maintenance, touches, wait_sql
 from shadow.policy.results import Results
 from shadow.policy.rules import ClientClass
 
-__all__ = ["Guard", "decide"]
+__all__ = ["UNRESTRICTED", "Guard", "decide"]
+
+#: the class of a client no class takes (its guard only holds statements on objects under
+#: maintenance)
+UNRESTRICTED = ClientClass(name="")
 
 _Q, _P, _B, _F, _D, _E, _C, _S = (ord(c) for c in "QPBFDECS")
 _LEN = struct.Struct("!I")
@@ -49,10 +54,10 @@ _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 
 
-def decide(cls: ClientClass, catalog: Catalog | None,
-           text: bytes) -> tuple[bytes | None, Refusal | None, tuple[Outcome | None, ...], int]:  # fmt: skip
+def decide(cls: ClientClass, catalog: Catalog | None, text: bytes) -> tuple:
     """(the statement text to send instead or None, the refusal or None, the outcome of
-    each statement that runs, how many statements a rewrite changed).
+    each statement that runs, how many statements a rewrite changed, the tables and the
+    functions the statements that run name)
 
     Cached three ways: by the text; by the text with its numbers'
     values left out (``_BY_VALUES``), for a text that passes as it is and was decided by
@@ -66,15 +71,15 @@ def decide(cls: ClientClass, catalog: Catalog | None,
     key = None
     if _NOT_BY_VALUES.search(text) is None:
         key = (cls, catalog, _VALUE_DIGITS.sub(b"0", text))
-        outcomes = _BY_VALUES.get(key)
-        if outcomes is not None:
-            return None, None, outcomes, 0
+        shared = _BY_VALUES.get(key)
+        if shared is not None:
+            return shared
     sql = text.decode("utf-8", "surrogateescape")  # (bytes of another client_encoding come back unchanged)
     decision = decide_query_by_shape(sql, cls, catalog)
     new = None if decision.text is None else decision.text.encode("utf-8", "surrogateescape")
-    found = (new, decision.refusal, decision.outcomes, decision.rewritten)
+    found = (new, decision.refusal, decision.outcomes, decision.rewritten, decision.tables, decision.functions)
     if key is not None and decision.shared and new is None:
-        _remember(_BY_VALUES, key, decision.outcomes)
+        _remember(_BY_VALUES, key, found)
     _remember(_BY_TEXT, (cls, catalog, text), found)
     return found
 
@@ -96,7 +101,8 @@ _LIMIT = 16384
 class Guard:
     """``on_refusal(refusal)`` is told of every refused statement (logs, metrics)."""
 
-    __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named", "on_rewrite")
+    __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named", "on_rewrite", "unrestricted",
+                 "maintenance", "application_name", "tx_version", "expired", "wait_out", "hold")  # fmt: skip
 
     def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None],
                  catalog: Callable[[], Catalog | None] = lambda: None,
@@ -114,16 +120,63 @@ class Guard:
         self.results = Results(on_masked) if cls.masks else None
         #: ("prepare" or "cursor", name) -> what its rows show
         self.named: dict[tuple[str, str], Shown | None] = {}
+        #: a client no class takes: its guard only holds statements on objects under maintenance
+        self.unrestricted = cls is UNRESTRICTED
+        #: the objects under maintenance (shadow/policy/maintenance.py; None: none ever),
+        #: the session's application_name, the version when its open transaction began
+        self.maintenance: Maintenance | None = None
+        self.application_name = ""
+        self.tx_version = 0
+        #: entries a statement waited for until the limit: it is replaced by a 55P03 (once)
+        self.expired: tuple[tuple[Entry, ...], float] | None = None
+        #: the runtime's: ``await wait_out(entries)`` (the trio pumps), ``hold(entries,
+        #: then)`` (the relay engine: ``then()`` is called when the wait is over)
+        self.wait_out: Callable[[tuple[Entry, ...]], Awaitable[None]] | None = None
+        self.hold: Callable[[tuple[Entry, ...], Callable[[], None]], None] | None = None
+
+    def must_wait(self, buf: bytes, frames: list, in_transaction: bool) -> tuple[Entry, ...]:
+        """The entries under maintenance the statements of ``frames`` must wait for (the
+        relay holds the batch until they end, or until the limit)."""
+        m = self.maintenance
+        if not in_transaction:  # (a transaction this batch begins begins now)
+            self.tx_version = m.version
+        if not m.entries:
+            return ()
+        found: tuple[Entry, ...] = ()
+        tx = self.tx_version if in_transaction else None
+        for tag, start, end in frames:
+            if tag == _Q:
+                text = bytes(buf[start:end - 1])
+            elif tag == _P:
+                name_end = buf.find(0, start, end)
+                text_end = buf.find(0, name_end + 1, end)
+                if name_end < 0 or text_end < 0:
+                    continue
+                text = bytes(buf[name_end + 1:text_end])
+            else:
+                continue
+            _new, _refusal, _outcomes, _rewritten, tables, functions = decide(self.cls, self.catalog(), text)
+            for entry in m.blocking(tables, functions, self.application_name, tx):
+                if entry not in found:
+                    found += (entry,)
+        return found
 
     def filter(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """``frames`` ((tag, start, end) of ``buf``) with refused statements replaced; the
         same objects when nothing is."""
+        if not self.unrestricted:
+            buf, frames = self._filter(buf, frames)
+        if self.expired is not None:
+            buf, frames = self._expire(buf, frames)
+        return buf, frames
+
+    def _filter(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         out: list[bytes] | None = None
         done = 0
         results = self.results
         for tag, start, end in frames:
             if tag == _Q:
-                new, refusal, outcomes, rewritten = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
+                new, refusal, outcomes, rewritten, _t, _f = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
                 if rewritten and self.on_rewrite is not None:
                     self.on_rewrite(rewritten)
                 if results is not None:
@@ -139,7 +192,8 @@ class Guard:
                         results.parse(b"\0", UNKNOWN)  # (the server refuses it: 08P01)
                     continue  # malformed: the server refuses it (08P01)
                 name = bytes(buf[start:name_end])
-                new, refusal, outcomes, rewritten = decide(self.cls, self.catalog(), bytes(buf[name_end + 1:text_end]))
+                new, refusal, outcomes, rewritten, _t, _f = decide(self.cls, self.catalog(),
+                                                                   bytes(buf[name_end + 1:text_end]))  # fmt: skip
                 if rewritten and self.on_rewrite is not None:
                     self.on_rewrite(rewritten)
                 if results is not None:
@@ -185,6 +239,51 @@ class Guard:
             out.append(message)
             done = end
         if out is None:
+            return buf, frames
+        out.append(bytes(buf[done:]))
+        return _reframe(b"".join(out), frames)
+
+    def _expire(self, buf: bytes, frames: list) -> tuple[bytes, list]:
+        """The batch that waited until the limit: its Query or Parse touching what is still
+        under maintenance becomes a 55P03 (nothing of it runs); the rest as usual."""
+        (entries, waited), self.expired = self.expired, None
+        still = tuple(e for e in entries if self.maintenance.entries.get(e.text.strip().lower()) is e)
+        if not still:
+            return buf, frames
+        raising = wait_sql(still, waited).encode()
+        out = []
+        done = 0
+        for tag, start, end in frames:
+            if tag == _B and self.refused:  # (a Bind to a Parse replaced above: no parameters)
+                message = _unbound(buf, start, end, self.refused)
+                if message is not None:
+                    out.append(bytes(buf[done:start - 5]))
+                    out.append(message)
+                    done = end
+                continue
+            if tag != _Q and tag != _P:
+                continue
+            text = bytes(buf[start:end - 1]) if tag == _Q else None
+            if tag == _P:
+                name_end = buf.find(0, start, end)
+                text_end = buf.find(0, name_end + 1, end)
+                if name_end < 0 or text_end < 0:
+                    continue
+                text = bytes(buf[name_end + 1:text_end])
+            tables, functions = decide(self.cls, self.catalog(), text)[4:]
+            if not any(touches(e, tables, functions) for e in still):
+                continue
+            if tag == _Q:
+                message = b"Q" + _LEN.pack(len(raising) + 5) + raising + b"\0"
+            else:
+                name = bytes(buf[start:name_end])
+                self.refused.add(name)
+                body = name + b"\0" + raising + b"\0" + b"\0\0"
+                message = b"P" + _LEN.pack(len(body) + 4) + body
+            out.append(bytes(buf[done:start - 5]))
+            out.append(message)
+            done = end
+        if not out:
             return buf, frames
         out.append(bytes(buf[done:]))
         return _reframe(b"".join(out), frames)

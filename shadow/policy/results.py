@@ -21,6 +21,7 @@ the statement was not the one analysed.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from shadow.policy.masking import FULL, mask_data_row
 
 __all__ = ["Results"]
 
-_D, _T, _C, _E, _Z, _I, _s, _n, _1, _2, _3, _t, _H_, _d, _c = (ord(c) for c in "DTCEZIsn123tHdc")
+_D, _T, _C, _E, _Z, _I, _s, _n, _1, _2, _3, _t, _H_, _d, _c, _N = (ord(c) for c in "DTCEZIsn123tHdcN")
 _H = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _FIELD_TAIL = struct.Struct("!ihihih")  # table oid, attnum, type oid, typlen, typmod, format
@@ -217,6 +218,13 @@ class Results:
                     done = end
                     self.masked_rows += 1
                 continue
+            if (tag == _E or tag == _N) and _ROW_DETAIL.search(buf, start, end) is not None:
+                if out is None:  # (a constraint's DETAIL shows the row, masked columns and all)
+                    out = []
+                body = _scrubbed(bytes(buf[start:end]))
+                out.append(bytes(buf[done:start - 5]))
+                out.append(bytes((tag,)) + _I32.pack(len(body) + 4) + body)
+                done = end
             if item is None:
                 continue
             if tag == _H_:
@@ -268,6 +276,18 @@ class Results:
         out.append(bytes(buf[done:]))
         buf, frames = _reframe(b"".join(out), len(frames))
         return buf, frames, True
+
+
+#: a DETAIL that shows a row's or a key's values ("Failing row contains (...)", "Key (a)=(...)
+#: already exists", ...)
+_ROW_DETAIL = re.compile(rb"\0D(?:Failing row contains|Key \(|Key [^\0]*conflicts|Partition key of the failing row)")
+_HIDDEN = b"DThe row's values are not shown: the client's class masks columns (connmgr policy)."
+
+
+def _scrubbed(body: bytes) -> bytes:
+    """An ErrorResponse/NoticeResponse body with its DETAIL field replaced."""
+    fields = body.rstrip(b"\0").split(b"\0")
+    return b"\0".join(_HIDDEN if f[:1] == b"D" else f for f in fields) + b"\0\0"
 
 
 def _statement_shown(item: _Item) -> Shown | None:

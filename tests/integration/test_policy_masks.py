@@ -340,6 +340,8 @@ MASK_CORPUS = [
     "CREATE TEMP TABLE t_{u} AS SELECT {c} FROM {p}", "SELECT {c} INTO TEMP t2_{u} FROM {p}",
     "CREATE TEMP VIEW tv_{u} AS SELECT {c} FROM {p}", "WITH d AS (UPDATE {o} SET v = 'x' RETURNING v) SELECT {c} FROM {p}",
     "COPY (SELECT {c} FROM {p}) TO '/tmp/never_{u}'", "UPDATE {p} SET name = name WHERE id = 1 RETURNING {c}",
+    "UPDATE {p} SET id = NULL WHERE id = 1", "INSERT INTO {p} (id, name) VALUES (1, 'x')",
+    "UPDATE {p} SET id = 2 WHERE id = 1",  # (a constraint's DETAIL shows the failing row: masked columns too)
     "DELETE FROM {o} WHERE id = -1 RETURNING *",
     # named and dynamic: cursors, prepared statements, functions, DO
     "DECLARE c_{u} CURSOR WITH HOLD FOR SELECT {c} FROM {p}", "FETCH ALL FROM c_{u}", "CLOSE c_{u}",

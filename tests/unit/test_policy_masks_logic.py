@@ -431,6 +431,17 @@ def test_the_cache_by_values_decides_as_the_full_analysis(cls, picks) -> None:
     for template, n in picks:
         text = re.sub(r"(?<![A-Za-z0-9_.])[0-9]+", lambda m, n=n: str(n + len(m.group(0))), template)
         want = decide_query(text, cls, catalog)
-        new, refusal, outcomes, _ = decide(cls, catalog, text.encode())
+        new, refusal, outcomes, *_ = decide(cls, catalog, text.encode())
         assert (new.decode() if new is not None else None) == want.text, text
         assert (refusal is None) == (want.refusal is None) and outcomes == want.outcomes, text
+
+
+def test_a_constraint_detail_that_shows_the_row_is_hidden(cls) -> None:
+    """``Failing row contains (...)`` lists every column of the row, masked ones too."""
+    guard = Guard(cls, lambda r: None, lambda: _catalog())
+    client = _msg(b"Q", _cstr("UPDATE person SET id = NULL WHERE id = 1"))
+    error = b"SERROR\0C23502\0Mnull value in column \"id\"\0DFailing row contains (null, al, 123456789).\0\0"
+    notice = b"SNOTICE\0C00000\0Mfine\0Dnothing of a row\0\0"
+    out = _through(guard, client, _msg(b"N", notice) + _msg(b"E", error) + _msg(b"Z", b"I"))
+    assert b"123456789" not in out and b"Failing row" not in out and b"masks columns" in out
+    assert _msg(b"N", notice) in out and b"Mnull value in column" in out
