@@ -22,6 +22,7 @@ from sqlglot import exp
 __all__ = [
     "quote_ident",
     "quote_literal",
+    "raising_do",
     "leading_words",
     "first_word",
     "is_commit",
@@ -52,6 +53,17 @@ def quote_literal(text: str) -> str:
     if "\\" in text:
         return "E" + quoted.replace("\\", "\\\\")
     return quoted
+
+
+def raising_do(sqlstate: str, message: str, detail: str, tag: str) -> str:
+    """A ``DO`` block that makes the server raise ``sqlstate`` with ``message`` and
+    ``detail`` (the server answers it as any error: a transaction is aborted); its dollar
+    quote ``$tag$`` made longer until the body does not hold it."""
+    body = (f"BEGIN RAISE EXCEPTION USING ERRCODE = {quote_literal(sqlstate)}, MESSAGE = {quote_literal(message)},"
+            f" DETAIL = {quote_literal(detail)}; END")  # fmt: skip
+    while f"${tag}$" in body:
+        tag += "_"
+    return f"DO ${tag}${body}${tag}$"
 
 
 #: a word (a letter, then letters and underscores) after optional blanks

@@ -112,18 +112,26 @@ def cmd_prepare_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_command(args: argparse.Namespace, name: str, sql: str) -> int:
-    """Run ``sql`` on the admin console of the primary connmgr; print its timeline."""
+def _console_rows(args: argparse.Namespace, name: str, sql: str) -> list | None:
+    """The rows of ``sql`` on the admin console of the connmgr at ``args.connmgr``; None
+    (the error printed) if it failed."""
     import psycopg
 
     host, port = config_mod.parse_hostport(args.connmgr, default_port=6432, what="connmgr address")
     try:
         with psycopg.connect(host=host, port=port, user=args.user, dbname="connmgr", autocommit=True,
                              connect_timeout=10) as conn:  # fmt: skip
-            rows = conn.execute(sql).fetchall()
+            return conn.execute(sql).fetchall()
     except psycopg.Error as e:
         code = getattr(e, "sqlstate", None) or "connect"
         print(f"connmgr {name}: {code}: {str(e).strip()}", file=sys.stderr)
+        return None
+
+
+def _admin_command(args: argparse.Namespace, name: str, sql: str) -> int:
+    """Run ``sql`` on the admin console of the primary connmgr; print its timeline."""
+    rows = _console_rows(args, name, sql)
+    if rows is None:
         return 1
     for ms, event in rows:
         print(f"{float(ms):9.1f} ms  {event}")
@@ -142,8 +150,6 @@ def cmd_reseed(args: argparse.Namespace) -> int:
 
 def cmd_maintenance(args: argparse.Namespace) -> int:
     """MAINTENANCE BEGIN|END on a connmgr's admin console; prints the entry."""
-    import psycopg
-
     if not args.object.strip() or any(c.isspace() for c in args.object.strip()):
         print(f"connmgr maintenance: {args.object!r} is not an object (schema.table, table, function:name)",
               file=sys.stderr)  # fmt: skip
@@ -151,14 +157,8 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     sql = f"MAINTENANCE {args.action.upper()} {args.object.strip()}"
     if args.action == "begin" and args.by:
         sql += f" BY {args.by}"
-    host, port = config_mod.parse_hostport(args.connmgr, default_port=6432, what="connmgr address")
-    try:
-        with psycopg.connect(host=host, port=port, user=args.user, dbname="connmgr", autocommit=True,
-                             connect_timeout=10) as conn:  # fmt: skip
-            rows = conn.execute(sql).fetchall()
-    except psycopg.Error as e:
-        code = getattr(e, "sqlstate", None) or "connect"
-        print(f"connmgr maintenance: {code}: {str(e).strip()}", file=sys.stderr)
+    rows = _console_rows(args, "maintenance", sql)
+    if rows is None:
         return 1
     for obj, by, since in rows:
         verb = "under maintenance since" if args.action == "begin" else "no longer under maintenance (since"

@@ -15,7 +15,16 @@ statement reaches the database. Free of I/O: text in, decisions out.
   ``DO`` block that makes the server itself raise 42501, so the client's transaction ends
   up exactly as a Postgres permission error leaves it (aborted: 25P02 afterwards).
 
-Resolution against the database's catalog (views and their definitions, functions that
-read tables, search_path), masks on the result rows, rewrites and maintenance delays
-build on this.
+* :mod:`shadow.policy.catalog` -- the database's catalog: what views and SQL functions
+  read, which schemas have a name, every relation's columns and their types.
+* :mod:`shadow.policy.lineage` -- for a class with masks: which output column shows which
+  masked column (as is, or computed), and which use of one is a probe (refused).
+* :mod:`shadow.policy.masking`, :mod:`shadow.policy.copying` -- a value masked in its type
+  and format; COPY statements read, and their rows masked (text, CSV, binary).
+* :mod:`shadow.policy.results` -- a masked session's server-to-client stream: each row
+  matched to its statement, its masked values replaced.
+* :mod:`shadow.policy.rewrite` -- the lookup table and the rules that replace a statement.
+* :mod:`shadow.policy.maintenance` -- objects under maintenance, and which statements wait.
+* :mod:`shadow.policy.guard` -- a session's guard: its client's batches in, the same with
+  refused and rewritten statements replaced, its masks and maintenance waits arranged.
 """

@@ -22,7 +22,7 @@ from shadow.policy.catalog import Catalog
 from shadow.policy.copying import CopyFormat
 from shadow.policy.lineage import Unmaskable, copied_masks, result_masks
 from shadow.policy.rules import ClientClass, ColumnMask
-from shadow.sqltext import quote_literal
+from shadow.sqltext import raising_do
 
 __all__ = ["DYNAMIC_FUNCTIONS", "STATISTICS_VIEWS", "UNKNOWN", "Decision", "Outcome", "Refusal", "Shown", "check",
            "decide_query", "judge", "refusal_sql", "rewrite_query", "rewrite_query_by_shape"]
@@ -175,12 +175,7 @@ def judge(cls: ClientClass, st: Statement, catalog: Catalog | None) -> tuple[Ref
 
 def refusal_sql(refusal: Refusal) -> str:
     """A statement that makes the server raise 42501 with the refusal's message and detail."""
-    body = (f"BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = {quote_literal(refusal.message)},"
-            f" DETAIL = {quote_literal(refusal.detail)}; END")  # fmt: skip
-    tag = "connmgr_refused"
-    while f"${tag}$" in body:
-        tag += "_"
-    return f"DO ${tag}${body}${tag}$"
+    return raising_do("42501", refusal.message, refusal.detail, "connmgr_refused")
 
 
 def rewrite_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> tuple[str | None, Refusal | None]:

@@ -366,19 +366,25 @@ def _bound(results: Results, buf, start: int, end: int) -> None:
         results.bind(bytes(buf[start:portal_end]), statement, formats)
         return
     try:
-        pos = name_end + 1
-        (nfmt,) = _H.unpack_from(buf, pos)
-        pos += 2 + 2 * nfmt
-        (nparams,) = _H.unpack_from(buf, pos)
-        pos += 2
-        for _ in range(nparams):
-            (length,) = _I.unpack_from(buf, pos)
-            pos += 4 + max(length, 0)
+        pos = _after_parameters(buf, name_end + 1)
         (nresult,) = _H.unpack_from(buf, pos)
         formats = struct.unpack_from(f"!{nresult}h", buf, pos + 2) if nresult > 0 else ()
     except struct.error:
         formats = (1,)  # (malformed: the server refuses it; binary is the stricter reading)
     results.bind(bytes(buf[start:portal_end]), statement, formats)
+
+
+def _after_parameters(buf, pos: int) -> int:
+    """Where a Bind's result formats start, its parameter formats and values beginning
+    at ``pos``; raises struct.error for a Bind too short to read."""
+    (nfmt,) = _H.unpack_from(buf, pos)
+    pos += 2 + 2 * nfmt
+    (nparams,) = _H.unpack_from(buf, pos)
+    pos += 2
+    for _ in range(nparams):
+        (length,) = _I.unpack_from(buf, pos)
+        pos += 4 + max(length, 0)
+    return pos
 
 
 def _named(buf, start: int, end: int) -> tuple[int, bytes]:
@@ -405,14 +411,7 @@ def _unbound(buf: bytes, start: int, end: int, refused: set[bytes]) -> bytes | N
     if portal_end < 0 or name_end < 0 or bytes(buf[portal_end + 1:name_end]) not in refused:
         return None
     try:
-        pos = name_end + 1
-        (nfmt,) = _H.unpack_from(buf, pos)
-        pos += 2 + 2 * nfmt
-        (nparams,) = _H.unpack_from(buf, pos)
-        pos += 2
-        for _ in range(nparams):
-            (length,) = _I.unpack_from(buf, pos)
-            pos += 4 + max(length, 0)
+        pos = _after_parameters(buf, name_end + 1)
         if pos > end:
             return None
     except struct.error:

@@ -39,6 +39,7 @@ import functools
 import re
 from collections.abc import Iterable
 
+import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 from sqlglot.optimizer.qualify import qualify
@@ -169,8 +170,6 @@ def _cte_names(table: exp.Table) -> bool:
 
 def _inline_views(tree: exp.Expression, catalog, masked: dict, depth: int) -> None:
     """Every view in ``tree`` that reaches a masked column, replaced by its definition."""
-    import sqlglot
-
     for table in list(tree.find_all(exp.Table)):
         if not isinstance(table.this, exp.Identifier) or (not table.db and _cte_names(table)):
             continue

@@ -24,6 +24,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from shadow.policy.rules import ObjectPattern, PolicyError
+from shadow.sqltext import raising_do
 
 __all__ = ["DEFAULT_BY", "Entry", "Maintenance", "touches", "wait_sql"]
 
@@ -94,15 +95,8 @@ def touches(entry: Entry, tables, functions) -> bool:
 def wait_sql(entries: tuple[Entry, ...], waited: float) -> str:
     """A statement that makes the server raise 55P03 (lock_not_available) for a statement
     that waited ``waited`` seconds for ``entries`` to end."""
-    from shadow.sqltext import quote_literal
-
     names = ", ".join(e.text for e in entries)
     message = f"{names} is under maintenance (connmgr): the statement waited {waited:g} s, the limit"
     detail = ("connmgr held the statement while the object was under maintenance ([policy] maintenance_wait);"
               " nothing of it ran. Retry it when the maintenance is over.")  # fmt: skip
-    body = (f"BEGIN RAISE EXCEPTION USING ERRCODE = '55P03', MESSAGE = {quote_literal(message)},"
-            f" DETAIL = {quote_literal(detail)}; END")  # fmt: skip
-    tag = "connmgr_maintenance"
-    while f"${tag}$" in body:
-        tag += "_"
-    return f"DO ${tag}${body}${tag}$"
+    return raising_do("55P03", message, detail, "connmgr_maintenance")
