@@ -145,15 +145,8 @@ class Guard:
         found: tuple[Entry, ...] = ()
         tx = self.tx_version if in_transaction else None
         for tag, start, end in frames:
-            if tag == _Q:
-                text = bytes(buf[start:end - 1])
-            elif tag == _P:
-                name_end = buf.find(0, start, end)
-                text_end = buf.find(0, name_end + 1, end)
-                if name_end < 0 or text_end < 0:
-                    continue
-                text = bytes(buf[name_end + 1:text_end])
-            else:
+            text = _statement_text(buf, tag, start, end)
+            if text is None:
                 continue
             _new, _refusal, _outcomes, _rewritten, tables, functions = decide(self.cls, self.catalog(), text)
             for entry in m.blocking(tables, functions, self.application_name, tx):
@@ -261,22 +254,16 @@ class Guard:
                     out.append(message)
                     done = end
                 continue
-            if tag != _Q and tag != _P:
+            text = _statement_text(buf, tag, start, end)
+            if text is None:
                 continue
-            text = bytes(buf[start:end - 1]) if tag == _Q else None
-            if tag == _P:
-                name_end = buf.find(0, start, end)
-                text_end = buf.find(0, name_end + 1, end)
-                if name_end < 0 or text_end < 0:
-                    continue
-                text = bytes(buf[name_end + 1:text_end])
             tables, functions = decide(self.cls, self.catalog(), text)[4:]
             if not any(touches(e, tables, functions) for e in still):
                 continue
             if tag == _Q:
                 message = b"Q" + _LEN.pack(len(raising) + 5) + raising + b"\0"
             else:
-                name = bytes(buf[start:name_end])
+                name = bytes(buf[start:buf.find(0, start, end)])
                 self.refused.add(name)
                 body = name + b"\0" + raising + b"\0" + b"\0\0"
                 message = b"P" + _LEN.pack(len(body) + 4) + body
@@ -353,6 +340,18 @@ class Guard:
         if outcome.uses is not None:
             return self.named.get(outcome.uses, UNKNOWN)
         return outcome.shown
+
+
+def _statement_text(buf, tag: int, start: int, end: int) -> bytes | None:
+    """The SQL text of a Query or a Parse (None: another message, or a Parse too malformed
+    to read, which the server refuses)."""
+    if tag == _Q:
+        return bytes(buf[start:end - 1])
+    if tag != _P:
+        return None
+    name_end = buf.find(0, start, end)
+    text_end = buf.find(0, name_end + 1, end)
+    return bytes(buf[name_end + 1:text_end]) if 0 <= name_end < text_end else None
 
 
 def _bound(results: Results, buf, start: int, end: int) -> None:

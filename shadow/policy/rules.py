@@ -212,11 +212,15 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     return Policy(tuple(classes), source)
 
 
-def _client_class(entry: dict, where: str) -> ClientClass:
-    unknown = set(entry) - _CLASS_KEYS
+def _known_keys(entry: dict, keys: set[str], what: str, where: str) -> None:
+    unknown = set(entry) - keys
     if unknown:
-        raise PolicyError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (a class takes"
-                          f" {', '.join(sorted(_CLASS_KEYS))})")  # fmt: skip
+        raise PolicyError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} ({what} takes"
+                          f" {', '.join(sorted(keys))})")  # fmt: skip
+
+
+def _client_class(entry: dict, where: str) -> ClientClass:
+    _known_keys(entry, _CLASS_KEYS, "a class", where)
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
         raise PolicyError(f"{where}: name: every class needs a name (a non-empty string), used in refusals and logs")
@@ -300,10 +304,7 @@ def _masks(value, where: str) -> tuple[ColumnMask, ...]:
 
 
 def _mask(entry: dict, where: str) -> ColumnMask:
-    unknown = set(entry) - _MASK_KEYS
-    if unknown:
-        raise PolicyError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (a mask takes"
-                          f" {', '.join(sorted(_MASK_KEYS))})")  # fmt: skip
+    _known_keys(entry, _MASK_KEYS, "a mask", where)
     column = entry.get("column")
     parts = column.strip().lower().split(".") if isinstance(column, str) else []
     if len(parts) not in (2, 3) or not all(parts):
