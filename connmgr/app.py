@@ -39,6 +39,7 @@ from connmgr.proxy.client import ClientConnection, ClientContext, ClientState
 from connmgr.proxy.client_auth import SecretStore
 from connmgr.proxy.engine import RelayEngine
 from connmgr.proxy.policy import PolicyRuntime
+from connmgr.proxy.policy_sync import PolicySync, default_member
 from connmgr.proxy.registry import Registry
 from connmgr.proxy.relay import RelayContext
 from connmgr.workers.link import WorkerLink, open_link
@@ -133,6 +134,17 @@ class App:
                                     maintenance_wait=config.policy.maintenance_wait)  # fmt: skip
         if config.policy.file:
             log.info("policy %s: %d client class(es)", config.policy.file, len(policy.classes))
+        #: [policy] store: versions pushed to the primary database, activated at one instant
+        self.policy_sync: PolicySync | None = None
+        if config.policy.store == "database":
+            self.policy.required = config.policy.store_required
+            self.policy_sync = PolicySync(
+                self.policy, lambda db, purpose: self._open_redo_session(db, purpose),
+                database=config.policy.store_database or config.redo.dbname,
+                member=(config.policy.member or default_member()) + (f"/{worker.index}" if worker is not None else ""),
+                poll=config.policy.store_poll, timeout=p.connect_timeout + 10)  # fmt: skip
+            self.policy.sync = self.policy_sync
+            self.policy.ready = trio.Event()  # (set by the first cycle)
         self.engine: RelayEngine | None = None
         if config.server.relay == "engine":
             self.engine = RelayEngine(self.mirror.flush_soon if self.mirror is not None else None)
@@ -158,9 +170,8 @@ class App:
         self.exported = Exported(self.metrics, self.registry, lambda: self.accepting, mirror=self.mirror,
                                  redo=self.redo, syncrep=self.syncrep, secondary=self.secondary,
                                  failover=self.failover, engine=self.engine,
-                                 policy_refusals=self.policy.refusals if config.policy.file else None,
-                                 policy_masked_rows=self.policy.masked_rows if config.policy.file else None,
-                                 policy_rewrites=self.policy.rewrites if config.policy.file else None)  # fmt: skip
+                                 policy_refusals=self.policy.refusals, policy_masked_rows=self.policy.masked_rows,
+                                 policy_rewrites=self.policy.rewrites, policy_sync=self.policy_sync)  # fmt: skip
         self._shutdown = trio.Event()
         self._drain_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
@@ -367,6 +378,8 @@ class App:
                 await nursery.start(self.failover.run)
             if self.policy is not None:
                 await nursery.start(self.policy.run)
+            if self.policy_sync is not None:  # (logins wait for its first cycle: runtime.ready)
+                nursery.start_soon(self.policy_sync.run)
             if self.secondary is not None:
                 await nursery.start(self._run_secondary)
             if self.host is not None:

@@ -291,6 +291,19 @@ class PolicySection:
     catalog_refresh: float = 2.0
     #: seconds a statement on an object under maintenance waits before it fails (55P03)
     maintenance_wait: float = 30.0
+    #: where policy versions are pushed (``connmgr policy push``) and activated by every
+    #: connmgr at one instant (connmgr/proxy/policy_sync.py): "database" (tables in the
+    #: primary database, replicated with it) or "none"
+    store: str = "database"
+    #: the database holding the store ("" = [redo] dbname)
+    store_database: str = ""
+    #: seconds between two looks for a store that does not exist yet
+    store_poll: float = 5.0
+    #: logins fail (08006) until the store has been read once (else they get the
+    #: [policy] file, or no policy, while it cannot be read)
+    store_required: bool = False
+    #: this connmgr's name in the store ("" = host:pid)
+    member: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +513,13 @@ def _check(config: Config, source: str) -> None:
     if config.policy.maintenance_wait <= 0:
         raise ConfigError(f"{source}: [policy] maintenance_wait: must be > 0 (seconds a statement on an object under"
                           f" maintenance waits before it fails with 55P03), got {config.policy.maintenance_wait}")
+    if config.policy.store not in ("database", "none"):
+        raise ConfigError(f"{source}: [policy] store: \"database\" (policy versions in tables of the primary"
+                          f" database) or \"none\", got {config.policy.store!r}")
+    if config.policy.store_poll <= 0:
+        raise ConfigError(f"{source}: [policy] store_poll: must be > 0, got {config.policy.store_poll}")
+    if config.policy.store_required and config.policy.store == "none":
+        raise ConfigError(f"{source}: [policy] store_required: there is no store (store = \"none\")")
     if config.policy.catalog_refresh <= 0:
         raise ConfigError(f"{source}: [policy] catalog_refresh: must be > 0, got {config.policy.catalog_refresh}")
     if config.policy.file:

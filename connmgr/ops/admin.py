@@ -237,6 +237,7 @@ class AdminConsole:
              " connmgr-maintenance*) go on (admin_users only)"],
             ["MAINTENANCE END object", "the statements held on it go on (admin_users only)"],
             ["SHOW MAINTENANCE", "the objects under maintenance"],
+            ["SHOW POLICY", "the policy version in use, the store's cycle, the clock offset to it"],
         ]
 
     def _maintenance(self, words: list[str], describe: bool) -> Result:
@@ -362,6 +363,15 @@ def _show_maintenance(ctx: AdminContext):
         [e.text, e.by, _when(e.since), f"{time.time() - e.since:.1f}"] for e in entries]
 
 
+def _show_policy(ctx: AdminContext):
+    runtime = ctx.policy
+    if runtime is None:
+        return ["setting", "value"], [["in use", "none"]]
+    if runtime.sync is None:
+        return ["setting", "value"], [["in use", runtime.active.label], ["store", "none ([policy] store)"]]
+    return ["setting", "value"], [list(row) for row in runtime.sync.describe()]
+
+
 def _show_version(ctx: AdminContext):
     return ["version"], [[f"connmgr {__version__}"]]
 
@@ -424,7 +434,8 @@ def _show_workers(ctx: AdminContext):
     return WORKER_COLUMNS, [[0, os.getpid(), len(ctx.registry), f"{time.time() - ctx.metrics.started:.0f}", 0]]
 
 _SHOWS = {"VERSION": _show_version, "CLIENTS": _show_clients, "SERVERS": _show_servers, "STATS": _show_stats,
-          "CONFIG": _show_config, "WORKERS": _show_workers, "MAINTENANCE": _show_maintenance}  # fmt: skip
+          "CONFIG": _show_config, "WORKERS": _show_workers, "MAINTENANCE": _show_maintenance,
+          "POLICY": _show_policy}  # fmt: skip
 
 #: the SHOW subjects that, with workers, are answered for all of them
 FLEET_SHOWS = ("CLIENTS", "SERVERS", "STATS", "WORKERS")

@@ -166,6 +166,37 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy(args: argparse.Namespace) -> int:
+    """``policy push FILE`` / ``policy status``: the policy store in the primary database."""
+    import psycopg
+
+    from connmgr.ops import policy_store
+    from shadow.policy.rules import PolicyError
+
+    conninfo = args.conninfo
+    if args.config:
+        try:
+            conninfo = policy_store.conninfo_of(config_mod.load(args.config))
+        except ConfigError as e:
+            print(f"connmgr policy: {e}", file=sys.stderr)
+            return 2
+    try:
+        if args.policy_command == "push":
+            print(policy_store.push(conninfo, args.file, interval=args.interval, note=args.note, check=args.check))
+        else:
+            print(policy_store.status(conninfo))
+    except PolicyError as e:
+        print(f"connmgr policy push: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"connmgr policy push: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except psycopg.Error as e:
+        print(f"connmgr policy: the store's database: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_pair_check(args: argparse.Namespace) -> int:
     """Check that a pair keeps its guarantee now; exit 1 on any failed check."""
     import psycopg
@@ -233,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{serve,demo,prepare-db,pair,switchover,reseed,maintenance}")  # (not _worker)
+                           metavar="{serve,demo,prepare-db,pair,switchover,reseed,maintenance,policy}")  # (not _worker)
 
     s = sub.add_parser("serve", help="run the connection manager")
     s.add_argument("-c", "--config", help="TOML configuration file")
@@ -307,6 +338,29 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--by", default="", help="application_name (a glob) of the maintenance job's sessions"
                     " (default connmgr-maintenance*)")  # fmt: skip
     mt.set_defaults(func=cmd_maintenance)
+
+    po = sub.add_parser(
+        "policy", help="push a policy version to the store every connmgr activates it from, or show the store",
+        description="The policy store is a set of tables in the primary database ([policy] store, replicated"
+        " with it). A version pushed is staged (fetched, validated, compiled) by every connmgr at its next"
+        " cycle and activated by all at one instant one cycle after every one staged it; a version one"
+        " connmgr cannot stage is refused everywhere (status says why).",
+    )  # fmt: skip
+    posub = po.add_subparsers(dest="policy_command", required=True)
+    for name, text in (("push", "add FILE as the newest version"), ("status", "the store: versions, members, staging")):
+        one = posub.add_parser(name, help=text)
+        if name == "push":
+            one.add_argument("file", help="the policy (TOML, as [policy] file)")
+            one.add_argument("--interval", type=float, help="seconds between two activations (default 30 when"
+                             " the store is created; given: changed)")  # fmt: skip
+            one.add_argument("--note", default="", help="a note kept with the version")
+            one.add_argument("--no-check", dest="check", action="store_false",
+                             help="do not validate the file here (the mask keys may be only on the connmgr hosts)")
+        one.add_argument("conninfo", nargs="?", default="", help="libpq connection string of the store's database"
+                         " (default: the PG* environment)")  # fmt: skip
+        one.add_argument("-c", "--config", help="a connmgr configuration: its [primary], [redo] and [policy]"
+                         " store_database name the store")  # fmt: skip
+        one.set_defaults(func=cmd_policy)
     w = _admin_subcommand(
         sub, "switchover", cmd_switchover,
         help="move every session of a primary connmgr to the secondary database (planned)",

@@ -51,6 +51,8 @@ class Exported:
     policy_masked_rows: dict[str, int] | None = None
     #: with [policy] rewrites: statements rewritten, by client class
     policy_rewrites: dict[str, int] | None = None
+    #: with [policy] store: the policy versions' cycle (connmgr/proxy/policy_sync.py)
+    policy_sync: object | None = None
 
 
 def render(app: Exported) -> str:
@@ -129,6 +131,14 @@ def render(app: Exported) -> str:
             "poster_connected": 1.0 if imp.poster_connected else 0.0,
             "poster_errors": float(imp.poster_errors),
             "topology_changes": float(secondary.topology_changes),
+        })
+    if app.policy_sync is not None:
+        ps = app.policy_sync
+        gauges.update({
+            "policy_version": float(ps.runtime.active.number or 0),
+            "policy_store_cycles": float(ps.cycles),
+            "policy_store_failures": float(ps.failures),
+            "policy_clock_offset_seconds": ps.offset.offset,
         })
     labeled = {}
     if app.failover is not None:  # primary role with [failover]

@@ -167,7 +167,8 @@ class Link:
             if frames:
                 guard = self.relay.guard
                 if d.upstream and closing is None and guard is not None and guard.maintenance is not None:
-                    entries = guard.must_wait(buf, frames, self.relay.upstream.session.tx_status is not TxStatus.IDLE)
+                    session = self.relay.upstream.session
+                    entries = guard.must_wait(buf, frames, session.tx_status is not TxStatus.IDLE or bool(session.pending))
                     if entries:  # on hold: the client is not read until it goes on
                         d.waiting = (buf, frames)
                         self._interest()

@@ -24,6 +24,7 @@ from connmgr.errors import ClientError
 from connmgr.pg.backend import BackendSession
 from connmgr.pg.wire import PeerClosed
 from shadow import messages
+from shadow.policy.activation import Version
 from shadow.policy.catalog import CATALOG_SQL, COLUMNS_SQL, Catalog
 from shadow.policy.decision import Refusal
 from shadow.policy.guard import UNRESTRICTED, Guard
@@ -40,7 +41,12 @@ class PolicyRuntime:
 
     def __init__(self, policy: Policy, open_session: Callable[[str, str], Awaitable[BackendSession]], *,
                  refresh: float, timeout: float, maintenance_wait: float = 30.0) -> None:  # fmt: skip
-        self.policy = policy
+        #: the policy version in use (a new one comes from the store: connmgr/proxy/policy_sync.py);
+        #: guards follow it at their sessions' next transaction
+        self.active = Version(None, policy)
+        #: databases sessions used (a version that restricts objects reads their catalogs
+        #: when it is staged, not at its first statement)
+        self.databases: set[str] = set()
         #: the objects under maintenance (shadow/policy/maintenance.py) and how long a
         #: statement on one waits; ``_changed`` is set (and replaced) at every change
         self.maintenance = Maintenance()
@@ -66,36 +72,80 @@ class PolicyRuntime:
         self.rewrites: Counter[str] = Counter()
         self.catalog_reads = 0
         self.catalog_failures = 0
-        #: some class masks columns (the catalog's columns are read too)
+        #: some class masks columns (the catalog's columns are read too; once a version
+        #: staged has masks, from then on)
         self.masks = any(cls.masks for cls in policy.classes)
+        #: set once the store was read (or there is none): logins wait for it
+        self.ready = trio.Event()
+        self.ready.set()
+        #: [policy] store_required: a login before the store was read fails (08006)
+        self.required = False
+        #: the store's cycle (connmgr/proxy/policy_sync.py), if there is a store
+        self.sync = None
 
-    async def guard_for(self, conn) -> Guard | None:
+    @property
+    def policy(self) -> Policy:
+        return self.active.policy
+
+    def activate(self, version: Version) -> None:
+        """From now on ``version`` is in use: every session follows at its next transaction."""
+        before, self.active = self.active, version
+        self.masks = self.masks or any(cls.masks for cls in version.policy.classes)
+        log.warning("policy %s active (was %s): %d client class(es)", version.label, before.label,
+                    len(version.policy.classes))  # fmt: skip
+
+    async def prepare(self, policy: Policy) -> None:
+        """Before ``policy`` is activated: what it needs read (the columns, if it masks; the
+        catalogs of the databases in use, if it restricts objects). Raises what the reads raise."""
+        if any(cls.masks for cls in policy.classes) and not self.masks:
+            self.masks = True
+            self._read_rows.clear()  # (read again, with the columns)
+            for database in list(self.catalogs):
+                await self._read(database)
+        if any(cls.restricts_objects for cls in policy.classes):
+            for database in [d for d in self.databases if d not in self.catalogs]:
+                await self._first_read(database)
+
+    async def guard_for(self, conn) -> Guard:
         """The guard of a session that just logged in (``conn``: its user, database,
-        application_name and peer); None if no class takes it."""
+        application_name and peer)."""
+        if not self.ready.is_set():
+            with trio.move_on_after(self.timeout):
+                await self.ready.wait()
+            if not self.ready.is_set() and self.required:
+                raise ClientError("connmgr has not read its policy store yet ([policy] store_required)",
+                                  sqlstate="08006")  # fmt: skip
         host = conn.peer.rsplit(":", 1)[0].strip("[]") if conn.peer not in ("?", "") else None
-        cls = self.policy.classify(conn.user, conn.database, conn.application_name, host)
+        version = self.active
+        cls = version.policy.classify(conn.user, conn.database, conn.application_name, host) or UNRESTRICTED
         database = conn.database
-        if cls is None:  # not restricted: its guard only holds statements on objects under maintenance
-            return self._maintained(Guard(UNRESTRICTED, lambda refusal: None, lambda: self.catalogs.get(database)),
-                                    conn)  # fmt: skip
         if cls.restricts_objects and database not in self.catalogs:
             await self._first_read(database)
+        catalogs = self.catalogs
+        guard = Guard(cls, lambda refusal: None, lambda: catalogs.get(database))
 
         def refused(refusal: Refusal) -> None:
-            self.refusals[cls.name] += 1
+            self.refusals[guard.cls.name] += 1
             log.warning("client %d user=%s db=%s class %s: refused %s (%s), statement %s: %s", conn.id, conn.user,
-                        database, cls.name, refusal.what, refusal.rule, refusal.statement.digest,
+                        database, guard.cls.name, refusal.what, refusal.rule, refusal.statement.digest,
                         refusal.statement.shape[:200])  # fmt: skip
 
         def masked(rows: int) -> None:
-            self.masked_rows[cls.name] += rows
+            self.masked_rows[guard.cls.name] += rows
 
         def rewritten(count: int) -> None:
-            self.rewrites[cls.name] += count
+            self.rewrites[guard.cls.name] += count
 
-        catalogs = self.catalogs
-        return self._maintained(Guard(cls, refused, lambda: catalogs.get(database), on_masked=masked,
-                                      on_rewrite=rewritten), conn)  # fmt: skip
+        guard.on_refusal = refused
+        guard.on_rewrite = rewritten
+        guard.on_masked = masked
+        if guard.results is not None:
+            guard.results.on_masked = masked
+        guard.source = self
+        guard.version = version
+        guard.client = (conn.user, database, conn.application_name, host)
+        self.databases.add(database)
+        return self._maintained(guard, conn)
 
     # ------------------------------------------------------------------ maintenance
 

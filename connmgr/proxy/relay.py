@@ -458,10 +458,7 @@ class Relay:
         self.client_framer = client_framer
         #: the client's policy class, if one restricts it (shadow/policy/guard.py)
         self.guard = conn.guard
-        if ctx.max_buffered_message and (self.guard is None or self.guard.unrestricted):  # (a guard sees them whole)
-            client_framer.stream(ctx.max_buffered_message, STREAMED_FROM_CLIENT)
-        if ctx.max_buffered_message and (self.guard is None or self.guard.results is None):
-            backend.framer.stream(ctx.max_buffered_message, STREAMED_FROM_SERVER)  # (masked rows: whole)
+        self.max_buffered_message = ctx.max_buffered_message
         self.tracking = True
         self.starts: deque[float] = deque()
         self.last_activity = time.perf_counter()
@@ -482,6 +479,10 @@ class Relay:
         self.carry_input = carry.client_input
         self.upstream = Upstream(self)
         self.downstream = Downstream(self)
+        self._fit_guard()
+        if self.guard is not None:  # (its class changes with the policy version: shadow/policy/guard.py)
+            self.guard.on_switch = self._fit_guard
+            self.guard.statements = lambda: dict(self.upstream.session.prepared_statements)
         #: the client's input ended (Terminate, or a message that cannot be framed) while
         #: requests may be unanswered; see :meth:`input_ended`
         self.input_done = False
@@ -737,6 +738,19 @@ class Relay:
             await self._watch()
             nursery.cancel_scope.cancel()
 
+    def _fit_guard(self) -> None:
+        """Stream long messages only where the guard need not see them whole: a restricted
+        client's (its statements are analysed) and a masked client's rows are held whole.
+        Called again when the session's class changes (between its transactions)."""
+        guard, over = self.guard, self.max_buffered_message
+        if over:
+            whole = guard is not None and not guard.unrestricted
+            self.client_framer.stream(0 if whole else over, STREAMED_FROM_CLIENT)
+            masked = guard is not None and guard.results is not None
+            self.backend.framer.stream(0 if masked else over, STREAMED_FROM_SERVER)
+        if guard is not None:
+            self.downstream.results = guard.results
+
     async def _guard(self, pump, *args) -> None:
         try:
             await pump(*args)
@@ -782,7 +796,8 @@ class Relay:
             if frames:
                 guard = self.guard
                 if guard is not None and guard.maintenance is not None:
-                    entries = guard.must_wait(buf, frames, self.upstream.session.tx_status is not TxStatus.IDLE)
+                    session = self.upstream.session
+                    entries = guard.must_wait(buf, frames, session.tx_status is not TxStatus.IDLE or bool(session.pending))
                     if entries:  # what it touches is under maintenance: it waits (the others go on)
                         await guard.wait_out(entries)
                 await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)

@@ -102,7 +102,8 @@ class Guard:
     """``on_refusal(refusal)`` is told of every refused statement (logs, metrics)."""
 
     __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named", "on_rewrite", "unrestricted",
-                 "maintenance", "application_name", "tx_version", "expired", "wait_out", "hold")  # fmt: skip
+                 "maintenance", "application_name", "tx_version", "expired", "wait_out", "hold", "on_masked",
+                 "source", "version", "client", "statements", "stale", "on_switch")  # fmt: skip
 
     def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None],
                  catalog: Callable[[], Catalog | None] = lambda: None,
@@ -117,6 +118,7 @@ class Guard:
         #: names of prepared statements replaced by a refusal (b"" the unnamed one)
         self.refused: set[bytes] = set()
         #: a class with masks: the server's answers to mask (None: nothing is masked)
+        self.on_masked = on_masked
         self.results = Results(on_masked) if cls.masks else None
         #: ("prepare" or "cursor", name) -> what its rows show
         self.named: dict[tuple[str, str], Shown | None] = {}
@@ -133,6 +135,18 @@ class Guard:
         #: then)`` (the relay engine: ``then()`` is called when the wait is over)
         self.wait_out: Callable[[tuple[Entry, ...]], Awaitable[None]] | None = None
         self.hold: Callable[[tuple[Entry, ...], Callable[[], None]], None] | None = None
+        #: policy versions (shadow/policy/activation.py): ``source.active`` is the version
+        #: in use now, ``version`` the one this guard's class is of, ``client`` (user,
+        #: database, application_name, address) classifies the client again under another;
+        #: ``statements()`` the session's prepared statements (name -> SQL) as the server
+        #: holds them; ``stale`` their names (bytes) the version now in use would not run
+        #: as they were prepared; ``on_switch()`` tells the relay the class changed
+        self.source = None
+        self.version = None
+        self.client: tuple[str, str, str, str | None] = ("", "", "", None)
+        self.statements: Callable[[], dict[str, str]] | None = None
+        self.stale: set[bytes] = set()
+        self.on_switch: Callable[[], None] | None = None
 
     def must_wait(self, buf: bytes, frames: list, in_transaction: bool) -> tuple[Entry, ...]:
         """The entries under maintenance the statements of ``frames`` must wait for (the
@@ -140,6 +154,8 @@ class Guard:
         m = self.maintenance
         if not in_transaction:  # (a transaction this batch begins begins now)
             self.tx_version = m.version
+            if self.source is not None and self.source.active is not self.version:
+                self._follow()
         if not m.entries:
             return ()
         found: tuple[Entry, ...] = ()
@@ -157,7 +173,7 @@ class Guard:
     def filter(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """``frames`` ((tag, start, end) of ``buf``) with refused statements replaced; the
         same objects when nothing is."""
-        if not self.unrestricted:
+        if not self.unrestricted or self.refused or self.stale:
             buf, frames = self._filter(buf, frames)
         if self.expired is not None:
             buf, frames = self._expire(buf, frames)
@@ -193,6 +209,7 @@ class Guard:
                     shown = self._shown(outcomes[0]) if len(outcomes) == 1 else None
                     results.parse(name, shown)
                     self.named[("prepare", name.decode("utf-8", "replace"))] = shown
+                self.stale.discard(name)  # (prepared again: under the version in use)
                 if new is None or refusal is None:
                     self.refused.discard(name)  # (the name now holds an allowed statement)
                     if new is None:
@@ -214,11 +231,13 @@ class Guard:
             elif tag == _B:
                 if results is not None:
                     _bound(results, buf, start, end)
-                if not self.refused:
+                if not self.refused and not self.stale:
                     continue
-                message = _unbound(buf, start, end, self.refused)
+                message = _unbound(buf, start, end, self.refused) if self.refused else None
                 if message is None:
-                    continue
+                    message = _redirected(buf, start, end, self.stale) if self.stale else None
+                    if message is None:
+                        continue
                 refusal = None
             else:
                 if results is not None and tag in _ANSWERED:
@@ -274,6 +293,47 @@ class Guard:
             return buf, frames
         out.append(bytes(buf[done:]))
         return _reframe(b"".join(out), frames)
+
+    def _follow(self) -> None:
+        """The policy version in use changed, and this session is between transactions
+        with no reply owed (a transaction begun under a version finishes under it): its
+        client is classified again. A class with the same fingerprint decides alike, so
+        nothing else changes; for another, the prepared statements the server holds are
+        decided again -- those it would refuse or rewrite are *stale* (a Bind to one is
+        sent to a statement that does not exist, whose name says why: 26000, nothing runs),
+        the others show what the new class masks; names whose SQL is not known (SQL
+        PREPARE, cursors held open) show every value masked."""
+        version = self.source.active
+        self.version = version
+        cls = version.policy.classify(*self.client) or UNRESTRICTED
+        old = self.cls
+        if cls is old:
+            return
+        self.cls = cls
+        self.unrestricted = cls is UNRESTRICTED
+        if cls.fingerprint == old.fingerprint:
+            return
+        self.results = results = Results(self.on_masked) if cls.masks else None
+        statements = self.statements() if self.statements is not None else {}
+        named: dict = {}
+        self.stale = set()
+        for name, sql in statements.items():
+            key = name.encode()
+            if key in self.refused:  # (the server holds the raising DO: it still refuses)
+                continue
+            new, refusal = decide(cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[:2]
+            if new is not None or refusal is not None:
+                self.stale.add(key)
+            elif results is not None:
+                shown = self._decided(sql)
+                results.statements[key] = shown
+                named[("prepare", name)] = shown
+        if results is not None:
+            for key in self.named:
+                named.setdefault(key, UNKNOWN)
+        self.named = named
+        if self.on_switch is not None:
+            self.on_switch()
 
     def replica(self) -> Guard:
         """A guard in this one's state (its class, the names it knows) that tells nobody of
@@ -416,6 +476,23 @@ def _unbound(buf: bytes, start: int, end: int, refused: set[bytes]) -> bytes | N
     except struct.error:
         return None
     body = bytes(buf[start:name_end + 1]) + b"\0\0\0\0" + bytes(buf[pos:end])  # no formats, no values
+    return b"B" + _LEN.pack(len(body) + 4) + body
+
+
+def _redirected(buf: bytes, start: int, end: int, stale: set[bytes]) -> bytes | None:
+    """A Bind to a stale statement (prepared under a policy version no longer in use, one
+    that would not run it so), sent to a statement that does not exist: the server answers
+    26000, naming it -- and the name says why. None for any other Bind."""
+    portal_end = buf.find(0, start, end)
+    name_end = buf.find(0, portal_end + 1, end)
+    if portal_end < 0 or name_end < 0:
+        return None
+    name = bytes(buf[portal_end + 1:name_end])
+    if name not in stale:
+        return None
+    shown = name.decode("utf-8", "replace")[:40]
+    why = f"{shown} (prepared under a policy version no longer in use: prepare it again)".encode()
+    body = bytes(buf[start:portal_end + 1]) + why.replace(b"\0", b"") + b"\0" + bytes(buf[name_end + 1:end])
     return b"B" + _LEN.pack(len(body) + 4) + body
 
 

@@ -38,7 +38,9 @@ and how to fix it.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import ipaddress
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -136,6 +138,9 @@ class ClientClass:
     allow_objects: tuple[ObjectPattern, ...] | None = None
     masks: tuple[ColumnMask, ...] = ()
     rewrites: Rewrites = Rewrites()
+    #: what the class was made of (its TOML table and the mask keys it read): two classes
+    #: of two policy versions with the same fingerprint decide alike (shadow/policy/guard.py)
+    fingerprint: str = field(default="", repr=False)
 
     def holds(self, user: str, database: str, application_name: str, address: str | None) -> bool:
         """Does this class take a client with these properties (``address`` an IP, or
@@ -259,7 +264,9 @@ def _client_class(entry: dict, where: str) -> ClientClass:
         application_names=strings("application_names"), networks=networks,
         refuse_kinds=kinds("refuse_kinds") or frozenset(), refuse_objects=objects("refuse_objects") or (),
         allow_kinds=kinds("allow_kinds"), allow_objects=objects("allow_objects"),
-        masks=_masks(entry.get("mask"), where), rewrites=_rewrites(entry, where),
+        masks=(masks := _masks(entry.get("mask"), where)), rewrites=_rewrites(entry, where),
+        fingerprint=json.dumps(entry, sort_keys=True, default=str)
+        + hashlib.sha256(b"".join(m.key for m in masks)).hexdigest(),
     )  # fmt: skip
 
 

@@ -1,0 +1,87 @@
+"""``connmgr policy push|status``: the policy store (shadow/policy/activation.py) from the
+command line, with psycopg on the primary database.
+
+``push FILE`` validates the file as every connmgr will (``--no-check`` skips it: the keys a
+mask hashes with may live only on the connmgr hosts), creates the store if it is not
+there, and adds the file as the newest version: the connmgrs stage it at their next
+cycle, approve it at the one after, and all activate it one interval later. ``status``
+prints the sync row, every member and the staging results.
+"""
+
+from __future__ import annotations
+
+from shadow.policy.activation import MEMBER_LIVES, STORE_DDL, SYNC_COLUMNS, in_effect, parse_sync
+from shadow.policy.rules import load_policy
+
+__all__ = ["push", "status"]
+
+
+def _connect(conninfo: str):
+    import psycopg
+
+    return psycopg.connect(conninfo, autocommit=True, application_name="connmgr policy")
+
+
+def push(conninfo: str, path: str, *, interval: float | None = None, note: str = "", check: bool = True) -> str:
+    """Add the policy in ``path`` to the store as its newest version; the line to print.
+    Raises PolicyError (the file), psycopg.Error (the database)."""
+    if check:
+        load_policy(path)
+    with open(path, encoding="utf-8") as f:
+        body = f.read()
+    with _connect(conninfo) as c:
+        with c.transaction():
+            c.execute(STORE_DDL)
+            c.execute("INSERT INTO connmgr.policy_sync (activation, \"interval\") VALUES"
+                      " (extract(epoch FROM clock_timestamp()), %s) ON CONFLICT DO NOTHING", (interval or 30.0,))  # fmt: skip
+            if interval is not None:
+                c.execute("UPDATE connmgr.policy_sync SET \"interval\" = %s", (interval,))
+            (version,) = c.execute("INSERT INTO connmgr.policy_versions (body, note) VALUES (%s, %s) RETURNING version",
+                                   (body, note)).fetchone()  # fmt: skip
+            (every,) = c.execute('SELECT "interval" FROM connmgr.policy_sync').fetchone()
+    return (f"policy version {version} pushed ({path}): staged by every connmgr at its next cycle, active everywhere"
+            f" in {2 * every:g}-{3 * every:g} s unless a connmgr cannot stage it (connmgr policy status)")
+
+
+def status(conninfo: str) -> str:
+    """The store as a report (sync row, members, staging of the versions in play)."""
+    with _connect(conninfo) as c:
+        exists = c.execute("SELECT to_regclass('connmgr.policy_sync') IS NOT NULL").fetchone()[0]
+        if not exists:
+            return "no policy store here (nothing was pushed: connmgr policy push FILE)"
+        now = float(c.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
+        row = c.execute(f"SELECT {SYNC_COLUMNS} FROM connmgr.policy_sync").fetchone()
+        if row is None:
+            return "the policy store has no sync row (push a version to create it)"
+        sync = parse_sync(tuple(None if v is None else str(v).encode() for v in row))
+        lines = [f"in effect: version {in_effect(sync, now)}",
+                 f"next:      {sync.next} (activation in {sync.activation - now:.1f} s)" if sync.next is not None else
+                 f"next:      none (next cycle in {sync.activation - now:.1f} s)",
+                 f"staged:    {sync.staged}", f"interval:  {sync.interval:g} s"]  # fmt: skip
+        if sync.failed is not None:
+            lines.append(f"refused:   version {sync.failed}: {sync.failure}")
+        lines.append("members:")
+        for member, seen, active in c.execute("SELECT member, seen, active FROM connmgr.policy_members ORDER BY member"):
+            live = "live" if seen >= now - MEMBER_LIVES * sync.interval else "gone"
+            lines.append(f"  {member}: {live}, seen {now - seen:.1f} s ago, using version {active}")
+        versions = [v for v in (sync.staged, sync.failed) if v is not None]
+        for version in versions:
+            for member, ok, error in c.execute("SELECT member, ok, error FROM connmgr.policy_staging"
+                                               " WHERE version = %s ORDER BY member", (version,)):  # fmt: skip
+                lines.append(f"  version {version} on {member}: {'staged' if ok else 'FAILED: ' + error}")
+        lines.append("versions:")
+        for version, pushed, by, note in c.execute("SELECT version, pushed_at, pushed_by, note FROM"
+                                                   " connmgr.policy_versions ORDER BY version DESC LIMIT 5"):  # fmt: skip
+            lines.append(f"  {version}: {pushed:%Y-%m-%d %H:%M:%S} by {by}{' -- ' + note if note else ''}")
+    return "\n".join(lines)
+
+
+def conninfo_of(config) -> str:
+    """The store's connection string from a connmgr configuration ([primary], [redo],
+    [policy] store_database)."""
+    from psycopg.conninfo import make_conninfo
+
+    r = config.redo
+    return make_conninfo(host=config.primary.host, port=config.primary.port, user=r.user,
+                         password=r.password or None, dbname=config.policy.store_database or r.dbname)  # fmt: skip
+

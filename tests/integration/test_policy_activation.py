@@ -1,0 +1,211 @@
+"""Synchronized activation of policy versions (issue 16, seed 001) with real parts: two
+``connmgr serve`` processes in front of the session's Postgres, one of them under
+libfaketime with its clock 7 s ahead, the store in a fresh database of that Postgres,
+versions pushed with the real ``connmgr policy push``, psycopg clients polling each
+connmgr.
+
+Each version rewrites ``SELECT policy_probe()`` to ``SELECT <its number>``, so a client
+sees which version decided its statement. What must hold: both connmgrs switch at one
+instant (the flip of each, seen by a client polling it without pause, within a bound that
+a connmgr ignoring its clock offset -- 7 s -- could never meet; labs/policy_skew.py
+measures the skew itself over many trials); a transaction begun under a version finishes
+under it; a version one connmgr cannot stage (its mask key is missing there) is refused
+and activated nowhere, and ``connmgr policy status`` says which connmgr and why; the next
+good version goes through; a connmgr that starts takes the version in effect at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from connmgr_fixtures import USERS_TEXT, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+INTERVAL = 1.0
+AHEAD = 7  # seconds connmgr B's clock is ahead
+
+pytestmark = pytest.mark.skipif(shutil.which("faketime") is None, reason="needs libfaketime (apt install faketime)")
+
+
+def policy_text(number: int, mask_key_env: str | None = None) -> str:
+    text = (f'[[class]]\nname = "probe"\nusers = ["scram_user"]\n'
+            f'[[class.rewrite]]\nmatch = "SELECT policy_probe()"\nreplace = "SELECT {number}"\n')  # fmt: skip
+    if mask_key_env:
+        text += f'[[class.mask]]\ncolumn = "nowhere.secret"\nmask = "hash"\nkey_env = "{mask_key_env}"\n'
+    return text
+
+
+class Connmgr:
+    """``connmgr serve -c CONF`` as a process (``ahead``: under faketime); its log kept."""
+
+    def __init__(self, conf: Path, ahead: int = 0, env: dict | None = None) -> None:
+        prefix = ["faketime", "-f", f"+{ahead}s"] if ahead else []
+        self.lines: list[str] = []
+        self.port = 0
+        self._listening = threading.Event()
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "connmgr", "serve", "-c", str(conf)], cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._listening.wait(30):
+            self.stop()
+            raise AssertionError("connmgr did not start:\n" + "".join(self.lines))
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if found := re.search(r"listening on 127\.0\.0\.1:(\d+),", line):
+                self.port = int(found[1])
+                self._listening.set()
+
+    def connect(self, **kw) -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=self.port, user="scram_user", password="scram-pw", dbname="app",
+                               connect_timeout=10, **kw)  # fmt: skip
+
+    def console(self, sql: str) -> list[tuple]:
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", password="postgres",
+                             dbname="connmgr", autocommit=True) as c:  # fmt: skip
+            return c.execute(sql, prepare=False).fetchall()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def store(pg):
+    """A fresh database holding the store (dropped after, whatever happened)."""
+    name = f"store_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg.conninfo(dbname="postgres"), autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    yield name
+    with psycopg.connect(pg.conninfo(dbname="postgres"), autocommit=True) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def fleet(pg, store, tmp_path):
+    started: list[Connmgr] = []
+
+    def start(member: str, ahead: int = 0, env: dict | None = None) -> Connmgr:
+        users = tmp_path / "users.txt"
+        users.write_text(USERS_TEXT)
+        conf = tmp_path / f"{member}.toml"
+        conf.write_text(
+            f'[server]\nlisten = ["127.0.0.1:0"]\nshutdown_timeout = 2\nadmin_users = ["postgres"]\n'
+            f'[primary]\nhost = "{pg.host}"\nport = {pg.port}\n[auth]\nusers_file = "{users}"\n'
+            f'[redo]\nuser = "postgres"\npassword = "postgres"\n'
+            f'[policy]\nstore_database = "{store}"\nstore_poll = 0.2\nmember = "{member}"\n')  # fmt: skip
+        cm = Connmgr(conf, ahead, env)
+        started.append(cm)
+        return cm
+
+    yield start
+    for cm in started:
+        cm.stop()
+
+
+def push(pg, store: str, tmp_path: Path, text: str, *extra: str) -> str:
+    path = tmp_path / f"policy-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "push", str(path), pg.conninfo(dbname=store),
+                        "--interval", str(INTERVAL), *extra], cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def probe(c: psycopg.Connection) -> int:
+    """The version that decided the statement (0: none rewrote it, so the server did not know the function)."""
+    try:
+        return c.execute("SELECT policy_probe()", prepare=False).fetchone()[0]
+    except psycopg.errors.UndefinedFunction:
+        return 0
+
+
+def flip_time(c: psycopg.Connection, old: int, new: int, stop: threading.Event, out: dict, key: str) -> None:
+    """Poll without pause; out[key] = (the last moment seen old, the first seen new), in
+    this process's clock: the switch happened between the two."""
+    last_old = None
+    while not stop.is_set():
+        sent = time.time()
+        v = probe(c)
+        got = time.time()
+        if v == old:
+            last_old = sent
+        elif v == new:
+            out[key] = (last_old, got)
+            return
+
+
+def test_two_connmgrs_switch_together_and_a_version_one_cannot_stage_runs_nowhere(pg, store, fleet, tmp_path):
+    key = "CONNMGR_TEST_MASK_KEY"
+    print("\n" + push(pg, store, tmp_path, policy_text(1)).strip())
+    a = fleet("cm-a", env={key: "k" * 32})
+    b = fleet("cm-b", ahead=AHEAD, env={key: ""})
+    ca, cb = a.connect(autocommit=True), b.connect(autocommit=True)
+    assert wait_for(lambda: probe(ca) == 1 and probe(cb) == 1, 20, "version 1 on both")
+    offsets = {cm: dict(cm.console("SHOW POLICY"))["clock offset"] for cm in (a, b)}
+    print("clock offsets to the store:", offsets[a], "(a)", offsets[b], "(b, faketime +7 s)")
+    assert abs(float(offsets[b].split()[0]) + AHEAD * 1000) < 50 and abs(float(offsets[a].split()[0])) < 50
+
+    # version 2: each connmgr polled without pause from here; a transaction begun under 1
+    tx = a.connect()
+    assert probe(tx) == 1  # (its transaction began under version 1)
+    stop, flips = threading.Event(), {}
+    pollers = [threading.Thread(target=flip_time, args=(c, 1, 2, stop, flips, name))
+               for c, name in ((ca, "a"), (cb, "b"))]  # fmt: skip
+    for t in pollers:
+        t.start()
+    push(pg, store, tmp_path, policy_text(2))
+    for t in pollers:
+        t.join(4 * INTERVAL + 10)
+    stop.set()
+    assert set(flips) == {"a", "b"}, f"not both switched: {flips}"
+    (a_old, a_new), (b_old, b_new) = flips["a"], flips["b"]
+    skew = abs((a_old + a_new) / 2 - (b_old + b_new) / 2)
+    window = max(a_new - a_old, b_new - b_old)
+    print(f"activation skew between a and b: {skew * 1000:.2f} ms (each flip seen within {window * 1000:.2f} ms)")
+    assert skew < 0.5, f"the two connmgrs switched {skew:.3f} s apart"
+    assert probe(tx) == 1, "a transaction begun under version 1 must finish under it"
+    tx.commit()
+    assert probe(tx) == 2
+    tx.close()
+
+    # version 3 cannot be staged on b (its mask key is missing there): refused, nowhere active
+    push(pg, store, tmp_path, policy_text(3, key), "--no-check")
+
+    def refused() -> str:
+        r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "status", pg.conninfo(dbname=store)],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+        return r.stdout if "refused:   version 3" in r.stdout else ""
+
+    assert wait_for(refused, 6 * INTERVAL + 10, "version 3 refused")
+    status = refused()
+    print(status)
+    assert "cm-b: policy version 3" in status and key in status, status
+    time.sleep(2 * INTERVAL)
+    assert (probe(ca), probe(cb)) == (2, 2), "a version one connmgr cannot stage must run nowhere"
+
+    # the next good version goes through; a connmgr that starts takes it at once
+    push(pg, store, tmp_path, policy_text(4))
+    assert wait_for(lambda: probe(ca) == 4 and probe(cb) == 4, 6 * INTERVAL + 10, "version 4 on both")
+    c = fleet("cm-c")
+    with c.connect(autocommit=True) as cc:
+        assert probe(cc) == 4
+    ca.close()
+    cb.close()
