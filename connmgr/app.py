@@ -138,8 +138,11 @@ class App:
         self.policy_sync: PolicySync | None = None
         if config.policy.store == "database":
             self.policy.required = config.policy.store_required
+            store_session = self._open_redo_session
+            if self.secondary is not None and config.poster.host:  # (the secondary role: on the primary, as its poster)
+                store_session = self.secondary.open_store_session
             self.policy_sync = PolicySync(
-                self.policy, lambda db, purpose: self._open_redo_session(db, purpose),
+                self.policy, lambda db, purpose: store_session(db, purpose),
                 database=config.policy.store_database or config.redo.dbname,
                 member=(config.policy.member or default_member()) + (f"/{worker.index}" if worker is not None else ""),
                 poll=config.policy.store_poll, timeout=p.connect_timeout + 10)  # fmt: skip

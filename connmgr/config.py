@@ -302,7 +302,7 @@ class PolicySection:
     #: logins fail (08006) until the store has been read once (else they get the
     #: [policy] file, or no policy, while it cannot be read)
     store_required: bool = False
-    #: this connmgr's name in the store ("" = host:pid)
+    #: this connmgr's name in the store ("" = host:pid:token)
     member: str = ""
 
 

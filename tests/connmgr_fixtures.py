@@ -144,13 +144,14 @@ class LivePair:
 
 @contextlib.contextmanager
 def live_pair_of(pg_bindir, base, tmp_path, *, primary_extra: dict | None = None,
-                 failover_options: dict | None = None, server_options: dict | None = None):
+                 failover_options: dict | None = None, server_options: dict | None = None,
+                 policy_options: dict | None = None):
     """A fresh pair and its two connection managers (failover on), with tables accounts
     (20 rows of 1000), transfers and ledger."""
     with running_pair(base, database=DB, password=PASSWORD, poster_slot="failover_poster", bindir=pg_bindir,
                       users_dir=tmp_path, sequence_interval=0.1, failover=True, primary_extra=primary_extra,
                       failover_options=failover_options, server_options=server_options,
-                      ) as (pair, primary, secondary):  # fmt: skip
+                      policy_options=policy_options) as (pair, primary, secondary):  # fmt: skip
         pair.sync_schema(DB, "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
                              "CREATE TABLE transfers (id text PRIMARY KEY, src int, dst int, amount int);"
                              "CREATE TABLE ledger (id bigserial PRIMARY KEY, note text UNIQUE NOT NULL)")  # fmt: skip

@@ -254,7 +254,7 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
                        max_wait: float = 20.0, shutdown_timeout: float = 5.0,
                        started: list | None = None, primary_extra: dict | None = None,
                        failover_options: dict | None = None, server_options: dict | None = None,
-                       workers: int = 1, config_dir=None) -> tuple:  # fmt: skip
+                       workers: int = 1, config_dir=None, policy_options: dict | None = None) -> tuple:  # fmt: skip
     """The connection managers of a :class:`~connmgr.embedded.cluster_pair.ClusterPair`, as the demo, the
     tests and the fault campaign run them: the secondary one (in front of the secondary
     database, mirror listener, poster slot ``poster_slot`` on the primary) is started first,
@@ -265,11 +265,14 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
     ``failover_options``: more keys of its ``[failover]`` section (e.g. ``failback``);
     ``server_options``: more keys of both ``[server]`` sections (e.g. ``max_buffered_message``).
     With ``workers`` > 1 the primary one is ``connmgr serve`` with that many worker
-    processes (a :class:`SupervisedConnmgr`, its configuration written in ``config_dir``)."""
+    processes (a :class:`SupervisedConnmgr`, its configuration written in ``config_dir``).
+    ``policy_options``: both ``[policy]`` sections (e.g. the store's database)."""
     from connmgr import config as config_mod
 
     started = [] if started is None else started
     common = common_sections(users_file, shutdown_timeout, server_options)
+    if policy_options:
+        common["policy"] = dict(policy_options)
     secondary = start_secondary_connmgr(pair, database=database, password=password, poster_slot=poster_slot,
                                         common=common, sequence_interval=sequence_interval, started=started)  # fmt: skip
     sections = primary_sections(pair, secondary, password=password, mode=mode, failover=failover, max_wait=max_wait,
@@ -289,7 +292,7 @@ def start_connmgr_pair(pair, *, database: str, password: str, users_file: str, p
                           15):  # fmt: skip
             raise OSError(f"the mirror links of the {workers} workers did not all come up ({sorted(receivers)})")
         return primary, secondary
-    primary = EmbeddedConnmgr(config_mod.load(None, **common, **sections)).start()
+    primary = EmbeddedConnmgr(config_mod.load(None, **{**common, **sections})).start()
     started.append(primary)
     if not wait_until(lambda: primary.app.mirror.connected, 15):
         raise OSError("the mirror link between the connection managers did not come up")

@@ -182,7 +182,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
             return 2
     try:
         if args.policy_command == "push":
-            print(policy_store.push(conninfo, args.file, interval=args.interval, note=args.note, check=args.check))
+            print(policy_store.push(conninfo, args.file, interval=args.interval, note=args.note, check=args.check,
+                                    secondary=args.secondary))  # fmt: skip
         else:
             print(policy_store.status(conninfo))
     except PolicyError as e:
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
             one.add_argument("--note", default="", help="a note kept with the version")
             one.add_argument("--no-check", dest="check", action="store_false",
                              help="do not validate the file here (the mask keys may be only on the connmgr hosts)")
+            one.add_argument("--secondary", default="", metavar="CONNINFO", help="the pair's secondary database:"
+                             " the store's tables are made there too and its subscriptions refreshed, so the"
+                             " store survives a failover (needed once)")  # fmt: skip
         one.add_argument("conninfo", nargs="?", default="", help="libpq connection string of the store's database"
                          " (default: the PG* environment)")  # fmt: skip
         one.add_argument("-c", "--config", help="a connmgr configuration: its [primary], [redo] and [policy]"

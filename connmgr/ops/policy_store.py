@@ -11,7 +11,7 @@ prints the sync row, every member and the staging results.
 from __future__ import annotations
 
 from shadow.policy.activation import MEMBER_LIVES, STORE_DDL, SYNC_COLUMNS, in_effect, parse_sync
-from shadow.policy.rules import load_policy
+from shadow.policy.rules import PolicyError, load_policy
 
 __all__ = ["push", "status"]
 
@@ -22,32 +22,82 @@ def _connect(conninfo: str):
     return psycopg.connect(conninfo, autocommit=True, application_name="connmgr policy")
 
 
-def push(conninfo: str, path: str, *, interval: float | None = None, note: str = "", check: bool = True) -> str:
+def push(conninfo: str, path: str, *, interval: float | None = None, note: str = "", check: bool = True,
+         secondary: str = "") -> str:  # fmt: skip
     """Add the policy in ``path`` to the store as its newest version; the line to print.
-    Raises PolicyError (the file), psycopg.Error (the database)."""
+    ``secondary``: the pair's secondary database (its subscription carries the store: the
+    tables are made there too, and the subscriptions refreshed to follow them). Raises
+    PolicyError (the file), psycopg.Error (the database)."""
     if check:
         load_policy(path)
     with open(path, encoding="utf-8") as f:
         body = f.read()
+    if secondary:
+        _tables_on_secondary(secondary)
     with _connect(conninfo) as c:
+        if not secondary and not _exists(c) and c.execute("SELECT EXISTS (SELECT FROM pg_publication WHERE"
+                                                          " puballtables)").fetchone()[0]:  # fmt: skip
+            raise PolicyError(f"the database of {_where(conninfo)} publishes all its tables (a pair's): give --secondary"
+                              " CONNINFO of the secondary database, so the store's tables are made there first --"
+                              " without them its subscription would stop at the first row (and with it every"
+                              " synchronous commit)")  # fmt: skip
         with c.transaction():
             c.execute(STORE_DDL)
             c.execute("INSERT INTO connmgr.policy_sync (activation, \"interval\") VALUES"
                       " (extract(epoch FROM clock_timestamp()), %s) ON CONFLICT DO NOTHING", (interval or 30.0,))  # fmt: skip
-            if interval is not None:
+            (every,) = c.execute('SELECT "interval" FROM connmgr.policy_sync FOR UPDATE').fetchone()
+            if interval is not None and interval != every:
                 c.execute("UPDATE connmgr.policy_sync SET \"interval\" = %s", (interval,))
-            (version,) = c.execute("INSERT INTO connmgr.policy_versions (body, note) VALUES (%s, %s) RETURNING version",
-                                   (body, note)).fetchone()  # fmt: skip
-            (every,) = c.execute('SELECT "interval" FROM connmgr.policy_sync').fetchone()
+                every = interval
+            (version,) = c.execute("INSERT INTO connmgr.policy_versions (version, body, note) SELECT"
+                                   " coalesce(max(version), 0) + 1, %s, %s FROM connmgr.policy_versions"
+                                   " RETURNING version", (body, note)).fetchone()  # fmt: skip
+    if secondary:
+        _subscribe_on_secondary(secondary)
     return (f"policy version {version} pushed ({path}): staged by every connmgr at its next cycle, active everywhere"
             f" in {2 * every:g}-{3 * every:g} s unless a connmgr cannot stage it (connmgr policy status)")
+
+
+def _exists(c) -> bool:
+    return c.execute("SELECT to_regclass('connmgr.policy_sync') IS NOT NULL").fetchone()[0]
+
+
+def _where(conninfo: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    d = conninfo_to_dict(conninfo)
+    return f"{d.get('host', 'localhost')}:{d.get('port', 5432)}/{d.get('dbname', '')}"
+
+
+def _tables_on_secondary(conninfo: str) -> None:
+    """The store's tables on the pair's secondary database, before the primary has them:
+    a subscription that receives a row of a table its database lacks stops."""
+    with _connect(conninfo) as s:
+        if not _exists(s):
+            s.execute(STORE_DDL)
+
+
+def _subscribe_on_secondary(conninfo: str) -> None:
+    """The secondary database's subscriptions told of the store's tables (their rows
+    copied, then followed), once."""
+    from psycopg import sql
+
+    with _connect(conninfo) as s:
+        if s.execute("SELECT EXISTS (SELECT FROM pg_subscription_rel WHERE srrelid ="
+                     " 'connmgr.policy_sync'::regclass)").fetchone()[0]:  # fmt: skip
+            return
+        subscriptions = [name for (name,) in s.execute(
+            "SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database()) AND subenabled")]  # fmt: skip
+        for name in subscriptions:
+            s.execute(sql.SQL("ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = true)").format(
+                sql.Identifier(name)))
 
 
 def status(conninfo: str) -> str:
     """The store as a report (sync row, members, staging of the versions in play)."""
     with _connect(conninfo) as c:
-        exists = c.execute("SELECT to_regclass('connmgr.policy_sync') IS NOT NULL").fetchone()[0]
-        if not exists:
+        if not _exists(c):
             return "no policy store here (nothing was pushed: connmgr policy push FILE)"
         now = float(c.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
         row = c.execute(f"SELECT {SYNC_COLUMNS} FROM connmgr.policy_sync").fetchone()

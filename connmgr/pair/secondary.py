@@ -106,6 +106,12 @@ class Secondary:
     async def _open_local_admin_session(self) -> BackendSession:
         return await self._open_ddl_session(self.config.poster.dbname, "connmgr sequence sync")
 
+    async def open_store_session(self, database: str, purpose: str) -> BackendSession:
+        """On the primary database with the [poster] credentials: the policy store is read
+        where the primary connmgr reads it (connmgr/proxy/policy_sync.py)."""
+        p = self.config.poster
+        return await open_own_session(self._poster_server("policy store"), p.user, p.password, database, purpose)
+
     async def _open_poster_sql_session(self) -> BackendSession:
         """A plain SQL session on the primary database with the [poster] credentials."""
         p = self.config.poster

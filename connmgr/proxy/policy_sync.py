@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -53,9 +54,10 @@ _SAMPLES = 3
 
 
 def default_member() -> str:
-    """This connmgr's name in the store: host and process (a restarted one is a new member;
-    the old one stops counting after three intervals)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This connmgr's name in the store: host, process and a token (two connmgrs may share
+    a process: the embedded pair); a restarted one is a new member, the old one stops
+    counting after three intervals."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
 
 
 class PolicySync:
@@ -146,6 +148,9 @@ class PolicySync:
         finally:
             session.close()
         self._schedule(sync)
+        keep = {sync.next, sync.staged, in_effect(sync, self.store_now()), self.runtime.active.number}
+        for number in [n for n in self.staged if n not in keep]:  # (versions out of play: let go)
+            del self.staged[number]
         return max(sync.activation - self.offset.offset, self.clock() + 0.01)
 
     def store_now(self) -> float:

@@ -9,7 +9,9 @@ The store is three tables in the primary database (``STORE_DDL``; replicated, so
 survives a failover):
 
 * ``connmgr.policy_versions`` -- every version pushed (``connmgr policy push FILE``): a
-  number and the TOML text. The newest is the *production* data of the seed.
+  number (the largest + 1, taken under the sync row's lock: no sequence, which logical
+  replication would not carry to the secondary) and the TOML text. The newest is the
+  *production* data of the seed.
 * ``connmgr.policy_sync`` -- one row: the version ``active`` now, the version ``next``
   (approved: every connmgr staged it) that becomes active at ``activation``, the version
   ``staged`` (being fetched, validated and compiled by every connmgr this cycle), the
@@ -58,7 +60,7 @@ __all__ = ["MEMBER_LIVES", "STORE_DDL", "SYNC_COLUMNS", "ClockOffset", "Sync", "
 STORE_DDL = """
 CREATE SCHEMA IF NOT EXISTS connmgr;
 CREATE TABLE IF NOT EXISTS connmgr.policy_versions (
-    version bigserial PRIMARY KEY,
+    version bigint PRIMARY KEY,
     body text NOT NULL,
     pushed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     pushed_by text NOT NULL DEFAULT current_user,

@@ -209,3 +209,46 @@ def test_two_connmgrs_switch_together_and_a_version_one_cannot_stage_runs_nowher
         assert probe(cc) == 4
     ca.close()
     cb.close()
+
+
+def test_the_store_of_a_pair_is_followed_by_both_connmgrs_and_survives_a_failover(pg_bindir, pg_base_dir, tmp_path):
+    """The store in the pair's database: the secondary connmgr reads it on the primary
+    database (as its poster does), the secondary database gets its rows through the
+    subscription; when the primary database is killed, the version in use stays, and a
+    version pushed to the survivor is activated by the connmgr that moved there."""
+    from connmgr_fixtures import DB, PASSWORD, live_pair_of
+
+    text = ('[[class]]\nname = "probe"\napplication_names = ["probe*"]\n[[class.rewrite]]\n'
+            'match = "SELECT policy_probe()"\nreplace = "SELECT {n}"\n')  # fmt: skip
+    with live_pair_of(pg_bindir, pg_base_dir / "policy-store-pair", tmp_path, failover_options={"failback": "manual"},
+                      policy_options={"store_database": DB, "store_poll": 0.2}) as lp:  # fmt: skip
+        primary_db, secondary_db = lp.pair.primary.conninfo(DB), lp.pair.secondary.conninfo(DB)
+        first = tmp_path / "v1.toml"
+        first.write_text(text.format(n=1))
+        r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "push", str(first), primary_db, "--interval",
+                            str(INTERVAL), "--secondary", secondary_db], cwd=REPO, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        on_primary = psycopg.connect(lp.primary.conninfo("postgres", DB, PASSWORD, application_name="probe-p"),
+                                     autocommit=True)  # fmt: skip
+        on_secondary = psycopg.connect(lp.secondary.conninfo("postgres", DB, PASSWORD, application_name="probe-s"),
+                                       autocommit=True)  # fmt: skip
+        assert wait_for(lambda: probe(on_primary) == 1 and probe(on_secondary) == 1, 20, "version 1 on both")
+        members = lp.pair.primary.connect(DB).execute("SELECT count(*) FROM connmgr.policy_members").fetchone()
+        assert members == (2,), "both connmgrs of the pair take part in the store on the primary database"
+        assert wait_for(lambda: lp.on_secondary("SELECT max(version) FROM connmgr.policy_versions") == [(1,)], 15,
+                        "the store's rows on the secondary database")  # fmt: skip
+
+        lp.pair.primary.kill()
+        assert wait_for(lambda: lp.failover.failed_over, 15), lp.failover.timeline
+        assert probe(on_primary) == 1  # the session moved; the version in use stayed
+        second = tmp_path / "v2.toml"
+        second.write_text(text.format(n=2))
+        r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "push", str(second), secondary_db],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0 and "policy version 2 pushed" in r.stdout, r.stderr
+        # (the secondary connmgr cannot read the store on the dead primary: after three
+        # intervals it is no longer a live member, and version 2 is approved without it)
+        assert wait_for(lambda: probe(on_primary) == 2, 10 * INTERVAL + 10, "version 2 after the failover")
+        on_primary.close()
+        on_secondary.close()

@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shadow.framing import Framer
-from shadow.policy.activation import ClockOffset, Sync, Version, advance, in_effect, parse_sync, sync_update_sql
+from shadow.policy.activation import (
+    ClockOffset,
+    Sync,
+    Version,
+    advance,
+    in_effect,
+    parse_sync,
+    sync_update_sql,
+)
 from shadow.policy.guard import UNRESTRICTED, Guard
 from shadow.policy.maintenance import Maintenance
 from shadow.policy.rules import parse_policy

@@ -1,0 +1,177 @@
+"""The activation skew of policy versions between connmgrs (issue 16, seed 001).
+
+Two ``connmgr serve`` processes in front of one local Postgres (a trust cluster this
+script creates), the policy store in it; connmgr B runs under libfaketime with its clock
+``--ahead`` seconds ahead (default 7). Each trial pushes a new version with the real
+``connmgr policy push``; every version rewrites ``SELECT policy_probe()`` to ``SELECT
+<its number>``, and one client per connmgr polls it without pause. The moment each
+connmgr switched lies between the last reply of the old version and the first of the new
+one (the "window"); the skew is the distance between the two windows' midpoints. Prints a
+row per trial and the summary against the target (10 ms): a connmgr that ignored its
+clock offset would switch ``--ahead`` seconds early.
+
+    python labs/policy_skew.py [--trials 10] [--interval 1] [--ahead 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+
+from connmgr.embedded.clusters import Cluster, temp_base_dir  # noqa: E402
+
+TARGET_MS = 10.0
+
+
+def policy_text(number: int) -> str:
+    return (f'[[class]]\nname = "probe"\nusers = ["postgres"]\n'
+            f'[[class.rewrite]]\nmatch = "SELECT policy_probe()"\nreplace = "SELECT {number}"\n')  # fmt: skip
+
+
+class Connmgr:
+    def __init__(self, conf: Path, ahead: int, log_path: Path) -> None:
+        prefix = ["faketime", "-f", f"+{ahead}s"] if ahead else []
+        self.port = 0
+        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        ready = threading.Event()
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "connmgr", "serve", "-c", str(conf)], cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+        def read() -> None:
+            for line in self.proc.stderr:
+                self.log.write(line)
+                if found := re.search(r"listening on 127\.0\.0\.1:(\d+),", line):
+                    self.port = int(found[1])
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(30):
+            self.stop()
+            raise SystemExit(f"connmgr did not start: see {log_path}")
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def probe(c: psycopg.Connection) -> int:
+    try:
+        return c.execute("SELECT policy_probe()", prepare=False).fetchone()[0]
+    except psycopg.errors.UndefinedFunction:
+        return 0
+
+
+def watch(c: psycopg.Connection, old: int, new: int, out: dict, key: str, deadline: float) -> None:
+    last_old = None
+    polls = 0
+    while time.monotonic() < deadline:
+        sent = time.time()
+        v = probe(c)
+        got = time.time()
+        polls += 1
+        if v == old:
+            last_old = sent
+        elif v == new and last_old is not None:
+            out[key] = (last_old, got, polls)
+            return
+
+
+def push(conninfo: str, directory: Path, number: int, interval: float) -> None:
+    path = directory / f"v{number}.toml"
+    path.write_text(policy_text(number))
+    r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "push", str(path), conninfo, "--interval",
+                        str(interval)], cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    if r.returncode:
+        raise SystemExit(f"connmgr policy push failed: {r.stderr}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between activations (default 1)")
+    ap.add_argument("--ahead", type=int, default=7, help="seconds connmgr B's clock is ahead (default 7)")
+    args = ap.parse_args()
+    if shutil.which("faketime") is None:
+        raise SystemExit("needs libfaketime: apt install faketime")
+    base = temp_base_dir("connmgr-skew-")
+    work = Path(tempfile.mkdtemp(prefix="connmgr-skew-work-"))
+    cluster = Cluster.create(base, "skew", host_auth="trust")
+    fleet: list[Connmgr] = []
+    rows = []
+    try:
+        cluster.start()
+        conninfo = f"host=127.0.0.1 port={cluster.port} user=postgres dbname=postgres"
+        push(conninfo, work, 1, args.interval)
+        for name, ahead in (("a", 0), ("b", args.ahead)):
+            conf = work / f"{name}.toml"
+            conf.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\nshutdown_timeout = 2\n'
+                            f'[primary]\nhost = "127.0.0.1"\nport = {cluster.port}\n'
+                            f'[policy]\nstore_poll = 0.2\nmember = "{name}"\n')  # fmt: skip
+            fleet.append(Connmgr(conf, ahead, work / f"{name}.log"))
+        clients = [cm.connect() for cm in fleet]
+        deadline = time.monotonic() + 10 * args.interval + 20
+        while not all(probe(c) == 1 for c in clients):
+            if time.monotonic() > deadline:
+                raise SystemExit("version 1 did not become active on both")
+            time.sleep(0.05)
+        print(f"{'trial':>5} {'version':>7} {'skew ms':>8} {'window a ms':>11} {'window b ms':>11} {'polls a':>8}"
+              f" {'polls b':>8}")  # fmt: skip
+        for trial in range(1, args.trials + 1):
+            old, new = trial, trial + 1
+            flips: dict = {}
+            end = time.monotonic() + 4 * args.interval + 15
+            threads = [threading.Thread(target=watch, args=(c, old, new, flips, k, end))
+                       for c, k in zip(clients, "ab", strict=True)]  # fmt: skip
+            for t in threads:
+                t.start()
+            push(conninfo, work, new, args.interval)
+            for t in threads:
+                t.join()
+            if set(flips) != {"a", "b"}:
+                raise SystemExit(f"trial {trial}: version {new} did not switch on both: {flips}")
+            (a0, a1, pa), (b0, b1, pb) = flips["a"], flips["b"]
+            skew = abs((a0 + a1) / 2 - (b0 + b1) / 2) * 1000
+            rows.append((skew, (a1 - a0) * 1000, (b1 - b0) * 1000))
+            print(f"{trial:5d} {new:7d} {skew:8.2f} {(a1 - a0) * 1000:11.2f} {(b1 - b0) * 1000:11.2f} {pa:8d} {pb:8d}",
+                  flush=True)  # fmt: skip
+        for c in clients:
+            c.close()
+    finally:
+        for cm in fleet:
+            cm.stop()
+        cluster.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    skews = [r[0] for r in rows]
+    worst = max(max(r[0] + r[1] / 2 + r[2] / 2 for r in rows), 0.0)
+    print(f"\nskew over {len(rows)} trials: median {statistics.median(skews):.2f} ms, max {max(skews):.2f} ms"
+          f" (bounded by the windows: at most {worst:.2f} ms); target {TARGET_MS:g} ms;"
+          f" connmgr b's clock {args.ahead} s ahead ({args.ahead * 1000 / TARGET_MS:.0f}x the target)")  # fmt: skip
+    return 0 if max(skews) <= TARGET_MS else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
