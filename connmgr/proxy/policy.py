@@ -1,5 +1,7 @@
 """The policy at run time (the decisions themselves are shadow/policy/, free of I/O): the
-class of each client at its login, the guard of its session, the catalog of each
+version in use (the ``[policy] file``, or one from the store, activated by
+connmgr/proxy/policy_sync.py), the class of each client at its login, the guard of its
+session (which follows the version in use between its transactions), the catalog of each
 database that restricted sessions use, and the refusals counted by class.
 
 The catalog (views, SQL functions; shadow/policy/catalog.py) of a database is read when
@@ -75,6 +77,9 @@ class PolicyRuntime:
         #: some class masks columns (the catalog's columns are read too; once a version
         #: staged has masks, from then on)
         self.masks = any(cls.masks for cls in policy.classes)
+        #: some class restricts objects (in use or staged): every database's catalog is
+        #: read at its first login, so a session that switches class finds it there
+        self.restricting = any(cls.restricts_objects for cls in policy.classes)
         #: set once the store was read (or there is none): logins wait for it
         self.ready = trio.Event()
         self.ready.set()
@@ -103,6 +108,7 @@ class PolicyRuntime:
             for database in list(self.catalogs):
                 await self._read(database)
         if any(cls.restricts_objects for cls in policy.classes):
+            self.restricting = True
             for database in [d for d in self.databases if d not in self.catalogs]:
                 await self._first_read(database)
 
@@ -121,6 +127,11 @@ class PolicyRuntime:
         database = conn.database
         if cls.restricts_objects and database not in self.catalogs:
             await self._first_read(database)
+        elif self.restricting and database not in self.catalogs:  # (for the version staged: its class may)
+            try:
+                await self._first_read(database)
+            except ClientError as e:
+                log.warning("policy: %s (read again at the next login)", e)
         catalogs = self.catalogs
         guard = Guard(cls, lambda refusal: None, lambda: catalogs.get(database))
 

@@ -26,5 +26,9 @@ statement reaches the database. Free of I/O: text in, decisions out.
 * :mod:`shadow.policy.rewrite` -- the lookup table and the rules that replace a statement.
 * :mod:`shadow.policy.maintenance` -- objects under maintenance, and which statements wait.
 * :mod:`shadow.policy.guard` -- a session's guard: its client's batches in, the same with
-  refused and rewritten statements replaced, its masks and maintenance waits arranged.
+  refused and rewritten statements replaced, its masks and maintenance waits arranged;
+  it follows the policy version in use at its session's transaction boundaries.
+* :mod:`shadow.policy.activation` -- policy versions in a store every connmgr reads: the
+  cycle's decisions (stage, approve only what every connmgr staged, activate all at one
+  instant), the sync row, the clock offset to the store.
 """

@@ -252,3 +252,28 @@ def test_the_store_of_a_pair_is_followed_by_both_connmgrs_and_survives_a_failove
         assert wait_for(lambda: probe(on_primary) == 2, 10 * INTERVAL + 10, "version 2 after the failover")
         on_primary.close()
         on_secondary.close()
+
+
+def test_the_command_line_names_what_is_wrong(pg, store, tmp_path):
+    """A broken file is refused before anything is written (the key and the fix named); an
+    unreachable database and a database with no store are said so; a bad [policy] store
+    stops serve naming it."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text('[[class]]\nname = "x"\nrefuse_kinds = ["SELEKT"]\n')
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "connmgr", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+
+    r = run("policy", "push", str(broken), pg.conninfo(dbname=store))
+    assert r.returncode == 2 and "refuse_kinds: unknown kind(s) SELEKT" in r.stderr, r.stderr
+    r = run("policy", "status", pg.conninfo(dbname=store))
+    assert r.returncode == 0 and "no policy store here" in r.stdout, r.stdout  # (nothing was written)
+    r = run("policy", "push", str(tmp_path / "missing.toml"), pg.conninfo(dbname=store))
+    assert r.returncode == 2 and "missing.toml" in r.stderr, r.stderr
+    r = run("policy", "status", "host=127.0.0.1 port=1 dbname=x user=x connect_timeout=3")
+    assert r.returncode == 1 and "the store's database" in r.stderr, r.stderr
+    conf = tmp_path / "bad.toml"
+    conf.write_text('[policy]\nstore = "etcd"\n')
+    r = run("serve", "-c", str(conf))
+    assert r.returncode != 0 and '[policy] store: "database"' in r.stderr and "'etcd'" in r.stderr, r.stderr
