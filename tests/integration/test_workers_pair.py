@@ -122,9 +122,12 @@ def test_a_terminated_backend_is_one_false_alarm_for_every_worker(worker_pair):
     with wp.pair.primary.connect(DB) as admin:
         assert admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                              " WHERE application_name = 'victim'").fetchone() == (1,)  # fmt: skip
-    with pytest.raises(psycopg.errors.AdminShutdown) as err:
+    with pytest.raises(psycopg.OperationalError) as err:
         victim.execute("SELECT 1")
-    assert err.value.sqlstate == "57P01"
+    # the server's 57P01, or -- when the request crossed the FATAL and the closed socket
+    # answered it with a reset, which can discard the FATAL unread -- the socket closed:
+    # as with Postgres direct, whose backend exits the same way
+    assert err.value.sqlstate == "57P01" or (err.value.sqlstate is None and "closed" in str(err.value)), err.value
     t.join(10)
     assert box["row"] == (1001,)
     other.commit()
