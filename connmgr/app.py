@@ -145,7 +145,8 @@ class App:
                 self.policy, lambda db, purpose: store_session(db, purpose),
                 database=config.policy.store_database or config.redo.dbname,
                 member=(config.policy.member or default_member()) + (f"/{worker.index}" if worker is not None else ""),
-                poll=config.policy.store_poll, timeout=p.connect_timeout + 10)  # fmt: skip
+                poll=config.policy.store_poll, timeout=p.connect_timeout + 10,
+                maintenance_poll=config.policy.maintenance_poll)  # fmt: skip
             self.policy.sync = self.policy_sync
             self.policy.ready = trio.Event()  # (set by the first cycle)
         self.engine: RelayEngine | None = None

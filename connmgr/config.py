@@ -302,6 +302,8 @@ class PolicySection:
     #: logins fail (08006) until the store has been read once (else they get the
     #: [policy] file, or no policy, while it cannot be read)
     store_required: bool = False
+    #: seconds between two reads of the store's objects under maintenance
+    maintenance_poll: float = 0.5
     #: this connmgr's name in the store ("" = host:pid:token)
     member: str = ""
 
@@ -516,6 +518,8 @@ def _check(config: Config, source: str) -> None:
     if config.policy.store not in ("database", "none"):
         raise ConfigError(f"{source}: [policy] store: \"database\" (policy versions in tables of the primary"
                           f" database) or \"none\", got {config.policy.store!r}")
+    if config.policy.maintenance_poll <= 0:
+        raise ConfigError(f"{source}: [policy] maintenance_poll: must be > 0, got {config.policy.maintenance_poll}")
     if config.policy.store_poll <= 0:
         raise ConfigError(f"{source}: [policy] store_poll: must be > 0, got {config.policy.store_poll}")
     if config.policy.store_required and config.policy.store == "none":

@@ -154,6 +154,8 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
         print(f"connmgr maintenance: {args.object!r} is not an object (schema.table, table, function:name)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.store:
+        return _maintenance_in_store(args)
     sql = f"MAINTENANCE {args.action.upper()} {args.object.strip()}"
     if args.action == "begin" and args.by:
         sql += f" BY {args.by}"
@@ -164,6 +166,24 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
         verb = "under maintenance since" if args.action == "begin" else "no longer under maintenance (since"
         print(f"{obj}: {verb} {since}{')' if args.action == 'end' else ''}; the job's sessions: {by}")
     return 0
+
+
+def _maintenance_in_store(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from connmgr.ops import policy_store
+    from shadow.policy.rules import PolicyError
+
+    try:
+        ok, report = policy_store.maintenance(args.store, args.action, args.object, by=args.by, wait=args.wait)
+    except PolicyError as e:
+        print(f"connmgr maintenance: {e}", file=sys.stderr)
+        return 2
+    except psycopg.Error as e:
+        print(f"connmgr maintenance: the store's database: {e}", file=sys.stderr)
+        return 1
+    print(report, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -338,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("-U", "--user", default="postgres", help="admin user (default postgres)")
     mt.add_argument("--by", default="", help="application_name (a glob) of the maintenance job's sessions"
                     " (default connmgr-maintenance*)")  # fmt: skip
+    mt.add_argument("--store", default="", metavar="CONNINFO", help="through the policy store (libpq connection"
+                    " string of its database): every connmgr of the fleet holds the statements (workers and the"
+                    " pair's two too); returns once every live one does")  # fmt: skip
+    mt.add_argument("--wait", type=float, default=30.0, help="with --store: seconds to wait for every connmgr")
     mt.set_defaults(func=cmd_maintenance)
 
     po = sub.add_parser(

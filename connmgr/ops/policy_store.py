@@ -1,5 +1,6 @@
-"""``connmgr policy push|status``: the policy store (shadow/policy/activation.py) from the
-command line, with psycopg on the primary database.
+"""``connmgr policy push|status`` and ``connmgr maintenance begin|end --store``: the
+policy store (shadow/policy/activation.py) from the command line, with psycopg on the
+primary database.
 
 ``push FILE`` validates the file as every connmgr will (``--no-check`` skips it: the keys a
 mask hashes with may live only on the connmgr hosts), creates the store if it is not
@@ -10,10 +11,12 @@ prints the sync row, every member and the staging results.
 
 from __future__ import annotations
 
+import time
+
 from shadow.policy.activation import MEMBER_LIVES, STORE_DDL, SYNC_COLUMNS, in_effect, parse_sync
 from shadow.policy.rules import PolicyError, load_policy
 
-__all__ = ["push", "status"]
+__all__ = ["maintenance", "push", "status"]
 
 
 def _connect(conninfo: str):
@@ -124,6 +127,46 @@ def status(conninfo: str) -> str:
                                                    " connmgr.policy_versions ORDER BY version DESC LIMIT 5"):  # fmt: skip
             lines.append(f"  {version}: {pushed:%Y-%m-%d %H:%M:%S} by {by}{' -- ' + note if note else ''}")
     return "\n".join(lines)
+
+
+def maintenance(conninfo: str, action: str, obj: str, *, by: str = "", wait: float = 30.0) -> tuple[bool, str]:
+    """``obj`` under maintenance fleet-wide (``action`` "begin") or no longer ("end"):
+    written to the store, then waited for until every live connmgr holds (or no longer
+    holds) statements on it. (held everywhere in time, the report to print). Raises
+    PolicyError (the object, or no store), psycopg.Error (the database)."""
+    from shadow.policy.maintenance import DEFAULT_BY
+    from shadow.policy.rules import ObjectPattern
+
+    text = ObjectPattern.parse(obj, "maintenance").text.strip()
+    with _connect(conninfo) as c:
+        if not _exists(c):
+            raise PolicyError(f"no policy store in {_where(conninfo)}: create it with connmgr policy push (an empty"
+                              " file is a policy of no classes)")  # fmt: skip
+        if action == "begin":
+            c.execute("INSERT INTO connmgr.policy_maintenance (object, by, since) VALUES (%s, %s,"
+                      " extract(epoch FROM clock_timestamp())) ON CONFLICT (object) DO UPDATE SET by = excluded.by",
+                      (text, by or DEFAULT_BY))  # fmt: skip
+        else:
+            c.execute("DELETE FROM connmgr.policy_maintenance WHERE lower(object) = lower(%s)", (text,))
+        key = text.lower()
+        deadline = time.monotonic() + wait
+        while True:
+            now, every = c.execute("SELECT extract(epoch FROM clock_timestamp()), \"interval\" FROM"
+                                   " connmgr.policy_sync").fetchone()  # fmt: skip
+            members = c.execute("SELECT member, maintenance FROM connmgr.policy_members WHERE seen >= %s"
+                                " ORDER BY member", (float(now) - MEMBER_LIVES * every,)).fetchall()  # fmt: skip
+            holding = [m for m, held in members if key in (o.lower() for o in held.split("\n"))]
+            late = [m for m, _held in members if (m in holding) != (action == "begin")]
+            if not late or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    what = "under maintenance" if action == "begin" else "no longer under maintenance"
+    if late:
+        return False, (f"{text}: {what} in the store, but after {wait:g} s not yet on {len(late)} of {len(members)}"
+                       f" connmgr(s): {', '.join(late)}")  # fmt: skip
+    verb = "held" if action == "begin" else "let go"
+    return True, f"{text}: {what} -- statements on it {verb} by every connmgr ({len(members)}: " + ", ".join(
+        m for m, _ in members) + ")"
 
 
 def conninfo_of(config) -> str:

@@ -31,7 +31,7 @@ from shadow.policy.catalog import CATALOG_SQL, COLUMNS_SQL, Catalog
 from shadow.policy.decision import Refusal
 from shadow.policy.guard import UNRESTRICTED, Guard
 from shadow.policy.maintenance import DEFAULT_BY, Entry, Maintenance
-from shadow.policy.rules import Policy
+from shadow.policy.rules import Policy, PolicyError
 
 log = logging.getLogger("connmgr.policy")
 
@@ -55,6 +55,9 @@ class PolicyRuntime:
         self.maintenance_wait = maintenance_wait
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: the entries the store began (connmgr.policy_maintenance), by key; bad ones logged once
+        self._stored: dict[str, Entry] = {}
+        self._bad: set[str] = set()
         #: statements held (connmgr_maintenance_held_total), and failed at the limit
         self.held = 0
         self.held_expired = 0
@@ -182,6 +185,28 @@ class PolicyRuntime:
             self._change()
             log.warning("maintenance ends on %s after %.1f s", entry.text, time.time() - entry.since)
         return entry
+
+    def from_store(self, rows) -> tuple[str, ...]:
+        """The objects under maintenance in the store (``rows``: (object, by) as text)
+        applied here: begun if new, ended if gone (only what the store began); returns the
+        store's objects this connmgr holds statements on now."""
+        wanted = {}
+        for obj, by in rows:
+            wanted[obj.strip().lower()] = (obj, by or DEFAULT_BY)
+        for key in [k for k in self._stored if k not in wanted]:
+            entry = self._stored.pop(key)
+            if self.maintenance.entries.get(key) is entry:
+                self.end(entry.text)
+        for key, (obj, by) in wanted.items():
+            if key in self._stored and self._stored[key].by == by:
+                continue
+            try:
+                self._stored[key] = self.begin(obj, by)
+            except PolicyError as e:
+                if key not in self._bad:
+                    self._bad.add(key)
+                    log.error("maintenance in the store: %s (ignored)", e)
+        return tuple(sorted(e.text for e in self._stored.values()))
 
     def _change(self) -> None:
         self._changed.set()

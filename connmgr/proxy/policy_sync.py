@@ -29,6 +29,7 @@ from connmgr.pg.backend import BackendSession
 from connmgr.pg.wire import PeerClosed
 from shadow import messages
 from shadow.policy.activation import (
+    MAINTENANCE_SQL,
     MEMBER_LIVES,
     SYNC_COLUMNS,
     ClockOffset,
@@ -36,6 +37,7 @@ from shadow.policy.activation import (
     Version,
     advance,
     in_effect,
+    maintenance_ack_sql,
     member_sql,
     parse_sync,
     staging_sql,
@@ -66,13 +68,17 @@ class PolicySync:
     primary; ``clock`` is this connmgr's wall clock (seconds since the epoch)."""
 
     def __init__(self, runtime, open_session: Callable[[str, str], Awaitable[BackendSession]], *, database: str,
-                 member: str, poll: float, timeout: float, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 member: str, poll: float, timeout: float, maintenance_poll: float = 0.5,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.runtime = runtime
         self.open_session = open_session
         self.database = database
         self.member = member
         self.poll = poll
+        self.maintenance_poll = maintenance_poll
         self.timeout = timeout
+        #: the store's objects under maintenance held here (acknowledged in policy_members)
+        self.maintained: tuple[str, ...] = ()
         self.clock = clock
         self.offset = ClockOffset()
         self.started = clock()
@@ -92,8 +98,47 @@ class PolicySync:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        """Cycle until cancelled. Logins wait for the first attempt (``runtime.ready``): a
-        connmgr starts with the version in effect, if the store can be read."""
+        """Cycle until cancelled; follow the store's objects under maintenance. Logins wait
+        for the first cycle (``runtime.ready``): a connmgr starts with the version in effect,
+        if the store can be read."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._maintenance)
+            await self._cycles()
+
+    async def _maintenance(self) -> None:
+        """Every ``maintenance_poll`` seconds while the store exists: its objects under
+        maintenance applied here, and acknowledged in this connmgr's member row (``connmgr
+        maintenance --store`` waits for every live member's). One session, kept open."""
+        warned = 0.0
+        while True:
+            if not self.exists:
+                await trio.sleep(self.maintenance_poll)
+                continue
+            session = None
+            try:
+                with trio.fail_after(self.timeout):
+                    session = await self.open_session(self.database, "connmgr policy maintenance")
+                acked = None
+                while self.exists:
+                    with trio.fail_after(self.timeout):
+                        rows = await session.query_rows(messages.query(MAINTENANCE_SQL))
+                        self.maintained = self.runtime.from_store(
+                            [tuple(v.decode("utf-8", "replace") for v in row) for row in rows])  # fmt: skip
+                        if self.maintained != acked and not self.standby:
+                            await session.query_rows(messages.query(maintenance_ack_sql(self.member, self.maintained)))
+                            acked = self.maintained
+                    await trio.sleep(self.maintenance_poll)
+            except (ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+                if time.monotonic() - warned > 60:
+                    warned = time.monotonic()
+                    log.warning("policy store (database %r): cannot read the objects under maintenance (%s);"
+                                " trying again", self.database, e)  # fmt: skip
+                await trio.sleep(self.poll)
+            finally:
+                if session is not None:
+                    session.close()
+
+    async def _cycles(self) -> None:
         warned = 0.0
         while True:
             wake = self.clock() + self.poll
@@ -173,7 +218,8 @@ class PolicySync:
                 await session.query_rows(messages.query(sync_update_sql(moved)))
                 self._report(sync, moved)
                 sync = moved
-        await session.query_rows(messages.query(member_sql(self.member, self.runtime.active.number, self.started)))
+        await session.query_rows(messages.query(member_sql(self.member, self.runtime.active.number, self.started,
+                                                           self.maintained)))  # fmt: skip
         await session.query_rows(messages.query("COMMIT"))
         return sync
 

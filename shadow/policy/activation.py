@@ -17,7 +17,12 @@ survives a failover):
   ``staged`` (being fetched, validated and compiled by every connmgr this cycle), the
   ``interval`` between two activations, and the last version refused (``failed``, why).
 * ``connmgr.policy_staging`` -- per version and connmgr: staged or not, and why not;
-  ``connmgr.policy_members`` -- every connmgr and when it last took part.
+  ``connmgr.policy_members`` -- every connmgr, when it last took part, and the objects it
+  holds statements on;
+* ``connmgr.policy_maintenance`` -- objects under maintenance fleet-wide (each connmgr
+  reads it every ``[policy] maintenance_poll`` seconds, not at the activation times: a
+  maintenance begins when every connmgr holds it, which ``connmgr maintenance --store``
+  waits for).
 
 A *cycle* of each connmgr (the seed's step 220-236), at every activation time (its own
 clock, corrected by its measured offset to the store's clock) and at start:
@@ -53,8 +58,8 @@ from dataclasses import dataclass, replace
 from shadow.policy.rules import Policy
 from shadow.sqltext import quote_literal
 
-__all__ = ["MEMBER_LIVES", "STORE_DDL", "SYNC_COLUMNS", "ClockOffset", "Sync", "Version", "advance", "in_effect",
-           "member_sql", "parse_sync", "staging_sql", "sync_update_sql"]  # fmt: skip
+__all__ = ["MAINTENANCE_SQL", "MEMBER_LIVES", "STORE_DDL", "SYNC_COLUMNS", "ClockOffset", "Sync", "Version", "advance", "in_effect",
+           "member_sql", "maintenance_ack_sql", "parse_sync", "staging_sql", "sync_update_sql"]  # fmt: skip
 
 #: the store's tables (``connmgr policy push`` creates them; connmgr only reads and updates)
 STORE_DDL = """
@@ -75,8 +80,14 @@ CREATE TABLE IF NOT EXISTS connmgr.policy_staging (
     version bigint NOT NULL, member text NOT NULL, ok boolean NOT NULL, error text NOT NULL DEFAULT '',
     at double precision NOT NULL, PRIMARY KEY (version, member));
 CREATE TABLE IF NOT EXISTS connmgr.policy_members (
-    member text PRIMARY KEY, seen double precision NOT NULL, active bigint, started double precision NOT NULL);
+    member text PRIMARY KEY, seen double precision NOT NULL, active bigint, started double precision NOT NULL,
+    maintenance text NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS connmgr.policy_maintenance (
+    object text PRIMARY KEY, by text NOT NULL, since double precision NOT NULL);
 """
+
+#: the objects under maintenance in the store (``connmgr maintenance begin OBJECT --store``)
+MAINTENANCE_SQL = "SELECT object, by FROM connmgr.policy_maintenance ORDER BY since, object"
 
 #: the sync row's columns, in the order :func:`parse_sync` reads them
 SYNC_COLUMNS = 'active, next, staged, activation, "interval", failed, failure'
@@ -179,12 +190,19 @@ def staging_sql(version: int, member: str, ok: bool, error: str) -> str:
             " error = excluded.error, at = excluded.at")  # fmt: skip
 
 
-def member_sql(member: str, active: int | None, started: float) -> str:
-    """Record that ``member`` takes part now, using ``active``."""
-    return ("INSERT INTO connmgr.policy_members (member, seen, active, started) VALUES"
-            f" ({quote_literal(member)}, extract(epoch FROM clock_timestamp()), {_sql_int(active)}, {started!r})"
-            " ON CONFLICT (member) DO UPDATE SET seen = excluded.seen, active = excluded.active,"
-            " started = excluded.started")  # fmt: skip
+def member_sql(member: str, active: int | None, started: float, maintained: tuple[str, ...] = ()) -> str:
+    """Record that ``member`` takes part now, using ``active``, holding statements on
+    ``maintained``."""
+    return ("INSERT INTO connmgr.policy_members (member, seen, active, started, maintenance) VALUES"
+            f" ({quote_literal(member)}, extract(epoch FROM clock_timestamp()), {_sql_int(active)}, {started!r},"
+            f" {quote_literal(chr(10).join(maintained))}) ON CONFLICT (member) DO UPDATE SET seen = excluded.seen,"
+            " active = excluded.active, started = excluded.started, maintenance = excluded.maintenance")  # fmt: skip
+
+
+def maintenance_ack_sql(member: str, objects: tuple[str, ...]) -> str:
+    """Record the objects ``member`` holds statements on now (one per line)."""
+    return (f"UPDATE connmgr.policy_members SET maintenance = {quote_literal(chr(10).join(objects))}"
+            f" WHERE member = {quote_literal(member)}")  # fmt: skip
 
 
 class ClockOffset:

@@ -277,3 +277,58 @@ def test_the_command_line_names_what_is_wrong(pg, store, tmp_path):
     conf.write_text('[policy]\nstore = "etcd"\n')
     r = run("serve", "-c", str(conf))
     assert r.returncode != 0 and '[policy] store: "database"' in r.stderr and "'etcd'" in r.stderr, r.stderr
+
+
+def test_maintenance_through_the_store_holds_statements_on_every_connmgr(pg, store, fleet, tmp_path):
+    """``connmgr maintenance begin OBJECT --store``: it returns once both connmgrs hold
+    statements on the object; a statement on it waits on each (another table is answered
+    meanwhile); ``end`` lets both go, and their rows come back."""
+    table = f"maint_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as c:
+        c.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        c.execute(f"INSERT INTO {table} VALUES (1)")
+        c.execute(f"GRANT SELECT ON {table} TO scram_user")
+    try:
+        push(pg, store, tmp_path, "")  # (a policy of no classes: the store exists)
+        a, b = fleet("cm-a"), fleet("cm-b")
+        conninfo = pg.conninfo(dbname=store)
+
+        def cli(action: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "connmgr", "maintenance", action, f"public.{table}",
+                                   "--store", conninfo, "--wait", "20"], cwd=REPO, capture_output=True, text=True,
+                                  timeout=60)  # fmt: skip
+
+        assert wait_for(lambda: "cm-a" in policy_status(pg, store) and "cm-b" in policy_status(pg, store), 20,
+                        "both connmgrs in the store")  # fmt: skip
+        r = cli("begin")
+        assert r.returncode == 0 and "held by every connmgr (2: cm-a, cm-b)" in r.stdout, (r.stdout, r.stderr)
+        results: dict = {}
+
+        def read(name: str, cm: Connmgr) -> None:
+            with cm.connect(autocommit=True) as c:
+                results[name] = (c.execute(f"SELECT id FROM {table}").fetchall(), time.monotonic())
+
+        started = time.monotonic()
+        readers = [threading.Thread(target=read, args=(n, cm)) for n, cm in (("a", a), ("b", b))]
+        for t in readers:
+            t.start()
+        time.sleep(0.8)
+        assert results == {}, "a statement on an object under maintenance must wait on every connmgr"
+        with b.connect(autocommit=True) as other:  # another object is not held
+            assert other.execute("SELECT 1").fetchone() == (1,)
+        ended = time.monotonic()
+        r = cli("end")
+        assert r.returncode == 0 and "let go by every connmgr" in r.stdout, (r.stdout, r.stderr)
+        for t in readers:
+            t.join(20)
+        assert {k: v[0] for k, v in results.items()} == {"a": [(1,)], "b": [(1,)]}
+        assert all(v[1] >= ended for v in results.values()), (started, ended, results)
+    finally:
+        with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as c:
+            c.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def policy_status(pg, store: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "status", pg.conninfo(dbname=store)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    return r.stdout
