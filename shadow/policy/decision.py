@@ -203,7 +203,7 @@ def decide_query(sql: str, cls: ClientClass, catalog: Catalog | None = None) -> 
             (judged,) = statements(new)[:1] or (st,)
             rewritten += 1
         if catalog is not None:
-            judged = catalog.expand(judged)
+            judged = catalog.expand(judged, cls.trusted_functions)
         refusal, outcome = judge(cls, judged, catalog)
         if refusal is not None or new is not None:
             pieces += [sql[done:st.start], refusal_sql(refusal) if refusal is not None else new]

@@ -12,6 +12,7 @@ A policy file is TOML: a list of classes, the first whose match holds takes the 
     refuse_kinds = ["INSERT", "UPDATE", "DELETE", "DDL", "COPY"]
     refuse_objects = ["hr.salaries", "audit.*", "function:pg_read_file"]
     # allow_kinds / allow_objects: when given, everything else is refused
+    # trusted_functions = ["audit.log_event"]   # plpgsql/C functions it may call all the same
 
     [[class.mask]]                      # what the class may read, but not see
     column = "public.person.ssn"        # schema.table.column or table.column (globs)
@@ -55,7 +56,7 @@ KINDS = ("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "DDL", "TRUNCA
          "OTHER")  # fmt: skip
 
 _CLASS_KEYS = {"name", "users", "databases", "application_names", "networks", "refuse_kinds", "refuse_objects",
-               "allow_kinds", "allow_objects", "mask", "rewrite", "rule"}  # fmt: skip
+               "allow_kinds", "allow_objects", "mask", "rewrite", "rule", "trusted_functions"}  # fmt: skip
 #: what a mask shows instead of a value
 MASKS = ("full", "last", "hash", "null", "constant")
 _MASK_KEYS = {"column", "mask", "keep", "value", "key_env", "allow_predicates"}
@@ -138,6 +139,9 @@ class ClientClass:
     allow_objects: tuple[ObjectPattern, ...] | None = None
     masks: tuple[ColumnMask, ...] = ()
     rewrites: Rewrites = Rewrites()
+    #: functions in another language than SQL (plpgsql, C) the operator vouches for: a
+    #: class that restricts objects may call them (what they read is not seen)
+    trusted_functions: tuple[ObjectPattern, ...] = ()
     #: what the class was made of (its TOML table and the mask keys it read): two classes
     #: of two policy versions with the same fingerprint decide alike (shadow/policy/guard.py)
     fingerprint: str = field(default="", repr=False)
@@ -265,6 +269,9 @@ def _client_class(entry: dict, where: str) -> ClientClass:
         refuse_kinds=kinds("refuse_kinds") or frozenset(), refuse_objects=objects("refuse_objects") or (),
         allow_kinds=kinds("allow_kinds"), allow_objects=objects("allow_objects"),
         masks=(masks := _masks(entry.get("mask"), where)), rewrites=_rewrites(entry, where),
+        trusted_functions=tuple(ObjectPattern.parse(v if v.lower().startswith("function:") else "function:" + v,
+                                                    f"{where}: trusted_functions")
+                                for v in strings("trusted_functions") or ()),
         fingerprint=json.dumps(entry, sort_keys=True, default=str)
         + hashlib.sha256(b"".join(m.key for m in masks)).hexdigest(),
     )  # fmt: skip

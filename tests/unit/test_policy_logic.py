@@ -252,6 +252,22 @@ def test_views_and_functions_are_read_through(policy, sql, refused) -> None:
         assert "function public.opaque, not written in SQL" in r.detail
 
 
+def test_a_trusted_function_in_another_language_may_be_called(policy) -> None:
+    """``trusted_functions``: the operator vouches for what a plpgsql/C function reads; the
+    others stay refused, and what the trusted one is given is still judged."""
+    from dataclasses import replace
+
+    from shadow.policy.rules import ObjectPattern
+
+    cls = replace(policy.classes[0], trusted_functions=(ObjectPattern.parse("function:public.opaque", "t"),))
+    assert rewrite_query("SELECT opaque()", cls, _catalog())[1] is None
+    assert rewrite_query("SELECT opaque() FROM pay", cls, _catalog())[1].what == "table hr.salaries"
+    other = replace(policy.classes[0], trusted_functions=(ObjectPattern.parse("function:other.opaque", "t"),))
+    assert rewrite_query("SELECT opaque()", other, _catalog())[1].what == "a statement connmgr cannot analyse"
+    with pytest.raises(PolicyError, match="trusted_functions"):
+        parse_policy('[[class]]\nname = "x"\ntrusted_functions = ["a.b.c"]\n')
+
+
 def test_a_function_call_by_oid_is_refused_to_a_restricting_class(policy) -> None:
     """FunctionCall names its function by OID: nothing to analyse, so it is sent as a Query
     of the raising DO (the client gets ErrorResponse and ReadyForQuery, as for a failed
