@@ -200,6 +200,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
         except ConfigError as e:
             print(f"connmgr policy: {e}", file=sys.stderr)
             return 2
+    name = f"connmgr policy {args.policy_command}"
     try:
         if args.policy_command == "push":
             print(policy_store.push(conninfo, args.file, interval=args.interval, note=args.note, check=args.check,
@@ -207,13 +208,13 @@ def cmd_policy(args: argparse.Namespace) -> int:
         else:
             print(policy_store.status(conninfo))
     except PolicyError as e:
-        print(f"connmgr policy push: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"connmgr policy push: cannot read {args.file}: {e.strerror or e}", file=sys.stderr)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"{name}: cannot read {getattr(args, 'file', '')}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
     except psycopg.Error as e:
-        print(f"connmgr policy: the store's database: {e}", file=sys.stderr)
+        print(f"{name}: the store's database: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import time
 
-from shadow.policy.activation import MEMBER_LIVES, STORE_DDL, SYNC_COLUMNS, in_effect, parse_sync
+from shadow.policy.activation import (
+    INTERVAL_MAX,
+    INTERVAL_MIN,
+    MEMBER_LIVES,
+    STORE_DDL,
+    SYNC_COLUMNS,
+    in_effect,
+    parse_sync,
+)
 from shadow.policy.rules import PolicyError, load_policy
 
 __all__ = ["maintenance", "push", "status"]
@@ -31,6 +39,9 @@ def push(conninfo: str, path: str, *, interval: float | None = None, note: str =
     ``secondary``: the pair's secondary database (its subscription carries the store: the
     tables are made there too, and the subscriptions refreshed to follow them). Raises
     PolicyError (the file), psycopg.Error (the database)."""
+    if interval is not None and not INTERVAL_MIN <= interval <= INTERVAL_MAX:  # (nan too)
+        raise PolicyError(f"--interval: seconds between two activations, {INTERVAL_MIN:g} to {INTERVAL_MAX:g};"
+                          f" got {interval!r}")  # fmt: skip
     if check:
         load_policy(path)
     with open(path, encoding="utf-8") as f:
@@ -38,6 +49,13 @@ def push(conninfo: str, path: str, *, interval: float | None = None, note: str =
     if secondary:
         _tables_on_secondary(secondary)
     with _connect(conninfo) as c:
+        if c.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+            raise PolicyError(f"{_where(conninfo)} is a standby: push to the primary database")
+        if _exists(c) and c.execute("SELECT EXISTS (SELECT FROM pg_subscription_rel r JOIN pg_subscription s ON"
+                                    " s.oid = r.srsubid WHERE s.subenabled AND r.srrelid ="
+                                    " 'connmgr.policy_sync'::regclass)").fetchone()[0]:  # fmt: skip
+            raise PolicyError(f"the store in {_where(conninfo)} is a subscriber's copy (the pair's secondary):"
+                              " push to the primary database, whose rows it receives")  # fmt: skip
         if not secondary and not _exists(c) and c.execute("SELECT EXISTS (SELECT FROM pg_publication WHERE"
                                                           " puballtables)").fetchone()[0]:  # fmt: skip
             raise PolicyError(f"the database of {_where(conninfo)} publishes all its tables (a pair's): give --secondary"

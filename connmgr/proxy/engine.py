@@ -53,7 +53,6 @@ from connmgr.proxy.idle_wait import open_idle_wait
 from connmgr.proxy.relay import Relay, lost
 from shadow.errors import RemoteProtocolError
 from shadow.framing import Framer
-from shadow.session import TxStatus
 
 log = logging.getLogger("connmgr.engine")
 
@@ -168,7 +167,7 @@ class Link:
                 guard = self.relay.guard
                 if d.upstream and closing is None and guard is not None and guard.maintenance is not None:
                     session = self.relay.upstream.session
-                    entries = guard.must_wait(buf, frames, session.tx_status is not TxStatus.IDLE or bool(session.pending))
+                    entries = guard.must_wait(buf, frames, not session.is_idle())
                     if entries:  # on hold: the client is not read until it goes on
                         d.waiting = (buf, frames)
                         self._interest()

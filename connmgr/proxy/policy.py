@@ -27,7 +27,7 @@ from connmgr.pg.backend import BackendSession
 from connmgr.pg.wire import PeerClosed
 from shadow import messages
 from shadow.policy.activation import Version
-from shadow.policy.catalog import CATALOG_SQL, COLUMNS_SQL, Catalog
+from shadow.policy.catalog import CATALOG_SQL, COLUMNS_SQL, UNREAD, Catalog
 from shadow.policy.decision import Refusal
 from shadow.policy.guard import UNRESTRICTED, Guard
 from shadow.policy.maintenance import DEFAULT_BY, Entry, Maintenance
@@ -136,7 +136,13 @@ class PolicyRuntime:
             except ClientError as e:
                 log.warning("policy: %s (read again at the next login)", e)
         catalogs = self.catalogs
-        guard = Guard(cls, lambda refusal: None, lambda: catalogs.get(database))
+
+        def catalog() -> Catalog | None:
+            found = catalogs.get(database)
+            # (not read: a class that came with a new version refuses what needs it)
+            return found if found is not None or not self.restricting else UNREAD
+
+        guard = Guard(cls, lambda refusal: None, catalog)
 
         def refused(refusal: Refusal) -> None:
             self.refusals[guard.cls.name] += 1

@@ -28,6 +28,7 @@ from connmgr.errors import ClientError
 from connmgr.pg.backend import BackendSession
 from connmgr.pg.wire import PeerClosed
 from shadow import messages
+from shadow.errors import RemoteProtocolError
 from shadow.policy.activation import (
     MAINTENANCE_SQL,
     MEMBER_LIVES,
@@ -94,14 +95,17 @@ class PolicySync:
         self.last_error = ""
         #: the version approved to switch to, and when (our clock)
         self.pending: tuple[Version, float] | None = None
+        self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        """Cycle until cancelled; follow the store's objects under maintenance. Logins wait
-        for the first cycle (``runtime.ready``): a connmgr starts with the version in effect,
-        if the store can be read."""
+        """Cycle until cancelled; switch at each approved version's activation time;
+        follow the store's objects under maintenance. Logins wait for the first cycle
+        (``runtime.ready``): a connmgr starts with the version in effect, if the store can
+        be read."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._maintenance)
             await self._cycles()
 
@@ -128,11 +132,11 @@ class PolicySync:
                             await session.query_rows(messages.query(maintenance_ack_sql(self.member, self.maintained)))
                             acked = self.maintained
                     await trio.sleep(self.maintenance_poll)
-            except (ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+            except Exception as e:  # noqa: BLE001 - never the app's end: said, then tried again
                 if time.monotonic() - warned > 60:
                     warned = time.monotonic()
                     log.warning("policy store (database %r): cannot read the objects under maintenance (%s);"
-                                " trying again", self.database, e)  # fmt: skip
+                                " trying again", self.database, _why(e), exc_info=not _expected(e))  # fmt: skip
                 await trio.sleep(self.poll)
             finally:
                 if session is not None:
@@ -141,33 +145,40 @@ class PolicySync:
     async def _cycles(self) -> None:
         warned = 0.0
         while True:
-            wake = self.clock() + self.poll
             try:
                 with trio.fail_after(self.timeout):
                     wake = await self.cycle()
                 self.last_error = ""
                 self.runtime.ready.set()
-            except (ClientError, OSError, PeerClosed, trio.TooSlowError) as e:
+            except Exception as e:  # noqa: BLE001 - never the app's end: said, then tried again
                 self.failures += 1
-                self.last_error = str(e) or type(e).__name__
+                self.last_error = _why(e)
                 wake = self.clock() + self.poll
                 if time.monotonic() - warned > 60:
                     warned = time.monotonic()
                     log.warning("policy store (database %r): cannot read it (%s); %s stays in use, trying again",
-                                self.database, self.last_error, self.runtime.active.label)  # fmt: skip
+                                self.database, self.last_error, self.runtime.active.label,
+                                exc_info=not _expected(e))  # fmt: skip
                 if not self.runtime.required:
                     self.runtime.ready.set()
-            await self._sleep_until(wake)
-            if self.pending is not None and self.clock() >= self.pending[1] - 0.0005:
-                version, _at = self.pending
-                self.pending = None
-                self.runtime.activate(version)  # (seed 001 Fig. 6: at the activation time)
+            await trio.sleep_until(trio.current_time() + max(0.0, wake - self.clock()))
 
-    async def _sleep_until(self, when: float) -> None:
-        """Until ``when`` in our clock; wakes for an approved version's activation time."""
-        if self.pending is not None:
-            when = min(when, self.pending[1])
-        await trio.sleep_until(trio.current_time() + max(0.0, when - self.clock()))
+    def _arm(self, version: Version, at: float) -> None:
+        """Switch to ``version`` at ``at`` (our clock), in a task of its own: a cycle that
+        is slow then does not delay it (seed 001 Fig. 6)."""
+        if self.pending is not None and self.pending[0] is version:
+            return
+        self.pending = (version, at)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._switch, version, at)
+
+    async def _switch(self, version: Version, at: float) -> None:
+        await trio.sleep_until(trio.current_time() + max(0.0, at - self.clock()))
+        if self.pending is not None and self.pending[0] is version:
+            self.pending = None
+            active = self.runtime.active.number
+            if active is None or (version.number or 0) > active:
+                self.runtime.activate(version)
 
     # ------------------------------------------------------------------ one cycle
 
@@ -188,7 +199,8 @@ class PolicySync:
             if sync is None:
                 return self.clock() + self.poll
             self.sync = sync
-            for number in {sync.next, sync.staged, in_effect(sync, self.store_now())} - {None}:
+            effective = in_effect(sync, self.store_now())
+            for number in dict.fromkeys(n for n in (effective, sync.next, sync.staged) if n is not None):
                 await self._stage(session, number, record=number == sync.staged and not self.standby)
         finally:
             session.close()
@@ -196,7 +208,9 @@ class PolicySync:
         keep = {sync.next, sync.staged, in_effect(sync, self.store_now()), self.runtime.active.number}
         for number in [n for n in self.staged if n not in keep]:  # (versions out of play: let go)
             del self.staged[number]
-        return max(sync.activation - self.offset.offset, self.clock() + 0.01)
+        # (the activation time passed but nobody moved it on yet -- a follower, or a
+        # replica behind -- : looked at again soon, not in a spin)
+        return max(sync.activation - self.offset.offset, self.clock() + (0.01 if not self.standby else 0.2))
 
     def store_now(self) -> float:
         """The store's clock now, as we estimate it."""
@@ -263,9 +277,13 @@ class PolicySync:
             except PolicyError as e:
                 self.staged[number] = str(e)
                 log.error("policy version %d cannot be staged here: %s", number, e)
-            except ClientError as e:
-                raise ClientError(f"policy version {number}: a catalog it needs cannot be read: {e}",
-                                  sqlstate=e.sqlstate) from None  # fmt: skip
+            except (ClientError, OSError, PeerClosed, trio.TooSlowError, trio.BrokenResourceError,
+                    trio.ClosedResourceError, RemoteProtocolError) as e:  # fmt: skip
+                error = f"policy version {number}: a catalog it needs cannot be read here: {_why(e)}"
+                log.error("%s", error)
+                if not record:  # (approved or in effect: tried again at the next cycle)
+                    return
+                self.staged[number] = error  # (being staged: refused everywhere, and why said)
         if record:
             staged = self.staged[number]
             error = staged if isinstance(staged, str) else ""
@@ -284,11 +302,10 @@ class PolicySync:
             else:
                 log.error("policy version %d is in effect in the fleet but cannot be used here (%s); %s stays",
                           effective, staged, self.runtime.active.label)  # fmt: skip
-        self.pending = None
         if sync.next is not None and (active is None or sync.next > active):
             staged = self.staged.get(sync.next)
             if isinstance(staged, Version):
-                self.pending = (staged, sync.activation - self.offset.offset)
+                self._arm(staged, sync.activation - self.offset.offset)
             else:
                 log.error("policy version %d activates at %s everywhere but cannot be used here (%s)", sync.next,
                           _when(sync.activation), staged)  # fmt: skip
@@ -313,6 +330,16 @@ class PolicySync:
         if self.pending is not None:
             rows.append(("switch", f"to version {self.pending[0].number} in {self.pending[1] - self.clock():.3f} s"))
         return rows
+
+
+def _expected(e: BaseException) -> bool:
+    """An error of the store's reach (said in one line), not a bug (logged with its trace)."""
+    return isinstance(e, ClientError | OSError | PeerClosed | trio.TooSlowError | trio.BrokenResourceError
+                      | trio.ClosedResourceError | RemoteProtocolError)  # fmt: skip
+
+
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__
 
 
 def _when(epoch: float) -> str:

@@ -797,7 +797,7 @@ class Relay:
                 guard = self.guard
                 if guard is not None and guard.maintenance is not None:
                     session = self.upstream.session
-                    entries = guard.must_wait(buf, frames, session.tx_status is not TxStatus.IDLE or bool(session.pending))
+                    entries = guard.must_wait(buf, frames, not session.is_idle())
                     if entries:  # what it touches is under maintenance: it waits (the others go on)
                         await guard.wait_out(entries)
                 await _send_backend(send, process(buf, frames), self.backend, self.upstream.journal is not None)

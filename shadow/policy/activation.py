@@ -58,7 +58,7 @@ from dataclasses import dataclass, replace
 from shadow.policy.rules import Policy
 from shadow.sqltext import quote_literal
 
-__all__ = ["MAINTENANCE_SQL", "MEMBER_LIVES", "STORE_DDL", "SYNC_COLUMNS", "ClockOffset", "Sync", "Version", "advance", "in_effect",
+__all__ = ["INTERVAL_MAX", "INTERVAL_MIN", "MAINTENANCE_SQL", "MEMBER_LIVES", "STORE_DDL", "SYNC_COLUMNS", "ClockOffset", "Sync", "Version", "advance", "in_effect",
            "member_sql", "maintenance_ack_sql", "parse_sync", "staging_sql", "sync_update_sql"]  # fmt: skip
 
 #: the store's tables (``connmgr policy push`` creates them; connmgr only reads and updates)
@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS connmgr.policy_sync (
     one boolean PRIMARY KEY DEFAULT true CHECK (one),
     active bigint, next bigint, staged bigint,
     activation double precision NOT NULL,
-    "interval" double precision NOT NULL CHECK ("interval" > 0),
+    "interval" double precision NOT NULL CHECK ("interval" >= 0.5 AND "interval" <= 86400),
     failed bigint, failure text NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS connmgr.policy_staging (
     version bigint NOT NULL, member text NOT NULL, ok boolean NOT NULL, error text NOT NULL DEFAULT '',
@@ -128,11 +128,20 @@ def _int(value: bytes | None) -> int | None:
     return None if value is None else int(value)
 
 
+#: the interval's bounds (seconds; the table checks them too)
+INTERVAL_MIN, INTERVAL_MAX = 0.5, 86400.0
+
+
 def parse_sync(row: tuple) -> Sync:
-    """The sync row from its text values (:data:`SYNC_COLUMNS`)."""
+    """The sync row from its text values (:data:`SYNC_COLUMNS`); ValueError for one that
+    cannot be used (an interval out of bounds, an activation time not finite)."""
     active, next_, staged, activation, interval, failed, failure = row
-    return Sync(_int(active), _int(next_), _int(staged), float(activation), float(interval), _int(failed),
+    sync = Sync(_int(active), _int(next_), _int(staged), float(activation), float(interval), _int(failed),
                 (failure or b"").decode("utf-8", "replace"))  # fmt: skip
+    if not INTERVAL_MIN <= sync.interval <= INTERVAL_MAX or not math.isfinite(sync.activation):
+        raise ValueError(f"connmgr.policy_sync: interval {sync.interval!r} (must be {INTERVAL_MIN:g} to"
+                         f" {INTERVAL_MAX:g} s) or activation {sync.activation!r} cannot be used")  # fmt: skip
+    return sync
 
 
 def in_effect(sync: Sync, now: float) -> int | None:
@@ -212,7 +221,7 @@ class ClockOffset:
 
     __slots__ = ("_samples", "keep")
 
-    def __init__(self, keep: int = 16) -> None:
+    def __init__(self, keep: int = 3) -> None:
         self.keep = keep
         self._samples: list[tuple[float, float]] = []  # (round trip, offset)
 

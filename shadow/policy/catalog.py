@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 from shadow.policy.analysis import Statement, statements
 
-__all__ = ["CATALOG_SQL", "COLUMNS_SQL", "Catalog"]
+__all__ = ["CATALOG_SQL", "COLUMNS_SQL", "UNREAD", "Catalog"]
 
 #: (kind 'r' table, 'v' view or 'f' function, schema, name, SQL text: a view's definition
 #: or an SQL function's body; NULL for a table and for a function in another language)
@@ -151,6 +151,22 @@ class Catalog:
         if tables == st.tables and functions == st.functions:
             return st
         return dataclasses.replace(st, tables=frozenset(tables), functions=frozenset(functions))
+
+
+class _Unread(Catalog):
+    """A database whose catalog could not be read yet: a statement that names a table or a
+    function is not analysed (a class that restricts objects refuses it: fail closed)."""
+
+    def expand(self, st: Statement, trusted=()) -> Statement:
+        if st.analysed and (st.tables or st.functions):
+            return dataclasses.replace(st, analysed=False, why="the database's catalog is not read yet: its views"
+                                       " and functions cannot be looked through")  # fmt: skip
+        return st
+
+
+#: the catalog of a database not read yet, for a session whose class came with a new
+#: policy version (connmgr/proxy/policy.py)
+UNREAD = _Unread({}, {})
 
 
 def _text(value) -> str:

@@ -28,7 +28,7 @@ import re
 import struct
 from collections.abc import Awaitable, Callable
 
-from shadow.policy.analysis import Statement
+from shadow.policy.analysis import Statement, statements
 from shadow.policy.catalog import Catalog
 from shadow.policy.decision import (
     UNKNOWN,
@@ -41,6 +41,7 @@ from shadow.policy.decision import (
 from shadow.policy.maintenance import Entry, Maintenance, touches, wait_sql
 from shadow.policy.results import Results
 from shadow.policy.rules import ClientClass
+from shadow.sqltext import raising_do
 
 __all__ = ["UNRESTRICTED", "Guard", "decide"]
 
@@ -90,6 +91,7 @@ def _remember(cache: dict, key, value) -> None:
         cache.pop(next(iter(cache)))
 
 
+_NAMING = re.compile(rb"(?i)prepare|declare|execute|fetch|move")
 _VALUE_DIGITS = re.compile(rb"(?<![A-Za-z0-9_.\x80-\xff])[0-9]+")
 _NOT_BY_VALUES = re.compile(rb'["$\\]|[bB][yY]')
 #: (class, catalog, text) -> the decision; (class, catalog, text with its values left out) -> outcomes
@@ -103,7 +105,7 @@ class Guard:
 
     __slots__ = ("cls", "on_refusal", "refused", "catalog", "results", "named", "on_rewrite", "unrestricted",
                  "maintenance", "application_name", "tx_version", "expired", "wait_out", "hold", "on_masked",
-                 "source", "version", "client", "statements", "stale", "on_switch")  # fmt: skip
+                 "source", "version", "client", "statements", "stale", "on_switch", "made")  # fmt: skip
 
     def __init__(self, cls: ClientClass, on_refusal: Callable[[Refusal], None],
                  catalog: Callable[[], Catalog | None] = lambda: None,
@@ -147,6 +149,9 @@ class Guard:
         self.statements: Callable[[], dict[str, str]] | None = None
         self.stale: set[bytes] = set()
         self.on_switch: Callable[[], None] | None = None
+        #: after a class change: the SQL-level names (PREPARE, DECLARE) made since; an
+        #: EXECUTE, FETCH or MOVE of any other was made under another class (None: no change yet)
+        self.made: set[tuple[str, str]] | None = None
 
     def must_wait(self, buf: bytes, frames: list, in_transaction: bool) -> tuple[Entry, ...]:
         """The entries under maintenance the statements of ``frames`` must wait for (the
@@ -154,7 +159,8 @@ class Guard:
         m = self.maintenance
         if not in_transaction:  # (a transaction this batch begins begins now)
             self.tx_version = m.version
-            if self.source is not None and self.source.active is not self.version:
+            if (self.source is not None and self.source.active is not self.version
+                    and not any(frame[0] > 0xFF for frame in frames)):  # (a streamed message: not analysed)
                 self._follow()
         if not m.entries:
             return ()
@@ -173,7 +179,7 @@ class Guard:
     def filter(self, buf: bytes, frames: list) -> tuple[bytes, list]:
         """``frames`` ((tag, start, end) of ``buf``) with refused statements replaced; the
         same objects when nothing is."""
-        if not self.unrestricted or self.refused or self.stale:
+        if not self.unrestricted or self.refused or self.stale or self.made is not None:
             buf, frames = self._filter(buf, frames)
         if self.expired is not None:
             buf, frames = self._expire(buf, frames)
@@ -184,7 +190,13 @@ class Guard:
         done = 0
         results = self.results
         for tag, start, end in frames:
-            if tag == _Q:
+            if tag == _Q and self.made is not None and (gone := self._made_before(bytes(buf[start:end - 1]))):
+                if results is not None:
+                    results.query(())
+                new = gone.encode()
+                message = b"Q" + _LEN.pack(len(new) + 5) + new + b"\0"
+                refusal = None
+            elif tag == _Q:
                 new, refusal, outcomes, rewritten, _t, _f = decide(self.cls, self.catalog(), bytes(buf[start:end - 1]))
                 if rewritten and self.on_rewrite is not None:
                     self.on_rewrite(rewritten)
@@ -316,13 +328,14 @@ class Guard:
         self.results = results = Results(self.on_masked) if cls.masks else None
         statements = self.statements() if self.statements is not None else {}
         named: dict = {}
-        self.stale = set()
+        self.stale = {b""}  # (the unnamed statement too: a Bind to it without a Parse first)
+        self.made = set()
         for name, sql in statements.items():
             key = name.encode()
             if key in self.refused:  # (the server holds the raising DO: it still refuses)
                 continue
-            new, refusal = decide(cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[:2]
-            if new is not None or refusal is not None:
+            new, refusal = decide(cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[:2] if sql else (1, 1)
+            if new is not None or refusal is not None:  # (or its text was not kept: streamed)
                 self.stale.add(key)
             elif results is not None:
                 shown = self._decided(sql)
@@ -334,6 +347,24 @@ class Guard:
         self.named = named
         if self.on_switch is not None:
             self.on_switch()
+
+    def _made_before(self, text: bytes) -> str | None:
+        """After a class change: a raising DO (26000) for a Query that executes, fetches
+        from or moves a statement or cursor made under the class before (its decision was
+        that class's); None if it does not. Records the names the Query makes."""
+        if _NAMING.search(text) is None:
+            return None
+        made = self.made
+        for st in statements(text.decode("utf-8", "surrogateescape")):
+            if st.uses is not None and st.uses not in made:
+                kind, name = st.uses
+                what = "prepared statement" if kind == "prepare" else "cursor"
+                return raising_do("26000", f"{what} \"{name}\" was made under a policy version no longer in use"
+                                  " (connmgr)", f"the policy of this session changed since {what} {name} was made;"
+                                  " nothing ran. Make it again.", "connmgr_version")  # fmt: skip
+            if st.binds is not None:
+                made.add(st.binds)
+        return None
 
     def replica(self) -> Guard:
         """A guard in this one's state (its class, the names it knows) that tells nobody of
@@ -350,7 +381,15 @@ class Guard:
         """A session that continues on this connmgr (its host died): the prepared
         statements it had made and the requests the server still owes replies to, from the
         shadow's copy of it (``state``: shadow.session.SessionState). Its cursors and
-        portals were not copied: their rows are masked in full."""
+        portals were not copied: their rows are masked in full. Its class is of this
+        connmgr's policy version: a statement that version would refuse or rewrite is
+        stale here (a Bind to it fails with 26000, nothing run)."""
+        if not self.unrestricted:
+            for name, sql in state.prepared_statements.items():
+                new, refusal = decide(self.cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[:2] \
+                    if sql else (1, 1)  # fmt: skip
+                if new is not None or refusal is not None:
+                    self.stale.add(name.encode())
         results = self.results
         if results is None:
             return

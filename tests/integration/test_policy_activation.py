@@ -238,6 +238,10 @@ def test_the_store_of_a_pair_is_followed_by_both_connmgrs_and_survives_a_failove
         assert members == (2,), "both connmgrs of the pair take part in the store on the primary database"
         assert wait_for(lambda: lp.on_secondary("SELECT max(version) FROM connmgr.policy_versions") == [(1,)], 15,
                         "the store's rows on the secondary database")  # fmt: skip
+        # the subscriber's copy is not pushed to (its next row would stop the subscription)
+        r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "push", str(first), secondary_db], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 2 and "subscriber's copy" in r.stderr, r.stderr
 
         lp.pair.primary.kill()
         assert wait_for(lambda: lp.failover.failed_over, 15), lp.failover.timeline

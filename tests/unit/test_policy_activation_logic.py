@@ -174,14 +174,46 @@ def test_the_same_rules_keep_the_session_as_it_is_and_others_make_prepared_state
     source.active = V2
     buf, frames = _batch(_bind(b"pay"), _bind(b"ok"))
     g.must_wait(buf, frames, in_transaction=False)
-    assert g.stale == {b"pay"}
+    assert g.stale == {b"pay", b""}  # (and the unnamed statement: bound again only after a Parse)
     out, out_frames = g.filter(buf, frames)
     first, second = (out[s - 5:e] for _t, s, e in out_frames)
     assert b"prepared under a policy version no longer in use" in first and second == _bind(b"ok")
     # version 3 has the same rules as 2: only the class object changes
     source.active = V3
     g.must_wait(buf, frames, in_transaction=False)
-    assert g.cls is V3.policy.classes[0] and g.stale == {b"pay"}
+    assert g.cls is V3.policy.classes[0] and g.stale == {b"pay", b""}
+
+
+def test_sql_level_names_made_under_the_class_before_are_not_executed() -> None:
+    """PREPARE and DECLARE ... WITH HOLD made under version 1 (decided by its class):
+    after a class change, EXECUTE/FETCH of them gets 26000 (nothing runs); a name made
+    again under the new class is used as usual; a statement whose text was not kept (a
+    Parse that streamed) is stale."""
+    source = _Source(V1)
+    g = _guard(source, {"long": ""})
+    source.active = V2
+    buf, frames = _batch(_q("SELECT 1"))
+    g.must_wait(buf, frames, in_transaction=False)
+    assert b"long" in g.stale
+    for sql in ("EXECUTE pay_s", "SELECT 1; execute pay_s(1)", "FETCH 5 FROM held_c", "MOVE held_c"):
+        out = g.filter(*_batch(_q(sql)))[0]
+        assert b"26000" in out and b"no longer in use" in out, sql
+    out = g.filter(*_batch(_q("PREPARE pay_s AS SELECT 1; EXECUTE pay_s")))[0]
+    assert out == _q("PREPARE pay_s AS SELECT 1; EXECUTE pay_s")
+
+
+def test_a_batch_with_a_streamed_message_does_not_switch() -> None:
+    """Its long message was cut by a framer that streams (the class before did not need it
+    whole): the switch waits for the next batch, whose messages come whole."""
+    source = _Source(V1)
+    g = _guard(source, {})
+    source.active = V2
+    streamed = [(0x100 | ord("Q"), 5, 9000)]
+    g.must_wait(b"Q" + b"\0" * 9000, streamed, in_transaction=False)
+    assert g.version is V1
+    buf, frames = _batch(_q("SELECT 1"))
+    g.must_wait(buf, frames, in_transaction=False)
+    assert g.version is V2
 
 
 def test_a_client_no_class_takes_any_more_is_unrestricted() -> None:
