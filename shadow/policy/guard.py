@@ -328,8 +328,10 @@ class Guard:
         self.results = results = Results(self.on_masked) if cls.masks else None
         statements = self.statements() if self.statements is not None else {}
         named: dict = {}
-        self.stale = {b""}  # (the unnamed statement too: a Bind to it without a Parse first)
-        self.made = set()
+        # (an unrestricted class refuses nothing: nothing of before is stale for it; else the
+        # unnamed statement is too -- a Bind to it without a Parse first --, and SQL names)
+        self.stale = set() if self.unrestricted else {b""}
+        self.made = None if self.unrestricted else set()
         for name, sql in statements.items():
             key = name.encode()
             if key in self.refused:  # (the server holds the raising DO: it still refuses)

@@ -108,10 +108,11 @@ def result_masks(tree: exp.Expression, tables: Iterable[tuple[str | None, str]],
     reached = {t for t in tables if t in masked or (t[0] is None and any(n == t[1] for _, n in masked))}
     if not reached:
         return None
+    tree = tree.copy()
+    _inline_functions(tree, catalog, masked, 0)
     for schema, name in _functions_reaching(tree, catalog, masked):
         raise Unmaskable(f"function {schema}.{name} reads a masked column: what it returns cannot be traced column"
                          " by column")  # fmt: skip
-    tree = tree.copy()
     _inline_views(tree, catalog, masked, 0)
     _pin_schemas(tree, catalog, masked)
     try:
@@ -155,6 +156,52 @@ def _functions_reaching(tree: exp.Expression, catalog, masked: dict):
                 continue  # (not SQL: refused as not analysed before this)
             if any(t in masked for t in catalog.reached(schema, name)):
                 yield schema, name
+
+
+def _inline_functions(tree: exp.Expression, catalog, masked: dict, depth: int) -> None:
+    """Every SQL function in ``tree`` whose body reaches a masked column put in place as
+    its body -- in FROM a derived table (its rows), elsewhere a scalar subquery (its one
+    value) -- with its parameters ``$n`` replaced by the call's arguments; its body is
+    trusted as a view's definition is (the function's owner wrote it). Raises Unmaskable
+    (so the statement is refused) for what cannot be put in place: several functions of
+    that name, a body that is not one query, parameters used by name, arguments that read
+    columns (they would be judged as the owner's), nesting past the limit."""
+    for func in list(tree.find_all(exp.Anonymous)):
+        name = func.name.lower()
+        table = func.parent if isinstance(func.parent, exp.Table) and func.parent.this is func else None
+        schema = ((table.db if table is not None else "") or "").lower() or None
+        found = [(s, body) for s, body in catalog.functions.get(name, ()) if schema in (None, s)]
+        reaching = [(s, b) for s, b in found if b is not None and any(t in masked for t in catalog.reached(s, name))]
+        if not reaching:
+            continue
+        where, text = reaching[0]
+        label = f"function {where}.{name}"
+        if len(found) > 1:
+            raise Unmaskable(f"{label} reads a masked column and its name has {len(found)} definitions: what it"
+                             " returns cannot be traced")  # fmt: skip
+        if depth >= _MAX_VIEW_DEPTH:
+            raise Unmaskable(f"{label} nests functions deeper than {_MAX_VIEW_DEPTH}")
+        if any(a.find(exp.Column, exp.Query, exp.Star) for a in func.expressions):
+            raise Unmaskable(f"{label} reads a masked column and is given a column or a query: call it with values")
+        try:
+            bodies = sqlglot.parse(text.strip().rstrip(";"), read="postgres")
+        except SqlglotError as e:
+            raise Unmaskable(f"{label} reads a masked column and cannot be parsed ({_first_line(e)})") from None
+        if len(bodies) != 1 or not isinstance(bodies[0], exp.Query):
+            raise Unmaskable(f"{label} reads a masked column and its body is not one query")
+        body = bodies[0]
+        for param in list(body.find_all(exp.Parameter)):
+            n = param.this.name if isinstance(param.this, exp.Literal) else ""
+            if not n.isdigit() or not 1 <= int(n) <= len(func.expressions):
+                raise Unmaskable(f"{label}: its body uses a parameter it is not given")
+            param.replace(func.expressions[int(n) - 1].copy())
+        _inline_functions(body, catalog, masked, depth + 1)
+        body.meta["connmgr_view"] = label
+        if table is not None:
+            alias = table.args.get("alias") or exp.TableAlias(this=exp.to_identifier(name))
+            table.replace(exp.Subquery(this=body, alias=alias.copy()))
+        else:
+            func.replace(exp.Subquery(this=body))
 
 
 def _cte_names(table: exp.Table) -> bool:

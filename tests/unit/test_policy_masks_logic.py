@@ -49,7 +49,11 @@ def _catalog() -> Catalog:
     return Catalog.from_rows(
         [("r", "public", "person", None), ("r", "public", "card", None),
          ("v", "public", "pv", "SELECT person.id, person.ssn AS s FROM person WHERE person.ssn IS NOT NULL;"),
-         ("v", "public", "pv2", "SELECT pv.s FROM pv;"), ("f", "public", "getssn", "SELECT ssn FROM person")],
+         ("v", "public", "pv2", "SELECT pv.s FROM pv;"), ("f", "public", "getssn", "SELECT ssn FROM person"),
+         ("f", "public", "people_of", "SELECT id, name, ssn FROM person WHERE id = $1"),
+         ("f", "public", "ssn_of", "SELECT ssn FROM person WHERE id = $1 AND ssn IS NOT NULL"),
+         ("f", "public", "by_name", "SELECT ssn FROM person WHERE name = p_name"),
+         ("f", "public", "twice", "SELECT 1; SELECT ssn FROM person")],
         [("public", "person", "id", 23), ("public", "person", "name", 25), ("public", "person", "ssn", 25),
          ("public", "person", "salary", 1700), ("public", "person", "email", 25), ("public", "card", "pid", 23),
          ("public", "card", "num", 25), ("public", "pv", "id", 23), ("public", "pv", "s", 25),
@@ -177,7 +181,14 @@ def _masks(sql: str, cls) -> list | str:
     ("SELECT * FROM person a JOIN card b ON b.num = a.ssn", "JOIN ... ON on masked column"),
     ("SELECT lag(id) OVER (ORDER BY ssn) FROM person", "a window's ORDER on masked column"),
     ("SELECT s FROM pv WHERE s LIKE '1%'", "WHERE on masked column person.ssn"),
-    ("SELECT getssn()", "function public.getssn reads a masked column"),
+    ("SELECT * FROM people_of(1)", [None, None, "last"]),  # a function's rows: traced through its body
+    ("SELECT p.ssn, p.name FROM public.people_of($1) AS p", ["last", None]),
+    ("SELECT ssn_of(7)", ["last"]),  # its one value (its own WHERE on ssn is its owner's)
+    ("SELECT getssn()", ["last"]),
+    ("SELECT * FROM people_of(1) WHERE ssn = 'x'", "WHERE on masked column"),  # the client's probe still is one
+    ("SELECT ssn_of(id) FROM person", "is given a column or a query: call it with values"),
+    ("SELECT by_name('x')", "cannot be resolved"),  # (a parameter by name: not traced, refused)
+    ("SELECT * FROM twice()", "its body is not one query"),
     ("INSERT INTO card SELECT id, ssn FROM person", "writes masked column person.ssn into a table"),
     ("CREATE TABLE t AS SELECT ssn FROM person", "writes masked column person.ssn into a table"),
     ("UPDATE person SET name = ssn WHERE id = 1", "UPDATE reads masked column person.ssn"),
