@@ -84,7 +84,7 @@ class Tap:
 @pytest.fixture
 def masked_db(pg, start_connmgr, tmp_path, monkeypatch):
     u = uuid.uuid4().hex[:8]
-    names = {"p": f"person_{u}", "o": f"other_{u}", "v": f"pview_{u}", "f": f"pfunc_{u}", "u": u}
+    names = {"p": f"person_{u}", "o": f"other_{u}", "v": f"pview_{u}", "f": f"pfunc_{u}", "g": f"prows_{u}", "u": u}
     with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as c:
         c.execute(f"CREATE TABLE {names['p']} (id int PRIMARY KEY, name text, ssn text, salary numeric,"
                   " email text, pin int, note text)")  # fmt: skip
@@ -93,6 +93,8 @@ def masked_db(pg, start_connmgr, tmp_path, monkeypatch):
         c.execute(f"CREATE TABLE {names['o']} (id int, v text)")
         c.execute(f"CREATE VIEW {names['v']} AS SELECT id, ssn AS s, name FROM {names['p']}")
         c.execute(f"CREATE FUNCTION {names['f']}() RETURNS text LANGUAGE sql AS 'SELECT ssn FROM {names['p']} LIMIT 1'")
+        c.execute(f"CREATE FUNCTION {names['g']}(int) RETURNS SETOF {names['p']} LANGUAGE sql"
+                  f" AS 'SELECT * FROM {names['p']} WHERE id = $1'")  # fmt: skip
         for t in ("p", "o", "v"):
             c.execute(f"GRANT ALL ON {names[t]} TO {CLASS_USER}")
     monkeypatch.setenv("CONNMGR_TEST_MASK_KEY", KEY)
@@ -128,7 +130,7 @@ value = "(hidden)"
     yield cm, tap, names
     tap.close()
     with psycopg.connect(pg.conninfo(dbname="app"), autocommit=True) as c:
-        c.execute(f"DROP FUNCTION IF EXISTS {names['f']}()")
+        c.execute(f"DROP FUNCTION IF EXISTS {names['f']}(), {names['g']}(int)")
         c.execute(f"DROP VIEW IF EXISTS {names['v']}")
         c.execute(f"DROP TABLE IF EXISTS {names['o']}, {names['p']}")
 
@@ -350,6 +352,13 @@ MASK_CORPUS = [
     "DECLARE c_{u} CURSOR WITH HOLD FOR SELECT {c} FROM {p}", "FETCH ALL FROM c_{u}", "CLOSE c_{u}",
     "PREPARE q_{u} AS SELECT {c} FROM {p}", "EXECUTE q_{u}", "DEALLOCATE q_{u}", "EXECUTE never_prepared_{u}",
     "FETCH ALL FROM never_declared_{u}", "SELECT {f}()", "SELECT * FROM {f}()",
+    # an SQL function put in place as its body: what is done with its value is the client's
+    "SELECT {f}() || ''", "SELECT upper({f}())", "SELECT 1 WHERE {f}() LIKE 'S%'", "SELECT {f}()::int",
+    "SELECT {f}() ORDER BY 1", "SELECT length({f}())", "SELECT * FROM {p} WHERE ssn = {f}()",
+    "SELECT {f}() FROM {p} GROUP BY 1", "SELECT DISTINCT {f}() FROM {p}", "SELECT row_to_json(x) FROM {f}() x",
+    "SELECT * FROM {g}(1)", "SELECT ssn, name FROM {g}(2) r", "SELECT * FROM {g}({f}()::int)",
+    "SELECT * FROM {g}((SELECT pin FROM {p} LIMIT 1))", "SELECT * FROM {p} p, LATERAL {g}(p.id) r",
+    "SELECT * FROM {g}(1) WHERE ssn LIKE 'S%'", "SELECT row_to_json(r) FROM {g}(3) r", "SELECT {g}(1)",
     "DO $$ BEGIN RAISE NOTICE '%', (SELECT {c} FROM {p} LIMIT 1); END $$",
     "DO $$ BEGIN RAISE EXCEPTION '%', (SELECT {c} FROM {p} LIMIT 1); END $$",
     "SELECT query_to_xml('select {c} from {p}', true, false, '')", "SELECT table_to_xml('{p}', true, false, '')",

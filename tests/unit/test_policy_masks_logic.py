@@ -186,7 +186,13 @@ def _masks(sql: str, cls) -> list | str:
     ("SELECT ssn_of(7)", ["last"]),  # its one value (its own WHERE on ssn is its owner's)
     ("SELECT getssn()", ["last"]),
     ("SELECT * FROM people_of(1) WHERE ssn = 'x'", "WHERE on masked column"),  # the client's probe still is one
-    ("SELECT ssn_of(id) FROM person", "is given a column or a query: call it with values"),
+    ("SELECT ssn_of(id) FROM person", "is given a column, a query or a function: call it with values"),
+    ("SELECT * FROM people_of(ssn_of(1)::int)", "is given a column, a query or a function"),  # (the cast's error)
+    ("SELECT * FROM people_of((SELECT 1))", "is given a column, a query or a function"),
+    ("SELECT * FROM people_of(-1 + $1::int)", [None, None, "last"]),
+    ("SELECT 1 WHERE ssn_of(7) LIKE '1%'", "WHERE on masked column"),
+    ("SELECT ssn_of(7) ORDER BY 1", "cannot be resolved"),  # (sqlglot's own assertion: fail closed)
+    ("SELECT ssn_of(7)::int", "a cast to int over masked column person.ssn"),
     ("SELECT by_name('x')", "cannot be resolved"),  # (a parameter by name: not traced, refused)
     ("SELECT * FROM twice()", "its body is not one query"),
     ("INSERT INTO card SELECT id, ssn FROM person", "writes masked column person.ssn into a table"),
