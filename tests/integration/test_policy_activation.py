@@ -30,6 +30,8 @@ import psycopg
 import pytest
 from connmgr_fixtures import USERS_TEXT, wait_for
 
+from connmgr.proxy.registry import WORKER_SHIFT
+
 REPO = Path(__file__).resolve().parents[2]
 INTERVAL = 1.0
 AHEAD = 7  # seconds connmgr B's clock is ahead
@@ -336,3 +338,35 @@ def policy_status(pg, store: str) -> str:
     r = subprocess.run([sys.executable, "-m", "connmgr", "policy", "status", pg.conninfo(dbname=store)], cwd=REPO,
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     return r.stdout
+
+
+def test_every_worker_of_a_supervised_connmgr_is_a_member_and_switches(pg, store, tmp_path):
+    """``[server] workers = 2``: each worker process takes part in the store (its own
+    member), so a version is approved once both staged it and every session, whichever
+    worker it lands on, is decided by it."""
+    from connmgr_fixtures import Supervised
+
+    users = tmp_path / "users.txt"
+    users.write_text(USERS_TEXT)
+    conf = tmp_path / "workers.toml"
+    conf.write_text(
+        f'[server]\nlisten = ["127.0.0.1:0"]\nshutdown_timeout = 2\nadmin_users = ["postgres"]\nworkers = 2\n'
+        f'[primary]\nhost = "{pg.host}"\nport = {pg.port}\n[auth]\nusers_file = "{users}"\n'
+        f'[redo]\nuser = "postgres"\npassword = "postgres"\n'
+        f'[policy]\nstore_database = "{store}"\nstore_poll = 0.2\nmember = "sup"\n')  # fmt: skip
+    push(pg, store, tmp_path, policy_text(1))
+    s = Supervised(conf).wait_listening()
+    try:
+        def on_every_worker() -> set[int]:
+            seen = {}
+            for _ in range(12):
+                with psycopg.connect(s.conninfo("scram_user", "app", "scram-pw"), autocommit=True) as c:
+                    seen[c.info.backend_pid >> WORKER_SHIFT] = probe(c)
+            return set(seen.values()) if len(seen) == 2 else set()
+
+        assert wait_for(lambda: on_every_worker() == {1}, 20, "version 1 on both workers")
+        assert re.search(r"sup/0: live.*\n.*sup/1: live", policy_status(pg, store)), policy_status(pg, store)
+        push(pg, store, tmp_path, policy_text(2))
+        assert wait_for(lambda: on_every_worker() == {2}, 20, "version 2 on both workers")
+    finally:
+        s.kill_all()
