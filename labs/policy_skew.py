@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import psycopg  # noqa: E402
 
 from connmgr.embedded.clusters import Cluster, temp_base_dir  # noqa: E402
+from connmgr.embedded.harness import SupervisedConnmgr  # noqa: E402
 
 TARGET_MS = 10.0
 _COUNT = threading.Lock()
@@ -47,38 +47,13 @@ def policy_text(number: int) -> str:
             f'[[class.rewrite]]\nmatch = "SELECT policy_probe()"\nreplace = "SELECT {number}"\n')  # fmt: skip
 
 
-class Connmgr:
-    def __init__(self, conf: Path, ahead: int, log_path: Path) -> None:
-        prefix = ["faketime", "-f", f"+{ahead}s"] if ahead else []
-        self.port = 0
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
-        ready = threading.Event()
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "connmgr", "serve", "-c", str(conf)], cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-        def read() -> None:
-            for line in self.proc.stderr:
-                self.log.write(line)
-                if found := re.search(r"listening on 127\.0\.0\.1:(\d+),", line):
-                    self.port = int(found[1])
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(30):
-            self.stop()
-            raise SystemExit(f"connmgr did not start: see {log_path}")
-
-    def connect(self) -> psycopg.Connection:
-        return psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres", autocommit=True)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+def start_connmgr(conf: Path, ahead: int) -> SupervisedConnmgr:
+    """``connmgr serve -c CONF``, its clock ``ahead`` seconds ahead under faketime."""
+    cm = SupervisedConnmgr(conf, password="", dbname="postgres", launcher=["faketime", "-f", f"+{ahead}s"] if ahead else ())
+    try:
+        return cm.start()
+    except OSError as e:
+        raise SystemExit(str(e)) from None
 
 
 def probe(c: psycopg.Connection) -> int:
@@ -136,7 +111,7 @@ def main() -> int:
     base = temp_base_dir("connmgr-skew-")
     work = Path(tempfile.mkdtemp(prefix="connmgr-skew-work-"))
     cluster = Cluster.create(base, "skew", host_auth="trust")
-    fleet: list[Connmgr] = []
+    fleet: list[SupervisedConnmgr] = []
     rows = []
     try:
         cluster.start()
@@ -147,7 +122,7 @@ def main() -> int:
             conf.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\nshutdown_timeout = 2\n'
                             f'[primary]\nhost = "127.0.0.1"\nport = {cluster.port}\n'
                             f'[policy]\nstore_poll = 0.2\nmember = "{name}"\n')  # fmt: skip
-            fleet.append(Connmgr(conf, ahead, work / f"{name}.log"))
+            fleet.append(start_connmgr(conf, ahead))
         clients = [cm.connect() for cm in fleet]
         mixers = [fleet[0].connect() for _ in range(4)]
         deadline = time.monotonic() + 10 * args.interval + 20

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import trio
 
@@ -89,9 +89,13 @@ class SupervisedConnmgr:
     """``python -m connmgr serve -c CONF`` as a child process: with ``[server] workers``,
     a supervisor and its worker processes (which cannot run in a thread). Its stderr is
     collected by a thread (:meth:`log`); the listen and metrics ports are read from it.
-    ``password`` and ``dbname`` are the defaults of :meth:`connect` and :meth:`console`."""
+    ``password`` and ``dbname`` are the defaults of :meth:`connect` and :meth:`console`;
+    ``launcher`` goes before the command (``faketime -f +7s``), ``env`` is added to its
+    environment. Without workers it is one process (the same log lines are read)."""
 
-    def __init__(self, conf, *, password: str = "postgres", dbname: str = "app") -> None:
+    def __init__(self, conf, *, password: str = "postgres", dbname: str = "app", launcher: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
+        import os
         import subprocess
         import sys
         from pathlib import Path
@@ -103,9 +107,10 @@ class SupervisedConnmgr:
         self.port = 0
         self.metrics_port = 0
         self._listening = threading.Event()
-        self.proc = subprocess.Popen([sys.executable, "-m", "connmgr", "serve", "-c", str(conf)],
-                                     cwd=Path(__file__).resolve().parents[2],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen([*launcher, sys.executable, "-m", "connmgr", "serve", "-c", str(conf)],
+                                     cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **env} if env else None)  # fmt: skip
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -115,7 +120,10 @@ class SupervisedConnmgr:
             self.lines.append(line)
             if found := re.search(r"metrics on http://[\d.]+:(\d+)/", line):
                 self.metrics_port = int(found[1])
-            if found := re.search(r"listening on ([\d.]+):(\d+) with \d+ workers", line):
+            # the supervisor's line once every worker listens, or a single process's own
+            # (not a worker's: each says so before the others may listen)
+            if found := (re.search(r"listening on ([\d.]+):(\d+) with \d+ workers", line)
+                         or ("[worker " not in line and re.search(r"listening on ([\d.]+):(\d+), backend", line))):
                 self.host, self.port = found[1], int(found[2])
                 self._listening.set()
 

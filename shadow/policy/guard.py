@@ -336,8 +336,7 @@ class Guard:
             key = name.encode()
             if key in self.refused:  # (the server holds the raising DO: it still refuses)
                 continue
-            new, refusal = decide(cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[:2] if sql else (1, 1)
-            if new is not None or refusal is not None:  # (or its text was not kept: streamed)
+            if self._not_as_prepared(sql):
                 self.stale.add(key)
             elif results is not None:
                 shown = self._decided(sql)
@@ -349,6 +348,14 @@ class Guard:
         self.named = named
         if self.on_switch is not None:
             self.on_switch()
+
+    def _not_as_prepared(self, sql: str) -> bool:
+        """Would this guard's class refuse or rewrite a statement prepared as ``sql``
+        (empty: its text was not kept, a Parse that streamed -- not known, so yes)?"""
+        if not sql:
+            return True
+        new, refusal = decide(self.cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[:2]
+        return new is not None or refusal is not None
 
     def _made_before(self, text: bytes) -> str | None:
         """After a class change: a raising DO (26000) for a Query that executes, fetches
@@ -387,11 +394,8 @@ class Guard:
         connmgr's policy version: a statement that version would refuse or rewrite is
         stale here (a Bind to it fails with 26000, nothing run)."""
         if not self.unrestricted:
-            for name, sql in state.prepared_statements.items():
-                new, refusal = decide(self.cls, self.catalog(), sql.encode("utf-8", "surrogateescape"))[:2] \
-                    if sql else (1, 1)  # fmt: skip
-                if new is not None or refusal is not None:
-                    self.stale.add(name.encode())
+            self.stale.update(name.encode() for name, sql in state.prepared_statements.items()
+                              if self._not_as_prepared(sql))  # fmt: skip
         results = self.results
         if results is None:
             return

@@ -16,7 +16,6 @@ good version goes through; a connmgr that starts takes the version in effect at 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ import psycopg
 import pytest
 from connmgr_fixtures import USERS_TEXT, wait_for
 
+from connmgr.embedded.harness import SupervisedConnmgr
 from connmgr.proxy.registry import WORKER_SHIFT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,46 +47,16 @@ def policy_text(number: int, mask_key_env: str | None = None) -> str:
     return text
 
 
-class Connmgr:
-    """``connmgr serve -c CONF`` as a process (``ahead``: under faketime); its log kept."""
+class Connmgr(SupervisedConnmgr):
+    """``connmgr serve -c CONF`` as a process (``ahead``: its clock that many seconds ahead,
+    under faketime), started; :meth:`connect` as the probe class's user."""
 
     def __init__(self, conf: Path, ahead: int = 0, env: dict | None = None) -> None:
-        prefix = ["faketime", "-f", f"+{ahead}s"] if ahead else []
-        self.lines: list[str] = []
-        self.port = 0
-        self._listening = threading.Event()
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "connmgr", "serve", "-c", str(conf)], cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(env or {})})  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._listening.wait(30):
-            self.stop()
-            raise AssertionError("connmgr did not start:\n" + "".join(self.lines))
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if found := re.search(r"listening on 127\.0\.0\.1:(\d+),", line):
-                self.port = int(found[1])
-                self._listening.set()
+        super().__init__(conf, launcher=["faketime", "-f", f"+{ahead}s"] if ahead else (), env=env)
+        self.start()
 
     def connect(self, **kw) -> psycopg.Connection:
-        return psycopg.connect(host="127.0.0.1", port=self.port, user="scram_user", password="scram-pw", dbname="app",
-                               connect_timeout=10, **kw)  # fmt: skip
-
-    def console(self, sql: str) -> list[tuple]:
-        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres", password="postgres",
-                             dbname="connmgr", autocommit=True) as c:  # fmt: skip
-            return c.execute(sql, prepare=False).fetchall()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        return psycopg.connect(self.conninfo("scram_user", "app", "scram-pw"), **kw)
 
 
 @pytest.fixture
@@ -161,7 +131,7 @@ def test_two_connmgrs_switch_together_and_a_version_one_cannot_stage_runs_nowher
     b = fleet("cm-b", ahead=AHEAD, env={key: ""})
     ca, cb = a.connect(autocommit=True), b.connect(autocommit=True)
     assert wait_for(lambda: probe(ca) == 1 and probe(cb) == 1, 20, "version 1 on both")
-    offsets = {cm: dict(cm.console("SHOW POLICY"))["clock offset"] for cm in (a, b)}
+    offsets = {cm: dict(cm.console("SHOW POLICY")[1])["clock offset"] for cm in (a, b)}
     print("clock offsets to the store:", offsets[a], "(a)", offsets[b], "(b, faketime +7 s)")
     assert abs(float(offsets[b].split()[0]) + AHEAD * 1000) < 50 and abs(float(offsets[a].split()[0])) < 50
 
